@@ -1,0 +1,153 @@
+//! A `model.safetensors` checkpoint read by Hugging Face names, with or
+//! without a model prefix such as `bert.`.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors};
+use sha2::{Digest, Sha256};
+
+use crate::{Error, Result};
+
+/// Name of the tensor used to find the checkpoint's prefix.
+const ANCHOR: &str = "embeddings.word_embeddings.weight";
+
+/// A safetensors checkpoint held in memory.
+pub struct Checkpoint {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    prefix: String,
+    names: Vec<String>,
+}
+
+impl std::fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("path", &self.path)
+            .field("prefix", &self.prefix)
+            .field("tensors", &self.names.len())
+            .finish()
+    }
+}
+
+impl Checkpoint {
+    /// Read a checkpoint and find its name prefix (`""`, `"bert."`, ...).
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Parse checkpoint bytes; `path` is used in messages only.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
+        let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+        names.sort();
+        let prefix = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(ANCHOR))
+            .min_by_key(|p| p.len())
+            .map(str::to_string)
+            .ok_or_else(|| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!(
+                    "no '{ANCHOR}' tensor (with or without a prefix such as 'bert.'): not a BERT-family checkpoint"
+                ),
+            })?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            bytes,
+            prefix,
+            names,
+        })
+    }
+
+    /// The prefix in front of every BERT name, e.g. `"bert."` or `""`.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// sha256 of the file's bytes, lowercase hex.
+    pub fn sha256(&self) -> String {
+        hex(&Sha256::digest(&self.bytes))
+    }
+
+    /// Whether a tensor exists under `name` (without prefix).
+    pub fn contains(&self, name: &str) -> bool {
+        let full = format!("{}{name}", self.prefix);
+        self.names.binary_search(&full).is_ok()
+    }
+
+    /// Read tensor `name` (without prefix) as f32, converting F16/BF16/F64.
+    /// Returns its shape and row-major values.
+    pub fn tensor_f32(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>)> {
+        let full = format!("{}{name}", self.prefix);
+        let err = |message: String| Error::Checkpoint {
+            path: self.path.clone(),
+            message,
+        };
+        let st = SafeTensors::deserialize(&self.bytes)
+            .map_err(|e| err(format!("not a valid safetensors file: {e}")))?;
+        let view = st
+            .tensor(&full)
+            .map_err(|_| err(format!("tensor '{full}' is missing from the checkpoint")))?;
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => data
+                .chunks_exact(8)
+                .map(|b| {
+                    f64::from_le_bytes(b.try_into().expect("chunks_exact(8) yields 8 bytes")) as f32
+                })
+                .collect(),
+            other => {
+                return Err(err(format!(
+                    "tensor '{full}' has dtype {other:?}; expected a float type"
+                )))
+            }
+        };
+        Ok((view.shape().to_vec(), values))
+    }
+
+    /// Read tensor `name` and check its shape.
+    pub fn tensor_f32_shaped(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        let (got, values) = self.tensor_f32(name)?;
+        if got != shape {
+            return Err(Error::Checkpoint {
+                path: self.path.clone(),
+                message: format!(
+                    "tensor '{}{name}' has shape {got:?}, config.json implies {shape:?}",
+                    self.prefix
+                ),
+            });
+        }
+        Ok(values)
+    }
+}
+
+/// Lowercase hex of bytes.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        write!(s, "{b:02x}").expect("writing to a String cannot fail");
+    }
+    s
+}

@@ -1,0 +1,75 @@
+//! BERT-family backbones: the on-disk *backbone directory*, its
+//! `config.json`, and its `model.safetensors` checkpoint.
+//!
+//! A backbone directory holds `config.json`, `model.safetensors` and
+//! `tokenizer.json` (as Hugging Face ships them), and, once exported or
+//! supplied by the user, `model.onnx`. Layer indices follow Hugging Face's
+//! `hidden_states` convention: 0 is the embedding output, `i` the output of
+//! transformer layer `i` (1-based), so a model with N layers has N + 1
+//! hidden states.
+
+mod checkpoint;
+mod config;
+
+pub use checkpoint::Checkpoint;
+pub use config::{Activation, BertConfig};
+
+use std::path::{Path, PathBuf};
+
+use crate::{Error, Result};
+
+/// Paths inside a backbone directory.
+#[derive(Debug, Clone)]
+pub struct BackboneDir {
+    root: PathBuf,
+}
+
+impl BackboneDir {
+    /// Use `root` as a backbone directory; fails if it is not a directory.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self> {
+        let root = root.into();
+        match std::fs::metadata(&root) {
+            Ok(m) if m.is_dir() => Ok(BackboneDir { root }),
+            Ok(_) => Err(Error::Config(format!(
+                "{}: backbone must be a directory holding config.json, model.safetensors and tokenizer.json",
+                root.display()
+            ))),
+            Err(e) => Err(Error::io(&root, e)),
+        }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `config.json`.
+    pub fn config_path(&self) -> PathBuf {
+        self.root.join("config.json")
+    }
+
+    /// `model.safetensors`.
+    pub fn safetensors_path(&self) -> PathBuf {
+        self.root.join("model.safetensors")
+    }
+
+    /// `tokenizer.json`.
+    pub fn tokenizer_path(&self) -> PathBuf {
+        self.root.join("tokenizer.json")
+    }
+
+    /// `model.onnx` (the default export target and the model extraction runs).
+    pub fn onnx_path(&self) -> PathBuf {
+        self.root.join("model.onnx")
+    }
+
+    /// Read and validate `config.json`.
+    pub fn config(&self) -> Result<BertConfig> {
+        BertConfig::from_file(&self.config_path())
+    }
+}
+
+/// Lowercase hex of a digest.
+pub(crate) fn hex_digest(bytes: &[u8]) -> String {
+    checkpoint::hex(bytes)
+}

@@ -1,0 +1,474 @@
+//! `sherl-extract`: phase one. Exports a BERT-family checkpoint to ONNX,
+//! inspects and edits user ONNX graphs, and runs the frozen backbone over a
+//! dataset.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use sherl::backbone::{BackboneDir, Checkpoint};
+use sherl::cache::manifest::{ExtractSettings, WorkerInfo};
+use sherl::cache::Dtype;
+use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
+use sherl::data::args::DatasetArgs;
+use sherl::extract::batch::{real_rows, PaddedBatch};
+use sherl::extract::run::{ExtractPlan, LayerChoice};
+use sherl::onnx::inspect;
+use sherl::runtime::{self, BackboneSession};
+use sherl::tokenize::{Tokenizer, DEFAULT_MAX_LEN};
+
+/// Phase one of sherl: run a frozen backbone once and keep what SHERL needs.
+#[derive(Debug, Parser)]
+#[command(name = "sherl-extract", version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a Hugging Face BERT-family checkpoint (config.json +
+    /// model.safetensors) to ONNX with outputs hidden_states.0..N.
+    ExportOnnx {
+        /// Backbone directory holding config.json and model.safetensors.
+        #[arg(long)]
+        backbone: PathBuf,
+        /// Output file (default: BACKBONE/model.onnx).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// List an ONNX model's inputs, outputs and candidate per-layer tensors.
+    InspectOnnx {
+        /// The ONNX model.
+        file: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make intermediate tensors outputs named hidden_states.i (i counts from
+    /// --first-index in the order given).
+    ExposeLayers {
+        /// The ONNX model to rewrite (left untouched).
+        file: PathBuf,
+        /// Comma-separated tensor names, embedding output first.
+        #[arg(long, value_delimiter = ',', required = true)]
+        tensors: Vec<String>,
+        /// Index of the first tensor.
+        #[arg(long, default_value_t = 0)]
+        first_index: usize,
+        /// Output file.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the backbone over a dataset and write the feature cache.
+    Run(Box<RunArgs>),
+    /// Run the backbone over the first examples of a dataset and print what
+    /// it found (counts, token lengths, per-layer statistics).
+    Sample(Box<SampleArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct SampleArgs {
+    /// Backbone directory (tokenizer.json, and model.onnx unless --model).
+    #[arg(long)]
+    backbone: PathBuf,
+    /// ONNX model (default: BACKBONE/model.onnx).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Truncate to this many tokens, special tokens included.
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    max_len: usize,
+    /// How many examples to run.
+    #[arg(long, default_value_t = 64)]
+    limit: usize,
+    /// Examples per ONNX Runtime call.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Backbone directory (tokenizer.json, config.json, model.safetensors).
+    #[arg(long)]
+    backbone: PathBuf,
+    /// ONNX model (default: BACKBONE/model.onnx).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Output cache directory (must not exist or be empty, unless --resume).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DatasetArgs,
+    /// Late layers K that sherl-fit will run (default layers: hidden_states.0..=N-K).
+    #[arg(long, default_value_t = 1)]
+    late_layers: usize,
+    /// Layers to store: default (what SHERL needs), all, or a list like 0-5,6.
+    #[arg(long, default_value = "default")]
+    layers: LayerChoice,
+    /// Value encoding on disk.
+    #[arg(long, value_enum, default_value = "f16")]
+    dtype: Dtype,
+    /// Do not split values into byte planes before compression.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// zstd compression level.
+    #[arg(long, default_value_t = 1)]
+    zstd_level: i32,
+    /// Examples per chunk (one compressed frame per layer per chunk).
+    #[arg(long, default_value_t = 32)]
+    chunk_size: u32,
+    /// Examples per shard file (the unit of --resume and --shard-of).
+    #[arg(long, default_value_t = 2048)]
+    examples_per_shard: u64,
+    /// Truncate to this many tokens, special tokens included.
+    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    max_len: usize,
+    /// Padded-token budget of one ONNX Runtime batch.
+    #[arg(long, default_value_t = 4096)]
+    max_tokens_per_batch: usize,
+    /// Most examples in one batch.
+    #[arg(long, default_value_t = 256)]
+    max_batch: usize,
+    /// Compression threads (default: 1; compression runs while the backbone runs).
+    #[arg(long, default_value_t = 1)]
+    compress_threads: usize,
+    /// Continue an interrupted extraction into --out (settings must match).
+    #[arg(long)]
+    resume: bool,
+    /// Be worker I of N (0-based): write only shards k with k % N == I and a
+    /// partial manifest; combine parts with `sherl-cache merge`.
+    #[arg(long, value_name = "I/N")]
+    shard_of: Option<String>,
+    #[command(flatten)]
+    runtime: RuntimeArgs,
+}
+
+fn main() -> ExitCode {
+    main_wrapper(|| {
+        let args = Args::parse();
+        init_output(&args.output);
+        match args.command {
+            Command::ExportOnnx { backbone, out } => export_onnx(backbone, out),
+            Command::InspectOnnx { file, json } => inspect_onnx(file, json),
+            Command::ExposeLayers {
+                file,
+                tensors,
+                first_index,
+                out,
+            } => expose_layers(file, tensors, first_index, out),
+            Command::Run(run) => run_extract(*run, &args.output),
+            Command::Sample(a) => {
+                let a = *a;
+                sample(
+                    a.backbone,
+                    a.model,
+                    a.data,
+                    a.max_len,
+                    a.limit,
+                    a.batch_size,
+                    a.runtime,
+                )
+            }
+        }
+    })
+}
+
+fn export_onnx(backbone: PathBuf, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let dir = BackboneDir::open(&backbone)?;
+    let cfg = dir.config()?;
+    let ckpt = Checkpoint::open(&dir.safetensors_path())?;
+    let out = out.unwrap_or_else(|| dir.onnx_path());
+    let t = Instant::now();
+    let s = sherl::onnx::export_backbone(&cfg, &ckpt, &out)?;
+    tracing::info!(
+        "exported {} layers (hidden {}, checkpoint prefix '{}') to {} ({:.1} MB) in {:.1}s",
+        s.layers,
+        s.hidden,
+        s.prefix,
+        out.display(),
+        s.bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    print_line(
+        &json!({
+            "onnx": out,
+            "layers": s.layers,
+            "hidden": s.hidden,
+            "outputs": (0..=s.layers).map(sherl::onnx::hidden_state_name).collect::<Vec<_>>(),
+            "checkpoint_prefix": s.prefix,
+            "bytes": s.bytes,
+        })
+        .to_string(),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_onnx(file: PathBuf, as_json: bool) -> anyhow::Result<ExitCode> {
+    let model = inspect::read_model(&file)?;
+    let iface = inspect::interface(&model);
+    if as_json {
+        print_line(&serde_json::to_string(&iface)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut text = String::new();
+    use std::fmt::Write;
+    writeln!(
+        text,
+        "{}: {} nodes, opsets {:?}",
+        file.display(),
+        iface.nodes,
+        iface.opsets
+    )?;
+    writeln!(text, "inputs:")?;
+    for p in &iface.inputs {
+        writeln!(text, "  {:<32} {}", p.name, p.ty)?;
+    }
+    writeln!(text, "outputs:")?;
+    for p in &iface.outputs {
+        writeln!(text, "  {:<32} {}", p.name, p.ty)?;
+    }
+    if iface.hidden_state_outputs.is_empty() {
+        writeln!(
+            text,
+            "no hidden_states.i outputs: sherl-extract cannot use this model as it is"
+        )?;
+    } else {
+        writeln!(
+            text,
+            "hidden_states outputs: {:?}",
+            iface.hidden_state_outputs
+        )?;
+    }
+    if !iface.candidates.is_empty() {
+        writeln!(
+            text,
+            "candidate per-layer tensors (LayerNorm outputs outside attention, in graph order):"
+        )?;
+        for c in &iface.candidates {
+            writeln!(
+                text,
+                "  hidden_states.{:<3} <- {:<40} {}",
+                c.suggested_index, c.tensor, c.producer
+            )?;
+        }
+        let names: Vec<&str> = iface.candidates.iter().map(|c| c.tensor.as_str()).collect();
+        writeln!(
+            text,
+            "to expose them: sherl-extract expose-layers {} --tensors {} --out OUT.onnx",
+            file.display(),
+            names.join(",")
+        )?;
+    }
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn expose_layers(
+    file: PathBuf,
+    tensors: Vec<String>,
+    first: usize,
+    out: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    if out == file {
+        bail!("--out must differ from the input model (the input is never modified)");
+    }
+    let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let new = sherl::onnx::edit::expose_layers(&file, &bytes, &tensors, first)?;
+    sherl::fsutil::write_atomic(&out, &new)?;
+    let names: Vec<String> = (first..first + tensors.len())
+        .map(sherl::onnx::hidden_state_name)
+        .collect();
+    tracing::info!("wrote {} exposing {}", out.display(), names.join(", "));
+    print_line(&json!({ "onnx": out, "exposed": names, "tensors": tensors }).to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sample(
+    backbone: PathBuf,
+    model: Option<PathBuf>,
+    data: DatasetArgs,
+    max_len: usize,
+    limit: usize,
+    batch_size: usize,
+    rt_args: RuntimeArgs,
+) -> anyhow::Result<ExitCode> {
+    if batch_size == 0 || limit == 0 {
+        bail!("--batch-size and --limit must be positive");
+    }
+    let dir = BackboneDir::open(&backbone)?;
+    let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), max_len)?;
+    let plan = data.to_plan()?;
+    let dataset = sherl::data::load(&plan)?;
+    let report = &dataset.report;
+    tracing::info!(
+        "dataset: {} rows read, {} examples, {} labels {:?}, splits {:?}, {} bad rows skipped, {} dropped by --labels",
+        report.rows_read,
+        dataset.examples.len(),
+        dataset.label_names.len(),
+        dataset.label_names,
+        report.split_counts,
+        report.skipped_bad_rows,
+        report.dropped_unknown_label
+    );
+
+    let rt = runtime::init(rt_args.ort_lib.as_deref())?;
+    let model_path = model.unwrap_or_else(|| dir.onnx_path());
+    let (mut session, choice) = BackboneSession::open(rt, &model_path, &rt_args.session_config())?;
+    if let Some(reason) = &choice.fallback_reason {
+        tracing::info!("device auto: running on CPU ({reason})");
+    }
+    let layers = session.layers().to_vec();
+    if layers.is_empty() {
+        session.check_layers(&[0])?;
+    }
+
+    let n = limit.min(dataset.examples.len());
+    let mut encoded = Vec::with_capacity(n);
+    for ex in &dataset.examples[..n] {
+        encoded.push(tokenizer.encode(&ex.text, ex.text_pair.as_deref())?);
+    }
+    // Per-layer running statistics over real tokens.
+    let mut sum = vec![0f64; layers.len()];
+    let mut sum_sq = vec![0f64; layers.len()];
+    let mut count = vec![0u64; layers.len()];
+    let mut first_cls: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
+    let mut hidden = 0;
+    let t = Instant::now();
+    for (bi, chunk) in encoded.chunks(batch_size).enumerate() {
+        let refs: Vec<&_> = chunk.iter().collect();
+        let batch = PaddedBatch::new(&refs, None);
+        let (ids, mask, types) = batch.views();
+        let outs = session.run(ids, mask, types, &layers)?;
+        for (li, h) in outs.iter().enumerate() {
+            hidden = h.shape()[2];
+            for (b, &len) in batch.lengths.iter().enumerate() {
+                let rows = real_rows(h, b, len);
+                if bi == 0 && b == 0 {
+                    first_cls[li] = rows[..hidden.min(3)].to_vec();
+                }
+                for v in rows {
+                    sum[li] += f64::from(v);
+                    sum_sq[li] += f64::from(v) * f64::from(v);
+                }
+                count[li] += (len * hidden) as u64;
+            }
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let tokens: usize = encoded.iter().map(|e| e.len()).sum();
+    let mut lens: Vec<usize> = encoded.iter().map(|e| e.len()).collect();
+    lens.sort_unstable();
+    let per_layer: Vec<_> = layers
+        .iter()
+        .enumerate()
+        .map(|(li, &i)| {
+            let c = count[li].max(1) as f64;
+            let mean = sum[li] / c;
+            let std = (sum_sq[li] / c - mean * mean).max(0.0).sqrt();
+            eprintln!(
+                "hidden_states.{i:<2} mean {mean:+.4} std {std:.4}  first example [CLS][:3] = {:?}",
+                first_cls[li]
+            );
+            json!({ "layer": i, "mean": mean, "std": std, "first_cls_head": first_cls[li] })
+        })
+        .collect();
+    eprintln!(
+        "ran {n} examples ({tokens} tokens, median length {}, max {}) on {} in {secs:.2}s: {:.0} tokens/s",
+        lens[lens.len() / 2],
+        lens[lens.len() - 1],
+        choice.device,
+        tokens as f64 / secs.max(1e-9)
+    );
+    print_line(
+        &json!({
+            "examples_in_dataset": dataset.examples.len(),
+            "rows_read": report.rows_read,
+            "skipped_bad_rows": report.skipped_bad_rows,
+            "dropped_unknown_label": report.dropped_unknown_label,
+            "labels": dataset.label_names,
+            "splits": report.split_counts,
+            "sampled": n,
+            "tokens": tokens,
+            "hidden": hidden,
+            "layers": per_layer,
+            "device": choice.device,
+            "seconds": secs,
+            "tokens_per_second": tokens as f64 / secs.max(1e-9),
+        })
+        .to_string(),
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_worker(s: &str) -> anyhow::Result<WorkerInfo> {
+    let (i, n) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("--shard-of {s}: expected I/N, e.g. 0/4"))?;
+    let (index, count): (u32, u32) = (
+        i.trim()
+            .parse()
+            .with_context(|| format!("--shard-of {s}: bad I"))?,
+        n.trim()
+            .parse()
+            .with_context(|| format!("--shard-of {s}: bad N"))?,
+    );
+    if count == 0 || index >= count {
+        bail!("--shard-of {s}: need 0 <= I < N");
+    }
+    Ok(WorkerInfo { index, count })
+}
+
+fn run_extract(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
+    let worker = a.shard_of.as_deref().map(parse_worker).transpose()?;
+    let plan = ExtractPlan {
+        model: a
+            .model
+            .clone()
+            .unwrap_or_else(|| a.backbone.join("model.onnx")),
+        backbone: a.backbone,
+        out: a.out,
+        dataset: a.data.to_plan()?,
+        layers: a.layers,
+        settings: ExtractSettings {
+            layers: Vec::new(),
+            late_layers: a.late_layers,
+            dtype: a.dtype,
+            shuffle: !a.no_shuffle,
+            zstd_level: a.zstd_level,
+            chunk_size: a.chunk_size,
+            examples_per_shard: a.examples_per_shard,
+            max_len: a.max_len,
+            max_tokens_per_batch: a.max_tokens_per_batch,
+            max_batch: a.max_batch,
+        },
+        resume: a.resume,
+        worker,
+        compress_threads: a.compress_threads,
+        session: a.runtime.session_config(),
+    };
+    let rt = runtime::init(a.runtime.ort_lib.as_deref())?;
+    let bar = sherl::report::ExtractBar::new(output.progress());
+    let summary = sherl::extract::run::run(rt, &plan, &bar)?;
+    tracing::info!(
+        "{} examples, {} tokens -> {} ({:.1} MB, {:.3} of raw f32) in {:.1}s",
+        summary.examples,
+        summary.tokens,
+        summary.cache.display(),
+        summary.bytes_on_disk as f64 / 1e6,
+        summary.bytes_on_disk as f64 / summary.raw_f32_bytes.max(1) as f64,
+        summary.seconds
+    );
+    print_line(&serde_json::to_string(&summary)?)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,248 @@
+//! `manifest.json` (FORMAT.md §5): what a cache holds and where it came
+//! from. Written last and atomically; its presence means the cache is
+//! complete. Unknown fields are rejected, so a newer format is refused
+//! rather than half-understood.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::error::CacheError;
+use super::format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
+use crate::{Error, Result};
+
+/// File name of a complete cache's manifest.
+pub const MANIFEST: &str = "manifest.json";
+/// File name of the settings written when extraction starts (resume check).
+pub const PENDING: &str = "extract.pending.json";
+
+/// A file the cache was made from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileInfo {
+    /// Path as given when extracting (informational).
+    pub path: String,
+    /// sha256 of the file's bytes (for a folder dataset: of its sorted
+    /// `sha256  relative-path` lines).
+    pub sha256: String,
+}
+
+/// The backbone the cache was computed with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackboneInfo {
+    /// The ONNX model run.
+    pub onnx: FileInfo,
+    /// The checkpoint (`model.safetensors`), if the backbone directory has one.
+    pub safetensors: Option<FileInfo>,
+    /// `tokenizer.json`.
+    pub tokenizer: FileInfo,
+    /// Checkpoint name prefix (`""`, `"bert."`), if a checkpoint exists.
+    pub checkpoint_prefix: Option<String>,
+    /// `config.json` as read (if present).
+    pub config: Option<serde_json::Value>,
+    /// Transformer layers N of the backbone (hidden states 0..=N).
+    pub num_layers: usize,
+    /// Hidden width D.
+    pub hidden: usize,
+}
+
+/// Extraction settings that determine the cache's bytes (all hashed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtractSettings {
+    /// `hidden_states` indices stored, in storage order.
+    pub layers: Vec<usize>,
+    /// Late layers K the default layer choice was made for.
+    pub late_layers: usize,
+    /// Value encoding.
+    pub dtype: Dtype,
+    /// Byte-plane shuffle before compression.
+    pub shuffle: bool,
+    /// zstd level.
+    pub zstd_level: i32,
+    /// Examples per chunk (one frame per layer per chunk).
+    pub chunk_size: u32,
+    /// Examples per shard file.
+    pub examples_per_shard: u64,
+    /// Truncation length (special tokens included).
+    pub max_len: usize,
+    /// Padded-token budget of one ONNX Runtime batch.
+    pub max_tokens_per_batch: usize,
+    /// Upper bound on examples per batch.
+    pub max_batch: usize,
+}
+
+/// Where the examples came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetInfo {
+    /// Input files with their split (or `None` when split by `--split`).
+    pub files: Vec<FileInfo>,
+    /// The dataset options as resolved (columns, labels, split rule...).
+    pub options: serde_json::Value,
+    /// Rows read.
+    pub rows_read: u64,
+    /// Malformed rows skipped (`--skip-bad-rows`).
+    pub skipped_bad_rows: u64,
+    /// Rows dropped because their label is not in `--labels`, per label.
+    pub dropped_labels: BTreeMap<String, u64>,
+}
+
+/// One shard file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardInfo {
+    /// Path relative to the cache directory.
+    pub file: String,
+    /// Shard number.
+    pub index: u32,
+    /// Position of its first example.
+    pub first_example: u64,
+    /// Examples.
+    pub examples: u64,
+    /// Real tokens.
+    pub tokens: u64,
+    /// File size in bytes.
+    pub bytes: u64,
+}
+
+/// Which worker wrote a partial cache (`--shard-of I/N`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerInfo {
+    /// This worker (0-based).
+    pub index: u32,
+    /// Number of workers.
+    pub count: u32,
+}
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Format version (FORMAT.md §6).
+    pub format_version: u32,
+    /// sherl version that wrote it.
+    pub sherl_version: String,
+    /// UTC time the cache was sealed (RFC 3339).
+    pub created_at: String,
+    /// sha256 (hex) of the canonical JSON of `backbone` (hashes and config),
+    /// `dataset` (hashes and options) and `settings`.
+    pub settings_hash: String,
+    /// Extraction settings.
+    pub settings: ExtractSettings,
+    /// Backbone provenance.
+    pub backbone: BackboneInfo,
+    /// Dataset provenance.
+    pub dataset: DatasetInfo,
+    /// Class names; metadata labels index this list.
+    pub labels: Vec<String>,
+    /// Split names; metadata split ids index this list.
+    pub split_names: Vec<String>,
+    /// Examples per split.
+    pub splits: BTreeMap<String, u64>,
+    /// Total examples.
+    pub examples: u64,
+    /// Total real tokens.
+    pub tokens: u64,
+    /// Set in a partial manifest written by one worker of `--shard-of`.
+    pub worker: Option<WorkerInfo>,
+    /// Shards, in order.
+    pub shards: Vec<ShardInfo>,
+}
+
+impl Manifest {
+    /// Read and version-check a manifest file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::Cache {
+                    path: path.parent().unwrap_or(path).to_path_buf(),
+                    source: CacheError::Incomplete,
+                })
+            }
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        // Check the version before the strict parse, so a newer cache gets
+        // the version message rather than an unknown-field one.
+        let loose: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let version = loose
+            .get("format_version")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0) as u32;
+        if !(OLDEST_READABLE_VERSION..=FORMAT_VERSION).contains(&version) {
+            return Err(Error::Cache {
+                path: path.to_path_buf(),
+                source: CacheError::UnsupportedVersion {
+                    found: version,
+                    oldest: OLDEST_READABLE_VERSION,
+                    newest: FORMAT_VERSION,
+                },
+            });
+        }
+        serde_json::from_value(loose).map_err(|e| Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })
+    }
+
+    /// First 8 bytes of `settings_hash` as stored in shard headers.
+    pub fn short_hash(&self) -> u64 {
+        short_hash(&self.settings_hash)
+    }
+}
+
+/// First 8 bytes (16 hex digits) of a hex hash, as a little-endian-free u64.
+pub fn short_hash(hex: &str) -> u64 {
+    u64::from_str_radix(hex.get(..16).unwrap_or("0"), 16).unwrap_or(0)
+}
+
+/// Current UTC time as RFC 3339 (seconds precision).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_shape() {
+        let s = now_rfc3339();
+        assert_eq!(s.len(), 20);
+        assert!(s.starts_with("20") && s.ends_with('Z'));
+    }
+
+    #[test]
+    fn short_hash_reads_prefix() {
+        assert_eq!(short_hash("00000000000000ff0123"), 255);
+    }
+}

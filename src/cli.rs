@@ -1,0 +1,117 @@
+//! Pieces shared by the binaries: output setup (logs, progress), runtime
+//! flags, and the `main` wrapper with sherl's exit codes.
+//!
+//! Conventions (see README): results go to stdout (one JSON line per run),
+//! logs and progress to stderr. Exit codes: 0 ok, 1 finished but some runs
+//! failed, 2 error. A broken pipe on stdout exits 0.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::runtime::{Device, OptLevel, SessionConfig};
+
+/// Verbosity flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OutputArgs {
+    /// More logging on stderr (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only errors on stderr; no progress bars.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    pub quiet: bool,
+    /// No progress bars (logs unchanged).
+    #[arg(long, global = true)]
+    pub no_progress: bool,
+}
+
+impl OutputArgs {
+    /// Whether progress bars may be drawn (stderr is a terminal, not quiet,
+    /// not verbose: bars and debug logs do not mix).
+    pub fn progress(&self) -> bool {
+        use std::io::IsTerminal;
+        !self.quiet && !self.no_progress && self.verbose == 0 && std::io::stderr().is_terminal()
+    }
+}
+
+/// Set up logging to stderr once. The default filter comes from the `-v`
+/// count; `RUST_LOG` overrides it.
+pub fn init_output(args: &OutputArgs) {
+    let default = if args.quiet {
+        "error"
+    } else {
+        match args.verbose {
+            0 => "warn,sherl=info",
+            1 => "warn,sherl=debug",
+            _ => "info,sherl=trace",
+        }
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    // A second init (tests calling into binaries' code) is harmless.
+    if let Err(e) = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .without_time()
+        .try_init()
+    {
+        eprintln!("note: logging already initialised: {e}");
+    }
+}
+
+/// ONNX Runtime flags.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RuntimeArgs {
+    /// ONNX Runtime shared library (file or directory). Default: $ORT_DYLIB_PATH,
+    /// then the asset directory filled by pipelines/fetch-assets.sh.
+    #[arg(long, value_name = "PATH")]
+    pub ort_lib: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto (CUDA when the library has it and a GPU answers).
+    #[arg(long, default_value = "auto")]
+    pub device: Device,
+    /// Intra-op threads for ONNX Runtime (default: one per core).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Graph optimisation level.
+    #[arg(long, value_enum, default_value = "all")]
+    pub graph_opt: OptLevel,
+}
+
+impl RuntimeArgs {
+    /// Session settings from the flags.
+    pub fn session_config(&self) -> SessionConfig {
+        SessionConfig {
+            device: self.device,
+            threads: self.threads.filter(|&t| t > 0),
+            opt_level: self.graph_opt,
+        }
+    }
+}
+
+/// Run a binary's body and map its outcome to sherl's exit codes.
+pub fn main_wrapper(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
+    match body() {
+        Ok(code) => code,
+        Err(err) => {
+            let broken_pipe = err.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            });
+            if broken_pipe {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Print one line to stdout, propagating errors (a closed pipe included).
+pub fn print_line(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
+}

@@ -1,0 +1,293 @@
+//! The dataset flags shared by the binaries ([`DatasetArgs`], flattened into
+//! each binary's clap parser) and their validation into a [`DatasetPlan`].
+//! Combinations clap cannot express are checked in [`DatasetArgs::to_plan`],
+//! so every mistake gets one clear [`Error::Config`] message.
+
+use std::path::PathBuf;
+
+use super::{Column, DatasetPlan, Encoding, Format, ReadOptions, SplitSource, SplitSpec};
+use crate::{Error, Result};
+
+/// Where the labelled dataset is and how to read it.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct DatasetArgs {
+    /// One dataset file (CSV, TSV or JSON Lines, optionally .gz/.bz2/.zst) or a
+    /// folder with one sub-folder per class; cut into splits with --split.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+
+    /// Training split file (instead of --data).
+    #[arg(long, value_name = "FILE")]
+    pub train: Option<PathBuf>,
+
+    /// Validation split file (needs --train).
+    #[arg(long, value_name = "FILE")]
+    pub valid: Option<PathBuf>,
+
+    /// Test split file (needs --train).
+    #[arg(long, value_name = "FILE")]
+    pub test: Option<PathBuf>,
+
+    /// File format: auto picks it from the extension (after .gz/.bz2/.zst), and
+    /// a directory is read as folders.
+    #[arg(
+        long,
+        value_name = "auto|csv|tsv|jsonl|folders",
+        default_value = "auto"
+    )]
+    pub format: Format,
+
+    /// CSV/TSV files have no header row: give columns as 0-based indices.
+    #[arg(long)]
+    pub no_header: bool,
+
+    /// Character encoding of the files (a UTF-8 byte-order mark is dropped).
+    #[arg(long, value_name = "utf8|latin1", default_value = "utf8")]
+    pub encoding: Encoding,
+
+    /// Column (header name, JSON key, or 0-based index) holding the text.
+    #[arg(long, value_name = "COL", default_value = "text")]
+    pub text_column: Column,
+
+    /// Column holding the second text of a sentence-pair task.
+    #[arg(long, value_name = "COL")]
+    pub text_pair_column: Option<Column>,
+
+    /// Column holding the label (default: label).
+    #[arg(long, value_name = "COL")]
+    pub label_column: Option<Column>,
+
+    /// The dataset has no labels.
+    #[arg(long)]
+    pub no_labels: bool,
+
+    /// Column holding unique example ids (default: file stem and line, e.g. train:12).
+    #[arg(long, value_name = "COL")]
+    pub id_column: Option<Column>,
+
+    /// The labels, in class-id order (default: every label seen, sorted); rows
+    /// with other labels are dropped and counted.
+    #[arg(long, value_name = "A,B,...", value_delimiter = ',')]
+    pub labels: Option<Vec<String>>,
+
+    /// Cut --data into seeded splits, e.g. train=0.8,valid=0.1,test=0.1
+    /// (default: everything is train).
+    #[arg(long, value_name = "NAME=FRACTION,...")]
+    pub split: Option<String>,
+
+    /// Seed of the --split shuffle.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub split_seed: u64,
+
+    /// With --split, keep all rows sharing this column's value in one split
+    /// (e.g. all reviews of one movie).
+    #[arg(long, value_name = "COL")]
+    pub group_column: Option<Column>,
+
+    /// Skip and count malformed rows instead of stopping at the first one.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+impl DatasetArgs {
+    /// Check flag combinations and build the plan [`super::load`] runs.
+    pub fn to_plan(&self) -> Result<DatasetPlan> {
+        let config = |m: &str| Error::Config(m.to_owned());
+        let split_files = [
+            ("train", &self.train),
+            ("valid", &self.valid),
+            ("test", &self.test),
+        ];
+        let source = match (&self.data, &self.train) {
+            (Some(_), _) if self.train.is_some() || self.valid.is_some() || self.test.is_some() => {
+                return Err(config(
+                    "--data conflicts with --train/--valid/--test: give one dataset file \
+                     (and --split), or one file per split",
+                ))
+            }
+            (Some(data), _) => SplitSource::Single {
+                path: data.clone(),
+                split: self
+                    .split
+                    .as_deref()
+                    .map(|s| SplitSpec::parse(s, self.split_seed))
+                    .transpose()?,
+            },
+            (None, Some(_)) => {
+                if self.split.is_some() {
+                    return Err(config(
+                        "--split only applies to --data; with --train/--valid/--test the \
+                         files are the splits",
+                    ));
+                }
+                SplitSource::Files(
+                    split_files
+                        .iter()
+                        .filter_map(|(name, path)| {
+                            path.as_ref().map(|p| ((*name).to_owned(), p.clone()))
+                        })
+                        .collect(),
+                )
+            }
+            (None, None) if self.valid.is_some() || self.test.is_some() => {
+                return Err(config("--valid and --test need --train"))
+            }
+            (None, None) => {
+                return Err(config(
+                    "no dataset given: pass --data FILE (optionally with --split), or \
+                     --train FILE with optional --valid/--test",
+                ))
+            }
+        };
+        if self.group_column.is_some() && self.split.is_none() {
+            return Err(config(
+                "--group-column only applies with --split (it keeps groups within one split)",
+            ));
+        }
+        if self.no_labels && self.label_column.is_some() {
+            return Err(config("--no-labels conflicts with --label-column"));
+        }
+        if self.no_labels && self.labels.is_some() {
+            return Err(config("--no-labels conflicts with --labels"));
+        }
+        let label_column = match (&self.label_column, self.no_labels) {
+            (_, true) => None,
+            (Some(col), false) => Some(col.clone()),
+            (None, false) => Some(Column::Name("label".to_owned())),
+        };
+        let labels = match &self.labels {
+            None => None,
+            Some(list) => {
+                let list: Vec<String> = list.iter().map(|l| l.trim().to_owned()).collect();
+                if list.iter().any(String::is_empty) {
+                    return Err(config("--labels holds an empty label"));
+                }
+                if let Some(dup) = list
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, l)| list[..i].contains(l).then_some(l))
+                {
+                    return Err(Error::Config(format!("--labels names `{dup}` twice")));
+                }
+                Some(list)
+            }
+        };
+        Ok(DatasetPlan {
+            source,
+            read: ReadOptions {
+                format: self.format,
+                has_header: !self.no_header,
+                encoding: self.encoding,
+                text_column: self.text_column.clone(),
+                text_pair_column: self.text_pair_column.clone(),
+                label_column,
+                id_column: self.id_column.clone(),
+                group_column: self.group_column.clone(),
+                skip_bad_rows: self.skip_bad_rows,
+            },
+            labels,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        data: DatasetArgs,
+    }
+
+    /// Parse space-separated flags as a binary would, then validate.
+    fn plan(args: &str) -> Result<DatasetPlan> {
+        let cli = Cli::try_parse_from(std::iter::once("t").chain(args.split_whitespace()))
+            .map_err(|e| Error::Config(e.to_string()))?;
+        cli.data.to_plan()
+    }
+
+    fn config_message(args: &str) -> String {
+        match plan(args) {
+            Err(Error::Config(m)) => m,
+            other => panic!("{args}: expected a config error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let plan = plan("--data d.csv").unwrap();
+        assert_eq!(
+            plan.source,
+            SplitSource::Single {
+                path: "d.csv".into(),
+                split: None
+            }
+        );
+        assert_eq!(plan.read, ReadOptions::default());
+        assert_eq!(plan.labels, None);
+    }
+
+    #[test]
+    fn every_flag() {
+        let plan = plan(
+            "--data d.tsv.gz --format tsv --no-header --encoding latin1 --text-column 1 \
+             --text-pair-column 2 --label-column 0 --id-column 3 --labels neg,pos \
+             --split train=0.9,test=0.1 --split-seed 5 --group-column 4 --skip-bad-rows",
+        )
+        .unwrap();
+        let SplitSource::Single {
+            split: Some(spec), ..
+        } = &plan.source
+        else {
+            panic!("{plan:?}");
+        };
+        assert_eq!(spec.seed, 5);
+        assert_eq!(spec.fractions.len(), 2);
+        let read = &plan.read;
+        assert_eq!(read.format, Format::Tsv);
+        assert!(!read.has_header && read.skip_bad_rows);
+        assert_eq!(read.encoding, Encoding::Latin1);
+        assert_eq!(read.text_column, Column::Index(1));
+        assert_eq!(read.text_pair_column, Some(Column::Index(2)));
+        assert_eq!(read.label_column, Some(Column::Index(0)));
+        assert_eq!(read.id_column, Some(Column::Index(3)));
+        assert_eq!(read.group_column, Some(Column::Index(4)));
+        assert_eq!(plan.labels, Some(vec!["neg".into(), "pos".into()]));
+    }
+
+    #[test]
+    fn split_files() {
+        let plan = plan("--train a.csv --test c.csv --no-labels").unwrap();
+        assert_eq!(
+            plan.source,
+            SplitSource::Files(vec![
+                ("train".into(), "a.csv".into()),
+                ("test".into(), "c.csv".into())
+            ])
+        );
+        assert_eq!(plan.read.label_column, None);
+    }
+
+    #[test]
+    fn bad_combinations() {
+        for (args, needle) in [
+            ("--data a --train b", "--data conflicts"),
+            ("--valid b", "need --train"),
+            ("", "no dataset given"),
+            ("--train a --split train=1", "--split only applies"),
+            ("--data a --group-column g", "--group-column"),
+            ("--data a --no-labels --labels x", "--no-labels"),
+            ("--data a --no-labels --label-column y", "--no-labels"),
+            ("--data a --labels x,,y", "empty label"),
+            ("--data a --labels x,y,x", "twice"),
+            ("--data a --split train=0.5", "sum"),
+            ("--data a --format xml", "xml"),
+        ] {
+            let message = config_message(args);
+            assert!(message.contains(needle), "{args}: {message}");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The folders format: `root/<label>/<file>`, one example per file. Class
+//! folders and files are taken in name order and hidden entries (names
+//! starting with `.`) are ignored; the text is the file's content, trimmed,
+//! and the id is `<label>/<file name>`. Column options are ignored, except
+//! that no label column gives unlabelled examples.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::input;
+use super::rows::{BadRows, FileRows, RawRow};
+use super::ReadOptions;
+use crate::{Error, Result};
+
+/// Visible entries of `dir` (names not starting with `.`), sorted by name,
+/// with whether each is a directory (symlinks followed).
+fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if entry.file_name().as_encoded_bytes().starts_with(b".") {
+            continue;
+        }
+        let path = entry.path();
+        let is_dir = fs::metadata(&path)
+            .map_err(|e| Error::io(&path, e))?
+            .is_dir();
+        entries.push((path, is_dir));
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// Read a class-folder tree rooted at `root`.
+pub(super) fn read(
+    root: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    if need_group {
+        return Err(Error::Config(
+            "a split by group needs a group column, which the folders format does not have"
+                .to_owned(),
+        ));
+    }
+    if !root.is_dir() {
+        return Err(Error::Dataset {
+            path: root.to_owned(),
+            message: "the folders format needs a directory holding one sub-folder per class"
+                .to_owned(),
+        });
+    }
+    let mut out = FileRows::default();
+    let mut stray = 0usize;
+    for (class_dir, is_dir) in list_dir(root)? {
+        if !is_dir {
+            stray += 1;
+            continue;
+        }
+        let label = name_of(&class_dir)?;
+        for (file, is_dir) in list_dir(&class_dir)? {
+            if is_dir {
+                stray += 1;
+                continue;
+            }
+            out.rows_read += 1;
+            let bytes = fs::read(&file).map_err(|e| Error::io(&file, e))?;
+            let text = match input::decode(input::strip_bom(&bytes, opts.encoding), opts.encoding) {
+                Ok(text) => text.trim().to_owned(),
+                Err(message) => {
+                    bad.file(&file, message)?;
+                    continue;
+                }
+            };
+            let file_name = file
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            out.rows.push(RawRow {
+                line: 0,
+                id: format!("{label}/{file_name}"),
+                explicit_id: false,
+                text,
+                text_pair: None,
+                label: opts.label_column.as_ref().map(|_| label.clone()),
+                group: None,
+            });
+        }
+    }
+    if stray > 0 {
+        tracing::warn!(
+            "{}: ignored {stray} entries that are not <class folder>/<file>",
+            root.display()
+        );
+    }
+    Ok(out)
+}
+
+/// A class folder's name, which becomes the label.
+fn name_of(dir: &Path) -> Result<String> {
+    dir.file_name()
+        .and_then(|n| n.to_str())
+        .map(str::to_owned)
+        .ok_or_else(|| Error::Dataset {
+            path: dir.to_owned(),
+            message: "class folder name is not valid UTF-8".to_owned(),
+        })
+}

@@ -1,0 +1,168 @@
+//! Byte-level input for dataset files: picking the decompressor from the file
+//! name (`.gz`, `.bz2`, `.zst`), streaming it as a `BufRead`, dropping a
+//! UTF-8 byte-order mark, and turning bytes into text in the chosen
+//! [`Encoding`]. Nothing here knows about rows or columns.
+
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Cursor, Read};
+use std::path::Path;
+
+use super::Encoding;
+use crate::{Error, Result};
+
+/// The UTF-8 encoding of U+FEFF.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Compression of a dataset file, from its last extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Compression {
+    None,
+    Gzip,
+    Bzip2,
+    Zstd,
+}
+
+/// The file name of `path` without its compression extension, and that
+/// compression.
+pub(super) fn split_compression(path: &Path) -> (String, Compression) {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let lower = name.to_ascii_lowercase();
+    for (ext, compression) in [
+        (".gz", Compression::Gzip),
+        (".bz2", Compression::Bzip2),
+        (".zst", Compression::Zstd),
+    ] {
+        if lower.ends_with(ext) {
+            return (name[..name.len() - ext.len()].to_owned(), compression);
+        }
+    }
+    (name, Compression::None)
+}
+
+/// The file stem used in generated ids: `train` for `data/train.csv.gz`.
+pub(super) fn file_stem(path: &Path) -> String {
+    let (base, _) = split_compression(path);
+    Path::new(&base)
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or(base)
+}
+
+/// Open `path` for streaming, decompressing by extension; in UTF-8 mode a
+/// leading byte-order mark is consumed.
+pub(super) fn open(path: &Path, encoding: Encoding) -> Result<Box<dyn BufRead>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let raw = BufReader::new(file);
+    let reader: Box<dyn BufRead> = match split_compression(path).1 {
+        Compression::None => Box::new(raw),
+        Compression::Gzip => Box::new(BufReader::new(flate2::bufread::MultiGzDecoder::new(raw))),
+        Compression::Bzip2 => Box::new(BufReader::new(bzip2::bufread::MultiBzDecoder::new(raw))),
+        Compression::Zstd => Box::new(BufReader::new(
+            zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| Error::io(path, e))?,
+        )),
+    };
+    match encoding {
+        Encoding::Utf8 => skip_bom(reader).map_err(|e| Error::io(path, e)),
+        Encoding::Latin1 => Ok(reader),
+    }
+}
+
+/// Consume a leading UTF-8 byte-order mark, if there is one.
+fn skip_bom(mut reader: Box<dyn BufRead>) -> io::Result<Box<dyn BufRead>> {
+    let mut head = [0u8; 3];
+    let mut n = 0;
+    while n < head.len() {
+        match reader.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if &head[..n] == BOM {
+        Ok(reader)
+    } else {
+        Ok(Box::new(Cursor::new(head[..n].to_vec()).chain(reader)))
+    }
+}
+
+/// Strip a leading byte-order mark from a whole file's bytes (UTF-8 mode).
+pub(super) fn strip_bom(bytes: &[u8], encoding: Encoding) -> &[u8] {
+    match encoding {
+        Encoding::Utf8 => bytes.strip_prefix(BOM).unwrap_or(bytes),
+        Encoding::Latin1 => bytes,
+    }
+}
+
+/// Decode `bytes`; the error is a message ready for a bad-row report.
+pub(super) fn decode(bytes: &[u8], encoding: Encoding) -> std::result::Result<String, String> {
+    match encoding {
+        Encoding::Latin1 => Ok(bytes.iter().map(|&b| char::from(b)).collect()),
+        Encoding::Utf8 => std::str::from_utf8(bytes).map(str::to_owned).map_err(|e| {
+            format!(
+                "invalid UTF-8 at byte {}; if the file is Latin-1, pass --encoding latin1",
+                e.valid_up_to()
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compression_from_name() {
+        assert_eq!(
+            split_compression(Path::new("d/a.csv.gz")),
+            ("a.csv".to_owned(), Compression::Gzip)
+        );
+        assert_eq!(
+            split_compression(Path::new("a.tsv.BZ2")),
+            ("a.tsv".to_owned(), Compression::Bzip2)
+        );
+        assert_eq!(
+            split_compression(Path::new("a.jsonl.zst")),
+            ("a.jsonl".to_owned(), Compression::Zstd)
+        );
+        assert_eq!(
+            split_compression(Path::new("a.csv")),
+            ("a.csv".to_owned(), Compression::None)
+        );
+        assert_eq!(file_stem(Path::new("x/train.csv.gz")), "train");
+        assert_eq!(file_stem(Path::new("train")), "train");
+    }
+
+    #[test]
+    fn bom_is_skipped_once() {
+        let read_all = |bytes: &'static [u8]| {
+            let mut out = String::new();
+            skip_bom(Box::new(bytes))
+                .unwrap()
+                .read_to_string(&mut out)
+                .unwrap();
+            out
+        };
+        assert_eq!(read_all(b"\xEF\xBB\xBFab"), "ab");
+        assert_eq!(read_all(b"ab"), "ab");
+        assert_eq!(read_all(b"a"), "a");
+        assert_eq!(read_all(b""), "");
+        assert_eq!(read_all(b"\xEF\xBB\xBF\xEF\xBB\xBF"), "\u{feff}");
+    }
+
+    #[test]
+    fn decode_latin1_and_utf8() {
+        assert_eq!(decode(b"caf\xe9", Encoding::Latin1).unwrap(), "café");
+        assert_eq!(decode("café".as_bytes(), Encoding::Utf8).unwrap(), "café");
+        let err = decode(b"caf\xe9", Encoding::Utf8).unwrap_err();
+        assert!(
+            err.contains("byte 3") && err.contains("--encoding latin1"),
+            "{err}"
+        );
+        assert_eq!(strip_bom(b"\xEF\xBB\xBFx", Encoding::Utf8), b"x");
+        assert_eq!(strip_bom(b"\xEF\xBB\xBFx", Encoding::Latin1).len(), 4);
+    }
+}

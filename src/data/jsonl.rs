@@ -1,0 +1,159 @@
+//! JSON Lines rows: one object per line, blank lines skipped. Columns are
+//! keys, checked against the first object; string values are used as they
+//! are, numbers and booleans as their JSON text, null or absent as missing.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use super::input;
+use super::rows::{build_row, hint, wanted, BadRows, Cells, FileRows};
+use super::{Column, ReadOptions};
+use crate::{Error, Result};
+
+/// Read a JSON Lines file.
+pub(super) fn read(
+    path: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    let mut keys = Vec::new();
+    for (role, col) in wanted(opts) {
+        match col {
+            Column::Name(name) => keys.push((role, name.as_str())),
+            Column::Index(i) => {
+                return Err(Error::Config(format!(
+                    "the {role} column is given by index ({i}), but JSON Lines rows are \
+                     objects: name the column by its key"
+                )))
+            }
+        }
+    }
+    let stem = input::file_stem(path);
+    let mut reader = input::open(path, opts.encoding)?;
+    let mut buf = Vec::new();
+    let mut line = 0u64;
+    let mut keys_checked = false;
+    let mut out = FileRows::default();
+    loop {
+        buf.clear();
+        if reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| Error::io(path, e))?
+            == 0
+        {
+            break;
+        }
+        line += 1;
+        let text = match input::decode(&buf, opts.encoding) {
+            Ok(text) => text,
+            Err(message) => {
+                out.rows_read += 1;
+                bad.row(path, line, message)?;
+                continue;
+            }
+        };
+        let text = text.trim();
+        if text.is_empty() {
+            continue;
+        }
+        out.rows_read += 1;
+        let object = match serde_json::from_str::<Value>(text) {
+            Ok(Value::Object(object)) => object,
+            Ok(other) => {
+                let hint = if other.is_array() && line == 1 {
+                    " (the file looks like one JSON array; sherl reads JSON Lines: one \
+                     object per line)"
+                } else {
+                    ""
+                };
+                bad.row(
+                    path,
+                    line,
+                    format!("expected a JSON object, found {}{hint}", json_kind(&other)),
+                )?;
+                continue;
+            }
+            Err(e) => {
+                bad.row(path, line, format!("invalid JSON: {e}"))?;
+                continue;
+            }
+        };
+        if !keys_checked {
+            check_keys(path, line, &object, &keys)?;
+            keys_checked = true;
+        }
+        match cells_from_object(&object, opts)
+            .and_then(|cells| build_row(cells, line, &stem, opts, need_group))
+        {
+            Ok(row) => out.rows.push(row),
+            Err(message) => bad.row(path, line, message)?,
+        }
+    }
+    Ok(out)
+}
+
+/// The first object decides which keys exist: a wanted key missing there is
+/// an unknown column, not a bad row.
+fn check_keys(
+    path: &Path,
+    line: u64,
+    object: &Map<String, Value>,
+    keys: &[(&str, &str)],
+) -> Result<()> {
+    match keys.iter().find(|(_, key)| !object.contains_key(*key)) {
+        None => Ok(()),
+        Some((role, key)) => {
+            let available: Vec<&str> = object.keys().map(String::as_str).collect();
+            Err(Error::Dataset {
+                path: path.to_owned(),
+                message: format!(
+                    "no {role} column named `{key}`: the first object (line {line}) has \
+                     the keys: {}{}",
+                    available.join(", "),
+                    hint(role)
+                ),
+            })
+        }
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn cells_from_object(
+    object: &Map<String, Value>,
+    opts: &ReadOptions,
+) -> std::result::Result<Cells, String> {
+    let cell = |col: Option<&Column>| -> std::result::Result<Option<String>, String> {
+        let Some(Column::Name(key)) = col else {
+            return Ok(None);
+        };
+        match object.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => Ok(Some(v.to_string())),
+            Some(v) => Err(format!(
+                "key `{key}` holds {}, expected a string",
+                json_kind(v)
+            )),
+        }
+    };
+    Ok(Cells {
+        text: cell(Some(&opts.text_column))?,
+        text_pair: cell(opts.text_pair_column.as_ref())?,
+        label: cell(opts.label_column.as_ref())?,
+        id: cell(opts.id_column.as_ref())?,
+        group: cell(opts.group_column.as_ref())?,
+    })
+}

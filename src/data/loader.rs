@@ -1,0 +1,288 @@
+//! [`load`]: runs a [`DatasetPlan`] end to end. It reads every file through
+//! `rows`, checks that explicit ids are unique, builds the label map (sorted
+//! labels seen, or the user's list, dropping and counting other labels),
+//! gives each example its split (from its file, or from the seeded
+//! [`SplitSpec`](super::SplitSpec)) and fills the [`LoadReport`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use super::rows::{read_rows, BadRows, FileRows};
+use super::{split, Dataset, DatasetPlan, Example, LoadReport, SplitSource};
+use crate::{Error, Result};
+
+/// Split name of every example of a [`SplitSource::Single`] without a spec.
+const DEFAULT_SPLIT: &str = "train";
+
+/// The rows of one file and the split they belong to (`None`: decided by
+/// the split spec).
+struct Part {
+    split: Option<String>,
+    path: PathBuf,
+    rows: FileRows,
+}
+
+/// Read the dataset described by `plan` into memory.
+///
+/// Examples come in file order (for [`SplitSource::Files`], the files in the
+/// order given). Errors: a missing file ([`Error::Io`]); an unknown column,
+/// an empty file or no rows left after label filtering ([`Error::Dataset`]);
+/// a malformed row unless [`skip_bad_rows`](super::ReadOptions::skip_bad_rows)
+/// is set, or a duplicate explicit id ([`Error::DatasetLine`]); inconsistent
+/// settings ([`Error::Config`]).
+pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
+    let labels = checked_labels(plan)?;
+    let read = &plan.read;
+    let mut bad = BadRows::new(read.skip_bad_rows);
+    let mut parts = Vec::new();
+    let spec = match &plan.source {
+        SplitSource::Files(files) => {
+            check_split_names(files)?;
+            for (name, path) in files {
+                let rows = read_rows(path, read, false, &mut bad)?;
+                if rows.rows.is_empty() {
+                    return Err(empty_file(path, Some(name), &rows));
+                }
+                parts.push(Part {
+                    split: Some(name.clone()),
+                    path: path.clone(),
+                    rows,
+                });
+            }
+            None
+        }
+        SplitSource::Single { path, split } => {
+            if let Some(spec) = split {
+                spec.validate()?;
+            }
+            let by_group = split.is_some() && read.group_column.is_some();
+            let rows = read_rows(path, read, by_group, &mut bad)?;
+            if rows.rows.is_empty() {
+                return Err(empty_file(path, None, &rows));
+            }
+            parts.push(Part {
+                split: split.is_none().then(|| DEFAULT_SPLIT.to_owned()),
+                path: path.clone(),
+                rows,
+            });
+            split.as_ref()
+        }
+    };
+    if bad.count > 0 {
+        tracing::warn!("skipped {} bad rows", bad.count);
+    }
+    check_unique_ids(&parts)?;
+
+    let label_names = match (&read.label_column, labels) {
+        (None, _) => Vec::new(),
+        (Some(_), Some(list)) => list,
+        (Some(_), None) => {
+            let seen: BTreeSet<&str> = parts
+                .iter()
+                .flat_map(|p| &p.rows.rows)
+                .filter_map(|r| r.label.as_deref())
+                .collect();
+            seen.into_iter().map(str::to_owned).collect()
+        }
+    };
+    let label_ids: HashMap<&str, u32> = label_names
+        .iter()
+        .enumerate()
+        .map(|(i, l)| u32::try_from(i).map(|i| (l.as_str(), i)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Config("more than 2^32 labels".to_owned()))?;
+
+    let mut report = LoadReport {
+        rows_read: parts.iter().map(|p| p.rows.rows_read).sum(),
+        skipped_bad_rows: bad.count,
+        ..LoadReport::default()
+    };
+    let mut examples = Vec::with_capacity(parts.iter().map(|p| p.rows.rows.len()).sum());
+    let mut first_path = None;
+    for part in parts {
+        let before = examples.len();
+        let dropped_before = report.dropped_labels.clone();
+        for row in part.rows.rows {
+            let label = match row.label {
+                None => None,
+                Some(label) => match label_ids.get(label.as_str()) {
+                    Some(&id) => Some(id),
+                    None => {
+                        report.dropped_unknown_label += 1;
+                        *report.dropped_labels.entry(label).or_default() += 1;
+                        continue;
+                    }
+                },
+            };
+            examples.push(Example {
+                id: row.id,
+                split: part.split.clone().unwrap_or_default(),
+                text: row.text,
+                text_pair: row.text_pair,
+                label,
+                group: row.group,
+                source_line: row.line,
+            });
+        }
+        if examples.len() == before {
+            let dropped = diff(&report.dropped_labels, &dropped_before);
+            let what = match (&plan.source, &part.split) {
+                (SplitSource::Files(_), Some(name)) => {
+                    format!("the `{name}` split file has no rows left")
+                }
+                _ => "no rows left".to_owned(),
+            };
+            return Err(Error::Dataset {
+                path: part.path,
+                message: format!(
+                    "{what} after label filtering: {}",
+                    dropped_summary(&dropped)
+                ),
+            });
+        }
+        first_path.get_or_insert(part.path);
+    }
+    if report.dropped_unknown_label > 0 {
+        tracing::info!(
+            "dropped {} rows with labels not in the label list: {}",
+            report.dropped_unknown_label,
+            counts_list(&report.dropped_labels)
+        );
+    }
+
+    if let Some(spec) = spec {
+        let groups: Option<Vec<&str>> = read.group_column.as_ref().map(|_| {
+            examples
+                .iter()
+                .map(|e| e.group.as_deref().unwrap_or_default())
+                .collect()
+        });
+        let splits = split::assign(spec, groups.as_deref(), examples.len()).map_err(|message| {
+            Error::Dataset {
+                path: first_path.clone().unwrap_or_default(),
+                message,
+            }
+        })?;
+        for (example, s) in examples.iter_mut().zip(splits) {
+            example.split.clone_from(&spec.fractions[s].0);
+        }
+    }
+    for example in &examples {
+        *report
+            .split_counts
+            .entry(example.split.clone())
+            .or_default() += 1;
+    }
+    Ok(Dataset {
+        examples,
+        label_names,
+        report,
+    })
+}
+
+/// The user's label list, trimmed and checked (non-empty, distinct).
+fn checked_labels(plan: &DatasetPlan) -> Result<Option<Vec<String>>> {
+    let Some(list) = &plan.labels else {
+        return Ok(None);
+    };
+    if plan.read.label_column.is_none() {
+        return Err(Error::Config(
+            "a label list is given, but the dataset has no label column (--no-labels)".to_owned(),
+        ));
+    }
+    if list.is_empty() {
+        return Err(Error::Config("the label list is empty".to_owned()));
+    }
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for label in list {
+        let label = label.trim();
+        if label.is_empty() {
+            return Err(Error::Config(
+                "the label list holds an empty label".to_owned(),
+            ));
+        }
+        if out.iter().any(|l| l == label) {
+            return Err(Error::Config(format!(
+                "label `{label}` is given twice in the label list"
+            )));
+        }
+        out.push(label.to_owned());
+    }
+    Ok(Some(out))
+}
+
+fn check_split_names(files: &[(String, PathBuf)]) -> Result<()> {
+    if files.is_empty() {
+        return Err(Error::Config("no dataset files given".to_owned()));
+    }
+    for (i, (name, _)) in files.iter().enumerate() {
+        if name.is_empty() {
+            return Err(Error::Config("empty split name".to_owned()));
+        }
+        if files[..i].iter().any(|(n, _)| n == name) {
+            return Err(Error::Config(format!("split `{name}` is given twice")));
+        }
+    }
+    Ok(())
+}
+
+fn empty_file(path: &Path, split: Option<&str>, rows: &FileRows) -> Error {
+    let what = match split {
+        Some(name) => format!("the `{name}` split file has no rows"),
+        None => "the dataset has no rows".to_owned(),
+    };
+    let message = if rows.rows_read > 0 {
+        format!("{what}: all {} rows were bad and skipped", rows.rows_read)
+    } else {
+        what
+    };
+    Error::Dataset {
+        path: path.to_owned(),
+        message,
+    }
+}
+
+fn check_unique_ids(parts: &[Part]) -> Result<()> {
+    let mut seen: HashMap<&str, (&Path, u64)> = HashMap::new();
+    for part in parts {
+        for row in part.rows.rows.iter().filter(|r| r.explicit_id) {
+            if let Some((path, line)) = seen.insert(&row.id, (&part.path, row.line)) {
+                return Err(Error::DatasetLine {
+                    path: part.path.clone(),
+                    line: row.line,
+                    message: format!(
+                        "duplicate id `{}`: already used at {}:{line}",
+                        row.id,
+                        path.display()
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Counts in `now` beyond those in `before`.
+fn diff(now: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    now.iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, v)| *v > 0)
+        .collect()
+}
+
+fn dropped_summary(dropped: &BTreeMap<String, u64>) -> String {
+    let total: u64 = dropped.values().sum();
+    format!(
+        "{total} rows were dropped because their label is not in the label list \
+         (--labels); labels seen: {}",
+        counts_list(dropped)
+    )
+}
+
+fn counts_list(counts: &BTreeMap<String, u64>) -> String {
+    counts
+        .iter()
+        .map(|(k, v)| format!("{k} ({v})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,358 @@
+//! Labelled text datasets: this module owns reading a user's dataset (CSV,
+//! TSV or JSON Lines, plain or `.gz`/`.bz2`/`.zst`, or one folder per class)
+//! into memory as [`Example`]s that carry a class id and a split name. It
+//! also owns the label map (sorted, or the user's `--labels` list) and the
+//! seeded, group-aware train/valid/test split, so that every later stage sees
+//! the same examples in the same order for the same inputs.
+//!
+//! The entry point is [`load`], driven by a [`DatasetPlan`]; the binaries
+//! build that plan from [`DatasetArgs`].
+//!
+//! Line numbers in messages and in [`Example::source_line`] are 1-based and
+//! count lines of the decompressed file, header included; a CSV row whose
+//! quoted field spans several lines is numbered by the line it starts on.
+
+pub mod args;
+mod delimited;
+mod folders;
+mod input;
+mod jsonl;
+mod loader;
+mod rows;
+mod split;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+pub use args::DatasetArgs;
+pub use loader::load;
+pub use split::SplitSpec;
+
+use crate::{Error, Result};
+
+/// How to parse dataset files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// Pick by extension after stripping `.gz`/`.bz2`/`.zst`: `.csv` is CSV,
+    /// `.tsv`/`.tab` TSV, `.jsonl`/`.ndjson`/`.json` JSON Lines; a directory
+    /// is [`Format::Folders`].
+    #[default]
+    Auto,
+    /// Comma-separated values (RFC 4180 quoting).
+    Csv,
+    /// Tab-separated values (same quoting rules as CSV).
+    Tsv,
+    /// One JSON object per line; blank lines are skipped.
+    Jsonl,
+    /// `root/<label>/<file>`: one sub-folder per class, one file per example
+    /// (its trimmed content). Column options do not apply, except that no
+    /// label column gives unlabelled examples.
+    Folders,
+}
+
+impl Format {
+    /// The concrete format for `path`: `self` unless it is [`Format::Auto`],
+    /// in which case the file extension (or being a directory) decides.
+    pub fn resolve(self, path: &Path) -> Result<Format> {
+        if self != Format::Auto {
+            return Ok(self);
+        }
+        if path.is_dir() {
+            return Ok(Format::Folders);
+        }
+        let (base, _) = input::split_compression(path);
+        let ext = Path::new(&base)
+            .extension()
+            .map(|e| e.to_string_lossy().to_ascii_lowercase());
+        match ext.as_deref() {
+            Some("csv") => Ok(Format::Csv),
+            Some("tsv" | "tab") => Ok(Format::Tsv),
+            Some("jsonl" | "ndjson" | "json") => Ok(Format::Jsonl),
+            _ => Err(Error::Config(format!(
+                "{}: cannot tell the format from the file name \
+                 (expected .csv, .tsv, .tab, .jsonl, .ndjson or .json, optionally \
+                 followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|folders",
+                path.display()
+            ))),
+        }
+    }
+}
+
+impl FromStr for Format {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(Format::Auto),
+            "csv" => Ok(Format::Csv),
+            "tsv" | "tab" => Ok(Format::Tsv),
+            "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
+            "folders" | "folder" | "dir" => Ok(Format::Folders),
+            _ => Err(Error::Config(format!(
+                "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl or folders"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Auto => "auto",
+            Format::Csv => "csv",
+            Format::Tsv => "tsv",
+            Format::Jsonl => "jsonl",
+            Format::Folders => "folders",
+        })
+    }
+}
+
+/// Character encoding of dataset files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// UTF-8, with or without a leading byte-order mark (which is dropped).
+    /// Invalid UTF-8 is a bad row.
+    #[default]
+    Utf8,
+    /// ISO-8859-1: every byte becomes the character U+00XX; never fails.
+    Latin1,
+}
+
+impl FromStr for Encoding {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "utf8" | "utf-8" => Ok(Encoding::Utf8),
+            "latin1" | "latin-1" | "iso-8859-1" | "iso8859-1" => Ok(Encoding::Latin1),
+            _ => Err(Error::Config(format!(
+                "unknown encoding `{s}`: expected utf8 or latin1"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for Encoding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Encoding::Utf8 => "utf8",
+            Encoding::Latin1 => "latin1",
+        })
+    }
+}
+
+/// A column of a CSV/TSV file or a key of a JSON Lines object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Column {
+    /// Header name (CSV/TSV) or object key (JSONL).
+    Name(String),
+    /// 0-based field position (CSV/TSV only).
+    Index(usize),
+}
+
+impl FromStr for Column {
+    type Err = Error;
+
+    /// All ASCII digits is a 0-based [`Column::Index`]; anything else a
+    /// [`Column::Name`] (surrounding whitespace is dropped).
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err(Error::Config("empty column name".to_owned()));
+        }
+        if s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse()
+                .map(Column::Index)
+                .map_err(|e| Error::Config(format!("column index `{s}`: {e}")))
+        } else {
+            Ok(Column::Name(s.to_owned()))
+        }
+    }
+}
+
+impl fmt::Display for Column {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Column::Name(name) => write!(f, "`{name}`"),
+            Column::Index(i) => write!(f, "#{i}"),
+        }
+    }
+}
+
+/// How to read each dataset file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadOptions {
+    /// File format ([`Format::Auto`] by default).
+    pub format: Format,
+    /// Whether CSV/TSV files start with a header row (default `true`).
+    /// Without one, columns can only be given by index.
+    pub has_header: bool,
+    /// Character encoding (UTF-8 by default).
+    pub encoding: Encoding,
+    /// Column holding the text (default `text`).
+    pub text_column: Column,
+    /// Column holding the second text of a pair task, if any.
+    pub text_pair_column: Option<Column>,
+    /// Column holding the label (default `label`); `None` for unlabelled data.
+    pub label_column: Option<Column>,
+    /// Column holding example ids; without one an id is `<file stem>:<line>`.
+    pub id_column: Option<Column>,
+    /// Column holding a group key (e.g. the movie a review is about); a
+    /// [`SplitSpec`] then keeps every group in one split.
+    pub group_column: Option<Column>,
+    /// Skip (and count) malformed rows instead of failing on the first one.
+    pub skip_bad_rows: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions {
+            format: Format::Auto,
+            has_header: true,
+            encoding: Encoding::Utf8,
+            text_column: Column::Name("text".to_owned()),
+            text_pair_column: None,
+            label_column: Some(Column::Name("label".to_owned())),
+            id_column: None,
+            group_column: None,
+            skip_bad_rows: false,
+        }
+    }
+}
+
+/// Where the examples come from and how they get their split names.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SplitSource {
+    /// One file (or folder) per split, e.g. `[("train", a), ("valid", b)]`,
+    /// all read with the same [`ReadOptions`], in this order.
+    Files(Vec<(String, PathBuf)>),
+    /// One file (or folder) cut into splits by `split`; without a
+    /// [`SplitSpec`] every example is in split `train`.
+    Single {
+        /// The dataset file or folder.
+        path: PathBuf,
+        /// How to cut it into splits.
+        split: Option<SplitSpec>,
+    },
+}
+
+/// Everything [`load`] needs: validated settings, usually built by
+/// [`DatasetArgs::to_plan`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatasetPlan {
+    /// The files and how splits are made.
+    pub source: SplitSource,
+    /// How each file is read.
+    pub read: ReadOptions,
+    /// The label set, in class-id order. Rows with other labels are dropped
+    /// (and counted); `None` uses the sorted set of labels seen.
+    pub labels: Option<Vec<String>>,
+}
+
+/// One labelled (or unlabelled) text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Example {
+    /// From the id column, or `<file stem>:<line>` (folders:
+    /// `<label>/<file name>`).
+    pub id: String,
+    /// Split name (`train`, `valid`, ...).
+    pub split: String,
+    /// The text, as in the file (folders: the file content, trimmed).
+    pub text: String,
+    /// The second text of a pair, when a text-pair column is set.
+    pub text_pair: Option<String>,
+    /// Class id, an index into [`Dataset::label_names`]; `None` when the
+    /// dataset is unlabelled.
+    pub label: Option<u32>,
+    /// Group key, when a group column is set.
+    pub group: Option<String>,
+    /// 1-based line of the decompressed file where the row starts (0 for the
+    /// folders format).
+    pub source_line: u64,
+}
+
+/// A dataset in memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    /// Examples in file order (files in the order given), each with its split.
+    pub examples: Vec<Example>,
+    /// Label strings by class id; empty for unlabelled data.
+    pub label_names: Vec<String>,
+    /// What happened while loading.
+    pub report: LoadReport,
+}
+
+impl Dataset {
+    /// The examples of one split, in file order.
+    pub fn split<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Example> + 'a {
+        self.examples.iter().filter(move |e| e.split == name)
+    }
+}
+
+/// Counts gathered by [`load`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Data rows seen in all files (header and blank JSONL lines excluded),
+    /// including those later skipped or dropped.
+    pub rows_read: u64,
+    /// Malformed rows skipped because of [`ReadOptions::skip_bad_rows`].
+    pub skipped_bad_rows: u64,
+    /// Rows dropped because their label is not in [`DatasetPlan::labels`].
+    pub dropped_unknown_label: u64,
+    /// Examples per split name.
+    pub split_counts: BTreeMap<String, u64>,
+    /// Rows dropped, per label string not in [`DatasetPlan::labels`].
+    pub dropped_labels: BTreeMap<String, u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn column_from_str() {
+        assert_eq!("3".parse::<Column>().unwrap(), Column::Index(3));
+        assert_eq!("0".parse::<Column>().unwrap(), Column::Index(0));
+        assert_eq!(
+            " text ".parse::<Column>().unwrap(),
+            Column::Name("text".into())
+        );
+        assert_eq!("3a".parse::<Column>().unwrap(), Column::Name("3a".into()));
+        assert_eq!("-1".parse::<Column>().unwrap(), Column::Name("-1".into()));
+        assert!("".parse::<Column>().is_err());
+        assert!("99999999999999999999999".parse::<Column>().is_err());
+    }
+
+    #[test]
+    fn format_and_encoding_from_str() {
+        assert_eq!("CSV".parse::<Format>().unwrap(), Format::Csv);
+        assert_eq!("tsv".parse::<Format>().unwrap(), Format::Tsv);
+        assert_eq!("jsonl".parse::<Format>().unwrap(), Format::Jsonl);
+        assert_eq!("folders".parse::<Format>().unwrap(), Format::Folders);
+        assert_eq!("auto".parse::<Format>().unwrap(), Format::Auto);
+        assert!("xml".parse::<Format>().is_err());
+        assert_eq!("utf-8".parse::<Encoding>().unwrap(), Encoding::Utf8);
+        assert_eq!("latin1".parse::<Encoding>().unwrap(), Encoding::Latin1);
+        assert!("utf16".parse::<Encoding>().is_err());
+    }
+
+    #[test]
+    fn format_by_extension() {
+        let auto = |p: &str| Format::Auto.resolve(Path::new(p));
+        assert_eq!(auto("a/train.csv").unwrap(), Format::Csv);
+        assert_eq!(auto("train.CSV.gz").unwrap(), Format::Csv);
+        assert_eq!(auto("train.tsv.bz2").unwrap(), Format::Tsv);
+        assert_eq!(auto("train.tab").unwrap(), Format::Tsv);
+        assert_eq!(auto("train.jsonl.zst").unwrap(), Format::Jsonl);
+        assert_eq!(auto("train.ndjson").unwrap(), Format::Jsonl);
+        assert_eq!(auto("train.json").unwrap(), Format::Jsonl);
+        assert!(auto("train.txt").is_err());
+        assert!(auto("train.gz").is_err());
+        assert_eq!(
+            Format::Csv.resolve(Path::new("x.txt")).unwrap(),
+            Format::Csv
+        );
+    }
+}

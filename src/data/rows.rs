@@ -1,0 +1,242 @@
+//! What every row reader shares: [`RawRow`] (a row before label mapping),
+//! the per-row checks that turn raw cells into one ([`build_row`]: missing
+//! text or label, empty id or group), [`BadRows`] (fail on a malformed row,
+//! or skip and count it), and [`read_rows`], which picks the reader for a
+//! file's format: `delimited` (CSV/TSV), `jsonl` or `folders`. Label ids,
+//! id uniqueness and splits are decided later, in `load`.
+
+use std::path::Path;
+
+use super::{delimited, folders, jsonl};
+use super::{Column, Format, ReadOptions};
+use crate::{Error, Result};
+
+/// How many skipped rows get their own warning.
+const WARN_FIRST: u64 = 5;
+
+/// One row as read, before label mapping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RawRow {
+    pub line: u64,
+    pub id: String,
+    /// Whether `id` came from the id column (and so must be unique).
+    pub explicit_id: bool,
+    pub text: String,
+    pub text_pair: Option<String>,
+    /// Trimmed and non-empty when there is a label column.
+    pub label: Option<String>,
+    pub group: Option<String>,
+}
+
+/// The rows of one file.
+#[derive(Debug, Default)]
+pub(super) struct FileRows {
+    pub rows: Vec<RawRow>,
+    /// Data rows seen, good or bad.
+    pub rows_read: u64,
+}
+
+/// Fails on a bad row, or counts it when skipping is on.
+#[derive(Debug)]
+pub(super) struct BadRows {
+    skip: bool,
+    pub count: u64,
+}
+
+impl BadRows {
+    pub fn new(skip: bool) -> Self {
+        BadRows { skip, count: 0 }
+    }
+
+    /// A malformed row starting at `line` of `path`.
+    pub(super) fn row(&mut self, path: &Path, line: u64, message: String) -> Result<()> {
+        self.handle(Error::DatasetLine {
+            path: path.to_owned(),
+            line,
+            message,
+        })
+    }
+
+    /// A malformed whole-file example (folders format).
+    pub(super) fn file(&mut self, path: &Path, message: String) -> Result<()> {
+        self.handle(Error::Dataset {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    fn handle(&mut self, error: Error) -> Result<()> {
+        if !self.skip {
+            return Err(error);
+        }
+        self.count += 1;
+        if self.count <= WARN_FIRST {
+            tracing::warn!("skipping bad row: {error}");
+        }
+        Ok(())
+    }
+}
+
+/// The cells of one row that the options ask for, before any checks.
+#[derive(Debug, Default)]
+pub(super) struct Cells {
+    pub text: Option<String>,
+    pub text_pair: Option<String>,
+    pub label: Option<String>,
+    pub id: Option<String>,
+    pub group: Option<String>,
+}
+
+/// Read every row of `path`. `need_group`: the split is by group, so a row
+/// without a group value is bad.
+pub(super) fn read_rows(
+    path: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    let format = opts.format.resolve(path)?;
+    if format != Format::Folders && path.is_dir() {
+        return Err(Error::Dataset {
+            path: path.to_owned(),
+            message: format!(
+                "is a directory, but the format is {format}; a folder of class \
+                 sub-folders needs --format folders (or auto)"
+            ),
+        });
+    }
+    match format {
+        Format::Csv => delimited::read(path, b',', opts, need_group, bad),
+        Format::Tsv => delimited::read(path, b'\t', opts, need_group, bad),
+        Format::Jsonl => jsonl::read(path, opts, need_group, bad),
+        // `resolve` never returns `Auto`; treat it like folders defensively.
+        Format::Folders | Format::Auto => folders::read(path, opts, need_group, bad),
+    }
+}
+
+/// The columns the options ask for, as (role, column) pairs.
+pub(super) fn wanted(opts: &ReadOptions) -> Vec<(&'static str, &Column)> {
+    let mut cols = vec![("text", &opts.text_column)];
+    let optional = [
+        ("text pair", &opts.text_pair_column),
+        ("label", &opts.label_column),
+        ("id", &opts.id_column),
+        ("group", &opts.group_column),
+    ];
+    cols.extend(
+        optional
+            .iter()
+            .filter_map(|(r, c)| c.as_ref().map(|c| (*r, c))),
+    );
+    cols
+}
+
+/// Checks the cells of a row and builds it; the error is a bad-row message.
+pub(super) fn build_row(
+    cells: Cells,
+    line: u64,
+    stem: &str,
+    opts: &ReadOptions,
+    need_group: bool,
+) -> std::result::Result<RawRow, String> {
+    let missing = |what: &str, col: &Column| format!("missing {what} (column {col})");
+    let text = cells
+        .text
+        .ok_or_else(|| missing("text", &opts.text_column))?;
+    let text_pair = match &opts.text_pair_column {
+        Some(col) => Some(cells.text_pair.ok_or_else(|| missing("text pair", col))?),
+        None => None,
+    };
+    let non_empty = |v: Option<String>| {
+        v.map(|s| s.trim().to_owned())
+            .filter(|s: &String| !s.is_empty())
+    };
+    let label = match &opts.label_column {
+        Some(col) => Some(non_empty(cells.label).ok_or_else(|| missing("or empty label", col))?),
+        None => None,
+    };
+    let (id, explicit_id) = match &opts.id_column {
+        Some(col) => (
+            non_empty(cells.id).ok_or_else(|| missing("or empty id", col))?,
+            true,
+        ),
+        None => (format!("{stem}:{line}"), false),
+    };
+    let group = non_empty(cells.group);
+    if need_group && group.is_none() {
+        if let Some(col) = &opts.group_column {
+            return Err(missing("or empty group value", col));
+        }
+    }
+    Ok(RawRow {
+        line,
+        id,
+        explicit_id,
+        text,
+        text_pair,
+        label,
+        group,
+    })
+}
+
+/// A pointer to the flag that picks a missing column.
+pub(super) fn hint(role: &str) -> &'static str {
+    match role {
+        "label" => " (use --label-column to pick one, or --no-labels for unlabelled data)",
+        "text" => " (use --text-column to pick one)",
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cells(text: &str, label: &str) -> Cells {
+        Cells {
+            text: Some(text.to_owned()),
+            label: Some(label.to_owned()),
+            ..Cells::default()
+        }
+    }
+
+    #[test]
+    fn build_row_checks_and_ids() {
+        let opts = ReadOptions::default();
+        let row = build_row(cells(" a ", " pos "), 7, "train", &opts, false).unwrap();
+        assert_eq!(row.text, " a ");
+        assert_eq!(row.label.as_deref(), Some("pos"));
+        assert_eq!((row.id.as_str(), row.explicit_id), ("train:7", false));
+
+        let err = build_row(cells("a", "  "), 7, "train", &opts, false).unwrap_err();
+        assert!(err.contains("label") && err.contains("`label`"), "{err}");
+        let missing_text = Cells {
+            text: None,
+            ..cells("", "pos")
+        };
+        assert!(build_row(missing_text, 1, "t", &opts, false).is_err());
+
+        let opts = ReadOptions {
+            label_column: None,
+            id_column: Some(Column::Name("id".into())),
+            group_column: Some(Column::Index(3)),
+            ..ReadOptions::default()
+        };
+        let with_id = Cells {
+            id: Some(" r1 ".into()),
+            ..cells("a", "ignored")
+        };
+        let row = build_row(with_id, 2, "t", &opts, false).unwrap();
+        assert_eq!((row.id.as_str(), row.explicit_id), ("r1", true));
+        assert_eq!((row.label, row.group), (None, None));
+        let err = build_row(cells("a", "x"), 2, "t", &opts, false).unwrap_err();
+        assert!(err.contains("id"), "{err}");
+        let no_group = Cells {
+            id: Some("r1".into()),
+            group: Some(" ".into()),
+            ..cells("a", "x")
+        };
+        let err = build_row(no_group, 2, "t", &opts, true).unwrap_err();
+        assert!(err.contains("group") && err.contains("#3"), "{err}");
+    }
+}

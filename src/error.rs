@@ -1,0 +1,108 @@
+//! The library's error type.
+//!
+//! One [`Error`] for the whole crate, in the candle/tantivy style: variants
+//! carry the path (and line, where there is one) they concern, and keep the
+//! underlying error as their `source`, so the binaries can print the whole
+//! chain with `{:#}`.
+
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in sherl's library code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A filesystem operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// File or directory concerned.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A JSON file could not be parsed.
+    #[error("{}: invalid JSON: {source}", path.display())]
+    Json {
+        /// File concerned.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A dataset row could not be read.
+    #[error("{}:{line}: {message}", path.display())]
+    DatasetLine {
+        /// Dataset file.
+        path: PathBuf,
+        /// 1-based line number where the row starts.
+        line: u64,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A dataset as a whole is unusable (empty, unknown column, ...).
+    #[error("{}: {message}", path.display())]
+    Dataset {
+        /// Dataset file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// Invalid settings or unsupported input.
+    #[error("{0}")]
+    Config(String),
+    /// A safetensors checkpoint could not be read.
+    #[error("{}: {message}", path.display())]
+    Checkpoint {
+        /// Checkpoint file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// An ONNX model could not be read, written or used.
+    #[error("{}: {message}", path.display())]
+    Onnx {
+        /// Model file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// ONNX Runtime could not be loaded or failed.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    /// Tokenizer failure.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A cache file is unusable.
+    #[error("{}: {source}", path.display())]
+    Cache {
+        /// Shard, manifest or cache directory concerned.
+        path: PathBuf,
+        /// What is wrong.
+        #[source]
+        source: crate::cache::CacheError,
+    },
+    /// candle failure.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// Wrap an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// `bail!`-style shorthand for [`Error::Config`].
+#[macro_export]
+macro_rules! config_err {
+    ($($arg:tt)*) => {
+        $crate::Error::Config(format!($($arg)*))
+    };
+}

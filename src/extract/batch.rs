@@ -1,0 +1,108 @@
+//! Padded batches for ONNX Runtime, and the inverse: per-example slices at
+//! real tokens.
+
+use ndarray::{Array2, Array3, ArrayView2};
+
+use crate::tokenize::Encoded;
+
+/// Inputs of one padded batch, each `[batch, seq]`, `seq` = longest example.
+#[derive(Debug, Clone)]
+pub struct PaddedBatch {
+    /// Token ids (0 at padding).
+    pub ids: Array2<i64>,
+    /// 1 at real tokens, 0 at padding.
+    pub mask: Array2<i64>,
+    /// Segment ids (0 at padding).
+    pub types: Array2<i64>,
+    /// Real length of each example.
+    pub lengths: Vec<usize>,
+}
+
+impl PaddedBatch {
+    /// Pad `examples` to the longest one (or to `pad_to` if larger).
+    pub fn new(examples: &[&Encoded], pad_to: Option<usize>) -> Self {
+        let longest = examples.iter().map(|e| e.len()).max().unwrap_or(0);
+        let seq = pad_to.map_or(longest, |p| p.max(longest)).max(1);
+        let b = examples.len();
+        let mut ids = Array2::<i64>::zeros((b, seq));
+        let mut mask = Array2::<i64>::zeros((b, seq));
+        let mut types = Array2::<i64>::zeros((b, seq));
+        for (r, e) in examples.iter().enumerate() {
+            for (c, (&id, &ty)) in e.ids.iter().zip(&e.type_ids).enumerate() {
+                ids[[r, c]] = i64::from(id);
+                types[[r, c]] = i64::from(ty);
+                mask[[r, c]] = 1;
+            }
+        }
+        PaddedBatch {
+            ids,
+            mask,
+            types,
+            lengths: examples.iter().map(|e| e.len()).collect(),
+        }
+    }
+
+    /// Views of the three inputs.
+    pub fn views(
+        &self,
+    ) -> (
+        ArrayView2<'_, i64>,
+        ArrayView2<'_, i64>,
+        ArrayView2<'_, i64>,
+    ) {
+        (self.ids.view(), self.mask.view(), self.types.view())
+    }
+
+    /// Number of real tokens.
+    pub fn real_tokens(&self) -> usize {
+        self.lengths.iter().sum()
+    }
+
+    /// Number of token slots including padding.
+    pub fn padded_tokens(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+/// Rows `[0, len)` of example `b` of a `[batch, seq, hidden]` output, as a
+/// contiguous row-major `len x hidden` vector.
+pub fn real_rows(h: &Array3<f32>, b: usize, len: usize) -> Vec<f32> {
+    let hidden = h.shape()[2];
+    let mut out = Vec::with_capacity(len * hidden);
+    for t in 0..len {
+        out.extend(h.slice(ndarray::s![b, t, ..]).iter().copied());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc(ids: &[u32]) -> Encoded {
+        Encoded {
+            ids: ids.to_vec(),
+            type_ids: vec![0; ids.len()],
+        }
+    }
+
+    #[test]
+    fn pads_to_longest_and_masks() {
+        let a = enc(&[101, 7, 102]);
+        let b = enc(&[101, 102]);
+        let p = PaddedBatch::new(&[&a, &b], None);
+        assert_eq!(p.ids.shape(), &[2, 3]);
+        assert_eq!(p.ids.row(1).to_vec(), vec![101, 102, 0]);
+        assert_eq!(p.mask.row(1).to_vec(), vec![1, 1, 0]);
+        assert_eq!(p.real_tokens(), 5);
+        assert_eq!(p.padded_tokens(), 6);
+        let p = PaddedBatch::new(&[&b], Some(4));
+        assert_eq!(p.ids.shape(), &[1, 4]);
+    }
+
+    #[test]
+    fn real_rows_strip_padding() {
+        let h = Array3::from_shape_fn((2, 3, 2), |(b, t, d)| (b * 100 + t * 10 + d) as f32);
+        assert_eq!(real_rows(&h, 1, 2), vec![100.0, 101.0, 110.0, 111.0]);
+    }
+}

@@ -1,0 +1,435 @@
+//! Export a Hugging Face BERT-family checkpoint to an ONNX graph that
+//! exposes every layer's hidden state.
+//!
+//! Inputs: `input_ids`, `attention_mask`, `token_type_ids` (int64,
+//! `[batch, seq]`, both dynamic). Outputs: `hidden_states.0` (embedding
+//! output, after its LayerNorm) to `hidden_states.N` (after layer N), float32
+//! `[batch, seq, hidden]`, exactly what `transformers`' `BertModel` returns as
+//! `hidden_states` in eval mode.
+//!
+//! The graph follows `modeling_bert.py` (huggingface/transformers v4.8.2,
+//! `BertEmbeddings`, `BertSelfAttention`, `BertSelfOutput`,
+//! `BertIntermediate`, `BertOutput`). Two details matter for ONNX Runtime:
+//! position ids are taken by slicing the position table with the input's
+//! `Shape` (a `Range` node broke ORT 1.32's extended optimiser), and padding
+//! is masked with a large negative additive bias (the most negative f32, as
+//! `transformers` does), so padded-batch outputs equal unpadded ones at real
+//! tokens.
+
+use std::path::Path;
+
+use prost::Message;
+
+use super::proto::{
+    attr_type, data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, ValueInfoProto,
+};
+use crate::backbone::{Activation, BertConfig, Checkpoint};
+use crate::{Error, Result};
+
+/// ONNX IR version written (ONNX 1.13+; read by ONNX Runtime >= 1.14).
+pub const IR_VERSION: i64 = 8;
+/// Default-domain opset (LayerNormalization needs 17).
+pub const OPSET: i64 = 17;
+
+/// Name of the `i`-th hidden-state output.
+pub fn hidden_state_name(i: usize) -> String {
+    format!("hidden_states.{i}")
+}
+
+/// Summary of an export.
+#[derive(Debug, Clone)]
+pub struct ExportSummary {
+    /// Number of transformer layers.
+    pub layers: usize,
+    /// Hidden width.
+    pub hidden: usize,
+    /// Checkpoint name prefix found (`""` or `"bert."`...).
+    pub prefix: String,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+/// Build the ONNX model for `cfg` with the weights of `ckpt`.
+pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
+    cfg.validate().map_err(Error::Config)?;
+    let mut g = Graph::default();
+    let d = cfg.hidden_size;
+    let heads = cfg.num_attention_heads;
+    let hd = cfg.head_dim();
+    let eps = cfg.layer_norm_eps as f32;
+    let act = cfg.activation().map_err(Error::Config)?;
+
+    let dims: [Result<i64, &str>; 2] = [Err("batch"), Err("seq")];
+    for name in ["input_ids", "attention_mask", "token_type_ids"] {
+        g.inputs
+            .push(ValueInfoProto::tensor(name, data_type::INT64, &dims));
+    }
+
+    // --- Embeddings -------------------------------------------------------
+    let word = g.weight(
+        ckpt,
+        "embeddings.word_embeddings.weight",
+        &[cfg.vocab_size, d],
+        false,
+    )?;
+    let pos = g.weight(
+        ckpt,
+        "embeddings.position_embeddings.weight",
+        &[cfg.max_position_embeddings, d],
+        false,
+    )?;
+    let typ = g.weight(
+        ckpt,
+        "embeddings.token_type_embeddings.weight",
+        &[cfg.type_vocab_size, d],
+        false,
+    )?;
+    let we = g.node("Gather", &[&word, "input_ids"], vec![]);
+    let te = g.node("Gather", &[&typ, "token_type_ids"], vec![]);
+    // seq length as a 1-element tensor: Shape(input_ids)[1:2]
+    let seq = g.node(
+        "Shape",
+        &["input_ids"],
+        vec![attr_int("start", 1), attr_int("end", 2)],
+    );
+    let zero = g.const_i64("zero1", &[0], &[1]);
+    let axis0 = g.const_i64("axis0", &[0], &[1]);
+    let pe = g.node("Slice", &[&pos, &zero, &seq, &axis0], vec![]); // [seq, D]
+    let s1 = g.node("Add", &[&we, &te], vec![]);
+    let s2 = g.node("Add", &[&s1, &pe], vec![]);
+    let mut x = g.layer_norm(
+        ckpt,
+        "embeddings.LayerNorm",
+        d,
+        eps,
+        &s2,
+        Some(hidden_state_name(0)),
+    )?;
+
+    // --- Attention bias from the mask: (1 - mask) * f32::MIN, [B, 1, 1, S] ---
+    let mask_f = g.node(
+        "Cast",
+        &["attention_mask"],
+        vec![attr_int("to", data_type::FLOAT as i64)],
+    );
+    let one = g.const_f32("one", &[1.0], &[]);
+    let inv = g.node("Sub", &[&one, &mask_f], vec![]);
+    let minv = g.const_f32("mask_min", &[f32::MIN], &[]);
+    let bias = g.node("Mul", &[&inv, &minv], vec![]);
+    let ax12 = g.const_i64("axes12", &[1, 2], &[2]);
+    let bias4 = g.node("Unsqueeze", &[&bias, &ax12], vec![]);
+
+    let split_shape = g.const_i64("split_heads", &[0, 0, heads as i64, hd as i64], &[4]);
+    let merge_shape = g.const_i64("merge_heads", &[0, 0, d as i64], &[3]);
+    let scale = g.const_f32("attn_scale", &[1.0 / (hd as f32).sqrt()], &[]);
+    let sqrt2 = g.const_f32("sqrt2", &[std::f32::consts::SQRT_2], &[]);
+    let half = g.const_f32("half", &[0.5], &[]);
+
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("encoder.layer.{i}");
+        let q = g.linear(ckpt, &format!("{p}.attention.self.query"), d, d, &x)?;
+        let k = g.linear(ckpt, &format!("{p}.attention.self.key"), d, d, &x)?;
+        let v = g.linear(ckpt, &format!("{p}.attention.self.value"), d, d, &x)?;
+        let q = g.node("Reshape", &[&q, &split_shape], vec![]);
+        let q = g.node("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
+        let k = g.node("Reshape", &[&k, &split_shape], vec![]);
+        let k = g.node("Transpose", &[&k], vec![attr_ints("perm", &[0, 2, 3, 1])]); // [B,H,hd,S]
+        let v = g.node("Reshape", &[&v, &split_shape], vec![]);
+        let v = g.node("Transpose", &[&v], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
+        let scores = g.node("MatMul", &[&q, &k], vec![]);
+        let scores = g.node("Mul", &[&scores, &scale], vec![]);
+        let scores = g.node("Add", &[&scores, &bias4], vec![]);
+        let probs = g.node("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+        let ctx = g.node("MatMul", &[&probs, &v], vec![]);
+        let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let ctx = g.node("Reshape", &[&ctx, &merge_shape], vec![]);
+        let ao = g.linear(ckpt, &format!("{p}.attention.output.dense"), d, d, &ctx)?;
+        let r1 = g.node("Add", &[&ao, &x], vec![]);
+        let h1 = g.layer_norm(
+            ckpt,
+            &format!("{p}.attention.output.LayerNorm"),
+            d,
+            eps,
+            &r1,
+            None,
+        )?;
+        let inter = g.linear(
+            ckpt,
+            &format!("{p}.intermediate.dense"),
+            d,
+            cfg.intermediate_size,
+            &h1,
+        )?;
+        let a = g.activation(act, &inter, &sqrt2, &half);
+        let o = g.linear(
+            ckpt,
+            &format!("{p}.output.dense"),
+            cfg.intermediate_size,
+            d,
+            &a,
+        )?;
+        let r2 = g.node("Add", &[&o, &h1], vec![]);
+        x = g.layer_norm(
+            ckpt,
+            &format!("{p}.output.LayerNorm"),
+            d,
+            eps,
+            &r2,
+            Some(hidden_state_name(i + 1)),
+        )?;
+    }
+
+    let out_dims: [Result<i64, &str>; 3] = [Err("batch"), Err("seq"), Ok(d as i64)];
+    let outputs = (0..=cfg.num_hidden_layers)
+        .map(|i| ValueInfoProto::tensor(&hidden_state_name(i), data_type::FLOAT, &out_dims))
+        .collect();
+
+    let graph = GraphProto {
+        node: g.nodes,
+        name: "sherl_bert".into(),
+        initializer: g.inits,
+        doc_string: String::new(),
+        input: g.inputs,
+        output: outputs,
+        value_info: vec![],
+    };
+    Ok(ModelProto {
+        ir_version: IR_VERSION,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
+        producer_name: "sherl".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        domain: String::new(),
+        model_version: 1,
+        doc_string:
+            "BERT-family encoder exported by sherl-extract export-onnx; outputs hidden_states.0..N"
+                .into(),
+        graph: Some(graph),
+        metadata_props: vec![
+            meta("sherl.layers", cfg.num_hidden_layers.to_string()),
+            meta("sherl.hidden", d.to_string()),
+            meta("sherl.checkpoint_prefix", ckpt.prefix().to_string()),
+            meta("sherl.safetensors_sha256", ckpt.sha256()),
+        ],
+    })
+}
+
+/// Export the checkpoint in `backbone` (config.json + model.safetensors) to
+/// `out`, written atomically (temporary file, then rename).
+pub fn export_backbone(cfg: &BertConfig, ckpt: &Checkpoint, out: &Path) -> Result<ExportSummary> {
+    let model = build_model(cfg, ckpt)?;
+    let bytes = model.encode_to_vec();
+    crate::fsutil::write_atomic(out, &bytes)?;
+    Ok(ExportSummary {
+        layers: cfg.num_hidden_layers,
+        hidden: cfg.hidden_size,
+        prefix: ckpt.prefix().to_string(),
+        bytes: bytes.len() as u64,
+    })
+}
+
+fn meta(key: &str, value: String) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: key.into(),
+        value,
+    }
+}
+
+fn attr_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::INT,
+        i,
+        ..Default::default()
+    }
+}
+
+fn attr_float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::FLOAT,
+        f,
+        ..Default::default()
+    }
+}
+
+fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attr_type::INTS,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
+}
+
+/// Accumulates nodes and initializers with unique generated names.
+#[derive(Default)]
+struct Graph {
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    counter: usize,
+}
+
+impl Graph {
+    fn fresh(&mut self, op: &str) -> String {
+        self.counter += 1;
+        format!("{}_{}", op.to_ascii_lowercase(), self.counter)
+    }
+
+    /// Add a node with one output; returns the output name.
+    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let out = self.fresh(op);
+        self.node_named(op, inputs, attrs, out)
+    }
+
+    fn node_named(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        out: String,
+    ) -> String {
+        let name = format!("{op}_{}", self.nodes.len());
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name,
+            op_type: op.into(),
+            domain: String::new(),
+            attribute: attrs,
+            doc_string: String::new(),
+        });
+        out
+    }
+
+    fn const_f32(&mut self, name: &str, values: &[f32], dims: &[i64]) -> String {
+        self.inits.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: data_type::FLOAT,
+            name: name.into(),
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    fn const_i64(&mut self, name: &str, values: &[i64], dims: &[i64]) -> String {
+        self.inits.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: data_type::INT64,
+            name: name.into(),
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.into()
+    }
+
+    /// Add checkpoint tensor `name` as an initializer (named as in the
+    /// checkpoint, without prefix), transposed if `transpose` (a 2-D
+    /// `[out, in]` linear weight becomes `[in, out]` for `MatMul`).
+    fn weight(
+        &mut self,
+        ckpt: &Checkpoint,
+        name: &str,
+        shape: &[usize],
+        transpose: bool,
+    ) -> Result<String> {
+        let values = ckpt.tensor_f32_shaped(name, shape)?;
+        let (dims, values) = if transpose {
+            let (r, c) = (shape[0], shape[1]);
+            let mut t = vec![0f32; values.len()];
+            for i in 0..r {
+                for j in 0..c {
+                    t[j * r + i] = values[i * c + j];
+                }
+            }
+            (vec![c as i64, r as i64], t)
+        } else {
+            (shape.iter().map(|&s| s as i64).collect(), values)
+        };
+        let init_name = if transpose {
+            format!("{name}.T")
+        } else {
+            name.to_string()
+        };
+        self.inits.push(TensorProto {
+            dims,
+            data_type: data_type::FLOAT,
+            name: init_name.clone(),
+            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        Ok(init_name)
+    }
+
+    /// `x W^T + b` for the HF `Linear` at `prefix`.
+    fn linear(
+        &mut self,
+        ckpt: &Checkpoint,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        x: &str,
+    ) -> Result<String> {
+        let w = self.weight(ckpt, &format!("{prefix}.weight"), &[d_out, d_in], true)?;
+        let b = self.weight(ckpt, &format!("{prefix}.bias"), &[d_out], false)?;
+        let y = self.node("MatMul", &[x, &w], vec![]);
+        Ok(self.node("Add", &[&y, &b], vec![]))
+    }
+
+    fn layer_norm(
+        &mut self,
+        ckpt: &Checkpoint,
+        prefix: &str,
+        d: usize,
+        eps: f32,
+        x: &str,
+        out: Option<String>,
+    ) -> Result<String> {
+        let w = self.weight(ckpt, &format!("{prefix}.weight"), &[d], false)?;
+        let b = self.weight(ckpt, &format!("{prefix}.bias"), &[d], false)?;
+        let attrs = vec![attr_int("axis", -1), attr_float("epsilon", eps)];
+        let out = out.unwrap_or_else(|| self.fresh("layernorm"));
+        Ok(self.node_named("LayerNormalization", &[x, &w, &b], attrs, out))
+    }
+
+    fn activation(&mut self, act: Activation, x: &str, sqrt2: &str, half: &str) -> String {
+        match act {
+            Activation::Relu => self.node("Relu", &[x], vec![]),
+            Activation::Gelu => {
+                // 0.5 * x * (1 + erf(x / sqrt(2)))
+                let t = self.node("Div", &[x, sqrt2], vec![]);
+                let e = self.node("Erf", &[&t], vec![]);
+                let one = "one";
+                let e1 = self.node("Add", &[&e, one], vec![]);
+                let m = self.node("Mul", &[x, &e1], vec![]);
+                self.node("Mul", &[&m, half], vec![])
+            }
+            Activation::GeluTanh => {
+                // 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
+                let c = self.const_f32_once("gelu_c", (2.0f32 / std::f32::consts::PI).sqrt());
+                let k = self.const_f32_once("gelu_k", 0.044715);
+                let x2 = self.node("Mul", &[x, x], vec![]);
+                let x3 = self.node("Mul", &[&x2, x], vec![]);
+                let kx3 = self.node("Mul", &[&x3, &k], vec![]);
+                let inner = self.node("Add", &[x, &kx3], vec![]);
+                let inner = self.node("Mul", &[&inner, &c], vec![]);
+                let t = self.node("Tanh", &[&inner], vec![]);
+                let t1 = self.node("Add", &[&t, "one"], vec![]);
+                let m = self.node("Mul", &[x, &t1], vec![]);
+                self.node("Mul", &[&m, half], vec![])
+            }
+        }
+    }
+
+    fn const_f32_once(&mut self, name: &str, v: f32) -> String {
+        if !self.inits.iter().any(|t| t.name == name) {
+            self.const_f32(name, &[v], &[]);
+        }
+        name.into()
+    }
+}

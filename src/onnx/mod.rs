@@ -1,0 +1,15 @@
+//! ONNX models: a protobuf subset ([`proto`]), the BERT exporter
+//! ([`export`]), and tools for models users bring ([`inspect`], [`edit`]).
+//!
+//! The contract with extraction is the output naming: a backbone graph takes
+//! int64 `input_ids`, `attention_mask` and optionally `token_type_ids`
+//! (`[batch, seq]`) and returns float32 `hidden_states.i` (`[batch, seq,
+//! hidden]`), where `i` follows Hugging Face's convention (0 = embedding
+//! output, `i` = after transformer layer `i`).
+
+pub mod edit;
+pub mod export;
+pub mod inspect;
+pub mod proto;
+
+pub use export::{export_backbone, hidden_state_name, ExportSummary};

@@ -1,0 +1,516 @@
+//! ONNX Runtime: finding the shared library, loading it once per process,
+//! and opening backbone sessions on CPU or CUDA.
+//!
+//! The library is looked up in this order: an explicit path (`--ort-lib`),
+//! the `ORT_DYLIB_PATH` environment variable, then the asset directory
+//! (`$SHERL_ASSETS/onnxruntime/<version>/libonnxruntime.so*`). A path that
+//! does not exist is an error before `ort` is touched: an unresolvable
+//! library has been reported to hang the first ort call instead of failing.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use ndarray::{Array3, ArrayView2};
+use ort::ep::ExecutionProvider;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::TensorRef;
+
+use crate::onnx::inspect::hidden_state_index;
+use crate::{Error, Result};
+
+/// Environment variable naming the ONNX Runtime library.
+pub const ORT_ENV: &str = "ORT_DYLIB_PATH";
+
+/// Where to run a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// CPU execution provider.
+    Cpu,
+    /// CUDA execution provider on GPU `n`; failing to start it is an error.
+    Cuda(i32),
+    /// CUDA on GPU 0 when the library has it and a GPU answers, else CPU.
+    Auto,
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "auto" => Ok(Device::Auto),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<i32>().ok().filter(|n| *n >= 0))
+                .map(Device::Cuda)
+                .ok_or_else(|| {
+                    format!("unknown device '{s}' (expected cpu, cuda, cuda:N or auto)")
+                }),
+        }
+    }
+}
+
+/// Graph optimisation level, as ONNX Runtime names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptLevel {
+    /// No graph rewrites.
+    Disable,
+    /// Constant folding and redundant-node removal.
+    Basic,
+    /// Node fusions (attention, LayerNorm, GELU...).
+    Extended,
+    /// Everything, including layout changes.
+    All,
+}
+
+impl OptLevel {
+    fn to_ort(self) -> GraphOptimizationLevel {
+        match self {
+            OptLevel::Disable => GraphOptimizationLevel::Disable,
+            OptLevel::Basic => GraphOptimizationLevel::Level1,
+            OptLevel::Extended => GraphOptimizationLevel::Level2,
+            OptLevel::All => GraphOptimizationLevel::All,
+        }
+    }
+}
+
+/// Session settings.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Where to run.
+    pub device: Device,
+    /// Intra-op threads; `None` lets ONNX Runtime decide (one per core).
+    pub threads: Option<usize>,
+    /// Graph optimisation level.
+    pub opt_level: OptLevel,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            device: Device::Auto,
+            threads: None,
+            opt_level: OptLevel::All,
+        }
+    }
+}
+
+/// The loaded runtime (one per process).
+pub struct Runtime {
+    env: ort::environment::Environment,
+    library: PathBuf,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("library", &self.library)
+            .finish()
+    }
+}
+
+static RUNTIME: OnceLock<std::result::Result<Runtime, String>> = OnceLock::new();
+
+fn not_found_message(tried: &[String]) -> String {
+    format!(
+        "ONNX Runtime library not found (tried: {}). Get it with `pipelines/fetch-assets.sh ort` \
+         (PyPI onnxruntime==1.32.0), or point --ort-lib / {ORT_ENV} at a libonnxruntime.so",
+        tried.join("; ")
+    )
+}
+
+/// Resolve a user-given path: a file, or a directory holding one library.
+fn library_in(path: &Path) -> Option<PathBuf> {
+    if path.is_file() {
+        return Some(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let mut libs: Vec<PathBuf> = std::fs::read_dir(path)
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("libonnxruntime.so")
+                        || n == "libonnxruntime.dylib"
+                        || n == "onnxruntime.dll"
+                })
+            })
+            .collect();
+        libs.sort();
+        return libs.pop();
+    }
+    None
+}
+
+/// Find the ONNX Runtime library: `explicit`, then `ORT_DYLIB_PATH`, then
+/// the asset directory.
+pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    let mut tried = Vec::new();
+    if let Some(p) = explicit {
+        return library_in(p).ok_or_else(|| {
+            Error::Runtime(format!(
+                "--ort-lib {}: no such file (or no libonnxruntime in that directory). {}",
+                p.display(),
+                not_found_message(&[])
+            ))
+        });
+    }
+    if let Some(p) = std::env::var_os(ORT_ENV).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return library_in(&p).ok_or_else(|| {
+            Error::Runtime(format!(
+                "{ORT_ENV}={}: no such file. {}",
+                p.display(),
+                not_found_message(&[])
+            ))
+        });
+    }
+    tried.push(format!("--ort-lib not given, {ORT_ENV} not set"));
+    let base = crate::assets::assets_dir().join("onnxruntime");
+    if let Ok(rd) = std::fs::read_dir(&base) {
+        // Highest version directory first.
+        let mut dirs: Vec<(Vec<u64>, PathBuf)> = rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .map(|p| {
+                let v = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .map(|n| n.split('.').map(|x| x.parse().unwrap_or(0)).collect())
+                    .unwrap_or_default();
+                (v, p)
+            })
+            .collect();
+        dirs.sort();
+        for (_, d) in dirs.iter().rev() {
+            if let Some(lib) = library_in(d) {
+                return Ok(lib);
+            }
+        }
+    }
+    tried.push(format!("{}/<version>/libonnxruntime.so*", base.display()));
+    Err(Error::Runtime(not_found_message(&tried)))
+}
+
+/// Load ONNX Runtime once for this process. Later calls return the same
+/// runtime (or the same error); the library cannot be swapped in-process.
+pub fn init(explicit: Option<&Path>) -> Result<&'static Runtime> {
+    let r = RUNTIME.get_or_init(|| {
+        let library = locate_library(explicit).map_err(|e| e.to_string())?;
+        let builder = ort::init_from(&library)
+            .map_err(|e| format!("cannot load {}: {e}", library.display()))?;
+        let env = builder
+            .with_name("sherl")
+            .with_telemetry(false)
+            .build()
+            .map_err(|e| format!("cannot create the environment: {e}"))?;
+        tracing::debug!("ONNX Runtime loaded from {}", library.display());
+        Ok(Runtime { env, library })
+    });
+    match r {
+        Ok(rt) => Ok(rt),
+        Err(msg) => Err(Error::Runtime(
+            msg.trim_start_matches("ONNX Runtime: ").to_string(),
+        )),
+    }
+}
+
+impl Runtime {
+    /// Path of the loaded library.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    /// Whether the loaded library was built with the CUDA provider.
+    pub fn has_cuda(&self) -> bool {
+        <ort::ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false)
+    }
+}
+
+fn ort_err(context: &str) -> impl FnOnce(ort::Error) -> Error + '_ {
+    move |e| Error::Runtime(format!("{context}: {e}"))
+}
+
+/// A backbone graph in an ONNX Runtime session.
+pub struct BackboneSession {
+    session: Session,
+    /// Indices `i` of the `hidden_states.i` outputs the model has, sorted.
+    layers: Vec<usize>,
+    uses_token_types: bool,
+    device: String,
+    model: PathBuf,
+}
+
+impl std::fmt::Debug for BackboneSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackboneSession")
+            .field("model", &self.model)
+            .field("device", &self.device)
+            .field("layers", &self.layers)
+            .finish()
+    }
+}
+
+/// Outcome of device selection, for the one line `auto` prints.
+#[derive(Debug, Clone)]
+pub struct DeviceChoice {
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Why `auto` fell back to CPU, if it did.
+    pub fallback_reason: Option<String>,
+}
+
+impl BackboneSession {
+    /// Open `model` with `cfg`. Checks the model's inputs and outputs follow
+    /// sherl's naming (see [`crate::onnx`]).
+    pub fn open(rt: &Runtime, model: &Path, cfg: &SessionConfig) -> Result<(Self, DeviceChoice)> {
+        if !model.is_file() {
+            return Err(Error::io(
+                model,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "ONNX model not found (create it with `sherl-extract export-onnx --backbone DIR`)",
+                ),
+            ));
+        }
+        let try_build = |cuda: Option<i32>| -> Result<Session> {
+            let mut b = Session::builder(&rt.env)
+                .map_err(ort_err("session builder"))?
+                .with_optimization_level(cfg.opt_level.to_ort())
+                .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
+            if let Some(t) = cfg.threads {
+                b = b
+                    .with_intra_threads(t)
+                    .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
+            }
+            if let Some(id) = cuda {
+                b = b
+                    .with_execution_providers([ort::ep::CUDA::default()
+                        .with_device_id(id)
+                        .build()
+                        .error_on_failure()])
+                    .map_err(|e| {
+                        Error::Runtime(format!(
+                            "CUDA execution provider failed to start on GPU {id}: {e}"
+                        ))
+                    })?;
+            }
+            b.commit_from_file(model).map_err(|e| {
+                Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
+            })
+        };
+        let no_cuda_build = || {
+            format!(
+                "the ONNX Runtime library {} has no CUDA execution provider (CPU-only build); \
+                 use the onnxruntime-gpu library (see ASSETS.md) for --device cuda",
+                rt.library.display()
+            )
+        };
+        let (session, choice) = match cfg.device {
+            Device::Cpu => (
+                try_build(None)?,
+                DeviceChoice {
+                    device: "cpu".into(),
+                    fallback_reason: None,
+                },
+            ),
+            Device::Cuda(id) => {
+                if !rt.has_cuda() {
+                    return Err(Error::Runtime(no_cuda_build()));
+                }
+                let s = try_build(Some(id)).map_err(|e| {
+                    Error::Runtime(format!(
+                        "{e} (causes: CUDA/cuDNN libraries not on LD_LIBRARY_PATH, no NVIDIA driver, or no GPU {id})"
+                    ))
+                })?;
+                (
+                    s,
+                    DeviceChoice {
+                        device: format!("cuda:{id}"),
+                        fallback_reason: None,
+                    },
+                )
+            }
+            Device::Auto => {
+                if rt.has_cuda() {
+                    match try_build(Some(0)) {
+                        Ok(s) => (
+                            s,
+                            DeviceChoice {
+                                device: "cuda:0".into(),
+                                fallback_reason: None,
+                            },
+                        ),
+                        Err(e) => (
+                            try_build(None)?,
+                            DeviceChoice {
+                                device: "cpu".into(),
+                                fallback_reason: Some(e.to_string()),
+                            },
+                        ),
+                    }
+                } else {
+                    (
+                        try_build(None)?,
+                        DeviceChoice {
+                            device: "cpu".into(),
+                            fallback_reason: Some(
+                                "this ONNX Runtime build has no CUDA execution provider".into(),
+                            ),
+                        },
+                    )
+                }
+            }
+        };
+        let input_names: Vec<String> = session
+            .inputs()
+            .iter()
+            .map(|i| i.name().to_string())
+            .collect();
+        for required in ["input_ids", "attention_mask"] {
+            if !input_names.iter().any(|n| n == required) {
+                return Err(Error::Onnx {
+                    path: model.to_path_buf(),
+                    message: format!(
+                        "the model has no '{required}' input (inputs: {}); sherl feeds input_ids, attention_mask and optionally token_type_ids",
+                        input_names.join(", ")
+                    ),
+                });
+            }
+        }
+        if let Some(other) = input_names.iter().find(|n| {
+            !matches!(
+                n.as_str(),
+                "input_ids" | "attention_mask" | "token_type_ids"
+            )
+        }) {
+            return Err(Error::Onnx {
+                path: model.to_path_buf(),
+                message: format!("the model needs an input '{other}' sherl cannot provide"),
+            });
+        }
+        let uses_token_types = input_names.iter().any(|n| n == "token_type_ids");
+        let mut layers: Vec<usize> = session
+            .outputs()
+            .iter()
+            .filter_map(|o| hidden_state_index(o.name()))
+            .collect();
+        layers.sort_unstable();
+        let device = choice.device.clone();
+        Ok((
+            BackboneSession {
+                session,
+                layers,
+                uses_token_types,
+                device,
+                model: model.to_path_buf(),
+            },
+            choice,
+        ))
+    }
+
+    /// The `hidden_states.i` indices the model outputs.
+    pub fn layers(&self) -> &[usize] {
+        &self.layers
+    }
+
+    /// The device the session runs on.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    /// Fail, naming exactly what is missing, unless every index in `needed`
+    /// has a `hidden_states.i` output.
+    pub fn check_layers(&self, needed: &[usize]) -> Result<()> {
+        let missing: Vec<String> = needed
+            .iter()
+            .filter(|i| self.layers.binary_search(i).is_err())
+            .map(|i| format!("hidden_states.{i}"))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let have: Vec<String> = self
+            .session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_string())
+            .collect();
+        Err(Error::Onnx {
+            path: self.model.clone(),
+            message: format!(
+                "missing output(s) {} (the model's outputs: {}). Export with `sherl-extract export-onnx`, \
+                 or expose intermediate tensors with `sherl-extract inspect-onnx` and `expose-layers`",
+                missing.join(", "),
+                have.join(", ")
+            ),
+        })
+    }
+
+    /// Run one padded batch (`[batch, seq]` each) and return the requested
+    /// hidden states, each `[batch, seq, hidden]`, in the order of `layers`.
+    pub fn run(
+        &mut self,
+        ids: ArrayView2<'_, i64>,
+        mask: ArrayView2<'_, i64>,
+        types: ArrayView2<'_, i64>,
+        layers: &[usize],
+    ) -> Result<Vec<Array3<f32>>> {
+        self.check_layers(layers)?;
+        let t_ids = TensorRef::from_array_view(ids).map_err(ort_err("input_ids"))?;
+        let t_mask = TensorRef::from_array_view(mask).map_err(ort_err("attention_mask"))?;
+        let t_types = TensorRef::from_array_view(types).map_err(ort_err("token_type_ids"))?;
+        let outputs = if self.uses_token_types {
+            self.session.run(ort::inputs![
+                "input_ids" => t_ids,
+                "attention_mask" => t_mask,
+                "token_type_ids" => t_types,
+            ])
+        } else {
+            self.session.run(ort::inputs![
+                "input_ids" => t_ids,
+                "attention_mask" => t_mask,
+            ])
+        }
+        .map_err(ort_err("run"))?;
+        let mut result = Vec::with_capacity(layers.len());
+        for &i in layers {
+            let name = format!("hidden_states.{i}");
+            let value = outputs
+                .get(&name)
+                .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
+            let (shape, data) = value
+                .try_extract_tensor::<f32>()
+                .map_err(|e| Error::Runtime(format!("{name}: expected a float32 tensor: {e}")))?;
+            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+            if dims.len() != 3 || dims[0] != ids.nrows() || dims[1] != ids.ncols() {
+                return Err(Error::Runtime(format!(
+                    "{name} has shape {dims:?}, expected [{}, {}, hidden]",
+                    ids.nrows(),
+                    ids.ncols()
+                )));
+            }
+            let arr = Array3::from_shape_vec((dims[0], dims[1], dims[2]), data.to_vec())
+                .map_err(|e| Error::Runtime(format!("{name}: {e}")))?;
+            result.push(arr);
+        }
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_parsing() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+        assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
+        assert!("gpu".parse::<Device>().unwrap_err().contains("expected"));
+        assert!("cuda:-1".parse::<Device>().is_err());
+    }
+}

@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: asset lookup, a seeded tiny
+//! random BERT written as a Hugging Face checkpoint, an independent plain-Rust
+//! forward pass to check the exporter against, and CLI runners.
+#![allow(dead_code)]
+
+pub mod reference;
+pub mod tiny;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The asset directory. The README's test command runs
+/// `pipelines/fetch-assets.sh` first; a test never skips on a missing asset,
+/// it fails saying how to fetch it.
+pub fn assets_dir() -> PathBuf {
+    sherl::assets::assets_dir()
+}
+
+/// An asset path that must exist.
+pub fn asset(rel: &str) -> PathBuf {
+    let p = assets_dir().join(rel);
+    assert!(
+        p.exists(),
+        "missing asset {} (run pipelines/fetch-assets.sh; the README test command does)",
+        p.display()
+    );
+    p
+}
+
+/// The fetched MiniLM backbone directory.
+pub fn minilm_dir() -> PathBuf {
+    asset("backbones/all-MiniLM-L6-v2")
+}
+
+/// Load ONNX Runtime from the assets (once per test process).
+pub fn runtime() -> &'static sherl::runtime::Runtime {
+    sherl::runtime::init(None)
+        .expect("ONNX Runtime from the asset directory (run pipelines/fetch-assets.sh)")
+}
+
+/// A CPU session config.
+pub fn cpu() -> sherl::runtime::SessionConfig {
+    sherl::runtime::SessionConfig {
+        device: sherl::runtime::Device::Cpu,
+        threads: Some(2),
+        opt_level: sherl::runtime::OptLevel::All,
+    }
+}
+
+/// Path of a built binary.
+pub fn bin(name: &str) -> PathBuf {
+    match name {
+        "sherl-extract" => PathBuf::from(env!("CARGO_BIN_EXE_sherl-extract")),
+        "sherl-fit" => PathBuf::from(env!("CARGO_BIN_EXE_sherl-fit")),
+        "sherl-cache" => PathBuf::from(env!("CARGO_BIN_EXE_sherl-cache")),
+        other => panic!("unknown binary {other}"),
+    }
+}
+
+/// Run a binary with args in `cwd`; returns its output.
+pub fn run(name: &str, args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin(name));
+    c.args(args).current_dir(cwd);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("spawn binary")
+}
+
+/// stderr as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// stdout as text.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Assert `|a - b| <= atol + rtol * |b|` elementwise, with a readable message.
+pub fn assert_close(a: &[f32], b: &[f32], atol: f32, rtol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths differ");
+    let mut worst = (0usize, 0f32);
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        let d = (x - y).abs();
+        assert!(
+            x.is_finite() && y.is_finite(),
+            "{what}: non-finite at {i}: {x} vs {y}"
+        );
+        if d - (atol + rtol * y.abs()) > worst.1 {
+            worst = (i, d - (atol + rtol * y.abs()));
+        }
+    }
+    assert!(
+        worst.1 <= 0.0,
+        "{what}: element {} differs: {} vs {} (atol {atol}, rtol {rtol})",
+        worst.0,
+        a[worst.0],
+        b[worst.0]
+    );
+}

@@ -1,0 +1,338 @@
+//! A tiny random BERT (seeded), written as `config.json` + `model.safetensors`
+//! exactly as Hugging Face lays them out, so the exporter can be tested with
+//! nothing downloaded.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+
+/// SplitMix64: a tiny seeded generator for test weights.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    pub fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn below(&mut self, n: u32) -> u32 {
+        (self.next_u64() % u64::from(n)) as u32
+    }
+}
+
+/// Shape of the tiny model.
+#[derive(Clone, Debug)]
+pub struct TinyConfig {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub inter: usize,
+    pub max_pos: usize,
+    pub types: usize,
+    pub act: &'static str,
+    pub eps: f64,
+}
+
+impl Default for TinyConfig {
+    fn default() -> Self {
+        TinyConfig {
+            vocab: 100,
+            hidden: 32,
+            layers: 3,
+            heads: 4,
+            inter: 64,
+            max_pos: 16,
+            types: 2,
+            act: "gelu",
+            eps: 1e-12,
+        }
+    }
+}
+
+/// Named weights (without prefix), row-major, with shapes.
+pub type Weights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Generate weights for `cfg` from `seed`. Scales keep activations O(1).
+pub fn weights(cfg: &TinyConfig, seed: u64) -> Weights {
+    let mut rng = Rng::new(seed);
+    let mut w = Weights::new();
+    let d = cfg.hidden;
+    let mut put = |name: String, shape: Vec<usize>, scale: f32, offset: f32, rng: &mut Rng| {
+        let n = shape.iter().product();
+        let v = (0..n).map(|_| offset + scale * rng.uniform()).collect();
+        w.insert(name, (shape, v));
+    };
+    put(
+        "embeddings.word_embeddings.weight".into(),
+        vec![cfg.vocab, d],
+        1.0,
+        0.0,
+        &mut rng,
+    );
+    put(
+        "embeddings.position_embeddings.weight".into(),
+        vec![cfg.max_pos, d],
+        0.5,
+        0.0,
+        &mut rng,
+    );
+    put(
+        "embeddings.token_type_embeddings.weight".into(),
+        vec![cfg.types, d],
+        0.5,
+        0.0,
+        &mut rng,
+    );
+    put(
+        "embeddings.LayerNorm.weight".into(),
+        vec![d],
+        0.2,
+        1.0,
+        &mut rng,
+    );
+    put(
+        "embeddings.LayerNorm.bias".into(),
+        vec![d],
+        0.1,
+        0.0,
+        &mut rng,
+    );
+    let s_in = 1.0 / (d as f32).sqrt();
+    let s_inter = 1.0 / (cfg.inter as f32).sqrt();
+    for i in 0..cfg.layers {
+        let p = format!("encoder.layer.{i}");
+        for m in ["query", "key", "value"] {
+            put(
+                format!("{p}.attention.self.{m}.weight"),
+                vec![d, d],
+                2.0 * s_in,
+                0.0,
+                &mut rng,
+            );
+            put(
+                format!("{p}.attention.self.{m}.bias"),
+                vec![d],
+                0.1,
+                0.0,
+                &mut rng,
+            );
+        }
+        put(
+            format!("{p}.attention.output.dense.weight"),
+            vec![d, d],
+            s_in,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.attention.output.dense.bias"),
+            vec![d],
+            0.1,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.attention.output.LayerNorm.weight"),
+            vec![d],
+            0.2,
+            1.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.attention.output.LayerNorm.bias"),
+            vec![d],
+            0.1,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.intermediate.dense.weight"),
+            vec![cfg.inter, d],
+            s_in,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.intermediate.dense.bias"),
+            vec![cfg.inter],
+            0.1,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.output.dense.weight"),
+            vec![d, cfg.inter],
+            s_inter,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.output.dense.bias"),
+            vec![d],
+            0.1,
+            0.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.output.LayerNorm.weight"),
+            vec![d],
+            0.2,
+            1.0,
+            &mut rng,
+        );
+        put(
+            format!("{p}.output.LayerNorm.bias"),
+            vec![d],
+            0.1,
+            0.0,
+            &mut rng,
+        );
+    }
+    w
+}
+
+/// Write a backbone directory (config.json + model.safetensors) for `cfg`
+/// and `w`, names prefixed by `prefix` (e.g. "bert.").
+pub fn write_backbone(dir: &Path, cfg: &TinyConfig, w: &Weights, prefix: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let config = serde_json::json!({
+        "architectures": ["BertModel"],
+        "model_type": "bert",
+        "vocab_size": cfg.vocab,
+        "hidden_size": cfg.hidden,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.inter,
+        "hidden_act": cfg.act,
+        "max_position_embeddings": cfg.max_pos,
+        "type_vocab_size": cfg.types,
+        "layer_norm_eps": cfg.eps,
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": 0.1,
+    });
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_vec_pretty(&config).unwrap(),
+    )
+    .unwrap();
+    let bytes: BTreeMap<String, (Vec<usize>, Vec<u8>)> = w
+        .iter()
+        .map(|(k, (s, v))| {
+            (
+                format!("{prefix}{k}"),
+                (s.clone(), v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            )
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(k, (s, b))| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+/// Random token ids: [CLS]=1 first, [SEP]=2 last, others in 3..vocab.
+pub fn random_ids(rng: &mut Rng, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| {
+            if i == 0 {
+                1
+            } else if i == len - 1 {
+                2
+            } else {
+                3 + rng.below(vocab as u32 - 3)
+            }
+        })
+        .collect()
+}
+
+/// Write a WordLevel `tokenizer.json` for the tiny model: `[PAD]`=0,
+/// `[CLS]`=1, `[SEP]`=2, `[UNK]`=3, then words `w4` .. `w{vocab-1}`; BERT
+/// post-processing (`[CLS] A [SEP]`, pairs `[CLS] A [SEP] B [SEP]`).
+pub fn write_tokenizer(dir: &Path, vocab: usize) {
+    let mut v = serde_json::Map::new();
+    for (i, t) in ["[PAD]", "[CLS]", "[SEP]", "[UNK]"].iter().enumerate() {
+        v.insert(t.to_string(), serde_json::json!(i));
+    }
+    for i in 4..vocab {
+        v.insert(format!("w{i}"), serde_json::json!(i));
+    }
+    let special = |id: &str, type_id: u32| serde_json::json!({"SpecialToken": {"id": id, "type_id": type_id}});
+    let seq =
+        |id: &str, type_id: u32| serde_json::json!({"Sequence": {"id": id, "type_id": type_id}});
+    let tok = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": null,
+                    "pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"},
+        "added_tokens": [
+            {"id": 0, "content": "[PAD]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 1, "content": "[CLS]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "[SEP]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": 3, "content": "[UNK]", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0)],
+            "pair": [special("[CLS]", 0), seq("A", 0), special("[SEP]", 0), seq("B", 1), special("[SEP]", 1)],
+            "special_tokens": {
+                "[CLS]": {"id": "[CLS]", "ids": [1], "tokens": ["[CLS]"]},
+                "[SEP]": {"id": "[SEP]", "ids": [2], "tokens": ["[SEP]"]}
+            }
+        },
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": v, "unk_token": "[UNK]"}
+    });
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&tok).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A complete tiny backbone directory: config, checkpoint, tokenizer and
+/// `model.onnx` (exported by sherl). Returns the weights.
+pub fn tiny_backbone(dir: &Path, cfg: &TinyConfig, seed: u64) -> Weights {
+    let w = weights(cfg, seed);
+    write_backbone(dir, cfg, &w, "");
+    write_tokenizer(dir, cfg.vocab);
+    let b = sherl::backbone::BackboneDir::open(dir).unwrap();
+    let config = b.config().unwrap();
+    let ckpt = sherl::backbone::Checkpoint::open(&b.safetensors_path()).unwrap();
+    sherl::onnx::export_backbone(&config, &ckpt, &b.onnx_path()).unwrap();
+    w
+}
+
+/// A CSV dataset of `rows` random texts (1..=max_words words from the tiny
+/// vocabulary), labels `a`/`b`/`c`, and a `group` column.
+pub fn write_dataset(path: &Path, rows: usize, max_words: usize, vocab: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut s = String::from("text,label,group\n");
+    for r in 0..rows {
+        let n = 1 + rng.below(max_words as u32) as usize;
+        let words: Vec<String> = (0..n)
+            .map(|_| format!("w{}", 4 + rng.below(vocab as u32 - 4)))
+            .collect();
+        let label = ["a", "b", "c"][rng.below(3) as usize];
+        s.push_str(&format!("{},{label},g{}\n", words.join(" "), r % 17));
+    }
+    std::fs::write(path, s).unwrap();
+}

@@ -1,0 +1,9 @@
+//! sherl's integration tests: one binary (ripgrep style), one module per topic.
+
+mod cache;
+mod common;
+mod data;
+mod export;
+mod extract;
+mod runtime;
+mod tokenize;
