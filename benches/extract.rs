@@ -1,0 +1,2 @@
+//! Extraction benchmark (see pipelines/bench-extract.sh). Being written.
+fn main() {}
