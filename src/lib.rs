@@ -32,6 +32,7 @@ pub mod cli;
 pub mod data;
 pub mod error;
 pub mod extract;
+pub mod fit;
 pub mod fsutil;
 pub mod onnx;
 pub mod report;

@@ -98,7 +98,12 @@ fn expected(v: f32, dtype: Dtype) -> f32 {
 }
 
 /// Read everything back through `r` and compare with `s`.
-fn check<B: AsRef<[u8]>>(r: &ShardReader<B>, s: &Synth, dtype: Dtype, hidden: usize) {
+fn check<B: sherl::cache::mmap::ByteSource>(
+    r: &ShardReader<B>,
+    s: &Synth,
+    dtype: Dtype,
+    hidden: usize,
+) {
     let mut k = 0;
     for c in 0..r.chunks().len() {
         let meta = r.chunk_meta(c).unwrap();

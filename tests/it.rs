@@ -5,5 +5,7 @@ mod common;
 mod data;
 mod export;
 mod extract;
+mod fit;
+mod golden;
 mod runtime;
 mod tokenize;

@@ -59,6 +59,12 @@ pub struct BertConfig {
     /// Must be false.
     #[serde(default)]
     pub add_cross_attention: bool,
+    /// Dropout on hidden states in training (late layers).
+    #[serde(default = "default_dropout")]
+    pub hidden_dropout_prob: f64,
+    /// Dropout on attention probabilities in training (late layers).
+    #[serde(default = "default_dropout")]
+    pub attention_probs_dropout_prob: f64,
     /// ALBERT/ELECTRA-style factorised embeddings are not supported.
     #[serde(default)]
     pub embedding_size: Option<usize>,
@@ -66,6 +72,9 @@ pub struct BertConfig {
 
 fn default_act() -> String {
     "gelu".into()
+}
+fn default_dropout() -> f64 {
+    0.1
 }
 fn default_type_vocab() -> usize {
     2

@@ -1,5 +1,8 @@
 //! `sherl-cache`: look into, check and combine feature caches.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -233,9 +236,15 @@ fn merge(parts: &[PathBuf], out: &Path) -> anyhow::Result<ExitCode> {
             w0.count
         );
     }
-    let n_shards = first.examples.div_ceil(first.settings.examples_per_shard) as u32;
+    // The whole cache's size, from the split counts every part carries
+    // (each part's own `examples` covers only its shards).
+    let total: u64 = first.splits.values().sum();
+    let n_shards = total.div_ceil(first.settings.examples_per_shard) as u32;
     if let Some(k) = (0..n_shards).find(|k| !by_index.contains_key(k)) {
         bail!("shard {k} is missing from the parts");
+    }
+    if let Some(k) = by_index.keys().find(|&&k| k >= n_shards) {
+        bail!("shard {k} is beyond the {n_shards} shards the split counts imply");
     }
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!("{}: must not exist or be empty", out.display());

@@ -2,6 +2,9 @@
 //! inspects and edits user ONNX graphs, and runs the frozen backbone over a
 //! dataset.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;

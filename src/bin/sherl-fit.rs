@@ -1,13 +1,229 @@
-//! `sherl-fit`: phase two (training SHERL and baselines from a feature
-//! cache). Not implemented yet: it prints its usage and exits with an error.
+//! `sherl-fit`: phase two. Trains SHERL (and baselines) from a feature
+//! cache with candle, without re-running the backbone.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use std::cell::RefCell;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
+use sherl::fit::config::FitConfig;
+use sherl::fit::model::{Method, Pool};
+use sherl::fit::train::{EpochMetrics, FitPlan, FitReporter, LogReporter};
+
+/// Phase two of sherl: train from a feature cache.
+#[derive(Debug, Parser)]
+#[command(name = "sherl-fit", version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    output: OutputArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Train one model; writes RUNS/<run id>/ and prints a JSON summary.
+    Run(Box<RunArgs>),
+}
+
+/// Settings of one run. Precedence: built-in defaults, then --config FILE
+/// (a JSON object with these names, snake_case), then flags.
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Feature cache written by sherl-extract run.
+    #[arg(long)]
+    cache: PathBuf,
+    /// Backbone directory the cache was made from (config.json, model.safetensors).
+    #[arg(long)]
+    backbone: PathBuf,
+    /// Directory for run directories.
+    #[arg(long)]
+    out: PathBuf,
+    /// JSON file of settings (FitConfig fields); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Model to train.
+    #[arg(long, value_enum)]
+    method: Option<Method>,
+    /// K: the backbone's last K layers form the late route.
+    #[arg(long)]
+    late_layers: Option<usize>,
+    /// Train the late layers' pre-trained weights too.
+    #[arg(long)]
+    late_trainable: bool,
+    /// Reduction r: side width d = D / r.
+    #[arg(long)]
+    reduction: Option<usize>,
+    /// Side width d (overrides --reduction).
+    #[arg(long)]
+    side_dim: Option<usize>,
+    /// Early-route layers, e.g. 0,2,4,5 (must end with N-K).
+    #[arg(long, value_delimiter = ',')]
+    early_layers: Option<Vec<usize>>,
+    /// Linear-probe layer (default: the last).
+    #[arg(long)]
+    probe_layer: Option<usize>,
+    /// Pooling before the head.
+    #[arg(long, value_enum)]
+    pool: Option<Pool>,
+    /// Epochs.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Peak learning rate of the new modules.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Peak learning rate of trained pre-trained weights.
+    #[arg(long)]
+    lr_pretrained: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    /// Warm-up fraction of all steps (then linear decay).
+    #[arg(long)]
+    warmup: Option<f64>,
+    /// Examples per batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Padded tokens per batch at most.
+    #[arg(long)]
+    max_tokens_per_batch: Option<usize>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    /// Seed of init, dropout and data order.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Dropout of the restore block.
+    #[arg(long)]
+    dropout: Option<f32>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Cache decoder threads.
+    #[arg(long, default_value_t = 1)]
+    decode_threads: usize,
+}
+
+impl RunArgs {
+    fn resolve(&self) -> anyhow::Result<FitConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let bytes =
+                    std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                serde_json::from_slice::<FitConfig>(&bytes)
+                    .with_context(|| format!("{}: invalid settings", p.display()))?
+            }
+            None => FitConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
+        }
+        set!(
+            method,
+            late_layers,
+            reduction,
+            pool,
+            epochs,
+            lr,
+            lr_pretrained,
+            weight_decay,
+            warmup,
+            batch_size,
+            max_tokens_per_batch,
+            grad_clip,
+            seed,
+            dropout
+        );
+        if self.side_dim.is_some() {
+            c.side_dim = self.side_dim;
+        }
+        if self.early_layers.is_some() {
+            c.early_layers = self.early_layers.clone();
+        }
+        if self.probe_layer.is_some() {
+            c.probe_layer = self.probe_layer;
+        }
+        if self.late_trainable {
+            c.late_trainable = true;
+        }
+        c.validate().map_err(anyhow::Error::msg)?;
+        Ok(c)
+    }
+}
+
+/// Per-epoch progress bar on stderr.
+struct Bar {
+    visible: bool,
+    bar: RefCell<Option<ProgressBar>>,
+    inner: LogReporter,
+}
+
+impl FitReporter for Bar {
+    fn epoch_start(&self, epoch: usize, epochs: usize, steps: u64) {
+        if !self.visible {
+            return;
+        }
+        let pb = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
+        pb.set_style(
+            ProgressStyle::with_template(
+                "epoch {prefix} [{bar:30}] {pos}/{len} steps {msg} ETA {eta}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
+        );
+        pb.set_prefix(format!("{epoch}/{epochs}"));
+        *self.bar.borrow_mut() = Some(pb);
+    }
+    fn step(&self, loss: f32) {
+        if let Some(pb) = self.bar.borrow().as_ref() {
+            pb.set_message(format!("loss {loss:.4}"));
+            pb.inc(1);
+        }
+    }
+    fn epoch_end(&self, m: &EpochMetrics) {
+        if let Some(pb) = self.bar.borrow_mut().take() {
+            pb.finish_and_clear();
+        }
+        self.inner.epoch_end(m);
+    }
+    fn note(&self, message: &str) {
+        self.inner.note(message);
+    }
+}
+
 fn main() -> ExitCode {
-    eprintln!(
-        "sherl-fit {}: training from a feature cache is not implemented yet.\n\
-         usage (planned): sherl-fit run --cache CACHE --backbone DIR --out RUNS [options]",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    main_wrapper(|| {
+        let args = Args::parse();
+        init_output(&args.output);
+        match args.command {
+            Command::Run(a) => run(*a, &args.output),
+        }
+    })
+}
+
+fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
+    let config = a.resolve()?;
+    let plan = FitPlan {
+        cache: a.cache.clone(),
+        backbone: a.backbone.clone(),
+        out: a.out.clone(),
+        config,
+        device: sherl::fit::device(&a.device)?,
+        decode_threads: a.decode_threads,
+    };
+    let bar = Bar {
+        visible: output.progress(),
+        bar: RefCell::new(None),
+        inner: LogReporter,
+    };
+    let summary = sherl::fit::train::run(&plan, &bar)?;
+    print_line(&serde_json::to_string(&summary)?)?;
+    Ok(ExitCode::SUCCESS)
 }

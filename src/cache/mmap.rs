@@ -41,6 +41,41 @@ impl MappedFile {
     }
 }
 
+/// Bytes a shard reader can read from. `release` tells the source that a
+/// range has been consumed for now, so a memory map can drop those pages
+/// from the process (they stay in the page cache and are faulted back in on
+/// the next read). This keeps a training process's resident memory bounded
+/// by what it decodes, not by how much of the cache it has touched.
+pub trait ByteSource: AsRef<[u8]> {
+    /// The range `offset..offset + len` was consumed.
+    fn release(&self, _offset: usize, _len: usize) {}
+}
+
+impl ByteSource for Vec<u8> {}
+
+impl ByteSource for MappedFile {
+    fn release(&self, offset: usize, len: usize) {
+        #[cfg(unix)]
+        if let Some(map) = &self.map {
+            if offset.checked_add(len).is_none_or(|end| end > map.len()) {
+                return;
+            }
+            // SAFETY: the map is a read-only, shared, file-backed mapping of
+            // a write-once file (see `open`). MADV_DONTNEED on such a mapping
+            // only drops the resident pages; the next access faults the same
+            // bytes back in from the file, so any `&[u8]` borrowed from the
+            // map keeps reading identical contents.
+            if let Err(e) = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+            } {
+                tracing::debug!("madvise(DONTNEED): {e}");
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = (offset, len);
+    }
+}
+
 impl AsRef<[u8]> for MappedFile {
     fn as_ref(&self) -> &[u8] {
         match &self.map {

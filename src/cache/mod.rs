@@ -118,7 +118,25 @@ impl Cache {
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut chunks = Vec::new();
         let mut expect_first = 0u64;
+        let bad = |field: &str, manifest: String, shard: String| Error::Cache {
+            path: dir.join(manifest::MANIFEST),
+            source: CacheError::ManifestMismatch {
+                field: field.into(),
+                manifest,
+                shard,
+            },
+        };
+        let mut expect_tokens = 0u64;
         for (si, info) in manifest.shards.iter().enumerate() {
+            // Shard paths are fixed names inside the cache, never elsewhere.
+            if info.file != shard_file_name(si as u32) || info.index as usize != si {
+                return Err(bad(
+                    "shards[].file",
+                    info.file.clone(),
+                    shard_file_name(si as u32),
+                ));
+            }
+            expect_tokens += info.tokens;
             let path = dir.join(&info.file);
             let reader = open_shard(&path)?;
             check_shard_against_manifest(&manifest, info, reader.header(), si, expect_first)
@@ -137,6 +155,17 @@ impl Cache {
             }
             expect_first += info.examples;
             shards.push(reader);
+        }
+        let split_total: u64 = manifest.splits.values().sum();
+        if expect_tokens != manifest.tokens || split_total != manifest.examples {
+            return Err(bad(
+                "tokens / splits",
+                format!(
+                    "{} tokens, {} examples in splits",
+                    manifest.tokens, split_total
+                ),
+                format!("{expect_tokens} tokens, {} examples", manifest.examples),
+            ));
         }
         if expect_first != manifest.examples {
             return Err(Error::Cache {

@@ -15,6 +15,7 @@ use super::format::{
     FrameKind, Header, IndexEntry, FORMAT_VERSION, HEADER_LEN, INDEX_ENTRY_LEN, MAX_FRAME_RAW,
     MAX_INDEX_RAW,
 };
+use super::mmap::ByteSource;
 use crate::{Error, Result};
 
 /// Metadata of one cached example (FORMAT.md §3.1).
@@ -173,6 +174,13 @@ pub fn compress_chunk(
     ));
     for (l, values) in layers.iter().enumerate() {
         debug_assert_eq!(values.len() as u64, n_tokens * u64::from(spec.hidden));
+        if spec.dtype == Dtype::F16 {
+            if let Some(v) = values.iter().find(|v| v.abs() > 65504.0) {
+                return Err(Error::Config(format!(
+                    "a hidden-state value ({v}) at stored layer position {l} exceeds the f16 range (65504); extract with --dtype bf16 or f32"
+                )));
+            }
+        }
         let mut raw = encode_values(values, spec.hidden as usize, spec.dtype);
         if spec.shuffle {
             raw = shuffle_payload(&raw, n_tokens as usize, spec.dtype);
@@ -391,7 +399,7 @@ pub struct ShardReader<B> {
     chunks: Vec<ChunkEntry>,
 }
 
-impl<B: AsRef<[u8]>> ShardReader<B> {
+impl<B: ByteSource> ShardReader<B> {
     /// Validate the header, the index and the frame layout (not the frame
     /// contents: [`ShardReader::verify`] does that).
     pub fn new(bytes: B) -> Result<Self, CacheError> {
@@ -510,6 +518,22 @@ impl<B: AsRef<[u8]>> ShardReader<B> {
                         e.n_examples
                     )));
                 }
+                if e.n_tokens < u64::from(e.n_examples)
+                    || e.n_tokens > u64::from(e.n_examples) * u64::from(h.max_len)
+                {
+                    return Err(CacheError::Corrupt(format!(
+                        "chunk {c}: {} tokens for {} examples of at most {} tokens",
+                        e.n_tokens, e.n_examples, h.max_len
+                    )));
+                }
+                // token ids (4 B) and type ids (1 B) per token, 24 B plus the id per example
+                let meta_bound = e.n_tokens * 5 + u64::from(e.n_examples) * (24 + 4096);
+                if e.raw_len > meta_bound {
+                    return Err(CacheError::Corrupt(format!(
+                        "chunk {c}: a metadata frame of {} bytes is implausible",
+                        e.raw_len
+                    )));
+                }
                 chunks.push(ChunkEntry {
                     n_examples: e.n_examples,
                     n_tokens: e.n_tokens,
@@ -592,6 +616,7 @@ impl<B: AsRef<[u8]>> ShardReader<B> {
         }
         let raw = zstd::bulk::decompress(bytes, e.raw_len as usize)
             .map_err(|err| CacheError::Corrupt(format!("{}: {err}", self.frame_name(i))))?;
+        self.bytes.release(e.offset as usize, e.len as usize);
         if raw.len() as u64 != e.raw_len {
             return Err(CacheError::Corrupt(format!(
                 "{}: decoded length differs from the index",
@@ -615,10 +640,7 @@ impl<B: AsRef<[u8]>> ShardReader<B> {
                 ch.n_tokens
             )));
         }
-        if let Some(m) = meta
-            .iter()
-            .find(|m| m.len() > self.header.max_len as usize || m.type_ids.len() != m.ids.len())
-        {
+        if let Some(m) = meta.iter().find(|m| m.len() > self.header.max_len as usize) {
             return Err(CacheError::Corrupt(format!(
                 "example {} is longer than max_len",
                 m.id

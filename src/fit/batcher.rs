@@ -1,0 +1,291 @@
+//! Batches for training and evaluation, streamed from the mapped cache.
+//!
+//! Nothing loads the whole cache: the chunks of one split are decoded on
+//! background threads with bounded look-ahead ([`Cache::stream`]). For
+//! training, the chunk order is a seeded permutation per epoch and examples
+//! pass through a seeded shuffle buffer of a few chunks, so each chunk is
+//! decompressed once per epoch and memory stays bounded by the settings.
+//! Padding is re-created per batch (the cache stores real tokens only), up
+//! to the batch's longest example.
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+use super::rng::Rng;
+use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
+use crate::{Error, Result};
+
+/// One batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// Requested hidden states, each `[B, S, D]` (zeros at padding).
+    pub layers: Vec<Tensor>,
+    /// `[B, S]` f32, 1 at real tokens.
+    pub mask: Tensor,
+    /// `[B]` u32 class ids.
+    pub labels: Tensor,
+    /// Class ids as numbers.
+    pub label_vec: Vec<u32>,
+    /// Token ids `[B, S]` u32 (0 at padding).
+    pub token_ids: Tensor,
+    /// Segment ids `[B, S]` u32.
+    pub type_ids: Tensor,
+    /// Real tokens in the batch.
+    pub tokens: usize,
+    /// Example ids.
+    pub ids: Vec<String>,
+}
+
+/// How to batch one split.
+#[derive(Debug, Clone)]
+pub struct BatchPlan {
+    /// Split id (index into the manifest's `split_names`).
+    pub split: u32,
+    /// Cache layer positions to load, in the order wanted.
+    pub positions: Vec<usize>,
+    /// Most examples per batch.
+    pub batch_size: usize,
+    /// Most padded tokens per batch (B x longest).
+    pub max_tokens: usize,
+    /// `Some((seed, epoch))`: seeded chunk permutation and shuffle buffer.
+    pub shuffle: Option<(u64, u64)>,
+    /// Shuffle buffer size in chunks.
+    pub buffer_chunks: usize,
+    /// Decoder threads.
+    pub threads: usize,
+}
+
+/// Chunk ids that hold examples of `split` (contiguous: the cache is
+/// ordered by split).
+pub fn split_chunks(cache: &Cache, split: u32) -> Vec<usize> {
+    let m = cache.manifest();
+    let mut start = 0u64;
+    for name in &m.split_names[..split as usize] {
+        start += m.splits.get(name).copied().unwrap_or(0);
+    }
+    let end = start
+        + m.splits
+            .get(&m.split_names[split as usize])
+            .copied()
+            .unwrap_or(0);
+    cache
+        .chunks()
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.first_example < end && c.first_example + u64::from(c.examples) > start)
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Number of examples of a split.
+pub fn split_len(cache: &Cache, split: u32) -> u64 {
+    let m = cache.manifest();
+    m.splits
+        .get(&m.split_names[split as usize])
+        .copied()
+        .unwrap_or(0)
+}
+
+struct Item {
+    meta: ExampleMeta,
+    rows: Vec<Vec<f32>>,
+}
+
+/// Iterator over batches of one split.
+pub struct Batches {
+    stream: ChunkStream,
+    plan: BatchPlan,
+    rng: Option<Rng>,
+    buffer: Vec<Item>,
+    /// Batches already cut, served before anything else.
+    ready: Vec<Vec<Item>>,
+    buffer_target: usize,
+    done_streaming: bool,
+    hidden: usize,
+    device: Device,
+    chunk_size: usize,
+}
+
+impl Batches {
+    /// Start batching `plan.split` of `cache`.
+    pub fn new(cache: &Arc<Cache>, plan: BatchPlan, device: &Device) -> Result<Self> {
+        let mut chunks = split_chunks(cache, plan.split);
+        let mut rng = plan
+            .shuffle
+            .map(|(seed, epoch)| Rng::new(seed, 0xBA7C_0000 + epoch));
+        if let Some(r) = rng.as_mut() {
+            r.shuffle(&mut chunks);
+        }
+        let chunk_size = cache.manifest().settings.chunk_size as usize;
+        let stream = cache.stream(
+            chunks,
+            plan.positions.clone(),
+            plan.threads,
+            plan.threads * 2,
+        );
+        let buffer_target = if rng.is_some() {
+            plan.buffer_chunks.max(1) * chunk_size
+        } else {
+            plan.batch_size
+        };
+        Ok(Batches {
+            stream,
+            hidden: cache.manifest().backbone.hidden,
+            buffer: Vec::new(),
+            ready: Vec::new(),
+            buffer_target,
+            done_streaming: false,
+            rng,
+            plan,
+            device: device.clone(),
+            chunk_size,
+        })
+    }
+
+    fn absorb(&mut self, c: DecodedChunk) {
+        let offsets = c.offsets();
+        let h = self.hidden;
+        for (k, meta) in c.meta.into_iter().enumerate() {
+            if meta.split != self.plan.split {
+                continue;
+            }
+            let rows = c
+                .layers
+                .iter()
+                .map(|l| l[offsets[k] * h..offsets[k + 1] * h].to_vec())
+                .collect();
+            self.buffer.push(Item { meta, rows });
+        }
+    }
+
+    fn fill(&mut self) -> Result<()> {
+        if !self.ready.is_empty() {
+            return Ok(());
+        }
+        while !self.done_streaming && self.buffer.len() < self.buffer_target + self.chunk_size {
+            match self.stream.next() {
+                Some(c) => self.absorb(c?),
+                None => self.done_streaming = true,
+            }
+        }
+        Ok(())
+    }
+
+    /// Cut `items` (in order) into batches under the size and token limits.
+    fn cut(&self, items: Vec<Item>) -> Vec<Vec<Item>> {
+        let mut out = Vec::new();
+        let mut cur: Vec<Item> = Vec::new();
+        let mut longest = 0;
+        for it in items {
+            let l = longest.max(it.meta.len());
+            if !cur.is_empty()
+                && (cur.len() >= self.plan.batch_size || l * (cur.len() + 1) > self.plan.max_tokens)
+            {
+                out.push(std::mem::take(&mut cur));
+                longest = 0;
+            }
+            longest = longest.max(it.meta.len());
+            cur.push(it);
+        }
+        if !cur.is_empty() {
+            out.push(cur);
+        }
+        out
+    }
+
+    fn take_batch(&mut self) -> Vec<Item> {
+        if let Some(b) = self.ready.pop() {
+            return b;
+        }
+        let Some(mut rng) = self.rng.take() else {
+            // Evaluation: in cache order.
+            let n = self.buffer.len().min(self.plan.batch_size);
+            let first: Vec<Item> = self.buffer.drain(..n).collect();
+            let mut batches = self.cut(first);
+            let b = batches.remove(0);
+            // put back what did not fit in the first batch
+            for (k, rest) in batches.into_iter().flatten().enumerate() {
+                self.buffer.insert(k, rest);
+            }
+            return b;
+        };
+        // Training: take the buffer's worth of examples in a seeded random
+        // order, group them by length (so batches need little padding),
+        // cut into batches and serve the batches in a seeded random order.
+        let n = self.buffer.len().min(self.buffer_target);
+        let mut pick: Vec<Item> = Vec::with_capacity(n);
+        for _ in 0..n {
+            let i = rng.below(self.buffer.len());
+            pick.push(self.buffer.swap_remove(i));
+        }
+        pick.sort_by_key(|it| it.meta.len());
+        let mut batches = self.cut(pick);
+        rng.shuffle(&mut batches);
+        self.rng = Some(rng);
+        let first = batches.pop().expect("at least one example was picked");
+        self.ready = batches;
+        first
+    }
+
+    fn build(&self, items: Vec<Item>) -> Result<Batch> {
+        let b = items.len();
+        let s = items.iter().map(|i| i.meta.len()).max().unwrap_or(1);
+        let h = self.hidden;
+        let n_layers = self.plan.positions.len();
+        let mut layers = vec![vec![0f32; b * s * h]; n_layers];
+        let mut mask = vec![0f32; b * s];
+        let mut tok = vec![0u32; b * s];
+        let mut typ = vec![0u32; b * s];
+        let mut labels = Vec::with_capacity(b);
+        let mut ids = Vec::with_capacity(b);
+        let mut tokens = 0;
+        for (r, it) in items.into_iter().enumerate() {
+            let len = it.meta.len();
+            tokens += len;
+            for (l, rows) in it.rows.iter().enumerate() {
+                layers[l][r * s * h..r * s * h + len * h].copy_from_slice(rows);
+            }
+            for t in 0..len {
+                mask[r * s + t] = 1.0;
+                tok[r * s + t] = it.meta.ids[t];
+                typ[r * s + t] = u32::from(it.meta.type_ids[t]);
+            }
+            labels.push(it.meta.label.ok_or_else(|| {
+                Error::Config(format!(
+                    "example {} has no label: the cache was extracted with --no-labels",
+                    it.meta.id
+                ))
+            })?);
+            ids.push(it.meta.id);
+        }
+        let dev = &self.device;
+        Ok(Batch {
+            layers: layers
+                .into_iter()
+                .map(|v| Tensor::from_vec(v, (b, s, h), dev))
+                .collect::<candle_core::Result<_>>()?,
+            mask: Tensor::from_vec(mask, (b, s), dev)?,
+            labels: Tensor::from_vec(labels.clone(), b, dev)?,
+            label_vec: labels,
+            token_ids: Tensor::from_vec(tok, (b, s), dev)?,
+            type_ids: Tensor::from_vec(typ, (b, s), dev)?,
+            tokens,
+            ids,
+        })
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Err(e) = self.fill() {
+            return Some(Err(e));
+        }
+        if self.buffer.is_empty() && self.ready.is_empty() {
+            return None;
+        }
+        let items = self.take_batch();
+        Some(self.build(items))
+    }
+}

@@ -1,0 +1,173 @@
+//! `FitConfig`: every setting of one training run, with defaults. The run
+//! id is a hash of this (canonical JSON) and the cache's settings hash, so
+//! the same settings on the same cache always land in the same run
+//! directory.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::model::{Method, Pool};
+
+/// One training run's settings (`config.json` in the run directory).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FitConfig {
+    /// Model to train.
+    pub method: Method,
+    /// K: how many of the backbone's last layers form the late route.
+    pub late_layers: usize,
+    /// Train the late layers' pre-trained weights too (sherl).
+    pub late_trainable: bool,
+    /// Reduction factor r: side width d = D / r (ignored if side_dim is set).
+    pub reduction: usize,
+    /// Side width d (overrides reduction).
+    pub side_dim: Option<usize>,
+    /// Early-route layers (hidden_states indices; default 0..=N-K).
+    pub early_layers: Option<Vec<usize>>,
+    /// Linear-probe layer (default N, the last).
+    pub probe_layer: Option<usize>,
+    /// Pooling before the head.
+    pub pool: Pool,
+    /// Epochs.
+    pub epochs: usize,
+    /// Peak learning rate of the new modules.
+    pub lr: f64,
+    /// Peak learning rate of trained pre-trained weights.
+    pub lr_pretrained: f64,
+    /// AdamW weight decay (both groups).
+    pub weight_decay: f64,
+    /// Linear warm-up as a fraction of all steps, then linear decay to 0.
+    pub warmup: f64,
+    /// Examples per training batch.
+    pub batch_size: usize,
+    /// Padded tokens per batch at most (batch size x longest example).
+    pub max_tokens_per_batch: usize,
+    /// Global gradient-norm clip (0 = off).
+    pub grad_clip: f64,
+    /// Seed of every random choice (init, dropout, order).
+    pub seed: u64,
+    /// Dropout of the restore block.
+    pub dropout: f32,
+    /// Shuffle buffer, in cache chunks.
+    pub shuffle_chunks: usize,
+}
+
+impl Default for FitConfig {
+    fn default() -> Self {
+        FitConfig {
+            method: Method::Sherl,
+            late_layers: 1,
+            late_trainable: false,
+            reduction: 4,
+            side_dim: None,
+            early_layers: None,
+            probe_layer: None,
+            pool: Pool::Mean,
+            epochs: 5,
+            lr: 1e-3,
+            lr_pretrained: 5e-5,
+            weight_decay: 0.01,
+            warmup: 0.06,
+            batch_size: 32,
+            max_tokens_per_batch: 8192,
+            grad_clip: 1.0,
+            seed: 0,
+            dropout: 0.1,
+            shuffle_chunks: 8,
+        }
+    }
+}
+
+impl FitConfig {
+    /// Short id: sha256 over the canonical config JSON and the cache's
+    /// settings hash, first 12 hex digits, prefixed by the method.
+    pub fn run_id(&self, cache_settings_hash: &str) -> String {
+        let canon = serde_json::json!({ "config": self, "cache": cache_settings_hash });
+        let h = Sha256::digest(canon.to_string().as_bytes());
+        format!(
+            "{}-{}",
+            self.method.name(),
+            &crate::backbone::hex_digest(&h)[..12]
+        )
+    }
+
+    /// Check ranges; returns a message naming the bad setting.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.epochs == 0 {
+            return Err("--epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 || self.max_tokens_per_batch == 0 {
+            return Err("--batch-size and --max-tokens-per-batch must be positive".into());
+        }
+        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
+        let pre_ok = self.lr_pretrained >= 0.0 && self.lr_pretrained.is_finite();
+        if !lr_ok || !pre_ok {
+            return Err("learning rates must be positive and finite".into());
+        }
+        if !(0.0..1.0).contains(&self.warmup) {
+            return Err("--warmup is a fraction of the steps in [0, 1)".into());
+        }
+        if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
+            return Err("--weight-decay and --grad-clip must be >= 0".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err("--dropout must be in [0, 1)".into());
+        }
+        if self.reduction == 0 || self.side_dim == Some(0) {
+            return Err("--reduction and --side-dim must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Learning-rate multiplier at `step` of `total`: linear warm-up, then
+    /// linear decay to 0.
+    pub fn schedule(&self, step: usize, total: usize) -> f64 {
+        let warm = ((self.warmup * total as f64).round() as usize).max(1);
+        if step < warm {
+            (step + 1) as f64 / warm as f64
+        } else {
+            let rest = total.saturating_sub(warm).max(1);
+            (1.0 - (step - warm) as f64 / rest as f64).max(0.0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_id_depends_on_config_and_cache() {
+        let a = FitConfig::default();
+        let mut b = a.clone();
+        b.seed = 1;
+        assert_ne!(a.run_id("x"), b.run_id("x"));
+        assert_ne!(a.run_id("x"), a.run_id("y"));
+        assert_eq!(a.run_id("x"), a.clone().run_id("x"));
+        assert!(a.run_id("x").starts_with("sherl-"));
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays() {
+        let c = FitConfig {
+            warmup: 0.1,
+            ..Default::default()
+        };
+        assert!((c.schedule(0, 100) - 0.1).abs() < 1e-12);
+        assert!((c.schedule(9, 100) - 1.0).abs() < 1e-12);
+        assert!((c.schedule(10, 100) - 1.0).abs() < 1e-12);
+        assert!(c.schedule(99, 100) < 0.02);
+        assert!(c.schedule(55, 100) < c.schedule(20, 100));
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let e =
+            serde_json::from_str::<FitConfig>(r#"{"lr": 0.1, "learning_rate": 2}"#).unwrap_err();
+        assert!(e.to_string().contains("learning_rate"));
+        let c: FitConfig =
+            serde_json::from_str(r#"{"lr": 0.1, "method": "linear-probe"}"#).unwrap();
+        assert_eq!(c.method, Method::LinearProbe);
+        assert_eq!(c.epochs, 5);
+    }
+}

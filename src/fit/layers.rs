@@ -1,0 +1,95 @@
+//! Differentiable building blocks on candle tensors.
+//!
+//! candle-nn's fused `layer_norm` and `softmax_last_dim` have no backward
+//! pass, so LayerNorm and softmax are composed from basic ops here; dropout
+//! masks come from our seeded generator (candle's CPU generator cannot be
+//! seeded).
+
+use candle_core::{Tensor, D};
+
+use super::rng::Rng;
+use crate::Result;
+
+/// `x W^T + b` for `x` of any rank `[.., in]`, `W` `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let d_in = *dims.last().expect("linear input has a last dimension");
+    let rows = x.elem_count() / d_in.max(1);
+    let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?.broadcast_add(b)?;
+    let mut out = dims;
+    *out.last_mut().expect("non-empty") = w.dim(0)?;
+    Ok(y.reshape(out)?)
+}
+
+/// LayerNorm over the last dimension (biased variance, as PyTorch).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+    Ok(xn.broadcast_mul(w)?.broadcast_add(b)?)
+}
+
+/// Softmax over the last dimension.
+pub fn softmax(x: &Tensor) -> Result<Tensor> {
+    Ok(candle_nn::ops::softmax(x, D::Minus1)?)
+}
+
+/// Inverted dropout with probability `p` when `train` (masks from `rng`).
+pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut Rng) -> Result<Tensor> {
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = rng.dropout_mask(x.elem_count(), p);
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * mask)?)
+}
+
+/// Masked mean over the sequence: `x` `[B, S, D]`, `mask` `[B, S]` (1 real,
+/// 0 padding) -> `[B, D]`.
+pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let m = mask.unsqueeze(2)?; // [B, S, 1]
+    let sum = x.broadcast_mul(&m)?.sum(1)?; // [B, D]
+    let n = m.sum(1)?.clamp(1.0, f64::MAX)?; // [B, 1]
+    Ok(sum.broadcast_div(&n)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn layer_norm_matches_hand_values() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1f32, 2.0, 3.0, 6.0]], &dev).unwrap();
+        let w = Tensor::new(&[1f32, 1.0, 2.0, 1.0], &dev).unwrap();
+        let b = Tensor::new(&[0f32, 0.0, 0.0, 1.0], &dev).unwrap();
+        let y: Vec<f32> = layer_norm(&x, &w, &b, 0.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // mean 3, var (4+1+0+9)/4 = 3.5
+        let s = 3.5f32.sqrt();
+        let want = [-2.0 / s, -1.0 / s, 0.0, 3.0 / s + 1.0];
+        for (a, b) in y.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn masked_mean_ignores_padding() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[1f32], [3.0], [100.0]]], &dev).unwrap();
+        let m = Tensor::new(&[[1f32, 1.0, 0.0]], &dev).unwrap();
+        let y: Vec<f32> = masked_mean(&x, &m)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(y, vec![2.0]);
+    }
+}

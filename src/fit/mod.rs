@@ -1,0 +1,50 @@
+//! Phase two: training from the feature cache with candle.
+//!
+//! - [`config`]: `FitConfig`, run ids, learning-rate schedule.
+//! - [`batcher`]: batches streamed from the mapped cache.
+//! - [`consolidation`]: SHERL's early route, restore and gate.
+//! - [`bert_layer`]: pre-trained BERT layers with seeded dropout.
+//! - [`model`]: the model of each `--method`.
+//! - [`train`]: the training loop and run directory.
+//! - [`rng`], [`params`], [`layers`], [`metrics`]: building blocks.
+
+pub mod batcher;
+pub mod bert_layer;
+pub mod config;
+pub mod consolidation;
+pub mod layers;
+pub mod metrics;
+pub mod model;
+pub mod params;
+pub mod rng;
+pub mod train;
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// Parse `cpu`, `cuda` or `cuda:N` into a candle device.
+pub fn device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal: usize = s
+                .strip_prefix("cuda:")
+                .map(|n| {
+                    n.parse()
+                        .map_err(|_| Error::Config(format!("bad device '{s}'")))
+                })
+                .transpose()?
+                .unwrap_or(0);
+            if !candle_core::utils::cuda_is_available() {
+                return Err(Error::Config(format!(
+                    "--device {s}: this sherl-fit was built without CUDA support (rebuild with `--features cuda` on a machine with nvcc)"
+                )));
+            }
+            Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("--device {s}: {e}")))
+        }
+        other => Err(Error::Config(format!(
+            "unknown device '{other}' (expected cpu, cuda or cuda:N)"
+        ))),
+    }
+}

@@ -1,0 +1,203 @@
+//! Named trainable parameters in two groups (new modules, pre-trained
+//! weights), initialised from our seeded generator, saved as safetensors.
+//!
+//! Two groups give two AdamW optimizers with their own learning rates, and
+//! keep pre-trained and fresh weights apart (candle's `VarMap::load` fails
+//! when the file lacks a variable, so mixing them is a trap).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::rng::Rng;
+use crate::{Error, Result};
+
+/// Which optimizer group a parameter belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Group {
+    /// Fresh modules (consolidation, restore, gate, head).
+    New,
+    /// Pre-trained backbone weights being fine-tuned.
+    Pretrained,
+}
+
+/// A parameter: trainable (`Var`) or frozen (plain tensor).
+#[derive(Debug, Clone)]
+pub enum Param {
+    /// Trained, in a group.
+    Train(Var, Group),
+    /// Frozen.
+    Frozen(Tensor),
+}
+
+impl Param {
+    /// The tensor to compute with.
+    pub fn t(&self) -> &Tensor {
+        match self {
+            Param::Train(v, _) => v.as_tensor(),
+            Param::Frozen(t) => t,
+        }
+    }
+}
+
+/// All parameters of a model, by name.
+#[derive(Debug, Default)]
+pub struct Params {
+    map: BTreeMap<String, Param>,
+}
+
+impl Params {
+    /// Empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Register a tensor under `name`, trained in `group` or frozen (`None`).
+    pub fn add(&mut self, name: &str, t: Tensor, group: Option<Group>) -> Result<Tensor> {
+        let p = match group {
+            Some(g) => Param::Train(Var::from_tensor(&t)?, g),
+            None => Param::Frozen(t),
+        };
+        let out = p.t().clone();
+        if self.map.insert(name.to_string(), p).is_some() {
+            return Err(Error::Config(format!("parameter {name} registered twice")));
+        }
+        Ok(out)
+    }
+
+    /// Kaiming-uniform init as PyTorch's `nn.Linear` does: weight and bias
+    /// uniform in ±1/sqrt(fan_in). Returns (weight `[out, in]`, bias `[out]`).
+    pub fn linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        rng: &mut Rng,
+        dev: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let w: Vec<f32> = (0..d_in * d_out).map(|_| rng.symmetric(bound)).collect();
+        let b: Vec<f32> = (0..d_out).map(|_| rng.symmetric(bound)).collect();
+        let w = self.add(
+            &format!("{name}.weight"),
+            Tensor::from_vec(w, (d_out, d_in), dev)?,
+            Some(Group::New),
+        )?;
+        let b = self.add(
+            &format!("{name}.bias"),
+            Tensor::from_vec(b, d_out, dev)?,
+            Some(Group::New),
+        )?;
+        Ok((w, b))
+    }
+
+    /// LayerNorm weight 1, bias 0.
+    pub fn layer_norm(&mut self, name: &str, d: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let w = self.add(
+            &format!("{name}.weight"),
+            Tensor::ones(d, DType::F32, dev)?,
+            Some(Group::New),
+        )?;
+        let b = self.add(
+            &format!("{name}.bias"),
+            Tensor::zeros(d, DType::F32, dev)?,
+            Some(Group::New),
+        )?;
+        Ok((w, b))
+    }
+
+    /// Trainable variables of `group`.
+    pub fn vars(&self, group: Group) -> Vec<Var> {
+        self.map
+            .values()
+            .filter_map(|p| match p {
+                Param::Train(v, g) if *g == group => Some(v.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// All trainable variables with their names.
+    pub fn trainable(&self) -> impl Iterator<Item = (&String, &Var)> {
+        self.map.iter().filter_map(|(n, p)| match p {
+            Param::Train(v, _) => Some((n, v)),
+            Param::Frozen(_) => None,
+        })
+    }
+
+    /// Number of trainable scalars.
+    pub fn trainable_count(&self) -> usize {
+        self.trainable().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Number of frozen scalars.
+    pub fn frozen_count(&self) -> usize {
+        self.map
+            .values()
+            .filter_map(|p| match p {
+                Param::Frozen(t) => Some(t.elem_count()),
+                Param::Train(..) => None,
+            })
+            .sum()
+    }
+
+    /// Copy of every trainable tensor (for keeping the best checkpoint).
+    pub fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.trainable()
+            .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?)))
+            .collect()
+    }
+
+    /// Restore trainable tensors from a snapshot or a loaded file; every
+    /// trainable parameter must be present with the same shape.
+    pub fn restore(&self, values: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
+        for (name, var) in self.trainable() {
+            let t = values.get(name).ok_or_else(|| Error::Checkpoint {
+                path: source.to_path_buf(),
+                message: format!("parameter '{name}' is missing"),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::Checkpoint {
+                    path: source.to_path_buf(),
+                    message: format!(
+                        "parameter '{name}' has shape {:?}, the model needs {:?}",
+                        t.dims(),
+                        var.dims()
+                    ),
+                });
+            }
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        Ok(())
+    }
+
+    /// Write trainable tensors as safetensors (atomically).
+    pub fn save(values: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("safetensors.tmp");
+        let map: std::collections::HashMap<&str, Tensor> = values
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        candle_core::safetensors::save(&map, &tmp)?;
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| Error::io(&tmp, e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Read a safetensors file written by [`Params::save`].
+    pub fn load_file(path: &Path, dev: &Device) -> Result<BTreeMap<String, Tensor>> {
+        if !path.exists() {
+            return Err(Error::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "weights file not found"),
+            ));
+        }
+        let m = candle_core::safetensors::load(path, dev).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Ok(m.into_iter().collect())
+    }
+}

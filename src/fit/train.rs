@@ -1,0 +1,620 @@
+//! `sherl-fit run`: train one model from the cache, evaluate on the valid
+//! split every epoch, keep the best checkpoint, score the test split with
+//! it, and write the run directory.
+//!
+//! Run directory `RUNS/<run id>/`: `config.json` (written before training),
+//! `metrics.jsonl` (one line per epoch, flushed as it is written),
+//! `weights.safetensors` (trainable weights of the best epoch so far,
+//! replaced atomically on each improvement), `summary.json` (written last;
+//! its presence means the run is complete), `error.json` (a run that
+//! stopped on bad numbers or input, with the reason).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::batcher::{split_len, BatchPlan, Batches};
+use super::config::FitConfig;
+use super::metrics::Tally;
+use super::model::{Method, Model, ModelSpec, Output};
+use super::params::{Group, Params};
+use super::rng::Rng;
+use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
+use crate::cache::Cache;
+use crate::{Error, Result};
+
+/// What `run` needs.
+#[derive(Debug, Clone)]
+pub struct FitPlan {
+    /// Cache directory.
+    pub cache: PathBuf,
+    /// Backbone directory (config.json, model.safetensors).
+    pub backbone: PathBuf,
+    /// Directory holding run directories.
+    pub out: PathBuf,
+    /// Settings.
+    pub config: FitConfig,
+    /// candle device.
+    pub device: Device,
+    /// Cache decoder threads.
+    pub decode_threads: usize,
+}
+
+/// Progress callbacks (drawn by the binary).
+pub trait FitReporter {
+    /// An epoch begins with about `steps` steps.
+    fn epoch_start(&self, epoch: usize, epochs: usize, steps: u64);
+    /// One optimisation step finished with this loss.
+    fn step(&self, loss: f32);
+    /// The epoch's metrics.
+    fn epoch_end(&self, m: &EpochMetrics);
+    /// A line for the user.
+    fn note(&self, message: &str);
+}
+
+/// A reporter that only logs.
+#[derive(Debug, Default)]
+pub struct LogReporter;
+
+impl FitReporter for LogReporter {
+    fn epoch_start(&self, _: usize, _: usize, _: u64) {}
+    fn step(&self, _: f32) {}
+    fn epoch_end(&self, m: &EpochMetrics) {
+        tracing::info!(
+            "epoch {}: train loss {:.4} acc {:.4} | valid loss {:.4} acc {:.4} F1 {:.4} | {:.1}s",
+            m.epoch,
+            m.train_loss,
+            m.train_accuracy,
+            m.valid_loss,
+            m.valid_accuracy,
+            m.valid_macro_f1,
+            m.seconds
+        );
+    }
+    fn note(&self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy (with dropout on).
+    pub train_accuracy: f64,
+    /// Valid loss.
+    pub valid_loss: f64,
+    /// Valid accuracy.
+    pub valid_accuracy: f64,
+    /// Valid macro-F1.
+    pub valid_macro_f1: f64,
+    /// Training seconds of this epoch (excluding evaluation).
+    pub seconds: f64,
+    /// Evaluation seconds.
+    pub eval_seconds: f64,
+    /// Real training tokens per second.
+    pub tokens_per_second: f64,
+    /// Learning rate (new modules) at the end of the epoch.
+    pub lr: f64,
+    /// SHERL gate tanh(gamma / 0.1) at the end of the epoch.
+    pub gate: Option<f32>,
+}
+
+/// `summary.json` and the last stdout line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    /// Run id.
+    pub run_id: String,
+    /// Method.
+    pub method: String,
+    /// Seed.
+    pub seed: u64,
+    /// Valid accuracy of the best checkpoint.
+    pub valid_accuracy: f64,
+    /// Test accuracy of the best checkpoint (null without a test split).
+    pub test_accuracy: Option<f64>,
+    /// Valid macro-F1 of the best checkpoint.
+    pub valid_macro_f1: f64,
+    /// Test macro-F1 of the best checkpoint.
+    pub test_macro_f1: Option<f64>,
+    /// Epoch of the best checkpoint (1-based).
+    pub best_epoch: usize,
+    /// Epochs run.
+    pub epochs: usize,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Frozen parameters loaded (pre-trained late layers).
+    pub frozen_params: usize,
+    /// Peak resident memory of the process, bytes.
+    pub peak_rss_bytes: u64,
+    /// Seconds spent training (all epochs, excluding evaluation).
+    pub train_seconds: f64,
+    /// Mean training seconds per epoch.
+    pub seconds_per_epoch: f64,
+    /// Real training tokens per second.
+    pub train_tokens_per_second: f64,
+    /// SHERL layer weights: alpha averaged over the valid split's real
+    /// tokens, one value per shallow early layer (`layer_weight_layers`).
+    pub layer_weights: Option<Vec<f64>>,
+    /// hidden_states indices of `layer_weights`.
+    pub layer_weight_layers: Option<Vec<usize>>,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Cache settings hash.
+    pub cache: String,
+}
+
+/// Peak resident set size of this process (VmHWM), bytes; 0 if unknown.
+pub fn peak_rss_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+        return 0;
+    };
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn split_id(cache: &Cache, names: &[&str]) -> Option<u32> {
+    let m = cache.manifest();
+    m.split_names
+        .iter()
+        .position(|n| names.contains(&n.as_str()))
+        .filter(|&i| m.splits.get(&m.split_names[i]).copied().unwrap_or(0) > 0)
+        .map(|i| i as u32)
+}
+
+/// Resolve the model spec for `cfg` on this cache.
+pub fn model_spec(cfg: &FitConfig, cache: &Cache, bert: &BertConfig) -> Result<ModelSpec> {
+    let m = cache.manifest();
+    let n = bert.num_hidden_layers;
+    let k = cfg.late_layers;
+    if k == 0 || k > n {
+        return Err(Error::Config(format!(
+            "--late-layers {k} must be between 1 and {n}"
+        )));
+    }
+    let side_dim = cfg.side_dim.unwrap_or(bert.hidden_size / cfg.reduction);
+    if side_dim == 0 {
+        return Err(Error::Config(format!(
+            "side width {} / {} is 0",
+            bert.hidden_size, cfg.reduction
+        )));
+    }
+    let early = match &cfg.early_layers {
+        Some(v) => v.clone(),
+        None => m
+            .settings
+            .layers
+            .iter()
+            .copied()
+            .filter(|&i| i <= n - k)
+            .collect(),
+    };
+    Ok(ModelSpec {
+        method: cfg.method,
+        late_layers: k,
+        late_trainable: cfg.late_trainable,
+        side_dim,
+        early_layers: early,
+        probe_layer: cfg.probe_layer.unwrap_or(n),
+        pool: cfg.pool,
+        dropout: cfg.dropout,
+        classes: m.labels.len(),
+    })
+}
+
+/// Check that `backbone` is the one the cache was made with.
+pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(BertConfig, Checkpoint)> {
+    let m = cache.manifest();
+    let cfg = dir.config()?;
+    let ckpt = Checkpoint::open(&dir.safetensors_path())?;
+    if let Some(want) = &m.backbone.safetensors {
+        let got = ckpt.sha256();
+        if got != want.sha256 {
+            return Err(Error::Config(format!(
+                "{}: sha256 {} differs from the one the cache {} was extracted with ({}); use the same backbone",
+                dir.safetensors_path().display(),
+                &got[..12],
+                cache.dir().display(),
+                &want.sha256[..12]
+            )));
+        }
+    }
+    if cfg.num_hidden_layers != m.backbone.num_layers || cfg.hidden_size != m.backbone.hidden {
+        return Err(Error::Config(format!(
+            "{}: {} layers x {} hidden, but the cache was made by a backbone with {} x {}",
+            dir.config_path().display(),
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            m.backbone.num_layers,
+            m.backbone.hidden
+        )));
+    }
+    Ok((cfg, ckpt))
+}
+
+fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(v).expect("serializes");
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// Run (or, if `summary.json` exists, return) the run described by `plan`.
+pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
+    let cfg = &plan.config;
+    cfg.validate().map_err(Error::Config)?;
+    let cache = Arc::new(Cache::open(&plan.cache)?);
+    let m = cache.manifest().clone();
+    if m.labels.len() < 2 {
+        return Err(Error::Config(format!(
+            "{}: the cache has {} label(s); classification needs at least 2",
+            plan.cache.display(),
+            m.labels.len()
+        )));
+    }
+    let dir = BackboneDir::open(&plan.backbone)?;
+    let (bert, ckpt) = check_backbone(&cache, &dir)?;
+    let spec = model_spec(cfg, &cache, &bert)?;
+
+    let train_split = split_id(&cache, &["train"]).ok_or_else(|| {
+        Error::Config(format!(
+            "{}: no examples in a 'train' split (splits: {:?})",
+            plan.cache.display(),
+            m.splits
+        ))
+    })?;
+    let valid_split =
+        split_id(&cache, &["valid", "validation", "dev", "val"]).ok_or_else(|| {
+            Error::Config(format!(
+            "{}: no examples in a 'valid' split (splits: {:?}); extract with --split or --valid",
+            plan.cache.display(),
+            m.splits
+        ))
+        })?;
+    let test_split = split_id(&cache, &["test"]);
+    if test_split.is_none() {
+        reporter.note("the cache has no 'test' split: test metrics will be null");
+    }
+
+    let run_id = cfg.run_id(&m.settings_hash);
+    let run_dir = plan.out.join(&run_id);
+    let summary_path = run_dir.join("summary.json");
+    if summary_path.exists() {
+        let s: Summary = serde_json::from_slice(
+            &std::fs::read(&summary_path).map_err(|e| Error::io(&summary_path, e))?,
+        )
+        .map_err(|e| Error::Json {
+            path: summary_path.clone(),
+            source: e,
+        })?;
+        reporter.note(&format!(
+            "{run_id}: already complete ({}), not re-run",
+            summary_path.display()
+        ));
+        return Ok(s);
+    }
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    for stale in ["metrics.jsonl", "error.json"] {
+        let p = run_dir.join(stale);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    let model = Model::build(spec.clone(), &m, &bert, &ckpt, cfg.seed, &plan.device)?;
+    let inputs = model.inputs().to_vec();
+    let positions: Vec<usize> = inputs
+        .iter()
+        .map(|&i| {
+            cache
+                .layer_position(i)
+                .expect("Model::build checked the layers are cached")
+        })
+        .collect();
+    write_json(
+        &run_dir.join("config.json"),
+        &json!({
+            "run_id": run_id,
+            "config": cfg,
+            "model": {
+                "inputs": inputs,
+                "side_dim": spec.side_dim,
+                "early_layers": spec.early_layers,
+                "probe_layer": spec.probe_layer,
+                "classes": spec.classes,
+                "trainable_params": model.params.trainable_count(),
+                "frozen_params": model.params.frozen_count(),
+            },
+            "labels": m.labels,
+            "cache": {
+                "path": plan.cache,
+                "settings_hash": m.settings_hash,
+                "layers": m.settings.layers,
+                "max_len": m.settings.max_len,
+                "backbone": m.backbone,
+            },
+            "sherl_version": env!("CARGO_PKG_VERSION"),
+        }),
+    )?;
+
+    let outcome = train_loop(
+        plan,
+        &cache,
+        &model,
+        &positions,
+        train_split,
+        valid_split,
+        test_split,
+        &run_dir,
+        reporter,
+    );
+    match outcome {
+        Ok(mut s) => {
+            s.run_id = run_id;
+            s.run_dir = run_dir.clone();
+            s.cache = m.settings_hash.clone();
+            write_json(&summary_path, &s)?;
+            Ok(s)
+        }
+        Err(e) => {
+            // Keep what was written (metrics, best weights) and say why it stopped.
+            write_json(
+                &run_dir.join("error.json"),
+                &json!({ "run_id": run_id, "error": e.to_string() }),
+            )?;
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn train_loop(
+    plan: &FitPlan,
+    cache: &Arc<Cache>,
+    model: &Model,
+    positions: &[usize],
+    train_split: u32,
+    valid_split: u32,
+    test_split: Option<u32>,
+    run_dir: &Path,
+    reporter: &dyn FitReporter,
+) -> Result<Summary> {
+    let cfg = &plan.config;
+    let classes = model.spec().classes;
+    let new_vars = model.params.vars(Group::New);
+    let pre_vars = model.params.vars(Group::Pretrained);
+    let all_vars: Vec<_> = new_vars.iter().chain(pre_vars.iter()).cloned().collect();
+    let mut opt_new = AdamW::new(
+        new_vars,
+        ParamsAdamW {
+            lr: cfg.lr,
+            weight_decay: cfg.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let mut opt_pre = if pre_vars.is_empty() {
+        None
+    } else {
+        Some(AdamW::new(
+            pre_vars,
+            ParamsAdamW {
+                lr: cfg.lr_pretrained,
+                weight_decay: cfg.weight_decay,
+                ..Default::default()
+            },
+        )?)
+    };
+    let n_train = split_len(cache, train_split) as usize;
+    let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
+    let total_steps = steps_per_epoch * cfg.epochs;
+    let mut dropout_rng = Rng::new(cfg.seed, 0xD409);
+    let mut metrics_file = std::fs::File::create(run_dir.join("metrics.jsonl"))
+        .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
+    let weights_path = run_dir.join("weights.safetensors");
+    let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
+    let mut step = 0usize;
+    let mut train_seconds = 0.0;
+    let mut train_tokens = 0usize;
+    let batch_plan = |split: u32, shuffle: Option<(u64, u64)>| BatchPlan {
+        split,
+        positions: positions.to_vec(),
+        batch_size: if shuffle.is_some() {
+            cfg.batch_size
+        } else {
+            cfg.batch_size.max(64)
+        },
+        max_tokens: cfg.max_tokens_per_batch,
+        shuffle,
+        buffer_chunks: cfg.shuffle_chunks,
+        threads: plan.decode_threads.max(1),
+    };
+    for epoch in 1..=cfg.epochs {
+        let _span = tracing::info_span!("epoch", n = epoch).entered();
+        reporter.epoch_start(epoch, cfg.epochs, steps_per_epoch as u64);
+        let t = Instant::now();
+        let mut tally = Tally::new(classes);
+        let mut tokens = 0usize;
+        let mut lr_now = cfg.lr;
+        for batch in Batches::new(
+            cache,
+            batch_plan(train_split, Some((cfg.seed, epoch as u64))),
+            &plan.device,
+        )? {
+            let batch = batch?;
+            let out = model.forward(&batch, true, &mut dropout_rng)?;
+            let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
+            let loss_v = loss.to_scalar::<f32>()?;
+            if !loss_v.is_finite() {
+                return Err(Error::Config(format!(
+                    "training loss became {loss_v} at epoch {epoch}, step {step}; lower --lr or raise --grad-clip (the best weights so far are kept in {})",
+                    weights_path.display()
+                )));
+            }
+            let mut grads = loss.backward()?;
+            if cfg.grad_clip > 0.0 {
+                clip_gradients(&mut grads, &all_vars, cfg.grad_clip)?;
+            }
+            let mult = cfg.schedule(step.min(total_steps.saturating_sub(1)), total_steps.max(1));
+            lr_now = cfg.lr * mult;
+            opt_new.set_learning_rate(lr_now);
+            opt_new.step(&grads)?;
+            if let Some(o) = opt_pre.as_mut() {
+                o.set_learning_rate(cfg.lr_pretrained * mult);
+                o.step(&grads)?;
+            }
+            step += 1;
+            tokens += batch.tokens;
+            tally.add(f64::from(loss_v), &argmax(&out)?, &batch.label_vec);
+            reporter.step(loss_v);
+        }
+        let secs = t.elapsed().as_secs_f64();
+        train_seconds += secs;
+        train_tokens += tokens;
+        let te = Instant::now();
+        let (valid, _) = evaluate(
+            cache,
+            model,
+            batch_plan(valid_split, None),
+            &plan.device,
+            false,
+        )?;
+        let em = EpochMetrics {
+            epoch,
+            train_loss: tally.loss(),
+            train_accuracy: tally.accuracy(),
+            valid_loss: valid.loss(),
+            valid_accuracy: valid.accuracy(),
+            valid_macro_f1: valid.macro_f1(),
+            seconds: secs,
+            eval_seconds: te.elapsed().as_secs_f64(),
+            tokens_per_second: tokens as f64 / secs.max(1e-9),
+            lr: lr_now,
+            gate: model.gate()?,
+        };
+        let line = serde_json::to_string(&em).expect("serializes");
+        writeln!(metrics_file, "{line}")
+            .and_then(|_| metrics_file.flush())
+            .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
+        reporter.epoch_end(&em);
+        if best.as_ref().is_none_or(|b| em.valid_accuracy > b.0) {
+            let snap = model.params.snapshot()?;
+            Params::save(&snap, &weights_path)?;
+            best = Some((em.valid_accuracy, epoch, snap));
+        }
+    }
+    let (_, best_epoch, snap) = best.expect("at least one epoch ran");
+    model.params.restore(&snap, &weights_path)?;
+    let (valid, weights) = evaluate(
+        cache,
+        model,
+        batch_plan(valid_split, None),
+        &plan.device,
+        true,
+    )?;
+    let test = match test_split {
+        Some(s) => Some(evaluate(cache, model, batch_plan(s, None), &plan.device, false)?.0),
+        None => None,
+    };
+    let layer_weight_layers = (model.spec().method == Method::Sherl).then(|| {
+        let e = &model.spec().early_layers;
+        e[..e.len() - 1].to_vec()
+    });
+    Ok(Summary {
+        run_id: String::new(),
+        method: model.spec().method.name().into(),
+        seed: cfg.seed,
+        valid_accuracy: valid.accuracy(),
+        test_accuracy: test.as_ref().map(Tally::accuracy),
+        valid_macro_f1: valid.macro_f1(),
+        test_macro_f1: test.as_ref().map(Tally::macro_f1),
+        best_epoch,
+        epochs: cfg.epochs,
+        trainable_params: model.params.trainable_count(),
+        frozen_params: model.params.frozen_count(),
+        peak_rss_bytes: peak_rss_bytes(),
+        train_seconds,
+        seconds_per_epoch: train_seconds / cfg.epochs as f64,
+        train_tokens_per_second: train_tokens as f64 / train_seconds.max(1e-9),
+        layer_weights: weights,
+        layer_weight_layers,
+        run_dir: PathBuf::new(),
+        cache: String::new(),
+    })
+}
+
+fn argmax(out: &Output) -> Result<Vec<u32>> {
+    Ok(out.logits.argmax(1)?.to_vec1::<u32>()?)
+}
+
+/// Scale all gradients so their global L2 norm is at most `max_norm`.
+/// Returns the norm before clipping.
+pub fn clip_gradients(
+    grads: &mut candle_core::backprop::GradStore,
+    vars: &[candle_core::Var],
+    max_norm: f64,
+) -> Result<f64> {
+    let mut total = 0f64;
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+        }
+    }
+    let norm = total.sqrt();
+    if norm > max_norm {
+        let s = max_norm / (norm + 1e-6);
+        for v in vars {
+            if let Some(g) = grads.remove(v.as_tensor()) {
+                grads.insert(v.as_tensor(), (g * s)?);
+            }
+        }
+    }
+    Ok(norm)
+}
+
+/// Evaluate on one split (no dropout). With `alpha`, also average SHERL's
+/// layer weights over the split's real tokens.
+pub fn evaluate(
+    cache: &Arc<Cache>,
+    model: &Model,
+    plan: BatchPlan,
+    dev: &Device,
+    alpha: bool,
+) -> Result<(Tally, Option<Vec<f64>>)> {
+    let mut tally = Tally::new(model.spec().classes);
+    let mut rng = Rng::new(0, 0);
+    let mut sums: Option<Vec<f64>> = None;
+    let mut tokens = 0f64;
+    for batch in Batches::new(cache, plan, dev)? {
+        let batch = batch?;
+        let out = model.forward(&batch, false, &mut rng)?;
+        let loss =
+            candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()?;
+        tally.add(f64::from(loss), &argmax(&out)?, &batch.label_vec);
+        if let (true, Some(a)) = (alpha, out.alpha.as_ref()) {
+            // sum over real tokens: alpha [B, S, M-1] * mask [B, S, 1]
+            let masked = a
+                .broadcast_mul(&batch.mask.unsqueeze(2)?)?
+                .sum((0, 1))?
+                .to_dtype(DType::F64)?;
+            let v = masked.to_vec1::<f64>()?;
+            let s = sums.get_or_insert_with(|| vec![0.0; v.len()]);
+            for (x, y) in s.iter_mut().zip(v) {
+                *x += y;
+            }
+            tokens += batch.tokens as f64;
+        }
+    }
+    Ok((
+        tally,
+        sums.map(|s| s.into_iter().map(|x| x / tokens.max(1.0)).collect()),
+    ))
+}
