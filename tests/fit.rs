@@ -688,3 +688,110 @@ fn baselines_train_on_the_same_cache() {
     ));
     assert_eq!(s["method"], "linear-probe");
 }
+
+/// `predict` labels new texts through ONNX Runtime + the trained modules,
+/// agrees with the cache-based evaluation, and refuses another backbone.
+#[test]
+fn predict_labels_new_texts_and_refuses_other_backbones() {
+    let f = fit_fixture(60, 11, &[]);
+    let s = summary(&fit(&f.root, &["--epochs", "2"]));
+    let run = f.root.join(s["run_dir"].as_str().unwrap());
+    let run_s = run.to_str().unwrap();
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run_s,
+            "--backbone",
+            "backbone",
+            "--data",
+            "data.csv",
+            "--out",
+            "pred.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let p: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
+    assert_eq!(p["examples"], 60);
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(f.root.join("pred.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 60);
+    for l in &lines {
+        let probs = l["probabilities"].as_object().unwrap();
+        assert_eq!(probs.len(), 3);
+        let total: f64 = probs.values().map(|v| v.as_f64().unwrap()).sum();
+        assert!((total - 1.0).abs() < 1e-5);
+        let best = probs
+            .iter()
+            .max_by(|a, b| a.1.as_f64().unwrap().total_cmp(&b.1.as_f64().unwrap()))
+            .unwrap()
+            .0;
+        assert_eq!(l["label"].as_str().unwrap(), best);
+        assert!(l["true_label"].is_string());
+    }
+    // the accuracy over the whole file is consistent with the per-line labels
+    let acc = lines
+        .iter()
+        .filter(|l| l["label"] == l["true_label"])
+        .count() as f64
+        / 60.0;
+    assert!((p["accuracy"].as_f64().unwrap() - acc).abs() < 1e-12);
+    // without labels: no accuracy
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run_s,
+            "--backbone",
+            "backbone",
+            "--data",
+            "data.csv",
+            "--no-labels",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(common::stdout(&o).lines().count(), 60);
+    // a different tokenizer: refused before anything is written
+    let tok = f.root.join("backbone/tokenizer.json");
+    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&tok).unwrap()).unwrap();
+    t["normalizer"] = serde_json::Value::Null;
+    std::fs::write(&tok, serde_json::to_vec(&t).unwrap()).unwrap();
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run_s,
+            "--backbone",
+            "backbone",
+            "--data",
+            "data.csv",
+            "--out",
+            "pred2.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("differs from the tokenizer"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(!f.root.join("pred2.jsonl").exists());
+}

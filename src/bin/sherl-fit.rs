@@ -31,6 +31,32 @@ struct Args {
 enum Command {
     /// Train one model; writes RUNS/<run id>/ and prints a JSON summary.
     Run(Box<RunArgs>),
+    /// Label new texts with a trained run (runs the backbone through ONNX
+    /// Runtime, then the trained modules); writes JSONL.
+    Predict(Box<PredictArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct PredictArgs {
+    /// Run directory (RUNS/<run id>).
+    #[arg(long)]
+    run: PathBuf,
+    /// Backbone directory the run's cache was made from.
+    #[arg(long)]
+    backbone: PathBuf,
+    /// ONNX model (default: BACKBONE/model.onnx).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    data: sherl::data::DatasetArgs,
+    /// Write predictions (JSONL) here instead of stdout; the summary line then goes to stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Examples per batch.
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[command(flatten)]
+    runtime: sherl::cli::RuntimeArgs,
 }
 
 /// Settings of one run. Precedence: built-in defaults, then --config FILE
@@ -204,6 +230,7 @@ fn main() -> ExitCode {
         init_output(&args.output);
         match args.command {
             Command::Run(a) => run(*a, &args.output),
+            Command::Predict(a) => predict(*a),
         }
     })
 }
@@ -225,5 +252,28 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
     };
     let summary = sherl::fit::train::run(&plan, &bar)?;
     print_line(&serde_json::to_string(&summary)?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    let rt = sherl::runtime::init(a.runtime.ort_lib.as_deref())?;
+    let plan = sherl::fit::predict::PredictPlan {
+        run: a.run.clone(),
+        model: a
+            .model
+            .clone()
+            .unwrap_or_else(|| a.backbone.join("model.onnx")),
+        backbone: a.backbone.clone(),
+        dataset: a.data.to_plan()?,
+        out: a.out.clone(),
+        session: a.runtime.session_config(),
+        batch_size: a.batch_size,
+    };
+    let s = sherl::fit::predict::predict(rt, &plan)?;
+    if a.out.is_some() {
+        print_line(&serde_json::to_string(&s)?)?;
+    } else {
+        tracing::info!("{}", serde_json::to_string(&s)?);
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -16,6 +16,7 @@ pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod params;
+pub mod predict;
 pub mod rng;
 pub mod train;
 

@@ -19,7 +19,6 @@ use super::layers::{linear, masked_mean};
 use super::params::Params;
 use super::rng::Rng;
 use crate::backbone::{BertConfig, Checkpoint};
-use crate::cache::Manifest;
 use crate::{Error, Result};
 
 /// Which model to train.
@@ -105,11 +104,11 @@ pub struct Output {
 }
 
 impl Model {
-    /// Build the model for `spec` on a cache described by `manifest`, with
-    /// pre-trained layers from `ckpt`.
+    /// Build the model for `spec` on a cache holding hidden states `cached`,
+    /// with pre-trained layers from `ckpt`.
     pub fn build(
         spec: ModelSpec,
-        manifest: &Manifest,
+        cached: &[usize],
         cfg: &BertConfig,
         ckpt: &Checkpoint,
         seed: u64,
@@ -123,7 +122,6 @@ impl Model {
                 "--late-layers {k} must be between 1 and {n}"
             )));
         }
-        let cached = &manifest.settings.layers;
         let need = |i: usize| -> Result<()> {
             if cached.contains(&i) {
                 Ok(())

@@ -310,7 +310,14 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
-    let model = Model::build(spec.clone(), &m, &bert, &ckpt, cfg.seed, &plan.device)?;
+    let model = Model::build(
+        spec.clone(),
+        &m.settings.layers,
+        &bert,
+        &ckpt,
+        cfg.seed,
+        &plan.device,
+    )?;
     let inputs = model.inputs().to_vec();
     let positions: Vec<usize> = inputs
         .iter()

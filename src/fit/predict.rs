@@ -1,0 +1,247 @@
+//! `sherl-fit predict`: label new texts with a trained run. The backbone's
+//! early layers run through ONNX Runtime (new texts have no cache), then the
+//! trained modules run in candle exactly as in training (dropout off).
+//!
+//! The backbone must be the one the run's cache was extracted with: the
+//! ONNX model, checkpoint and tokenizer hashes are compared with the cache
+//! manifest recorded in the run's `config.json`, and any difference is
+//! refused (the trained modules would read different features).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::batcher::Batch;
+use super::config::FitConfig;
+use super::model::{Model, ModelSpec};
+use super::params::Params;
+use super::rng::Rng;
+use crate::backbone::{BackboneDir, Checkpoint};
+use crate::cache::manifest::BackboneInfo;
+use crate::data::DatasetPlan;
+use crate::extract::batch::{real_rows, PaddedBatch};
+use crate::runtime::{BackboneSession, Runtime, SessionConfig};
+use crate::tokenize::{Encoded, Tokenizer};
+use crate::{Error, Result};
+
+#[derive(Debug, Deserialize)]
+struct RunConfig {
+    run_id: String,
+    config: FitConfig,
+    model: RunModel,
+    labels: Vec<String>,
+    cache: RunCache,
+}
+
+#[derive(Debug, Deserialize)]
+struct RunModel {
+    side_dim: usize,
+    early_layers: Vec<usize>,
+    probe_layer: usize,
+    classes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct RunCache {
+    layers: Vec<usize>,
+    max_len: usize,
+    backbone: BackboneInfo,
+}
+
+/// What `predict` needs.
+#[derive(Debug, Clone)]
+pub struct PredictPlan {
+    /// Run directory (config.json, weights.safetensors).
+    pub run: PathBuf,
+    /// Backbone directory.
+    pub backbone: PathBuf,
+    /// ONNX model (default BACKBONE/model.onnx).
+    pub model: PathBuf,
+    /// Texts to label (labels optional; when present, accuracy is reported).
+    pub dataset: DatasetPlan,
+    /// Where to write JSONL (stdout when `None`).
+    pub out: Option<PathBuf>,
+    /// ONNX Runtime session.
+    pub session: SessionConfig,
+    /// Examples per ONNX Runtime / candle batch.
+    pub batch_size: usize,
+}
+
+/// Outcome of `predict`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PredictSummary {
+    /// Run used.
+    pub run_id: String,
+    /// Examples labelled.
+    pub examples: usize,
+    /// Accuracy against the file's labels, if it had labels.
+    pub accuracy: Option<f64>,
+    /// Where predictions went.
+    pub out: Option<PathBuf>,
+}
+
+fn same(what: &str, path: &Path, want: &str) -> Result<()> {
+    let got = crate::fsutil::sha256_file(path)?;
+    if got != want {
+        return Err(Error::Config(format!(
+            "{}: sha256 {} differs from the {what} the run's cache was extracted with ({}); predict with the same backbone",
+            path.display(),
+            &got[..12],
+            &want[..12.min(want.len())]
+        )));
+    }
+    Ok(())
+}
+
+/// Label `plan.dataset` with the run in `plan.run`.
+pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
+    let cfg_path = plan.run.join("config.json");
+    let bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let rc: RunConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: cfg_path.clone(),
+        source: e,
+    })?;
+    let weights_path = plan.run.join("weights.safetensors");
+    if !weights_path.exists() {
+        return Err(Error::Config(format!(
+            "{}: no weights.safetensors (the run has not finished an epoch)",
+            plan.run.display()
+        )));
+    }
+    let dir = BackboneDir::open(&plan.backbone)?;
+    same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
+    same(
+        "tokenizer",
+        &dir.tokenizer_path(),
+        &rc.cache.backbone.tokenizer.sha256,
+    )?;
+    if let Some(st) = &rc.cache.backbone.safetensors {
+        same("checkpoint", &dir.safetensors_path(), &st.sha256)?;
+    }
+    let bert = dir.config()?;
+    let ckpt = Checkpoint::open(&dir.safetensors_path())?;
+    if rc.model.classes != rc.labels.len() {
+        return Err(Error::Config(format!(
+            "{}: {} labels but a head of {} classes",
+            cfg_path.display(),
+            rc.labels.len(),
+            rc.model.classes
+        )));
+    }
+    let spec = ModelSpec {
+        method: rc.config.method,
+        late_layers: rc.config.late_layers,
+        late_trainable: rc.config.late_trainable,
+        side_dim: rc.model.side_dim,
+        early_layers: rc.model.early_layers.clone(),
+        probe_layer: rc.model.probe_layer,
+        pool: rc.config.pool,
+        dropout: rc.config.dropout,
+        classes: rc.model.classes,
+    };
+    let dev = Device::Cpu;
+    let model = Model::build(spec, &rc.cache.layers, &bert, &ckpt, rc.config.seed, &dev)?;
+    model
+        .params
+        .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;
+    let inputs = model.inputs().to_vec();
+
+    // Texts: map labels (if any) to the run's classes.
+    let mut dplan = plan.dataset.clone();
+    if dplan.read.label_column.is_some() {
+        dplan.labels = Some(rc.labels.clone());
+    }
+    let data = crate::data::load(&dplan)?;
+    let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)?;
+    let (mut session, choice) = BackboneSession::open(rt, &plan.model, &plan.session)?;
+    if let Some(r) = &choice.fallback_reason {
+        tracing::info!("device auto: running on CPU ({r})");
+    }
+    session.check_layers(&inputs)?;
+
+    let mut sink: Box<dyn Write> = match &plan.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| Error::io(p, e))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let out_name = plan
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("<stdout>"));
+    let mut rng = Rng::new(0, 0);
+    let (mut correct, mut labelled) = (0usize, 0usize);
+    let hidden = bert.hidden_size;
+    for chunk in data.examples.chunks(plan.batch_size.max(1)) {
+        let encs: Vec<Encoded> = chunk
+            .iter()
+            .map(|e| tok.encode(&e.text, e.text_pair.as_deref()))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Encoded> = encs.iter().collect();
+        let pb = PaddedBatch::new(&refs, None);
+        let (ids, mask, types) = pb.views();
+        let outs = session.run(ids, mask, types, &inputs)?;
+        let (b, s) = (encs.len(), pb.ids.ncols());
+        let mut layers = Vec::with_capacity(inputs.len());
+        for h in &outs {
+            let mut v = vec![0f32; b * s * hidden];
+            for (r, e) in encs.iter().enumerate() {
+                v[r * s * hidden..(r * s + e.len()) * hidden].copy_from_slice(&real_rows(
+                    h,
+                    r,
+                    e.len(),
+                ));
+            }
+            layers.push(Tensor::from_vec(v, (b, s, hidden), &dev)?);
+        }
+        let maskf: Vec<f32> = pb.mask.iter().map(|&m| m as f32).collect();
+        let batch = Batch {
+            layers,
+            mask: Tensor::from_vec(maskf, (b, s), &dev)?,
+            labels: Tensor::zeros(b, candle_core::DType::U32, &dev)?,
+            label_vec: vec![0; b],
+            token_ids: Tensor::from_vec(
+                pb.ids.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+                (b, s),
+                &dev,
+            )?,
+            type_ids: Tensor::from_vec(
+                pb.types.iter().map(|&x| x as u32).collect::<Vec<_>>(),
+                (b, s),
+                &dev,
+            )?,
+            tokens: pb.real_tokens(),
+            ids: chunk.iter().map(|e| e.id.clone()).collect(),
+        };
+        let out = model.forward(&batch, false, &mut rng)?;
+        let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&out.logits, 1)?.to_vec2()?;
+        for (e, p) in chunk.iter().zip(probs) {
+            let best = p
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            let mut line = json!({
+                "id": e.id,
+                "label": rc.labels[best],
+                "probabilities": rc.labels.iter().cloned().zip(p.iter().map(|&x| json!(f64::from(x)))).collect::<serde_json::Map<String, serde_json::Value>>(),
+            });
+            if let Some(t) = e.label {
+                line["true_label"] = json!(rc.labels[t as usize]);
+                labelled += 1;
+                correct += usize::from(t as usize == best);
+            }
+            writeln!(sink, "{line}").map_err(|e| Error::io(&out_name, e))?;
+        }
+    }
+    sink.flush().map_err(|e| Error::io(&out_name, e))?;
+    Ok(PredictSummary {
+        run_id: rc.run_id,
+        examples: data.examples.len(),
+        accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
+        out: plan.out.clone(),
+    })
+}
