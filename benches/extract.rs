@@ -26,11 +26,12 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use sherl::backbone::BackboneDir;
+use sherl::cache::format::{encode_values, shuffle_bytes, shuffle_width};
 use sherl::cache::manifest::ExtractSettings;
 use sherl::cache::shard::{compress_chunk, ShardSpec};
 use sherl::cache::{Cache, Dtype};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::batch::PaddedBatch;
+use sherl::extract::batch::{real_rows, PaddedBatch};
 use sherl::extract::run::{ExtractPlan, ExtractReporter, LayerChoice};
 use sherl::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
 use sherl::tokenize::{Encoded, Tokenizer};
@@ -335,6 +336,66 @@ fn dir_bytes(dir: &Path) -> u64 {
         .sum()
 }
 
+/// Replay what `write_shard`'s producer does with each batch's outputs
+/// besides running ORT (strip padding per example and layer, check
+/// finiteness, append to chunk buffers that are handed off every
+/// `chunk_size` examples), on synthetic outputs of the same shapes.
+/// Returns (wall, CPU) seconds.
+fn strip_cost(
+    batches: &[PaddedBatch],
+    n_layers: usize,
+    hidden: usize,
+    chunk_size: usize,
+) -> AnyResult<(f64, f64)> {
+    let (mut wall, mut cpu) = (0.0, 0.0);
+    let mut chunk: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
+    let mut in_chunk = 0;
+    for b in batches {
+        let (rows, seq) = b.ids.dim();
+        let h = ndarray::Array3::<f32>::from_elem((rows, seq, hidden), 0.5);
+        let (t, c) = (Instant::now(), cpu_seconds());
+        for (i, &len) in b.lengths.iter().enumerate() {
+            for buf in chunk.iter_mut() {
+                let r = real_rows(&h, i, len);
+                if r.iter().any(|v| !v.is_finite()) {
+                    return Err("non-finite".into());
+                }
+                buf.extend_from_slice(&r);
+            }
+            in_chunk += 1;
+            if in_chunk == chunk_size {
+                std::hint::black_box(std::mem::replace(&mut chunk, vec![Vec::new(); n_layers]));
+                in_chunk = 0;
+            }
+        }
+        wall += t.elapsed().as_secs_f64();
+        cpu += cpu_seconds() - c;
+    }
+    Ok((wall, cpu))
+}
+
+/// Write `bytes` to `path` and `sync_all` it; (write, sync) seconds.
+fn fsync_probe(path: &Path, bytes: u64) -> AnyResult<(f64, f64)> {
+    use std::io::Write;
+    let block = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        f.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    let f = f.into_inner().map_err(|e| e.into_error())?;
+    let write_s = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    f.sync_all()?;
+    let sync_s = t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(path)?;
+    Ok((write_s, sync_s))
+}
+
 fn measure(a: &MeasureArgs) -> AnyResult<()> {
     let load_start = loadavg();
     let rt = sherl::runtime::init(None)?;
@@ -532,6 +593,20 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         overhead(fmin(&loop_secs)),
     );
 
+    // Where sherl's extra time goes, part 1: what the producer thread does
+    // besides ORT, replayed on synthetic outputs of the same shapes.
+    let hidden_cfg = dir.config()?.hidden_size;
+    let strip = strip_cost(
+        &batches,
+        layers.len(),
+        hidden_cfg,
+        settings.chunk_size as usize,
+    )?;
+    println!(
+        "(a) producer work besides ORT (real_rows + is_finite + chunk buffers), replayed: {:.2}s wall, {:.2}s CPU",
+        strip.0, strip.1
+    );
+
     // (b) bucketed vs padded to max-len, on the first examples.
     let n_b = first_n.len();
     let sub_ordered = cache_order(first_n_split);
@@ -653,13 +728,51 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
     };
     let mut compress_s = 0.0;
     let mut compressed = 0u64;
+    let mut compress_cpu = 0.0;
+    // Stage by stage, the same steps `compress_chunk` and the writer take.
+    let (mut enc_s, mut shuf_s, mut zstd_s, mut crc_s) = (0.0, 0.0, 0.0, 0.0);
+    let mut zc = zstd::bulk::Compressor::new(spec.zstd_level)?;
+    zc.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
     for id in 0..n_chunks {
         let c = cache.read_chunk(id, &positions)?;
-        let t = Instant::now();
+        let (t, cpu) = (Instant::now(), cpu_seconds());
         let cc = compress_chunk(&spec, &c.meta, &c.layers)?;
         compress_s += t.elapsed().as_secs_f64();
+        compress_cpu += cpu_seconds() - cpu;
         compressed += cc.frames.iter().map(|f| f.2.len() as u64).sum::<u64>();
+        for values in &c.layers {
+            let t = Instant::now();
+            let raw = encode_values(values, hidden, spec.dtype);
+            enc_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let raw = if spec.shuffle {
+                shuffle_bytes(&raw, shuffle_width(spec.dtype))
+            } else {
+                raw
+            };
+            shuf_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let frame = zc.compress(&raw)?;
+            zstd_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            std::hint::black_box(crc32fast::hash(&frame));
+            crc_s += t.elapsed().as_secs_f64();
+        }
     }
+    println!(
+        "(d) compression stages, one thread: encode {} {enc_s:.2}s, shuffle {shuf_s:.2}s, zstd {} {zstd_s:.2}s, crc32 {crc_s:.2}s",
+        spec.dtype.name(),
+        spec.zstd_level
+    );
+    // Part 3: the seal of each shard (fsync) stalls the producer, so ORT
+    // idles; probe it with one shard-sized file.
+    let shards = cache.manifest().shards.len().max(1);
+    let shard_bytes = dir_bytes(&cache_dir) / shards as u64;
+    let (write_s, sync_s) = fsync_probe(&a.work.join("fsync-probe.bin"), shard_bytes)?;
+    println!(
+        "(d) fsync probe: {:.0} MB written in {write_s:.2}s, sync_all {sync_s:.2}s (x {shards} shards)",
+        shard_bytes as f64 / 1e6
+    );
     println!(
         "(d) re-compressing the cache ({} zstd {}, shuffle {}) on one thread: {compress_s:.2}s CPU ({:.0} tokens/s)",
         spec.dtype.name(),
@@ -690,11 +803,38 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         },
         "compress_one_thread": {
             "seconds": compress_s,
+            "cpu_seconds": compress_cpu,
+            "stages_seconds": {
+                "encode": enc_s,
+                "shuffle": shuf_s,
+                "zstd": zstd_s,
+                "crc32": crc_s,
+            },
             "frame_bytes": compressed,
             "tokens_per_second": tps(cache_tokens, compress_s),
         },
     });
     drop(cache);
+    let e2e_setup: Vec<f64> = e2e
+        .iter()
+        .map(|v| v["setup_seconds"].as_f64().unwrap_or(0.0))
+        .collect();
+    let where_json = json!({
+        "extra_seconds_best": fmin(&e2e_secs) - bare_best,
+        "extra_seconds_median": median(&e2e_secs) - median(&bare_secs),
+        "setup_seconds_median": median(&e2e_setup),
+        "producer_strip_seconds": strip.0,
+        "producer_strip_cpu_seconds": strip.1,
+        "compress_seconds": compress_s,
+        "compress_cpu_seconds": compress_cpu,
+        "shards": shards,
+        "fsync_probe": {
+            "bytes": shard_bytes,
+            "write_seconds": write_s,
+            "sync_seconds": sync_s,
+            "sync_seconds_all_shards": sync_s * shards as f64,
+        },
+    });
 
     let out = json!({
         "session": {
@@ -708,6 +848,7 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         "loadavg_end": loadavg(),
         "settings": settings,
         "a_overhead": a_json,
+        "a_where_time_goes": where_json,
         "b_bucketing": b_json,
         "d_decode": d_json,
     });
@@ -846,10 +987,40 @@ fn report(lib: &Path, cli: &Path, out: &Path) -> AnyResult<()> {
         a["same_batches_as_sherl"]
     )?;
     let d = &lib["d_decode"];
+    let w = &lib["a_where_time_goes"];
+    let st = &d["compress_one_thread"]["stages_seconds"];
     writeln!(
         t,
-        "    compression CPU (f16, shuffle, zstd 1, one thread, measured by re-compressing): {:.2}s",
-        f(d, &["compress_one_thread", "seconds"])
+        "    where the extra {:.2}s (best vs best; median {:.2}s) can go, each measured alone:",
+        f(w, &["extra_seconds_best"]),
+        f(w, &["extra_seconds_median"])
+    )?;
+    writeln!(
+        t,
+        "      setup before the first batch (read, tokenize, sha256 of model files, session): {:.2}s",
+        f(w, &["setup_seconds_median"])
+    )?;
+    writeln!(
+        t,
+        "      producer thread, strip padding + is_finite + chunk buffers (replayed): {:.2}s",
+        f(w, &["producer_strip_seconds"])
+    )?;
+    writeln!(
+        t,
+        "      compression thread, compress_chunk on 1 thread: {:.2}s (encode {:.2} + shuffle {:.2} + zstd {:.2}; crc32 {:.2})",
+        f(w, &["compress_seconds"]),
+        f(st, &["encode"]),
+        f(st, &["shuffle"]),
+        f(st, &["zstd"]),
+        f(st, &["crc32"])
+    )?;
+    writeln!(
+        t,
+        "      shard seals, fsync with ORT idle: probe {:.2}s per {:.0} MB shard x {} shards = {:.2}s",
+        f(w, &["fsync_probe", "sync_seconds"]),
+        f(w, &["fsync_probe", "bytes"]) / 1e6,
+        u(w, "shards"),
+        f(w, &["fsync_probe", "sync_seconds_all_shards"])
     )?;
 
     let b = &lib["b_bucketing"];
@@ -1016,6 +1187,7 @@ fn report(lib: &Path, cli: &Path, out: &Path) -> AnyResult<()> {
         "loadavg_end": lib["loadavg_end"],
         "settings": lib["settings"],
         "a_overhead": lib["a_overhead"],
+        "a_where_time_goes": lib["a_where_time_goes"],
         "b_bucketing": lib["b_bucketing"],
         "c_storage": storage_rows,
         "d_decode": lib["d_decode"],

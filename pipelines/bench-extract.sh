@@ -23,7 +23,7 @@
 #
 # Sizes (environment variables): BENCH_REPS (a) repetitions [2];
 # BENCH_PADDED_N (b) examples [1000]; BENCH_PADDED_REPS [1];
-# BENCH_STORAGE_N (c) examples [2000]; BENCH_RSS_SMALL_N (e) [1000];
+# BENCH_STORAGE_N (c) examples [1000]; BENCH_RSS_SMALL_N (e) [1000];
 # BENCH_THREADS ORT intra-op threads [ORT default: one per core];
 # BENCH_DATA another CSV with the columns category,text,movie_name (a quick
 # smoke run) [the Rotten Tomatoes file].
@@ -33,7 +33,7 @@ cd "$(dirname "$0")/.."
 REPS="${BENCH_REPS:-2}"
 PADDED_N="${BENCH_PADDED_N:-1000}"
 PADDED_REPS="${BENCH_PADDED_REPS:-1}"
-STORAGE_N="${BENCH_STORAGE_N:-2000}"
+STORAGE_N="${BENCH_STORAGE_N:-1000}"
 RSS_SMALL_N="${BENCH_RSS_SMALL_N:-1000}"
 THREADS="${BENCH_THREADS:-}"
 

@@ -115,3 +115,41 @@ pub fn print_line(line: &str) -> std::io::Result<()> {
     writeln!(out, "{line}")?;
     out.flush()
 }
+
+/// Keep freed memory in the allocator instead of returning it to the
+/// kernel: training allocates and frees the same large tensors every step,
+/// and mimalloc's default (purge freed pages after 10 ms) makes every step
+/// page-fault them back in (measured with `perf stat -e page-faults` on a
+/// 2,402-example cache: 258k faults per epoch by default, 209k with a 1 s
+/// delay, 5.5k with purging off; the epoch ran up to 1.4x faster).
+/// mimalloc reads its options when the process starts, so when
+/// `MIMALLOC_PURGE_DELAY` is unset this re-executes the program with it set
+/// to -1 (safe Rust; on failure the program simply continues). An explicit
+/// value in the environment is respected.
+pub fn tune_allocator() {
+    #[cfg(unix)]
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        use std::os::unix::process::CommandExt;
+        if let Ok(exe) = std::env::current_exe() {
+            // `exec` only returns if it failed; then run as we are.
+            let _exec_error = std::process::Command::new(exe)
+                .args(std::env::args_os().skip(1))
+                .env("MIMALLOC_PURGE_DELAY", "-1")
+                .exec();
+        }
+    }
+}
+
+/// Set candle's CPU thread count (it follows `RAYON_NUM_THREADS`) before
+/// any tensor work starts. `None` keeps an explicit `RAYON_NUM_THREADS`, or
+/// uses 1.
+pub fn set_compute_threads(threads: Option<usize>) {
+    match threads {
+        Some(n) => std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string()),
+        None => {
+            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+                std::env::set_var("RAYON_NUM_THREADS", "1");
+            }
+        }
+    }
+}

@@ -64,3 +64,6 @@ impl ExtractReporter for ExtractBar {
         self.bar.finish_and_clear();
     }
 }
+
+pub mod runs;
+pub use runs::{report, GroupRow, Report, ReportOptions, Stat};

@@ -672,16 +672,48 @@ fn bad_input_is_refused_clearly() {
     assert!(common::stderr(&o).contains("learning_rate"));
 }
 
-/// The linear probe and late-layer baselines train on the same cache.
+/// Every method trains on the same cache (training loss falls).
 #[test]
-fn baselines_train_on_the_same_cache() {
-    let f = fit_fixture(60, 9, &["--layers", "all"]);
-    for method in ["linear-probe", "late-layer"] {
-        let s = summary(&fit(&f.root, &["--method", method, "--epochs", "2"]));
+fn every_method_trains_and_loss_falls() {
+    let f = fit_fixture(90, 9, &["--layers", "all"]);
+    for method in ["sherl", "linear-probe", "late-layer", "unipt", "full-ft"] {
+        let s = summary(&fit(
+            &f.root,
+            &[
+                "--method",
+                method,
+                "--epochs",
+                "4",
+                "--lr",
+                "0.003",
+                "--lr-pretrained",
+                "0.0005",
+            ],
+        ));
         assert_eq!(s["method"], method);
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(
+            f.root
+                .join(s["run_dir"].as_str().unwrap())
+                .join("metrics.jsonl"),
+        )
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+        let first = lines[0]["train_loss"].as_f64().unwrap();
+        let last = lines[3]["train_loss"].as_f64().unwrap();
+        assert!(last < first, "{method}: train loss {first} -> {last}");
     }
-    // probe on a layer that is not cached: computed through the frozen layers
+    // unipt needs the last layer in the cache, and says so
     let g = fit_fixture(40, 10, &[]);
+    let o = fit(&g.root, &["--method", "unipt", "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("hidden_states.3"),
+        "{}",
+        common::stderr(&o)
+    );
+    // the probe on a layer that is not cached is computed through the frozen layers
     let s = summary(&fit(
         &g.root,
         &["--method", "linear-probe", "--epochs", "1"],

@@ -7,5 +7,7 @@ mod export;
 mod extract;
 mod fit;
 mod golden;
+mod report;
 mod runtime;
+mod sweep;
 mod tokenize;

@@ -31,9 +31,53 @@ struct Args {
 enum Command {
     /// Train one model; writes RUNS/<run id>/ and prints a JSON summary.
     Run(Box<RunArgs>),
+    /// Train every setting of a grid file on one cache (separate processes,
+    /// --jobs at a time); finished runs are skipped, so a killed sweep resumes.
+    Sweep(Box<SweepArgs>),
+    /// Compare finished runs: a Markdown table on stdout (best first by
+    /// valid accuracy), CSV/JSON/Markdown files and learning-curve and
+    /// layer-weight pictures (PNG, SVG) in --out.
+    Report {
+        /// Directory holding run directories.
+        runs: PathBuf,
+        /// Where to write the files (default RUNS/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Label new texts with a trained run (runs the backbone through ONNX
     /// Runtime, then the trained modules); writes JSONL.
     Predict(Box<PredictArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct SweepArgs {
+    /// Feature cache.
+    #[arg(long)]
+    cache: PathBuf,
+    /// Backbone directory the cache was made from.
+    #[arg(long)]
+    backbone: PathBuf,
+    /// Grid file (JSON): option names -> lists of values, or {"runs": [...]}.
+    #[arg(long)]
+    grid: PathBuf,
+    /// Directory for run directories (shared by all workers).
+    #[arg(long)]
+    out: PathBuf,
+    /// Runs at once; the cores are divided among them.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// Take only part I of M of the grid (e.g. a Slurm array task).
+    #[arg(long, value_name = "I/M")]
+    worker: Option<String>,
+    /// Re-run runs that stopped with an error (error.json) instead of skipping them.
+    #[arg(long)]
+    retry_failed: bool,
+    /// Print the expanded runs and exit.
+    #[arg(long)]
+    dry_run: bool,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -135,6 +179,11 @@ struct RunArgs {
     /// Cache decoder threads.
     #[arg(long, default_value_t = 1)]
     decode_threads: usize,
+    /// candle compute threads (default: 1). On small models candle's
+    /// parallel element-wise ops spend more time at barriers than they save;
+    /// one thread measured 2x faster on a 2-core machine (README).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 impl RunArgs {
@@ -225,12 +274,18 @@ impl FitReporter for Bar {
 }
 
 fn main() -> ExitCode {
+    sherl::cli::tune_allocator();
     main_wrapper(|| {
         let args = Args::parse();
+        if let Command::Run(r) = &args.command {
+            sherl::cli::set_compute_threads(r.threads);
+        }
         init_output(&args.output);
         match args.command {
             Command::Run(a) => run(*a, &args.output),
             Command::Predict(a) => predict(*a),
+            Command::Sweep(a) => sweep(*a),
+            Command::Report { runs, out } => report(runs, out),
         }
     })
 }
@@ -275,5 +330,157 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     } else {
         tracing::info!("{}", serde_json::to_string(&s)?);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
+    use std::sync::{Arc, Mutex};
+    let grid: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&a.grid).with_context(|| format!("{}: cannot read", a.grid.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", a.grid.display()))?;
+    let runs = sherl::fit::sweep::expand(&grid).with_context(|| a.grid.display().to_string())?;
+    let (wi, wm) = match &a.worker {
+        Some(w) => sherl::fit::sweep::parse_worker(w)?,
+        None => (0, 1),
+    };
+    let mine = sherl::fit::sweep::partition(runs.len(), wi, wm);
+    let manifest = sherl::cache::Manifest::read(&a.cache.join("manifest.json"))?;
+    let exe = std::env::current_exe().context("locating sherl-fit")?;
+    let settings_dir = a.out.join(".sweep");
+    std::fs::create_dir_all(&settings_dir)
+        .with_context(|| format!("{}: cannot create", settings_dir.display()))?;
+    let mut todo = Vec::new();
+    let (mut done, mut failed_before) = (0usize, 0usize);
+    for &k in &mine {
+        let cfg = &runs[k];
+        let id = cfg.run_id(&manifest.settings_hash);
+        let dir = a.out.join(&id);
+        if a.dry_run {
+            print_line(
+                &serde_json::json!({ "index": k, "run_id": id, "config": cfg }).to_string(),
+            )?;
+            continue;
+        }
+        if dir.join("summary.json").exists() {
+            done += 1;
+            continue;
+        }
+        if dir.join("error.json").exists() && !a.retry_failed {
+            failed_before += 1;
+            continue;
+        }
+        let file = settings_dir.join(format!("{id}.json"));
+        sherl::fsutil::write_atomic(&file, &serde_json::to_vec_pretty(cfg)?)?;
+        todo.push((k, id, file));
+    }
+    if a.dry_run {
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::info!(
+        "sweep: {} runs in the grid, {} for this worker; {done} already done, {failed_before} failed before (skipped), {} to run, {} at a time",
+        runs.len(),
+        mine.len(),
+        todo.len(),
+        a.jobs.max(1)
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads_each = (cores / a.jobs.max(1)).max(1);
+    let queue = Arc::new(Mutex::new(todo.into_iter()));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let stdout_lock = Arc::new(Mutex::new(()));
+    let total = mine.len();
+    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(done));
+    std::thread::scope(|scope| {
+        for _ in 0..a.jobs.max(1) {
+            let (queue, failures, stdout_lock, finished) = (
+                queue.clone(),
+                failures.clone(),
+                stdout_lock.clone(),
+                finished.clone(),
+            );
+            let (exe, a) = (&exe, &a);
+            scope.spawn(move || loop {
+                let next = match queue.lock() {
+                    Ok(mut q) => q.next(),
+                    Err(_) => None,
+                };
+                let Some((k, id, file)) = next else { break };
+                let log = a.out.join(".sweep").join(format!("{id}.log"));
+                let out = std::fs::File::create(&log).and_then(|f| {
+                    std::process::Command::new(exe)
+                        .arg("-q")
+                        .arg("run")
+                        .args(["--cache".as_ref(), a.cache.as_os_str()])
+                        .args(["--backbone".as_ref(), a.backbone.as_os_str()])
+                        .args(["--out".as_ref(), a.out.as_os_str()])
+                        .args(["--config".as_ref(), file.as_os_str()])
+                        .args(["--device", &a.device])
+                        .env("RAYON_NUM_THREADS", threads_each.to_string())
+                        .stderr(f)
+                        .output()
+                });
+                let n = finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                match out {
+                    Ok(o) if o.status.success() => {
+                        let line = String::from_utf8_lossy(&o.stdout)
+                            .lines()
+                            .last()
+                            .unwrap_or("")
+                            .to_string();
+                        let _guard = stdout_lock.lock();
+                        tracing::info!("[{n}/{total}] run {k} {id} done");
+                        if let Err(e) = print_line(&line) {
+                            tracing::warn!("stdout: {e}");
+                        }
+                    }
+                    Ok(o) => {
+                        tracing::warn!(
+                            "[{n}/{total}] run {k} {id} failed (exit {:?}); log: {}",
+                            o.status.code(),
+                            log.display()
+                        );
+                        if let Ok(mut f) = failures.lock() {
+                            f.push(id);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("[{n}/{total}] run {k} {id} could not start: {e}");
+                        if let Ok(mut f) = failures.lock() {
+                            f.push(id);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let failed = failures.lock().map(|f| f.len()).unwrap_or(0);
+    match sherl::report::report(&sherl::report::ReportOptions::new(&a.out)) {
+        Ok(r) => print_line(&r.markdown)?,
+        Err(e) => tracing::warn!("no report: {e}"),
+    }
+    if failed + failed_before > 0 {
+        tracing::warn!(
+            "{} run(s) failed; see RUNS/<run id>/error.json and RUNS/.sweep/<run id>.log",
+            failed + failed_before
+        );
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn report(runs: PathBuf, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let mut opts = sherl::report::ReportOptions::new(&runs);
+    if let Some(o) = out {
+        opts.out = o;
+    }
+    let r = sherl::report::report(&opts)?;
+    for (dir, why) in &r.skipped {
+        tracing::info!("skipped {}: {why}", dir.display());
+    }
+    for f in &r.files {
+        tracing::info!("wrote {}", f.display());
+    }
+    print_line(&r.markdown)?;
     Ok(ExitCode::SUCCESS)
 }

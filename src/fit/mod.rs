@@ -18,6 +18,7 @@ pub mod model;
 pub mod params;
 pub mod predict;
 pub mod rng;
+pub mod sweep;
 pub mod train;
 
 use candle_core::Device;

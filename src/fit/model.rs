@@ -8,6 +8,14 @@
 //!   it by the frozen backbone layers, without gradients.
 //! - `late-layer`: hidden_states.N-K straight into the last K layers,
 //!   fine-tuned, then pool and head (no early route).
+//! - `unipt`: the UniPT side network (SHERL.md "Baselines"): every
+//!   hidden_states.0..=N projected to width d, the last as anchor, each
+//!   shallower one aggregated by relu'd, key-masked, L1-normalised similarity
+//!   to the anchor plus identity, weighted by a softmax over per-layer
+//!   confidences, added to the anchor through Linear + LayerNorm; no
+//!   backbone layer in the backward pass. Needs hidden_states.N cached.
+//! - `full-ft`: the whole backbone in candle, every weight trained, from the
+//!   token ids stored in the cache (the memory and accuracy reference).
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -15,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use super::batcher::Batch;
 use super::bert_layer::{attention_bias, BertLayer};
 use super::consolidation::{Consolidation, RestoreGate};
-use super::layers::{linear, masked_mean};
+use super::layers::{dropout, layer_norm, linear, masked_mean, softmax};
 use super::params::Params;
 use super::rng::Rng;
 use crate::backbone::{BertConfig, Checkpoint};
@@ -31,6 +39,10 @@ pub enum Method {
     LinearProbe,
     /// Late layer(s) fine-tuned on hidden_states.N-K, no early route.
     LateLayer,
+    /// UniPT side network over all cached layers.
+    Unipt,
+    /// Full fine-tuning of the whole backbone from token ids.
+    FullFt,
 }
 
 impl Method {
@@ -40,6 +52,8 @@ impl Method {
             Method::Sherl => "sherl",
             Method::LinearProbe => "linear-probe",
             Method::LateLayer => "late-layer",
+            Method::Unipt => "unipt",
+            Method::FullFt => "full-ft",
         }
     }
 }
@@ -48,7 +62,7 @@ impl Method {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Pool {
-    /// The first ([CLS]) token.
+    /// The first (`[CLS]`) token.
     Cls,
     /// Mean over real tokens.
     Mean,
@@ -89,6 +103,8 @@ pub struct Model {
     late: Vec<BertLayer>,
     /// Frozen layers run without gradients before the head (probe).
     frozen: Vec<BertLayer>,
+    unipt: Option<Unipt>,
+    embeddings: Option<Embeddings>,
     head: (Tensor, Tensor),
     /// All parameters.
     pub params: Params,
@@ -144,6 +160,9 @@ impl Model {
         let mut restore = None;
         let mut late = Vec::new();
         let mut frozen = Vec::new();
+        let mut unipt = None;
+        let mut embeddings = None;
+        let mut head_dim = d_model;
         let inputs;
         match spec.method {
             Method::Sherl => {
@@ -232,8 +251,38 @@ impl Model {
                 }
                 inputs = vec![from];
             }
+            Method::Unipt => {
+                for i in 0..=n {
+                    need(i)?;
+                }
+                unipt = Some(Unipt::new(
+                    &mut params,
+                    n + 1,
+                    d_model,
+                    spec.side_dim,
+                    &mut rng,
+                    dev,
+                )?);
+                head_dim = spec.side_dim;
+                inputs = (0..=n).collect();
+            }
+            Method::FullFt => {
+                embeddings = Some(Embeddings::load(ckpt, cfg, &mut params, dev)?);
+                for li in 0..n {
+                    late.push(BertLayer::load(
+                        ckpt,
+                        cfg,
+                        li,
+                        &mut params,
+                        true,
+                        drop,
+                        dev,
+                    )?);
+                }
+                inputs = Vec::new();
+            }
         }
-        let head = params.linear("head", d_model, spec.classes, &mut rng, dev)?;
+        let head = params.linear("head", head_dim, spec.classes, &mut rng, dev)?;
         Ok(Model {
             spec,
             inputs,
@@ -241,6 +290,8 @@ impl Model {
             restore,
             late,
             frozen,
+            unipt,
+            embeddings,
             head,
             params,
         })
@@ -299,6 +350,19 @@ impl Model {
                 }
                 h.detach()
             }
+            Method::Unipt => self
+                .unipt
+                .as_ref()
+                .expect("unipt has its side network")
+                .forward(&batch.layers, &batch.mask)?,
+            Method::FullFt => {
+                let emb = self.embeddings.as_ref().expect("full-ft has embeddings");
+                let mut h = emb.forward(&batch.token_ids, &batch.type_ids, train, rng)?;
+                for l in &self.late {
+                    h = l.forward(&h, &bias, train, rng)?;
+                }
+                h
+            }
         };
         let pooled = match self.spec.pool {
             Pool::Cls => y.narrow(1, 0, 1)?.squeeze(1)?,
@@ -306,5 +370,156 @@ impl Model {
         };
         let logits = linear(&pooled, &self.head.0, &self.head.1)?;
         Ok(Output { logits, alpha })
+    }
+}
+
+type Lin = (Tensor, Tensor);
+
+/// UniPT side network (Diao et al., CVPR 2024), as SHERL.md restates it.
+#[derive(Debug, Clone)]
+struct Unipt {
+    proj: Vec<(Lin, Lin)>,
+    conf: Lin,
+    out: Lin,
+    out_ln: Lin,
+}
+
+impl Unipt {
+    fn new(
+        params: &mut Params,
+        m: usize,
+        d_model: usize,
+        d: usize,
+        rng: &mut Rng,
+        dev: &Device,
+    ) -> Result<Self> {
+        let mut proj = Vec::with_capacity(m);
+        for j in 0..m {
+            let l = params.linear(&format!("unipt.proj.{j}"), d_model, d, rng, dev)?;
+            let n = params.layer_norm(&format!("unipt.proj_ln.{j}"), d, dev)?;
+            proj.push((l, n));
+        }
+        let conf = params.linear("unipt.confidence", d, 1, rng, dev)?;
+        let out = params.linear("unipt.out", d, d, rng, dev)?;
+        let out_ln = params.layer_norm("unipt.out_ln", d, dev)?;
+        Ok(Unipt {
+            proj,
+            conf,
+            out,
+            out_ln,
+        })
+    }
+
+    /// # Shapes
+    /// `layers`: hidden_states.0..=N, each `[B, S, D]`; `mask` `[B, S]` -> `[B, S, d]`.
+    fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Tensor> {
+        let _span = tracing::trace_span!("unipt").entered();
+        let a: Vec<Tensor> = layers
+            .iter()
+            .zip(&self.proj)
+            .map(|(x, ((w, b), (lw, lb)))| layer_norm(&linear(x, w, b)?, lw, lb, 1e-5))
+            .collect::<Result<_>>()?;
+        let n = a.len() - 1;
+        let anchor = &a[n];
+        let key_mask = mask.unsqueeze(1)?; // [B, 1, S]
+        let anchor_mean = masked_mean(anchor, mask)?; // [B, d]
+        let mut ms = Vec::with_capacity(n);
+        let mut cs = Vec::with_capacity(n);
+        for aj in &a[..n] {
+            let sim = anchor
+                .matmul(&aj.transpose(1, 2)?.contiguous()?)?
+                .relu()?
+                .broadcast_mul(&key_mask)?; // [B, S, S]
+            let norm = sim.broadcast_div(&(sim.sum_keepdim(2)? + 1e-8)?)?;
+            ms.push((norm.matmul(aj)? + aj)?); // W A_j with W = normalised + identity
+            cs.push(linear(
+                &(&anchor_mean * masked_mean(aj, mask)?)?,
+                &self.conf.0,
+                &self.conf.1,
+            )?); // [B, 1]
+        }
+        let w = softmax(&Tensor::cat(&cs, 1)?)?; // [B, n]
+        let mut agg = ms[0].broadcast_mul(&w.narrow(1, 0, 1)?.unsqueeze(2)?)?;
+        for (j, m) in ms.iter().enumerate().skip(1) {
+            agg = (agg + m.broadcast_mul(&w.narrow(1, j, 1)?.unsqueeze(2)?)?)?;
+        }
+        let o = layer_norm(
+            &linear(&agg, &self.out.0, &self.out.1)?,
+            &self.out_ln.0,
+            &self.out_ln.1,
+            1e-5,
+        )?;
+        Ok((anchor + o)?)
+    }
+}
+
+/// BERT embeddings (word + position + token type, LayerNorm, dropout),
+/// trainable, for full fine-tuning.
+#[derive(Debug, Clone)]
+struct Embeddings {
+    word: Tensor,
+    pos: Tensor,
+    typ: Tensor,
+    ln: Lin,
+    eps: f64,
+    dropout: f32,
+}
+
+impl Embeddings {
+    fn load(
+        ckpt: &Checkpoint,
+        cfg: &BertConfig,
+        params: &mut Params,
+        dev: &Device,
+    ) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let v = ckpt.tensor_f32_shaped(name, shape)?;
+            params.add(
+                name,
+                Tensor::from_vec(v, shape, dev)?,
+                Some(super::params::Group::Pretrained),
+            )
+        };
+        Ok(Embeddings {
+            word: get("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?,
+            pos: get(
+                "embeddings.position_embeddings.weight",
+                &[cfg.max_position_embeddings, d],
+            )?,
+            typ: get(
+                "embeddings.token_type_embeddings.weight",
+                &[cfg.type_vocab_size, d],
+            )?,
+            ln: (
+                get("embeddings.LayerNorm.weight", &[d])?,
+                get("embeddings.LayerNorm.bias", &[d])?,
+            ),
+            eps: cfg.layer_norm_eps,
+            dropout: cfg.hidden_dropout_prob as f32,
+        })
+    }
+
+    /// # Shapes
+    /// `ids`, `types` `[B, S]` u32 -> `[B, S, D]`.
+    fn forward(&self, ids: &Tensor, types: &Tensor, train: bool, rng: &mut Rng) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let d = self.word.dim(1)?;
+        let w = self
+            .word
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let t = self
+            .typ
+            .index_select(&types.flatten_all()?, 0)?
+            .reshape((b, s, d))?;
+        let p = self.pos.narrow(0, 0, s)?;
+        let x = (w + t)?.broadcast_add(&p)?;
+        dropout(
+            &layer_norm(&x, &self.ln.0, &self.ln.1, self.eps)?,
+            self.dropout,
+            train,
+            rng,
+        )
     }
 }

@@ -1,0 +1,758 @@
+//! `sherl-fit report`: summarise a directory of runs.
+//!
+//! Reads every complete run `RUNS/<run id>/` (one with a `summary.json`,
+//! plus its `config.json` and `metrics.jsonl`), groups the runs whose
+//! settings are equal except for the seed (and that were trained on the
+//! same cache), and writes to the output directory (default
+//! `RUNS/report`):
+//!
+//! - `report.md`: the table returned in [`Report::markdown`], best group
+//!   first by mean valid accuracy, with mean ± sample standard deviation over
+//!   the seeds, and the pictures below;
+//! - `report.csv` and `report.json`: the same numbers, unrounded;
+//! - `learning_curves.{png,svg}`: valid accuracy per epoch, mean over seeds,
+//!   one line per group;
+//! - `layer_weights.{png,svg}`: SHERL's layer weights (mean over seeds) per
+//!   early layer, one bar per `sherl` group; only when some run has them.
+//!
+//! Run directories without `summary.json` (running, killed, or failed with
+//! an `error.json`) are listed in [`Report::skipped`] with the reason.
+//! Unknown JSON fields are ignored and missing optional ones are tolerated,
+//! so reports keep working as the run format grows.
+
+mod plot;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::{Error, Result};
+
+/// What [`report`] reads and where it writes.
+#[derive(Debug, Clone)]
+pub struct ReportOptions {
+    /// Directory holding run directories (`sherl-fit run --out`).
+    pub runs: PathBuf,
+    /// Output directory (created if missing); `RUNS/report` by default.
+    pub out: PathBuf,
+}
+
+impl ReportOptions {
+    /// Report on `runs`, writing to `runs/report`.
+    pub fn new(runs: impl Into<PathBuf>) -> Self {
+        let runs = runs.into();
+        let out = runs.join("report");
+        ReportOptions { runs, out }
+    }
+}
+
+/// Mean and sample standard deviation of one metric over a group's seeds.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Stat {
+    /// Mean.
+    pub mean: f64,
+    /// Sample standard deviation (n - 1 denominator); `None` for one value.
+    pub std: Option<f64>,
+    /// Number of values (seeds that reported this metric).
+    pub n: usize,
+}
+
+impl Stat {
+    /// Mean and sample std of `values`; `None` when empty.
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let std = (n > 1).then(|| {
+            let ss: f64 = values.iter().map(|v| (v - mean).powi(2)).sum();
+            (ss / (n - 1) as f64).sqrt()
+        });
+        Some(Stat { mean, std, n })
+    }
+}
+
+/// One point of a group's mean learning curve.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CurvePoint {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Valid accuracy at this epoch, mean over the seeds that reached it.
+    pub valid_accuracy: f64,
+    /// Seeds averaged.
+    pub n: usize,
+}
+
+/// A group's mean SHERL weight of one early layer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LayerWeight {
+    /// `hidden_states` index of the layer.
+    pub layer: usize,
+    /// Weight, mean over the seeds that reported it.
+    pub mean: f64,
+    /// Seeds averaged.
+    pub n: usize,
+}
+
+/// One row of the report: the runs whose settings differ only by seed.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupRow {
+    /// Method (`sherl`, `linear-probe`, ...).
+    pub method: String,
+    /// Method plus the settings that tell this group apart from the other
+    /// groups of its method, e.g. `sherl late_trainable=true lr=0.001`.
+    pub label: String,
+    /// The settings part of `label` (empty when the method has one group).
+    pub settings_label: String,
+    /// The run's `config` object (`config.json`) without `seed`.
+    pub settings: Value,
+    /// Cache settings hash the runs were trained on, when known.
+    pub cache: Option<String>,
+    /// Seeds, in run-directory order.
+    pub seeds: Vec<u64>,
+    /// Run ids (directory names), in the same order.
+    pub run_ids: Vec<String>,
+    /// Valid accuracy of the best checkpoint.
+    pub valid_accuracy: Stat,
+    /// Test accuracy (`None` when no run has a test split).
+    pub test_accuracy: Option<Stat>,
+    /// Valid macro-F1.
+    pub valid_macro_f1: Option<Stat>,
+    /// Test macro-F1.
+    pub test_macro_f1: Option<Stat>,
+    /// Trainable parameters (largest over seeds; they are normally equal).
+    pub trainable_params: Option<u64>,
+    /// Peak resident memory, MiB: the largest over seeds.
+    pub peak_memory_mib: Option<f64>,
+    /// Training seconds per epoch, mean over seeds.
+    pub seconds_per_epoch: Option<f64>,
+    /// Valid accuracy per epoch (`metrics.jsonl`), mean over seeds.
+    pub valid_accuracy_curve: Vec<CurvePoint>,
+    /// SHERL layer weights, mean over seeds, by layer (empty if none).
+    pub layer_weights: Vec<LayerWeight>,
+}
+
+/// What [`report`] found and wrote.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Groups, best first (mean valid accuracy, ties by test accuracy).
+    pub groups: Vec<GroupRow>,
+    /// The Markdown report (also written as `report.md`).
+    pub markdown: String,
+    /// Files written, in the order written.
+    pub files: Vec<PathBuf>,
+    /// Run directories left out, with the reason.
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+/// The note under the table: how groups are ordered and what the numbers are.
+pub const SELECTION_NOTE: &str = "Groups are sorted by mean valid accuracy, best first (ties by mean test accuracy): settings are selected on the valid split only; test numbers are reported for the selected settings, never used to choose them. Values are mean ± sample standard deviation (n − 1) over seeds; \"-\" means no value (no test split; one seed for ±); (k/n): only k of the n seeds reported the metric.";
+
+/// `summary.json`, tolerant: every field optional, unknown fields ignored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+struct RunSummary {
+    run_id: Option<String>,
+    method: Option<String>,
+    seed: Option<u64>,
+    valid_accuracy: Option<f64>,
+    test_accuracy: Option<f64>,
+    valid_macro_f1: Option<f64>,
+    test_macro_f1: Option<f64>,
+    trainable_params: Option<u64>,
+    peak_rss_bytes: Option<u64>,
+    seconds_per_epoch: Option<f64>,
+    layer_weights: Option<Vec<f64>>,
+    layer_weight_layers: Option<Vec<usize>>,
+    cache: Option<String>,
+}
+
+/// One complete run, read.
+#[derive(Debug, Clone)]
+struct Run {
+    id: String,
+    method: String,
+    seed: u64,
+    valid_accuracy: f64,
+    /// `config` without `seed` (an object).
+    settings: serde_json::Map<String, Value>,
+    cache: Option<String>,
+    summary: RunSummary,
+    /// epoch -> valid accuracy.
+    curve: BTreeMap<usize, f64>,
+}
+
+impl Run {
+    fn key(&self) -> String {
+        let mut k = canonical(&Value::Object(self.settings.clone()));
+        k.push('\u{0}');
+        k.push_str(self.cache.as_deref().unwrap_or(""));
+        k
+    }
+}
+
+/// Summarise the runs in `opts.runs` and write the report to `opts.out`.
+///
+/// Fails when `opts.runs` cannot be listed, when it holds no complete run
+/// (the error names how many directories were skipped and why the first
+/// was), or when an output file cannot be written.
+pub fn report(opts: &ReportOptions) -> Result<Report> {
+    let entries = std::fs::read_dir(&opts.runs).map_err(|e| Error::io(&opts.runs, e))?;
+    let out_canon = std::fs::canonicalize(&opts.out).ok();
+    let mut dirs = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io(&opts.runs, e))?;
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if hidden || !path.is_dir() {
+            continue;
+        }
+        let is_out = path == opts.out
+            || out_canon.is_some() && std::fs::canonicalize(&path).ok() == out_canon;
+        if !is_out {
+            dirs.push(path);
+        }
+    }
+    dirs.sort();
+
+    let mut runs = Vec::new();
+    let mut skipped = Vec::new();
+    for dir in dirs {
+        match load_run(&dir) {
+            Ok(run) => runs.push(run),
+            Err(reason) => skipped.push((dir, reason)),
+        }
+    }
+    if runs.is_empty() {
+        let first = skipped
+            .first()
+            .map(|(d, r)| format!(": {}: {r}", d.display()))
+            .unwrap_or_default();
+        return Err(Error::Config(format!(
+            "{}: no complete runs (no run directory with a summary.json; {} skipped{first})",
+            opts.runs.display(),
+            skipped.len()
+        )));
+    }
+
+    let groups = build_groups(runs);
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
+    let mut files = Vec::new();
+
+    let csv_path = opts.out.join("report.csv");
+    crate::fsutil::write_atomic(&csv_path, &to_csv(&groups, &csv_path)?)?;
+    files.push(csv_path);
+
+    let json_path = opts.out.join("report.json");
+    let doc = json!({
+        "runs": opts.runs,
+        "note": SELECTION_NOTE,
+        "groups": groups,
+        "skipped": skipped
+            .iter()
+            .map(|(d, r)| json!({ "dir": d, "reason": r }))
+            .collect::<Vec<_>>(),
+    });
+    let bytes = serde_json::to_vec_pretty(&doc).map_err(|e| Error::Json {
+        path: json_path.clone(),
+        source: e,
+    })?;
+    crate::fsutil::write_atomic(&json_path, &bytes)?;
+    files.push(json_path);
+
+    let pictures = plot::draw_all(&groups, &opts.out)?;
+    let markdown = to_markdown(opts, &groups, &skipped, &pictures);
+    let md_path = opts.out.join("report.md");
+    crate::fsutil::write_atomic(&md_path, markdown.as_bytes())?;
+    files.push(md_path);
+    files.extend(pictures.into_iter().flat_map(|p| p.files));
+
+    Ok(Report {
+        groups,
+        markdown,
+        files,
+        skipped,
+    })
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::result::Result<T, String> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e).to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::Json {
+            path: path.to_path_buf(),
+            source: e,
+        }
+        .to_string()
+    })
+}
+
+/// Why a directory without `summary.json` is not in the report.
+fn incomplete_reason(dir: &Path) -> String {
+    let error_path = dir.join("error.json");
+    if error_path.exists() {
+        return match read_json::<Value>(&error_path) {
+            Ok(v) => match v.get("error").and_then(Value::as_str) {
+                Some(e) => format!("failed: {e}"),
+                None => "failed (error.json has no \"error\" message)".to_string(),
+            },
+            Err(e) => format!("failed (unreadable error.json: {e})"),
+        };
+    }
+    let metrics = dir.join("metrics.jsonl");
+    if metrics.exists() {
+        let epochs = std::fs::read_to_string(&metrics)
+            .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
+            .unwrap_or(0);
+        format!("incomplete: no summary.json (still running, or killed after {epochs} epoch(s))")
+    } else if dir.join("config.json").exists() {
+        "incomplete: no summary.json (still running, or killed before the first epoch ended)"
+            .to_string()
+    } else {
+        "not a run directory: no summary.json, config.json or error.json".to_string()
+    }
+}
+
+/// Read one run directory; `Err` is the reason to skip it.
+fn load_run(dir: &Path) -> std::result::Result<Run, String> {
+    let summary_path = dir.join("summary.json");
+    if !summary_path.exists() {
+        return Err(incomplete_reason(dir));
+    }
+    let summary: RunSummary = read_json(&summary_path)?;
+    let Some(valid_accuracy) = summary.valid_accuracy else {
+        return Err(format!("{}: no valid_accuracy", summary_path.display()));
+    };
+    let config_path = dir.join("config.json");
+    let config: Value = read_json(&config_path)?;
+    let Some(mut settings) = config.get("config").and_then(Value::as_object).cloned() else {
+        return Err(format!("{}: no \"config\" object", config_path.display()));
+    };
+    let config_seed = settings.remove("seed").and_then(|s| s.as_u64());
+    let Some(seed) = summary.seed.or(config_seed) else {
+        return Err(format!(
+            "{}: no seed (in summary.json or config.json)",
+            summary_path.display()
+        ));
+    };
+    let method = summary
+        .method
+        .clone()
+        .or_else(|| {
+            settings
+                .get("method")
+                .and_then(Value::as_str)
+                .map(String::from)
+        })
+        .unwrap_or_else(|| "unknown".to_string());
+    let cache = summary.cache.clone().or_else(|| {
+        config
+            .pointer("/cache/settings_hash")
+            .and_then(Value::as_str)
+            .map(String::from)
+    });
+    let id = summary.run_id.clone().unwrap_or_else(|| {
+        dir.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    Ok(Run {
+        id,
+        method,
+        seed,
+        valid_accuracy,
+        settings,
+        cache,
+        curve: read_curve(&dir.join("metrics.jsonl")),
+        summary,
+    })
+}
+
+/// Valid accuracy per epoch from `metrics.jsonl`; lines that are not JSON
+/// objects with `epoch` and `valid_accuracy` are ignored (a missing file
+/// gives an empty curve).
+fn read_curve(path: &Path) -> BTreeMap<usize, f64> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return BTreeMap::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let v: Value = serde_json::from_str(line).ok()?;
+            let epoch = usize::try_from(v.get("epoch")?.as_u64()?).ok()?;
+            let acc = v.get("valid_accuracy")?.as_f64()?;
+            Some((epoch, acc))
+        })
+        .collect()
+}
+
+/// JSON with object keys sorted at every level, no whitespace.
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let sorted: BTreeMap<&String, &Value> = m.iter().collect();
+            let parts: Vec<String> = sorted
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical(v)))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(a) => {
+            let parts: Vec<String> = a.iter().map(canonical).collect();
+            format!("[{}]", parts.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A setting's value as shown in a label: strings bare, the rest as JSON.
+fn show_value(v: Option<&Value>) -> String {
+    match v {
+        None => "-".to_string(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => canonical(other),
+    }
+}
+
+fn short_hash(h: &str) -> &str {
+    h.get(..12).unwrap_or(h)
+}
+
+fn build_groups(runs: Vec<Run>) -> Vec<GroupRow> {
+    let mut by_key: BTreeMap<String, Vec<Run>> = BTreeMap::new();
+    for run in runs {
+        by_key.entry(run.key()).or_default().push(run);
+    }
+    let groups: Vec<Vec<Run>> = by_key.into_values().collect();
+
+    // Settings that differ between the groups of one method go in the label;
+    // the cache goes in every label when the groups do not share one.
+    let caches: BTreeSet<Option<&str>> = groups.iter().map(|g| g[0].cache.as_deref()).collect();
+    let show_cache = caches.len() > 1;
+    let mut differing: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
+    let mut methods: BTreeMap<&str, Vec<&Run>> = BTreeMap::new();
+    for g in &groups {
+        methods.entry(g[0].method.as_str()).or_default().push(&g[0]);
+    }
+    for (method, firsts) in &methods {
+        let keys: BTreeSet<&String> = firsts.iter().flat_map(|r| r.settings.keys()).collect();
+        let set = differing.entry(method).or_default();
+        for key in keys {
+            if key == "method" {
+                continue;
+            }
+            let values: BTreeSet<String> = firsts
+                .iter()
+                .map(|r| show_value(r.settings.get(key)))
+                .collect();
+            if values.len() > 1 {
+                set.insert(key.clone());
+            }
+        }
+    }
+
+    let mut rows: Vec<GroupRow> = groups
+        .iter()
+        .map(|g| {
+            let first = &g[0];
+            let mut parts: Vec<String> = differing[first.method.as_str()]
+                .iter()
+                .map(|k| format!("{k}={}", show_value(first.settings.get(k))))
+                .collect();
+            if show_cache {
+                parts.push(format!(
+                    "cache={}",
+                    first.cache.as_deref().map_or("-", short_hash)
+                ));
+            }
+            let settings_label = parts.join(" ");
+            let label = if settings_label.is_empty() {
+                first.method.clone()
+            } else {
+                format!("{} {settings_label}", first.method)
+            };
+            group_row(g, label, settings_label)
+        })
+        .collect();
+    rows.sort_by(|a, b| {
+        let test = |r: &GroupRow| r.test_accuracy.as_ref().map(|s| s.mean);
+        b.valid_accuracy
+            .mean
+            .total_cmp(&a.valid_accuracy.mean)
+            .then_with(|| match (test(a), test(b)) {
+                (Some(x), Some(y)) => y.total_cmp(&x),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            })
+            .then_with(|| a.label.cmp(&b.label))
+    });
+    rows
+}
+
+fn group_row(g: &[Run], label: String, settings_label: String) -> GroupRow {
+    let first = &g[0];
+    let collect =
+        |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { g.iter().filter_map(f).collect() };
+    let valid_accuracy = Stat::of(&collect(&|r| Some(r.valid_accuracy))).expect("non-empty group");
+
+    let mut curve: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+    for r in g {
+        for (&epoch, &acc) in &r.curve {
+            let e = curve.entry(epoch).or_default();
+            e.0 += acc;
+            e.1 += 1;
+        }
+    }
+    let mut weights: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+    for r in g {
+        let Some(w) = &r.summary.layer_weights else {
+            continue;
+        };
+        let layers: Vec<usize> = match &r.summary.layer_weight_layers {
+            Some(l) if l.len() == w.len() => l.clone(),
+            _ => (0..w.len()).collect(),
+        };
+        for (layer, &v) in layers.into_iter().zip(w) {
+            let e = weights.entry(layer).or_default();
+            e.0 += v;
+            e.1 += 1;
+        }
+    }
+
+    let peak = g
+        .iter()
+        .filter_map(|r| r.summary.peak_rss_bytes)
+        .filter(|&b| b > 0)
+        .max();
+    GroupRow {
+        method: first.method.clone(),
+        label,
+        settings_label,
+        settings: Value::Object(first.settings.clone()),
+        cache: first.cache.clone(),
+        seeds: g.iter().map(|r| r.seed).collect(),
+        run_ids: g.iter().map(|r| r.id.clone()).collect(),
+        valid_accuracy,
+        test_accuracy: Stat::of(&collect(&|r| r.summary.test_accuracy)),
+        valid_macro_f1: Stat::of(&collect(&|r| r.summary.valid_macro_f1)),
+        test_macro_f1: Stat::of(&collect(&|r| r.summary.test_macro_f1)),
+        trainable_params: g.iter().filter_map(|r| r.summary.trainable_params).max(),
+        peak_memory_mib: peak.map(|b| b as f64 / (1024.0 * 1024.0)),
+        seconds_per_epoch: Stat::of(&collect(&|r| r.summary.seconds_per_epoch)).map(|s| s.mean),
+        valid_accuracy_curve: curve
+            .into_iter()
+            .map(|(epoch, (sum, n))| CurvePoint {
+                epoch,
+                valid_accuracy: sum / n as f64,
+                n,
+            })
+            .collect(),
+        layer_weights: weights
+            .into_iter()
+            .map(|(layer, (sum, n))| LayerWeight {
+                layer,
+                mean: sum / n as f64,
+                n,
+            })
+            .collect(),
+    }
+}
+
+fn opt_num<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_default()
+}
+
+fn to_csv(groups: &[GroupRow], path: &Path) -> Result<Vec<u8>> {
+    let err = |e: csv::Error| Error::io(path, std::io::Error::other(e));
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record([
+        "rank",
+        "method",
+        "label",
+        "settings_label",
+        "seeds",
+        "valid_accuracy_mean",
+        "valid_accuracy_std",
+        "test_accuracy_mean",
+        "test_accuracy_std",
+        "test_accuracy_n",
+        "valid_macro_f1_mean",
+        "valid_macro_f1_std",
+        "test_macro_f1_mean",
+        "test_macro_f1_std",
+        "trainable_params",
+        "peak_memory_mib",
+        "seconds_per_epoch",
+        "cache",
+        "run_ids",
+        "settings_json",
+    ])
+    .map_err(err)?;
+    for (i, g) in groups.iter().enumerate() {
+        let mean = |s: &Option<Stat>| opt_num(s.as_ref().map(|s| s.mean));
+        let std = |s: &Option<Stat>| opt_num(s.as_ref().and_then(|s| s.std));
+        let valid = Some(g.valid_accuracy.clone());
+        w.write_record([
+            (i + 1).to_string(),
+            g.method.clone(),
+            g.label.clone(),
+            g.settings_label.clone(),
+            g.seeds.len().to_string(),
+            mean(&valid),
+            std(&valid),
+            mean(&g.test_accuracy),
+            std(&g.test_accuracy),
+            g.test_accuracy.as_ref().map_or(0, |s| s.n).to_string(),
+            mean(&g.valid_macro_f1),
+            std(&g.valid_macro_f1),
+            mean(&g.test_macro_f1),
+            std(&g.test_macro_f1),
+            opt_num(g.trainable_params),
+            opt_num(g.peak_memory_mib),
+            opt_num(g.seconds_per_epoch),
+            g.cache.clone().unwrap_or_default(),
+            g.run_ids.join(" "),
+            canonical(&g.settings),
+        ])
+        .map_err(err)?;
+    }
+    w.into_inner()
+        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
+}
+
+/// `81.23 ± 0.45` (percent), `-` when absent, `(k/n)` when partial.
+fn pct(s: Option<&Stat>, seeds: usize) -> String {
+    let Some(s) = s else {
+        return "-".to_string();
+    };
+    let mut t = match s.std {
+        Some(sd) => format!("{:.2} ± {:.2}", 100.0 * s.mean, 100.0 * sd),
+        None => format!("{:.2}", 100.0 * s.mean),
+    };
+    if s.n < seeds {
+        t.push_str(&format!(" ({}/{seeds})", s.n));
+    }
+    t
+}
+
+/// 1234567 -> `1,234,567`.
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Text safe inside a Markdown table cell.
+fn cell(s: &str) -> String {
+    let s = s.replace(['\n', '\r'], " ").replace('|', "\\|");
+    if s.is_empty() {
+        "-".to_string()
+    } else {
+        s
+    }
+}
+
+fn to_markdown(
+    opts: &ReportOptions,
+    groups: &[GroupRow],
+    skipped: &[(PathBuf, String)],
+    pictures: &[plot::Picture],
+) -> String {
+    use std::fmt::Write as _;
+    let runs: usize = groups.iter().map(|g| g.seeds.len()).sum();
+    let mut md = String::new();
+    let _ = writeln!(md, "# sherl runs: {}\n", opts.runs.display());
+    let _ = writeln!(
+        md,
+        "{runs} complete run(s) in {} group(s); {} run director{} skipped.\n",
+        groups.len(),
+        skipped.len(),
+        if skipped.len() == 1 { "y" } else { "ies" }
+    );
+    md.push_str(
+        "| # | method | settings | seeds | valid acc (%) | test acc (%) | valid macro-F1 (%) | test macro-F1 (%) | trainable params | peak mem (MiB) | s/epoch |\n",
+    );
+    md.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (i, g) in groups.iter().enumerate() {
+        let n = g.seeds.len();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {n} | {} | {} | {} | {} | {} | {} | {} |",
+            i + 1,
+            cell(&g.method),
+            cell(&g.settings_label),
+            pct(Some(&g.valid_accuracy), n),
+            pct(g.test_accuracy.as_ref(), n),
+            pct(g.valid_macro_f1.as_ref(), n),
+            pct(g.test_macro_f1.as_ref(), n),
+            g.trainable_params.map_or("-".to_string(), thousands),
+            g.peak_memory_mib
+                .map_or("-".to_string(), |m| format!("{m:.0}")),
+            g.seconds_per_epoch
+                .map_or("-".to_string(), |s| format!("{s:.2}")),
+        );
+    }
+    let _ = writeln!(md, "\n{SELECTION_NOTE}\n");
+
+    // What every group of a method shares (the labels show the rest).
+    md.push_str("## Settings\n\n");
+    let mut methods: BTreeMap<&str, Vec<&GroupRow>> = BTreeMap::new();
+    for g in groups {
+        methods.entry(g.method.as_str()).or_default().push(g);
+    }
+    for (method, gs) in methods {
+        let first = gs[0].settings.as_object().cloned().unwrap_or_default();
+        let shared: Vec<String> = first
+            .iter()
+            .filter(|(k, v)| {
+                k.as_str() != "method"
+                    && gs
+                        .iter()
+                        .all(|g| g.settings.get(k.as_str()).map(canonical) == Some(canonical(v)))
+            })
+            .map(|(k, v)| format!("{k}={}", show_value(Some(v))))
+            .collect();
+        let _ = writeln!(
+            md,
+            "- `{method}` ({} group(s)), shared: {}",
+            gs.len(),
+            if shared.is_empty() {
+                "-".to_string()
+            } else {
+                format!("`{}`", shared.join(" "))
+            }
+        );
+    }
+    md.push('\n');
+
+    if !pictures.is_empty() {
+        md.push_str("## Pictures\n\n");
+        for p in pictures {
+            let _ = writeln!(
+                md,
+                "![{}]({}.png)\n\nSVG: [{}.svg]({}.svg)\n",
+                p.title, p.stem, p.stem, p.stem
+            );
+        }
+    }
+    if !skipped.is_empty() {
+        md.push_str("## Skipped run directories\n\n");
+        for (dir, reason) in skipped {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dir.display().to_string());
+            let _ = writeln!(md, "- `{name}`: {}", reason.replace(['\n', '\r'], " "));
+        }
+        md.push('\n');
+    }
+    md
+}
