@@ -173,6 +173,9 @@ struct RunArgs {
     /// Dropout of the restore block.
     #[arg(long)]
     dropout: Option<f32>,
+    /// Train on a seeded subset of about N training examples (whole chunks).
+    #[arg(long)]
+    train_examples: Option<usize>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -221,6 +224,9 @@ impl RunArgs {
         }
         if self.early_layers.is_some() {
             c.early_layers = self.early_layers.clone();
+        }
+        if self.train_examples.is_some() {
+            c.train_examples = self.train_examples;
         }
         if self.probe_layer.is_some() {
             c.probe_layer = self.probe_layer;

@@ -174,6 +174,11 @@ pub fn compress_chunk(
     ));
     for (l, values) in layers.iter().enumerate() {
         debug_assert_eq!(values.len() as u64, n_tokens * u64::from(spec.hidden));
+        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+            return Err(Error::Runtime(format!(
+                "non-finite hidden state ({v}) at stored layer position {l}: the backbone produced it"
+            )));
+        }
         if spec.dtype == Dtype::F16 {
             if let Some(v) = values.iter().find(|v| v.abs() > 65504.0) {
                 return Err(Error::Config(format!(
@@ -181,10 +186,19 @@ pub fn compress_chunk(
                 )));
             }
         }
-        let mut raw = encode_values(values, spec.hidden as usize, spec.dtype);
-        if spec.shuffle {
-            raw = shuffle_payload(&raw, n_tokens as usize, spec.dtype);
-        }
+        let raw = match (spec.dtype, spec.shuffle) {
+            // Fused fast path: vectorised f32 -> f16/bf16 conversion written
+            // straight into byte planes (same bytes as encode + shuffle).
+            (Dtype::F16 | Dtype::Bf16, true) => encode_half_planes(values, spec.dtype),
+            _ => {
+                let raw = encode_values(values, spec.hidden as usize, spec.dtype);
+                if spec.shuffle {
+                    shuffle_payload(&raw, n_tokens as usize, spec.dtype)
+                } else {
+                    raw
+                }
+            }
+        };
         frames.push((
             FrameKind::Layer,
             l as u32,
@@ -197,6 +211,29 @@ pub fn compress_chunk(
         n_tokens,
         frames,
     })
+}
+
+/// f16 or bf16 values as two byte planes (low bytes, then high bytes).
+fn encode_half_planes(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    let n = values.len();
+    let bits: Vec<u16> = if dtype == Dtype::F16 {
+        let mut h = vec![half::f16::ZERO; n];
+        h.convert_from_f32_slice(values);
+        h.iter().map(|x| x.to_bits()).collect()
+    } else {
+        let mut h = vec![half::bf16::ZERO; n];
+        h.convert_from_f32_slice(values);
+        h.iter().map(|x| x.to_bits()).collect()
+    };
+    let mut out = vec![0u8; 2 * n];
+    let (lo, hi) = out.split_at_mut(n);
+    for ((l, h), b) in lo.iter_mut().zip(hi.iter_mut()).zip(&bits) {
+        let [a, c] = b.to_le_bytes();
+        *l = a;
+        *h = c;
+    }
+    out
 }
 
 /// Shuffle the value bytes of a layer payload (int8: only its scales).

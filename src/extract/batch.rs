@@ -67,12 +67,24 @@ impl PaddedBatch {
 /// Rows `[0, len)` of example `b` of a `[batch, seq, hidden]` output, as a
 /// contiguous row-major `len x hidden` vector.
 pub fn real_rows(h: &Array3<f32>, b: usize, len: usize) -> Vec<f32> {
-    let hidden = h.shape()[2];
-    let mut out = Vec::with_capacity(len * hidden);
-    for t in 0..len {
-        out.extend(h.slice(ndarray::s![b, t, ..]).iter().copied());
-    }
-    out
+    real_rows_slice(h, b, len).map_or_else(
+        || {
+            let hidden = h.shape()[2];
+            let mut out = Vec::with_capacity(len * hidden);
+            for t in 0..len {
+                out.extend(h.slice(ndarray::s![b, t, ..]).iter().copied());
+            }
+            out
+        },
+        <[f32]>::to_vec,
+    )
+}
+
+/// The same rows borrowed without copying, when `h` is in standard
+/// (row-major, contiguous) layout, as ONNX Runtime's outputs are.
+pub fn real_rows_slice(h: &Array3<f32>, b: usize, len: usize) -> Option<&[f32]> {
+    let (s, d) = (h.shape()[1], h.shape()[2]);
+    h.as_slice().map(|all| &all[b * s * d..(b * s + len) * d])
 }
 
 #[cfg(test)]

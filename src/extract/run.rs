@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::batch::{real_rows, PaddedBatch};
+use super::batch::{real_rows, real_rows_slice, PaddedBatch};
 use crate::backbone::BackboneDir;
 use crate::cache::manifest::{
     short_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,
@@ -749,14 +749,14 @@ fn write_shard(
                 padded += batch.padded_tokens() as u64;
                 for (b, it) in items[start..end].iter().enumerate() {
                     for (l, h) in outs.iter().enumerate() {
-                        let rows = real_rows(h, b, it.meta.len());
-                        if rows.iter().any(|v| !v.is_finite()) {
-                            return Err(Error::Runtime(format!(
-                                "non-finite hidden state for example {} (hidden_states.{})",
-                                it.meta.id, layers[l]
-                            )));
+                        // One copy straight into the chunk buffer; the
+                        // compression thread checks the values are finite.
+                        match real_rows_slice(h, b, it.meta.len()) {
+                            Some(rows) => chunk_layers[l].extend_from_slice(rows),
+                            None => {
+                                chunk_layers[l].extend_from_slice(&real_rows(h, b, it.meta.len()))
+                            }
                         }
-                        chunk_layers[l].extend_from_slice(&rows);
                     }
                     chunk_meta.push(it.meta.clone());
                     if chunk_meta.len() == chunk_size {

@@ -54,6 +54,9 @@ pub struct BatchPlan {
     pub buffer_chunks: usize,
     /// Decoder threads.
     pub threads: usize,
+    /// `Some((seed, n))`: only a seeded subset of whole chunks holding about
+    /// `n` examples of the split, the same subset whatever the epoch.
+    pub subset: Option<(u64, usize)>,
 }
 
 /// Chunk ids that hold examples of `split` (contiguous: the cache is
@@ -76,6 +79,23 @@ pub fn split_chunks(cache: &Cache, split: u32) -> Vec<usize> {
         .filter(|(_, c)| c.first_example < end && c.first_example + u64::from(c.examples) > start)
         .map(|(i, _)| i)
         .collect()
+}
+
+/// A seeded choice of whole chunks from `chunks` holding at least `n`
+/// examples (fewer if the split is smaller), kept in cache order.
+pub fn subset_chunks(cache: &Cache, mut chunks: Vec<usize>, seed: u64, n: usize) -> Vec<usize> {
+    Rng::new(seed, 0x5B5E7).shuffle(&mut chunks);
+    let mut total = 0usize;
+    let mut keep = Vec::new();
+    for c in chunks {
+        if total >= n {
+            break;
+        }
+        total += cache.chunks()[c].examples as usize;
+        keep.push(c);
+    }
+    keep.sort_unstable();
+    keep
 }
 
 /// Number of examples of a split.
@@ -111,6 +131,9 @@ impl Batches {
     /// Start batching `plan.split` of `cache`.
     pub fn new(cache: &Arc<Cache>, plan: BatchPlan, device: &Device) -> Result<Self> {
         let mut chunks = split_chunks(cache, plan.split);
+        if let Some((seed, n)) = plan.subset {
+            chunks = subset_chunks(cache, chunks, seed, n);
+        }
         let mut rng = plan
             .shuffle
             .map(|(seed, epoch)| Rng::new(seed, 0xBA7C_0000 + epoch));

@@ -50,6 +50,9 @@ pub struct FitConfig {
     pub dropout: f32,
     /// Shuffle buffer, in cache chunks.
     pub shuffle_chunks: usize,
+    /// Train on a seeded subset of about this many training examples
+    /// (whole cache chunks, the same subset every epoch); `None` = all.
+    pub train_examples: Option<usize>,
 }
 
 impl Default for FitConfig {
@@ -74,6 +77,7 @@ impl Default for FitConfig {
             seed: 0,
             dropout: 0.1,
             shuffle_chunks: 8,
+            train_examples: None,
         }
     }
 }

@@ -420,7 +420,11 @@ fn train_loop(
             },
         )?)
     };
-    let n_train = split_len(cache, train_split) as usize;
+    let n_train = cfg
+        .train_examples
+        .map_or(split_len(cache, train_split) as usize, |n| {
+            n.min(split_len(cache, train_split) as usize)
+        });
     let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
     let mut dropout_rng = Rng::new(cfg.seed, 0xD409);
@@ -442,6 +446,11 @@ fn train_loop(
         max_tokens: cfg.max_tokens_per_batch,
         shuffle,
         buffer_chunks: cfg.shuffle_chunks,
+        subset: if split == train_split {
+            cfg.train_examples.map(|n| (cfg.seed, n))
+        } else {
+            None
+        },
         threads: plan.decode_threads.max(1),
     };
     for epoch in 1..=cfg.epochs {
