@@ -32,10 +32,16 @@ fi
 OUT=target/bench/fit
 rm -rf "$OUT"; mkdir -p "$OUT"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+N="${BENCH_TRAIN_EXAMPLES:-3000}"
 for t in 1 2; do
     RAYON_NUM_THREADS=$t "$BENCH_BIN" --bench > "$OUT/matmul-$t.json"
     "$BIN/sherl-fit" -q run --cache "$CACHE" --backbone "$BACKBONE" --out "$OUT/runs-$t" \
-        --epochs 1 --threads "$t" > "$OUT/sherl-$t.json"
+        --epochs 1 --threads "$t" --train-examples "$N" > "$OUT/sherl-$t.json"
+done
+# Peak memory against the number of training examples (1 thread).
+for n in 1000 8000; do
+    "$BIN/sherl-fit" -q run --cache "$CACHE" --backbone "$BACKBONE" --out "$OUT/runs-mem" \
+        --epochs 1 --train-examples "$n" > "$OUT/mem-$n.json"
 done
 python3 - "$OUT" <<'PY'
 import json, sys
@@ -54,5 +60,8 @@ for t in (1, 2):
     tps = s["train_tokens_per_second"]
     g = tps * flop_per_token / 1e9
     print(f"{t:>7} {tps:>10.0f} {g:>13.2f} {m['gflops']:>22.1f} {g/m['gflops']:>6.3f}")
+for n in (1000, 8000):
+    s = json.load(open(f"{out}/mem-{n}.json"))
+    print(f"peak RSS training on ~{n} examples: {s['peak_rss_bytes']/2**20:.0f} MiB")
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -141,15 +141,10 @@ pub fn tune_allocator() {
 }
 
 /// Set candle's CPU thread count (it follows `RAYON_NUM_THREADS`) before
-/// any tensor work starts. `None` keeps an explicit `RAYON_NUM_THREADS`, or
-/// uses 1.
+/// any tensor work starts. `None` keeps the environment's choice (all cores
+/// by default).
 pub fn set_compute_threads(threads: Option<usize>) {
-    match threads {
-        Some(n) => std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string()),
-        None => {
-            if std::env::var_os("RAYON_NUM_THREADS").is_none() {
-                std::env::set_var("RAYON_NUM_THREADS", "1");
-            }
-        }
+    if let Some(n) = threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
     }
 }

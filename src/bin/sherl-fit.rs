@@ -182,9 +182,9 @@ struct RunArgs {
     /// Cache decoder threads.
     #[arg(long, default_value_t = 1)]
     decode_threads: usize,
-    /// candle compute threads (default: 1). On small models candle's
-    /// parallel element-wise ops spend more time at barriers than they save;
-    /// one thread measured 2x faster on a 2-core machine (README).
+    /// candle compute threads (default: all cores, or RAYON_NUM_THREADS). On
+    /// a busy machine fewer threads can be faster: candle's parallel ops
+    /// spin at barriers when cores are taken (README, "Design notes").
     #[arg(long)]
     threads: Option<usize>,
 }
