@@ -44,6 +44,36 @@ pub struct Consolidated {
     pub alpha: Tensor,
 }
 
+/// One `LayerNorm_d(Linear(D -> d))` projector per entry, named
+/// `{prefix}.proj.{j}` and `{prefix}.proj_ln.{j}` (shared by SHERL's early
+/// route and UniPT).
+pub fn projectors(
+    params: &mut Params,
+    prefix: &str,
+    m: usize,
+    d_model: usize,
+    d: usize,
+    rng: &mut Rng,
+    dev: &Device,
+) -> Result<Vec<(Lin, Lin)>> {
+    (0..m)
+        .map(|j| {
+            let l = params.linear(&format!("{prefix}.proj.{j}"), d_model, d, rng, dev)?;
+            let n = params.layer_norm(&format!("{prefix}.proj_ln.{j}"), d, dev)?;
+            Ok((l, n))
+        })
+        .collect()
+}
+
+/// Apply each projector to its entry: `LayerNorm(x_j W_j^T + b_j)`.
+pub fn project(layers: &[Tensor], proj: &[(Lin, Lin)]) -> Result<Vec<Tensor>> {
+    layers
+        .iter()
+        .zip(proj)
+        .map(|(x, ((w, b), (lw, lb)))| layer_norm(&linear(x, w, b)?, lw, lb, PROJ_LN_EPS))
+        .collect()
+}
+
 impl Consolidation {
     /// Fresh parameters for `m` entries of width `d_model`, side width `d`.
     pub fn new(
@@ -59,12 +89,7 @@ impl Consolidation {
                 "SHERL's early route needs at least 2 cached layers (got {m}): re-extract with more layers"
             )));
         }
-        let mut proj = Vec::with_capacity(m);
-        for j in 0..m {
-            let l = params.linear(&format!("early.proj.{j}"), d_model, d, rng, dev)?;
-            let n = params.layer_norm(&format!("early.proj_ln.{j}"), d, dev)?;
-            proj.push((l, n));
-        }
+        let proj = projectors(params, "early", m, d_model, d, rng, dev)?;
         let w_a = params.linear("early.score", d, 1, rng, dev)?;
         Ok(Consolidation { proj, w_a })
     }
@@ -88,11 +113,7 @@ impl Consolidation {
         }
         let (b, s, _) = layers[0].dims3()?;
         let m = layers.len();
-        let f: Vec<Tensor> = layers
-            .iter()
-            .zip(&self.proj)
-            .map(|(x, ((w, bias), (lw, lb)))| layer_norm(&linear(x, w, bias)?, lw, lb, PROJ_LN_EPS))
-            .collect::<Result<_>>()?;
+        let f = project(layers, &self.proj)?;
         let d = f[0].dim(D::Minus1)?;
         let n = b * s;
         // shallow set E [N, M-1, d], guide e [N, 1, d]

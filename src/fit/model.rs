@@ -393,12 +393,7 @@ impl Unipt {
         rng: &mut Rng,
         dev: &Device,
     ) -> Result<Self> {
-        let mut proj = Vec::with_capacity(m);
-        for j in 0..m {
-            let l = params.linear(&format!("unipt.proj.{j}"), d_model, d, rng, dev)?;
-            let n = params.layer_norm(&format!("unipt.proj_ln.{j}"), d, dev)?;
-            proj.push((l, n));
-        }
+        let proj = super::consolidation::projectors(params, "unipt", m, d_model, d, rng, dev)?;
         let conf = params.linear("unipt.confidence", d, 1, rng, dev)?;
         let out = params.linear("unipt.out", d, d, rng, dev)?;
         let out_ln = params.layer_norm("unipt.out_ln", d, dev)?;
@@ -414,11 +409,7 @@ impl Unipt {
     /// `layers`: hidden_states.0..=N, each `[B, S, D]`; `mask` `[B, S]` -> `[B, S, d]`.
     fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Tensor> {
         let _span = tracing::trace_span!("unipt").entered();
-        let a: Vec<Tensor> = layers
-            .iter()
-            .zip(&self.proj)
-            .map(|(x, ((w, b), (lw, lb)))| layer_norm(&linear(x, w, b)?, lw, lb, 1e-5))
-            .collect::<Result<_>>()?;
+        let a = super::consolidation::project(layers, &self.proj)?;
         let n = a.len() - 1;
         let anchor = &a[n];
         let key_mask = mask.unsqueeze(1)?; // [B, 1, S]
