@@ -455,3 +455,28 @@ fn background_stream_matches_direct_reads() {
         assert_eq!(c.layers, direct.layers);
     }
 }
+
+/// A cache directory another live process is writing is refused; a stale
+/// lock (dead pid) is taken over; a finished cache holds no lock.
+#[test]
+fn writer_lock_refuses_a_second_writer() {
+    let f = fixture(20);
+    ok(&extract(&f, "done", &[]));
+    assert!(!f.root.join("done/.lock").exists());
+    let dir = f.root.join("busy");
+    std::fs::create_dir_all(&dir).unwrap();
+    // this test process is alive: it "holds" the lock
+    std::fs::write(dir.join(".lock"), std::process::id().to_string()).unwrap();
+    let o = extract(&f, "busy", &["--resume"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("is writing this cache"),
+        "{}",
+        common::stderr(&o)
+    );
+    // a dead pid: taken over, and the extraction completes
+    std::fs::write(dir.join(".lock"), "999999999").unwrap();
+    let s = ok(&extract(&f, "busy", &["--resume"]));
+    assert_eq!(s["examples"], 20);
+    assert!(!dir.join(".lock").exists());
+}

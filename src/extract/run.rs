@@ -424,7 +424,7 @@ pub fn run(
     };
 
     // --- Output directory, resume check -----------------------------------
-    prepare_out_dir(&plan.out, &manifest, plan.resume)?;
+    let _lock = prepare_out_dir(&plan.out, &manifest, plan.resume)?;
 
     let spec = ShardSpec {
         dtype: s.dtype,
@@ -580,7 +580,77 @@ fn probe_hidden(session: &mut BackboneSession, layers: &[usize]) -> Result<usize
 
 /// Create the output directory, or check it for `--resume`: the settings of
 /// the interrupted run (in `extract.pending.json`) must equal these.
-fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<()> {
+/// File that marks a cache directory as being written (holds the writer's pid).
+pub const LOCK: &str = ".lock";
+
+/// Removes the lock file when extraction ends, successfully or not. A
+/// killed process leaves it behind; the next writer sees that its pid is
+/// gone and takes over.
+#[derive(Debug)]
+pub struct WriterLock {
+    path: PathBuf,
+}
+
+impl Drop for WriterLock {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!("could not remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // Linux: a live process has /proc/<pid>. Elsewhere assume it is alive
+    // (the user removes a stale lock by hand, as the message says).
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+/// Take the writer lock of `out` (created if needed): refuse when another
+/// live process holds it, take over a stale one.
+fn lock_out_dir(out: &Path) -> Result<WriterLock> {
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let path = out.join(LOCK);
+    for _ in 0..2 {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                use std::io::Write;
+                write!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
+                return Ok(WriterLock { path });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                match text.trim().parse::<u32>() {
+                    Ok(pid) if pid_alive(pid) => {
+                        return Err(Error::Config(format!(
+                            "{}: another process (pid {pid}) is writing this cache; wait for it, or delete {} if that is wrong",
+                            out.display(),
+                            path.display()
+                        )))
+                    }
+                    _ => {
+                        tracing::info!("{}: taking over a stale lock ({})", out.display(), text.trim());
+                        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+                    }
+                }
+            }
+            Err(e) => return Err(Error::io(&path, e)),
+        }
+    }
+    Err(Error::Config(format!(
+        "{}: could not take the writer lock",
+        path.display()
+    )))
+}
+
+fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<WriterLock> {
     let pending = out.join(PENDING);
     let non_empty = out.is_dir()
         && std::fs::read_dir(out)
@@ -593,7 +663,22 @@ fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<()> 
             out.display()
         )));
     }
-    if resume && non_empty {
+    let lock = lock_out_dir(out)?;
+    // A directory killed before it recorded its settings holds no sealed
+    // shard: nothing to keep, start it afresh.
+    let sealed_shards = std::fs::read_dir(out.join("shards"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .any(|e| e.path().extension().is_some_and(|x| x == "shrd"))
+        })
+        .unwrap_or(false);
+    if resume && non_empty && !pending.exists() && sealed_shards {
+        return Err(Error::Config(format!(
+            "{}: cannot resume: it holds shards but no {PENDING} recording their settings; start in an empty --out",
+            out.display()
+        )));
+    }
+    if resume && non_empty && pending.exists() {
         let old = Manifest::read(&pending)
             .map_err(|e| Error::Config(format!("{}: cannot resume: {e}", out.display())))?;
         let mut diffs = Vec::new();
@@ -631,7 +716,8 @@ fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<()> 
         }
     }
     let bytes = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
-    crate::fsutil::write_atomic(&pending, &bytes)
+    crate::fsutil::write_atomic(&pending, &bytes)?;
+    Ok(lock)
 }
 
 struct ChunkJob {
