@@ -31,7 +31,7 @@ use sherl::cache::manifest::ExtractSettings;
 use sherl::cache::shard::{compress_chunk, ShardSpec};
 use sherl::cache::{Cache, Dtype};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::batch::{real_rows, PaddedBatch};
+use sherl::extract::batch::{batch_ranges, real_rows, PaddedBatch};
 use sherl::extract::run::{ExtractPlan, ExtractReporter, LayerChoice};
 use sherl::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
 use sherl::tokenize::{Encoded, Tokenizer};
@@ -173,37 +173,15 @@ fn default_settings() -> ExtractSettings {
     }
 }
 
-/// Canonical split order, as `extract::run` orders the cache.
-fn split_rank(name: &str) -> (u8, String) {
-    let r = match name {
-        "train" => 0,
-        "valid" | "validation" | "dev" | "val" => 1,
-        "test" => 2,
-        _ => 3,
-    };
-    (r, name.to_string())
-}
-
 /// Consecutive examples under the padded-token budget, as `write_shard`
 /// batches them (batches never cross a shard boundary).
 fn bucketed_batches(encs: &[Encoded], s: &ExtractSettings) -> Vec<PaddedBatch> {
     let mut out = Vec::new();
     for shard in encs.chunks(s.examples_per_shard as usize) {
-        let mut start = 0;
-        while start < shard.len() {
-            let mut end = start;
-            let mut longest = 0usize;
-            while end < shard.len() && end - start < s.max_batch {
-                let l = longest.max(shard[end].len());
-                if end > start && l * (end - start + 1) > s.max_tokens_per_batch {
-                    break;
-                }
-                longest = l;
-                end += 1;
-            }
-            let refs: Vec<&Encoded> = shard[start..end].iter().collect();
+        let lengths: Vec<usize> = shard.iter().map(Encoded::len).collect();
+        for r in batch_ranges(&lengths, s.max_tokens_per_batch, s.max_batch) {
+            let refs: Vec<&Encoded> = shard[r].iter().collect();
             out.push(PaddedBatch::new(&refs, None));
-            start = end;
         }
     }
     out
@@ -428,7 +406,7 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
     let load_s = t.elapsed().as_secs_f64();
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), settings.max_len)?;
     let mut split_names: Vec<String> = ds.report.split_counts.keys().cloned().collect();
-    split_names.sort_by_key(|n| split_rank(n));
+    split_names.sort_by_key(|n| sherl::extract::run::split_rank(n));
     let t = Instant::now();
     let mut items = Vec::with_capacity(ds.examples.len());
     for ex in &ds.examples {

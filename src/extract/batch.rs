@@ -64,6 +64,35 @@ impl PaddedBatch {
     }
 }
 
+/// Cut a sequence of examples (their token lengths, in order) into
+/// consecutive batches of at most `max_batch` examples whose padded size
+/// (count x longest) stays within `max_tokens`; a single example longer than
+/// the budget still forms its own batch. The one batching rule of both
+/// phases: extraction batches and training batches follow it.
+pub fn batch_ranges(
+    lengths: &[usize],
+    max_tokens: usize,
+    max_batch: usize,
+) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < lengths.len() {
+        let mut end = start;
+        let mut longest = 0usize;
+        while end < lengths.len() && end - start < max_batch.max(1) {
+            let l = longest.max(lengths[end]);
+            if end > start && l * (end - start + 1) > max_tokens {
+                break;
+            }
+            longest = l;
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
 /// Rows `[0, len)` of example `b` of a `[batch, seq, hidden]` output, as a
 /// contiguous row-major `len x hidden` vector.
 pub fn real_rows(h: &Array3<f32>, b: usize, len: usize) -> Vec<f32> {
@@ -110,6 +139,15 @@ mod tests {
         assert_eq!(p.padded_tokens(), 6);
         let p = PaddedBatch::new(&[&b], Some(4));
         assert_eq!(p.ids.shape(), &[1, 4]);
+    }
+
+    #[test]
+    fn batch_ranges_respect_both_limits() {
+        // a 4th example would make 4 x 5 = 20 > 10 padded tokens
+        assert_eq!(batch_ranges(&[2, 2, 2, 5, 5], 10, 8), vec![0..3, 3..5]);
+        assert_eq!(batch_ranges(&[1, 1, 1], 100, 2), vec![0..2, 2..3]);
+        assert_eq!(batch_ranges(&[50], 10, 8), vec![0..1]);
+        assert!(batch_ranges(&[], 10, 8).is_empty());
     }
 
     #[test]

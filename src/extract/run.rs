@@ -20,7 +20,7 @@ use std::sync::mpsc;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::batch::{real_rows, real_rows_slice, PaddedBatch};
+use super::batch::{batch_ranges, real_rows, real_rows_slice, PaddedBatch};
 use crate::backbone::BackboneDir;
 use crate::cache::manifest::{
     short_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,
@@ -168,8 +168,9 @@ struct Item {
     meta: ExampleMeta,
 }
 
-/// Canonical split order: train, valid/validation/dev, test, then others.
-fn split_rank(name: &str) -> (u8, String) {
+/// Canonical split order: train, valid/validation/dev, test, then others
+/// (the order of examples in a cache).
+pub fn split_rank(name: &str) -> (u8, String) {
     let r = match name {
         "train" => 0,
         "valid" | "validation" | "dev" | "val" => 1,
@@ -801,18 +802,9 @@ fn write_shard(
             let mut chunk_meta: Vec<ExampleMeta> = Vec::with_capacity(chunk_size);
             let mut chunk_layers: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
             let mut seq = 0usize;
-            let mut start = 0usize;
-            while start < items.len() {
-                let mut end = start;
-                let mut longest = 0usize;
-                while end < items.len() && end - start < s.max_batch {
-                    let l = longest.max(items[end].meta.len());
-                    if end > start && l * (end - start + 1) > s.max_tokens_per_batch {
-                        break;
-                    }
-                    longest = l;
-                    end += 1;
-                }
+            let lengths: Vec<usize> = items.iter().map(|i| i.meta.len()).collect();
+            for range in batch_ranges(&lengths, s.max_tokens_per_batch, s.max_batch) {
+                let (start, end) = (range.start, range.end);
                 let encs: Vec<Encoded> = items[start..end]
                     .iter()
                     .map(|i| Encoded {
@@ -861,7 +853,6 @@ fn write_shard(
                     }
                 }
                 reporter.advance((end - start) as u64, batch.real_tokens() as u64);
-                start = end;
             }
             if !chunk_meta.is_empty() {
                 job_tx

@@ -14,6 +14,7 @@ use candle_core::{Device, Tensor};
 
 use super::rng::Rng;
 use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
+use crate::extract::batch::batch_ranges;
 use crate::{Error, Result};
 
 /// One batch.
@@ -197,24 +198,13 @@ impl Batches {
 
     /// Cut `items` (in order) into batches under the size and token limits.
     fn cut(&self, items: Vec<Item>) -> Vec<Vec<Item>> {
-        let mut out = Vec::new();
-        let mut cur: Vec<Item> = Vec::new();
-        let mut longest = 0;
-        for it in items {
-            let l = longest.max(it.meta.len());
-            if !cur.is_empty()
-                && (cur.len() >= self.plan.batch_size || l * (cur.len() + 1) > self.plan.max_tokens)
-            {
-                out.push(std::mem::take(&mut cur));
-                longest = 0;
-            }
-            longest = longest.max(it.meta.len());
-            cur.push(it);
-        }
-        if !cur.is_empty() {
-            out.push(cur);
-        }
-        out
+        let lengths: Vec<usize> = items.iter().map(|it| it.meta.len()).collect();
+        let ranges = batch_ranges(&lengths, self.plan.max_tokens, self.plan.batch_size);
+        let mut items = items.into_iter();
+        ranges
+            .into_iter()
+            .map(|r| items.by_ref().take(r.len()).collect())
+            .collect()
     }
 
     fn take_batch(&mut self) -> Vec<Item> {

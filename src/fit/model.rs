@@ -156,6 +156,11 @@ impl Model {
             cfg.attention_probs_dropout_prob as f32,
             cfg.hidden_dropout_prob as f32,
         );
+        let load_layers = |range: std::ops::Range<usize>, trainable: bool, params: &mut Params| {
+            range
+                .map(|li| BertLayer::load(ckpt, cfg, li, params, trainable, drop, dev))
+                .collect::<Result<Vec<_>>>()
+        };
         let mut consolidation = None;
         let mut restore = None;
         let mut late = Vec::new();
@@ -192,33 +197,13 @@ impl Model {
                     &mut rng,
                     dev,
                 )?);
-                for li in last..n {
-                    late.push(BertLayer::load(
-                        ckpt,
-                        cfg,
-                        li,
-                        &mut params,
-                        spec.late_trainable,
-                        drop,
-                        dev,
-                    )?);
-                }
+                late = load_layers(last..n, spec.late_trainable, &mut params)?;
                 inputs = spec.early_layers.clone();
             }
             Method::LateLayer => {
                 let last = n - k;
                 need(last)?;
-                for li in last..n {
-                    late.push(BertLayer::load(
-                        ckpt,
-                        cfg,
-                        li,
-                        &mut params,
-                        true,
-                        drop,
-                        dev,
-                    )?);
-                }
+                late = load_layers(last..n, true, &mut params)?;
                 inputs = vec![last];
             }
             Method::LinearProbe => {
@@ -238,17 +223,7 @@ impl Model {
                             "the cache holds no layer at or below {p} for the linear probe"
                         ))
                     })?;
-                for li in from..p {
-                    frozen.push(BertLayer::load(
-                        ckpt,
-                        cfg,
-                        li,
-                        &mut params,
-                        false,
-                        drop,
-                        dev,
-                    )?);
-                }
+                frozen = load_layers(from..p, false, &mut params)?;
                 inputs = vec![from];
             }
             Method::Unipt => {
@@ -268,17 +243,7 @@ impl Model {
             }
             Method::FullFt => {
                 embeddings = Some(Embeddings::load(ckpt, cfg, &mut params, dev)?);
-                for li in 0..n {
-                    late.push(BertLayer::load(
-                        ckpt,
-                        cfg,
-                        li,
-                        &mut params,
-                        true,
-                        drop,
-                        dev,
-                    )?);
-                }
+                late = load_layers(0..n, true, &mut params)?;
                 inputs = Vec::new();
             }
         }
