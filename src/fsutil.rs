@@ -98,3 +98,40 @@ pub fn sha256_path(path: &Path) -> Result<String> {
     }
     Ok(crate::backbone::hex_digest(&h.finalize()))
 }
+
+/// An exclusive advisory lock on a directory, held through an open lock file
+/// inside it (`flock`-style, through the standard library's `File::try_lock`).
+/// The operating system releases it when the process ends, however it ends,
+/// so a `kill -9` never leaves a stale lock behind and there is no pid to
+/// check. The lock file itself stays: deleting it while another process
+/// waits on it would let two processes hold "the" lock on different files.
+#[derive(Debug)]
+pub struct DirLock {
+    path: PathBuf,
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    /// Take the lock `dir/name` (the directory must exist). `Ok(None)` when
+    /// another process holds it.
+    pub fn try_acquire(dir: &Path, name: &str) -> Result<Option<DirLock>> {
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(DirLock { path, _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+        }
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
