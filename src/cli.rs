@@ -90,6 +90,10 @@ impl RuntimeArgs {
     }
 }
 
+/// Exit code of a command refused because another process holds the lock
+/// of the run or cache it would write (README, "Exit codes").
+pub const EXIT_BUSY: u8 = 3;
+
 /// Run a binary's body and map its outcome to sherl's exit codes.
 pub fn main_wrapper(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
     match body() {
@@ -102,10 +106,35 @@ pub fn main_wrapper(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode
             if broken_pipe {
                 return ExitCode::SUCCESS;
             }
-            eprintln!("error: {err:#}");
-            ExitCode::from(2)
+            eprintln!("error: {}", error_chain(&err));
+            let busy = err.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<crate::Error>(),
+                    Some(crate::Error::Locked { .. })
+                )
+            });
+            ExitCode::from(if busy { EXIT_BUSY } else { 2 })
         }
     }
+}
+
+/// An error and its causes on one line, `outer: inner: ...`, each cause
+/// printed once: sherl's errors already include their source's text in
+/// their own message (so a library caller sees it too), and a cause whose
+/// text the line already holds is not repeated.
+pub fn error_chain(err: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Print one line to stdout, propagating errors (a closed pipe included).
@@ -146,5 +175,22 @@ pub fn tune_allocator() {
 pub fn set_compute_threads(threads: Option<usize>) {
     if let Some(n) = threads {
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let err = anyhow::Error::from(crate::Error::io("nope.csv", io));
+        assert_eq!(error_chain(&err), "nope.csv: No such file or directory");
+        let err = err.context("reading the dataset");
+        assert_eq!(
+            error_chain(&err),
+            "reading the dataset: nope.csv: No such file or directory"
+        );
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! One [`Error`] for the whole crate, in the candle/tantivy style: variants
 //! carry the path (and line, where there is one) they concern, and keep the
-//! underlying error as their `source`, so the binaries can print the whole
-//! chain with `{:#}`.
+//! underlying error as their `source`; the binaries print the whole chain
+//! on one line, each cause once ([`crate::cli::error_chain`]).
 
 use std::path::PathBuf;
 
@@ -84,6 +84,22 @@ pub enum Error {
         #[source]
         source: crate::cache::CacheError,
     },
+    /// Another process holds the lock of a run or cache directory.
+    #[error("{}: {what} is in use by another process (it holds {}); wait for it to finish, or stop it", path.display(), lock.display())]
+    Locked {
+        /// Directory concerned.
+        path: PathBuf,
+        /// What the directory is (`run`, `cache`).
+        what: &'static str,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// Training stopped because the numbers diverged (NaN or infinite loss).
+    #[error("{0}")]
+    Diverged(String),
+    /// The work needs more memory than the machine can give it.
+    #[error("{0}")]
+    TooLarge(String),
     /// candle failure.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

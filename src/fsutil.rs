@@ -56,6 +56,11 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(crate::backbone::hex_digest(&h.finalize()))
 }
 
+/// sha256 of `bytes`, lowercase hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    crate::backbone::hex_digest(&Sha256::digest(bytes))
+}
+
 /// fsync a directory so a rename inside it is durable (no-op off unix).
 pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(unix)]
@@ -128,6 +133,30 @@ impl DirLock {
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
         }
+    }
+
+    /// Take the lock `dir/name`, waiting for its holder to release it.
+    pub fn acquire(dir: &Path, name: &str) -> Result<DirLock> {
+        let path = dir.join(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        file.lock().map_err(|e| Error::io(&path, e))?;
+        Ok(DirLock { path, _file: file })
+    }
+
+    /// Whether another process holds `dir/name` right now (a directory or
+    /// lock file that does not exist is not held). Only a hint: the holder
+    /// may change the moment after.
+    pub fn is_held(dir: &Path, name: &str) -> Result<bool> {
+        if !dir.join(name).exists() {
+            return Ok(false);
+        }
+        Ok(DirLock::try_acquire(dir, name)?.is_none())
     }
 
     /// The lock file.

@@ -614,6 +614,12 @@ fn bad_input_is_refused_clearly() {
             "1e30",
             "--grad-clip",
             "0",
+            // no decay: lr x weight decay >= 1 is refused before training
+            "--weight-decay",
+            "0",
+            // several steps per epoch: it diverges inside the first one
+            "--batch-size",
+            "4",
             "--out",
             "nan-runs",
         ],
@@ -622,6 +628,16 @@ fn bad_input_is_refused_clearly() {
     let err = common::stderr(&o);
     assert!(
         err.contains("training loss became") && err.contains("epoch"),
+        "{err}"
+    );
+    // it diverges in the first epoch: no weights exist, and the message says
+    // so instead of pointing at a file that is not there
+    assert!(
+        err.contains("no epoch finished, so no weights were kept")
+            && !err.contains("kept in")
+            && err.contains("--lr 1000000000000000000000000000000")
+            && !err.contains("--weight-decay")
+            && !err.contains("--lr-pretrained"),
         "{err}"
     );
     let run = std::fs::read_dir(f.root.join("nan-runs"))
@@ -634,6 +650,7 @@ fn bad_input_is_refused_clearly() {
         run.join("config.json").exists()
             && run.join("error.json").exists()
             && !run.join("summary.json").exists()
+            && !run.join("weights.safetensors").exists()
     );
     // a cache without a valid split
     let h = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@ mod export;
 mod extract;
 mod fit;
 mod golden;
+mod hardening;
 mod report;
 mod runtime;
 mod sweep;

@@ -46,16 +46,18 @@ fn sweep_runs_every_setting_and_reports() {
     let o = sweep(&f.root, &["--jobs", "2"]);
     assert!(o.status.success(), "{}", common::stderr(&o));
     let out = common::stdout(&o);
+    // stdout is one JSON line per run and nothing else (`| jq` works)
     let summaries: Vec<serde_json::Value> = out
         .lines()
-        .filter(|l| l.starts_with('{'))
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
         .collect();
     assert_eq!(summaries.len(), 6);
     assert_eq!(finished(&f.root).len(), 6);
-    // the table at the end names every method
+    // the table at the end, on stderr, names every method
+    let err = common::stderr(&o);
+    assert!(err.contains("| method"), "{err}");
     for m in ["sherl", "linear-probe", "unipt"] {
-        assert!(out.contains(m), "{out}");
+        assert!(err.contains(&format!("| {m}")), "{err}");
     }
     let r = common::run("sherl-fit", &["report", "runs"], &f.root, &[]);
     assert!(r.status.success(), "{}", common::stderr(&r));

@@ -285,6 +285,7 @@ fn main() -> ExitCode {
         let args = Args::parse();
         if let Command::Run(r) = &args.command {
             sherl::cli::set_compute_threads(r.threads);
+            sherl::fit::sweep::exit_with_parent();
         }
         init_output(&args.output);
         match args.command {
@@ -339,136 +340,83 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
-    use std::sync::{Arc, Mutex};
-    let grid: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(&a.grid).with_context(|| format!("{}: cannot read", a.grid.display()))?,
-    )
-    .with_context(|| format!("{}: invalid JSON", a.grid.display()))?;
-    let runs = sherl::fit::sweep::expand(&grid).with_context(|| a.grid.display().to_string())?;
-    let (wi, wm) = match &a.worker {
-        Some(w) => sherl::fit::sweep::parse_worker(w)?,
-        None => (0, 1),
-    };
-    let mine = sherl::fit::sweep::partition(runs.len(), wi, wm);
-    let manifest = sherl::cache::Manifest::read(&a.cache.join("manifest.json"))?;
-    let exe = std::env::current_exe().context("locating sherl-fit")?;
-    let settings_dir = a.out.join(".sweep");
-    std::fs::create_dir_all(&settings_dir)
-        .with_context(|| format!("{}: cannot create", settings_dir.display()))?;
-    let mut todo = Vec::new();
-    let (mut done, mut failed_before) = (0usize, 0usize);
-    for &k in &mine {
-        let cfg = &runs[k];
-        let id = cfg.run_id(&manifest.settings_hash);
-        let dir = a.out.join(&id);
-        if a.dry_run {
-            print_line(
-                &serde_json::json!({ "index": k, "run_id": id, "config": cfg }).to_string(),
-            )?;
-            continue;
-        }
-        if dir.join("summary.json").exists() {
-            done += 1;
-            continue;
-        }
-        if dir.join("error.json").exists() && !a.retry_failed {
-            failed_before += 1;
-            continue;
-        }
-        let file = settings_dir.join(format!("{id}.json"));
-        sherl::fsutil::write_atomic(&file, &serde_json::to_vec_pretty(cfg)?)?;
-        todo.push((k, id, file));
+/// Sweep progress on stderr, results on stdout (one JSON line per run).
+struct SweepLines;
+
+impl sherl::fit::sweep::SweepReporter for SweepLines {
+    fn start(&self, o: &sherl::fit::sweep::SweepOutcome, to_run: usize, jobs: usize) {
+        tracing::info!(
+            "sweep: {} runs for this worker; {} already done, {} failed before (skipped), {to_run} to run, {jobs} at a time",
+            o.runs,
+            o.done_before,
+            o.failed_before
+        );
     }
+    fn finished(&self, n: usize, total: usize, r: &sherl::fit::sweep::PlannedRun, summary: &str) {
+        tracing::info!("[{n}/{total}] run {} {} done", r.index, r.run_id);
+        if let Err(e) = print_line(summary) {
+            tracing::warn!("stdout: {e}");
+        }
+    }
+    fn failed(
+        &self,
+        n: usize,
+        total: usize,
+        r: &sherl::fit::sweep::PlannedRun,
+        why: &str,
+        log: &std::path::Path,
+    ) {
+        tracing::warn!(
+            "[{n}/{total}] run {} {} failed ({why}); log: {}",
+            r.index,
+            r.run_id,
+            log.display()
+        );
+    }
+    fn note(&self, message: &str) {
+        tracing::info!("{message}");
+    }
+}
+
+fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
+    let plan = sherl::fit::sweep::SweepPlan {
+        cache: a.cache.clone(),
+        backbone: a.backbone.clone(),
+        grid: a.grid.clone(),
+        out: a.out.clone(),
+        jobs: a.jobs,
+        worker: match &a.worker {
+            Some(w) => sherl::fit::sweep::parse_worker(w)?,
+            None => (0, 1),
+        },
+        retry_failed: a.retry_failed,
+        device: a.device.clone(),
+        exe: std::env::current_exe().context("locating sherl-fit")?,
+    };
+    let runs = sherl::fit::sweep::plan_runs(&plan)?;
     if a.dry_run {
+        // Nothing is written: the plan only.
+        for r in &runs {
+            print_line(&serde_json::to_string(r)?)?;
+        }
         return Ok(ExitCode::SUCCESS);
     }
-    tracing::info!(
-        "sweep: {} runs in the grid, {} for this worker; {done} already done, {failed_before} failed before (skipped), {} to run, {} at a time",
-        runs.len(),
-        mine.len(),
-        todo.len(),
-        a.jobs.max(1)
-    );
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads_each = (cores / a.jobs.max(1)).max(1);
-    let queue = Arc::new(Mutex::new(todo.into_iter()));
-    let failures = Arc::new(Mutex::new(Vec::new()));
-    let stdout_lock = Arc::new(Mutex::new(()));
-    let total = mine.len();
-    let finished = Arc::new(std::sync::atomic::AtomicUsize::new(done));
-    std::thread::scope(|scope| {
-        for _ in 0..a.jobs.max(1) {
-            let (queue, failures, stdout_lock, finished) = (
-                queue.clone(),
-                failures.clone(),
-                stdout_lock.clone(),
-                finished.clone(),
-            );
-            let (exe, a) = (&exe, &a);
-            scope.spawn(move || loop {
-                let next = match queue.lock() {
-                    Ok(mut q) => q.next(),
-                    Err(_) => None,
-                };
-                let Some((k, id, file)) = next else { break };
-                let log = a.out.join(".sweep").join(format!("{id}.log"));
-                let out = std::fs::File::create(&log).and_then(|f| {
-                    std::process::Command::new(exe)
-                        .arg("-q")
-                        .arg("run")
-                        .args(["--cache".as_ref(), a.cache.as_os_str()])
-                        .args(["--backbone".as_ref(), a.backbone.as_os_str()])
-                        .args(["--out".as_ref(), a.out.as_os_str()])
-                        .args(["--config".as_ref(), file.as_os_str()])
-                        .args(["--device", &a.device])
-                        .env("RAYON_NUM_THREADS", threads_each.to_string())
-                        .stderr(f)
-                        .output()
-                });
-                let n = finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                match out {
-                    Ok(o) if o.status.success() => {
-                        let line = String::from_utf8_lossy(&o.stdout)
-                            .lines()
-                            .last()
-                            .unwrap_or("")
-                            .to_string();
-                        let _guard = stdout_lock.lock();
-                        tracing::info!("[{n}/{total}] run {k} {id} done");
-                        if let Err(e) = print_line(&line) {
-                            tracing::warn!("stdout: {e}");
-                        }
-                    }
-                    Ok(o) => {
-                        tracing::warn!(
-                            "[{n}/{total}] run {k} {id} failed (exit {:?}); log: {}",
-                            o.status.code(),
-                            log.display()
-                        );
-                        if let Ok(mut f) = failures.lock() {
-                            f.push(id);
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!("[{n}/{total}] run {k} {id} could not start: {e}");
-                        if let Ok(mut f) = failures.lock() {
-                            f.push(id);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    let failed = failures.lock().map(|f| f.len()).unwrap_or(0);
+    let o = sherl::fit::sweep::run_sweep(&plan, &runs, &SweepLines)?;
+    // stdout holds one JSON line per run; the table goes to stderr (and to
+    // the files `sherl-fit report` writes).
     match sherl::report::report(&sherl::report::ReportOptions::new(&a.out)) {
-        Ok(r) => print_line(&r.markdown)?,
+        Ok(r) => {
+            for w in &r.warnings {
+                tracing::warn!("{w}");
+            }
+            eprintln!("{}", r.markdown);
+        }
         Err(e) => tracing::warn!("no report: {e}"),
     }
-    if failed + failed_before > 0 {
+    let failed = o.failed.len() + o.failed_before;
+    if failed > 0 {
         tracing::warn!(
-            "{} run(s) failed; see RUNS/<run id>/error.json and RUNS/.sweep/<run id>.log",
-            failed + failed_before
+            "{failed} run(s) failed; see RUNS/<run id>/error.json and RUNS/.sweep/<run id>.log (--retry-failed runs them again)"
         );
         return Ok(ExitCode::from(1));
     }
@@ -481,6 +429,9 @@ fn report(runs: PathBuf, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         opts.out = o;
     }
     let r = sherl::report::report(&opts)?;
+    for w in &r.warnings {
+        tracing::warn!("{w}");
+    }
     for (dir, why) in &r.skipped {
         tracing::info!("skipped {}: {why}", dir.display());
     }

@@ -263,7 +263,7 @@ fn unshuffle_payload(raw: &[u8], tokens: usize, dtype: Dtype) -> Result<Vec<u8>,
         }
         _ => {
             let w = shuffle_width(dtype);
-            if raw.len() % w != 0 {
+            if !raw.len().is_multiple_of(w) {
                 return Err(CacheError::Corrupt(
                     "layer frame length is not a multiple of the value size".into(),
                 ));
@@ -507,7 +507,7 @@ impl<B: ByteSource> ShardReader<B> {
             ));
         }
         let per_chunk = h.n_layers as usize + 1;
-        if entries.len() % per_chunk != 0 {
+        if !entries.len().is_multiple_of(per_chunk) {
             return Err(CacheError::Corrupt(format!(
                 "{} index entries is not a multiple of {per_chunk} (meta + layers)",
                 entries.len()

@@ -8,6 +8,15 @@ use sha2::{Digest, Sha256};
 
 use super::model::{Method, Pool};
 
+/// Largest `--side-dim` accepted: far wider than any backbone in use
+/// (BERT-large is 1,024 wide); a typo such as `--side-dim 100000000` is
+/// refused here instead of by the kernel's out-of-memory killer.
+pub const MAX_SIDE_DIM: usize = 16_384;
+/// Largest `--batch-size` accepted.
+pub const MAX_BATCH_SIZE: usize = 1 << 20;
+/// Largest `--max-tokens-per-batch` accepted.
+pub const MAX_TOKENS_PER_BATCH: usize = 1 << 24;
+
 /// One training run's settings (`config.json` in the run directory).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -95,7 +104,10 @@ impl FitConfig {
         )
     }
 
-    /// Check ranges; returns a message naming the bad setting.
+    /// Check every setting's range before anything is written; returns a
+    /// message naming the bad setting. Floats must be finite: JSON has no
+    /// NaN or infinity, so such a value would be recorded as `null` and
+    /// break every later reader of the run's config.
     pub fn validate(&self) -> Result<(), String> {
         if self.epochs == 0 {
             return Err("--epochs must be at least 1".into());
@@ -103,22 +115,81 @@ impl FitConfig {
         if self.batch_size == 0 || self.max_tokens_per_batch == 0 {
             return Err("--batch-size and --max-tokens-per-batch must be positive".into());
         }
-        let lr_ok = self.lr > 0.0 && self.lr.is_finite();
-        let pre_ok = self.lr_pretrained >= 0.0 && self.lr_pretrained.is_finite();
-        if !lr_ok || !pre_ok {
-            return Err("learning rates must be positive and finite".into());
+        if self.batch_size > MAX_BATCH_SIZE || self.max_tokens_per_batch > MAX_TOKENS_PER_BATCH {
+            return Err(format!(
+                "--batch-size {} / --max-tokens-per-batch {}: at most {MAX_BATCH_SIZE} examples and {MAX_TOKENS_PER_BATCH} tokens per batch",
+                self.batch_size, self.max_tokens_per_batch
+            ));
+        }
+        let finite = [
+            ("--lr", self.lr),
+            ("--lr-pretrained", self.lr_pretrained),
+            ("--weight-decay", self.weight_decay),
+            ("--warmup", self.warmup),
+            ("--grad-clip", self.grad_clip),
+            ("--dropout", f64::from(self.dropout)),
+        ];
+        if let Some((name, v)) = finite.iter().find(|(_, v)| !v.is_finite()) {
+            return Err(format!("{name} {v}: must be a finite number"));
+        }
+        if self.lr <= 0.0 {
+            return Err(format!("--lr {}: must be positive", self.lr));
+        }
+        if self.lr_pretrained < 0.0 {
+            return Err(format!(
+                "--lr-pretrained {}: must be >= 0",
+                self.lr_pretrained
+            ));
         }
         if !(0.0..1.0).contains(&self.warmup) {
-            return Err("--warmup is a fraction of the steps in [0, 1)".into());
+            return Err(format!(
+                "--warmup {}: a fraction of the steps in [0, 1)",
+                self.warmup
+            ));
         }
-        if self.weight_decay < 0.0 || self.grad_clip < 0.0 {
-            return Err("--weight-decay and --grad-clip must be >= 0".into());
+        if self.weight_decay < 0.0 {
+            return Err(format!(
+                "--weight-decay {}: must be >= 0",
+                self.weight_decay
+            ));
+        }
+        // AdamW's decoupled decay multiplies every weight by (1 - lr * wd)
+        // each step: at lr * wd >= 1 the weights flip sign or vanish and the
+        // loss diverges whatever the data.
+        for (lr_name, lr) in [("--lr", self.lr), ("--lr-pretrained", self.lr_pretrained)] {
+            if lr * self.weight_decay >= 1.0 {
+                return Err(format!(
+                    "--weight-decay {} with {lr_name} {lr}: AdamW scales the weights by 1 - lr x weight decay = {} every step, so training cannot converge; lower --weight-decay (typically 0 to 0.1)",
+                    self.weight_decay,
+                    1.0 - lr * self.weight_decay
+                ));
+            }
+        }
+        if self.grad_clip < 0.0 {
+            return Err(format!(
+                "--grad-clip {}: must be >= 0 (0 = off)",
+                self.grad_clip
+            ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err("--dropout must be in [0, 1)".into());
+            return Err(format!("--dropout {}: must be in [0, 1)", self.dropout));
         }
         if self.reduction == 0 || self.side_dim == Some(0) {
             return Err("--reduction and --side-dim must be positive".into());
+        }
+        if let Some(d) = self.side_dim.filter(|&d| d > MAX_SIDE_DIM) {
+            return Err(format!(
+                "--side-dim {d}: at most {MAX_SIDE_DIM} (a side network is narrower than its backbone)"
+            ));
+        }
+        if self.shuffle_chunks == 0 {
+            return Err("shuffle_chunks must be at least 1".into());
+        }
+        if self.train_examples == Some(0) {
+            return Err(
+                "--train-examples 0 would train on nothing; give a positive count or leave it out for all training examples"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -172,18 +172,19 @@ impl Params {
         Ok(())
     }
 
-    /// Write trainable tensors as safetensors (atomically).
-    pub fn save(values: &BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
-        let tmp = path.with_extension("safetensors.tmp");
-        let map: std::collections::HashMap<&str, Tensor> = values
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.clone()))
-            .collect();
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io(&tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    /// Write trainable tensors as safetensors, atomically (temporary file,
+    /// fsync, rename; an I/O error names the file). Returns the sha256 of the
+    /// bytes written, which `summary.json` records so `predict` can tell the
+    /// weights it loads are the ones the run ended with.
+    pub fn save(values: &BTreeMap<String, Tensor>, path: &Path) -> Result<String> {
+        let bytes =
+            safetensors::tensor::serialize(values.iter().map(|(k, v)| (k.as_str(), v)), None)
+                .map_err(|e| Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!("cannot serialise the weights: {e}"),
+                })?;
+        crate::fsutil::write_atomic(path, &bytes)?;
+        Ok(crate::fsutil::sha256_bytes(&bytes))
     }
 
     /// Read a safetensors file written by [`Params::save`].

@@ -77,8 +77,13 @@ pub struct PredictSummary {
     pub run_id: String,
     /// Examples labelled.
     pub examples: usize,
-    /// Accuracy against the file's labels, if it had labels.
+    /// Accuracy over the rows whose true label is one of the run's classes.
     pub accuracy: Option<f64>,
+    /// Rows with a true label among the run's classes (the accuracy's base).
+    pub labelled: usize,
+    /// Rows with a true label the run does not know (labelled all the same,
+    /// written with their `true_label`, not counted in the accuracy).
+    pub unknown_labels: usize,
     /// Where predictions went.
     pub out: Option<PathBuf>,
 }
@@ -92,6 +97,59 @@ fn same(what: &str, path: &Path, want: &str) -> Result<()> {
             &got[..12],
             &want[..12.min(want.len())]
         )));
+    }
+    Ok(())
+}
+
+/// Check `weights.safetensors` against the sha256 the run recorded when it
+/// wrote them (`summary.json`, or `error.json` for a run that stopped):
+/// flipped bits in a weight file must not turn into confident wrong
+/// answers. A run still in progress (or killed) has no record: its weights
+/// are used with a warning.
+fn check_weights(run: &Path, weights: &Path) -> Result<()> {
+    #[derive(Deserialize)]
+    struct Recorded {
+        #[serde(default)]
+        weights_sha256: Option<String>,
+    }
+    let mut recorded = None;
+    for name in ["summary.json", "error.json"] {
+        let p = run.join(name);
+        if !p.exists() {
+            continue;
+        }
+        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
+        let r: Recorded = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            path: p.clone(),
+            source: e,
+        })?;
+        recorded = Some((p, r.weights_sha256));
+        break;
+    }
+    match recorded {
+        Some((from, Some(want))) => {
+            let got = crate::fsutil::sha256_file(weights)?;
+            if got != want {
+                return Err(Error::Checkpoint {
+                    path: weights.to_path_buf(),
+                    message: format!(
+                        "sha256 {} differs from the {} recorded in {} when the run wrote it: the file was changed or is corrupt",
+                        &got[..12],
+                        &want[..12.min(want.len())],
+                        from.display()
+                    ),
+                });
+            }
+        }
+        Some((from, None)) => tracing::warn!(
+            "{}: written by an older sherl without a weights checksum; {} is used unchecked",
+            from.display(),
+            weights.display()
+        ),
+        None => tracing::warn!(
+            "{}: the run has not finished (no summary.json); using its best weights so far, unchecked",
+            run.display()
+        ),
     }
     Ok(())
 }
@@ -111,6 +169,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
             plan.run.display()
         )));
     }
+    check_weights(&plan.run, &weights_path)?;
     let dir = BackboneDir::open(&plan.backbone)?;
     same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
     same(
@@ -122,6 +181,24 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         same("checkpoint", &dir.safetensors_path(), &st.sha256)?;
     }
     let bert = dir.config()?;
+    super::train::check_config(
+        &bert,
+        rc.cache.backbone.config.as_ref(),
+        &dir.config_path(),
+        &cfg_path,
+    )?;
+    if bert.num_hidden_layers != rc.cache.backbone.num_layers
+        || bert.hidden_size != rc.cache.backbone.hidden
+    {
+        return Err(Error::Config(format!(
+            "{}: {} layers x {} hidden, but the run's cache was made by a backbone with {} x {}",
+            dir.config_path().display(),
+            bert.num_hidden_layers,
+            bert.hidden_size,
+            rc.cache.backbone.num_layers,
+            rc.cache.backbone.hidden
+        )));
+    }
     let ckpt = Checkpoint::open(&dir.safetensors_path())?;
     if rc.model.classes != rc.labels.len() {
         return Err(Error::Config(format!(
@@ -149,12 +226,17 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;
     let inputs = model.inputs().to_vec();
 
-    // Texts: map labels (if any) to the run's classes.
+    // Texts: every row is labelled. True labels (if the file has them) are
+    // read as they are and mapped to the run's classes by name; a label the
+    // run does not know is kept in the output and left out of the accuracy.
     let mut dplan = plan.dataset.clone();
-    if dplan.read.label_column.is_some() {
-        dplan.labels = Some(rc.labels.clone());
-    }
+    dplan.labels = None;
     let data = crate::data::load(&dplan)?;
+    let class_of: Vec<Option<usize>> = data
+        .label_names
+        .iter()
+        .map(|n| rc.labels.iter().position(|l| l == n))
+        .collect();
     let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)?;
     let (mut session, choice) = BackboneSession::open(rt, &plan.model, &plan.session)?;
     if let Some(r) = &choice.fallback_reason {
@@ -173,7 +255,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         .clone()
         .unwrap_or_else(|| PathBuf::from("<stdout>"));
     let mut rng = Rng::new(0, 0);
-    let (mut correct, mut labelled) = (0usize, 0usize);
+    let (mut correct, mut labelled, mut unknown) = (0usize, 0usize, 0usize);
     let hidden = bert.hidden_size;
     for chunk in data.examples.chunks(plan.batch_size.max(1)) {
         let encs: Vec<Encoded> = chunk
@@ -230,18 +312,38 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
                 "probabilities": rc.labels.iter().cloned().zip(p.iter().map(|&x| json!(f64::from(x)))).collect::<serde_json::Map<String, serde_json::Value>>(),
             });
             if let Some(t) = e.label {
-                line["true_label"] = json!(rc.labels[t as usize]);
-                labelled += 1;
-                correct += usize::from(t as usize == best);
+                let t = t as usize;
+                line["true_label"] = json!(data.label_names[t]);
+                match class_of[t] {
+                    Some(c) => {
+                        labelled += 1;
+                        correct += usize::from(c == best);
+                    }
+                    None => unknown += 1,
+                }
             }
             writeln!(sink, "{line}").map_err(|e| Error::io(&out_name, e))?;
         }
     }
     sink.flush().map_err(|e| Error::io(&out_name, e))?;
+    if unknown > 0 {
+        let names: Vec<&str> = class_of
+            .iter()
+            .zip(&data.label_names)
+            .filter(|(c, _)| c.is_none())
+            .map(|(_, n)| n.as_str())
+            .collect();
+        tracing::warn!(
+            "{unknown} row(s) have a true label the run was not trained on ({}); they are labelled but left out of the accuracy",
+            names.join(", ")
+        );
+    }
     Ok(PredictSummary {
         run_id: rc.run_id,
         examples: data.examples.len(),
         accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
+        labelled,
+        unknown_labels: unknown,
         out: plan.out.clone(),
     })
 }

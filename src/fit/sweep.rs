@@ -18,6 +18,20 @@ fn normalise(key: &str) -> String {
     key.replace('-', "_")
 }
 
+/// Refuse an object that spells one setting two ways (`late-trainable` and
+/// `late_trainable`): which one wins would be an accident of key order.
+fn check_spellings(obj: &Map<String, Value>, what: &str) -> Result<()> {
+    let mut seen: std::collections::BTreeMap<String, &str> = Default::default();
+    for k in obj.keys() {
+        if let Some(other) = seen.insert(normalise(k), k) {
+            return Err(Error::Config(format!(
+                "grid: {what} sets \"{other}\" and \"{k}\", the same setting spelt two ways; keep one"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn to_config(settings: &Map<String, Value>) -> Result<FitConfig> {
     let mut base = serde_json::to_value(FitConfig::default()).expect("serializes");
     let obj = base.as_object_mut().expect("FitConfig is an object");
@@ -44,6 +58,7 @@ pub fn expand(grid: &Value) -> Result<Vec<FitConfig>> {
     let obj = grid
         .as_object()
         .ok_or_else(|| Error::Config("grid: the file must hold a JSON object".into()))?;
+    check_spellings(obj, "the file")?;
     let mut base = Map::new();
     let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
     let mut explicit = None;
@@ -86,6 +101,7 @@ pub fn expand(grid: &Value) -> Result<Vec<FitConfig>> {
                 let o = r
                     .as_object()
                     .ok_or_else(|| Error::Config(format!("grid: runs[{i}] is not an object")))?;
+                check_spellings(o, &format!("runs[{i}]"))?;
                 let mut m = base.clone();
                 for (k, v) in o {
                     m.insert(normalise(k), v.clone());
@@ -145,6 +161,297 @@ pub fn parse_worker(s: &str) -> Result<(u32, u32)> {
     Ok((i, m))
 }
 
+/// Environment variable through which a sweep tells each `sherl-fit run`
+/// child its pid; the child stops when that process is gone
+/// ([`exit_with_parent`]).
+pub const PARENT_PID_ENV: &str = "SHERL_SWEEP_PID";
+
+/// Exit code of a run refused because another process holds its lock
+/// (the same as the binaries' [`crate::cli::EXIT_BUSY`]).
+const EXIT_BUSY: i32 = crate::cli::EXIT_BUSY as i32;
+
+/// In a `sherl-fit run` started by a sweep: stop this process when the
+/// sweep that started it is gone (killed with `kill -9` included), so no
+/// orphan keeps training, or holding a run's lock, behind a rerun. A
+/// watcher thread compares the parent pid with the one the sweep passed
+/// every 200 ms; plain safe Rust, where `PR_SET_PDEATHSIG` would need
+/// `unsafe` outside the crate's one permitted place. Does nothing when the
+/// variable is unset or off unix.
+pub fn exit_with_parent() {
+    #[cfg(unix)]
+    {
+        let Some(want) = std::env::var(PARENT_PID_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        else {
+            return;
+        };
+        let watch = move || loop {
+            if std::os::unix::process::parent_id() != want {
+                eprintln!(
+                    "sherl-fit: the sweep that started this run (pid {want}) is gone; stopping"
+                );
+                std::process::exit(2);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("parent-watch".into())
+            .spawn(watch)
+        {
+            tracing::warn!("cannot watch the parent sweep: {e}");
+        }
+    }
+}
+
+/// What a sweep does.
+#[derive(Debug, Clone)]
+pub struct SweepPlan {
+    /// Feature cache.
+    pub cache: std::path::PathBuf,
+    /// Backbone directory.
+    pub backbone: std::path::PathBuf,
+    /// Grid file.
+    pub grid: std::path::PathBuf,
+    /// Directory of run directories.
+    pub out: std::path::PathBuf,
+    /// Runs at once.
+    pub jobs: usize,
+    /// This worker and the number of workers (`--worker I/M`).
+    pub worker: (u32, u32),
+    /// Re-run runs that stopped with an error.
+    pub retry_failed: bool,
+    /// `--device` passed to every run.
+    pub device: String,
+    /// The `sherl-fit` executable that trains one run.
+    pub exe: std::path::PathBuf,
+}
+
+/// One run of the grid, as planned.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedRun {
+    /// Position in the expanded grid.
+    pub index: usize,
+    /// Run id (directory name under `out`).
+    pub run_id: String,
+    /// Settings.
+    pub config: FitConfig,
+}
+
+/// Expand the grid file for this worker (nothing is written).
+pub fn plan_runs(plan: &SweepPlan) -> Result<Vec<PlannedRun>> {
+    let bytes = std::fs::read(&plan.grid).map_err(|e| Error::io(&plan.grid, e))?;
+    let grid: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: plan.grid.clone(),
+        source: e,
+    })?;
+    let runs = expand(&grid).map_err(|e| Error::Config(format!("{}: {e}", plan.grid.display())))?;
+    let manifest =
+        crate::cache::Manifest::read(&plan.cache.join(crate::cache::manifest::MANIFEST))?;
+    let (wi, wm) = plan.worker;
+    Ok(partition(runs.len(), wi, wm)
+        .into_iter()
+        .map(|k| PlannedRun {
+            index: k,
+            run_id: runs[k].run_id(&manifest.settings_hash),
+            config: runs[k].clone(),
+        })
+        .collect())
+}
+
+/// What happened in a sweep.
+#[derive(Debug, Default)]
+pub struct SweepOutcome {
+    /// Runs for this worker.
+    pub runs: usize,
+    /// Already complete when the sweep started (or completed meanwhile by
+    /// another process).
+    pub done_before: usize,
+    /// Stopped with an error before and skipped (no `--retry-failed`).
+    pub failed_before: usize,
+    /// Trained by this sweep.
+    pub trained: usize,
+    /// Run ids that failed in this sweep.
+    pub failed: Vec<String>,
+}
+
+/// Progress of a sweep, as the binary shows it.
+pub trait SweepReporter: Sync {
+    /// The sweep is about to start `to_run` runs.
+    fn start(&self, outcome: &SweepOutcome, to_run: usize, jobs: usize);
+    /// A run finished; `summary` is its JSON summary line.
+    fn finished(&self, n: usize, total: usize, run: &PlannedRun, summary: &str);
+    /// A run failed.
+    fn failed(&self, n: usize, total: usize, run: &PlannedRun, why: &str, log: &std::path::Path);
+    /// Something worth a line.
+    fn note(&self, message: &str);
+}
+
+enum Attempt {
+    Done(String),
+    Busy,
+    Failed(String),
+}
+
+/// Run the sweep: every planned run not complete yet is trained by a
+/// `sherl-fit run` child process, `jobs` at a time, each with its share of
+/// the cores and its stderr in `OUT/.sweep/<run id>.log`. Runs another
+/// process is training (its lock is held: a second sweep on the same
+/// `--out`) are left to it and waited for at the end; if that process died
+/// without finishing, they are trained here.
+pub fn run_sweep(
+    plan: &SweepPlan,
+    runs: &[PlannedRun],
+    reporter: &dyn SweepReporter,
+) -> Result<SweepOutcome> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    let lock = super::train::RUN_LOCK;
+    let settings_dir = plan.out.join(".sweep");
+    std::fs::create_dir_all(&settings_dir).map_err(|e| Error::io(&settings_dir, e))?;
+    let mut outcome = SweepOutcome {
+        runs: runs.len(),
+        ..Default::default()
+    };
+    let mut todo = Vec::new();
+    for r in runs {
+        let dir = plan.out.join(&r.run_id);
+        if dir.join("summary.json").exists() {
+            outcome.done_before += 1;
+        } else if dir.join("error.json").exists()
+            && !plan.retry_failed
+            && !crate::fsutil::DirLock::is_held(&dir, lock)?
+        {
+            outcome.failed_before += 1;
+        } else {
+            let file = settings_dir.join(format!("{}.json", r.run_id));
+            crate::fsutil::write_atomic(
+                &file,
+                &serde_json::to_vec_pretty(&r.config).expect("serializes"),
+            )?;
+            todo.push((r, file));
+        }
+    }
+    let jobs = plan.jobs.max(1);
+    reporter.start(&outcome, todo.len(), jobs);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads_each = (cores / jobs).max(1);
+    let attempt = |r: &PlannedRun, file: &std::path::Path| -> Attempt {
+        let log = settings_dir.join(format!("{}.log", r.run_id));
+        let out = std::fs::File::create(&log).and_then(|f| {
+            std::process::Command::new(&plan.exe)
+                .arg("--no-progress")
+                .arg("run")
+                .args(["--cache".as_ref(), plan.cache.as_os_str()])
+                .args(["--backbone".as_ref(), plan.backbone.as_os_str()])
+                .args(["--out".as_ref(), plan.out.as_os_str()])
+                .args(["--config".as_ref(), file.as_os_str()])
+                .args(["--device", &plan.device])
+                .env("RAYON_NUM_THREADS", threads_each.to_string())
+                .env(PARENT_PID_ENV, std::process::id().to_string())
+                .stderr(f)
+                .output()
+        });
+        match out {
+            Ok(o) if o.status.success() => Attempt::Done(
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+            Ok(o) if o.status.code() == Some(EXIT_BUSY) => Attempt::Busy,
+            Ok(o) => Attempt::Failed(format!("exit {:?}", o.status.code())),
+            Err(e) => Attempt::Failed(format!("could not start {}: {e}", plan.exe.display())),
+        }
+    };
+    let queue = Mutex::new(todo.into_iter());
+    let busy = Mutex::new(Vec::new());
+    let failed = Mutex::new(Vec::new());
+    let finished = AtomicUsize::new(outcome.done_before);
+    let trained = AtomicUsize::new(0);
+    let total = runs.len();
+    let settle = |r: &PlannedRun, a: Attempt| match a {
+        Attempt::Busy => {
+            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+            let why = "another process still holds its lock";
+            reporter.failed(
+                n,
+                total,
+                r,
+                why,
+                &settings_dir.join(format!("{}.log", r.run_id)),
+            );
+            if let Ok(mut f) = failed.lock() {
+                f.push(r.run_id.clone());
+            }
+        }
+        Attempt::Done(line) => {
+            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+            trained.fetch_add(1, Ordering::Relaxed);
+            reporter.finished(n, total, r, &line);
+        }
+        Attempt::Failed(why) => {
+            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+            reporter.failed(
+                n,
+                total,
+                r,
+                &why,
+                &settings_dir.join(format!("{}.log", r.run_id)),
+            );
+            if let Ok(mut f) = failed.lock() {
+                f.push(r.run_id.clone());
+            }
+        }
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            scope.spawn(|| loop {
+                let next = queue.lock().ok().and_then(|mut q| q.next());
+                let Some((r, file)) = next else { break };
+                let dir = plan.out.join(&r.run_id);
+                let a = match crate::fsutil::DirLock::is_held(&dir, lock) {
+                    Ok(true) => Attempt::Busy,
+                    Ok(false) => attempt(r, &file),
+                    Err(e) => Attempt::Failed(e.to_string()),
+                };
+                match a {
+                    Attempt::Busy => {
+                        reporter.note(&format!(
+                            "run {} {}: another process is training it; waiting for it at the end",
+                            r.index, r.run_id
+                        ));
+                        if let Ok(mut b) = busy.lock() {
+                            b.push((r, file));
+                        }
+                    }
+                    a => settle(r, a),
+                }
+            });
+        }
+    });
+    // Runs another process held: wait for it, then take what it left.
+    for (r, file) in busy.into_inner().unwrap_or_default() {
+        let dir = plan.out.join(&r.run_id);
+        let held = crate::fsutil::DirLock::acquire(&dir, lock)?;
+        drop(held);
+        if dir.join("summary.json").exists() {
+            finished.fetch_add(1, Ordering::Relaxed);
+            outcome.done_before += 1;
+            reporter.note(&format!(
+                "run {} {}: finished by another process",
+                r.index, r.run_id
+            ));
+        } else {
+            settle(r, attempt(r, &file));
+        }
+    }
+    outcome.trained = trained.into_inner();
+    outcome.failed = failed.into_inner().unwrap_or_default();
+    Ok(outcome)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +488,25 @@ mod tests {
         assert!(e.contains("learning_rate"), "{e}");
         assert!(expand(&serde_json::json!({"epochs": [0]})).is_err());
         assert!(expand(&serde_json::json!({"seed": []})).is_err());
+    }
+
+    #[test]
+    fn one_setting_spelt_two_ways_is_refused() {
+        let e = expand(&serde_json::json!({"late-trainable": [true], "late_trainable": [false]}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("late-trainable") && e.contains("late_trainable"),
+            "{e}"
+        );
+        let e = expand(&serde_json::json!({"runs": [{"grad-clip": 1.0, "grad_clip": 0.5}]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("runs[0]") && e.contains("grad_clip"), "{e}");
+        // One spelling each in the base and in a run is an override, not a clash.
+        let runs =
+            expand(&serde_json::json!({"grad-clip": 1.0, "runs": [{"grad_clip": 0.5}]})).unwrap();
+        assert_eq!(runs[0].grad_clip, 0.5);
     }
 
     #[test]

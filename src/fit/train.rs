@@ -152,6 +152,11 @@ pub struct Summary {
     pub run_dir: PathBuf,
     /// Cache settings hash.
     pub cache: String,
+    /// sha256 of `weights.safetensors` (the best epoch's weights), checked
+    /// by `predict` before it uses them. Absent in runs written by sherl
+    /// before it was recorded.
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
 }
 
 /// Peak resident set size of this process (VmHWM), bytes; 0 if unknown.
@@ -231,6 +236,12 @@ pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(BertConfig, C
             )));
         }
     }
+    check_config(
+        &cfg,
+        m.backbone.config.as_ref(),
+        &dir.config_path(),
+        cache.dir(),
+    )?;
     if cfg.num_hidden_layers != m.backbone.num_layers || cfg.hidden_size != m.backbone.hidden {
         return Err(Error::Config(format!(
             "{}: {} layers x {} hidden, but the cache was made by a backbone with {} x {}",
@@ -242,6 +253,213 @@ pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(BertConfig, C
         )));
     }
     Ok((cfg, ckpt))
+}
+
+/// Refuse a backbone `config.json` that differs from the one recorded when
+/// the cache was extracted (`recorded`, the manifest's `backbone.config`),
+/// naming the fields that differ: the late layers and the full model are
+/// built from it, so 6 heads instead of 12, or another activation, would
+/// silently compute something else on the same cache. A cache extracted
+/// without a config (a user's ONNX model) has nothing to compare.
+pub fn check_config(
+    cfg: &BertConfig,
+    recorded: Option<&serde_json::Value>,
+    config_path: &Path,
+    cache_dir: &Path,
+) -> Result<()> {
+    let Some(recorded) = recorded else {
+        return Ok(());
+    };
+    let now = serde_json::to_value(cfg).expect("config serializes");
+    let (Some(now), Some(then)) = (now.as_object(), recorded.as_object()) else {
+        return Ok(());
+    };
+    let null = serde_json::Value::Null;
+    let mut keys: Vec<&String> = now.keys().chain(then.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let (a, b) = (now.get(k).unwrap_or(&null), then.get(k).unwrap_or(&null));
+            (a != b).then(|| format!("{k} is {a} here, {b} in the cache"))
+        })
+        .collect();
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{}: differs from the config.json the cache {} was extracted with ({}); use the same backbone",
+        config_path.display(),
+        cache_dir.display(),
+        diffs.join("; ")
+    )))
+}
+
+/// Lock file of a run directory (see [`crate::fsutil::DirLock`]).
+pub const RUN_LOCK: &str = ".lock";
+
+/// The summary of a finished run, if `summary.json` exists.
+fn finished(summary_path: &Path) -> Result<Option<Summary>> {
+    if !summary_path.exists() {
+        return Ok(None);
+    }
+    let bytes = std::fs::read(summary_path).map_err(|e| Error::io(summary_path, e))?;
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| Error::Json {
+            path: summary_path.to_path_buf(),
+            source: e,
+        })
+}
+
+/// A rough upper estimate of the memory one training run needs, so that an
+/// absurd setting is refused with numbers instead of being killed by the
+/// kernel. See [`memory_estimate`].
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryEstimate {
+    /// Parameters, their gradients and AdamW's two moments (4 bytes each;
+    /// frozen parameters count once).
+    pub params_bytes: f64,
+    /// Activations of the largest batch, forward and backward.
+    pub activation_bytes: f64,
+    /// Tokens in that batch (padded).
+    pub batch_tokens: f64,
+}
+
+impl MemoryEstimate {
+    /// Everything, plus a fixed allowance for the runtime and the cache
+    /// decoder's look-ahead.
+    pub fn total(&self) -> f64 {
+        self.params_bytes + self.activation_bytes + 256.0 * MIB
+    }
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Estimate a run's memory from its shapes. Deliberately generous: it
+/// counts every intermediate of the forward pass at the longest sequence
+/// and doubles it for the backward pass (the demo's full fine-tuning,
+/// measured at 3.1 GiB peak, is estimated at about 4 GiB).
+pub fn memory_estimate(
+    spec: &ModelSpec,
+    bert: &BertConfig,
+    cfg: &FitConfig,
+    max_len: usize,
+) -> MemoryEstimate {
+    let f = |x: usize| x as f64;
+    let (dm, d, inter, n, k) = (
+        f(bert.hidden_size),
+        f(spec.side_dim),
+        f(bert.intermediate_size),
+        f(bert.num_hidden_layers),
+        f(spec.late_layers),
+    );
+    let (heads, classes, s) = (
+        f(bert.num_attention_heads),
+        f(spec.classes),
+        f(max_len.max(1)),
+    );
+    let layer = 4.0 * dm * dm + 2.0 * dm * inter + 9.0 * dm + inter;
+    let proj = |m: f64| m * (dm * d + 3.0 * d);
+    // Floats per token kept by one transformer layer that is trained
+    // through: residual stream, q/k/v, norms, FFN, attention rows.
+    let layer_act = 16.0 * dm + 4.0 * inter + 4.0 * heads * s;
+    let m = f(spec.early_layers.len().max(1));
+    let (trainable, frozen, per_token, backward) = match spec.method {
+        Method::Sherl => {
+            let new = proj(m) + d + 1.0 + d * dm + 3.0 * dm + 1.0 + dm * classes + classes;
+            let late = k * layer;
+            let (t, fz) = if spec.late_trainable {
+                (new + late, 0.0)
+            } else {
+                (new, late)
+            };
+            (
+                t,
+                fz,
+                2.0 * m * dm + 8.0 * m * d + 6.0 * dm + k * layer_act,
+                2.0,
+            )
+        }
+        Method::LateLayer => (k * layer + dm * classes, 0.0, 2.0 * dm + k * layer_act, 2.0),
+        Method::LinearProbe => (dm * classes + classes, n * layer, 2.0 * dm + layer_act, 1.0),
+        Method::Unipt => {
+            let new = proj(n + 1.0) + d * d + 5.0 * d + 1.0 + d * classes + classes;
+            (new, 0.0, 2.0 * (n + 1.0) * dm + 8.0 * (n + 2.0) * d, 2.0)
+        }
+        Method::FullFt => {
+            let emb =
+                (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
+                    * dm;
+            (emb + n * layer + dm * classes, 0.0, n * layer_act, 2.0)
+        }
+    };
+    let train_tokens = f(cfg.max_tokens_per_batch).min(f(cfg.batch_size) * s);
+    let eval_tokens = f(cfg.max_tokens_per_batch).min(f(cfg.batch_size.max(64)) * s);
+    let activation_bytes =
+        (4.0 * per_token * backward * train_tokens).max(4.0 * per_token * eval_tokens);
+    MemoryEstimate {
+        params_bytes: 4.0 * (4.0 * trainable + frozen),
+        activation_bytes,
+        batch_tokens: train_tokens.max(eval_tokens),
+    }
+}
+
+/// Memory a run may use: `SHERL_MEMORY_LIMIT` (bytes, or with a K/M/G
+/// suffix) when set, else the kernel's `MemAvailable`; `None` when neither
+/// is known (then nothing is refused).
+pub fn memory_budget() -> Result<Option<(f64, &'static str)>> {
+    if let Ok(v) = std::env::var("SHERL_MEMORY_LIMIT") {
+        let t = v.trim();
+        let (num, mult) = match t.char_indices().last() {
+            Some((i, c)) if c.is_ascii_alphabetic() => (
+                &t[..i],
+                match c.to_ascii_uppercase() {
+                    'K' => 1024.0,
+                    'M' => MIB,
+                    'G' => 1024.0 * MIB,
+                    _ => 0.0,
+                },
+            ),
+            _ => (t, 1.0),
+        };
+        return match num.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() && x > 0.0 && mult > 0.0 => {
+                Ok(Some((x * mult, "SHERL_MEMORY_LIMIT")))
+            }
+            _ => Err(Error::Config(format!(
+                "SHERL_MEMORY_LIMIT={v}: expected a size in bytes, e.g. 8000000000 or 8G"
+            ))),
+        };
+    }
+    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+        return Ok(None);
+    };
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map(|kb| (kb * 1024.0, "MemAvailable")))
+}
+
+/// Refuse a run whose estimate exceeds the memory budget.
+pub fn check_memory(est: &MemoryEstimate) -> Result<()> {
+    let Some((budget, source)) = memory_budget()? else {
+        return Ok(());
+    };
+    let gib = |b: f64| b / (1024.0 * MIB);
+    if est.total() > budget {
+        return Err(Error::TooLarge(format!(
+            "this run would need about {:.1} GiB ({:.1} GiB of parameters, gradients and optimizer state; {:.1} GiB of activations for a batch of {:.0} tokens), but {:.1} GiB is available ({source}); lower --side-dim, --batch-size or --max-tokens-per-batch (or set SHERL_MEMORY_LIMIT if the estimate is wrong for this machine)",
+            gib(est.total()),
+            gib(est.params_bytes),
+            gib(est.activation_bytes),
+            est.batch_tokens,
+            gib(budget)
+        )));
+    }
+    Ok(())
 }
 
 fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
@@ -289,27 +507,16 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let run_id = cfg.run_id(&m.settings_hash);
     let run_dir = plan.out.join(&run_id);
     let summary_path = run_dir.join("summary.json");
-    if summary_path.exists() {
-        let s: Summary = serde_json::from_slice(
-            &std::fs::read(&summary_path).map_err(|e| Error::io(&summary_path, e))?,
-        )
-        .map_err(|e| Error::Json {
-            path: summary_path.clone(),
-            source: e,
-        })?;
+    if let Some(s) = finished(&summary_path)? {
         reporter.note(&format!(
             "{run_id}: already complete ({}), not re-run",
             summary_path.display()
         ));
         return Ok(s);
     }
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    for stale in ["metrics.jsonl", "error.json"] {
-        let p = run_dir.join(stale);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-        }
-    }
+    // Everything that can refuse the run is checked before the run
+    // directory is created: a refused command changes nothing on disk.
+    check_memory(&memory_estimate(&spec, &bert, cfg, m.settings.max_len))?;
     let model = Model::build(
         spec.clone(),
         &m.settings.layers,
@@ -327,6 +534,30 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
                 .expect("Model::build checked the layers are cached")
         })
         .collect();
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    // One process per run directory: a second `run` (or a second sweep on
+    // the same --out) is refused while the first holds the lock, and the
+    // operating system releases it when the holder dies, however it dies.
+    let _lock =
+        crate::fsutil::DirLock::try_acquire(&run_dir, RUN_LOCK)?.ok_or_else(|| Error::Locked {
+            path: run_dir.clone(),
+            what: "this run",
+            lock: run_dir.join(RUN_LOCK),
+        })?;
+    // It may have finished while we waited for nothing: look again under the lock.
+    if let Some(s) = finished(&summary_path)? {
+        reporter.note(&format!(
+            "{run_id}: already complete ({}), not re-run",
+            summary_path.display()
+        ));
+        return Ok(s);
+    }
+    for stale in ["metrics.jsonl", "error.json", "weights.safetensors"] {
+        let p = run_dir.join(stale);
+        if p.exists() {
+            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+        }
+    }
     write_json(
         &run_dir.join("config.json"),
         &json!({
@@ -373,14 +604,61 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             Ok(s)
         }
         Err(e) => {
-            // Keep what was written (metrics, best weights) and say why it stopped.
-            write_json(
-                &run_dir.join("error.json"),
-                &json!({ "run_id": run_id, "error": e.to_string() }),
-            )?;
+            // Keep what was written (metrics, best weights) and say why it
+            // stopped; the weights' checksum lets predict use them safely.
+            // Recording the failure must not hide it: if that fails too
+            // (the disk that stopped training is full), say so and return
+            // the original error.
+            let weights = run_dir.join("weights.safetensors");
+            let record = (|| {
+                let weights_sha256 = if weights.exists() {
+                    Some(crate::fsutil::sha256_file(&weights)?)
+                } else {
+                    None
+                };
+                write_json(
+                    &run_dir.join("error.json"),
+                    &json!({ "run_id": run_id, "error": e.to_string(), "weights_sha256": weights_sha256 }),
+                )
+            })();
+            if let Err(also) = record {
+                tracing::warn!("could not record the failure in error.json: {also}");
+            }
             Err(e)
         }
     }
+}
+
+/// Why training stopped on a non-finite loss, with the settings that can
+/// cause it and, only when there are some, where the best weights are.
+fn diverged_message(
+    loss: f32,
+    epoch: usize,
+    step: usize,
+    cfg: &FitConfig,
+    trains_pretrained: bool,
+    kept: Option<&Path>,
+) -> String {
+    let mut causes = vec![format!("--lr {}", cfg.lr)];
+    if trains_pretrained && cfg.lr_pretrained > 0.0 {
+        causes.push(format!("--lr-pretrained {}", cfg.lr_pretrained));
+    }
+    if cfg.weight_decay > 0.0 {
+        causes.push(format!("--weight-decay {}", cfg.weight_decay));
+    }
+    let clip = if cfg.grad_clip > 0.0 {
+        format!("lower --grad-clip (now {})", cfg.grad_clip)
+    } else {
+        "set --grad-clip (now off), e.g. 1.0".to_string()
+    };
+    let kept = match kept {
+        Some(p) => format!("the best weights so far are kept in {}", p.display()),
+        None => "no epoch finished, so no weights were kept".to_string(),
+    };
+    format!(
+        "training loss became {loss} at epoch {epoch}, step {step}; lower one of {} or {clip}; {kept}",
+        causes.join(", ")
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -432,6 +710,7 @@ fn train_loop(
         .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
     let weights_path = run_dir.join("weights.safetensors");
     let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
+    let mut weights_sha256 = String::new();
     let mut step = 0usize;
     let mut train_seconds = 0.0;
     let mut train_tokens = 0usize;
@@ -470,9 +749,13 @@ fn train_loop(
             let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
             let loss_v = loss.to_scalar::<f32>()?;
             if !loss_v.is_finite() {
-                return Err(Error::Config(format!(
-                    "training loss became {loss_v} at epoch {epoch}, step {step}; lower --lr or raise --grad-clip (the best weights so far are kept in {})",
-                    weights_path.display()
+                return Err(Error::Diverged(diverged_message(
+                    loss_v,
+                    epoch,
+                    step,
+                    cfg,
+                    opt_pre.is_some(),
+                    best.as_ref().map(|_| weights_path.as_path()),
                 )));
             }
             let mut grads = loss.backward()?;
@@ -523,7 +806,7 @@ fn train_loop(
         reporter.epoch_end(&em);
         if best.as_ref().is_none_or(|b| em.valid_accuracy > b.0) {
             let snap = model.params.snapshot()?;
-            Params::save(&snap, &weights_path)?;
+            weights_sha256 = Params::save(&snap, &weights_path)?;
             best = Some((em.valid_accuracy, epoch, snap));
         }
     }
@@ -564,6 +847,7 @@ fn train_loop(
         layer_weight_layers,
         run_dir: PathBuf::new(),
         cache: String::new(),
+        weights_sha256: Some(weights_sha256),
     })
 }
 

@@ -146,6 +146,8 @@ pub struct Report {
     pub files: Vec<PathBuf>,
     /// Run directories left out, with the reason.
     pub skipped: Vec<(PathBuf, String)>,
+    /// Data left out of included runs (unreadable `metrics.jsonl` lines).
+    pub warnings: Vec<String>,
 }
 
 /// The note under the table: how groups are ordered and what the numbers are.
@@ -183,6 +185,8 @@ struct Run {
     summary: RunSummary,
     /// epoch -> valid accuracy.
     curve: BTreeMap<usize, f64>,
+    /// Lines of `metrics.jsonl` that could not be read (1-based).
+    unreadable_lines: Vec<usize>,
 }
 
 impl Run {
@@ -238,6 +242,18 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         )));
     }
 
+    let warnings: Vec<String> = runs
+        .iter()
+        .filter(|r| !r.unreadable_lines.is_empty())
+        .map(|r| {
+            let lines: Vec<String> = r.unreadable_lines.iter().map(|n| n.to_string()).collect();
+            format!(
+                "{}: could not read line(s) {} of metrics.jsonl; the learning curve leaves them out",
+                opts.runs.join(&r.id).display(),
+                lines.join(", ")
+            )
+        })
+        .collect();
     let groups = build_groups(runs);
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let mut files = Vec::new();
@@ -275,6 +291,7 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         markdown,
         files,
         skipped,
+        warnings,
     })
 }
 
@@ -321,6 +338,7 @@ fn load_run(dir: &Path) -> std::result::Result<Run, String> {
     if !summary_path.exists() {
         return Err(incomplete_reason(dir));
     }
+    let (curve, unreadable_lines) = read_curve(&dir.join("metrics.jsonl"));
     let summary: RunSummary = read_json(&summary_path)?;
     let Some(valid_accuracy) = summary.valid_accuracy else {
         return Err(format!("{}: no valid_accuracy", summary_path.display()));
@@ -365,26 +383,39 @@ fn load_run(dir: &Path) -> std::result::Result<Run, String> {
         valid_accuracy,
         settings,
         cache,
-        curve: read_curve(&dir.join("metrics.jsonl")),
+        curve,
+        unreadable_lines,
         summary,
     })
 }
 
-/// Valid accuracy per epoch from `metrics.jsonl`; lines that are not JSON
-/// objects with `epoch` and `valid_accuracy` are ignored (a missing file
-/// gives an empty curve).
-fn read_curve(path: &Path) -> BTreeMap<usize, f64> {
+/// Valid accuracy per epoch from `metrics.jsonl` (a missing file gives an
+/// empty curve), and the 1-based numbers of the lines that are not JSON
+/// objects with `epoch` and `valid_accuracy`: those are left out of the
+/// curve and the report says so.
+fn read_curve(path: &Path) -> (BTreeMap<usize, f64>, Vec<usize>) {
     let Ok(text) = std::fs::read_to_string(path) else {
-        return BTreeMap::new();
+        return (BTreeMap::new(), Vec::new());
     };
-    text.lines()
-        .filter_map(|line| {
-            let v: Value = serde_json::from_str(line).ok()?;
+    let mut curve = BTreeMap::new();
+    let mut bad = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let point = serde_json::from_str::<Value>(line).ok().and_then(|v| {
             let epoch = usize::try_from(v.get("epoch")?.as_u64()?).ok()?;
             let acc = v.get("valid_accuracy")?.as_f64()?;
             Some((epoch, acc))
-        })
-        .collect()
+        });
+        match point {
+            Some((epoch, acc)) => {
+                curve.insert(epoch, acc);
+            }
+            None => bad.push(i + 1),
+        }
+    }
+    (curve, bad)
 }
 
 /// JSON with object keys sorted at every level, no whitespace.
@@ -642,7 +673,7 @@ fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
