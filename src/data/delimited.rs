@@ -168,18 +168,24 @@ pub(super) fn read(
     }
     if let Some(line) = first_multi_line {
         tracing::info!(
-            "{}: {} rows span several lines through quoted line breaks (the first at line {line})",
+            "{}: {} through quoted line breaks (the first at line {line})",
             path.display(),
-            out.multi_line_rows
+            match out.multi_line_rows {
+                1 => "1 row spans several lines".to_owned(),
+                n => format!("{n} rows span several lines"),
+            }
         );
     }
     if let Some(line) = first_literal_quote {
         tracing::warn!(
-            "{}: {} rows have a field starting with `\"` (the first at line {line}), read as \
-             text: TSV fields are not quoted. If this file quotes fields as CSV does (e.g. \
-             written by pandas' to_csv with sep='\\t'), pass --tsv-quotes",
+            "{}: {} a field starting with `\"` (the first at line {line}), read as text: TSV \
+             fields are not quoted. If this file quotes fields as CSV does (e.g. written by \
+             pandas' to_csv with sep='\\t'), pass --tsv-quotes",
             path.display(),
-            out.literal_quote_rows
+            match out.literal_quote_rows {
+                1 => "1 row has".to_owned(),
+                n => format!("{n} rows have"),
+            }
         );
     }
     Ok(out)
