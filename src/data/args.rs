@@ -102,13 +102,13 @@ pub struct DatasetArgs {
     #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_line_bytes)]
     pub max_line_bytes: usize,
 
-    /// Most line breaks one CSV row may hold inside quoted fields; a quote
-    /// still open past that is a bad row (a stray `"`).
+    /// Most line breaks one CSV row (TSV with --tsv-quotes) may hold inside
+    /// quoted fields; a quote still open past that is a bad row (a stray `"`).
     #[arg(long, value_name = "N", default_value_t = ReadLimits::MAX_QUOTED_LINES)]
     pub max_quoted_lines: usize,
 
-    /// Most bytes one CSV row may run over past its first line through quoted
-    /// line breaks (suffix K/M/G for KiB/MiB/GiB).
+    /// Most bytes one CSV row (TSV with --tsv-quotes) may run over past its
+    /// first line through quoted line breaks (suffix K/M/G for KiB/MiB/GiB).
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_quoted_bytes: usize,
 }

@@ -15,7 +15,9 @@
 //! quote, a wrong number of fields), the row is bad and reported at the line
 //! where it starts; the lines read past that first line are put back and read
 //! again as rows of their own. So a stray `"` never swallows the rest of the
-//! file: with `--skip-bad-rows` it costs its own line only.
+//! file: with `--skip-bad-rows` it costs its own line only. A row with more
+//! than 65,536 fields is bad too (a line of delimiters must not cost far
+//! more memory than its bytes).
 //!
 //! Lines end in LF or CRLF (the `\r` of a CRLF ending is dropped; inside a
 //! quoted field the line break is kept as it is). Blank lines are skipped. A
@@ -200,6 +202,9 @@ struct Record {
     fields: Vec<Vec<u8>>,
 }
 
+/// Most fields one row may have.
+const MAX_FIELDS: usize = 1 << 16;
+
 /// What [`Splitter::next_record`] found.
 enum Next {
     Row(Record),
@@ -382,6 +387,8 @@ struct RowParser {
     first: u64,
     /// Line where the last quoted field opened.
     quote_line: u64,
+    /// Fields past [`MAX_FIELDS`].
+    dropped_fields: usize,
 }
 
 impl RowParser {
@@ -394,11 +401,20 @@ impl RowParser {
             field: Vec::new(),
             state: State::Start,
             quote_line: 0,
+            dropped_fields: 0,
         }
     }
 
+    /// Close the current field; past [`MAX_FIELDS`] fields are counted, not
+    /// kept (a line of delimiters would otherwise cost far more memory than
+    /// its bytes).
     fn end_field(&mut self) {
-        self.fields.push(std::mem::take(&mut self.field));
+        if self.fields.len() < MAX_FIELDS {
+            self.fields.push(std::mem::take(&mut self.field));
+        } else {
+            self.field.clear();
+            self.dropped_fields += 1;
+        }
         self.state = State::Start;
     }
 
@@ -454,6 +470,12 @@ impl RowParser {
             };
         }
         self.end_field();
+        if self.dropped_fields > 0 {
+            return LineEnd::Bad(format!(
+                "more than {MAX_FIELDS} fields ({}): is the delimiter (the format) right?",
+                MAX_FIELDS + self.dropped_fields
+            ));
+        }
         LineEnd::Done
     }
 }
@@ -518,7 +540,8 @@ mod tests {
 
     /// Every row of `bytes`, rows needing `width` fields.
     fn rows(bytes: &'static [u8], quoting: bool, width: usize, limits: ReadLimits) -> Vec<Got> {
-        let lines = LineReader::new(Box::new(bytes), Path::new("t.csv"), 1 << 20);
+        let reader = Box::new(std::io::Cursor::new(bytes.to_vec()));
+        let lines = LineReader::new(reader, Path::new("t.csv"), 1 << 20);
         let mut splitter = Splitter::new(lines, b',', quoting, limits);
         splitter.width = Some(width);
         let mut out = Vec::new();
@@ -613,6 +636,25 @@ mod tests {
                 _ => panic!("line 2 should be read again"),
             }
         }
+    }
+
+    #[test]
+    fn fields_per_row_are_bounded() {
+        let got = rows(&[b','; MAX_FIELDS + 9], true, 2, ReadLimits::default());
+        let Err((1, message)) = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert!(
+            message.contains("more than 65536 fields (65546)"),
+            "{message}"
+        );
+        let got = rows(
+            &[b','; MAX_FIELDS - 1],
+            true,
+            MAX_FIELDS,
+            ReadLimits::default(),
+        );
+        assert!(matches!(&got[..], [Ok((1, 1, fields))] if fields.len() == MAX_FIELDS));
     }
 
     #[test]
