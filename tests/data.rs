@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sherl::data::{
-    load, Column, DatasetPlan, Encoding, Format, ReadOptions, SplitSource, SplitSpec,
+    load, Column, DatasetPlan, Encoding, Format, ReadLimits, ReadOptions, SplitSource, SplitSpec,
 };
 use sherl::Error;
 
@@ -44,6 +44,13 @@ fn plan(path: &Path) -> DatasetPlan {
         read: ReadOptions::default(),
         labels: None,
     }
+}
+
+/// `plan`, with CSV-style quoting for TSV (the [`TSV`] fixture quotes).
+fn quoted_plan(path: &Path) -> DatasetPlan {
+    let mut p = plan(path);
+    p.read.tsv_quotes = true;
+    p
 }
 
 fn with_split(path: &Path, spec: &str, seed: u64) -> DatasetPlan {
@@ -86,6 +93,7 @@ const CSV: &str = "text,label\n\
     \"two\nlines\",pos\n\
     plain,neg\n";
 
+/// A TSV file with CSV-style quoting: needs `tsv_quotes`.
 const TSV: &str = "text\tlabel\n\
     Hello, world\tpos\n\
     She said \"hi\"\tneg\n\
@@ -171,7 +179,7 @@ fn tsv_and_jsonl_read_like_csv() {
         ("d.jsonl", JSONL),
         ("d.ndjson", JSONL),
     ] {
-        let ds = load(&plan(&write(dir.path(), name, body.as_bytes()))).unwrap();
+        let ds = load(&quoted_plan(&write(dir.path(), name, body.as_bytes()))).unwrap();
         assert_eq!(texts(&ds), EXPECTED, "{name}");
         assert_eq!(ds.label_names, ["neg", "pos"], "{name}");
         assert_eq!(ds.report.rows_read, 4, "{name}");
@@ -186,7 +194,7 @@ fn explicit_format_overrides_the_extension() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "data.txt", TSV.as_bytes());
     assert!(matches!(load(&plan(&path)), Err(Error::Config(_))));
-    let mut p = plan(&path);
+    let mut p = quoted_plan(&path);
     p.read.format = Format::Tsv;
     assert_eq!(texts(&load(&p).unwrap()), EXPECTED);
 }
@@ -195,7 +203,7 @@ fn explicit_format_overrides_the_extension() {
 fn every_compression_of_every_format() {
     let dir = tempfile::tempdir().unwrap();
     for (ext, body) in [("csv", CSV), ("tsv", TSV), ("jsonl", JSONL)] {
-        let plain = load(&plan(&write(
+        let plain = load(&quoted_plan(&write(
             dir.path(),
             &format!("d.{ext}"),
             body.as_bytes(),
@@ -203,7 +211,7 @@ fn every_compression_of_every_format() {
         .unwrap();
         for comp in ["gz", "bz2", "zst"] {
             let name = format!("d.{ext}.{comp}");
-            let ds = load(&plan(&write(dir.path(), &name, body.as_bytes()))).unwrap();
+            let ds = load(&quoted_plan(&write(dir.path(), &name, body.as_bytes()))).unwrap();
             assert_eq!(ds, plain, "{name}");
         }
     }
@@ -706,6 +714,260 @@ fn group_split_errors() {
     };
     let message = dataset_error(load(&p));
     assert!(message.contains("3 splits from 2 groups"), "{message}");
+}
+
+/// A 60-row file `id<sep>text<sep>label` (header on line 1, row `r<i>` on
+/// line `i + 1`), with row `bad`'s text replaced by `bad_text`; with
+/// `quoted_every`, every such row's text is quoted (`"text, i"`).
+fn sixty_rows(sep: char, bad: &[(usize, &str)], quoted_every: Option<usize>) -> String {
+    let mut body = format!("id{sep}text{sep}label\n");
+    for i in 1..=60 {
+        let label = if i % 2 == 0 { "pos" } else { "neg" };
+        let text = match bad.iter().find(|(row, _)| *row == i) {
+            Some((_, text)) => (*text).to_owned(),
+            None if quoted_every.is_some_and(|n| i % n == 0) => format!("\"text, {i}\""),
+            None => format!("text {i}"),
+        };
+        body.push_str(&format!("r{i}{sep}{text}{sep}{label}\n"));
+    }
+    body
+}
+
+fn ids(ds: &sherl::data::Dataset) -> Vec<&str> {
+    ds.examples.iter().map(|e| e.id.as_str()).collect()
+}
+
+/// `r1..=r60` without the given rows.
+fn ids_but(missing: &[usize]) -> Vec<String> {
+    (1..=60)
+        .filter(|i| !missing.contains(i))
+        .map(|i| format!("r{i}"))
+        .collect()
+}
+
+fn with_ids(mut p: DatasetPlan) -> DatasetPlan {
+    p.read.id_column = Some(Column::Name("id".into()));
+    p
+}
+
+/// Issue 8 item 2: a stray opening quote costs its own row, never the rest
+/// of the file, whether later rows hold quotes or not.
+#[test]
+fn stray_quote_in_csv_costs_one_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let stray = "\"unbalanced quote opens here";
+    for (quoted_every, needle) in [
+        (None, "never closed"),
+        (Some(7), "text after its closing quote"),
+        (Some(1), "text after its closing quote"),
+    ] {
+        let body = sixty_rows(',', &[(10, stray)], quoted_every);
+        let path = write(dir.path(), "stray.csv", body.as_bytes());
+        let (p, line, message) = line_error(load(&with_ids(plan(&path))));
+        assert_eq!((p, line), (path.clone(), 11), "{quoted_every:?}: {message}");
+        assert!(
+            message.contains("field 1") && message.contains(needle),
+            "{quoted_every:?}: {message}"
+        );
+        let mut skip = with_ids(plan(&path));
+        skip.read.skip_bad_rows = true;
+        let ds = load(&skip).unwrap();
+        assert_eq!(ids(&ds), ids_but(&[10]), "{quoted_every:?}");
+        assert_eq!(
+            (ds.report.rows_read, ds.report.skipped_bad_rows),
+            (60, 1),
+            "{quoted_every:?}"
+        );
+        let r11 = &ds.examples[9];
+        assert_eq!((r11.id.as_str(), r11.source_line), ("r11", 12));
+        assert_eq!(r11.label, Some(0), "r11 is neg");
+    }
+    // Two stray quotes: exactly those two rows go.
+    let body = sixty_rows(',', &[(10, stray), (40, stray)], Some(3));
+    let mut skip = with_ids(plan(&write(dir.path(), "two.csv", body.as_bytes())));
+    skip.read.skip_bad_rows = true;
+    let ds = load(&skip).unwrap();
+    assert_eq!(ids(&ds), ids_but(&[10, 40]));
+    assert_eq!(ds.report.skipped_bad_rows, 2);
+}
+
+/// Issue 8 item 2, TSV: a TSV quote is text by default (all 60 rows, said
+/// in the report); with CSV-style quoting the stray quote costs one row.
+#[test]
+fn stray_quote_in_tsv() {
+    let dir = tempfile::tempdir().unwrap();
+    let stray = "\"unbalanced quote opens here";
+    let body = sixty_rows('\t', &[(10, stray)], None);
+    let path = write(dir.path(), "stray.tsv", body.as_bytes());
+    let ds = load(&with_ids(plan(&path))).unwrap();
+    assert_eq!(ids(&ds), ids_but(&[]));
+    assert_eq!(ds.examples[9].text, stray);
+    assert_eq!(ds.report.literal_quote_rows, 1);
+    assert_eq!(ds.report.multi_line_rows, 0);
+
+    let mut quoted = with_ids(quoted_plan(&path));
+    let (p, line, message) = line_error(load(&quoted));
+    assert_eq!((p, line), (path.clone(), 11), "{message}");
+    assert!(message.contains("never closed"), "{message}");
+    quoted.read.skip_bad_rows = true;
+    let ds = load(&quoted).unwrap();
+    assert_eq!(ids(&ds), ids_but(&[10]));
+    assert_eq!(ds.report.skipped_bad_rows, 1);
+}
+
+/// Issue 8 item 3: a quote opened on one TSV row and closed three rows
+/// later never merges rows silently: by default every line is its own row
+/// (60 in, 60 out); with --tsv-quotes the merge is RFC 4180 as asked for,
+/// and counted.
+#[test]
+fn tsv_quote_spanning_rows_is_never_merged_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = sixty_rows('\t', &[(20, "\"starts here"), (23, "closes\"")], None);
+    let path = write(dir.path(), "span.tsv", body.as_bytes());
+    let ds = load(&with_ids(plan(&path))).unwrap();
+    assert_eq!(ids(&ds), ids_but(&[]));
+    assert_eq!(ds.examples[19].text, "\"starts here");
+    assert_eq!(ds.examples[22].text, "closes\"");
+    assert_eq!(ds.examples[19].label, Some(1), "r20 is pos");
+    assert_eq!(ds.report.literal_quote_rows, 1);
+    assert_eq!(ds.report.multi_line_rows, 0);
+
+    let ds = load(&with_ids(quoted_plan(&path))).unwrap();
+    assert_eq!(ds.examples.len(), 57);
+    assert_eq!(ds.report.multi_line_rows, 1);
+    assert_eq!(ds.report.literal_quote_rows, 0);
+    assert!(ds.examples[19].text.starts_with("starts here\tpos\nr21"));
+}
+
+/// A quoted field may hold line breaks up to the bounds, which flags raise.
+#[test]
+fn quoted_field_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = vec!["line"; 151].join("\n");
+    let body = format!("text,label\na,x\n\"{long}\",y\nb,x\n");
+    let path = write(dir.path(), "long.csv", body.as_bytes());
+    let (p, line, message) = line_error(load(&plan(&path)));
+    assert_eq!((p, line), (path.clone(), 3));
+    assert!(
+        message.contains("still open after 100 line breaks")
+            && message.contains("--max-quoted-lines"),
+        "{message}"
+    );
+    let mut p = plan(&path);
+    p.read.limits.max_quoted_lines = 150;
+    let ds = load(&p).unwrap();
+    assert_eq!(ds.examples[1].text, long);
+    assert_eq!(ds.examples[2].source_line, 154);
+    assert_eq!(ds.report.multi_line_rows, 1);
+
+    let big = "x".repeat(ReadLimits::MAX_QUOTED_BYTES);
+    let body = format!("text,label\n\"a\n{big}\",y\nb,x\n");
+    let path = write(dir.path(), "big.csv", body.as_bytes());
+    let (_, line, message) = line_error(load(&plan(&path)));
+    assert_eq!(line, 2);
+    assert!(message.contains("--max-quoted-bytes"), "{message}");
+    let mut p = plan(&path);
+    p.read.limits.max_quoted_bytes = 2 * ReadLimits::MAX_QUOTED_BYTES;
+    assert_eq!(load(&p).unwrap().examples[0].text.len(), big.len() + 2);
+}
+
+/// Issue 8 item 13: one endless line ends with an error naming the file and
+/// line 1, in every line-based format, skipping bad rows or not.
+#[test]
+fn dev_zero_is_an_error_not_a_memory_hog() {
+    let zero = Path::new("/dev/zero");
+    for format in [Format::Csv, Format::Tsv, Format::Jsonl] {
+        for skip in [false, true] {
+            let mut p = plan(zero);
+            p.read.format = format;
+            p.read.skip_bad_rows = skip;
+            p.read.tsv_quotes = skip;
+            let (path, line, message) = line_error(load(&p));
+            assert_eq!((path.as_path(), line), (zero, 1), "{format}");
+            assert!(
+                message.contains(&format!("longer than {} bytes", ReadLimits::MAX_LINE_BYTES))
+                    && message.contains("--max-line-bytes"),
+                "{format}: {message}"
+            );
+        }
+    }
+}
+
+/// Issue 8 item 13: a line longer than the bound, plain or inflated from a
+/// small compressed file, is an error naming the file and its line.
+#[test]
+fn long_lines_are_bounded_in_every_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let long = "a".repeat(5000);
+    for (name, body) in [
+        ("l.csv", format!("text,label\nok,x\n{long},x\nok,y\n")),
+        ("l.tsv", format!("text\tlabel\nok\tx\n{long}\tx\nok\ty\n")),
+        (
+            "l.jsonl",
+            format!("{{\"text\":\"ok\",\"label\":\"x\"}}\n\n{long}\n"),
+        ),
+        ("l.csv.gz", format!("text,label\nok,x\n{long},x\n")),
+        ("l.csv.bz2", format!("text,label\nok,x\n{long},x\n")),
+        (
+            "l.jsonl.zst",
+            format!("{{\"text\":\"ok\",\"label\":\"x\"}}\n\n{long}\n"),
+        ),
+    ] {
+        let path = write(dir.path(), name, body.as_bytes());
+        let mut p = plan(&path);
+        p.read.limits.max_line_bytes = 4096;
+        p.read.skip_bad_rows = true;
+        let (got, line, message) = line_error(load(&p));
+        assert_eq!((got, line), (path.clone(), 3), "{name}");
+        assert!(message.contains("--max-line-bytes"), "{name}: {message}");
+        p.read.limits.max_line_bytes = 5002;
+        assert!(load(&p).is_ok(), "{name}");
+    }
+    // A small .gz that inflates to one 20 MiB line hits the default bound.
+    let body = format!("text,label\n{}", "a".repeat(20 << 20));
+    let path = write(dir.path(), "bomb.csv.gz", body.as_bytes());
+    assert!(std::fs::metadata(&path).unwrap().len() < 1 << 20);
+    let (got, line, message) = line_error(load(&plan(&path)));
+    assert_eq!((got, line), (path, 2));
+    assert!(message.contains("--max-line-bytes"), "{message}");
+}
+
+/// Folders: only regular files are examples (a device is never read), and a
+/// file over the bound is a bad example.
+#[test]
+fn folders_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("corpus");
+    write(&root, "a/1.txt", b"short");
+    write(&root, "b/1.txt", "x".repeat(100).as_bytes());
+    std::os::unix::fs::symlink("/dev/null", root.join("a/null.txt")).unwrap();
+    let ds = load(&plan(&root)).unwrap();
+    assert_eq!(texts(&ds), ["short", &"x".repeat(100)]);
+    let mut p = plan(&root);
+    p.read.limits.max_line_bytes = 99;
+    let message = dataset_error(load(&p));
+    assert!(
+        message.contains("b/1.txt") && message.contains("--max-line-bytes"),
+        "{message}"
+    );
+    p.read.skip_bad_rows = true;
+    let ds = load(&p).unwrap();
+    assert_eq!(texts(&ds), ["short"]);
+    assert_eq!(ds.report.skipped_bad_rows, 1);
+}
+
+/// Without --tsv-quotes, a TSV row broken where a CSV-style quoted field
+/// would have held a line break says how to read such a file.
+#[test]
+fn unquoted_tsv_points_to_the_quoting_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), "q.tsv", TSV.as_bytes());
+    let (p, line, message) = line_error(load(&plan(&path)));
+    assert_eq!((p, line), (path, 4));
+    assert!(
+        message.contains("expected 2 fields, found 1") && message.contains("--tsv-quotes"),
+        "{message}"
+    );
 }
 
 /// The asset directory (`$SHERL_ASSETS`, else `~/.cache/sherl`).

@@ -5,7 +5,9 @@
 
 use std::path::PathBuf;
 
-use super::{Column, DatasetPlan, Encoding, Format, ReadOptions, SplitSource, SplitSpec};
+use super::{
+    Column, DatasetPlan, Encoding, Format, ReadLimits, ReadOptions, SplitSource, SplitSpec,
+};
 use crate::{Error, Result};
 
 /// Where the labelled dataset is and how to read it.
@@ -84,9 +86,63 @@ pub struct DatasetArgs {
     #[arg(long, value_name = "COL")]
     pub group_column: Option<Column>,
 
-    /// Skip and count malformed rows instead of stopping at the first one.
+    /// Skip and count malformed rows instead of stopping at the first one (a
+    /// row broken by a stray quote costs its own line only).
     #[arg(long)]
     pub skip_bad_rows: bool,
+
+    /// Read TSV fields with CSV's quoting rules (a field starting with `"` may
+    /// hold tabs, `""` and line breaks). By default a TSV `"` is text and
+    /// every line is one row.
+    #[arg(long)]
+    pub tsv_quotes: bool,
+
+    /// The longest line (and folders-format file) read, in bytes (suffix
+    /// K/M/G for KiB/MiB/GiB); a longer one is an error naming file and line.
+    #[arg(long, value_name = "SIZE", default_value = "16MiB", value_parser = parse_line_bytes)]
+    pub max_line_bytes: usize,
+
+    /// Most line breaks one CSV row (TSV with --tsv-quotes) may hold inside
+    /// quoted fields; a quote still open past that is a bad row (a stray `"`).
+    #[arg(long, value_name = "N", default_value_t = ReadLimits::MAX_QUOTED_LINES)]
+    pub max_quoted_lines: usize,
+
+    /// Most bytes one CSV row (TSV with --tsv-quotes) may run over past its
+    /// first line through quoted line breaks (suffix K/M/G for KiB/MiB/GiB).
+    #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_quoted_bytes: usize,
+}
+
+/// A byte count: digits, optionally followed by `K`/`KiB`, `M`/`MiB` or
+/// `G`/`GiB` (binary units, any case).
+pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim();
+    let digits = t.bytes().take_while(u8::is_ascii_digit).count();
+    let (number, unit) = t.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kib" => 10,
+        "m" | "mib" => 20,
+        "g" | "gib" => 30,
+        _ => {
+            return Err(format!(
+                "`{s}` is not a size: expected a number of bytes, optionally followed by \
+                 K, M or G (KiB, MiB, GiB)"
+            ))
+        }
+    };
+    let n: usize = number
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size: it does not start with a number"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_line_bytes(s: &str) -> std::result::Result<usize, String> {
+    match parse_size(s)? {
+        0 => Err("the line bound must be at least 1 byte".to_owned()),
+        n => Ok(n),
+    }
 }
 
 impl DatasetArgs {
@@ -184,6 +240,12 @@ impl DatasetArgs {
                 id_column: self.id_column.clone(),
                 group_column: self.group_column.clone(),
                 skip_bad_rows: self.skip_bad_rows,
+                tsv_quotes: self.tsv_quotes,
+                limits: ReadLimits {
+                    max_line_bytes: self.max_line_bytes,
+                    max_quoted_lines: self.max_quoted_lines,
+                    max_quoted_bytes: self.max_quoted_bytes,
+                },
             },
             labels,
         })
@@ -235,7 +297,8 @@ mod tests {
         let plan = plan(
             "--data d.tsv.gz --format tsv --no-header --encoding latin1 --text-column 1 \
              --text-pair-column 2 --label-column 0 --id-column 3 --labels neg,pos \
-             --split train=0.9,test=0.1 --split-seed 5 --group-column 4 --skip-bad-rows",
+             --split train=0.9,test=0.1 --split-seed 5 --group-column 4 --skip-bad-rows \
+             --tsv-quotes --max-line-bytes 2M --max-quoted-lines 7 --max-quoted-bytes 300",
         )
         .unwrap();
         let SplitSource::Single {
@@ -248,7 +311,15 @@ mod tests {
         assert_eq!(spec.fractions.len(), 2);
         let read = &plan.read;
         assert_eq!(read.format, Format::Tsv);
-        assert!(!read.has_header && read.skip_bad_rows);
+        assert!(!read.has_header && read.skip_bad_rows && read.tsv_quotes);
+        assert_eq!(
+            read.limits,
+            ReadLimits {
+                max_line_bytes: 2 << 20,
+                max_quoted_lines: 7,
+                max_quoted_bytes: 300,
+            }
+        );
         assert_eq!(read.encoding, Encoding::Latin1);
         assert_eq!(read.text_column, Column::Index(1));
         assert_eq!(read.text_pair_column, Some(Column::Index(2)));
@@ -256,6 +327,20 @@ mod tests {
         assert_eq!(read.id_column, Some(Column::Index(3)));
         assert_eq!(read.group_column, Some(Column::Index(4)));
         assert_eq!(plan.labels, Some(vec!["neg".into(), "pos".into()]));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("16MiB"), Ok(ReadLimits::MAX_LINE_BYTES));
+        assert_eq!(parse_size("1 M"), Ok(ReadLimits::MAX_QUOTED_BYTES));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        for bad in ["", "M", "1.5M", "-1", "1T", "99999999999999999999999"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        assert!(parse_size(&format!("{}G", usize::MAX)).is_err());
     }
 
     #[test]
@@ -285,6 +370,10 @@ mod tests {
             ("--data a --labels x,y,x", "twice"),
             ("--data a --split train=0.5", "sum"),
             ("--data a --format xml", "xml"),
+            ("--data a --max-line-bytes 0", "at least 1 byte"),
+            ("--data a --max-line-bytes 1T", "not a size"),
+            ("--data a --max-quoted-bytes x", "not a size"),
+            ("--data a --max-quoted-lines -1", "-1"),
         ] {
             let message = config_message(args);
             assert!(message.contains(needle), "{args}: {message}");

@@ -1,23 +1,40 @@
-//! CSV and TSV rows, through the `csv` crate (RFC 4180 quoting: quoted
-//! fields may hold the delimiter, doubled quotes and newlines). Fields are
-//! read as bytes and decoded in the chosen encoding. Lines end in LF or CRLF;
-//! a row's line is where it starts, so neither quoted newlines nor blank lines
-//! shift later line numbers. Columns are resolved once, against the header or
-//! (without one) by index.
+//! CSV and TSV rows, read line by line by a small parser of our own so that
+//! a malformed row costs that row only.
+//!
+//! Quoting (always on for CSV, on for TSV only with
+//! [`ReadOptions::tsv_quotes`]) follows RFC 4180: a field that starts with
+//! `"` is quoted, may hold the delimiter, `""` for a quote, and line breaks,
+//! and must end at its closing quote (a delimiter or the end of the line
+//! follows it). A `"` inside an unquoted field is an ordinary character.
+//! Without quoting (TSV by default) every line is one row and a `"` is text.
+//!
+//! A quoted line break continues the row on the next line, for at most
+//! [`ReadLimits::max_quoted_lines`] lines and
+//! [`ReadLimits::max_quoted_bytes`] bytes. When the quote is still open past
+//! that or at end of file, or when a row goes wrong (text after a closing
+//! quote, a wrong number of fields), the row is bad and reported at the line
+//! where it starts; the lines read past that first line are put back and read
+//! again as rows of their own. So a stray `"` never swallows the rest of the
+//! file: with `--skip-bad-rows` it costs its own line only. A row with more
+//! than 65,536 fields is bad too (a line of delimiters must not cost far
+//! more memory than its bytes).
+//!
+//! Lines end in LF or CRLF (the `\r` of a CRLF ending is dropped; inside a
+//! quoted field the line break is kept as it is). Blank lines are skipped. A
+//! row's line is where it starts, so neither quoted line breaks nor blank
+//! lines shift later line numbers. Columns are resolved once, against the
+//! header or (without one) by index. Fields are bytes until the wanted ones
+//! are decoded in the chosen encoding.
 
-use std::cell::Cell;
-use std::io::{self, Read};
+use std::collections::VecDeque;
 use std::path::Path;
-use std::rc::Rc;
 
-use super::input;
+use super::input::{self, LineReader};
 use super::rows::{build_row, hint, wanted, BadRows, Cells, FileRows};
-use super::{Column, ReadOptions};
+use super::{Column, ReadLimits, ReadOptions};
 use crate::{Error, Result};
-
 /// Field positions of the wanted columns in a CSV/TSV file.
 struct Layout {
-    width: usize,
     text: usize,
     text_pair: Option<usize>,
     label: Option<usize>,
@@ -63,7 +80,6 @@ impl Layout {
         let opt =
             |role: &str, col: &Option<Column>| col.as_ref().map(|c| find(role, c)).transpose();
         Ok(Layout {
-            width,
             text: find("text", &opts.text_column)?,
             text_pair: opt("text pair", &opts.text_pair_column)?,
             label: opt("label", &opts.label_column)?,
@@ -80,10 +96,12 @@ fn no_header_error(role: &str, col: &Column) -> Error {
     ))
 }
 
-/// Read a CSV (`delimiter` `b','`) or TSV (`b'\t'`) file.
+/// Read a CSV (`delimiter` `b','`) or TSV (`b'\t'`) file; `quoting`: fields
+/// may be quoted (RFC 4180).
 pub(super) fn read(
     path: &Path,
     delimiter: u8,
+    quoting: bool,
     opts: &ReadOptions,
     need_group: bool,
     bad: &mut BadRows,
@@ -97,108 +115,368 @@ pub(super) fn read(
         }
     }
     let stem = input::file_stem(path);
-    let tally = Rc::new(Cell::new(Tally::default()));
-    // Records end at `\n` only: with the csv crate's default CRLF terminator
-    // the `\n` of a `\r\n` is consumed with the *next* record, which breaks
-    // line numbers; the `\r` left at the end of the last field is dropped in
-    // `field`.
-    let mut reader = csv::ReaderBuilder::new()
-        .delimiter(delimiter)
-        .terminator(csv::Terminator::Any(b'\n'))
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(Tallied {
-            inner: input::open(path, opts.encoding)?,
-            tally: Rc::clone(&tally),
-        });
-    let mut record = csv::ByteRecord::new();
+    let lines = LineReader::open(path, opts.encoding, opts.limits.max_line_bytes)?;
+    let mut splitter = Splitter::new(lines, delimiter, quoting, opts.limits);
     let mut layout: Option<Layout> = None;
     let mut out = FileRows::default();
+    let mut first_multi_line = None;
+    let mut first_literal_quote = None;
     loop {
-        match reader.read_byte_record(&mut record) {
-            Ok(true) => {}
-            Ok(false) => break,
-            Err(e) => return Err(csv_error(path, e)),
-        }
-        if record.len() == 1 && field(&record, 0).is_empty() {
-            continue; // a blank `\r\n` line
-        }
-        let line = start_line(&record, reader.position(), tally.get());
+        let record = match splitter.next_record()? {
+            Next::End => break,
+            Next::Broken { line, message } if layout.is_none() && opts.has_header => {
+                return Err(Error::DatasetLine {
+                    path: path.to_owned(),
+                    line,
+                    message: format!("header row: {message}"),
+                });
+            }
+            Next::Broken { line, message } => {
+                out.rows_read += 1;
+                bad.row(path, line, message)?;
+                continue;
+            }
+            Next::Row(record) => record,
+        };
+        let line = record.line;
         let layout = match &layout {
             Some(layout) => layout,
             None if opts.has_header => {
-                let names = header_names(path, line, &record, opts)?;
+                let names = header_names(path, line, &record.fields, opts)?;
+                splitter.width = Some(names.len());
                 layout = Some(Layout::new(path, opts, Some(&names), names.len())?);
                 continue;
             }
-            None => layout.insert(Layout::new(path, opts, None, record.len())?),
+            None => {
+                splitter.width = Some(record.fields.len());
+                layout.insert(Layout::new(path, opts, None, record.fields.len())?)
+            }
         };
         out.rows_read += 1;
-        if record.len() != layout.width {
-            bad.row(
-                path,
-                line,
-                format!("expected {} fields, found {}", layout.width, record.len()),
-            )?;
-            continue;
+        if record.last_line > line {
+            out.multi_line_rows += 1;
+            first_multi_line.get_or_insert(line);
         }
-        match cells_from_record(&record, layout, opts)
+        if !quoting && record.fields.iter().any(|f| f.starts_with(b"\"")) {
+            out.literal_quote_rows += 1;
+            first_literal_quote.get_or_insert(line);
+        }
+        match cells_from_record(&record.fields, layout, opts)
             .and_then(|cells| build_row(cells, line, &stem, opts, need_group))
         {
             Ok(row) => out.rows.push(row),
             Err(message) => bad.row(path, line, message)?,
         }
     }
+    if let Some(line) = first_multi_line {
+        tracing::info!(
+            "{}: {} through quoted line breaks (the first at line {line})",
+            path.display(),
+            match out.multi_line_rows {
+                1 => "1 row spans several lines".to_owned(),
+                n => format!("{n} rows span several lines"),
+            }
+        );
+    }
+    if let Some(line) = first_literal_quote {
+        tracing::warn!(
+            "{}: {} a field starting with `\"` (the first at line {line}), read as text: TSV \
+             fields are not quoted. If this file quotes fields as CSV does (e.g. written by \
+             pandas' to_csv with sep='\\t'), pass --tsv-quotes",
+            path.display(),
+            match out.literal_quote_rows {
+                1 => "1 row has".to_owned(),
+                n => format!("{n} rows have"),
+            }
+        );
+    }
     Ok(out)
 }
 
-/// Bytes handed to the CSV parser so far, and the last of them.
-#[derive(Debug, Default, Clone, Copy)]
-struct Tally {
-    bytes: u64,
-    last: Option<u8>,
+/// One row's fields (the `\r` of a CRLF ending dropped) and its lines.
+struct Record {
+    /// Line where the row starts.
+    line: u64,
+    /// Line where it ends (later than `line` after a quoted line break).
+    last_line: u64,
+    fields: Vec<Vec<u8>>,
 }
 
-/// The decompressed input, counted on its way into the CSV parser.
-struct Tallied<R> {
-    inner: R,
-    tally: Rc<Cell<Tally>>,
+/// Most fields one row may have.
+const MAX_FIELDS: usize = 1 << 16;
+
+/// What [`Splitter::next_record`] found.
+enum Next {
+    Row(Record),
+    /// A row that cannot be read, starting at `line`: an unclosed quote, text
+    /// after a closing quote, or the wrong number of fields. Only its first
+    /// line is consumed.
+    Broken {
+        line: u64,
+        message: String,
+    },
+    End,
 }
 
-impl<R: Read> Read for Tallied<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n > 0 {
-            let before = self.tally.get();
-            self.tally.set(Tally {
-                bytes: before.bytes + n as u64,
-                last: Some(buf[n - 1]),
-            });
+/// Cuts a file's lines into rows, putting back the lines of a broken row.
+struct Splitter {
+    lines: LineReader,
+    /// Lines taken by a row that turned out broken, to be read again.
+    pending: VecDeque<(u64, Vec<u8>)>,
+    delimiter: u8,
+    quoting: bool,
+    limits: ReadLimits,
+    /// The number of fields every row must have, once known.
+    width: Option<usize>,
+}
+
+impl Splitter {
+    fn new(lines: LineReader, delimiter: u8, quoting: bool, limits: ReadLimits) -> Self {
+        Splitter {
+            lines,
+            pending: VecDeque::new(),
+            delimiter,
+            quoting,
+            limits,
+            width: None,
         }
-        Ok(n)
+    }
+
+    fn take_line(&mut self) -> Result<Option<(u64, Vec<u8>)>> {
+        if let Some(line) = self.pending.pop_front() {
+            return Ok(Some(line));
+        }
+        let mut buf = Vec::new();
+        Ok(self.lines.next_line(&mut buf)?.map(|n| (n, buf)))
+    }
+
+    /// The next row, skipping blank lines.
+    fn next_record(&mut self) -> Result<Next> {
+        let (first, bytes) = loop {
+            match self.take_line()? {
+                None => return Ok(Next::End),
+                Some((_, bytes)) if matches!(bytes.as_slice(), b"" | b"\r") => {}
+                Some(line) => break line,
+            }
+        };
+        let mut parser = RowParser::new(self.delimiter, self.quoting, first);
+        let mut end = parser.line(first, &bytes);
+        // Lines after `first` this row has taken, and their bytes.
+        let mut taken: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut taken_bytes = 0usize;
+        loop {
+            match end {
+                LineEnd::Done => break,
+                LineEnd::Bad(message) => return Ok(self.broken(first, taken, message)),
+                LineEnd::Open { field, line } => {
+                    let opened = quote_place(field, line, first);
+                    let bound = if taken.len() >= self.limits.max_quoted_lines {
+                        Some(format!(
+                            "{} line breaks (--max-quoted-lines)",
+                            self.limits.max_quoted_lines
+                        ))
+                    } else {
+                        None
+                    };
+                    let next = match bound {
+                        Some(_) => None,
+                        None => self.take_line()?,
+                    };
+                    let Some((n, more)) = next else {
+                        let message = match bound {
+                            Some(bound) => format!(
+                                "{opened} is still open after {bound}: a stray `\"`? (inside \
+                                 a quoted field a quote is written `\"\"`; raise the bound if \
+                                 the field really is that long)"
+                            ),
+                            None => format!(
+                                "{opened} is never closed (end of file): a stray `\"`? \
+                                 (inside a quoted field a quote is written `\"\"`)"
+                            ),
+                        };
+                        return Ok(self.broken(first, taken, message));
+                    };
+                    taken_bytes = taken_bytes.saturating_add(more.len() + 1);
+                    if taken_bytes > self.limits.max_quoted_bytes {
+                        taken.push((n, more));
+                        let message = format!(
+                            "{opened} runs over more than {} bytes of later lines \
+                             (--max-quoted-bytes): a stray `\"`? (inside a quoted field a \
+                             quote is written `\"\"`; raise the bound if the field really \
+                             is that long)",
+                            self.limits.max_quoted_bytes
+                        );
+                        return Ok(self.broken(first, taken, message));
+                    }
+                    end = parser.line(n, &more);
+                    taken.push((n, more));
+                }
+            }
+        }
+        let last_line = taken.last().map_or(first, |(n, _)| *n);
+        let fields = parser.fields;
+        if let Some(width) = self.width.filter(|&w| w != fields.len()) {
+            let mut message = format!("expected {width} fields, found {}", fields.len());
+            if !self.quoting && fields.iter().any(|f| f.starts_with(b"\"")) {
+                message.push_str(
+                    " (TSV fields are not quoted; if this file quotes fields as CSV does, \
+                     pass --tsv-quotes)",
+                );
+            } else if last_line > first {
+                message.push_str(&format!(
+                    " in a row that runs over lines {first}-{last_line} through quoted line \
+                     breaks: a stray `\"`?"
+                ));
+            }
+            return Ok(self.broken(first, taken, message));
+        }
+        Ok(Next::Row(Record {
+            line: first,
+            last_line,
+            fields,
+        }))
+    }
+
+    /// A broken row starting at `line`: put back the lines after the first.
+    fn broken(&mut self, line: u64, taken: Vec<(u64, Vec<u8>)>, message: String) -> Next {
+        for taken in taken.into_iter().rev() {
+            self.pending.push_front(taken);
+        }
+        Next::Broken { line, message }
     }
 }
 
-/// The 1-based line where `record` starts. The csv crate records a
-/// record's position *before* skipping blank lines, so count back from where
-/// it ended instead: the parser's line counter there, minus the newlines
-/// inside quoted fields, minus the terminating `\n` (absent only when the
-/// record ends at end of file).
-fn start_line(record: &csv::ByteRecord, end: &csv::Position, tally: Tally) -> u64 {
-    let inside = record.as_slice().iter().filter(|&&b| b == b'\n').count() as u64;
-    let terminated = end.byte() < tally.bytes || tally.last == Some(b'\n');
-    end.line()
-        .saturating_sub(inside + u64::from(terminated))
-        .max(1)
+/// "the quote that opens field 2 on this line" (or "on line N").
+fn quote_place(field: usize, line: u64, first: u64) -> String {
+    if line == first {
+        format!("the quote that opens field {field} on this line")
+    } else {
+        format!("the quote that opens field {field} on line {line}")
+    }
 }
 
-/// Field `i` without the `\r` of a CRLF line ending.
-fn field(record: &csv::ByteRecord, i: usize) -> &[u8] {
-    let bytes = record.get(i).unwrap_or_default();
-    if i + 1 == record.len() {
-        bytes.strip_suffix(b"\r").unwrap_or(bytes)
-    } else {
-        bytes
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a field.
+    Start,
+    Unquoted,
+    Quoted,
+    /// Just after a `"` inside a quoted field: its end, or the first of `""`.
+    AfterQuote,
+}
+
+/// How a line left the row being parsed.
+#[derive(Debug, PartialEq, Eq)]
+enum LineEnd {
+    /// The row is complete.
+    Done,
+    /// Quoted field `field` (0-based), opened on `line`, is still open.
+    Open { field: usize, line: u64 },
+    /// The row is malformed.
+    Bad(String),
+}
+
+/// The fields of one row, fed line by line.
+struct RowParser {
+    delimiter: u8,
+    quoting: bool,
+    fields: Vec<Vec<u8>>,
+    field: Vec<u8>,
+    state: State,
+    /// Line where the row starts.
+    first: u64,
+    /// Line where the last quoted field opened.
+    quote_line: u64,
+    /// Fields past [`MAX_FIELDS`].
+    dropped_fields: usize,
+}
+
+impl RowParser {
+    fn new(delimiter: u8, quoting: bool, first: u64) -> Self {
+        RowParser {
+            first,
+            delimiter,
+            quoting,
+            fields: Vec::new(),
+            field: Vec::new(),
+            state: State::Start,
+            quote_line: 0,
+            dropped_fields: 0,
+        }
+    }
+
+    /// Close the current field; past [`MAX_FIELDS`] fields are counted, not
+    /// kept (a line of delimiters would otherwise cost far more memory than
+    /// its bytes).
+    fn end_field(&mut self) {
+        if self.fields.len() < MAX_FIELDS {
+            self.fields.push(std::mem::take(&mut self.field));
+        } else {
+            self.field.clear();
+            self.dropped_fields += 1;
+        }
+        self.state = State::Start;
+    }
+
+    /// Feed line `n` (without its `\n`).
+    fn line(&mut self, n: u64, raw: &[u8]) -> LineEnd {
+        let (body, cr) = match raw.strip_suffix(b"\r") {
+            Some(body) => (body, true),
+            None => (raw, false),
+        };
+        for &b in body {
+            match self.state {
+                State::Start if self.quoting && b == b'"' => {
+                    self.state = State::Quoted;
+                    self.quote_line = n;
+                }
+                State::Start | State::Unquoted if b == self.delimiter => self.end_field(),
+                State::Start | State::Unquoted => {
+                    self.field.push(b);
+                    self.state = State::Unquoted;
+                }
+                State::Quoted if b == b'"' => self.state = State::AfterQuote,
+                State::Quoted => self.field.push(b),
+                State::AfterQuote if b == b'"' => {
+                    self.field.push(b'"');
+                    self.state = State::Quoted;
+                }
+                State::AfterQuote if b == self.delimiter => self.end_field(),
+                State::AfterQuote => {
+                    let at = if n == self.first {
+                        String::new()
+                    } else {
+                        format!(
+                            " (on line {n}, closing the quote opened on line {})",
+                            self.quote_line
+                        )
+                    };
+                    return LineEnd::Bad(format!(
+                        "field {}: text after its closing quote{at}: a stray `\"`? (inside a \
+                         quoted field a quote is written `\"\"`)",
+                        self.fields.len()
+                    ));
+                }
+            }
+        }
+        if self.state == State::Quoted {
+            if cr {
+                self.field.push(b'\r');
+            }
+            self.field.push(b'\n');
+            return LineEnd::Open {
+                field: self.fields.len(),
+                line: self.quote_line,
+            };
+        }
+        self.end_field();
+        if self.dropped_fields > 0 {
+            return LineEnd::Bad(format!(
+                "more than {MAX_FIELDS} fields ({}): is the delimiter (the format) right?",
+                MAX_FIELDS + self.dropped_fields
+            ));
+        }
+        LineEnd::Done
     }
 }
 
@@ -206,7 +484,7 @@ fn field(record: &csv::ByteRecord, i: usize) -> &[u8] {
 fn header_names(
     path: &Path,
     line: u64,
-    record: &csv::ByteRecord,
+    fields: &[Vec<u8>],
     opts: &ReadOptions,
 ) -> Result<Vec<String>> {
     let bad = |message: String| Error::DatasetLine {
@@ -214,9 +492,8 @@ fn header_names(
         line,
         message: format!("header row: {message}"),
     };
-    let mut names = Vec::with_capacity(record.len());
-    for i in 0..record.len() {
-        let bytes = field(record, i);
+    let mut names = Vec::with_capacity(fields.len());
+    for bytes in fields {
         if bytes.contains(&b'\r') {
             return Err(bad(
                 "holds a carriage return: the file seems to use old Mac (CR-only) line \
@@ -235,13 +512,13 @@ fn header_names(
 }
 
 fn cells_from_record(
-    record: &csv::ByteRecord,
+    fields: &[Vec<u8>],
     layout: &Layout,
     opts: &ReadOptions,
 ) -> std::result::Result<Cells, String> {
     let cell = |i: Option<usize>| -> std::result::Result<Option<String>, String> {
         let Some(i) = i else { return Ok(None) };
-        input::decode(field(record, i), opts.encoding)
+        input::decode(&fields[i], opts.encoding)
             .map(Some)
             .map_err(|m| format!("field {i}: {m}"))
     };
@@ -254,23 +531,159 @@ fn cells_from_record(
     })
 }
 
-fn csv_error(path: &Path, error: csv::Error) -> Error {
-    let line = error.position().map(csv::Position::line);
-    match error.into_kind() {
-        csv::ErrorKind::Io(e) => Error::io(path, e),
-        other => {
-            let message = format!("{:?}", other);
-            match line {
-                Some(line) => Error::DatasetLine {
-                    path: path.to_owned(),
-                    line,
-                    message,
-                },
-                None => Error::Dataset {
-                    path: path.to_owned(),
-                    message,
-                },
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row's (line, last line, fields), or a broken row's (line, message).
+    type Got = std::result::Result<(u64, u64, Vec<String>), (u64, String)>;
+
+    /// Every row of `bytes`, rows needing `width` fields.
+    fn rows(bytes: &'static [u8], quoting: bool, width: usize, limits: ReadLimits) -> Vec<Got> {
+        let reader = Box::new(std::io::Cursor::new(bytes.to_vec()));
+        let lines = LineReader::new(reader, Path::new("t.csv"), 1 << 20);
+        let mut splitter = Splitter::new(lines, b',', quoting, limits);
+        splitter.width = Some(width);
+        let mut out = Vec::new();
+        loop {
+            match splitter.next_record().unwrap() {
+                Next::End => return out,
+                Next::Broken { line, message } => out.push(Err((line, message))),
+                Next::Row(r) => out.push(Ok((
+                    r.line,
+                    r.last_line,
+                    r.fields
+                        .iter()
+                        .map(|f| String::from_utf8(f.clone()).unwrap())
+                        .collect(),
+                ))),
             }
         }
+    }
+
+    fn row(line: u64, last: u64, fields: &[&str]) -> (u64, u64, Vec<String>) {
+        (line, last, fields.iter().map(|f| (*f).to_owned()).collect())
+    }
+
+    #[test]
+    fn quoting_rules() {
+        let got = rows(
+            b"\"a,b\",\"c\"\"d\"\r\n\"x\r\ny\",z\n\n\"\",e\"f\n",
+            true,
+            2,
+            ReadLimits::default(),
+        );
+        assert_eq!(
+            got,
+            [
+                Ok(row(1, 1, &["a,b", "c\"d"])),
+                Ok(row(2, 3, &["x\r\ny", "z"])),
+                Ok(row(5, 5, &["", "e\"f"])),
+            ]
+        );
+        // Without quoting a quote is text and a line is a row.
+        let got = rows(b"\"a,b\n\"x,y\"\n", false, 2, ReadLimits::default());
+        assert_eq!(
+            got,
+            [Ok(row(1, 1, &["\"a", "b"])), Ok(row(2, 2, &["\"x", "y\""]))]
+        );
+    }
+
+    #[test]
+    fn a_broken_row_gives_back_its_later_lines() {
+        // Row 2's quote pairs with row 4's opening quote; text follows it.
+        let got = rows(
+            b"a,1\n\"b,2\nc,3\n\"d\",4\ne,5\n",
+            true,
+            2,
+            ReadLimits::default(),
+        );
+        assert_eq!(got.len(), 5, "{got:?}");
+        let Err((2, message)) = &got[1] else {
+            panic!("{got:?}")
+        };
+        assert!(
+            message.contains(
+                "field 0: text after its closing quote (on line 4, closing the quote opened \
+                 on line 2)"
+            ),
+            "{message}"
+        );
+        assert_eq!(got[0], Ok(row(1, 1, &["a", "1"])));
+        assert_eq!(got[2], Ok(row(3, 3, &["c", "3"])));
+        assert_eq!(got[3], Ok(row(4, 4, &["d", "4"])));
+        assert_eq!(got[4], Ok(row(5, 5, &["e", "5"])));
+        // ...and so does a row whose quote is never closed, and a row that
+        // closes its quote but has the wrong number of fields.
+        for (bytes, needle) in [
+            (&b"\"b,2\nc,3\n"[..], "never closed (end of file)"),
+            (
+                &b"\"b,2\nc\",3,x\n"[..],
+                "expected 2 fields, found 3 in a row that runs over lines 1-2",
+            ),
+        ] {
+            let lines = LineReader::new(Box::new(bytes), Path::new("t.csv"), 100);
+            let mut splitter = Splitter::new(lines, b',', true, ReadLimits::default());
+            splitter.width = Some(2);
+            match splitter.next_record().unwrap() {
+                Next::Broken { line: 1, message } => {
+                    assert!(message.contains(needle), "{message}")
+                }
+                _ => panic!("expected a broken row"),
+            }
+            match splitter.next_record().unwrap() {
+                Next::Row(Record { line: 2, .. }) | Next::Broken { line: 2, .. } => {}
+                _ => panic!("line 2 should be read again"),
+            }
+        }
+    }
+
+    #[test]
+    fn fields_per_row_are_bounded() {
+        let got = rows(&[b','; MAX_FIELDS + 9], true, 2, ReadLimits::default());
+        let Err((1, message)) = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert!(
+            message.contains("more than 65536 fields (65546)"),
+            "{message}"
+        );
+        let got = rows(
+            &[b','; MAX_FIELDS - 1],
+            true,
+            MAX_FIELDS,
+            ReadLimits::default(),
+        );
+        assert!(matches!(&got[..], [Ok((1, 1, fields))] if fields.len() == MAX_FIELDS));
+    }
+
+    #[test]
+    fn quoted_line_breaks_are_bounded() {
+        let limits = ReadLimits {
+            max_quoted_lines: 2,
+            max_quoted_bytes: 10,
+            ..ReadLimits::default()
+        };
+        let got = rows(b"\"a\nb\nc\",1\n", true, 2, limits);
+        assert_eq!(got, [Ok(row(1, 3, &["a\nb\nc", "1"]))]);
+        let got = rows(b"\"a\nb\nc\nd\",1\n", true, 2, limits);
+        let Err((1, message)) = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert!(
+            message.contains("quote that opens field 0 on this line is still open after 2 line breaks (--max-quoted-lines)"),
+            "{message}"
+        );
+        // Lines 2-4 are read again: `b` and `c` have one field, `d",1` two.
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[3], Ok(row(4, 4, &["d\"", "1"])));
+        let got = rows(b"x,\"a\n0123456789\",1\n", true, 2, limits);
+        let Err((1, message)) = &got[0] else {
+            panic!("{got:?}")
+        };
+        assert!(
+            message.contains("field 1") && message.contains("--max-quoted-bytes"),
+            "{message}"
+        );
     }
 }

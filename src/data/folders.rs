@@ -3,8 +3,14 @@
 //! starting with `.`) are ignored; the text is the file's content, trimmed,
 //! and the id is `<label>/<file name>`. Column options are ignored, except
 //! that no label column gives unlabelled examples.
+//!
+//! Only regular files (symlinks followed) are examples: a device or FIFO in
+//! a class folder is ignored like any other stray entry, so it is never read.
+//! A file larger than [`ReadLimits::max_line_bytes`](super::ReadLimits) is
+//! a bad example, found without reading past the bound.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::input;
@@ -12,9 +18,18 @@ use super::rows::{BadRows, FileRows, RawRow};
 use super::ReadOptions;
 use crate::{Error, Result};
 
+/// What a directory entry is, symlinks followed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Dir,
+    File,
+    /// A device, FIFO or socket.
+    Other,
+}
+
 /// Visible entries of `dir` (names not starting with `.`), sorted by name,
-/// with whether each is a directory (symlinks followed).
-fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
+/// with what each is (symlinks followed).
+fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
     let mut entries = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -22,10 +37,15 @@ fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, bool)>> {
             continue;
         }
         let path = entry.path();
-        let is_dir = fs::metadata(&path)
-            .map_err(|e| Error::io(&path, e))?
-            .is_dir();
-        entries.push((path, is_dir));
+        let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
+        let kind = if meta.is_dir() {
+            Kind::Dir
+        } else if meta.is_file() {
+            Kind::File
+        } else {
+            Kind::Other
+        };
+        entries.push((path, kind));
     }
     entries.sort();
     Ok(entries)
@@ -53,19 +73,30 @@ pub(super) fn read(
     }
     let mut out = FileRows::default();
     let mut stray = 0usize;
-    for (class_dir, is_dir) in list_dir(root)? {
-        if !is_dir {
+    for (class_dir, kind) in list_dir(root)? {
+        if kind != Kind::Dir {
             stray += 1;
             continue;
         }
         let label = name_of(&class_dir)?;
-        for (file, is_dir) in list_dir(&class_dir)? {
-            if is_dir {
+        for (file, kind) in list_dir(&class_dir)? {
+            if kind != Kind::File {
                 stray += 1;
                 continue;
             }
             out.rows_read += 1;
-            let bytes = fs::read(&file).map_err(|e| Error::io(&file, e))?;
+            let max = opts.limits.max_line_bytes;
+            let bytes = read_at_most(&file, max)?;
+            if bytes.len() > max {
+                bad.file(
+                    &file,
+                    format!(
+                        "the file is larger than {max} bytes (the --max-line-bytes bound on \
+                         one example); raise --max-line-bytes if it really is that long"
+                    ),
+                )?;
+                continue;
+            }
             let text = match input::decode(input::strip_bom(&bytes, opts.encoding), opts.encoding) {
                 Ok(text) => text.trim().to_owned(),
                 Err(message) => {
@@ -95,6 +126,17 @@ pub(super) fn read(
         );
     }
     Ok(out)
+}
+
+/// The first `max + 1` bytes of `path` at most (more than `max` means the
+/// file is too large).
+fn read_at_most(path: &Path, max: usize) -> Result<Vec<u8>> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::new();
+    file.take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(bytes)
 }
 
 /// A class folder's name, which becomes the label.

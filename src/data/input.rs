@@ -1,11 +1,15 @@
 //! Byte-level input for dataset files: picking the decompressor from the file
 //! name (`.gz`, `.bz2`, `.zst`), streaming it as a `BufRead`, dropping a
 //! UTF-8 byte-order mark, and turning bytes into text in the chosen
-//! [`Encoding`]. Nothing here knows about rows or columns.
+//! [`Encoding`], and [`LineReader`], which cuts the stream into physical
+//! lines without ever holding more than a bounded number of bytes of one
+//! line (so `/dev/zero`, or a small `.gz` that inflates to one endless line,
+//! ends with an error instead of filling memory). Nothing here knows about
+//! rows or columns.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Cursor, Read};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Encoding;
 use crate::{Error, Result};
@@ -89,6 +93,79 @@ fn skip_bom(mut reader: Box<dyn BufRead>) -> io::Result<Box<dyn BufRead>> {
     }
 }
 
+/// Physical lines of a dataset file, numbered from 1, each at most
+/// `max_bytes` long (its `\n` not counted).
+pub(super) struct LineReader {
+    inner: Box<dyn BufRead>,
+    path: PathBuf,
+    max_bytes: usize,
+    line: u64,
+}
+
+impl LineReader {
+    /// Lines of `reader` (from `path`, which error messages name).
+    pub(super) fn new(inner: Box<dyn BufRead>, path: &Path, max_bytes: usize) -> Self {
+        LineReader {
+            inner,
+            path: path.to_owned(),
+            max_bytes,
+            line: 0,
+        }
+    }
+
+    /// Open `path` as [`open`] does and read it line by line.
+    pub(super) fn open(path: &Path, encoding: Encoding, max_bytes: usize) -> Result<Self> {
+        Ok(LineReader::new(open(path, encoding)?, path, max_bytes))
+    }
+
+    /// The next line into `buf` (cleared first; without its `\n`, with a
+    /// `\r` before it kept) and its 1-based number, or `None` at end of
+    /// input. A line longer than the bound is an error naming the file and
+    /// line, raised after reading at most the bound plus one buffer: the
+    /// rest of the line is never read.
+    pub(super) fn next_line(&mut self, buf: &mut Vec<u8>) -> Result<Option<u64>> {
+        buf.clear();
+        let mut seen_any = false;
+        loop {
+            let chunk = match self.inner.fill_buf() {
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(Error::io(&self.path, e)),
+            };
+            if chunk.is_empty() {
+                break;
+            }
+            seen_any = true;
+            let (content, used, done) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (i, i + 1, true),
+                None => (chunk.len(), chunk.len(), false),
+            };
+            if buf.len() + content > self.max_bytes {
+                return Err(Error::DatasetLine {
+                    path: self.path.clone(),
+                    line: self.line + 1,
+                    message: format!(
+                        "line is longer than {} bytes (the --max-line-bytes bound); \
+                         is the file line-based text in the format given? Raise \
+                         --max-line-bytes if a row really is that long",
+                        self.max_bytes
+                    ),
+                });
+            }
+            buf.extend_from_slice(&chunk[..content]);
+            self.inner.consume(used);
+            if done {
+                break;
+            }
+        }
+        if !seen_any {
+            return Ok(None);
+        }
+        self.line += 1;
+        Ok(Some(self.line))
+    }
+}
+
 /// Strip a leading byte-order mark from a whole file's bytes (UTF-8 mode).
 pub(super) fn strip_bom(bytes: &[u8], encoding: Encoding) -> &[u8] {
     match encoding {
@@ -151,6 +228,73 @@ mod tests {
         assert_eq!(read_all(b"a"), "a");
         assert_eq!(read_all(b""), "");
         assert_eq!(read_all(b"\xEF\xBB\xBF\xEF\xBB\xBF"), "\u{feff}");
+    }
+
+    fn lines_of(bytes: &'static [u8], max: usize) -> Vec<Result<(u64, Vec<u8>)>> {
+        let mut reader = LineReader::new(Box::new(bytes), Path::new("x.csv"), max);
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            match reader.next_line(&mut buf) {
+                Ok(Some(n)) => out.push(Ok((n, buf.clone()))),
+                Ok(None) => return out,
+                Err(e) => {
+                    out.push(Err(e));
+                    return out;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_numbered_and_bounded() {
+        let ok = |v: Vec<Result<(u64, Vec<u8>)>>| -> Vec<(u64, Vec<u8>)> {
+            v.into_iter().map(|r| r.unwrap()).collect()
+        };
+        assert_eq!(
+            ok(lines_of(b"ab\r\n\ncd", 4)),
+            [(1, b"ab\r".to_vec()), (2, vec![]), (3, b"cd".to_vec())]
+        );
+        assert_eq!(ok(lines_of(b"", 4)), []);
+        assert_eq!(ok(lines_of(b"\n", 4)), [(1, vec![])]);
+        // Exactly the bound is fine; one byte more is an error naming the line.
+        assert_eq!(ok(lines_of(b"abcd\n", 4)), [(1, b"abcd".to_vec())]);
+        let got = lines_of(b"ab\nabcde\nx\n", 4);
+        assert_eq!(got.len(), 2);
+        match &got[1] {
+            Err(Error::DatasetLine {
+                path,
+                line,
+                message,
+            }) => {
+                assert_eq!((path.as_path(), *line), (Path::new("x.csv"), 2));
+                assert!(message.contains("--max-line-bytes"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_endless_line_is_not_read_to_its_end() {
+        /// An endless stream of `a`, counting what it hands out.
+        struct Endless(std::rc::Rc<std::cell::Cell<u64>>);
+        impl Read for Endless {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                buf.fill(b'a');
+                self.0.set(self.0.get() + buf.len() as u64);
+                Ok(buf.len())
+            }
+        }
+        let served = std::rc::Rc::new(std::cell::Cell::new(0));
+        let inner = Box::new(BufReader::new(Endless(std::rc::Rc::clone(&served))));
+        let mut reader = LineReader::new(inner, Path::new("zero"), 1 << 20);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            reader.next_line(&mut buf),
+            Err(Error::DatasetLine { line: 1, .. })
+        ));
+        assert!(buf.len() <= 1 << 20, "{}", buf.len());
+        assert!(served.get() <= (1 << 20) + (64 << 10), "{}", served.get());
     }
 
     #[test]

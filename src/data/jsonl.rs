@@ -1,13 +1,14 @@
 //! JSON Lines rows: one object per line, blank lines skipped. Columns are
 //! keys, checked against the first object; string values are used as they
 //! are, numbers and booleans as their JSON text, null or absent as missing.
+//! Lines are read through [`LineReader`], so one may not be longer than
+//! [`ReadLimits::max_line_bytes`](super::ReadLimits::max_line_bytes).
 
-use std::io::BufRead;
 use std::path::Path;
 
 use serde_json::{Map, Value};
 
-use super::input;
+use super::input::{self, LineReader};
 use super::rows::{build_row, hint, wanted, BadRows, Cells, FileRows};
 use super::{Column, ReadOptions};
 use crate::{Error, Result};
@@ -32,21 +33,11 @@ pub(super) fn read(
         }
     }
     let stem = input::file_stem(path);
-    let mut reader = input::open(path, opts.encoding)?;
+    let mut reader = LineReader::open(path, opts.encoding, opts.limits.max_line_bytes)?;
     let mut buf = Vec::new();
-    let mut line = 0u64;
     let mut keys_checked = false;
     let mut out = FileRows::default();
-    loop {
-        buf.clear();
-        if reader
-            .read_until(b'\n', &mut buf)
-            .map_err(|e| Error::io(path, e))?
-            == 0
-        {
-            break;
-        }
-        line += 1;
+    while let Some(line) = reader.next_line(&mut buf)? {
         let text = match input::decode(&buf, opts.encoding) {
             Ok(text) => text,
             Err(message) => {

@@ -95,6 +95,8 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
     let mut report = LoadReport {
         rows_read: parts.iter().map(|p| p.rows.rows_read).sum(),
         skipped_bad_rows: bad.count,
+        multi_line_rows: parts.iter().map(|p| p.rows.multi_line_rows).sum(),
+        literal_quote_rows: parts.iter().map(|p| p.rows.literal_quote_rows).sum(),
         ..LoadReport::default()
     };
     let mut examples = Vec::with_capacity(parts.iter().map(|p| p.rows.rows.len()).sum());

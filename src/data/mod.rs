@@ -11,6 +11,26 @@
 //! Line numbers in messages and in [`Example::source_line`] are 1-based and
 //! count lines of the decompressed file, header included; a CSV row whose
 //! quoted field spans several lines is numbered by the line it starts on.
+//!
+//! Quoting: CSV fields may be quoted as in RFC 4180 (a quoted field may hold
+//! the delimiter, `""` for a quote, and line breaks). TSV fields are not
+//! quoted unless [`ReadOptions::tsv_quotes`] is set: a `"` is an ordinary
+//! character and one line is one row, as in the IANA text/tab-separated-values
+//! definition. A quoted field that holds line breaks may run over at most
+//! [`ReadLimits::max_quoted_lines`] more lines and
+//! [`ReadLimits::max_quoted_bytes`] bytes; a quote still open past that, or at
+//! end of file, or a row that goes wrong after a quoted line break (text
+//! after a closing quote, a wrong field count), is a bad row reported at the
+//! line where it starts. Skipping it skips only that line: reading resumes
+//! on the next line, so a stray `"` costs one row, never the rest of the file.
+//!
+//! Bounded input: no line (CSV, TSV, JSON Lines, decompressed) may be longer
+//! than [`ReadLimits::max_line_bytes`]. An over-long line is an error naming
+//! the file and line, found without reading the rest of the line, and is not
+//! skipped by [`ReadOptions::skip_bad_rows`] (skipping it would mean reading
+//! on to its end, which may never come). A folders-format file larger than
+//! the same bound is a bad example (read no further than the bound), and
+//! entries that are not regular files (devices, FIFOs) are ignored.
 
 pub mod args;
 mod delimited;
@@ -42,7 +62,8 @@ pub enum Format {
     Auto,
     /// Comma-separated values (RFC 4180 quoting).
     Csv,
-    /// Tab-separated values (same quoting rules as CSV).
+    /// Tab-separated values: one line per row, `"` an ordinary character,
+    /// unless [`ReadOptions::tsv_quotes`] asks for CSV's quoting rules.
     Tsv,
     /// One JSON object per line; blank lines are skipped.
     Jsonl,
@@ -204,6 +225,44 @@ pub struct ReadOptions {
     pub group_column: Option<Column>,
     /// Skip (and count) malformed rows instead of failing on the first one.
     pub skip_bad_rows: bool,
+    /// Read TSV fields with CSV's (RFC 4180) quoting rules; by default a TSV
+    /// `"` is an ordinary character and a row never spans lines.
+    pub tsv_quotes: bool,
+    /// Bounds on lines and quoted fields.
+    pub limits: ReadLimits,
+}
+
+/// Bounds that keep a malformed or hostile file from being read without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    /// Most bytes of one line (its `\n` not counted) of a CSV, TSV or JSON
+    /// Lines file, after decompression, and of one folders-format file.
+    pub max_line_bytes: usize,
+    /// Most line breaks a CSV row (or a TSV row with
+    /// [`ReadOptions::tsv_quotes`]) may hold inside quoted fields.
+    pub max_quoted_lines: usize,
+    /// Most bytes a CSV/TSV row may run over past its first line through
+    /// quoted line breaks.
+    pub max_quoted_bytes: usize,
+}
+
+impl ReadLimits {
+    /// Default of [`ReadLimits::max_line_bytes`]: 16 MiB.
+    pub const MAX_LINE_BYTES: usize = 16 << 20;
+    /// Default of [`ReadLimits::max_quoted_lines`].
+    pub const MAX_QUOTED_LINES: usize = 100;
+    /// Default of [`ReadLimits::max_quoted_bytes`]: 1 MiB.
+    pub const MAX_QUOTED_BYTES: usize = 1 << 20;
+}
+
+impl Default for ReadLimits {
+    fn default() -> Self {
+        ReadLimits {
+            max_line_bytes: Self::MAX_LINE_BYTES,
+            max_quoted_lines: Self::MAX_QUOTED_LINES,
+            max_quoted_bytes: Self::MAX_QUOTED_BYTES,
+        }
+    }
 }
 
 impl Default for ReadOptions {
@@ -218,6 +277,8 @@ impl Default for ReadOptions {
             id_column: None,
             group_column: None,
             skip_bad_rows: false,
+            tsv_quotes: false,
+            limits: ReadLimits::default(),
         }
     }
 }
@@ -305,6 +366,13 @@ pub struct LoadReport {
     pub split_counts: BTreeMap<String, u64>,
     /// Rows dropped, per label string not in [`DatasetPlan::labels`].
     pub dropped_labels: BTreeMap<String, u64>,
+    /// CSV/TSV rows that span several lines through quoted line breaks
+    /// (each file with any gets one log line saying so).
+    pub multi_line_rows: u64,
+    /// TSV rows, read without [`ReadOptions::tsv_quotes`], holding a field
+    /// that starts with `"`: the quote was kept as text (each file with any
+    /// gets one warning saying so).
+    pub literal_quote_rows: u64,
 }
 
 #[cfg(test)]

@@ -34,6 +34,10 @@ pub(super) struct FileRows {
     pub rows: Vec<RawRow>,
     /// Data rows seen, good or bad.
     pub rows_read: u64,
+    /// Rows spanning several lines through quoted line breaks (CSV/TSV).
+    pub multi_line_rows: u64,
+    /// Unquoted-TSV rows with a field starting with `"`, kept as text.
+    pub literal_quote_rows: u64,
 }
 
 /// Fails on a bad row, or counts it when skipping is on.
@@ -106,8 +110,8 @@ pub(super) fn read_rows(
         });
     }
     match format {
-        Format::Csv => delimited::read(path, b',', opts, need_group, bad),
-        Format::Tsv => delimited::read(path, b'\t', opts, need_group, bad),
+        Format::Csv => delimited::read(path, b',', true, opts, need_group, bad),
+        Format::Tsv => delimited::read(path, b'\t', opts.tsv_quotes, opts, need_group, bad),
         Format::Jsonl => jsonl::read(path, opts, need_group, bad),
         // `resolve` never returns `Auto`; treat it like folders defensively.
         Format::Folders | Format::Auto => folders::read(path, opts, need_group, bad),

@@ -199,7 +199,7 @@ fn dataset_options(plan: &DatasetPlan) -> serde_json::Value {
             json!({ "fractions": s.fractions, "seed": s.seed })
         }
     };
-    json!({
+    let mut options = json!({
         "format": r.format.to_string(),
         "has_header": r.has_header,
         "encoding": r.encoding.to_string(),
@@ -211,7 +211,20 @@ fn dataset_options(plan: &DatasetPlan) -> serde_json::Value {
         "skip_bad_rows": r.skip_bad_rows,
         "labels": plan.labels,
         "split": split,
-    })
+    });
+    // Reading choices that change which rows are read; recorded only when
+    // not the default, so caches written before they existed keep their hash.
+    if r.tsv_quotes {
+        options["tsv_quotes"] = json!(true);
+    }
+    if r.limits != crate::data::ReadLimits::default() {
+        options["limits"] = json!({
+            "max_line_bytes": r.limits.max_line_bytes,
+            "max_quoted_lines": r.limits.max_quoted_lines,
+            "max_quoted_bytes": r.limits.max_quoted_bytes,
+        });
+    }
+    options
 }
 
 /// sha256 hex of the canonical JSON of what determines the cache's bytes.
