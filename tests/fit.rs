@@ -16,7 +16,7 @@ fn t1(v: &[f32]) -> Tensor {
     Tensor::from_vec(v.to_vec(), v.len(), &Device::Cpu).unwrap()
 }
 
-/// Scalar re-statement of SHERL.md steps 1-5 for one token, f64, loops only.
+/// Scalar re-statement of docs/method.md §4 steps 1-5 for one token, f64, loops only.
 fn by_hand(
     xs: &[Vec<f64>],
     proj: &[(Vec<f64>, Vec<f64>)],

@@ -1,6 +1,7 @@
 //! sherl's integration tests: one binary (ripgrep style), one module per topic.
 
 mod cache;
+mod cli;
 mod common;
 mod data;
 mod export;

@@ -282,7 +282,7 @@ impl FitReporter for Bar {
 fn main() -> ExitCode {
     sherl::cli::tune_allocator();
     main_wrapper(|| {
-        let args = Args::parse();
+        let args = parse_args();
         if let Command::Run(r) = &args.command {
             sherl::cli::set_compute_threads(r.threads);
             sherl::fit::sweep::exit_with_parent();
@@ -295,6 +295,48 @@ fn main() -> ExitCode {
             Command::Report { runs, out } => report(runs, out),
         }
     })
+}
+
+/// The command line, with `run`'s help showing each setting's default
+/// taken from `FitConfig::default()` (the flags are `Option`s so that
+/// `--config` can sit between the defaults and the flags; clap alone would
+/// show no default for them).
+fn command_with_defaults() -> clap::Command {
+    use clap::CommandFactory;
+    let defaults = serde_json::to_value(FitConfig::default()).expect("FitConfig serializes");
+    let defaults = defaults.as_object().cloned().unwrap_or_default();
+    Args::command().mut_subcommand("run", |mut run| {
+        for (key, value) in &defaults {
+            let shown = match value {
+                serde_json::Value::Null => continue,
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Bool(_) => continue,
+                serde_json::Value::Number(n) if n.is_f64() => {
+                    // f32 settings (dropout) widen in JSON: show them as written.
+                    let x = n.as_f64().unwrap_or(f64::NAN);
+                    if f64::from(x as f32) == x {
+                        (x as f32).to_string()
+                    } else {
+                        x.to_string()
+                    }
+                }
+                other => other.to_string(),
+            };
+            if run.get_arguments().any(|a| a.get_id() == key.as_str()) {
+                run = run.mut_arg(key.as_str(), |a| {
+                    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    a.help(format!("{help} [default: {shown}]"))
+                });
+            }
+        }
+        run
+    })
+}
+
+fn parse_args() -> Args {
+    use clap::FromArgMatches;
+    let matches = command_with_defaults().get_matches();
+    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {

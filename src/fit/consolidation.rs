@@ -1,14 +1,15 @@
 //! SHERL's early route: the anti-redundancy consolidation of the cached
 //! intermediate layers, and the late-route restore and gate.
 //!
-//! Follows `../shared/docs/SHERL.md` ("Early route", steps 1-5; "Late
-//! route", steps 6-7) exactly: per-layer projectors `LayerNorm_d(W_j S_j +
-//! b_j)`; per token, the shallow set `E` (all but the last entry) and the
-//! guide `e` (the last entry); redundancy `r` = row sums of
-//! `relu(E' E'^T)` with `E'` the rows of `E` scaled to unit L2 norm (norm +
-//! 1e-8); guided weights `u = relu(w_a . (E * e) + b_a) / r`, L1-normalised
-//! over layers (`alpha = u / (sum |u| + 1e-8)`, no softmax); `g = sum alpha_j
-//! E_j + e`.
+//! Computes docs/method.md §4, steps 1-7 (the repository's restatement of
+//! the paper, with the epsilons this code adds): per-layer projectors
+//! `LayerNorm_d(W_j S_j + b_j)`; per token, the shallow set `E` (all but the
+//! last entry) and the guide `e` (the last entry); redundancy `r` = row sums
+//! of `relu(E' E'^T)` with `E'` the rows of `E` scaled to unit L2 norm
+//! (divided by norm plus 1e-8); guided weights `u = relu(w_a . (E * e) +
+//! b_a) / r`,
+//! L1-normalised over layers (`alpha = u / (sum |u| + 1e-8)`, no softmax);
+//! `g = sum alpha_j E_j + e`.
 
 use candle_core::{Device, Tensor, D};
 
@@ -21,7 +22,7 @@ type Lin = (Tensor, Tensor);
 
 /// LayerNorm epsilon of the projectors (PyTorch's `nn.LayerNorm` default).
 pub const PROJ_LN_EPS: f64 = 1e-5;
-/// LayerNorm epsilon of the restore block (SHERL.md step 6).
+/// LayerNorm epsilon of the restore block (docs/method.md §4, step 6).
 pub const RESTORE_LN_EPS: f64 = 1e-12;
 /// Epsilon in the row normalisation and in the L1 normalisation.
 pub const EPS: f64 = 1e-8;

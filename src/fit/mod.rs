@@ -40,7 +40,7 @@ pub fn device(spec: &str) -> Result<Device> {
                 .unwrap_or(0);
             if !candle_core::utils::cuda_is_available() {
                 return Err(Error::Config(format!(
-                    "--device {s}: this sherl-fit was built without CUDA support (rebuild with `--features cuda` on a machine with nvcc)"
+                    "--device {s}: this sherl-fit has no CUDA support (sherl does not offer a CUDA build of its training code yet); train on the CPU with --device cpu"
                 )));
             }
             Device::new_cuda(ordinal).map_err(|e| Error::Config(format!("--device {s}: {e}")))

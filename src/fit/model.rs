@@ -8,7 +8,7 @@
 //!   it by the frozen backbone layers, without gradients.
 //! - `late-layer`: hidden_states.N-K straight into the last K layers,
 //!   fine-tuned, then pool and head (no early route).
-//! - `unipt`: the UniPT side network (SHERL.md "Baselines"): every
+//! - `unipt`: the UniPT side network (docs/method.md §6): every
 //!   hidden_states.0..=N projected to width d, the last as anchor, each
 //!   shallower one aggregated by relu'd, key-masked, L1-normalised similarity
 //!   to the anchor plus identity, weighted by a softmax over per-layer
@@ -340,7 +340,7 @@ impl Model {
 
 type Lin = (Tensor, Tensor);
 
-/// UniPT side network (Diao et al., CVPR 2024), as SHERL.md restates it.
+/// UniPT side network (Diao et al., CVPR 2024), as docs/method.md §6 restates it.
 #[derive(Debug, Clone)]
 struct Unipt {
     proj: Vec<(Lin, Lin)>,

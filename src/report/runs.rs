@@ -437,11 +437,24 @@ fn canonical(v: &Value) -> String {
     }
 }
 
-/// A setting's value as shown in a label: strings bare, the rest as JSON.
+/// A setting's value as shown in a label: strings bare, numbers as the user
+/// wrote them, the rest as JSON. A single-precision setting (dropout) is
+/// stored widened to f64 in `config.json` (0.1 becomes
+/// 0.10000000149011612); it is shown as the shortest decimal that gives the
+/// same f32 back.
 fn show_value(v: Option<&Value>) -> String {
     match v {
         None => "-".to_string(),
         Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) if n.is_f64() => {
+            let x = n.as_f64().unwrap_or(f64::NAN);
+            let narrow = x as f32;
+            if f64::from(narrow) == x && narrow.to_string().len() < x.to_string().len() {
+                narrow.to_string()
+            } else {
+                x.to_string()
+            }
+        }
         Some(other) => canonical(other),
     }
 }
@@ -786,4 +799,19 @@ fn to_markdown(
         md.push('\n');
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_precision_settings_show_as_written() {
+        assert_eq!(show_value(Some(&json!(0.1f32))), "0.1");
+        assert_eq!(show_value(Some(&json!(0.001))), "0.001");
+        assert_eq!(show_value(Some(&json!(0.5))), "0.5");
+        assert_eq!(show_value(Some(&json!(3))), "3");
+        assert_eq!(show_value(Some(&json!("mean"))), "mean");
+        assert_eq!(show_value(None), "-");
+    }
 }

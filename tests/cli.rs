@@ -1,0 +1,72 @@
+//! What a new user reads: help texts and hints that are true.
+
+use crate::common;
+
+/// `sherl-fit run --help` shows every setting's default, taken from the
+/// same `FitConfig::default()` the code uses.
+#[test]
+fn run_help_shows_the_code_defaults() {
+    let o = common::run(
+        "sherl-fit",
+        &["run", "--help"],
+        std::env::temp_dir().as_path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let help = common::stdout(&o);
+    let d = sherl::fit::config::FitConfig::default();
+    for (flag, value) in [
+        ("--method", d.method.name().to_string()),
+        ("--late-layers", d.late_layers.to_string()),
+        ("--reduction", d.reduction.to_string()),
+        ("--epochs", d.epochs.to_string()),
+        ("--lr", d.lr.to_string()),
+        ("--lr-pretrained", d.lr_pretrained.to_string()),
+        ("--weight-decay", d.weight_decay.to_string()),
+        ("--warmup", d.warmup.to_string()),
+        ("--batch-size", d.batch_size.to_string()),
+        ("--max-tokens-per-batch", d.max_tokens_per_batch.to_string()),
+        ("--grad-clip", d.grad_clip.to_string()),
+        ("--seed", d.seed.to_string()),
+        ("--dropout", d.dropout.to_string()),
+    ] {
+        // the flag's block runs from its line to the next flag
+        let start = help
+            .find(&format!("      {flag} <"))
+            .unwrap_or_else(|| panic!("{flag} not in help:\n{help}"));
+        let block = &help[start..];
+        let end = block[1..].find("\n      --").map_or(block.len(), |e| e + 1);
+        assert!(
+            block[..end].contains(&format!("[default: {value}]")),
+            "{flag}: expected [default: {value}] in {}",
+            &block[..end]
+        );
+    }
+}
+
+/// Hints in errors point at things that exist.
+#[test]
+fn device_hints_are_true() {
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "run",
+            "--cache",
+            "c",
+            "--backbone",
+            "b",
+            "--out",
+            "r",
+            "--device",
+            "cuda",
+        ],
+        std::env::temp_dir().as_path(),
+        &[],
+    );
+    let err = common::stderr(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        !err.contains("--features cuda") && err.contains("--device cpu"),
+        "{err}"
+    );
+}
