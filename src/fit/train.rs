@@ -418,29 +418,14 @@ pub fn memory_estimate(
 }
 
 /// Memory a run may use: `SHERL_MEMORY_LIMIT` (bytes, or with a K/M/G
-/// suffix) when set, else the kernel's `MemAvailable`; `None` when neither
+/// suffix, as the dataset flags' sizes) when set, else the kernel's `MemAvailable`; `None` when neither
 /// is known (then nothing is refused).
 pub fn memory_budget() -> Result<Option<(f64, &'static str)>> {
     if let Ok(v) = std::env::var("SHERL_MEMORY_LIMIT") {
-        let t = v.trim();
-        let (num, mult) = match t.char_indices().last() {
-            Some((i, c)) if c.is_ascii_alphabetic() => (
-                &t[..i],
-                match c.to_ascii_uppercase() {
-                    'K' => 1024.0,
-                    'M' => MIB,
-                    'G' => 1024.0 * MIB,
-                    _ => 0.0,
-                },
-            ),
-            _ => (t, 1.0),
-        };
-        return match num.trim().parse::<f64>() {
-            Ok(x) if x.is_finite() && x > 0.0 && mult > 0.0 => {
-                Ok(Some((x * mult, "SHERL_MEMORY_LIMIT")))
-            }
+        return match crate::data::args::parse_size(&v) {
+            Ok(bytes) if bytes > 0 => Ok(Some((bytes as f64, "SHERL_MEMORY_LIMIT"))),
             _ => Err(Error::Config(format!(
-                "SHERL_MEMORY_LIMIT={v}: expected a size in bytes, e.g. 8000000000 or 8G"
+                "SHERL_MEMORY_LIMIT={v}: expected a size in bytes, optionally with K, M or G (KiB, MiB, GiB), e.g. 8G"
             ))),
         };
     }
