@@ -6,6 +6,7 @@ mod data;
 mod export;
 mod extract;
 mod fit;
+mod fuzz;
 mod golden;
 mod report;
 mod runtime;
