@@ -197,6 +197,21 @@ fn property_random_shapes_and_chunkings() {
     }
 }
 
+/// Ids have no length limit (FORMAT.md §3.1): a chunk of examples with
+/// ids of several KiB reads back (the reader once refused a metadata frame
+/// with more than 4 KiB of id per example as implausible).
+#[test]
+fn long_ids_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = synth(&[1, 3, 2], 1, 4, 5);
+    for (i, m) in s.meta.iter_mut().enumerate() {
+        m.id = format!("{i}-{}", "ü".repeat(3000 + 1000 * i));
+    }
+    let bytes = write(tmp.path(), spec(Dtype::F32, false, 1, 4, 4, 3), &s);
+    let r = ShardReader::new(bytes).unwrap();
+    check(&r, &s, Dtype::F32, 4);
+}
+
 fn small_shard() -> Vec<u8> {
     let tmp = tempfile::tempdir().unwrap();
     let s = synth(&[3, 1, 4, 1, 5], 2, 8, 1);
@@ -724,30 +739,28 @@ fn forged_index_size_is_refused_before_allocation() {
     }
 }
 
-/// Index entries claiming a 12.9 GB layer frame (counts consistent, every
-/// checksum recomputed) are refused against the frame's compressed size; a
-/// small lie is refused against the zstd frame header before decoding; and
-/// in a cache, against the manifest before the index is even read.
+/// Index entries claiming a 12.9 GB layer frame (sizes consistent with the
+/// header, every checksum recomputed) are refused against the frame's
+/// compressed size; a forged token count against the metadata frame's size;
+/// a small lie against the zstd frame header before decoding; and in a
+/// cache, all of them against the manifest before the index is even read.
 #[test]
 fn forged_frame_size_is_refused_before_allocation() {
+    use sherl::cache::format::FrameKind;
     let dir = golden("v1");
     let good = std::fs::read(dir.join("shards/shard-00000.shrd")).unwrap();
     let (h0, _) = Header::decode(&good).unwrap();
-    let huge = 12_900_000_000u64 / (2 * u64::from(h0.hidden)); // tokens for a 12.9 GB f16 frame
-    let forge_tokens = |tokens: u64| {
-        forge(&good, |h, entries| {
-            let old = entries[0].n_tokens;
-            for e in entries.iter_mut().take(h.n_layers as usize + 1) {
-                e.n_tokens = tokens;
-                if e.kind == sherl::cache::format::FrameKind::Layer {
-                    e.raw_len = h.dtype.raw_len(tokens, u64::from(h.hidden)).unwrap();
-                }
-            }
-            h.n_tokens = h.n_tokens - old + tokens;
-            h.max_len = u32::MAX;
-        })
-    };
-    match ShardReader::new(forge_tokens(huge)) {
+    let raw = zstd::stream::decode_all(&good[h0.index_offset as usize..]).unwrap();
+    let e0 = IndexEntry::decode(&raw, 0).unwrap();
+    // chunk 0 holds 5 tokens: a hidden width giving its layer frames 12.9 GB
+    assert_eq!(e0.n_tokens, 5);
+    let wide = forge(&good, |h, entries| {
+        h.hidden = 1_290_000_000;
+        for e in entries.iter_mut().filter(|e| e.kind == FrameKind::Layer) {
+            e.raw_len = h.dtype.raw_len(e.n_tokens, u64::from(h.hidden)).unwrap();
+        }
+    });
+    match ShardReader::new(wide.clone()) {
         Err(CacheError::Corrupt(msg)) => assert!(
             msg.contains("frame 1 claims 12900000000 decoded bytes")
                 && msg.contains("more than zstd can produce"),
@@ -755,11 +768,33 @@ fn forged_frame_size_is_refused_before_allocation() {
         ),
         other => panic!("{other:?}"),
     }
-    // one token more than the frame holds: plausible, but the zstd frame
-    // header records the real size
-    let raw = zstd::stream::decode_all(&good[h0.index_offset as usize..]).unwrap();
-    let e = IndexEntry::decode(&raw, 0).unwrap();
-    let r = ShardReader::new(forge_tokens(e.n_tokens + 1)).unwrap();
+    // chunk 0 claiming 806,250,000 tokens (12.9 GB per f16 layer frame)
+    let forge_tokens = |tokens: u64| {
+        forge(&good, |h, entries| {
+            let old = entries[0].n_tokens;
+            for e in entries.iter_mut().take(h.n_layers as usize + 1) {
+                e.n_tokens = tokens;
+                if e.kind == FrameKind::Layer {
+                    e.raw_len = h.dtype.raw_len(tokens, u64::from(h.hidden)).unwrap();
+                }
+            }
+            h.n_tokens = h.n_tokens - old + tokens;
+            h.max_len = u32::MAX;
+        })
+    };
+    let many = forge_tokens(806_250_000);
+    match ShardReader::new(many.clone()) {
+        Err(CacheError::Corrupt(msg)) => {
+            assert!(
+                msg.contains("chunk 0") && msg.contains("806250000 tokens"),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // one token more than the frames hold: plausible sizes, but the zstd
+    // frame header records the real one
+    let r = ShardReader::new(forge_tokens(e0.n_tokens + 1)).unwrap();
     match r.chunk_layer(0, 0) {
         Err(CacheError::Corrupt(msg)) => assert!(
             msg.contains("frame 1 (layer position 0, chunk 0)")
@@ -768,23 +803,21 @@ fn forged_frame_size_is_refused_before_allocation() {
         ),
         other => panic!("{other:?}"),
     }
-    // In a cache: the header's max_len and tokens disagree with the manifest.
+    // In a cache: the header disagrees with the manifest (hidden, tokens).
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&dir, tmp.path());
-    std::fs::write(
-        tmp.path().join("shards/shard-00000.shrd"),
-        forge_tokens(huge),
-    )
-    .unwrap();
-    match Cache::open(tmp.path()) {
-        Err(sherl::Error::Cache {
-            path,
-            source: CacheError::ManifestMismatch { field, .. },
-        }) => {
-            assert!(path.ends_with("shards/shard-00000.shrd"), "{path:?}");
-            assert!(field == "max_len" || field == "tokens", "{field}");
+    for (forged, want) in [(wide, "hidden"), (many, "tokens")] {
+        std::fs::write(tmp.path().join("shards/shard-00000.shrd"), forged).unwrap();
+        match Cache::open(tmp.path()) {
+            Err(sherl::Error::Cache {
+                path,
+                source: CacheError::ManifestMismatch { field, .. },
+            }) => {
+                assert!(path.ends_with("shards/shard-00000.shrd"), "{path:?}");
+                assert_eq!(field, want);
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
     }
 }
 

@@ -645,15 +645,16 @@ impl<B: ByteSource> ShardReader<B> {
                         e.n_tokens, e.n_examples, h.max_len
                     )));
                 }
-                // token ids (4 B) and type ids (1 B) per token, 24 B plus the id per example
-                let meta_bound = e
+                // 24 bytes per example plus token ids (4 B) and type ids (1 B)
+                // per token, plus the ids, whose length has no limit (§3.1)
+                let meta_min = e
                     .n_tokens
                     .saturating_mul(5)
-                    .saturating_add(u64::from(e.n_examples) * (24 + 4096));
-                if e.raw_len > meta_bound {
+                    .saturating_add(u64::from(e.n_examples) * 24);
+                if e.raw_len < meta_min {
                     return Err(CacheError::Corrupt(format!(
-                        "chunk {c}: a metadata frame of {} bytes is implausible",
-                        e.raw_len
+                        "chunk {c}: a metadata frame of {} bytes cannot hold {} examples of {} tokens",
+                        e.raw_len, e.n_examples, e.n_tokens
                     )));
                 }
                 chunks.push(ChunkEntry {
