@@ -1,15 +1,21 @@
 //! The cache format: round trips for every dtype over both byte backends
 //! (memory map and `Vec<u8>`), lengths 1 and max-len, a bounded property test
 //! over random shapes and chunkings, a bounded fuzz of header and index
-//! parsing, and the specific error for each kind of damage.
+//! parsing, and the specific error for each kind of damage; hostile
+//! manifests and shards (forged sizes with valid checksums, edited
+//! manifests, paths out of the cache) for the reader, `verify` and `merge`
+//! (the seeded mutation suite is `tests/fuzz.rs`).
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use crate::common::tiny::Rng;
-use sherl::cache::format::Dtype;
+use crate::common::{self};
+use serde_json::{json, Value};
+use sherl::cache::format::{Dtype, Header, IndexEntry, HEADER_LEN, INDEX_ENTRY_LEN};
 use sherl::cache::mmap::MappedFile;
 use sherl::cache::shard::{compress_chunk, ExampleMeta, ShardReader, ShardSpec, ShardWriter};
-use sherl::cache::CacheError;
+use sherl::cache::{Cache, CacheError, MetaBounds};
 
 fn spec(
     dtype: Dtype,
@@ -191,6 +197,21 @@ fn property_random_shapes_and_chunkings() {
     }
 }
 
+/// Ids have no length limit (FORMAT.md §3.1): a chunk of examples with
+/// ids of several KiB reads back (the reader once refused a metadata frame
+/// with more than 4 KiB of id per example as implausible).
+#[test]
+fn long_ids_round_trip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = synth(&[1, 3, 2], 1, 4, 5);
+    for (i, m) in s.meta.iter_mut().enumerate() {
+        m.id = format!("{i}-{}", "ü".repeat(3000 + 1000 * i));
+    }
+    let bytes = write(tmp.path(), spec(Dtype::F32, false, 1, 4, 4, 3), &s);
+    let r = ShardReader::new(bytes).unwrap();
+    check(&r, &s, Dtype::F32, 4);
+}
+
 fn small_shard() -> Vec<u8> {
     let tmp = tempfile::tempdir().unwrap();
     let s = synth(&[3, 1, 4, 1, 5], 2, 8, 1);
@@ -263,12 +284,12 @@ fn specific_errors() {
     assert!(matches!(ShardReader::new(b), Err(CacheError::BadMagic)));
     // newer format version
     let mut b = good.clone();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
     match ShardReader::new(b) {
         Err(CacheError::UnsupportedVersion {
-            found: 2,
+            found: 3,
             oldest: 1,
-            newest: 1,
+            newest: 2,
         }) => {}
         other => panic!("{other:?}"),
     }
@@ -289,7 +310,7 @@ fn specific_errors() {
     ));
     assert!(matches!(
         ShardReader::new(good[..good.len() - 10].to_vec()),
-        Err(CacheError::IndexOutOfBounds { .. })
+        Err(CacheError::TruncatedIndex { .. })
     ));
     // flipped byte in a frame: checksum mismatch naming the frame
     let mut b = good.clone();
@@ -306,4 +327,818 @@ fn specific_errors() {
         ShardReader::new(b),
         Err(CacheError::ChecksumMismatch { .. })
     ));
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for hostile inputs (shared with tests/fuzz.rs)
+// ---------------------------------------------------------------------------
+
+pub(crate) fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("cache_schema/golden")
+        .join(name)
+}
+
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        let dst = to.join(p.file_name().unwrap());
+        if p.is_dir() {
+            copy_dir(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}
+
+/// Every file and directory under `root` with its bytes (None for a
+/// directory; symlinks as their target): what "nothing changed on disk" compares.
+pub(crate) fn snapshot(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            let md = std::fs::symlink_metadata(&p).unwrap();
+            if md.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.insert(p, Some(t.to_string_lossy().as_bytes().to_vec()));
+            } else if md.is_dir() {
+                out.insert(p.clone(), None);
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), Some(std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+pub(crate) fn write_json(path: &Path, v: &Value) {
+    std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+}
+
+/// Rewrite a shard's header and index entries, then recompute the index
+/// frame, the header CRC and everything else a reader checksums: the forged
+/// claims themselves are what the reader has to catch.
+pub(crate) fn forge(bytes: &[u8], f: impl FnOnce(&mut Header, &mut Vec<IndexEntry>)) -> Vec<u8> {
+    let (mut h, _) = Header::decode(bytes).unwrap();
+    let index = &bytes[h.index_offset as usize..];
+    let raw = zstd::stream::decode_all(index).unwrap();
+    let mut entries: Vec<IndexEntry> = (0..raw.len() / INDEX_ENTRY_LEN)
+        .map(|i| IndexEntry::decode(&raw, i).unwrap())
+        .collect();
+    let body = bytes[HEADER_LEN..h.index_offset as usize].to_vec();
+    f(&mut h, &mut entries);
+    let mut raw = Vec::new();
+    for e in &entries {
+        e.encode_into(&mut raw);
+    }
+    let index = zstd::bulk::compress(&raw, 3).unwrap();
+    h.index_offset = (HEADER_LEN + body.len()) as u64;
+    h.index_len = index.len() as u64;
+    h.index_crc = crc32fast::hash(&index);
+    let mut out = h.encode().to_vec();
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&index);
+    out
+}
+
+/// Like [`forge`], but only the header (the index stays as it is, and the
+/// header's index_entries may now disagree with it).
+pub(crate) fn forge_header(bytes: &[u8], f: impl FnOnce(&mut Header)) -> Vec<u8> {
+    let (mut h, _) = Header::decode(bytes).unwrap();
+    h.index_crc = crc32fast::hash(&bytes[h.index_offset as usize..]);
+    f(&mut h);
+    let mut out = bytes.to_vec();
+    out[..HEADER_LEN].copy_from_slice(&h.encode());
+    out
+}
+
+/// Split a golden cache into the two worker parts `--shard-of I/2` would
+/// have written (shard k in part k mod 2), under `root/p0` and `root/p1`.
+pub(crate) fn make_parts(name: &str, root: &Path) -> [PathBuf; 2] {
+    let src = golden(name);
+    let m = read_json(&src.join("manifest.json"));
+    let parts = [root.join("p0"), root.join("p1")];
+    for (i, dir) in parts.iter().enumerate() {
+        std::fs::create_dir_all(dir.join("shards")).unwrap();
+        let mut pm = m.clone();
+        let shards: Vec<Value> = m["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["index"].as_u64().unwrap() % 2 == i as u64)
+            .cloned()
+            .collect();
+        for s in &shards {
+            let f = s["file"].as_str().unwrap();
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        pm["examples"] = json!(shards
+            .iter()
+            .map(|s| s["examples"].as_u64().unwrap())
+            .sum::<u64>());
+        pm["tokens"] = json!(shards
+            .iter()
+            .map(|s| s["tokens"].as_u64().unwrap())
+            .sum::<u64>());
+        pm["shards"] = Value::Array(shards);
+        pm["worker"] = json!({"index": i, "count": 2});
+        write_part_manifest(dir, pm);
+    }
+    parts
+}
+
+/// Write `v` as `dir/manifest.part.json`, with a recomputed manifest_sha256
+/// when it parses as a version 2 manifest (so the edit itself is tested, not
+/// the checksum).
+pub(crate) fn write_part_manifest(dir: &Path, v: Value) {
+    write_json(&dir.join("manifest.part.json"), &reseal(v));
+}
+
+/// `v` with its manifest_sha256 recomputed, when it parses as a manifest of
+/// version 2 or later; unchanged otherwise.
+pub(crate) fn reseal(v: Value) -> Value {
+    match serde_json::from_value::<sherl::cache::Manifest>(v.clone()) {
+        Ok(m) if m.format_version >= 2 => serde_json::to_value(m.sealed()).unwrap(),
+        _ => v,
+    }
+}
+
+fn merge(root: &Path, args: &[&str]) -> std::process::Output {
+    let mut a = vec!["merge"];
+    a.extend_from_slice(args);
+    common::run("sherl-cache", &a, root, &[])
+}
+
+fn assert_exit_2(o: &std::process::Output, needles: &[&str]) -> String {
+    let err = common::stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    err
+}
+
+// ---------------------------------------------------------------------------
+// Item 1 / 21: merge reads and writes only inside its directories, and a
+// failed merge leaves nothing behind
+// ---------------------------------------------------------------------------
+
+/// The attack of issue 8 item 1: a part's manifest names
+/// `../../x/victim.txt` for shard 0, where `part/../../x/victim.txt` is a
+/// valid shard and `out/../../x/victim.txt` a file outside --out. Merge must
+/// refuse before opening or writing anything, leave nothing behind, and
+/// succeed on a retry once the part is fixed.
+#[test]
+fn merge_refuses_a_part_path_outside_its_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let parts_root = root.join("parts");
+    let [p0, p1] = make_parts("v1", &parts_root);
+    // part/../../x/victim.txt = root/x/victim.txt: a valid shard
+    std::fs::create_dir_all(root.join("x")).unwrap();
+    std::fs::copy(
+        p0.join("shards/shard-00000.shrd"),
+        root.join("x/victim.txt"),
+    )
+    .unwrap();
+    // out/../../x/victim.txt = root/o/x/victim.txt: the victim
+    std::fs::create_dir_all(root.join("o/x")).unwrap();
+    std::fs::write(root.join("o/x/victim.txt"), "precious").unwrap();
+    let out = root.join("o/a/out");
+    let good = read_json(&p0.join("manifest.part.json"));
+    let args = [
+        p0.to_str().unwrap(),
+        p1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    for (file, why) in [
+        ("../../x/victim.txt", "`..`"),
+        ("shards/../../../x/victim.txt", "`..`"),
+        ("/etc/passwd", "absolute"),
+        ("shards/shard-00001.shrd", "not the name of this shard"),
+        ("manifest.part.json", "not a file under shards/"),
+    ] {
+        let mut m = good.clone();
+        m["shards"][0]["file"] = json!(file);
+        write_part_manifest(&p0, m);
+        let before = snapshot(root);
+        let err = assert_exit_2(&merge(root, &args), &[file, why, "shards/shard-00000.shrd"]);
+        assert!(err.contains("manifest.part.json"), "{err}");
+        assert_eq!(
+            snapshot(root),
+            before,
+            "{file}: a refused merge changed the disk"
+        );
+        assert_eq!(
+            std::fs::read(root.join("o/x/victim.txt")).unwrap(),
+            b"precious"
+        );
+        assert!(!out.exists() && !root.join("o/a").exists());
+    }
+    // A symlink leading out of the part is refused too.
+    write_part_manifest(&p0, good.clone());
+    let shard0 = p0.join("shards/shard-00000.shrd");
+    let saved = std::fs::read(&shard0).unwrap();
+    std::fs::remove_file(&shard0).unwrap();
+    std::os::unix::fs::symlink(root.join("x/victim.txt"), &shard0).unwrap();
+    let before = snapshot(root);
+    assert_exit_2(
+        &merge(root, &args),
+        &["symlink", "outside the cache directory"],
+    );
+    assert_eq!(snapshot(root), before);
+    // Fixed part: the retry works, and the result is a cache.
+    std::fs::remove_file(&shard0).unwrap();
+    std::fs::write(&shard0, saved).unwrap();
+    let o = merge(root, &args);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(
+        std::fs::read(root.join("o/x/victim.txt")).unwrap(),
+        b"precious"
+    );
+    Cache::open(&out).unwrap().verify(|_, _| {}).unwrap();
+}
+
+/// Issue 8 item 21 (merge): a merge that fails after the checks of the
+/// manifests (here: a damaged shard) leaves no --out, no temporary directory
+/// and no created parent behind; a refused merge (non-empty --out) changes
+/// nothing; after repairing the part, the same command succeeds.
+#[test]
+fn failed_merge_leaves_nothing_behind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let [p0, p1] = make_parts("v1", root);
+    let shard1 = p1.join("shards/shard-00001.shrd");
+    let good = std::fs::read(&shard1).unwrap();
+    let mut bad = good.clone();
+    let n = bad.len();
+    bad[n - 3] ^= 0x40; // inside the index: header/index checksum
+    std::fs::write(&shard1, &bad).unwrap();
+    let out = root.join("new/dir/out");
+    let args = [
+        p0.to_str().unwrap(),
+        p1.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let before = snapshot(root);
+    assert_exit_2(
+        &merge(root, &args),
+        &["shard-00001.shrd", "checksum mismatch"],
+    );
+    assert_eq!(
+        snapshot(root),
+        before,
+        "a failed merge left something behind"
+    );
+    assert!(!root.join("new").exists());
+
+    // a refused merge: --out is not empty
+    std::fs::write(&shard1, &good).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("keep.txt"), "mine").unwrap();
+    let before = snapshot(root);
+    assert_exit_2(&merge(root, &args), &["must not exist or be empty"]);
+    assert_eq!(snapshot(root), before);
+
+    // retry into an empty --out: works, with a version 2 manifest
+    std::fs::remove_file(out.join("keep.txt")).unwrap();
+    let o = merge(root, &args);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let cache = Cache::open(&out).unwrap();
+    assert_eq!(
+        cache.manifest().format_version,
+        sherl::cache::FORMAT_VERSION
+    );
+    assert!(cache.manifest().manifest_sha256.is_some());
+    cache.verify(|_, _| {}).unwrap();
+    let entries: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        entries,
+        ["out"],
+        "no temporary directory left next to --out"
+    );
+    // the values are the golden cache's
+    let golden = Cache::open(&golden("v1")).unwrap();
+    for id in 0..golden.chunks().len() {
+        let a = golden.read_chunk(id, &[0, 1, 2]).unwrap();
+        let b = cache.read_chunk(id, &[0, 1, 2]).unwrap();
+        assert_eq!((a.meta, a.layers), (b.meta, b.layers));
+    }
+}
+
+/// Issue 8 item 19: a complete cache given as a part is named as such.
+#[test]
+fn merge_given_a_complete_cache_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    copy_dir(&golden("v2"), &root.join("whole"));
+    std::fs::create_dir_all(root.join("empty")).unwrap();
+    let before = snapshot(root);
+    let err = assert_exit_2(
+        &merge(root, &["whole", "--out", "out"]),
+        &["whole", "complete cache", "manifest.part.json"],
+    );
+    assert!(!err.contains("no manifest.json"), "{err}");
+    let err = assert_exit_2(
+        &merge(root, &["empty", "--out", "out"]),
+        &[
+            "empty",
+            "no manifest.part.json",
+            "not a finished worker part",
+        ],
+    );
+    assert!(!err.contains("no manifest.json"), "{err}");
+    assert_eq!(snapshot(root), before);
+}
+
+/// Parts of a version 2 cache merge into the same cache; parts that
+/// disagree (beyond the worker fields) are refused.
+#[test]
+fn merge_of_v2_parts_and_disagreeing_parts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let [p0, p1] = make_parts("v2", root);
+    let args = ["p0", "p1", "--out", "out"];
+    let mut m = read_json(&p1.join("manifest.part.json"));
+    m["labels"] = json!(["a", "b"]);
+    write_part_manifest(&p1, m);
+    let before = snapshot(root);
+    assert_exit_2(&merge(root, &args), &["disagree on `labels`"]);
+    assert_eq!(snapshot(root), before);
+    // a part edited without its checksum is refused naming the file
+    let mut m = read_json(&p1.join("manifest.part.json"));
+    m["labels"] = json!(["a", "b", "c"]);
+    write_json(&p1.join("manifest.part.json"), &m);
+    assert_exit_2(
+        &merge(root, &args),
+        &["p1/manifest.part.json", "manifest_sha256"],
+    );
+    write_part_manifest(&p1, m);
+    let o = merge(root, &args);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let merged = Cache::open(&root.join("out")).unwrap();
+    let golden = Cache::open(&golden("v2")).unwrap();
+    let strip = |m: &sherl::cache::Manifest| {
+        let mut m = m.clone();
+        m.created_at = String::new();
+        m.manifest_sha256 = None;
+        m
+    };
+    assert_eq!(strip(merged.manifest()), strip(golden.manifest()));
+    drop(p0);
+}
+
+// ---------------------------------------------------------------------------
+// Item 12: size claims are checked before anything is allocated for them
+// ---------------------------------------------------------------------------
+
+/// A header claiming a 1 GiB index (checksums recomputed) is refused by the
+/// check against the file size, not by a failed 1 GiB allocation.
+#[test]
+fn forged_index_size_is_refused_before_allocation() {
+    let good = std::fs::read(golden("v1").join("shards/shard-00000.shrd")).unwrap();
+    let forged = forge_header(&good, |h| {
+        h.index_entries = ((1u64 << 30) / 56 / 4 * 4) as u32
+    });
+    match ShardReader::new(forged) {
+        Err(CacheError::Corrupt(msg)) => assert!(
+            msg.contains("frames") && msg.contains("body can hold at most"),
+            "{msg}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // An index whose declared decoded size disagrees with its zstd frame header.
+    let forged = forge(&good, |h, e| {
+        e.truncate(4);
+        // two chunks of 3 examples claimed; the index frame holds one chunk
+        h.index_entries = 8;
+        h.n_examples = 6;
+    });
+    match ShardReader::new(forged) {
+        Err(CacheError::Corrupt(msg)) => {
+            assert!(
+                msg.contains("the index frame") && msg.contains("zstd frame header says"),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Index entries claiming a 12.9 GB layer frame (sizes consistent with the
+/// header, every checksum recomputed) are refused against the frame's
+/// compressed size; a forged token count against the metadata frame's size;
+/// a small lie against the zstd frame header before decoding; and in a
+/// cache, all of them against the manifest before the index is even read.
+#[test]
+fn forged_frame_size_is_refused_before_allocation() {
+    use sherl::cache::format::FrameKind;
+    let dir = golden("v1");
+    let good = std::fs::read(dir.join("shards/shard-00000.shrd")).unwrap();
+    let (h0, _) = Header::decode(&good).unwrap();
+    let raw = zstd::stream::decode_all(&good[h0.index_offset as usize..]).unwrap();
+    let e0 = IndexEntry::decode(&raw, 0).unwrap();
+    // chunk 0 holds 5 tokens: a hidden width giving its layer frames 12.9 GB
+    assert_eq!(e0.n_tokens, 5);
+    let wide = forge(&good, |h, entries| {
+        h.hidden = 1_290_000_000;
+        for e in entries.iter_mut().filter(|e| e.kind == FrameKind::Layer) {
+            e.raw_len = h.dtype.raw_len(e.n_tokens, u64::from(h.hidden)).unwrap();
+        }
+    });
+    match ShardReader::new(wide.clone()) {
+        Err(CacheError::Corrupt(msg)) => assert!(
+            msg.contains("frame 1 claims 12900000000 decoded bytes")
+                && msg.contains("more than zstd can produce"),
+            "{msg}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // chunk 0 claiming 806,250,000 tokens (12.9 GB per f16 layer frame)
+    let forge_tokens = |tokens: u64| {
+        forge(&good, |h, entries| {
+            let old = entries[0].n_tokens;
+            for e in entries.iter_mut().take(h.n_layers as usize + 1) {
+                e.n_tokens = tokens;
+                if e.kind == FrameKind::Layer {
+                    e.raw_len = h.dtype.raw_len(tokens, u64::from(h.hidden)).unwrap();
+                }
+            }
+            h.n_tokens = h.n_tokens - old + tokens;
+            h.max_len = u32::MAX;
+        })
+    };
+    let many = forge_tokens(806_250_000);
+    match ShardReader::new(many.clone()) {
+        Err(CacheError::Corrupt(msg)) => {
+            assert!(
+                msg.contains("chunk 0") && msg.contains("806250000 tokens"),
+                "{msg}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // one token more than the frames hold: plausible sizes, but the zstd
+    // frame header records the real one
+    let r = ShardReader::new(forge_tokens(e0.n_tokens + 1)).unwrap();
+    match r.chunk_layer(0, 0) {
+        Err(CacheError::Corrupt(msg)) => assert!(
+            msg.contains("frame 1 (layer position 0, chunk 0)")
+                && msg.contains("zstd frame header says"),
+            "{msg}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // In a cache: the header disagrees with the manifest (hidden, tokens).
+    let tmp = tempfile::tempdir().unwrap();
+    copy_dir(&dir, tmp.path());
+    for (forged, want) in [(wide, "hidden"), (many, "tokens")] {
+        std::fs::write(tmp.path().join("shards/shard-00000.shrd"), forged).unwrap();
+        match Cache::open(tmp.path()) {
+            Err(sherl::Error::Cache {
+                path,
+                source: CacheError::ManifestMismatch { field, .. },
+            }) => {
+                assert!(path.ends_with("shards/shard-00000.shrd"), "{path:?}");
+                assert_eq!(field, want);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Item 15: a truncated shard names the index, not frame usize::MAX
+// ---------------------------------------------------------------------------
+
+#[test]
+fn truncated_shard_says_so() {
+    let good = std::fs::read(golden("v1").join("shards/shard-00001.shrd")).unwrap();
+    for cut in [1, 10, good.len() / 2] {
+        let err = ShardReader::new(good[..good.len() - cut].to_vec()).unwrap_err();
+        assert!(matches!(err, CacheError::TruncatedIndex { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("truncated") && msg.contains("index"), "{msg}");
+        assert!(!msg.contains(&usize::MAX.to_string()), "{msg}");
+    }
+    // a frame that lies outside the file is named by its real number
+    let forged = forge(&good, |_, e| e[2].len += 1 << 40);
+    match ShardReader::new(forged) {
+        Err(CacheError::IndexOutOfBounds { entry: 2, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Item 14: label and split ids are checked against the manifest
+// ---------------------------------------------------------------------------
+
+/// Labels shorter than the label ids in the shards: `verify` fails naming
+/// the shard and the example, every read of such a chunk fails (so training
+/// never sees the id), and `sherl-cache verify` exits 2.
+#[test]
+fn label_and_split_ids_are_checked_against_the_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v1");
+    copy_dir(&golden("v1"), &dir);
+    let mut m = read_json(&dir.join("manifest.json"));
+    m["labels"] = json!(["neg"]); // the shards hold label ids 0 and 1
+    write_json(&dir.join("manifest.json"), &m);
+    let cache = Cache::open(&dir).unwrap(); // a version 1 manifest has no checksum
+    match cache.verify(|_, _| {}) {
+        Err(sherl::Error::Cache {
+            path,
+            source:
+                CacheError::ManifestMismatch {
+                    field,
+                    manifest,
+                    shard,
+                },
+        }) => {
+            assert!(path.ends_with("shards/shard-00000.shrd"), "{path:?}");
+            assert_eq!(field, "labels");
+            assert_eq!(manifest, "1 labels");
+            assert!(
+                shard.contains("label id 1") && shard.contains("\"ex-1\""),
+                "{shard}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(cache.read_chunk(0, &[0]).is_err());
+    assert!(cache.example(1, &[0]).is_err());
+    let positions = vec![0];
+    let streamed: Vec<_> = std::sync::Arc::new(cache)
+        .stream(vec![0], positions, 1, 1)
+        .collect();
+    assert!(streamed[0].is_err());
+    let o = common::run(
+        "sherl-cache",
+        &["verify", dir.to_str().unwrap()],
+        tmp.path(),
+        &[],
+    );
+    assert_exit_2(&o, &["labels", "label id 1"]);
+
+    // split ids against split_names, through the reader directly
+    let bytes = std::fs::read(golden("v1").join("shards/shard-00001.shrd")).unwrap();
+    let mut r = ShardReader::new(bytes).unwrap();
+    r.set_meta_bounds(MetaBounds {
+        splits: 2,
+        labels: 2,
+    });
+    // shard 1 chunk 0 holds valid (1) and test (2) examples
+    match r.chunk_meta(0) {
+        Err(CacheError::ManifestMismatch { field, shard, .. }) => {
+            assert_eq!(field, "split_names");
+            assert!(shard.contains("split id 2"), "{shard}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(r.verify().is_err());
+}
+
+// ---------------------------------------------------------------------------
+// Item 10: the manifest's content is checksummed (format version 2)
+// ---------------------------------------------------------------------------
+
+/// Each edit of issue 8 item 10 on a version 2 manifest is refused by
+/// `Cache::open` and `sherl-cache verify`; on a version 1 manifest (no
+/// checksum), `verify` still catches the split edits from the shards.
+#[test]
+fn edited_manifest_is_refused() {
+    type Edit = fn(&mut Value);
+    let edits: [(&str, Edit); 5] = [
+        ("splits, same sum", |m| {
+            let a = m["splits"]["train"].as_u64().unwrap();
+            let b = m["splits"]["test"].as_u64().unwrap();
+            m["splits"]["train"] = json!(a - 1);
+            m["splits"]["test"] = json!(b + 1);
+        }),
+        ("split_names order", |m| {
+            let names = m["split_names"].as_array_mut().unwrap();
+            names.swap(0, 1);
+        }),
+        ("settings.layers", |m| {
+            let l = m["settings"]["layers"].as_array_mut().unwrap();
+            let last = l.len() - 1;
+            l[last] = json!(l[last].as_u64().unwrap() - 1);
+        }),
+        ("checksum removed", |m| {
+            m.as_object_mut().unwrap().remove("manifest_sha256");
+        }),
+        ("labels", |m| {
+            m["labels"] = json!(["a", "b"]);
+        }),
+    ];
+    let tmp = tempfile::tempdir().unwrap();
+    for (what, edit) in edits {
+        let dir = tmp.path().join("v2");
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(&golden("v2"), &dir);
+        let mut m = read_json(&dir.join("manifest.json"));
+        edit(&mut m);
+        write_json(&dir.join("manifest.json"), &m);
+        match Cache::open(&dir) {
+            Err(sherl::Error::Cache { path, source }) => {
+                assert!(path.ends_with("v2/manifest.json"), "{what}: {path:?}");
+                let msg = source.to_string();
+                assert!(msg.contains("manifest_sha256"), "{what}: {msg}");
+                if what != "checksum removed" {
+                    assert!(
+                        matches!(source, CacheError::ManifestChecksum { .. }),
+                        "{what}: {source:?}"
+                    );
+                }
+            }
+            other => panic!("{what}: {other:?}"),
+        }
+        let o = common::run(
+            "sherl-cache",
+            &["verify", dir.to_str().unwrap()],
+            tmp.path(),
+            &[],
+        );
+        assert_exit_2(&o, &["manifest.json", "manifest_sha256"]);
+    }
+
+    // Version 1: no checksum, but verify compares the splits with the shards.
+    for (what, edit) in &edits[..2] {
+        let dir = tmp.path().join("v1");
+        let _ = std::fs::remove_dir_all(&dir);
+        copy_dir(&golden("v1"), &dir);
+        let mut m = read_json(&dir.join("manifest.json"));
+        edit(&mut m);
+        write_json(&dir.join("manifest.json"), &m);
+        let cache = Cache::open(&dir).unwrap();
+        match cache.verify(|_, _| {}) {
+            Err(sherl::Error::Cache {
+                source: CacheError::ManifestMismatch { field, .. },
+                ..
+            }) => assert!(field.starts_with("splits["), "{what}: {field}"),
+            other => panic!("{what}: {other:?}"),
+        }
+    }
+    // A checksum in a version 1 manifest is refused (it has none).
+    let dir = tmp.path().join("v1");
+    let _ = std::fs::remove_dir_all(&dir);
+    copy_dir(&golden("v1"), &dir);
+    let mut m = read_json(&dir.join("manifest.json"));
+    m["manifest_sha256"] = json!("00".repeat(32));
+    write_json(&dir.join("manifest.json"), &m);
+    let err = Cache::open(&dir).unwrap_err().to_string();
+    assert!(
+        err.contains("version 1") && err.contains("manifest_sha256"),
+        "{err}"
+    );
+}
+
+/// A version 2 cache written by today's writer reads back; the golden
+/// manifests (v1 without, v2 with a checksum) read unchanged; a shard header
+/// newer than its manifest is refused.
+#[test]
+fn shard_is_never_newer_than_its_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("v1");
+    copy_dir(&golden("v1"), &dir);
+    let p = dir.join("shards/shard-00000.shrd");
+    let b = std::fs::read(&p).unwrap();
+    std::fs::write(&p, forge_header(&b, |h| h.format_version = 2)).unwrap();
+    match Cache::open(&dir) {
+        Err(sherl::Error::Cache {
+            source: CacheError::ManifestMismatch { field, .. },
+            ..
+        }) => assert_eq!(field, "format_version"),
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shard paths and sizes in the reader's manifest
+// ---------------------------------------------------------------------------
+
+#[test]
+fn reader_refuses_shard_paths_out_of_the_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("c");
+    copy_dir(&golden("v1"), &dir);
+    let good = read_json(&dir.join("manifest.json"));
+    for file in [
+        "../c/shards/shard-00000.shrd",
+        "/etc/passwd",
+        "shards/shard-0.shrd",
+    ] {
+        let mut m = good.clone();
+        m["shards"][0]["file"] = json!(file);
+        write_json(&dir.join("manifest.json"), &m);
+        match Cache::open(&dir) {
+            Err(sherl::Error::Cache {
+                path,
+                source:
+                    CacheError::UnsafePath {
+                        file: f, shard: 0, ..
+                    },
+            }) => {
+                assert!(path.ends_with("c/manifest.json"), "{path:?}");
+                assert_eq!(f, file);
+            }
+            other => panic!("{file}: {other:?}"),
+        }
+    }
+    write_json(&dir.join("manifest.json"), &good);
+    // a symlink out of the cache directory
+    std::fs::create_dir_all(tmp.path().join("elsewhere")).unwrap();
+    let outside = tmp.path().join("elsewhere/s.shrd");
+    std::fs::rename(dir.join("shards/shard-00000.shrd"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, dir.join("shards/shard-00000.shrd")).unwrap();
+    match Cache::open(&dir) {
+        Err(sherl::Error::Cache {
+            source: CacheError::UnsafePath { reason, .. },
+            ..
+        }) => assert!(reason.contains("outside the cache directory"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    // a symlink inside it is fine
+    std::fs::remove_file(dir.join("shards/shard-00000.shrd")).unwrap();
+    std::fs::rename(&outside, dir.join("shards/real.bin")).unwrap();
+    std::os::unix::fs::symlink("real.bin", dir.join("shards/shard-00000.shrd")).unwrap();
+    Cache::open(&dir).unwrap().verify(|_, _| {}).unwrap();
+    // the size the manifest gives must be the file's
+    let mut m = good.clone();
+    m["shards"][1]["bytes"] = json!(m["shards"][1]["bytes"].as_u64().unwrap() + 1);
+    write_json(&dir.join("manifest.json"), &m);
+    match Cache::open(&dir) {
+        Err(sherl::Error::Cache {
+            source: CacheError::ManifestMismatch { field, .. },
+            ..
+        }) => assert_eq!(field, "bytes"),
+        other => panic!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Item 22: FORMAT.md states what the code does
+// ---------------------------------------------------------------------------
+
+#[test]
+fn format_md_matches_the_code() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("cache_schema");
+    let doc = std::fs::read_to_string(root.join("FORMAT.md")).unwrap();
+    let flat = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    use sherl::cache::format as f;
+    for (stmt, why) in [
+        (format!("`FORMAT_VERSION = {}`", f::FORMAT_VERSION), "§6"),
+        (
+            format!("`OLDEST_READABLE_VERSION = {}`", f::OLDEST_READABLE_VERSION),
+            "§6",
+        ),
+        (
+            format!("`SHARD_FORMAT_VERSION = {}`", f::SHARD_FORMAT_VERSION),
+            "§2, §6",
+        ),
+        (format!("`MIN_FRAME_LEN` = {}", f::MIN_FRAME_LEN), "§8.2"),
+        (format!("`MAX_ZSTD_RATIO` = {}", f::MAX_ZSTD_RATIO), "§8.2"),
+        (
+            format!("`{}`", sherl::extract::run::LOCK),
+            "§1: the lock file",
+        ),
+        (
+            format!("`{}`", sherl::cache::manifest::CHECKSUM_FIELD),
+            "§5.4",
+        ),
+        ("an OS advisory lock".to_string(), "§7"),
+        (
+            "# The sherl feature cache, format version 2".to_string(),
+            "title",
+        ),
+    ] {
+        assert!(flat.contains(&stmt), "FORMAT.md ({why}) must say {stmt:?}");
+    }
+    for stale in [
+        "sherl takes no lock",
+        "opens whatever relative path",
+        "holding the writer's process id",
+        "is taken over",
+    ] {
+        assert!(!flat.contains(stale), "FORMAT.md still says {stale:?}");
+    }
+    // CHANGELOG has an entry for the version written
+    let log = std::fs::read_to_string(root.join("CHANGELOG.md")).unwrap();
+    assert!(log.contains(&format!("## Version {}", f::FORMAT_VERSION)));
+    // every golden version directory the changelog promises exists
+    assert!(root.join(format!("golden/v{}", f::FORMAT_VERSION)).is_dir());
 }

@@ -246,15 +246,20 @@ fn damage_is_reported_with_the_shard() {
     // newer manifest version
     let mpath = f.root.join("c/manifest.json");
     let manifest = std::fs::read_to_string(&mpath).unwrap();
-    std::fs::write(
-        &mpath,
-        manifest.replace("\"format_version\": 1", "\"format_version\": 2"),
-    )
-    .unwrap();
+    let (now, newer) = (
+        sherl::cache::FORMAT_VERSION,
+        sherl::cache::FORMAT_VERSION + 1,
+    );
+    let edited = manifest.replace(
+        &format!("\"format_version\": {now}"),
+        &format!("\"format_version\": {newer}"),
+    );
+    assert_ne!(edited, manifest);
+    std::fs::write(&mpath, edited).unwrap();
     let o = common::run("sherl-cache", &["inspect", "c"], &f.root, &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(
-        common::stderr(&o).contains("format version 2"),
+        common::stderr(&o).contains(&format!("format version {newer}")),
         "{}",
         common::stderr(&o)
     );
@@ -456,27 +461,44 @@ fn background_stream_matches_direct_reads() {
     }
 }
 
-/// A cache directory another live process is writing is refused; a stale
-/// lock (dead pid) is taken over; a finished cache holds no lock.
+/// A cache directory another process is writing (it holds the OS lock on
+/// `.lock`) is refused and left unchanged; once the lock is released (as the
+/// OS does when a writer dies, however it dies) the extraction proceeds. The
+/// lock file stays after a run, and a directory holding only it counts as
+/// empty.
 #[test]
 fn writer_lock_refuses_a_second_writer() {
+    use sherl::extract::run::LOCK;
+    use sherl::fsutil::DirLock;
     let f = fixture(20);
     ok(&extract(&f, "done", &[]));
-    assert!(!f.root.join("done/.lock").exists());
+    // the lock file stays, unlocked: the finished cache holds no lock
+    assert!(f.root.join("done").join(LOCK).exists());
+    assert!(DirLock::try_acquire(&f.root.join("done"), LOCK)
+        .unwrap()
+        .is_some());
     let dir = f.root.join("busy");
     std::fs::create_dir_all(&dir).unwrap();
-    // this test process is alive: it "holds" the lock
-    std::fs::write(dir.join(".lock"), std::process::id().to_string()).unwrap();
-    let o = extract(&f, "busy", &["--resume"]);
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        common::stderr(&o).contains("is writing this cache"),
-        "{}",
-        common::stderr(&o)
-    );
-    // a dead pid: taken over, and the extraction completes
-    std::fs::write(dir.join(".lock"), "999999999").unwrap();
-    let s = ok(&extract(&f, "busy", &["--resume"]));
+    // this test process holds the lock, like a live writer
+    let held = DirLock::try_acquire(&dir, LOCK).unwrap().expect("free");
+    for extra in [&["--resume"][..], &[][..]] {
+        let o = extract(&f, "busy", extra);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(
+            common::stderr(&o).contains("is writing this cache"),
+            "{}",
+            common::stderr(&o)
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, [LOCK], "a refused writer changed the directory");
+    }
+    // released (a killed writer's lock is released by the OS): a directory
+    // holding only the lock file is empty, no --resume needed
+    drop(held);
+    let s = ok(&extract(&f, "busy", &[]));
     assert_eq!(s["examples"], 20);
-    assert!(!dir.join(".lock").exists());
+    Cache::open(&dir).unwrap();
 }

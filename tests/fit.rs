@@ -583,7 +583,9 @@ fn bad_input_is_refused_clearly() {
     let mpath = g.root.join("cache/manifest.json");
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
     m["backbone"]["safetensors"]["sha256"] = serde_json::json!(sha);
-    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    // resealed: the manifest carries a checksum of its content (FORMAT.md §5.4)
+    let m: sherl::cache::Manifest = serde_json::from_value(m).unwrap();
+    std::fs::write(&mpath, serde_json::to_vec(&m.sealed()).unwrap()).unwrap();
     let o = common::run(
         "sherl-fit",
         &[

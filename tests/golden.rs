@@ -61,6 +61,18 @@ const GOLDEN_FILES: &[(&str, &str)] = &[
         "v1/shards/shard-00001.shrd",
         "f24d3ea08a3c08f5058d6ad300af143a3beb01df79ccefdbe5432d05e945cfc5",
     ),
+    (
+        "v2/manifest.json",
+        "aa1a726aa726a38559c9bade3b010ced3bc21a51453eeba056b768f7c2b6b538",
+    ),
+    (
+        "v2/shards/shard-00000.shrd",
+        "2db0fc48d84f0f0ce8f0f27d52047074bc2976814f1ef690e77668550b0de5a8",
+    ),
+    (
+        "v2/shards/shard-00001.shrd",
+        "2799427b7c9c72aa82f87242e261515b0dcaef9fef6103f5f224adcc3b81e844",
+    ),
 ];
 
 /// Total size limit of the golden directories (they are committed).
@@ -78,6 +90,9 @@ fn golden_root() -> PathBuf {
 struct Golden {
     /// Directory under `cache_schema/golden/`.
     dir: &'static str,
+    /// The manifest's `format_version` (shard headers say 1 in every
+    /// version so far: FORMAT.md §6).
+    format_version: u32,
     dtype: Dtype,
     shuffle: bool,
     zstd_level: i32,
@@ -117,6 +132,7 @@ fn in_cache_order(per_split: &[&[usize]]) -> Vec<(u32, usize)> {
 fn golden_v1() -> Golden {
     Golden {
         dir: "v1",
+        format_version: 1,
         dtype: Dtype::F16,
         shuffle: true,
         zstd_level: 3,
@@ -140,6 +156,7 @@ fn golden_v1() -> Golden {
 fn golden_v1_int8() -> Golden {
     Golden {
         dir: "v1-int8",
+        format_version: 1,
         dtype: Dtype::Int8,
         shuffle: true,
         zstd_level: 1,
@@ -157,8 +174,33 @@ fn golden_v1_int8() -> Golden {
     }
 }
 
+/// `golden/v2`: the first format version with `manifest_sha256` (FORMAT.md
+/// §5.4); bf16 without the byte shuffle, a layer subset that skips
+/// `hidden_states.0`, three labels of which two are used, a split named
+/// `val`, 2 shards (4 + 2 examples, chunks 2+2 and 2).
+fn golden_v2() -> Golden {
+    Golden {
+        dir: "v2",
+        format_version: 2,
+        dtype: Dtype::Bf16,
+        shuffle: false,
+        zstd_level: 2,
+        layers: vec![1, 3],
+        num_layers: 3,
+        late_layers: 1,
+        hidden: 6,
+        max_len: 5,
+        chunk_size: 2,
+        examples_per_shard: 4,
+        labels: strings(&["a", "b", "c"]),
+        split_names: strings(&["train", "val", "test"]),
+        examples: in_cache_order(&[&[1, 3, 5], &[2], &[4, 5]]),
+        labelled: true,
+    }
+}
+
 fn goldens() -> Vec<Golden> {
-    vec![golden_v1(), golden_v1_int8()]
+    vec![golden_v1(), golden_v1_int8(), golden_v2()]
 }
 
 /// The value of example `e` (cache position), token `t`, `hidden_states.layer`,
@@ -311,10 +353,11 @@ fn manifest(g: &Golden, shards: Vec<ShardInfo>) -> Manifest {
     };
     let with_checkpoint = g.labelled;
     Manifest {
-        format_version: 1,
+        format_version: g.format_version,
         sherl_version: "0.1.0".into(),
         created_at: "2026-11-27T00:00:00Z".into(),
         settings_hash: sha256_hex(format!("sherl golden cache {}", g.dir).as_bytes()),
+        manifest_sha256: None,
         settings: ExtractSettings {
             layers: g.layers.clone(),
             late_layers: g.late_layers,
@@ -385,6 +428,8 @@ fn manifest(g: &Golden, shards: Vec<ShardInfo>) -> Manifest {
         worker: None,
         shards,
     }
+    // version 2 on: with its manifest_sha256
+    .sealed()
 }
 
 /// Write golden cache `g` into `dir` (which must not hold a cache yet).
@@ -821,7 +866,19 @@ fn spec_layer(p: &[u8], tokens: usize, hidden: usize, dtype: u8, shuffle: bool) 
                 })
                 .collect()
         }
-        other => panic!("the goldens hold f16 and int8 only, not dtype code {other}"),
+        // bf16: the top 16 bits of an f32
+        2 => {
+            let p = if shuffle {
+                spec_unshuffle(p, 2)
+            } else {
+                p.to_vec()
+            };
+            assert_eq!(p.len(), tokens * hidden * 2);
+            p.chunks_exact(2)
+                .map(|b| u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)
+                .collect()
+        }
+        other => panic!("the goldens hold f16, bf16 and int8 only, not dtype code {other}"),
     }
 }
 
@@ -832,6 +889,25 @@ fn spec_decoder_reads_golden() {
         let m: Value =
             serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
         let hash = m["settings_hash"].as_str().unwrap();
+        // FORMAT.md §5.4: from version 2 on, manifest_sha256 is the sha256 of
+        // the compact JSON, keys sorted, of the manifest without that field.
+        if g.format_version >= 2 {
+            let mut rest = m.clone();
+            let stored = rest
+                .as_object_mut()
+                .unwrap()
+                .remove("manifest_sha256")
+                .expect("a version 2 manifest has manifest_sha256");
+            // serde_json's map keeps keys sorted: to_string is the canonical form
+            assert_eq!(
+                stored.as_str().unwrap(),
+                sha256_hex(rest.to_string().as_bytes()),
+                "{}: manifest_sha256",
+                g.dir
+            );
+        } else {
+            assert!(m.get("manifest_sha256").is_none(), "{}", g.dir);
+        }
         let ms = metas(&g);
         for (k, range) in shard_ranges(&g).iter().enumerate() {
             let file = std::fs::read(dir.join(format!("shards/shard-{k:05}.shrd"))).unwrap();
@@ -918,9 +994,13 @@ fn current_writer_reproduces_golden_payloads() {
             for s in m["shards"].as_array_mut().unwrap() {
                 s["bytes"] = Value::Null; // compressed size may vary with zstd
             }
+            if let Some(sum) = m.get_mut("manifest_sha256") {
+                *sum = Value::Null; // it covers the sizes too
+            }
             m
         };
         assert_eq!(read(tmp.path()), read(&golden), "{}: manifest", g.dir);
+        Cache::open(tmp.path()).unwrap_or_else(|e| panic!("{}: {e}", g.dir));
         for k in 0..shard_ranges(&g).len() {
             let rel = format!("shards/shard-{k:05}.shrd");
             let a = std::fs::read(golden.join(&rel)).unwrap();
@@ -1017,12 +1097,12 @@ fn newer_version_is_refused_naming_both() {
 
     // a newer manifest (with a field this version does not know)
     let mut m: Value = serde_json::from_str(&good).unwrap();
-    m["format_version"] = json!(2);
+    m["format_version"] = json!(3);
     m["field_from_the_future"] = json!(true);
     std::fs::write(&manifest, m.to_string()).unwrap();
     let err = Cache::open(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("version 2") && err.contains("versions 1 to 1") && err.contains("re-run"),
+        err.contains("version 3") && err.contains("versions 1 to 2") && err.contains("re-run"),
         "{err}"
     );
     std::fs::write(&manifest, &good).unwrap();
@@ -1030,15 +1110,15 @@ fn newer_version_is_refused_naming_both() {
     // a newer shard header: the version is read before anything else
     let shard = dir.join("shards/shard-00000.shrd");
     let mut b = std::fs::read(&shard).unwrap();
-    b[8..12].copy_from_slice(&2u32.to_le_bytes());
+    b[8..12].copy_from_slice(&3u32.to_le_bytes());
     std::fs::write(&shard, &b).unwrap();
     match Cache::open(&dir) {
         Err(sherl::Error::Cache {
             source:
                 CacheError::UnsupportedVersion {
-                    found: 2,
+                    found: 3,
                     oldest: 1,
-                    newest: 1,
+                    newest: 2,
                 },
             ..
         }) => {}
@@ -1159,7 +1239,10 @@ fn check_object(root: &Value, s: &Value, instance: &Value, path: Vec<String>) {
             }));
         }
         let rs = resolve(root, ps);
-        if ts.iter().any(|t| t == "integer") && rs.get("const").is_none() {
+        if ts.iter().any(|t| t == "integer")
+            && rs.get("const").is_none()
+            && rs.get("enum").is_none()
+        {
             let min = rs["minimum"].as_i64().unwrap();
             let max = &rs["maximum"];
             let set = |v: Value| {
@@ -1221,6 +1304,13 @@ fn manifest_schema_matches_serde() {
         )
         .unwrap();
         assert!(parses(&m));
+        // The schema describes the current version; a version 1 manifest
+        // lacks only manifest_sha256 (FORMAT.md §6).
+        let mut m = m;
+        if g.format_version < 2 {
+            assert!(m.get("manifest_sha256").is_none());
+            m["manifest_sha256"] = json!(sha256_hex(b"any"));
+        }
         check_object(&schema, &schema, &m, Vec::new());
         // the same struct is a worker's manifest.part.json: check WorkerInfo too
         let mut part = m.clone();

@@ -7,6 +7,7 @@ mod data;
 mod export;
 mod extract;
 mod fit;
+mod fuzz;
 mod golden;
 mod hardening;
 mod report;

@@ -3,18 +3,14 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
-use sherl::cache::manifest::{Manifest, MANIFEST};
 use sherl::cache::Cache;
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
-use sherl::extract::run::PARTIAL_MANIFEST;
 
 /// Tools for sherl feature caches.
 #[derive(Debug, Parser)]
@@ -43,7 +39,10 @@ enum Command {
         cache: PathBuf,
     },
     /// Combine the partial caches of `sherl-extract run --shard-of I/N`
-    /// workers into one cache (shards are hard-linked when possible, else copied).
+    /// workers into one cache (shards are hard-linked when possible, else
+    /// copied). Everything is checked first and the cache is assembled in a
+    /// temporary directory renamed to --out at the end: a failed merge leaves
+    /// nothing behind.
     Merge {
         /// Worker output directories (each holds manifest.part.json).
         #[arg(required = true)]
@@ -69,8 +68,12 @@ fn main() -> ExitCode {
 fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let cache = Cache::open(dir)?;
     let m = cache.manifest();
-    let bytes: u64 = m.shards.iter().map(|s| s.bytes).sum();
-    let raw = m.tokens * m.settings.layers.len() as u64 * m.backbone.hidden as u64 * 4;
+    let bytes: u64 = m.shards.iter().fold(0u64, |a, s| a.saturating_add(s.bytes));
+    let raw = m
+        .tokens
+        .saturating_mul(m.settings.layers.len() as u64)
+        .saturating_mul(m.backbone.hidden as u64)
+        .saturating_mul(4);
     let summary = json!({
         "cache": dir,
         "format_version": m.format_version,
@@ -176,112 +179,14 @@ fn verify(dir: &Path) -> anyhow::Result<ExitCode> {
 }
 
 fn merge(parts: &[PathBuf], out: &Path) -> anyhow::Result<ExitCode> {
-    let mut manifests = Vec::new();
-    for p in parts {
-        let m = Manifest::read(&p.join(PARTIAL_MANIFEST)).with_context(|| {
-            format!(
-                "{}: not a finished worker part (no {PARTIAL_MANIFEST})",
-                p.display()
-            )
-        })?;
-        manifests.push((p.clone(), m));
-    }
-    let (first_dir, first) = &manifests[0];
-    let Some(w0) = first.worker else {
-        bail!("{}: not a worker part", first_dir.display());
-    };
-    let mut by_index = BTreeMap::new();
-    let mut seen_workers = BTreeMap::new();
-    for (dir, m) in &manifests {
-        if m.settings_hash != first.settings_hash {
-            bail!(
-                "{} was extracted with different settings than {} (settings_hash {} vs {}); refusing to merge",
-                dir.display(),
-                first_dir.display(),
-                &m.settings_hash[..12],
-                &first.settings_hash[..12]
-            );
-        }
-        let w = m.worker.context("a part without worker information")?;
-        if w.count != w0.count {
-            bail!(
-                "{}: worker of {} parts, others of {}",
-                dir.display(),
-                w.count,
-                w0.count
-            );
-        }
-        if let Some(other) = seen_workers.insert(w.index, dir.clone()) {
-            bail!(
-                "{} and {} are both worker {}",
-                other.display(),
-                dir.display(),
-                w.index
-            );
-        }
-        for s in &m.shards {
-            if by_index.insert(s.index, (dir.clone(), s.clone())).is_some() {
-                bail!("shard {} appears in more than one part", s.index);
-            }
-        }
-    }
-    if seen_workers.len() != w0.count as usize {
-        let missing: Vec<String> = (0..w0.count)
-            .filter(|i| !seen_workers.contains_key(i))
-            .map(|i| i.to_string())
-            .collect();
-        bail!(
-            "missing worker part(s) {} of {}",
-            missing.join(", "),
-            w0.count
-        );
-    }
-    // The whole cache's size, from the split counts every part carries
-    // (each part's own `examples` covers only its shards).
-    let total: u64 = first.splits.values().sum();
-    let n_shards = total.div_ceil(first.settings.examples_per_shard) as u32;
-    if let Some(k) = (0..n_shards).find(|k| !by_index.contains_key(k)) {
-        bail!("shard {k} is missing from the parts");
-    }
-    if let Some(k) = by_index.keys().find(|&&k| k >= n_shards) {
-        bail!("shard {k} is beyond the {n_shards} shards the split counts imply");
-    }
-    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
-        bail!("{}: must not exist or be empty", out.display());
-    }
-    std::fs::create_dir_all(out.join("shards"))
-        .with_context(|| format!("{}: cannot create", out.display()))?;
-    let mut shards = Vec::new();
-    for (_, (dir, s)) in by_index {
-        let src = dir.join(&s.file);
-        let dst = out.join(&s.file);
-        // Check each shard before taking it.
-        sherl::cache::open_shard(&src)?;
-        if std::fs::hard_link(&src, &dst).is_err() {
-            let tmp = dst.with_extension("shrd.tmp");
-            std::fs::copy(&src, &tmp)
-                .with_context(|| format!("copy {} -> {}", src.display(), tmp.display()))?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &dst)?;
-        }
-        shards.push(s);
-    }
-    let mut m = first.clone();
-    m.worker = None;
-    m.examples = shards.iter().map(|s| s.examples).sum();
-    m.tokens = shards.iter().map(|s| s.tokens).sum();
-    m.shards = shards;
-    m.created_at = sherl::cache::manifest::now_rfc3339();
-    sherl::fsutil::write_atomic(&out.join(MANIFEST), &serde_json::to_vec_pretty(&m)?)?;
-    // Open it as a reader would, so a bad merge never looks like a cache.
-    let cache = Cache::open(out)?;
+    let summary = sherl::cache::merge::merge(parts, out)?;
     print_line(
         &json!({
-            "cache": out,
-            "parts": parts.len(),
-            "shards": cache.manifest().shards.len(),
-            "examples": cache.manifest().examples,
-            "tokens": cache.manifest().tokens,
+            "cache": summary.cache,
+            "parts": summary.parts,
+            "shards": summary.shards,
+            "examples": summary.examples,
+            "tokens": summary.tokens,
         })
         .to_string(),
     )?;

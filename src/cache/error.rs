@@ -26,10 +26,21 @@ pub enum CacheError {
         /// File length.
         len: u64,
     },
-    /// A frame or the index points outside the file.
+    /// The index, which ends the file, lies (partly) beyond the file's end:
+    /// the shard was cut short (or its header lies about the index).
+    #[error("the index at offset {offset} (+{len} bytes) ends beyond the end of the file ({file_len} bytes): the shard is truncated")]
+    TruncatedIndex {
+        /// Index offset claimed by the header.
+        offset: u64,
+        /// Index length claimed by the header.
+        len: u64,
+        /// Actual file length.
+        file_len: u64,
+    },
+    /// A frame points outside the file.
     #[error("frame {entry} at offset {offset} (+{len} bytes) lies outside the file ({file_len} bytes): truncated or corrupt shard")]
     IndexOutOfBounds {
-        /// Index entry number (`usize::MAX` for the index itself).
+        /// Index entry number (position of the frame in the index).
         entry: usize,
         /// Offset claimed.
         offset: u64,
@@ -57,6 +68,35 @@ pub enum CacheError {
         /// Shard value.
         shard: String,
     },
+    /// The manifest's content does not match its `manifest_sha256`
+    /// (format version 2 and later): it was edited after it was written.
+    #[error("manifest_sha256 does not match the manifest's content (stored {stored}, content hashes to {computed}): the manifest was edited after it was written; restore it or re-run sherl-extract")]
+    ManifestChecksum {
+        /// The checksum the manifest carries.
+        stored: String,
+        /// The sha256 of its content.
+        computed: String,
+    },
+    /// A path read from a manifest is not the file the format allows there
+    /// (absolute, with `..`, outside `shards/`, another name, or a symlink
+    /// leading out of the cache directory). Nothing is opened or written.
+    #[error("manifest names {file:?} for shard {shard}: {reason}; shard {shard} must be the file {expected:?} inside the cache directory")]
+    UnsafePath {
+        /// The path as the manifest gives it.
+        file: String,
+        /// Shard number.
+        shard: u64,
+        /// The only path allowed for it.
+        expected: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The manifest contradicts itself (its counts, split names, layers...).
+    #[error("inconsistent manifest: {0}")]
+    BadManifest(String),
+    /// A directory given as a worker part is not one.
+    #[error("{0}")]
+    NotAPart(String),
     /// `manifest.json` is missing: the directory is not a complete cache.
     #[error("no manifest.json: not a complete sherl cache (an interrupted `sherl-extract run` can be finished with --resume)")]
     Incomplete,

@@ -8,10 +8,15 @@ use super::error::CacheError;
 
 /// FORMAT.md §1: the 8 magic bytes every shard starts with.
 pub const MAGIC: &[u8; 8] = b"SHRLCACH";
-/// FORMAT.md §6: the format version this build writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// FORMAT.md §6: the format version this build writes (in `manifest.json`).
+pub const FORMAT_VERSION: u32 = 2;
 /// FORMAT.md §6: the oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
+/// FORMAT.md §2, §6: the version written in shard headers, which names the
+/// shard layout. Version 2 changed only the manifest, so shards are still
+/// written as version 1 (byte-identical to a version 1 writer's) and this is
+/// also the version folded into `settings_hash` (§5.1).
+pub const SHARD_FORMAT_VERSION: u32 = 1;
 /// FORMAT.md §2: header size in bytes.
 pub const HEADER_LEN: usize = 96;
 /// FORMAT.md §4: size of one index entry in bytes.
@@ -20,6 +25,48 @@ pub const INDEX_ENTRY_LEN: usize = 56;
 pub const MAX_INDEX_RAW: u64 = 1 << 30;
 /// Upper bound on one decoded frame (sanity limit against hostile sizes).
 pub const MAX_FRAME_RAW: u64 = 1 << 34;
+/// FORMAT.md §8.2: the smallest possible zstd frame (4-byte magic, 1-byte
+/// frame header descriptor, 1-byte window descriptor or content size, one
+/// 3-byte block header). Every frame, the index included, is at least this
+/// long, so a body of `B` bytes holds at most `B / MIN_FRAME_LEN` frames.
+pub const MIN_FRAME_LEN: u64 = 9;
+/// FORMAT.md §8.2: the most a zstd frame can expand. A block regenerates at
+/// most 128 KiB and costs at least 4 bytes (an RLE block: 3-byte header and
+/// the repeated byte), so `len` compressed bytes never decode to more than
+/// `len * MAX_ZSTD_RATIO` bytes. A larger size claim is a lie, refused before
+/// anything is allocated for it.
+pub const MAX_ZSTD_RATIO: u64 = 32_768;
+
+/// FORMAT.md §8.2/§8.3: check the decoded size `raw_len` claimed for the zstd
+/// frame `frame` before allocating for it: at most `limit`, possible for
+/// `frame.len()` compressed bytes, and equal to the content size the frame
+/// header records (when it records one). `what` names the frame in errors.
+pub fn check_frame_size(
+    frame: &[u8],
+    raw_len: u64,
+    limit: u64,
+    what: &str,
+) -> Result<(), CacheError> {
+    if raw_len > limit {
+        return Err(CacheError::Corrupt(format!(
+            "{what} claims {raw_len} decoded bytes, more than the {limit} a shard may hold"
+        )));
+    }
+    let possible = (frame.len() as u64).saturating_mul(MAX_ZSTD_RATIO);
+    if raw_len > possible {
+        return Err(CacheError::Corrupt(format!(
+            "{what} claims {raw_len} decoded bytes from {} compressed bytes, more than zstd can produce ({possible})",
+            frame.len()
+        )));
+    }
+    match zstd::zstd_safe::get_frame_content_size(frame) {
+        Ok(Some(n)) if n != raw_len => Err(CacheError::Corrupt(format!(
+            "{what}: the index says {raw_len} decoded bytes, the zstd frame header says {n}"
+        ))),
+        Ok(_) => Ok(()),
+        Err(_) => Err(CacheError::Corrupt(format!("{what}: not a zstd frame"))),
+    }
+}
 
 /// FORMAT.md §3: how hidden-state values are stored.
 #[derive(
@@ -444,7 +491,7 @@ mod tests {
     #[test]
     fn header_roundtrip_and_crc() {
         let h = Header {
-            format_version: FORMAT_VERSION,
+            format_version: SHARD_FORMAT_VERSION,
             shard_index: 3,
             dtype: Dtype::Int8,
             shuffle: true,
@@ -475,7 +522,7 @@ mod tests {
             Err(CacheError::BadMagic)
         ));
         let mut b = Header {
-            format_version: FORMAT_VERSION,
+            format_version: SHARD_FORMAT_VERSION,
             shard_index: 0,
             dtype: Dtype::F16,
             shuffle: false,
@@ -497,13 +544,13 @@ mod tests {
             Header::decode(&b[..50]),
             Err(CacheError::TruncatedHeader { len: 50 })
         ));
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        b[8..12].copy_from_slice(&3u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&b),
             Err(CacheError::UnsupportedVersion {
-                found: 2,
+                found: 3,
                 oldest: 1,
-                newest: 1
+                newest: 2
             })
         ));
     }

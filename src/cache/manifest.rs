@@ -1,12 +1,16 @@
 //! `manifest.json` (FORMAT.md §5): what a cache holds and where it came
 //! from. Written last and atomically; its presence means the cache is
 //! complete. Unknown fields are rejected, so a newer format is refused
-//! rather than half-understood.
+//! rather than half-understood. From format version 2 on, the manifest
+//! carries `manifest_sha256`, the sha256 of its own canonical JSON (without
+//! that field), and [`Manifest::read`] refuses a manifest whose content no
+//! longer matches it (an edited `splits`, `split_names`, `settings.layers`...).
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use sha2::Digest;
 
 use super::error::CacheError;
 use super::format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
@@ -14,8 +18,12 @@ use crate::{Error, Result};
 
 /// File name of a complete cache's manifest.
 pub const MANIFEST: &str = "manifest.json";
+/// File name of one worker's partial manifest (`--shard-of I/N`, FORMAT.md §5.3).
+pub const PART_MANIFEST: &str = "manifest.part.json";
 /// File name of the settings written when extraction starts (resume check).
 pub const PENDING: &str = "extract.pending.json";
+/// Name of the manifest's checksum field (FORMAT.md §5.4, format version 2).
+pub const CHECKSUM_FIELD: &str = "manifest_sha256";
 
 /// A file the cache was made from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,6 +139,12 @@ pub struct Manifest {
     /// sha256 (hex) of the canonical JSON of `backbone` (hashes and config),
     /// `dataset` (hashes and options) and `settings`.
     pub settings_hash: String,
+    /// sha256 (hex) of the canonical JSON of this manifest without this field
+    /// (FORMAT.md §5.4). Required from format version 2 on, absent in
+    /// version 1 (not written when `None`, so a version 1 manifest
+    /// re-serializes to the same fields).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_sha256: Option<String>,
     /// Extraction settings.
     pub settings: ExtractSettings,
     /// Backbone provenance.
@@ -158,7 +172,12 @@ impl Manifest {
     pub fn read(path: &Path) -> Result<Self> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // Only a missing `manifest.json` means "not a complete cache";
+            // a missing part or pending manifest is reported as itself.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    && path.file_name().is_some_and(|n| n == MANIFEST) =>
+            {
                 return Err(Error::Cache {
                     path: path.parent().unwrap_or(path).to_path_buf(),
                     source: CacheError::Incomplete,
@@ -186,15 +205,109 @@ impl Manifest {
                 },
             });
         }
-        serde_json::from_value(loose).map_err(|e| Error::Json {
+        let m: Manifest = serde_json::from_value(loose).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             source: e,
-        })
+        })?;
+        m.check_checksum().map_err(|source| Error::Cache {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(m)
+    }
+
+    /// FORMAT.md §5.4: a version 2 (or later) manifest carries a
+    /// `manifest_sha256` equal to [`Manifest::content_sha256`]; a version 1
+    /// manifest carries none.
+    pub fn check_checksum(&self) -> std::result::Result<(), CacheError> {
+        match (&self.manifest_sha256, self.format_version >= 2) {
+            (None, false) => Ok(()),
+            (Some(_), false) => Err(CacheError::Corrupt(format!(
+                "a format version 1 manifest has no {CHECKSUM_FIELD} (it was added in version 2)"
+            ))),
+            (None, true) => Err(CacheError::Corrupt(format!(
+                "format version {} requires {CHECKSUM_FIELD}, and it is missing",
+                self.format_version
+            ))),
+            (Some(stored), true) => {
+                let computed = self.content_sha256();
+                if *stored == computed {
+                    Ok(())
+                } else {
+                    Err(CacheError::ManifestChecksum {
+                        stored: stored.clone(),
+                        computed,
+                    })
+                }
+            }
+        }
+    }
+
+    /// sha256 (lowercase hex) of the canonical JSON (FORMAT.md §5.4) of this
+    /// manifest without its `manifest_sha256`.
+    pub fn content_sha256(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("a manifest serializes");
+        if let Some(o) = v.as_object_mut() {
+            o.remove(CHECKSUM_FIELD);
+        }
+        let mut text = String::new();
+        canonical_json(&v, &mut text);
+        crate::backbone::hex_digest(&sha2::Sha256::digest(text.as_bytes()))
+    }
+
+    /// The manifest as written: `manifest_sha256` set from the content when
+    /// `format_version` is 2 or later, removed for version 1.
+    pub fn sealed(&self) -> Manifest {
+        let mut m = self.clone();
+        m.manifest_sha256 = None;
+        if m.format_version >= 2 {
+            m.manifest_sha256 = Some(m.content_sha256());
+        }
+        m
+    }
+
+    /// Write the manifest (sealed, [`Manifest::sealed`]) atomically to `path`.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(&self.sealed()).expect("a manifest serializes");
+        crate::fsutil::write_atomic(path, &bytes)
     }
 
     /// First 8 bytes of `settings_hash` as stored in shard headers.
     pub fn short_hash(&self) -> u64 {
         short_hash(&self.settings_hash)
+    }
+}
+
+/// FORMAT.md §5.4: compact JSON (no whitespace) with every object's keys
+/// sorted bytewise, strings and numbers as `serde_json` prints them.
+pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&map[k], out);
+            }
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_string()),
     }
 }
 

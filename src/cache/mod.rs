@@ -7,6 +7,7 @@
 //!   manifest.json            written last, atomically: present = complete
 //!   shards/shard-00000.shrd  write-once shards (header, zstd frames, index)
 //!   extract.pending.json     settings of an extraction in progress (resume)
+//!   .lock                    the writer's OS lock file (ignored by readers)
 //! ```
 //!
 //! Each shard holds consecutive examples in chunks; each chunk has a
@@ -18,22 +19,28 @@
 //! only `unsafe`), validates them against the manifest, and decodes chunks,
 //! on background threads when asked ([`Cache::stream`]).
 //!
+//! Every path and size read from a file is checked before it is used: shard
+//! paths through [`checked_shard_path`] (the reader and
+//! [`merge::merge`] share it), shard size claims against the file and the
+//! manifest before anything is allocated for them (FORMAT.md §8).
+//!
 //! Layer numbering follows `hidden_states.i` (0 = embedding output).
 
 pub mod error;
 pub mod format;
 pub mod manifest;
+pub mod merge;
 pub mod mmap;
 pub mod shard;
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 
 pub use error::CacheError;
 pub use format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
 pub use manifest::Manifest;
-pub use shard::{ExampleMeta, ShardReader};
+pub use shard::{ExampleMeta, MetaBounds, ShardReader};
 
 use mmap::MappedFile;
 
@@ -41,7 +48,61 @@ use crate::{Error, Result};
 
 /// Name of the shard file with number `i`.
 pub fn shard_file_name(i: u32) -> String {
+    shard_file_name_u64(u64::from(i))
+}
+
+fn shard_file_name_u64(i: u64) -> String {
     format!("shards/shard-{i:05}.shrd")
+}
+
+/// FORMAT.md §1, §8.1: the path to open for shard `k` of the cache (or
+/// worker part) at `dir`, given the `file` its manifest (`manifest_path`,
+/// named in errors) lists. The only accepted `file` is
+/// `shards/shard-NNNNN.shrd` for that `k`, so an absolute path, a `..`, a
+/// path outside `shards/` or another shard's name is refused
+/// ([`CacheError::UnsafePath`]) before anything is opened or written; and when
+/// the file exists, it must resolve (through any symlink) to a file inside
+/// `dir`.
+pub fn checked_shard_path(dir: &Path, manifest_path: &Path, k: u64, file: &str) -> Result<PathBuf> {
+    let expected = shard_file_name_u64(k);
+    let refuse = |reason: &str| Error::Cache {
+        path: manifest_path.to_path_buf(),
+        source: CacheError::UnsafePath {
+            file: file.to_string(),
+            shard: k,
+            expected: expected.clone(),
+            reason: reason.to_string(),
+        },
+    };
+    let p = Path::new(file);
+    if p.is_absolute() || p.has_root() || file.starts_with(['/', '\\']) {
+        return Err(refuse("an absolute path"));
+    }
+    if p.components().any(|c| c == Component::ParentDir)
+        || file.split(['/', '\\']).any(|c| c == "..")
+    {
+        return Err(refuse("a path that climbs out with `..`"));
+    }
+    if !file.starts_with("shards/") {
+        return Err(refuse("not a file under shards/"));
+    }
+    if file != expected {
+        return Err(refuse("not the name of this shard"));
+    }
+    let path = dir.join(&expected);
+    // A symlink (the file's or the shards directory's) must not lead out of
+    // the cache directory.
+    if std::fs::symlink_metadata(&path).is_ok() {
+        let root = std::fs::canonicalize(dir).map_err(|e| Error::io(dir, e))?;
+        let real = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+        if !real.starts_with(&root) {
+            return Err(refuse(&format!(
+                "it resolves (through a symlink) to {}, outside the cache directory",
+                real.display()
+            )));
+        }
+    }
+    Ok(path)
 }
 
 /// One chunk in the cache's global numbering.
@@ -95,9 +156,10 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Open the cache at `dir`: read the manifest (version-checked), map every
-    /// shard, validate its header and index, and check it against the
-    /// manifest.
+    /// Open the cache at `dir`: read the manifest (version-checked, and
+    /// checksum-checked from format version 2 on), check it for consistency,
+    /// map every shard, validate its header against the manifest, then its
+    /// index and layout.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -105,7 +167,8 @@ impl Cache {
                 std::io::Error::new(std::io::ErrorKind::NotFound, "cache directory not found"),
             ));
         }
-        let manifest = Manifest::read(&dir.join(manifest::MANIFEST))?;
+        let manifest_path = dir.join(manifest::MANIFEST);
+        let manifest = Manifest::read(&manifest_path)?;
         if manifest.worker.is_some() {
             return Err(Error::Cache {
                 path: dir.to_path_buf(),
@@ -115,35 +178,56 @@ impl Cache {
                 ),
             });
         }
+        Self::assemble(dir, &manifest_path, manifest, |k, info| {
+            checked_shard_path(dir, &manifest_path, k as u64, &info.file)
+        })
+    }
+
+    /// Validate `manifest` (read from `manifest_path`, named in errors) and
+    /// open its shards, shard `k` at `locate(k, info)`: the checks of
+    /// FORMAT.md §8.1 and §8.2. `sherl-cache merge` runs it on the parts'
+    /// shards before writing anything.
+    pub(crate) fn assemble(
+        dir: &Path,
+        manifest_path: &Path,
+        manifest: Manifest,
+        mut locate: impl FnMut(usize, &manifest::ShardInfo) -> Result<PathBuf>,
+    ) -> Result<Self> {
+        let in_manifest = |source: CacheError| Error::Cache {
+            path: manifest_path.to_path_buf(),
+            source,
+        };
+        check_manifest(&manifest).map_err(in_manifest)?;
+        let bounds = MetaBounds {
+            splits: manifest.split_names.len(),
+            labels: manifest.labels.len(),
+        };
         let mut shards = Vec::with_capacity(manifest.shards.len());
         let mut chunks = Vec::new();
         let mut expect_first = 0u64;
-        let bad = |field: &str, manifest: String, shard: String| Error::Cache {
-            path: dir.join(manifest::MANIFEST),
-            source: CacheError::ManifestMismatch {
-                field: field.into(),
-                manifest,
-                shard,
-            },
-        };
-        let mut expect_tokens = 0u64;
         for (si, info) in manifest.shards.iter().enumerate() {
-            // Shard paths are fixed names inside the cache, never elsewhere.
-            if info.file != shard_file_name(si as u32) || info.index as usize != si {
-                return Err(bad(
-                    "shards[].file",
-                    info.file.clone(),
-                    shard_file_name(si as u32),
-                ));
+            if info.index as usize != si {
+                return Err(in_manifest(CacheError::ManifestMismatch {
+                    field: format!("shards[{si}].index"),
+                    manifest: info.index.to_string(),
+                    shard: format!("{si} (its position in the list)"),
+                }));
             }
-            expect_tokens += info.tokens;
-            let path = dir.join(&info.file);
-            let reader = open_shard(&path)?;
-            check_shard_against_manifest(&manifest, info, reader.header(), si, expect_first)
-                .map_err(|source| Error::Cache {
-                    path: path.clone(),
-                    source,
-                })?;
+            let path = locate(si, info)?;
+            let mut reader = open_shard_checked(&path, |h| {
+                check_shard_against_manifest(&manifest, info, h, si, expect_first)
+            })?;
+            if reader.file_len() != info.bytes {
+                return Err(Error::Cache {
+                    path,
+                    source: CacheError::ManifestMismatch {
+                        field: "bytes".into(),
+                        manifest: info.bytes.to_string(),
+                        shard: format!("{} (file size)", reader.file_len()),
+                    },
+                });
+            }
+            reader.set_meta_bounds(bounds);
             for (ci, c) in reader.chunks().iter().enumerate() {
                 chunks.push(ChunkRef {
                     shard: si,
@@ -153,29 +237,9 @@ impl Cache {
                     tokens: c.n_tokens,
                 });
             }
+            // Cannot overflow: check_manifest summed the same numbers.
             expect_first += info.examples;
             shards.push(reader);
-        }
-        let split_total: u64 = manifest.splits.values().sum();
-        if expect_tokens != manifest.tokens || split_total != manifest.examples {
-            return Err(bad(
-                "tokens / splits",
-                format!(
-                    "{} tokens, {} examples in splits",
-                    manifest.tokens, split_total
-                ),
-                format!("{expect_tokens} tokens, {} examples", manifest.examples),
-            ));
-        }
-        if expect_first != manifest.examples {
-            return Err(Error::Cache {
-                path: dir.join(manifest::MANIFEST),
-                source: CacheError::ManifestMismatch {
-                    field: "examples".into(),
-                    manifest: manifest.examples.to_string(),
-                    shard: format!("{expect_first} (sum over shards)"),
-                },
-            });
         }
         Ok(Cache {
             dir: dir.to_path_buf(),
@@ -266,12 +330,52 @@ impl Cache {
     }
 
     /// Decode every frame of every shard, checking every checksum and
-    /// invariant; `on_shard` is called after each shard.
+    /// invariant; `on_shard` is called after each shard. Beyond what every
+    /// read checks (split and label ids index the manifest's lists), the
+    /// examples' splits must agree with the manifest (FORMAT.md §8.4): split
+    /// ids never decrease along the cache (§3.4), and each split holds the
+    /// number of examples `splits` gives for its name.
     pub fn verify(&self, mut on_shard: impl FnMut(usize, &Path)) -> Result<usize> {
+        let m = &self.manifest;
         let mut frames = 0;
+        let mut per_split = vec![0u64; m.split_names.len()];
+        let mut last_split = 0u32;
         for (i, s) in self.shards.iter().enumerate() {
-            frames += s.verify().map_err(self.wrap(i))?;
+            frames += s
+                .verify_each(|e| {
+                    if e.split < last_split {
+                        return Err(CacheError::ManifestMismatch {
+                            field: "split_names (cache order, FORMAT.md §3.4)".into(),
+                            manifest: format!(
+                                "examples ordered by split: {}",
+                                m.split_names.join(", ")
+                            ),
+                            shard: format!(
+                                "example {:?} at position {} has split id {} after split id {last_split}",
+                                e.id, e.position, e.split
+                            ),
+                        });
+                    }
+                    last_split = e.split;
+                    // In range: chunk_meta checked split ids against split_names.
+                    per_split[e.split as usize] += 1;
+                    Ok(())
+                })
+                .map_err(self.wrap(i))?;
             on_shard(i, &self.shard_path(i));
+        }
+        for (name, &n) in m.split_names.iter().zip(&per_split) {
+            let listed = m.splits.get(name).copied().unwrap_or(0);
+            if listed != n {
+                return Err(Error::Cache {
+                    path: self.dir.join(manifest::MANIFEST),
+                    source: CacheError::ManifestMismatch {
+                        field: format!("splits[{name:?}]"),
+                        manifest: listed.to_string(),
+                        shard: format!("{n} examples with that split in the shards"),
+                    },
+                });
+            }
         }
         Ok(frames)
     }
@@ -356,11 +460,90 @@ impl Iterator for ChunkStream {
 
 /// Map and validate one shard file.
 pub fn open_shard(path: &Path) -> Result<ShardReader<MappedFile>> {
+    open_shard_checked(path, |_| Ok(()))
+}
+
+/// Map and validate one shard file, running `check` on its header before
+/// the index is read ([`ShardReader::new_checked`]).
+pub fn open_shard_checked(
+    path: &Path,
+    check: impl FnOnce(&format::Header) -> std::result::Result<(), CacheError>,
+) -> Result<ShardReader<MappedFile>> {
     let map = MappedFile::open(path)?;
-    ShardReader::new(map).map_err(|source| Error::Cache {
+    ShardReader::new_checked(map, check).map_err(|source| Error::Cache {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// FORMAT.md §8.1: the manifest's own consistency, before any shard is
+/// opened: every count sums without overflow and agrees, split names are
+/// distinct and name every split counted, stored layers are distinct hidden
+/// states of the backbone.
+fn check_manifest(m: &Manifest) -> std::result::Result<(), CacheError> {
+    let bad = |what: String| Err(CacheError::BadManifest(what));
+    let s = &m.settings;
+    if s.chunk_size == 0 || s.examples_per_shard == 0 || s.max_len == 0 || m.backbone.hidden == 0 {
+        return bad(
+            "settings.chunk_size, settings.examples_per_shard, settings.max_len and backbone.hidden must be positive".into(),
+        );
+    }
+    if s.layers.is_empty() {
+        return bad("settings.layers is empty".into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for &l in &s.layers {
+        if l > m.backbone.num_layers {
+            return bad(format!(
+                "settings.layers holds {l}, but the backbone has hidden_states.0..={}",
+                m.backbone.num_layers
+            ));
+        }
+        if !seen.insert(l) {
+            return bad(format!("settings.layers holds {l} twice"));
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    for n in &m.split_names {
+        if !names.insert(n) {
+            return bad(format!("split_names holds {n:?} twice"));
+        }
+    }
+    if let Some(n) = m.splits.keys().find(|n| !names.contains(n)) {
+        return bad(format!("splits counts {n:?}, which is not in split_names"));
+    }
+    fn sum(mut it: impl Iterator<Item = u64>, what: &str) -> std::result::Result<u64, CacheError> {
+        it.try_fold(0u64, |a, b| a.checked_add(b))
+            .ok_or_else(|| CacheError::BadManifest(format!("{what} overflow when summed")))
+    }
+    let split_total = sum(m.splits.values().copied(), "splits")?;
+    let examples = sum(m.shards.iter().map(|x| x.examples), "shards[].examples")?;
+    let tokens = sum(m.shards.iter().map(|x| x.tokens), "shards[].tokens")?;
+    let mismatch = |field: &str, manifest: u64, shards: String| {
+        Err(CacheError::ManifestMismatch {
+            field: field.into(),
+            manifest: manifest.to_string(),
+            shard: shards,
+        })
+    };
+    if examples != m.examples {
+        return mismatch(
+            "examples",
+            m.examples,
+            format!("{examples} (sum over shards)"),
+        );
+    }
+    if split_total != m.examples {
+        return mismatch(
+            "examples",
+            m.examples,
+            format!("{split_total} (sum over splits)"),
+        );
+    }
+    if tokens != m.tokens {
+        return mismatch("tokens", m.tokens, format!("{tokens} (sum over shards)"));
+    }
+    Ok(())
 }
 
 fn check_shard_against_manifest(
@@ -370,7 +553,17 @@ fn check_shard_against_manifest(
     position: usize,
     expect_first: u64,
 ) -> std::result::Result<(), CacheError> {
-    let checks: [(&str, String, String); 9] = [
+    if h.format_version > m.format_version {
+        return Err(CacheError::ManifestMismatch {
+            field: "format_version".into(),
+            manifest: m.format_version.to_string(),
+            shard: format!(
+                "{} (a shard is never newer than its manifest)",
+                h.format_version
+            ),
+        });
+    }
+    let checks: [(&str, String, String); 11] = [
         (
             "shard index",
             position.to_string(),
@@ -411,6 +604,16 @@ fn check_shard_against_manifest(
             "shuffle",
             m.settings.shuffle.to_string(),
             h.shuffle.to_string(),
+        ),
+        (
+            "max_len",
+            m.settings.max_len.to_string(),
+            h.max_len.to_string(),
+        ),
+        (
+            "chunk_size",
+            m.settings.chunk_size.to_string(),
+            h.chunk_size.to_string(),
         ),
     ];
     for (field, manifest, shard) in checks {

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 
 use super::error::CacheError;
 use super::format::{
-    decode_values, encode_values, header_crc, shuffle_bytes, shuffle_width, unshuffle_bytes, Dtype,
-    FrameKind, Header, IndexEntry, FORMAT_VERSION, HEADER_LEN, INDEX_ENTRY_LEN, MAX_FRAME_RAW,
-    MAX_INDEX_RAW,
+    check_frame_size, decode_values, encode_values, header_crc, shuffle_bytes, shuffle_width,
+    unshuffle_bytes, Dtype, FrameKind, Header, IndexEntry, HEADER_LEN, INDEX_ENTRY_LEN,
+    MAX_FRAME_RAW, MAX_INDEX_RAW, MAX_ZSTD_RATIO, MIN_FRAME_LEN, SHARD_FORMAT_VERSION,
 };
 use super::mmap::ByteSource;
 use crate::{Error, Result};
@@ -79,7 +79,9 @@ pub fn decode_meta(raw: &[u8], n: usize) -> Result<Vec<ExampleMeta>, CacheError>
         Ok(s)
     };
     let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
-    let mut out = Vec::with_capacity(n.min(1 << 20));
+    // Each example takes at least 29 bytes (24-byte fixed part, one token):
+    // reserve no more than the payload can hold, whatever `n` claims.
+    let mut out = Vec::with_capacity(n.min(raw.len() / 29));
     for _ in 0..n {
         let position = u64::from_le_bytes(take(&mut at, 8)?.try_into().expect("8 bytes"));
         let split = u32_at(take(&mut at, 4)?);
@@ -370,7 +372,7 @@ impl ShardWriter {
             .write_all(&index)
             .map_err(|e| Error::io(&self.tmp, e))?;
         let header = Header {
-            format_version: FORMAT_VERSION,
+            format_version: SHARD_FORMAT_VERSION,
             shard_index: self.shard_index,
             dtype: self.spec.dtype,
             shuffle: self.spec.shuffle,
@@ -427,6 +429,16 @@ pub struct ChunkEntry {
     pub layers: Vec<usize>,
 }
 
+/// How many split names and labels the manifest has: the metadata's split
+/// and label ids must index them (FORMAT.md §8.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetaBounds {
+    /// `len(split_names)`.
+    pub splits: usize,
+    /// `len(labels)`.
+    pub labels: usize,
+}
+
 /// A validated shard over any byte source.
 #[derive(Debug)]
 pub struct ShardReader<B> {
@@ -434,12 +446,25 @@ pub struct ShardReader<B> {
     header: Header,
     entries: Vec<IndexEntry>,
     chunks: Vec<ChunkEntry>,
+    bounds: Option<MetaBounds>,
 }
 
 impl<B: ByteSource> ShardReader<B> {
     /// Validate the header, the index and the frame layout (not the frame
     /// contents: [`ShardReader::verify`] does that).
     pub fn new(bytes: B) -> Result<Self, CacheError> {
+        Self::new_checked(bytes, |_| Ok(()))
+    }
+
+    /// Like [`ShardReader::new`], with `check` run on the header as soon as
+    /// its checksum has been verified and before the index is decompressed:
+    /// a reader that knows what the shard must hold (the manifest) refuses a
+    /// header that disagrees before allocating anything its size claims ask
+    /// for.
+    pub fn new_checked(
+        bytes: B,
+        check: impl FnOnce(&Header) -> Result<(), CacheError>,
+    ) -> Result<Self, CacheError> {
         let file = bytes.as_ref();
         let file_len = file.len() as u64;
         let (mut header, stored_crc) = Header::decode(file)?;
@@ -447,13 +472,18 @@ impl<B: ByteSource> ShardReader<B> {
             .index_offset
             .checked_add(header.index_len)
             .ok_or(CacheError::Overflow)?;
-        if header.index_offset < HEADER_LEN as u64 || end > file_len {
-            return Err(CacheError::IndexOutOfBounds {
-                entry: usize::MAX,
+        if end > file_len {
+            return Err(CacheError::TruncatedIndex {
                 offset: header.index_offset,
                 len: header.index_len,
                 file_len,
             });
+        }
+        if header.index_offset < HEADER_LEN as u64 {
+            return Err(CacheError::Corrupt(format!(
+                "the index offset {} lies inside the {HEADER_LEN}-byte header",
+                header.index_offset
+            )));
         }
         if end != file_len {
             return Err(CacheError::Corrupt(format!(
@@ -470,10 +500,9 @@ impl<B: ByteSource> ShardReader<B> {
             });
         }
         header.index_crc = index_crc;
-        let raw_len = u64::from(header.index_entries)
-            .checked_mul(INDEX_ENTRY_LEN as u64)
-            .filter(|&l| l <= MAX_INDEX_RAW)
-            .ok_or(CacheError::Overflow)?;
+        check(&header)?;
+        let raw_len = Self::check_header_claims(&header)?;
+        check_frame_size(index, raw_len, MAX_INDEX_RAW, "the index frame")?;
         let raw = zstd::bulk::decompress(index, raw_len as usize)
             .map_err(|e| CacheError::Corrupt(format!("index frame: {e}")))?;
         if raw.len() as u64 != raw_len {
@@ -490,29 +519,68 @@ impl<B: ByteSource> ShardReader<B> {
             header,
             entries,
             chunks,
+            bounds: None,
         })
     }
 
-    /// Check the frame layout: frames tile the body with no holes, chunk
-    /// numbering is contiguous, each chunk has Meta then every layer, and the
-    /// counts add up to the header's.
-    fn layout(
-        h: &Header,
-        entries: &[IndexEntry],
-        file_len: u64,
-    ) -> Result<Vec<ChunkEntry>, CacheError> {
+    /// FORMAT.md §8.2: the header's size claims against each other and the
+    /// file, before anything is allocated for them. Returns the decoded size
+    /// of the index.
+    fn check_header_claims(h: &Header) -> Result<u64, CacheError> {
         if h.n_layers == 0 || h.hidden == 0 || h.chunk_size == 0 {
             return Err(CacheError::Corrupt(
                 "zero layers, hidden size or chunk size".into(),
             ));
         }
-        let per_chunk = h.n_layers as usize + 1;
-        if !entries.len().is_multiple_of(per_chunk) {
+        let entries = u64::from(h.index_entries);
+        let per_chunk = u64::from(h.n_layers) + 1;
+        if !entries.is_multiple_of(per_chunk) {
             return Err(CacheError::Corrupt(format!(
-                "{} index entries is not a multiple of {per_chunk} (meta + layers)",
-                entries.len()
+                "{entries} index entries is not a multiple of {per_chunk} (meta + layers)"
             )));
         }
+        // Frames tile the body and none is shorter than the smallest zstd frame.
+        let body = h.index_offset - HEADER_LEN as u64;
+        if entries > body / MIN_FRAME_LEN {
+            return Err(CacheError::Corrupt(format!(
+                "the header claims {entries} frames, but the {body}-byte body can hold at most {} (a zstd frame takes at least {MIN_FRAME_LEN} bytes)",
+                body / MIN_FRAME_LEN
+            )));
+        }
+        // Every chunk holds 1..=chunk_size examples of 1..=max_len tokens.
+        let chunks = entries / per_chunk;
+        let min_chunks = h.n_examples.div_ceil(u64::from(h.chunk_size));
+        if chunks > h.n_examples || chunks < min_chunks {
+            return Err(CacheError::Corrupt(format!(
+                "the header claims {chunks} chunks for {} examples in chunks of at most {}",
+                h.n_examples, h.chunk_size
+            )));
+        }
+        let max_tokens = h
+            .n_examples
+            .checked_mul(u64::from(h.max_len))
+            .ok_or(CacheError::Overflow)?;
+        if h.n_tokens < h.n_examples || h.n_tokens > max_tokens {
+            return Err(CacheError::Corrupt(format!(
+                "the header claims {} tokens for {} examples of at most {} tokens",
+                h.n_tokens, h.n_examples, h.max_len
+            )));
+        }
+        entries
+            .checked_mul(INDEX_ENTRY_LEN as u64)
+            .ok_or(CacheError::Overflow)
+    }
+
+    /// Check the frame layout: frames tile the body with no holes, chunk
+    /// numbering is contiguous, each chunk has Meta then every layer, the
+    /// counts add up to the header's, and no frame claims a decoded size its
+    /// bytes cannot hold.
+    fn layout(
+        h: &Header,
+        entries: &[IndexEntry],
+        file_len: u64,
+    ) -> Result<Vec<ChunkEntry>, CacheError> {
+        let per_chunk = h.n_layers as usize + 1;
         let mut expect_offset = HEADER_LEN as u64;
         let mut chunks = Vec::with_capacity(entries.len() / per_chunk);
         let (mut examples, mut tokens) = (0u64, 0u64);
@@ -532,6 +600,12 @@ impl<B: ByteSource> ShardReader<B> {
                     e.offset
                 )));
             }
+            if e.len < MIN_FRAME_LEN {
+                return Err(CacheError::Corrupt(format!(
+                    "frame {i} is {} bytes long, shorter than any zstd frame",
+                    e.len
+                )));
+            }
             expect_offset = end;
             let c = (i / per_chunk) as u32;
             let slot = i % per_chunk;
@@ -548,6 +622,15 @@ impl<B: ByteSource> ShardReader<B> {
             if e.raw_len > MAX_FRAME_RAW {
                 return Err(CacheError::Overflow);
             }
+            // The size claim against the frame's own bytes (zstd's maximum
+            // expansion), so reading it never allocates more than it can hold.
+            let possible = e.len.saturating_mul(MAX_ZSTD_RATIO);
+            if e.raw_len > possible {
+                return Err(CacheError::Corrupt(format!(
+                    "frame {i} claims {} decoded bytes from {} compressed bytes, more than zstd can produce ({possible})",
+                    e.raw_len, e.len
+                )));
+            }
             if slot == 0 {
                 if e.n_examples == 0 || e.n_examples > h.chunk_size {
                     return Err(CacheError::Corrupt(format!(
@@ -555,20 +638,23 @@ impl<B: ByteSource> ShardReader<B> {
                         e.n_examples
                     )));
                 }
-                if e.n_tokens < u64::from(e.n_examples)
-                    || e.n_tokens > u64::from(e.n_examples) * u64::from(h.max_len)
-                {
+                let max_tokens = u64::from(e.n_examples) * u64::from(h.max_len);
+                if e.n_tokens < u64::from(e.n_examples) || e.n_tokens > max_tokens {
                     return Err(CacheError::Corrupt(format!(
                         "chunk {c}: {} tokens for {} examples of at most {} tokens",
                         e.n_tokens, e.n_examples, h.max_len
                     )));
                 }
-                // token ids (4 B) and type ids (1 B) per token, 24 B plus the id per example
-                let meta_bound = e.n_tokens * 5 + u64::from(e.n_examples) * (24 + 4096);
-                if e.raw_len > meta_bound {
+                // 24 bytes per example plus token ids (4 B) and type ids (1 B)
+                // per token, plus the ids, whose length has no limit (§3.1)
+                let meta_min = e
+                    .n_tokens
+                    .saturating_mul(5)
+                    .saturating_add(u64::from(e.n_examples) * 24);
+                if e.raw_len < meta_min {
                     return Err(CacheError::Corrupt(format!(
-                        "chunk {c}: a metadata frame of {} bytes is implausible",
-                        e.raw_len
+                        "chunk {c}: a metadata frame of {} bytes cannot hold {} examples of {} tokens",
+                        e.raw_len, e.n_examples, e.n_tokens
                     )));
                 }
                 chunks.push(ChunkEntry {
@@ -614,6 +700,18 @@ impl<B: ByteSource> ShardReader<B> {
         Ok(chunks)
     }
 
+    /// From now on, check every decoded split id against `bounds.splits` and
+    /// every label id against `bounds.labels` (the manifest's `split_names`
+    /// and `labels`; [`crate::cache::Cache::open`] sets them).
+    pub fn set_meta_bounds(&mut self, bounds: MetaBounds) {
+        self.bounds = Some(bounds);
+    }
+
+    /// Length of the shard file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.bytes.as_ref().len() as u64
+    }
+
     /// The header.
     pub fn header(&self) -> &Header {
         &self.header
@@ -651,6 +749,7 @@ impl<B: ByteSource> ShardReader<B> {
                 what: self.frame_name(i),
             });
         }
+        check_frame_size(bytes, e.raw_len, MAX_FRAME_RAW, &self.frame_name(i))?;
         let raw = zstd::bulk::decompress(bytes, e.raw_len as usize)
             .map_err(|err| CacheError::Corrupt(format!("{}: {err}", self.frame_name(i))))?;
         self.bytes.release(e.offset as usize, e.len as usize);
@@ -682,6 +781,25 @@ impl<B: ByteSource> ShardReader<B> {
                 "example {} is longer than max_len",
                 m.id
             )));
+        }
+        if let Some(b) = self.bounds {
+            for m in &meta {
+                let at = || format!("example {:?} at position {}, chunk {c}", m.id, m.position);
+                if m.split as usize >= b.splits {
+                    return Err(CacheError::ManifestMismatch {
+                        field: "split_names".into(),
+                        manifest: format!("{} split names", b.splits),
+                        shard: format!("split id {} ({})", m.split, at()),
+                    });
+                }
+                if let Some(l) = m.label.filter(|&l| l as usize >= b.labels) {
+                    return Err(CacheError::ManifestMismatch {
+                        field: "labels".into(),
+                        manifest: format!("{} labels", b.labels),
+                        shard: format!("label id {l} ({})", at()),
+                    });
+                }
+            }
         }
         Ok(meta)
     }
@@ -718,6 +836,15 @@ impl<B: ByteSource> ShardReader<B> {
     /// Decode every frame and check every checksum and invariant. Returns
     /// the number of frames checked.
     pub fn verify(&self) -> Result<usize, CacheError> {
+        self.verify_each(|_| Ok(()))
+    }
+
+    /// [`ShardReader::verify`], handing every decoded example to `on_example`
+    /// (in order) for the checks only the caller can make.
+    pub fn verify_each(
+        &self,
+        mut on_example: impl FnMut(&ExampleMeta) -> Result<(), CacheError>,
+    ) -> Result<usize, CacheError> {
         let mut expect_pos = self.header.first_example;
         for c in 0..self.chunks.len() {
             let meta = self.chunk_meta(c)?;
@@ -728,6 +855,7 @@ impl<B: ByteSource> ShardReader<B> {
                         m.position
                     )));
                 }
+                on_example(m)?;
                 expect_pos += 1;
             }
             for l in 0..self.chunks[c].layers.len() {

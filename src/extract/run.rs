@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 
 use super::batch::{batch_ranges, real_rows, real_rows_slice, PaddedBatch};
 use crate::backbone::BackboneDir;
+use crate::cache::format::SHARD_FORMAT_VERSION;
 use crate::cache::manifest::{
     short_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,
     WorkerInfo, MANIFEST, PENDING,
@@ -234,7 +235,9 @@ fn settings_hash(
     settings: &ExtractSettings,
 ) -> String {
     let canon = json!({
-        "format_version": FORMAT_VERSION,
+        // The shard layout's version, so the hash (and the shard headers that
+        // carry it) stay those of format version 1 (FORMAT.md §5.1).
+        "format_version": SHARD_FORMAT_VERSION,
         "backbone": {
             "onnx": backbone.onnx.sha256,
             "safetensors": backbone.safetensors.as_ref().map(|f| f.sha256.clone()),
@@ -425,6 +428,7 @@ pub fn run(
         sherl_version: env!("CARGO_PKG_VERSION").into(),
         created_at: String::new(),
         settings_hash: hash.clone(),
+        manifest_sha256: None, // set when written (Manifest::write)
         settings: settings.clone(),
         backbone,
         dataset,
@@ -555,8 +559,8 @@ pub fn run(
         manifest.tokens = manifest.shards.iter().map(|s| s.tokens).sum();
     }
     let name = if partial { PARTIAL_MANIFEST } else { MANIFEST };
-    let bytes = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
-    crate::fsutil::write_atomic(&plan.out.join(name), &bytes)?;
+    // Sealed: from format version 2 on it carries its own checksum.
+    manifest.write(&plan.out.join(name))?;
     let pending = plan.out.join(PENDING);
     std::fs::remove_file(&pending).map_err(|e| Error::io(&pending, e))?;
     crate::fsutil::sync_dir(&plan.out)?;
@@ -579,7 +583,7 @@ pub fn run(
 }
 
 /// File name of a worker's partial manifest.
-pub const PARTIAL_MANIFEST: &str = "manifest.part.json";
+pub const PARTIAL_MANIFEST: &str = crate::cache::manifest::PART_MANIFEST;
 
 fn probe_hidden(session: &mut BackboneSession, layers: &[usize]) -> Result<usize> {
     let e = Encoded {
@@ -592,92 +596,56 @@ fn probe_hidden(session: &mut BackboneSession, layers: &[usize]) -> Result<usize
     Ok(out[0].shape()[2])
 }
 
-/// Create the output directory, or check it for `--resume`: the settings of
-/// the interrupted run (in `extract.pending.json`) must equal these.
-/// File that marks a cache directory as being written (holds the writer's pid).
+/// File that holds the writer lock of a cache directory (FORMAT.md §1, §7).
+/// The file stays in the directory; readers and `sherl-cache merge` ignore
+/// it, and a directory holding nothing else counts as empty.
 pub const LOCK: &str = ".lock";
 
-/// Removes the lock file when extraction ends, successfully or not. A
-/// killed process leaves it behind; the next writer sees that its pid is
-/// gone and takes over.
-#[derive(Debug)]
-pub struct WriterLock {
-    path: PathBuf,
-}
+/// The writer lock of a cache directory: an OS advisory lock on its
+/// [`LOCK`] file ([`crate::fsutil::DirLock`]), held while this value lives
+/// and released by the operating system when the process ends, however it
+/// ends (so a killed writer never leaves a stale lock).
+pub type WriterLock = crate::fsutil::DirLock;
 
-impl Drop for WriterLock {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            tracing::warn!("could not remove {}: {e}", self.path.display());
-        }
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    // Linux: a live process has /proc/<pid>. Elsewhere assume it is alive
-    // (the user removes a stale lock by hand, as the message says).
-    if cfg!(target_os = "linux") {
-        Path::new(&format!("/proc/{pid}")).exists()
-    } else {
-        true
-    }
-}
-
-/// Take the writer lock of `out` (created if needed): refuse when another
-/// live process holds it, take over a stale one.
+/// Take the writer lock of `out` (created if needed), or refuse when another
+/// process holds it.
 fn lock_out_dir(out: &Path) -> Result<WriterLock> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let path = out.join(LOCK);
-    for _ in 0..2 {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
-            Ok(mut f) => {
-                use std::io::Write;
-                write!(f, "{}", std::process::id()).map_err(|e| Error::io(&path, e))?;
-                return Ok(WriterLock { path });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-                match text.trim().parse::<u32>() {
-                    Ok(pid) if pid_alive(pid) => {
-                        return Err(Error::Config(format!(
-                            "{}: another process (pid {pid}) is writing this cache; wait for it, or delete {} if that is wrong",
-                            out.display(),
-                            path.display()
-                        )))
-                    }
-                    _ => {
-                        tracing::info!("{}: taking over a stale lock ({})", out.display(), text.trim());
-                        std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                    }
-                }
-            }
-            Err(e) => return Err(Error::io(&path, e)),
-        }
+    match crate::fsutil::DirLock::try_acquire(out, LOCK)? {
+        Some(lock) => Ok(lock),
+        None => Err(Error::Config(format!(
+            "{}: another process is writing this cache (it holds the lock on {}); wait for it to finish, or choose another --out",
+            out.display(),
+            out.join(LOCK).display()
+        ))),
     }
-    Err(Error::Config(format!(
-        "{}: could not take the writer lock",
-        path.display()
-    )))
 }
 
-fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<WriterLock> {
+/// Whether `out` holds anything but the lock file.
+fn has_content(out: &Path) -> Result<bool> {
+    if !out.is_dir() {
+        return Ok(false);
+    }
+    for entry in std::fs::read_dir(out).map_err(|e| Error::io(out, e))? {
+        let entry = entry.map_err(|e| Error::io(out, e))?;
+        if entry.file_name() != LOCK {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The refusals of [`prepare_out_dir`]; reads only. Returns whether `out`
+/// holds an earlier extraction to resume.
+fn check_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<bool> {
     let pending = out.join(PENDING);
-    let non_empty = out.is_dir()
-        && std::fs::read_dir(out)
-            .map_err(|e| Error::io(out, e))?
-            .next()
-            .is_some();
+    let non_empty = has_content(out)?;
     if non_empty && !resume {
         return Err(Error::Config(format!(
             "{}: directory is not empty; pass --resume to continue an interrupted extraction, or choose another --out",
             out.display()
         )));
     }
-    let lock = lock_out_dir(out)?;
     // A directory killed before it recorded its settings holds no sealed
     // shard: nothing to keep, start it afresh.
     let sealed_shards = std::fs::read_dir(out.join("shards"))
@@ -720,6 +688,18 @@ fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<Writ
             )));
         }
     }
+    Ok(non_empty)
+}
+
+/// Create the output directory, or check it for `--resume` (the settings of
+/// the interrupted run, in `extract.pending.json`, must equal these), and
+/// take its writer lock. A refusal changes nothing on disk: the checks run
+/// before the lock is taken, and again under the lock (another writer may
+/// have changed the directory in between).
+fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<WriterLock> {
+    check_out_dir(out, manifest, resume)?;
+    let lock = lock_out_dir(out)?;
+    check_out_dir(out, manifest, resume)?;
     let shards = out.join("shards");
     std::fs::create_dir_all(&shards).map_err(|e| Error::io(&shards, e))?;
     // Left-over temporary shards of a killed run are never valid.
@@ -729,8 +709,9 @@ fn prepare_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<Writ
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
-    let bytes = serde_json::to_vec_pretty(manifest).expect("manifest serializes");
-    crate::fsutil::write_atomic(&pending, &bytes)?;
+    // Sealed like the manifest (FORMAT.md §5.2), so --resume reads it with
+    // the same checks.
+    manifest.write(&out.join(PENDING))?;
     Ok(lock)
 }
 
