@@ -483,9 +483,10 @@ fn writer_lock_refuses_a_second_writer() {
     let held = DirLock::try_acquire(&dir, LOCK).unwrap().expect("free");
     for extra in [&["--resume"][..], &[][..]] {
         let o = extract(&f, "busy", extra);
-        assert_eq!(o.status.code(), Some(2));
+        // exit 3: busy, as for a locked run
+        assert_eq!(o.status.code(), Some(3));
         assert!(
-            common::stderr(&o).contains("is writing this cache"),
+            common::stderr(&o).contains("this cache is in use by another process"),
             "{}",
             common::stderr(&o)
         );

@@ -548,3 +548,228 @@ fn report_fails_without_complete_runs() {
         .to_string();
     assert!(e.contains("missing"), "{e}");
 }
+
+/// Like the demo (`pipelines/demo.sh`): five methods, three seeds each, valid
+/// accuracy between 69 and 81 %, full-ft trained for two epochs. Seed s's
+/// curve is `base + (s - 1) * delta`, so at every epoch the mean is `base`,
+/// the sample std `delta`, the min `base - delta` and the max `base +
+/// delta`. SHERL's five layer weights are `MEANS + (s - 1) * OFFSETS`: the
+/// offsets sum to 0, so every seed's weights sum to 0.986 like the demo's.
+const DEMO: [(&str, &[f64], f64); 5] = [
+    ("full-ft", &[0.79, 0.805], 0.002),
+    ("sherl", &[0.74, 0.765, 0.773], 0.011),
+    ("unipt", &[0.72, 0.745, 0.751], 0.009),
+    ("late-layer", &[0.73, 0.742, 0.747], 0.005),
+    ("linear-probe", &[0.70, 0.728, 0.738], 0.006),
+];
+const MEANS: [f64; 5] = [0.13, 0.2, 0.21, 0.23, 0.216];
+const OFFSETS: [f64; 5] = [0.01, -0.01, 0.02, -0.02, 0.0];
+
+fn demo_fixture(runs: &Path) {
+    for (method, base, delta) in DEMO {
+        for seed in 0..3u64 {
+            let shift = (seed as f64 - 1.0) * delta;
+            let curve: Vec<f64> = base.iter().map(|b| b + shift).collect();
+            let best = curve.iter().copied().fold(0.0, f64::max);
+            let id = format!("{method}-s{seed}");
+            let mut run = FakeRun::new(&id, config(method, 0.001, false, seed), best, Some(best));
+            run.curve = curve;
+            if method == "sherl" {
+                let w = MEANS
+                    .iter()
+                    .zip(OFFSETS)
+                    .map(|(m, o)| m + (seed as f64 - 1.0) * o)
+                    .collect();
+                run.layer_weights = Some((w, vec![0, 1, 2, 3, 4]));
+            }
+            run.write(runs);
+        }
+    }
+}
+
+/// `Y axis: A % to B %` from a picture's notes.
+fn y_axis_note(svg: &str) -> (f64, f64) {
+    let at = svg
+        .find("Y axis: ")
+        .expect("the notes say what the y axis spans")
+        + 8;
+    let words: Vec<&str> = svg[at..].split_whitespace().take(5).collect();
+    assert_eq!(
+        (words[1], words[2], words[4]),
+        ("%", "to", "%,"),
+        "{words:?}"
+    );
+    (words[0].parse().unwrap(), words[3].parse().unwrap())
+}
+
+/// The texts of an SVG (plotters writes "<text ...>\nTEXT\n</text>").
+fn svg_texts(svg: &str) -> Vec<&str> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            t.split_once('>')
+                .and_then(|(_, rest)| rest.split_once("</text>"))
+        })
+        .map(|(text, _)| text.trim())
+        .collect()
+}
+
+#[test]
+fn report_carries_the_spread_over_seeds_per_epoch_and_per_layer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    fixture(&runs);
+    let r = report(&ReportOptions::new(&runs)).unwrap();
+
+    // sherl lr=0.001: the seeds' curves are valid - 0.25, - 0.125, + 0 with
+    // valid 0.75, 0.8125, 0.875: sample std 0.0625 at every epoch.
+    let a = &r.groups[1];
+    assert_eq!(a.label, "sherl late_trainable=false lr=0.001");
+    let spread: Vec<(usize, f64, f64, usize)> = a
+        .valid_accuracy_curve
+        .iter()
+        .map(|p| (p.epoch, p.min, p.max, p.n))
+        .collect();
+    assert_eq!(
+        spread,
+        [(1, 0.5, 0.625, 3), (2, 0.625, 0.75, 3), (3, 0.75, 0.875, 3)]
+    );
+    for p in &a.valid_accuracy_curve {
+        assert!(
+            close(p.std.unwrap(), 0.0625),
+            "epoch {}: {:?}",
+            p.epoch,
+            p.std
+        );
+    }
+    // Layer weights [0.5, 0.25, 0.25], [0.25, 0.25, 0.5], [0.75, 0.25, 0]:
+    // sample std 0.25, 0, 0.25.
+    let lw: Vec<(usize, f64, f64, f64)> = a
+        .layer_weights
+        .iter()
+        .map(|w| (w.layer, w.std.unwrap(), w.min, w.max))
+        .collect();
+    assert_eq!(
+        lw,
+        [
+            (0, 0.25, 0.25, 0.75),
+            (1, 0.0, 0.25, 0.25),
+            (2, 0.25, 0.0, 0.5)
+        ]
+    );
+    // One seed: no std, min = max = the value.
+    let lp = &r.groups[0];
+    assert_eq!(lp.seeds.len(), 1);
+    for p in &lp.valid_accuracy_curve {
+        assert_eq!(
+            (p.std, p.min, p.max),
+            (None, p.valid_accuracy, p.valid_accuracy)
+        );
+    }
+
+    // report.json carries the same, null std for one seed.
+    let doc: Value =
+        serde_json::from_slice(&std::fs::read(runs.join("report/report.json")).unwrap()).unwrap();
+    let groups = doc["groups"].as_array().unwrap();
+    assert_eq!(
+        groups[1]["valid_accuracy_curve"][0],
+        json!({"epoch": 1, "valid_accuracy": 0.5625, "std": 0.0625, "min": 0.5, "max": 0.625, "n": 3})
+    );
+    assert_eq!(
+        groups[1]["layer_weights"][2],
+        json!({"layer": 2, "mean": 0.25, "std": 0.25, "min": 0.0, "max": 0.5, "n": 3})
+    );
+    assert_eq!(groups[0]["valid_accuracy_curve"][2]["std"], Value::Null);
+}
+
+#[test]
+fn report_pictures_use_percent_an_honest_axis_and_show_the_seeds_spread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    demo_fixture(&runs);
+    let r = report(&ReportOptions::new(&runs)).unwrap();
+    assert_eq!(r.groups.len(), 5);
+    let out = runs.join("report");
+    assert_png(&out.join("learning_curves.png"));
+    assert_png(&out.join("layer_weights.png"));
+
+    // The per-epoch spread is the one built into the fixture.
+    for (method, base, delta) in DEMO {
+        let g = r.groups.iter().find(|g| g.method == method).unwrap();
+        assert_eq!(g.valid_accuracy_curve.len(), base.len(), "{method}");
+        for (p, b) in g.valid_accuracy_curve.iter().zip(base) {
+            assert_eq!(p.n, 3);
+            assert!((p.valid_accuracy - b).abs() < 1e-12, "{method}");
+            assert!((p.std.unwrap() - delta).abs() < 1e-12, "{method}");
+            assert!((p.min - (b - delta)).abs() < 1e-12, "{method}");
+            assert!((p.max - (b + delta)).abs() < 1e-12, "{method}");
+        }
+    }
+    let sherl = r.groups.iter().find(|g| g.method == "sherl").unwrap();
+    let sum: f64 = sherl.layer_weights.iter().map(|w| w.mean).sum();
+    assert!((sum - 0.986).abs() < 1e-12, "{sum}");
+    for ((w, m), o) in sherl.layer_weights.iter().zip(MEANS).zip(OFFSETS) {
+        assert!((w.mean - m).abs() < 1e-12 && (w.std.unwrap() - o.abs()).abs() < 1e-12);
+    }
+
+    // Learning curves: in %, and the axis starts at a round number well
+    // below the lowest band value (mean - std) and reaches past the highest.
+    let curves = std::fs::read_to_string(out.join("learning_curves.svg")).unwrap();
+    let texts = svg_texts(&curves);
+    assert!(texts.contains(&"valid accuracy (%)"), "{texts:?}");
+    let (lowest, highest) = r
+        .groups
+        .iter()
+        .flat_map(|g| &g.valid_accuracy_curve)
+        .map(|p| {
+            let sd = p.std.unwrap_or(0.0);
+            (
+                100.0 * (p.valid_accuracy - sd),
+                100.0 * (p.valid_accuracy + sd),
+            )
+        })
+        .fold((f64::INFINITY, 0.0f64), |(lo, hi), (a, b)| {
+            (lo.min(a), hi.max(b))
+        });
+    assert!((lowest - 69.4).abs() < 1e-9 && (highest - 80.7).abs() < 1e-9);
+    let (y0, y1) = y_axis_note(&curves);
+    assert_eq!((y0, y1), (50.0, 90.0));
+    assert!(y0 % 10.0 == 0.0 && y0 <= lowest - 10.0, "{y0} vs {lowest}");
+    assert!(y1 > highest && y1 <= 100.0, "{y1} vs {highest}");
+    assert!(
+        (highest - lowest) <= (y1 - y0) / 2.0,
+        "the data fill at most half of the axis"
+    );
+    // The ticks are percentages and include both ends of the axis.
+    for tick in ["50", "60", "70", "80", "90"] {
+        assert!(texts.contains(&tick), "tick {tick} in {texts:?}");
+    }
+    assert!(
+        !texts.iter().any(|t| t.starts_with("0.")),
+        "no fraction ticks: {texts:?}"
+    );
+    // A band per group (all have 3 seeds), and the notes say what it is.
+    assert_eq!(curves.matches("<polygon").count(), 5);
+    assert!(curves.contains("mean ± 1 sample standard deviation (n − 1)"));
+
+    // Layer weights: what the numbers are, why they sum to less than 1,
+    // error bars and their meaning.
+    let weights = std::fs::read_to_string(out.join("layer_weights.svg")).unwrap();
+    let texts = svg_texts(&weights).join(" ");
+    for phrase in [
+        "mean alpha over valid tokens",
+        "averaged over the valid split",
+        "real tokens",
+        "hidden_states layer",
+        "Tokens whose weights are all zero",
+        "count as zero",
+        "slightly less than 1",
+        "sherl (sum 0.986)",
+        "Error bars: ± 1 sample standard deviation (n − 1) over seeds",
+    ] {
+        assert!(texts.contains(phrase), "{phrase:?} in {texts}");
+    }
+    for layer in 0..5 {
+        assert!(texts.contains(&format!("hidden_states.{layer}")));
+    }
+}

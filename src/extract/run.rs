@@ -613,11 +613,11 @@ fn lock_out_dir(out: &Path) -> Result<WriterLock> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     match crate::fsutil::DirLock::try_acquire(out, LOCK)? {
         Some(lock) => Ok(lock),
-        None => Err(Error::Config(format!(
-            "{}: another process is writing this cache (it holds the lock on {}); wait for it to finish, or choose another --out",
-            out.display(),
-            out.join(LOCK).display()
-        ))),
+        None => Err(Error::Locked {
+            path: out.to_path_buf(),
+            what: "this cache",
+            lock: out.join(LOCK),
+        }),
     }
 }
 

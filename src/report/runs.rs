@@ -10,10 +10,12 @@
 //!   first by mean valid accuracy, with mean ± sample standard deviation over
 //!   the seeds, and the pictures below;
 //! - `report.csv` and `report.json`: the same numbers, unrounded;
-//! - `learning_curves.{png,svg}`: valid accuracy per epoch, mean over seeds,
-//!   one line per group;
-//! - `layer_weights.{png,svg}`: SHERL's layer weights (mean over seeds) per
-//!   early layer, one bar per `sherl` group; only when some run has them.
+//! - `learning_curves.{png,svg}`: valid accuracy (%) per epoch, mean over
+//!   seeds, one line per group, shaded mean ± sample std over seeds;
+//! - `layer_weights.{png,svg}`: SHERL's layer weights (alpha averaged over
+//!   the valid split's real tokens, then over seeds) per early layer, one
+//!   bar per `sherl` group with ± sample std error bars; only when some run
+//!   has them.
 //!
 //! Run directories without `summary.json` (running, killed, or failed with
 //! an `error.json`) are listed in [`Report::skipped`] with the reason.
@@ -82,6 +84,12 @@ pub struct CurvePoint {
     pub epoch: usize,
     /// Valid accuracy at this epoch, mean over the seeds that reached it.
     pub valid_accuracy: f64,
+    /// Sample standard deviation (n - 1) over those seeds; `None` for one.
+    pub std: Option<f64>,
+    /// Lowest valid accuracy of those seeds at this epoch.
+    pub min: f64,
+    /// Highest valid accuracy of those seeds at this epoch.
+    pub max: f64,
     /// Seeds averaged.
     pub n: usize,
 }
@@ -93,6 +101,12 @@ pub struct LayerWeight {
     pub layer: usize,
     /// Weight, mean over the seeds that reported it.
     pub mean: f64,
+    /// Sample standard deviation (n - 1) over those seeds; `None` for one.
+    pub std: Option<f64>,
+    /// Lowest weight of those seeds.
+    pub min: f64,
+    /// Highest weight of those seeds.
+    pub max: f64,
     /// Seeds averaged.
     pub n: usize,
 }
@@ -541,15 +555,14 @@ fn group_row(g: &[Run], label: String, settings_label: String) -> GroupRow {
         |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { g.iter().filter_map(f).collect() };
     let valid_accuracy = Stat::of(&collect(&|r| Some(r.valid_accuracy))).expect("non-empty group");
 
-    let mut curve: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+    // Per epoch and per layer: the seeds' values, in run order.
+    let mut curve: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for r in g {
         for (&epoch, &acc) in &r.curve {
-            let e = curve.entry(epoch).or_default();
-            e.0 += acc;
-            e.1 += 1;
+            curve.entry(epoch).or_default().push(acc);
         }
     }
-    let mut weights: BTreeMap<usize, (f64, usize)> = BTreeMap::new();
+    let mut weights: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
     for r in g {
         let Some(w) = &r.summary.layer_weights else {
             continue;
@@ -559,9 +572,7 @@ fn group_row(g: &[Run], label: String, settings_label: String) -> GroupRow {
             _ => (0..w.len()).collect(),
         };
         for (layer, &v) in layers.into_iter().zip(w) {
-            let e = weights.entry(layer).or_default();
-            e.0 += v;
-            e.1 += 1;
+            weights.entry(layer).or_default().push(v);
         }
     }
 
@@ -587,21 +598,41 @@ fn group_row(g: &[Run], label: String, settings_label: String) -> GroupRow {
         seconds_per_epoch: Stat::of(&collect(&|r| r.summary.seconds_per_epoch)).map(|s| s.mean),
         valid_accuracy_curve: curve
             .into_iter()
-            .map(|(epoch, (sum, n))| CurvePoint {
-                epoch,
-                valid_accuracy: sum / n as f64,
-                n,
+            .filter_map(|(epoch, values)| {
+                let (s, min, max) = spread(&values)?;
+                Some(CurvePoint {
+                    epoch,
+                    valid_accuracy: s.mean,
+                    std: s.std,
+                    min,
+                    max,
+                    n: s.n,
+                })
             })
             .collect(),
         layer_weights: weights
             .into_iter()
-            .map(|(layer, (sum, n))| LayerWeight {
-                layer,
-                mean: sum / n as f64,
-                n,
+            .filter_map(|(layer, values)| {
+                let (s, min, max) = spread(&values)?;
+                Some(LayerWeight {
+                    layer,
+                    mean: s.mean,
+                    std: s.std,
+                    min,
+                    max,
+                    n: s.n,
+                })
             })
             .collect(),
     }
+}
+
+/// Mean, sample std, min and max of `values`; `None` when empty.
+fn spread(values: &[f64]) -> Option<(Stat, f64, f64)> {
+    let s = Stat::of(values)?;
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Some((s, min, max))
 }
 
 fn opt_num<T: ToString>(v: Option<T>) -> String {
