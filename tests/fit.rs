@@ -677,6 +677,13 @@ fn bad_input_is_refused_clearly() {
         &[],
     );
     assert!(o.status.success(), "{}", common::stderr(&o));
+    // extraction already says so, and how to add one
+    assert!(
+        common::stderr(&o).contains("the cache will have no validation split (splits: train)")
+            && common::stderr(&o).contains("--split train=0.8,valid=0.1,test=0.1"),
+        "{}",
+        common::stderr(&o)
+    );
     let o = fit(h.path(), &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(

@@ -194,6 +194,10 @@ fn predict_labels_every_row_and_checks_the_weights() {
         s["weights_sha256"].as_str().unwrap(),
         sherl::fsutil::sha256_file(&weights).unwrap()
     );
+    // the weights get the same permissions as the run's other files
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&weights), mode(&run.join("config.json")));
     // a file whose last rows carry a label the run never saw
     let text = std::fs::read_to_string(f.root.join("data.csv")).unwrap();
     let mut lines: Vec<String> = text.lines().map(String::from).collect();

@@ -334,6 +334,10 @@ pub struct Example {
     pub source_line: u64,
 }
 
+/// Split names `sherl-fit` accepts as the validation split (it selects
+/// the best epoch on it), in order of preference.
+pub const VALID_SPLIT_NAMES: &[&str] = &["valid", "validation", "dev", "val"];
+
 /// A dataset in memory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dataset {

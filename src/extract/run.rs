@@ -344,6 +344,15 @@ pub fn run(
     }
     let mut split_names: Vec<String> = data.report.split_counts.keys().cloned().collect();
     split_names.sort_by_key(|n| split_rank(n));
+    if !split_names
+        .iter()
+        .any(|n| crate::data::VALID_SPLIT_NAMES.contains(&n.as_str()))
+    {
+        tracing::warn!(
+            "the cache will have no validation split (splits: {}): sherl-fit needs one to pick the best epoch; cut one with --split train=0.8,valid=0.1,test=0.1 (add --group-column COL to keep groups together) or give --valid FILE",
+            split_names.join(", ")
+        );
+    }
     let mut items = Vec::with_capacity(data.examples.len());
     for ex in &data.examples {
         let enc: Encoded = tokenizer.encode(&ex.text, ex.text_pair.as_deref())?;

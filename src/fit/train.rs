@@ -487,14 +487,13 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             m.splits
         ))
     })?;
-    let valid_split =
-        split_id(&cache, &["valid", "validation", "dev", "val"]).ok_or_else(|| {
-            Error::Config(format!(
+    let valid_split = split_id(&cache, crate::data::VALID_SPLIT_NAMES).ok_or_else(|| {
+        Error::Config(format!(
             "{}: no examples in a 'valid' split (splits: {:?}); extract with --split or --valid",
             plan.cache.display(),
             m.splits
         ))
-        })?;
+    })?;
     let test_split = split_id(&cache, &["test"]);
     if test_split.is_none() {
         reporter.note("the cache has no 'test' split: test metrics will be null");
