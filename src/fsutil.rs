@@ -117,9 +117,8 @@ pub struct DirLock {
 }
 
 impl DirLock {
-    /// Take the lock `dir/name` (the directory must exist). `Ok(None)` when
-    /// another process holds it.
-    pub fn try_acquire(dir: &Path, name: &str) -> Result<Option<DirLock>> {
+    /// Open (create) the lock file; its contents are never used.
+    fn open(dir: &Path, name: &str) -> Result<(PathBuf, std::fs::File)> {
         let path = dir.join(name);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -128,6 +127,13 @@ impl DirLock {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(&path, e))?;
+        Ok((path, file))
+    }
+
+    /// Take the lock `dir/name` (the directory must exist). `Ok(None)` when
+    /// another process holds it.
+    pub fn try_acquire(dir: &Path, name: &str) -> Result<Option<DirLock>> {
+        let (path, file) = Self::open(dir, name)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(DirLock { path, _file: file })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -137,14 +143,7 @@ impl DirLock {
 
     /// Take the lock `dir/name`, waiting for its holder to release it.
     pub fn acquire(dir: &Path, name: &str) -> Result<DirLock> {
-        let path = dir.join(name);
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&path)
-            .map_err(|e| Error::io(&path, e))?;
+        let (path, file) = Self::open(dir, name)?;
         file.lock().map_err(|e| Error::io(&path, e))?;
         Ok(DirLock { path, _file: file })
     }

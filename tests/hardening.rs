@@ -94,61 +94,38 @@ fn bad_settings_are_refused_before_anything_is_written() {
     }
 }
 
+/// `sherl-fit run` on the fixture's cache with extra environment.
+fn fit_env(root: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut a = vec![
+        "run",
+        "--cache",
+        "cache",
+        "--backbone",
+        "backbone",
+        "--out",
+        "runs",
+    ];
+    a.extend_from_slice(args);
+    common::run("sherl-fit", &a, root, env)
+}
+
 /// Item 11: a run whose memory estimate exceeds the budget is refused with
 /// the estimate, before the model is allocated or anything is written.
 #[test]
 fn memory_estimate_refuses_runs_that_cannot_fit() {
     let f = fit_fixture(40, 32, &[]);
-    let o = common::run(
-        "sherl-fit",
-        &[
-            "run",
-            "--cache",
-            "cache",
-            "--backbone",
-            "backbone",
-            "--out",
-            "runs",
-        ],
-        &f.root,
-        &[("SHERL_MEMORY_LIMIT", "64M")],
-    );
+    let o = fit_env(&f.root, &[], &[("SHERL_MEMORY_LIMIT", "64M")]);
     let err = refused(&o, "this run would need about");
     assert!(err.contains("SHERL_MEMORY_LIMIT"), "{err}");
     assert!(tree(&f.root.join("runs")).is_empty());
-    let o = common::run(
-        "sherl-fit",
-        &[
-            "run",
-            "--cache",
-            "cache",
-            "--backbone",
-            "backbone",
-            "--out",
-            "runs",
-        ],
-        &f.root,
-        &[("SHERL_MEMORY_LIMIT", "lots")],
-    );
+    let o = fit_env(&f.root, &[], &[("SHERL_MEMORY_LIMIT", "lots")]);
     refused(&o, "SHERL_MEMORY_LIMIT=lots");
     // the same run under a budget it fits in trains
-    let o = common::run(
-        "sherl-fit",
-        &[
-            "run",
-            "--cache",
-            "cache",
-            "--backbone",
-            "backbone",
-            "--out",
-            "runs",
-            "--epochs",
-            "1",
-        ],
+    summary(&fit_env(
         &f.root,
+        &["--epochs", "1"],
         &[("SHERL_MEMORY_LIMIT", "8G")],
-    );
-    summary(&o);
+    ));
 }
 
 /// Item 6: a backbone whose config.json differs from the cache's is refused
