@@ -55,6 +55,18 @@ fn sweep_runs_every_setting_and_reports() {
     assert_eq!(finished(&f.root).len(), 6);
     // the table at the end, on stderr, names every method
     let err = common::stderr(&o);
+    // progress over the whole sweep, in epochs, with an ETA
+    assert!(
+        err.contains("sweep: 12/12 epochs (100%), ETA 0m00s"),
+        "{err}"
+    );
+    // each run's log is kept and holds its epochs
+    for s in &summaries {
+        let id = s["run_id"].as_str().unwrap();
+        let log =
+            std::fs::read_to_string(f.root.join("runs/.sweep").join(format!("{id}.log"))).unwrap();
+        assert!(log.contains("epoch 2:"), "{id}: {log}");
+    }
     assert!(err.contains("| method"), "{err}");
     for m in ["sherl", "linear-probe", "unipt"] {
         assert!(err.contains(&format!("| {m}")), "{err}");

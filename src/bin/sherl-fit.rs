@@ -418,6 +418,18 @@ impl sherl::fit::sweep::SweepReporter for SweepLines {
     fn note(&self, message: &str) {
         tracing::info!("{message}");
     }
+    fn progress(&self, done: usize, total: usize, elapsed: std::time::Duration) {
+        let eta = if done == 0 {
+            "ETA unknown until the first epoch ends".to_string()
+        } else {
+            let left = elapsed.as_secs_f64() * (total.saturating_sub(done)) as f64 / done as f64;
+            format!("ETA {}m{:02}s", (left / 60.0) as u64, (left % 60.0) as u64)
+        };
+        tracing::info!(
+            "sweep: {done}/{total} epochs ({:.0}%), {eta}",
+            100.0 * done as f64 / total.max(1) as f64
+        );
+    }
 }
 
 fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {

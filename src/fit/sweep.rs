@@ -285,6 +285,10 @@ pub trait SweepReporter: Sync {
     fn failed(&self, n: usize, total: usize, run: &PlannedRun, why: &str, log: &std::path::Path);
     /// Something worth a line.
     fn note(&self, message: &str);
+    /// Epochs trained so far of all the epochs this sweep has to train, and
+    /// the time since it started (called when a run ends, and every 2 s
+    /// while the count changes).
+    fn progress(&self, epochs_done: usize, epochs_total: usize, elapsed: std::time::Duration);
 }
 
 enum Attempt {
@@ -365,6 +369,7 @@ pub fn run_sweep(
             Err(e) => Attempt::Failed(format!("could not start {}: {e}", plan.exe.display())),
         }
     };
+    let total_epochs: usize = todo.iter().map(|(r, _)| r.config.epochs).sum();
     let queue = Mutex::new(todo.into_iter());
     let busy = Mutex::new(Vec::new());
     let failed = Mutex::new(Vec::new());
@@ -405,31 +410,84 @@ pub fn run_sweep(
             }
         }
     };
+    // Progress in epochs over the whole sweep: runs in flight are counted
+    // by the lines of their metrics.jsonl, finished ones in full.
+    let in_flight: Mutex<Vec<&PlannedRun>> = Mutex::new(Vec::new());
+    let settled_epochs = AtomicUsize::new(0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    let epochs_done = || {
+        let running: usize = in_flight.lock().map_or(0, |runs| {
+            runs.iter()
+                .map(|r| {
+                    let m = plan.out.join(&r.run_id).join("metrics.jsonl");
+                    std::fs::read_to_string(m).map_or(0, |t| t.lines().count().min(r.config.epochs))
+                })
+                .sum()
+        });
+        settled_epochs.load(Ordering::Relaxed) + running
+    };
     std::thread::scope(|scope| {
-        for _ in 0..jobs {
-            scope.spawn(|| loop {
-                let next = queue.lock().ok().and_then(|mut q| q.next());
-                let Some((r, file)) = next else { break };
-                let dir = plan.out.join(&r.run_id);
-                let a = match crate::fsutil::DirLock::is_held(&dir, lock) {
-                    Ok(true) => Attempt::Busy,
-                    Ok(false) => attempt(r, &file),
-                    Err(e) => Attempt::Failed(e.to_string()),
-                };
-                match a {
-                    Attempt::Busy => {
-                        reporter.note(&format!(
+        let workers: Vec<_> = (0..jobs)
+            .map(|_| {
+                scope.spawn(|| loop {
+                    let next = queue.lock().ok().and_then(|mut q| q.next());
+                    let Some((r, file)) = next else { break };
+                    let dir = plan.out.join(&r.run_id);
+                    let a = match crate::fsutil::DirLock::is_held(&dir, lock) {
+                        Ok(true) => Attempt::Busy,
+                        Ok(false) => {
+                            if let Ok(mut f) = in_flight.lock() {
+                                f.push(r);
+                            }
+                            let a = attempt(r, &file);
+                            if let Ok(mut f) = in_flight.lock() {
+                                f.retain(|x| x.run_id != r.run_id);
+                            }
+                            settled_epochs.fetch_add(r.config.epochs, Ordering::Relaxed);
+                            reporter.progress(epochs_done(), total_epochs, started.elapsed());
+                            a
+                        }
+                        Err(e) => Attempt::Failed(e.to_string()),
+                    };
+                    match a {
+                        Attempt::Busy => {
+                            reporter.note(&format!(
                             "run {} {}: another process is training it; waiting for it at the end",
                             r.index, r.run_id
                         ));
-                        if let Ok(mut b) = busy.lock() {
-                            b.push((r, file));
+                            if let Ok(mut b) = busy.lock() {
+                                b.push((r, file));
+                            }
                         }
+                        a => settle(r, a),
                     }
-                    a => settle(r, a),
+                })
+            })
+            .collect();
+        if total_epochs > 0 {
+            scope.spawn(|| {
+                let mut last = usize::MAX;
+                let mut ticks = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    ticks += 1;
+                    if !ticks.is_multiple_of(10) {
+                        continue;
+                    }
+                    let done = epochs_done();
+                    if done != last {
+                        last = done;
+                        reporter.progress(done, total_epochs, started.elapsed());
+                    }
                 }
             });
         }
+        for w in workers {
+            // A worker that panicked has already reported nothing more to do.
+            let _ = w.join();
+        }
+        stop.store(true, Ordering::Relaxed);
     });
     // Runs another process held: wait for it, then take what it left.
     for (r, file) in busy.into_inner().unwrap_or_default() {
