@@ -70,3 +70,43 @@ fn device_hints_are_true() {
         "{err}"
     );
 }
+
+/// `sherl` lists the phases and hands each tool its arguments unchanged
+/// (exit codes included).
+#[test]
+fn sherl_dispatches_to_the_three_tools() {
+    let tmp = std::env::temp_dir();
+    let o = common::run("sherl", &["--help"], &tmp, &[]);
+    let help = common::stdout(&o);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    for phase in [
+        "sherl extract run",
+        "sherl fit run|sweep",
+        "sherl cache inspect",
+    ] {
+        assert!(help.contains(phase), "{help}");
+    }
+    for (tool, bin) in [
+        ("extract", "sherl-extract"),
+        ("fit", "sherl-fit"),
+        ("cache", "sherl-cache"),
+    ] {
+        let via = common::run("sherl", &[tool, "--help"], &tmp, &[]);
+        let direct = common::run(bin, &["--help"], &tmp, &[]);
+        assert!(via.status.success(), "{}", common::stderr(&via));
+        assert_eq!(common::stdout(&via), common::stdout(&direct), "{tool}");
+    }
+    let missing = tmp.join("sherl-no-such-cache");
+    let o = common::run(
+        "sherl",
+        &["cache", "verify", missing.to_str().unwrap()],
+        &tmp,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("sherl-no-such-cache"),
+        "{}",
+        common::stderr(&o)
+    );
+}

@@ -50,6 +50,7 @@ pub fn cpu() -> sherl::runtime::SessionConfig {
 /// Path of a built binary.
 pub fn bin(name: &str) -> PathBuf {
     match name {
+        "sherl" => PathBuf::from(env!("CARGO_BIN_EXE_sherl")),
         "sherl-extract" => PathBuf::from(env!("CARGO_BIN_EXE_sherl-extract")),
         "sherl-fit" => PathBuf::from(env!("CARGO_BIN_EXE_sherl-fit")),
         "sherl-cache" => PathBuf::from(env!("CARGO_BIN_EXE_sherl-cache")),
