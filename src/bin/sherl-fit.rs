@@ -383,7 +383,10 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Sweep progress on stderr, results on stdout (one JSON line per run).
-struct SweepLines;
+/// `last` is the epoch count last shown, so a count is shown once.
+struct SweepLines {
+    last: std::sync::atomic::AtomicUsize,
+}
 
 impl sherl::fit::sweep::SweepReporter for SweepLines {
     fn start(&self, o: &sherl::fit::sweep::SweepOutcome, to_run: usize, jobs: usize) {
@@ -419,6 +422,9 @@ impl sherl::fit::sweep::SweepReporter for SweepLines {
         tracing::info!("{message}");
     }
     fn progress(&self, done: usize, total: usize, elapsed: std::time::Duration) {
+        if self.last.swap(done, std::sync::atomic::Ordering::Relaxed) == done {
+            return;
+        }
         let eta = if done == 0 {
             "ETA unknown until the first epoch ends".to_string()
         } else {
@@ -455,7 +461,13 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let o = sherl::fit::sweep::run_sweep(&plan, &runs, &SweepLines)?;
+    let o = sherl::fit::sweep::run_sweep(
+        &plan,
+        &runs,
+        &SweepLines {
+            last: std::sync::atomic::AtomicUsize::new(usize::MAX),
+        },
+    )?;
     // stdout holds one JSON line per run; the table goes to stderr (and to
     // the files `sherl-fit report` writes).
     match sherl::report::report(&sherl::report::ReportOptions::new(&a.out)) {
