@@ -66,4 +66,4 @@ impl ExtractReporter for ExtractBar {
 }
 
 pub mod runs;
-pub use runs::{report, GroupRow, Report, ReportOptions, Stat};
+pub use runs::{report, setting_text, GroupRow, Report, ReportOptions, Stat};

@@ -225,38 +225,50 @@ fn predict_labels_every_row_and_checks_the_weights() {
     assert!(!f.root.join("pred2.jsonl").exists());
 }
 
+/// `sherl-fit sweep` on the fixture's cache with `grid.json` into `runs`.
+const SWEEP: [&str; 9] = [
+    "sweep",
+    "--cache",
+    "cache",
+    "--backbone",
+    "backbone",
+    "--grid",
+    "grid.json",
+    "--out",
+    "runs",
+];
+
+/// The run ids `sweep --dry-run` plans, in order.
+fn planned_ids(root: &Path) -> Vec<String> {
+    let dry = common::run(
+        "sherl-fit",
+        &[&SWEEP[..], &["--dry-run"]].concat(),
+        root,
+        &[],
+    );
+    assert!(dry.status.success(), "{}", common::stderr(&dry));
+    common::stdout(&dry)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["run_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 /// Item 5: one process per run directory. A held lock refuses `run` with
 /// exit 3 and leaves the directory untouched.
 #[test]
 fn a_locked_run_is_refused_and_left_alone() {
     let f = fit_fixture(40, 35, &[]);
     std::fs::write(f.root.join("grid.json"), r#"{"epochs": 1}"#).unwrap();
-    let dry = common::run(
-        "sherl-fit",
-        &[
-            "sweep",
-            "--cache",
-            "cache",
-            "--backbone",
-            "backbone",
-            "--grid",
-            "grid.json",
-            "--out",
-            "runs",
-            "--dry-run",
-        ],
-        &f.root,
-        &[],
-    );
-    assert!(dry.status.success(), "{}", common::stderr(&dry));
+    let ids = planned_ids(&f.root);
     // item 21: a dry run writes nothing
     assert!(!f.root.join("runs").exists());
-    let id = serde_json::from_str::<serde_json::Value>(common::stdout(&dry).trim()).unwrap()
-        ["run_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dir = f.root.join("runs").join(&id);
+    let id = &ids[0];
+    let dir = f.root.join("runs").join(id);
     std::fs::create_dir_all(&dir).unwrap();
     let before = tree(&dir);
     let lock = sherl::fsutil::DirLock::try_acquire(&dir, ".lock")
@@ -285,32 +297,7 @@ fn a_locked_run_is_refused_and_left_alone() {
 fn a_sweep_waits_for_runs_another_process_holds() {
     let f = fit_fixture(40, 36, &[]);
     std::fs::write(f.root.join("grid.json"), r#"{"seed": [0, 1], "epochs": 2}"#).unwrap();
-    let args = [
-        "sweep",
-        "--cache",
-        "cache",
-        "--backbone",
-        "backbone",
-        "--grid",
-        "grid.json",
-        "--out",
-        "runs",
-    ];
-    let dry = common::run(
-        "sherl-fit",
-        &[&args[..], &["--dry-run"]].concat(),
-        &f.root,
-        &[],
-    );
-    let ids: Vec<String> = common::stdout(&dry)
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["run_id"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let ids = planned_ids(&f.root);
     assert_eq!(ids.len(), 2);
     let held = f.root.join("runs").join(&ids[0]);
     std::fs::create_dir_all(&held).unwrap();
@@ -318,7 +305,7 @@ fn a_sweep_waits_for_runs_another_process_holds() {
         .unwrap()
         .unwrap();
     let child = std::process::Command::new(common::bin("sherl-fit"))
-        .args(args)
+        .args(SWEEP)
         .current_dir(&f.root)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -353,17 +340,7 @@ fn a_killed_sweep_takes_its_runs_with_it() {
     let f = fit_fixture(60, 37, &[]);
     std::fs::write(f.root.join("grid.json"), r#"{"epochs": 100000}"#).unwrap();
     let mut sweep = std::process::Command::new(common::bin("sherl-fit"))
-        .args([
-            "sweep",
-            "--cache",
-            "cache",
-            "--backbone",
-            "backbone",
-            "--grid",
-            "grid.json",
-            "--out",
-            "runs",
-        ])
+        .args(SWEEP)
         .current_dir(&f.root)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

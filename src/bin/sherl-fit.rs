@@ -307,21 +307,11 @@ fn command_with_defaults() -> clap::Command {
     let defaults = defaults.as_object().cloned().unwrap_or_default();
     Args::command().mut_subcommand("run", |mut run| {
         for (key, value) in &defaults {
-            let shown = match value {
-                serde_json::Value::Null => continue,
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Bool(_) => continue,
-                serde_json::Value::Number(n) if n.is_f64() => {
-                    // f32 settings (dropout) widen in JSON: show them as written.
-                    let x = n.as_f64().unwrap_or(f64::NAN);
-                    if f64::from(x as f32) == x {
-                        (x as f32).to_string()
-                    } else {
-                        x.to_string()
-                    }
-                }
-                other => other.to_string(),
-            };
+            // Flags without a default (null) or switches (bool) show none.
+            if value.is_null() || value.is_boolean() {
+                continue;
+            }
+            let shown = sherl::report::setting_text(value);
             if run.get_arguments().any(|a| a.get_id() == key.as_str()) {
                 run = run.mut_arg(key.as_str(), |a| {
                     let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
@@ -383,10 +373,7 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Sweep progress on stderr, results on stdout (one JSON line per run).
-/// `last` is the epoch count last shown, so a count is shown once.
-struct SweepLines {
-    last: std::sync::atomic::AtomicUsize,
-}
+struct SweepLines;
 
 impl sherl::fit::sweep::SweepReporter for SweepLines {
     fn start(&self, o: &sherl::fit::sweep::SweepOutcome, to_run: usize, jobs: usize) {
@@ -422,9 +409,6 @@ impl sherl::fit::sweep::SweepReporter for SweepLines {
         tracing::info!("{message}");
     }
     fn progress(&self, done: usize, total: usize, elapsed: std::time::Duration) {
-        if self.last.swap(done, std::sync::atomic::Ordering::Relaxed) == done {
-            return;
-        }
         let eta = if done == 0 {
             "ETA unknown until the first epoch ends".to_string()
         } else {
@@ -461,13 +445,7 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let o = sherl::fit::sweep::run_sweep(
-        &plan,
-        &runs,
-        &SweepLines {
-            last: std::sync::atomic::AtomicUsize::new(usize::MAX),
-        },
-    )?;
+    let o = sherl::fit::sweep::run_sweep(&plan, &runs, &SweepLines)?;
     // stdout holds one JSON line per run; the table goes to stderr (and to
     // the files `sherl-fit report` writes).
     match sherl::report::report(&sherl::report::ReportOptions::new(&a.out)) {

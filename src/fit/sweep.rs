@@ -269,8 +269,6 @@ pub struct SweepOutcome {
     pub done_before: usize,
     /// Stopped with an error before and skipped (no `--retry-failed`).
     pub failed_before: usize,
-    /// Trained by this sweep.
-    pub trained: usize,
     /// Run ids that failed in this sweep.
     pub failed: Vec<String>,
 }
@@ -286,8 +284,8 @@ pub trait SweepReporter: Sync {
     /// Something worth a line.
     fn note(&self, message: &str);
     /// Epochs trained so far of all the epochs this sweep has to train, and
-    /// the time since it started (called when a run ends, and every 2 s
-    /// while the count changes).
+    /// the time since it started (when a run ends and every 2 s, each
+    /// count once).
     fn progress(&self, epochs_done: usize, epochs_total: usize, elapsed: std::time::Duration);
 }
 
@@ -374,40 +372,18 @@ pub fn run_sweep(
     let busy = Mutex::new(Vec::new());
     let failed = Mutex::new(Vec::new());
     let finished = AtomicUsize::new(outcome.done_before);
-    let trained = AtomicUsize::new(0);
     let total = runs.len();
-    let settle = |r: &PlannedRun, a: Attempt| match a {
-        Attempt::Busy => {
-            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
-            let why = "another process still holds its lock";
-            reporter.failed(
-                n,
-                total,
-                r,
-                why,
-                &settings_dir.join(format!("{}.log", r.run_id)),
-            );
-            if let Ok(mut f) = failed.lock() {
-                f.push(r.run_id.clone());
-            }
-        }
-        Attempt::Done(line) => {
-            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
-            trained.fetch_add(1, Ordering::Relaxed);
-            reporter.finished(n, total, r, &line);
-        }
-        Attempt::Failed(why) => {
-            let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
-            reporter.failed(
-                n,
-                total,
-                r,
-                &why,
-                &settings_dir.join(format!("{}.log", r.run_id)),
-            );
-            if let Ok(mut f) = failed.lock() {
-                f.push(r.run_id.clone());
-            }
+    let settle = |r: &PlannedRun, a: Attempt| {
+        let n = finished.fetch_add(1, Ordering::Relaxed) + 1;
+        let why = match a {
+            Attempt::Done(line) => return reporter.finished(n, total, r, &line),
+            Attempt::Busy => "another process still holds its lock".to_string(),
+            Attempt::Failed(why) => why,
+        };
+        let log = settings_dir.join(format!("{}.log", r.run_id));
+        reporter.failed(n, total, r, &why, &log);
+        if let Ok(mut f) = failed.lock() {
+            f.push(r.run_id.clone());
         }
     };
     // Progress in epochs over the whole sweep: runs in flight are counted
@@ -416,6 +392,13 @@ pub fn run_sweep(
     let settled_epochs = AtomicUsize::new(0);
     let stop = std::sync::atomic::AtomicBool::new(false);
     let started = std::time::Instant::now();
+    // Called when a run ends and by the ticker: each count is reported once.
+    let last_shown = AtomicUsize::new(usize::MAX);
+    let show_progress = |done: usize| {
+        if last_shown.swap(done, Ordering::Relaxed) != done {
+            reporter.progress(done, total_epochs, started.elapsed());
+        }
+    };
     let epochs_done = || {
         let running: usize = in_flight.lock().map_or(0, |runs| {
             runs.iter()
@@ -445,7 +428,7 @@ pub fn run_sweep(
                                 f.retain(|x| x.run_id != r.run_id);
                             }
                             settled_epochs.fetch_add(r.config.epochs, Ordering::Relaxed);
-                            reporter.progress(epochs_done(), total_epochs, started.elapsed());
+                            show_progress(epochs_done());
                             a
                         }
                         Err(e) => Attempt::Failed(e.to_string()),
@@ -467,18 +450,12 @@ pub fn run_sweep(
             .collect();
         if total_epochs > 0 {
             scope.spawn(|| {
-                let mut last = usize::MAX;
                 let mut ticks = 0u32;
                 while !stop.load(Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(200));
                     ticks += 1;
-                    if !ticks.is_multiple_of(10) {
-                        continue;
-                    }
-                    let done = epochs_done();
-                    if done != last {
-                        last = done;
-                        reporter.progress(done, total_epochs, started.elapsed());
+                    if ticks.is_multiple_of(10) {
+                        show_progress(epochs_done());
                     }
                 }
             });
@@ -505,7 +482,6 @@ pub fn run_sweep(
             settle(r, attempt(r, &file));
         }
     }
-    outcome.trained = trained.into_inner();
     outcome.failed = failed.into_inner().unwrap_or_default();
     Ok(outcome)
 }

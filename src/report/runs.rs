@@ -455,12 +455,11 @@ fn canonical(v: &Value) -> String {
 /// wrote them, the rest as JSON. A single-precision setting (dropout) is
 /// stored widened to f64 in `config.json` (0.1 becomes
 /// 0.10000000149011612); it is shown as the shortest decimal that gives the
-/// same f32 back.
-fn show_value(v: Option<&Value>) -> String {
+/// same f32 back. Also used for the defaults in `sherl-fit run --help`.
+pub fn setting_text(v: &Value) -> String {
     match v {
-        None => "-".to_string(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) if n.is_f64() => {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_f64() => {
             let x = n.as_f64().unwrap_or(f64::NAN);
             let narrow = x as f32;
             if f64::from(narrow) == x && narrow.to_string().len() < x.to_string().len() {
@@ -469,8 +468,13 @@ fn show_value(v: Option<&Value>) -> String {
                 x.to_string()
             }
         }
-        Some(other) => canonical(other),
+        other => canonical(other),
     }
+}
+
+/// [`setting_text`], or `-` for a setting a run does not have.
+fn show_value(v: Option<&Value>) -> String {
+    v.map_or_else(|| "-".to_string(), setting_text)
 }
 
 fn short_hash(h: &str) -> &str {
