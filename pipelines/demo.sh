@@ -65,6 +65,7 @@ PY
 )
 if [ -n "$BEST" ]; then
     echo "best SHERL run (valid accuracy): $BEST"
-    echo "label your own texts with it (a CSV with a 'text' column):"
-    echo "  $BIN/sherl-fit predict --run $BEST --backbone $BACKBONE --data YOUR.csv --no-labels --out predictions.jsonl"
+    echo "label your own texts with it (one per line; a CSV/TSV/JSONL with a 'text' column works too):"
+    echo "  echo 'A warm, funny and clever film.' | $BIN/sherl-fit predict --run $BEST --backbone $BACKBONE --data -"
+    echo "  $BIN/sherl-fit predict --run $BEST --backbone $BACKBONE --data YOUR.txt --out predictions.jsonl"
 fi

@@ -110,3 +110,45 @@ fn sherl_dispatches_to_the_three_tools() {
         common::stderr(&o)
     );
 }
+
+/// `sherl-fit predict --help` lists the reading flags predict uses and none
+/// of extraction's split or label-set flags (the run decides those).
+#[test]
+fn predict_help_lists_only_what_predict_uses() {
+    let o = common::run(
+        "sherl-fit",
+        &["predict", "--help"],
+        std::env::temp_dir().as_path(),
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let help = common::stdout(&o);
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .map(|l| l.split([' ', '<']).next().unwrap())
+        .collect();
+    for wanted in [
+        "data",
+        "text-column",
+        "text-pair-column",
+        "label-column",
+        "no-labels",
+        "format",
+        "text-chars",
+    ] {
+        assert!(flags.contains(&wanted), "--{wanted} missing: {flags:?}");
+    }
+    for unwanted in [
+        "train",
+        "valid",
+        "test",
+        "split",
+        "split-seed",
+        "group-column",
+        "labels",
+    ] {
+        assert!(!flags.contains(&unwanted), "--{unwanted} listed: {flags:?}");
+    }
+    assert!(help.contains("[default: the column the run's cache was extracted from]"));
+}

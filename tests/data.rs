@@ -192,11 +192,64 @@ fn tsv_and_jsonl_read_like_csv() {
 #[test]
 fn explicit_format_overrides_the_extension() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write(dir.path(), "data.txt", TSV.as_bytes());
+    let path = write(dir.path(), "data.dat", TSV.as_bytes());
     assert!(matches!(load(&plan(&path)), Err(Error::Config(_))));
     let mut p = quoted_plan(&path);
     p.read.format = Format::Tsv;
     assert_eq!(texts(&load(&p).unwrap()), EXPECTED);
+}
+
+/// `.txt` is plain text, one example per line: blank lines skipped, ids
+/// keeping the line numbers; it has no labels, ids or pairs to offer.
+#[test]
+fn plain_text_is_one_example_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(
+        dir.path(),
+        "notes.txt",
+        b"first text\r\n\n  second, with \"quotes\"\n",
+    );
+    let message = dataset_error(load(&plan(&path)));
+    assert!(message.contains("--no-labels"), "{message}");
+    let mut p = plan(&path);
+    p.read.label_column = None;
+    let ds = load(&p).unwrap();
+    assert_eq!(texts(&ds), ["first text", "second, with \"quotes\""]);
+    let ids: Vec<_> = ds.examples.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, ["notes:1", "notes:3"]);
+    assert!(ds.label_names.is_empty());
+    p.read.label_optional = true;
+    p.read.label_column = Some(Column::Name("label".into()));
+    assert_eq!(texts(&load(&p).unwrap()).len(), 2);
+    p.read.id_column = Some(Column::Name("id".into()));
+    assert!(dataset_error(load(&p)).contains("no id column"));
+}
+
+/// An optional label column (predict) that a file lacks reads it
+/// unlabelled, in every format with columns; one that is there is used.
+#[test]
+fn an_optional_label_column_may_be_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, body) in [
+        ("a.csv", "text\nx\n"),
+        ("a.tsv", "text\nx\n"),
+        ("a.jsonl", "{\"text\": \"x\"}\n"),
+    ] {
+        let path = write(dir.path(), name, body.as_bytes());
+        let mut p = plan(&path);
+        assert!(
+            load(&p).is_err(),
+            "{name}: a required label column is missing"
+        );
+        p.read.label_optional = true;
+        let ds = load(&p).unwrap();
+        assert_eq!(texts(&ds), ["x"], "{name}");
+        assert_eq!(ds.examples[0].label, None, "{name}");
+    }
+    let path = write(dir.path(), "b.csv", b"text,label\nx,pos\n");
+    let mut p = plan(&path);
+    p.read.label_optional = true;
+    assert_eq!(load(&p).unwrap().label_names, ["pos"]);
 }
 
 #[test]

@@ -10,6 +10,7 @@ mod fit;
 mod fuzz;
 mod golden;
 mod hardening;
+mod predict;
 mod report;
 mod runtime;
 mod sweep;

@@ -92,10 +92,14 @@ struct PredictArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     #[command(flatten)]
-    data: sherl::data::DatasetArgs,
+    data: sherl::data::args::PredictDataArgs,
     /// Write predictions (JSONL) here instead of stdout; the summary line then goes to stdout.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Repeat the first N characters of each text in its output line (… marks
+    /// a cut); 0 leaves the text out.
+    #[arg(long, value_name = "N", default_value_t = 80)]
+    text_chars: usize,
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -358,7 +362,8 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| a.backbone.join("model.onnx")),
         backbone: a.backbone.clone(),
-        dataset: a.data.to_plan()?,
+        data: a.data.clone(),
+        text_chars: a.text_chars,
         out: a.out.clone(),
         session: a.runtime.session_config(),
         batch_size: a.batch_size,

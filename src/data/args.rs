@@ -1,5 +1,6 @@
-//! The dataset flags shared by the binaries ([`DatasetArgs`], flattened into
-//! each binary's clap parser) and their validation into a [`DatasetPlan`].
+//! The dataset flags shared by the binaries ([`DatasetArgs`] for building a
+//! cache, [`PredictDataArgs`] for labelling new texts, both flattening the
+//! reading flags of [`ReadArgs`]) and their validation into a [`DatasetPlan`].
 //! Combinations clap cannot express are checked in [`DatasetArgs::to_plan`],
 //! so every mistake gets one clear [`Error::Config`] message.
 
@@ -13,8 +14,9 @@ use crate::{Error, Result};
 /// Where the labelled dataset is and how to read it.
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct DatasetArgs {
-    /// One dataset file (CSV, TSV or JSON Lines, optionally .gz/.bz2/.zst) or a
-    /// folder with one sub-folder per class; cut into splits with --split.
+    /// One dataset file (CSV, TSV, JSON Lines or .txt, optionally
+    /// .gz/.bz2/.zst) or a folder with one sub-folder per class; cut into
+    /// splits with --split.
     #[arg(long, value_name = "FILE")]
     pub data: Option<PathBuf>,
 
@@ -29,23 +31,6 @@ pub struct DatasetArgs {
     /// Test split file (needs --train).
     #[arg(long, value_name = "FILE")]
     pub test: Option<PathBuf>,
-
-    /// File format: auto picks it from the extension (after .gz/.bz2/.zst), and
-    /// a directory is read as folders.
-    #[arg(
-        long,
-        value_name = "auto|csv|tsv|jsonl|folders",
-        default_value = "auto"
-    )]
-    pub format: Format,
-
-    /// CSV/TSV files have no header row: give columns as 0-based indices.
-    #[arg(long)]
-    pub no_header: bool,
-
-    /// Character encoding of the files (a UTF-8 byte-order mark is dropped).
-    #[arg(long, value_name = "utf8|latin1", default_value = "utf8")]
-    pub encoding: Encoding,
 
     /// Column (header name, JSON key, or 0-based index) holding the text.
     #[arg(long, value_name = "COL", default_value = "text")]
@@ -86,6 +71,141 @@ pub struct DatasetArgs {
     #[arg(long, value_name = "COL")]
     pub group_column: Option<Column>,
 
+    /// How the file is read.
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// The texts `sherl-fit predict` labels: one file or standard input, read
+/// with the columns the run was trained on unless told otherwise. Only
+/// reading flags: nothing about splits or the label set, which come from
+/// the run.
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct PredictDataArgs {
+    /// Texts to label: a CSV, TSV or JSON Lines file (optionally
+    /// .gz/.bz2/.zst), a plain text file (.txt, one example per line), or `-`
+    /// for standard input (one example per line unless --format says otherwise).
+    #[arg(long, value_name = "FILE|-")]
+    pub data: PathBuf,
+
+    /// Column (header name, JSON key, or 0-based index) holding the text
+    /// [default: the column the run's cache was extracted from].
+    #[arg(long, value_name = "COL")]
+    pub text_column: Option<Column>,
+
+    /// Column holding the second text of a sentence-pair task [default: the
+    /// run's, when it was trained on pairs].
+    #[arg(long, value_name = "COL")]
+    pub text_pair_column: Option<Column>,
+
+    /// Column holding true labels, to report accuracy [default: the run's
+    /// label column, used when the file has it].
+    #[arg(long, value_name = "COL")]
+    pub label_column: Option<Column>,
+
+    /// Ignore any label column.
+    #[arg(long, conflicts_with = "label_column")]
+    pub no_labels: bool,
+
+    /// Column holding example ids (default: file stem and line, e.g.
+    /// reviews:12, or stdin:3).
+    #[arg(long, value_name = "COL")]
+    pub id_column: Option<Column>,
+
+    /// How the file is read.
+    #[command(flatten)]
+    pub read: ReadArgs,
+}
+
+/// The columns a run was trained on (from its cache's manifest): the
+/// defaults of [`PredictDataArgs`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainedColumns {
+    /// The text column.
+    pub text: Column,
+    /// The second text of a pair task.
+    pub text_pair: Option<Column>,
+    /// The label column.
+    pub label: Option<Column>,
+    /// Whether the training files had a header row (columns given by index
+    /// otherwise).
+    pub has_header: bool,
+}
+
+impl Default for TrainedColumns {
+    /// [`ReadOptions`]' defaults: `text`, `label`, a header row.
+    fn default() -> Self {
+        let read = ReadOptions::default();
+        TrainedColumns {
+            text: read.text_column,
+            text_pair: read.text_pair_column,
+            label: read.label_column,
+            has_header: read.has_header,
+        }
+    }
+}
+
+impl PredictDataArgs {
+    /// The plan for [`super::load`]: flags first, then the run's columns.
+    /// A label column taken from the run is optional (a file without it is
+    /// read unlabelled); one given with --label-column must be there. Files
+    /// are read without a header only with --no-header, or when the run's
+    /// columns (taken here) were indices into a file without one.
+    pub fn to_plan(&self, trained: &TrainedColumns) -> DatasetPlan {
+        let (label_column, label_optional) = match (&self.label_column, self.no_labels) {
+            (_, true) => (None, false),
+            (Some(col), false) => (Some(col.clone()), false),
+            (None, false) => (trained.label.clone(), true),
+        };
+        let mut read = ReadOptions {
+            text_column: self
+                .text_column
+                .clone()
+                .unwrap_or_else(|| trained.text.clone()),
+            text_pair_column: self
+                .text_pair_column
+                .clone()
+                .or_else(|| trained.text_pair.clone()),
+            label_column,
+            label_optional,
+            id_column: self.id_column.clone(),
+            ..self.read.options()
+        };
+        if self.text_column.is_none() && !trained.has_header {
+            read.has_header = false;
+        }
+        DatasetPlan {
+            source: SplitSource::Single {
+                path: self.data.clone(),
+                split: None,
+            },
+            read,
+            labels: None,
+        }
+    }
+}
+
+/// How each dataset file is read: the flags shared by every command that
+/// reads data (flattened into [`DatasetArgs`] and [`PredictDataArgs`]).
+#[derive(clap::Args, Debug, Clone, PartialEq)]
+pub struct ReadArgs {
+    /// File format: auto picks it from the extension (after .gz/.bz2/.zst; .txt
+    /// is plain text, one example per line), a directory is read as folders.
+    #[arg(
+        long,
+        value_name = "auto|csv|tsv|jsonl|text|folders",
+        default_value = "auto"
+    )]
+    pub format: Format,
+
+    /// CSV/TSV files have no header row: give columns as 0-based indices.
+    #[arg(long)]
+    pub no_header: bool,
+
+    /// Character encoding of the files (a UTF-8 byte-order mark is dropped).
+    #[arg(long, value_name = "utf8|latin1", default_value = "utf8")]
+    pub encoding: Encoding,
+
     /// Skip and count malformed rows instead of stopping at the first one (a
     /// row broken by a stray quote costs its own line only).
     #[arg(long)]
@@ -111,6 +231,26 @@ pub struct DatasetArgs {
     /// first line through quoted line breaks (suffix K/M/G for KiB/MiB/GiB).
     #[arg(long, value_name = "SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_quoted_bytes: usize,
+}
+
+impl ReadArgs {
+    /// These reading choices, with the default columns (text `text`, label
+    /// `label`, nothing else) for the caller to replace.
+    fn options(&self) -> ReadOptions {
+        ReadOptions {
+            format: self.format,
+            has_header: !self.no_header,
+            encoding: self.encoding,
+            skip_bad_rows: self.skip_bad_rows,
+            tsv_quotes: self.tsv_quotes,
+            limits: ReadLimits {
+                max_line_bytes: self.max_line_bytes,
+                max_quoted_lines: self.max_quoted_lines,
+                max_quoted_bytes: self.max_quoted_bytes,
+            },
+            ..ReadOptions::default()
+        }
+    }
 }
 
 /// A byte count: digits, optionally followed by `K`/`KiB`, `M`/`MiB` or
@@ -195,6 +335,17 @@ impl DatasetArgs {
                 ))
             }
         };
+        if let Some(p) = [&self.data, &self.train, &self.valid, &self.test]
+            .into_iter()
+            .flatten()
+            .find(|p| super::is_stdin(p))
+        {
+            return Err(Error::Config(format!(
+                "{}: a cache cannot be built from standard input: it records each dataset \
+                 file's sha256 to tell when the data changed; save the data to a file first",
+                p.display()
+            )));
+        }
         if self.group_column.is_some() && self.split.is_none() {
             return Err(config(
                 "--group-column only applies with --split (it keeps groups within one split)",
@@ -231,21 +382,12 @@ impl DatasetArgs {
         Ok(DatasetPlan {
             source,
             read: ReadOptions {
-                format: self.format,
-                has_header: !self.no_header,
-                encoding: self.encoding,
                 text_column: self.text_column.clone(),
                 text_pair_column: self.text_pair_column.clone(),
                 label_column,
                 id_column: self.id_column.clone(),
                 group_column: self.group_column.clone(),
-                skip_bad_rows: self.skip_bad_rows,
-                tsv_quotes: self.tsv_quotes,
-                limits: ReadLimits {
-                    max_line_bytes: self.max_line_bytes,
-                    max_quoted_lines: self.max_quoted_lines,
-                    max_quoted_bytes: self.max_quoted_bytes,
-                },
+                ..self.read.options()
             },
             labels,
         })
@@ -374,6 +516,8 @@ mod tests {
             ("--data a --max-line-bytes 1T", "not a size"),
             ("--data a --max-quoted-bytes x", "not a size"),
             ("--data a --max-quoted-lines -1", "-1"),
+            ("--data -", "standard input"),
+            ("--train a --test -", "standard input"),
         ] {
             let message = config_message(args);
             assert!(message.contains(needle), "{args}: {message}");

@@ -26,6 +26,7 @@
 //! header or (without one) by index. Fields are bytes until the wanted ones
 //! are decoded in the chosen encoding.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::path::Path;
 
@@ -79,10 +80,16 @@ impl Layout {
         };
         let opt =
             |role: &str, col: &Option<Column>| col.as_ref().map(|c| find(role, c)).transpose();
+        let text = find("text", &opts.text_column)?;
+        let text_pair = opt("text pair", &opts.text_pair_column)?;
+        let label = match &opts.label_column {
+            Some(col) if opts.label_optional => find("label", col).ok(),
+            col => opt("label", col)?,
+        };
         Ok(Layout {
-            text: find("text", &opts.text_column)?,
-            text_pair: opt("text pair", &opts.text_pair_column)?,
-            label: opt("label", &opts.label_column)?,
+            text,
+            text_pair,
+            label,
             id: opt("id", &opts.id_column)?,
             group: opt("group", &opts.group_column)?,
         })
@@ -106,8 +113,14 @@ pub(super) fn read(
     need_group: bool,
     bad: &mut BadRows,
 ) -> Result<FileRows> {
+    let mut opts = Cow::Borrowed(opts);
+    if !opts.has_header && opts.label_optional && matches!(opts.label_column, Some(Column::Name(_)))
+    {
+        // An optional label named without a header to find it in: none.
+        opts.to_mut().label_column = None;
+    }
     if !opts.has_header {
-        if let Some((role, col)) = wanted(opts)
+        if let Some((role, col)) = wanted(&opts)
             .into_iter()
             .find(|(_, c)| matches!(c, Column::Name(_)))
         {
@@ -142,14 +155,18 @@ pub(super) fn read(
         let layout = match &layout {
             Some(layout) => layout,
             None if opts.has_header => {
-                let names = header_names(path, line, &record.fields, opts)?;
+                let names = header_names(path, line, &record.fields, &opts)?;
                 splitter.width = Some(names.len());
-                layout = Some(Layout::new(path, opts, Some(&names), names.len())?);
+                let found = Layout::new(path, &opts, Some(&names), names.len())?;
+                without_optional_label(path, &mut opts, &found);
+                layout = Some(found);
                 continue;
             }
             None => {
                 splitter.width = Some(record.fields.len());
-                layout.insert(Layout::new(path, opts, None, record.fields.len())?)
+                let found = Layout::new(path, &opts, None, record.fields.len())?;
+                without_optional_label(path, &mut opts, &found);
+                layout.insert(found)
             }
         };
         out.rows_read += 1;
@@ -161,8 +178,8 @@ pub(super) fn read(
             out.literal_quote_rows += 1;
             first_literal_quote.get_or_insert(line);
         }
-        match cells_from_record(&record.fields, layout, opts)
-            .and_then(|cells| build_row(cells, line, &stem, opts, need_group))
+        match cells_from_record(&record.fields, layout, &opts)
+            .and_then(|cells| build_row(cells, line, &stem, &opts, need_group))
         {
             Ok(row) => out.rows.push(row),
             Err(message) => bad.row(path, line, message)?,
@@ -191,6 +208,19 @@ pub(super) fn read(
         );
     }
     Ok(out)
+}
+
+/// An optional label column the file does not have: read it unlabelled.
+fn without_optional_label(path: &Path, opts: &mut Cow<'_, ReadOptions>, layout: &Layout) {
+    if layout.label.is_none() {
+        if let Some(col) = &opts.label_column {
+            tracing::info!(
+                "{}: no label column {col}; reading it unlabelled",
+                path.display()
+            );
+            opts.to_mut().label_column = None;
+        }
+    }
 }
 
 /// One row's fields (the `\r` of a CRLF ending dropped) and its lines.

@@ -46,8 +46,12 @@ pub(super) fn split_compression(path: &Path) -> (String, Compression) {
     (name, Compression::None)
 }
 
-/// The file stem used in generated ids: `train` for `data/train.csv.gz`.
+/// The file stem used in generated ids: `train` for `data/train.csv.gz`,
+/// `stdin` for standard input.
 pub(super) fn file_stem(path: &Path) -> String {
+    if super::is_stdin(path) {
+        return "stdin".to_owned();
+    }
     let (base, _) = split_compression(path);
     Path::new(&base)
         .file_stem()
@@ -56,8 +60,16 @@ pub(super) fn file_stem(path: &Path) -> String {
 }
 
 /// Open `path` for streaming, decompressing by extension; in UTF-8 mode a
-/// leading byte-order mark is consumed.
+/// leading byte-order mark is consumed. [`super::STDIN`] reads standard
+/// input (never decompressed).
 pub(super) fn open(path: &Path, encoding: Encoding) -> Result<Box<dyn BufRead>> {
+    if super::is_stdin(path) {
+        let stdin: Box<dyn BufRead> = Box::new(BufReader::new(io::stdin()));
+        return match encoding {
+            Encoding::Utf8 => skip_bom(stdin).map_err(|e| Error::io(path, e)),
+            Encoding::Latin1 => Ok(stdin),
+        };
+    }
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let raw = BufReader::new(file);
     let reader: Box<dyn BufRead> = match split_compression(path).1 {

@@ -4,6 +4,7 @@
 //! Lines are read through [`LineReader`], so one may not be longer than
 //! [`ReadLimits::max_line_bytes`](super::ReadLimits::max_line_bytes).
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use serde_json::{Map, Value};
@@ -20,10 +21,11 @@ pub(super) fn read(
     need_group: bool,
     bad: &mut BadRows,
 ) -> Result<FileRows> {
+    let mut opts = Cow::Borrowed(opts);
     let mut keys = Vec::new();
-    for (role, col) in wanted(opts) {
+    for (role, col) in wanted(&opts) {
         match col {
-            Column::Name(name) => keys.push((role, name.as_str())),
+            Column::Name(name) => keys.push((role, name.clone())),
             Column::Index(i) => {
                 return Err(Error::Config(format!(
                     "the {role} column is given by index ({i}), but JSON Lines rows are \
@@ -73,11 +75,23 @@ pub(super) fn read(
             }
         };
         if !keys_checked {
+            if opts.label_optional {
+                if let Some(Column::Name(key)) = &opts.label_column {
+                    if !object.contains_key(key) {
+                        tracing::info!(
+                            "{}: no label key `{key}` in the first object; reading it unlabelled",
+                            path.display()
+                        );
+                        keys.retain(|(role, _)| *role != "label");
+                        opts.to_mut().label_column = None;
+                    }
+                }
+            }
             check_keys(path, line, &object, &keys)?;
             keys_checked = true;
         }
-        match cells_from_object(&object, opts)
-            .and_then(|cells| build_row(cells, line, &stem, opts, need_group))
+        match cells_from_object(&object, &opts)
+            .and_then(|cells| build_row(cells, line, &stem, &opts, need_group))
         {
             Ok(row) => out.rows.push(row),
             Err(message) => bad.row(path, line, message)?,
@@ -92,9 +106,12 @@ fn check_keys(
     path: &Path,
     line: u64,
     object: &Map<String, Value>,
-    keys: &[(&str, &str)],
+    keys: &[(&str, String)],
 ) -> Result<()> {
-    match keys.iter().find(|(_, key)| !object.contains_key(*key)) {
+    match keys
+        .iter()
+        .find(|(_, key)| !object.contains_key(key.as_str()))
+    {
         None => Ok(()),
         Some((role, key)) => {
             let available: Vec<&str> = object.keys().map(String::as_str).collect();

@@ -1,5 +1,6 @@
 //! Labelled text datasets: this module owns reading a user's dataset (CSV,
-//! TSV or JSON Lines, plain or `.gz`/`.bz2`/`.zst`, or one folder per class)
+//! TSV, JSON Lines or plain text with one example per line, plain or
+//! `.gz`/`.bz2`/`.zst`, from a file or standard input, or one folder per class)
 //! into memory as [`Example`]s that carry a class id and a split name. It
 //! also owns the label map (sorted, or the user's `--labels` list) and the
 //! seeded, group-aware train/valid/test split, so that every later stage sees
@@ -40,6 +41,7 @@ mod jsonl;
 mod loader;
 mod rows;
 mod split;
+mod text;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -56,8 +58,9 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Format {
     /// Pick by extension after stripping `.gz`/`.bz2`/`.zst`: `.csv` is CSV,
-    /// `.tsv`/`.tab` TSV, `.jsonl`/`.ndjson`/`.json` JSON Lines; a directory
-    /// is [`Format::Folders`].
+    /// `.tsv`/`.tab` TSV, `.jsonl`/`.ndjson`/`.json` JSON Lines, `.txt`
+    /// plain text; a directory is [`Format::Folders`] and standard input
+    /// ([`STDIN`]) plain text.
     #[default]
     Auto,
     /// Comma-separated values (RFC 4180 quoting).
@@ -71,6 +74,18 @@ pub enum Format {
     /// (its trimmed content). Column options do not apply, except that no
     /// label column gives unlabelled examples.
     Folders,
+    /// Plain text: every line that is not blank is one unlabelled example
+    /// (trimmed), with the id `<file stem>:<line>`. Column options do not
+    /// apply; a label column must be optional ([`ReadOptions::label_optional`]).
+    Text,
+}
+
+/// The path that stands for standard input (`--data -`).
+pub const STDIN: &str = "-";
+
+/// Whether `path` is [`STDIN`].
+pub fn is_stdin(path: &Path) -> bool {
+    path.as_os_str() == STDIN
 }
 
 impl Format {
@@ -79,6 +94,9 @@ impl Format {
     pub fn resolve(self, path: &Path) -> Result<Format> {
         if self != Format::Auto {
             return Ok(self);
+        }
+        if is_stdin(path) {
+            return Ok(Format::Text);
         }
         if path.is_dir() {
             return Ok(Format::Folders);
@@ -91,10 +109,11 @@ impl Format {
             Some("csv") => Ok(Format::Csv),
             Some("tsv" | "tab") => Ok(Format::Tsv),
             Some("jsonl" | "ndjson" | "json") => Ok(Format::Jsonl),
+            Some("txt") => Ok(Format::Text),
             _ => Err(Error::Config(format!(
                 "{}: cannot tell the format from the file name \
-                 (expected .csv, .tsv, .tab, .jsonl, .ndjson or .json, optionally \
-                 followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|folders",
+                 (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
+                 followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
                 path.display()
             ))),
         }
@@ -111,8 +130,9 @@ impl FromStr for Format {
             "tsv" | "tab" => Ok(Format::Tsv),
             "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
             "folders" | "folder" | "dir" => Ok(Format::Folders),
+            "text" | "txt" | "lines" => Ok(Format::Text),
             _ => Err(Error::Config(format!(
-                "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl or folders"
+                "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
             ))),
         }
     }
@@ -126,6 +146,7 @@ impl fmt::Display for Format {
             Format::Tsv => "tsv",
             Format::Jsonl => "jsonl",
             Format::Folders => "folders",
+            Format::Text => "text",
         })
     }
 }
@@ -193,6 +214,20 @@ impl FromStr for Column {
     }
 }
 
+impl Column {
+    /// The inverse of [`Column`]'s `Display` (`` `name` `` or `#i`), as
+    /// cache manifests record columns; `None` for any other text.
+    pub fn from_display(s: &str) -> Option<Column> {
+        if let Some(name) = s.strip_prefix('`').and_then(|r| r.strip_suffix('`')) {
+            return (!name.is_empty()).then(|| Column::Name(name.to_owned()));
+        }
+        s.strip_prefix('#')
+            .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|d| d.parse().ok())
+            .map(Column::Index)
+    }
+}
+
 impl fmt::Display for Column {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -218,6 +253,9 @@ pub struct ReadOptions {
     pub text_pair_column: Option<Column>,
     /// Column holding the label (default `label`); `None` for unlabelled data.
     pub label_column: Option<Column>,
+    /// A file without [`ReadOptions::label_column`] is read as unlabelled
+    /// instead of being an error (`predict`: true labels are optional).
+    pub label_optional: bool,
     /// Column holding example ids; without one an id is `<file stem>:<line>`.
     pub id_column: Option<Column>,
     /// Column holding a group key (e.g. the movie a review is about); a
@@ -274,6 +312,7 @@ impl Default for ReadOptions {
             text_column: Column::Name("text".to_owned()),
             text_pair_column: None,
             label_column: Some(Column::Name("label".to_owned())),
+            label_optional: false,
             id_column: None,
             group_column: None,
             skip_bad_rows: false,
@@ -398,12 +437,27 @@ mod tests {
     }
 
     #[test]
+    fn column_display_round_trips() {
+        for c in [
+            Column::Name("text".into()),
+            Column::Name("a b".into()),
+            Column::Index(7),
+        ] {
+            assert_eq!(Column::from_display(&c.to_string()), Some(c));
+        }
+        for bad in ["text", "``", "#", "#x", "`x"] {
+            assert_eq!(Column::from_display(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn format_and_encoding_from_str() {
         assert_eq!("CSV".parse::<Format>().unwrap(), Format::Csv);
         assert_eq!("tsv".parse::<Format>().unwrap(), Format::Tsv);
         assert_eq!("jsonl".parse::<Format>().unwrap(), Format::Jsonl);
         assert_eq!("folders".parse::<Format>().unwrap(), Format::Folders);
         assert_eq!("auto".parse::<Format>().unwrap(), Format::Auto);
+        assert_eq!("text".parse::<Format>().unwrap(), Format::Text);
         assert!("xml".parse::<Format>().is_err());
         assert_eq!("utf-8".parse::<Encoding>().unwrap(), Encoding::Utf8);
         assert_eq!("latin1".parse::<Encoding>().unwrap(), Encoding::Latin1);
@@ -420,7 +474,9 @@ mod tests {
         assert_eq!(auto("train.jsonl.zst").unwrap(), Format::Jsonl);
         assert_eq!(auto("train.ndjson").unwrap(), Format::Jsonl);
         assert_eq!(auto("train.json").unwrap(), Format::Jsonl);
-        assert!(auto("train.txt").is_err());
+        assert_eq!(auto("notes.txt.gz").unwrap(), Format::Text);
+        assert_eq!(auto(STDIN).unwrap(), Format::Text);
+        assert!(auto("train.dat").is_err());
         assert!(auto("train.gz").is_err());
         assert_eq!(
             Format::Csv.resolve(Path::new("x.txt")).unwrap(),

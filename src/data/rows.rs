@@ -2,12 +2,12 @@
 //! the per-row checks that turn raw cells into one ([`build_row`]: missing
 //! text or label, empty id or group), [`BadRows`] (fail on a malformed row,
 //! or skip and count it), and [`read_rows`], which picks the reader for a
-//! file's format: `delimited` (CSV/TSV), `jsonl` or `folders`. Label ids,
+//! file's format: `delimited` (CSV/TSV), `jsonl`, `text` or `folders`. Label ids,
 //! id uniqueness and splits are decided later, in `load`.
 
 use std::path::Path;
 
-use super::{delimited, folders, jsonl};
+use super::{delimited, folders, jsonl, text};
 use super::{Column, Format, ReadOptions};
 use crate::{Error, Result};
 
@@ -113,6 +113,7 @@ pub(super) fn read_rows(
         Format::Csv => delimited::read(path, b',', true, opts, need_group, bad),
         Format::Tsv => delimited::read(path, b'\t', opts.tsv_quotes, opts, need_group, bad),
         Format::Jsonl => jsonl::read(path, opts, need_group, bad),
+        Format::Text => text::read(path, opts, bad),
         // `resolve` never returns `Auto`; treat it like folders defensively.
         Format::Folders | Format::Auto => folders::read(path, opts, need_group, bad),
     }

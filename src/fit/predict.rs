@@ -21,7 +21,8 @@ use super::params::Params;
 use super::rng::Rng;
 use crate::backbone::{BackboneDir, Checkpoint};
 use crate::cache::manifest::BackboneInfo;
-use crate::data::DatasetPlan;
+use crate::data::args::{PredictDataArgs, TrainedColumns};
+use crate::data::{Column, Format};
 use crate::extract::batch::{real_rows, PaddedBatch};
 use crate::runtime::{BackboneSession, Runtime, SessionConfig};
 use crate::tokenize::{Encoded, Tokenizer};
@@ -49,6 +50,10 @@ struct RunCache {
     layers: Vec<usize>,
     max_len: usize,
     backbone: BackboneInfo,
+    #[serde(default)]
+    path: Option<PathBuf>,
+    #[serde(default)]
+    settings_hash: Option<String>,
 }
 
 /// What `predict` needs.
@@ -60,8 +65,12 @@ pub struct PredictPlan {
     pub backbone: PathBuf,
     /// ONNX model (default BACKBONE/model.onnx).
     pub model: PathBuf,
-    /// Texts to label (labels optional; when present, accuracy is reported).
-    pub dataset: DatasetPlan,
+    /// Texts to label (labels optional; when present, accuracy is reported);
+    /// columns not given default to those the run was trained on.
+    pub data: PredictDataArgs,
+    /// Each output line repeats the first this many characters of its text
+    /// (`…` marks a cut); 0 leaves the text out.
+    pub text_chars: usize,
     /// Where to write JSONL (stdout when `None`).
     pub out: Option<PathBuf>,
     /// ONNX Runtime session.
@@ -154,7 +163,51 @@ fn check_weights(run: &Path, weights: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Label `plan.dataset` with the run in `plan.run`.
+/// The columns the run's cache was extracted from, read from the cache's
+/// manifest (when it is still where the run recorded it and is the cache
+/// the run was trained on), else the reader's defaults (`text`, `label`).
+fn trained_columns(cache: &RunCache) -> TrainedColumns {
+    let Some(dir) = &cache.path else {
+        return TrainedColumns::default();
+    };
+    let path = dir.join("manifest.json");
+    let manifest: Option<serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let same_cache = manifest.as_ref().is_some_and(|m| {
+        cache.settings_hash.is_some()
+            && m["settings_hash"].as_str() == cache.settings_hash.as_deref()
+    });
+    let options = match manifest {
+        Some(m) if same_cache => m["dataset"]["options"].clone(),
+        _ => {
+            tracing::warn!(
+                "{}: not readable, or not the cache this run was trained on; reading \
+                 the texts from column `text` (labels: `label`) unless --text-column says otherwise",
+                path.display()
+            );
+            return TrainedColumns::default();
+        }
+    };
+    let column = |key: &str| options[key].as_str().and_then(Column::from_display);
+    let fallback = TrainedColumns::default();
+    TrainedColumns {
+        text: column("text_column").unwrap_or(fallback.text),
+        text_pair: column("text_pair_column"),
+        label: column("label_column"),
+        has_header: options["has_header"].as_bool().unwrap_or(true),
+    }
+}
+
+/// The first `chars` characters of `text`, with `…` when it was cut.
+fn prefix(text: &str, chars: usize) -> String {
+    match text.char_indices().nth(chars) {
+        Some((end, _)) => format!("{}…", &text[..end]),
+        None => text.to_owned(),
+    }
+}
+
+/// Label `plan.data` with the run in `plan.run`.
 pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     let cfg_path = plan.run.join("config.json");
     let bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
@@ -229,8 +282,28 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     // Texts: every row is labelled. True labels (if the file has them) are
     // read as they are and mapped to the run's classes by name; a label the
     // run does not know is kept in the output and left out of the accuracy.
-    let mut dplan = plan.dataset.clone();
-    dplan.labels = None;
+    let trained = trained_columns(&rc.cache);
+    let dplan = plan.data.to_plan(&trained);
+    if let Some(pair) = &dplan.read.text_pair_column {
+        let path = &plan.data.data;
+        if dplan.read.format.resolve(path)? == Format::Text {
+            return Err(Error::Dataset {
+                path: path.clone(),
+                message: format!(
+                    "the run was trained on sentence pairs (columns {} and {pair}), but \
+                     this input is read as plain text, one text per line: give a CSV, TSV \
+                     or JSON Lines file with both columns",
+                    dplan.read.text_column
+                ),
+            });
+        }
+    }
+    tracing::debug!(
+        "predict reads text column {} (pair: {:?}, labels: {:?})",
+        dplan.read.text_column,
+        dplan.read.text_pair_column,
+        dplan.read.label_column
+    );
     let data = crate::data::load(&dplan)?;
     let class_of: Vec<Option<usize>> = data
         .label_names
@@ -311,6 +384,12 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
                 "label": rc.labels[best],
                 "probabilities": rc.labels.iter().cloned().zip(p.iter().map(|&x| json!(f64::from(x)))).collect::<serde_json::Map<String, serde_json::Value>>(),
             });
+            if plan.text_chars > 0 {
+                line["text"] = json!(prefix(&e.text, plan.text_chars));
+                if let Some(pair) = &e.text_pair {
+                    line["text_pair"] = json!(prefix(pair, plan.text_chars));
+                }
+            }
             if let Some(t) = e.label {
                 let t = t as usize;
                 line["true_label"] = json!(data.label_names[t]);
