@@ -1,5 +1,5 @@
-//! [`load`]: runs a [`DatasetPlan`] end to end. It reads every file through
-//! `rows`, checks that explicit ids are unique, builds the label map (sorted
+//! [`load`]: runs a [`DatasetPlan`] end to end. It reads every file with
+//! the reader for its format (`read_rows`), checks that explicit ids are unique, builds the label map (sorted
 //! labels seen, or the user's list, dropping and counting other labels),
 //! gives each example its split (from its file, or from the seeded
 //! [`SplitSpec`](super::SplitSpec)) and fills the [`LoadReport`].
@@ -7,8 +7,9 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use super::rows::{read_rows, BadRows, FileRows};
-use super::{split, Dataset, DatasetPlan, Example, LoadReport, SplitSource};
+use super::rows::{BadRows, FileRows};
+use super::{delimited, folders, jsonl, split, text};
+use super::{Dataset, DatasetPlan, Example, Format, LoadReport, ReadOptions, SplitSource};
 use crate::{Error, Result};
 
 /// Split name of every example of a [`SplitSource::Single`] without a spec.
@@ -180,6 +181,34 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
         label_names,
         report,
     })
+}
+
+/// Read every row of `path`. `need_group`: the split is by group, so a row
+/// without a group value is bad.
+fn read_rows(
+    path: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    let format = opts.format.resolve(path)?;
+    if format != Format::Folders && path.is_dir() {
+        return Err(Error::Dataset {
+            path: path.to_owned(),
+            message: format!(
+                "is a directory, but the format is {format}; a folder of class \
+                 sub-folders needs --format folders (or auto)"
+            ),
+        });
+    }
+    match format {
+        Format::Csv => delimited::read(path, b',', true, opts, need_group, bad),
+        Format::Tsv => delimited::read(path, b'\t', opts.tsv_quotes, opts, need_group, bad),
+        Format::Jsonl => jsonl::read(path, opts, need_group, bad),
+        Format::Text => text::read(path, opts, bad),
+        // `resolve` never returns `Auto`; treat it like folders defensively.
+        Format::Folders | Format::Auto => folders::read(path, opts, need_group, bad),
+    }
 }
 
 /// The user's label list, trimmed and checked (non-empty, distinct).

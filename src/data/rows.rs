@@ -1,14 +1,14 @@
 //! What every row reader shares: [`RawRow`] (a row before label mapping),
 //! the per-row checks that turn raw cells into one ([`build_row`]: missing
-//! text or label, empty id or group), [`BadRows`] (fail on a malformed row,
-//! or skip and count it), and [`read_rows`], which picks the reader for a
-//! file's format: `delimited` (CSV/TSV), `jsonl`, `text` or `folders`. Label ids,
-//! id uniqueness and splits are decided later, in `load`.
+//! text or label, empty id or group), and [`BadRows`] (fail on a malformed
+//! row, or skip and count it). The format readers (`delimited`, `jsonl`,
+//! `text`, `folders`) build on this module and nothing here knows them: the
+//! loader picks the reader for each file. Label ids, id uniqueness and
+//! splits are decided later, in `load`.
 
 use std::path::Path;
 
-use super::{delimited, folders, jsonl, text};
-use super::{Column, Format, ReadOptions};
+use super::{Column, ReadOptions};
 use crate::{Error, Result};
 
 /// How many skipped rows get their own warning.
@@ -89,34 +89,6 @@ pub(super) struct Cells {
     pub label: Option<String>,
     pub id: Option<String>,
     pub group: Option<String>,
-}
-
-/// Read every row of `path`. `need_group`: the split is by group, so a row
-/// without a group value is bad.
-pub(super) fn read_rows(
-    path: &Path,
-    opts: &ReadOptions,
-    need_group: bool,
-    bad: &mut BadRows,
-) -> Result<FileRows> {
-    let format = opts.format.resolve(path)?;
-    if format != Format::Folders && path.is_dir() {
-        return Err(Error::Dataset {
-            path: path.to_owned(),
-            message: format!(
-                "is a directory, but the format is {format}; a folder of class \
-                 sub-folders needs --format folders (or auto)"
-            ),
-        });
-    }
-    match format {
-        Format::Csv => delimited::read(path, b',', true, opts, need_group, bad),
-        Format::Tsv => delimited::read(path, b'\t', opts.tsv_quotes, opts, need_group, bad),
-        Format::Jsonl => jsonl::read(path, opts, need_group, bad),
-        Format::Text => text::read(path, opts, bad),
-        // `resolve` never returns `Auto`; treat it like folders defensively.
-        Format::Folders | Format::Auto => folders::read(path, opts, need_group, bad),
-    }
 }
 
 /// The columns the options ask for, as (role, column) pairs.
