@@ -312,7 +312,6 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
         &Device::Cpu,
     )
     .unwrap();
-    let mut rng = sherl::fit::rng::Rng::new(0, 0);
     // one example at a time, and all together as a padded batch
     let mut rows5 = Vec::new();
     let mut rows6 = Vec::new();
@@ -323,7 +322,7 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
         let mask = Tensor::ones((1, n), candle_core::DType::F32, &Device::Cpu).unwrap();
         let bias = sherl::fit::bert_layer::attention_bias(&mask).unwrap();
         let y: Vec<f32> = layer
-            .forward(&x, &bias, false, &mut rng)
+            .forward(&x, &bias, &mut sherl::fit::layers::Mode::Eval)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -353,7 +352,7 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
     )
     .unwrap();
     let y: Vec<Vec<Vec<f32>>> = layer
-        .forward(&x, &bias, false, &mut rng)
+        .forward(&x, &bias, &mut sherl::fit::layers::Mode::Eval)
         .unwrap()
         .to_vec3()
         .unwrap();

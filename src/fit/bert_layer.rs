@@ -10,9 +10,8 @@
 
 use candle_core::{Device, Tensor};
 
-use super::layers::{dropout, layer_norm, linear, softmax};
+use super::layers::{dropout, layer_norm, linear, softmax, Mode};
 use super::params::{Group, Params};
-use super::rng::Rng;
 use crate::backbone::{Activation, BertConfig, Checkpoint};
 use crate::Result;
 
@@ -102,7 +101,7 @@ impl BertLayer {
     /// # Shapes
     /// `x` `[B, S, D]`, `bias` `[B, 1, 1, S]` (see [`attention_bias`]) ->
     /// `[B, S, D]`.
-    pub fn forward(&self, x: &Tensor, bias: &Tensor, train: bool, rng: &mut Rng) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, bias: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
         let (b, s, d) = x.dims3()?;
         let h = self.heads;
@@ -115,7 +114,7 @@ impl BertLayer {
         let v = split(linear(x, &self.v.0, &self.v.1)?)?;
         let scores =
             (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
-        let probs = dropout(&softmax(&scores)?, self.attn_dropout, train, rng)?;
+        let probs = dropout(&softmax(&scores)?, self.attn_dropout, mode)?;
         let ctx = probs
             .matmul(&v)?
             .transpose(1, 2)?
@@ -124,8 +123,7 @@ impl BertLayer {
         let a = dropout(
             &linear(&ctx, &self.o.0, &self.o.1)?,
             self.hidden_dropout,
-            train,
-            rng,
+            mode,
         )?;
         let h1 = layer_norm(&(a + x)?, &self.ln1.0, &self.ln1.1, self.eps)?;
         let i = linear(&h1, &self.inter.0, &self.inter.1)?;
@@ -137,8 +135,7 @@ impl BertLayer {
         let o = dropout(
             &linear(&i, &self.out.0, &self.out.1)?,
             self.hidden_dropout,
-            train,
-            rng,
+            mode,
         )?;
         layer_norm(&(o + h1)?, &self.ln2.0, &self.ln2.1, self.eps)
     }

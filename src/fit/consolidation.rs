@@ -13,9 +13,9 @@
 
 use candle_core::{Device, Tensor, D};
 
-use super::layers::{dropout, layer_norm, linear};
+use super::layers::{dropout, layer_norm, linear, Mode};
 use super::params::{Group, Params};
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 type Lin = (Tensor, Tensor);
@@ -54,7 +54,7 @@ pub fn projectors(
     m: usize,
     d_model: usize,
     d: usize,
-    rng: &mut Rng,
+    rng: &mut SplitMix64,
     dev: &Device,
 ) -> Result<Vec<(Lin, Lin)>> {
     (0..m)
@@ -82,7 +82,7 @@ impl Consolidation {
         m: usize,
         d_model: usize,
         d: usize,
-        rng: &mut Rng,
+        rng: &mut SplitMix64,
         dev: &Device,
     ) -> Result<Self> {
         if m < 2 {
@@ -155,7 +155,7 @@ impl RestoreGate {
         d: usize,
         d_model: usize,
         dropout: f32,
-        rng: &mut Rng,
+        rng: &mut SplitMix64,
         dev: &Device,
     ) -> Result<Self> {
         let up = params.linear("late.up", d, d_model, rng, dev)?;
@@ -175,14 +175,14 @@ impl RestoreGate {
 
     /// # Shapes
     /// `g` `[B, S, d]`, `x` (the last cached early layer) `[B, S, D]` -> `[B, S, D]`.
-    pub fn forward(&self, g: &Tensor, x: &Tensor, train: bool, rng: &mut Rng) -> Result<Tensor> {
+    pub fn forward(&self, g: &Tensor, x: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
         let z = layer_norm(
             &linear(&g.relu()?, &self.up.0, &self.up.1)?,
             &self.ln.0,
             &self.ln.1,
             RESTORE_LN_EPS,
         )?;
-        let z = dropout(&z, self.dropout, train, rng)?;
+        let z = dropout(&z, self.dropout, mode)?;
         let gate = (&self.gamma / GATE_TEMPERATURE)?.tanh()?;
         Ok((z + x.broadcast_mul(&gate)?)?)
     }

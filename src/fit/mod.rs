@@ -6,7 +6,8 @@
 //! - [`bert_layer`]: pre-trained BERT layers with seeded dropout.
 //! - [`model`]: the model of each `--method`.
 //! - [`train`]: the training loop and run directory.
-//! - [`rng`], [`params`], [`layers`], [`metrics`]: building blocks.
+//! - [`params`], [`layers`], [`metrics`]: building blocks (random numbers come
+//!   from [`crate::rng`]).
 
 pub mod batcher;
 pub mod bert_layer;
@@ -17,7 +18,6 @@ pub mod metrics;
 pub mod model;
 pub mod params;
 pub mod predict;
-pub mod rng;
 pub mod sweep;
 pub mod train;
 

@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use super::batcher::Batch;
 use super::bert_layer::{attention_bias, BertLayer};
 use super::consolidation::{Consolidation, RestoreGate};
-use super::layers::{dropout, layer_norm, linear, masked_mean, softmax};
+use super::layers::{dropout, layer_norm, linear, masked_mean, softmax, Mode};
 use super::params::Params;
-use super::rng::Rng;
 use crate::backbone::{BertConfig, Checkpoint};
+use crate::rng::{SplitMix64, Stream};
 use crate::{Error, Result};
 
 /// Which model to train.
@@ -151,7 +151,7 @@ impl Model {
             }
         };
         let mut params = Params::new();
-        let mut rng = Rng::new(seed, 0x1417);
+        let mut rng = SplitMix64::for_stream(seed, Stream::Init);
         let drop = (
             cfg.attention_probs_dropout_prob as f32,
             cfg.hidden_dropout_prob as f32,
@@ -279,7 +279,7 @@ impl Model {
 
     /// # Shapes
     /// `batch.layers` as [`Model::inputs`], each `[B, S, D]` -> logits `[B, classes]`.
-    pub fn forward(&self, batch: &Batch, train: bool, rng: &mut Rng) -> Result<Output> {
+    pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
         let bias = attention_bias(&batch.mask)?;
         let mut alpha = None;
         let y = match self.spec.method {
@@ -295,23 +295,23 @@ impl Model {
                     .restore
                     .as_ref()
                     .expect("sherl has a restore")
-                    .forward(&c.g, last, train, rng)?;
+                    .forward(&c.g, last, mode)?;
                 for l in &self.late {
-                    h = l.forward(&h, &bias, train, rng)?;
+                    h = l.forward(&h, &bias, mode)?;
                 }
                 h
             }
             Method::LateLayer => {
                 let mut h = batch.layers[0].clone();
                 for l in &self.late {
-                    h = l.forward(&h, &bias, train, rng)?;
+                    h = l.forward(&h, &bias, mode)?;
                 }
                 h
             }
             Method::LinearProbe => {
                 let mut h = batch.layers[0].clone();
                 for l in &self.frozen {
-                    h = l.forward(&h, &bias, false, rng)?;
+                    h = l.forward(&h, &bias, &mut Mode::Eval)?;
                 }
                 h.detach()
             }
@@ -322,9 +322,9 @@ impl Model {
                 .forward(&batch.layers, &batch.mask)?,
             Method::FullFt => {
                 let emb = self.embeddings.as_ref().expect("full-ft has embeddings");
-                let mut h = emb.forward(&batch.token_ids, &batch.type_ids, train, rng)?;
+                let mut h = emb.forward(&batch.token_ids, &batch.type_ids, mode)?;
                 for l in &self.late {
-                    h = l.forward(&h, &bias, train, rng)?;
+                    h = l.forward(&h, &bias, mode)?;
                 }
                 h
             }
@@ -355,7 +355,7 @@ impl Unipt {
         m: usize,
         d_model: usize,
         d: usize,
-        rng: &mut Rng,
+        rng: &mut SplitMix64,
         dev: &Device,
     ) -> Result<Self> {
         let proj = super::consolidation::projectors(params, "unipt", m, d_model, d, rng, dev)?;
@@ -458,7 +458,7 @@ impl Embeddings {
 
     /// # Shapes
     /// `ids`, `types` `[B, S]` u32 -> `[B, S, D]`.
-    fn forward(&self, ids: &Tensor, types: &Tensor, train: bool, rng: &mut Rng) -> Result<Tensor> {
+    fn forward(&self, ids: &Tensor, types: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let d = self.word.dim(1)?;
         let w = self
@@ -474,8 +474,7 @@ impl Embeddings {
         dropout(
             &layer_norm(&x, &self.ln.0, &self.ln.1, self.eps)?,
             self.dropout,
-            train,
-            rng,
+            mode,
         )
     }
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 /// Which optimizer group a parameter belongs to.
@@ -73,12 +73,14 @@ impl Params {
         name: &str,
         d_in: usize,
         d_out: usize,
-        rng: &mut Rng,
+        rng: &mut SplitMix64,
         dev: &Device,
     ) -> Result<(Tensor, Tensor)> {
         let bound = 1.0 / (d_in as f32).sqrt();
-        let w: Vec<f32> = (0..d_in * d_out).map(|_| rng.symmetric(bound)).collect();
-        let b: Vec<f32> = (0..d_out).map(|_| rng.symmetric(bound)).collect();
+        let w: Vec<f32> = (0..d_in * d_out)
+            .map(|_| rng.symmetric_f32(bound))
+            .collect();
+        let b: Vec<f32> = (0..d_out).map(|_| rng.symmetric_f32(bound)).collect();
         let w = self.add(
             &format!("{name}.weight"),
             Tensor::from_vec(w, (d_out, d_in), dev)?,

@@ -22,12 +22,13 @@ use serde_json::json;
 
 use super::batcher::{split_len, BatchPlan, Batches};
 use super::config::FitConfig;
+use super::layers::Mode;
 use super::metrics::Tally;
 use super::model::{Method, Model, ModelSpec, Output};
 use super::params::{Group, Params};
-use super::rng::Rng;
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
 use crate::cache::Cache;
+use crate::rng::{SplitMix64, Stream};
 use crate::{Error, Result};
 
 /// What `run` needs.
@@ -706,7 +707,7 @@ fn train_loop(
         });
     let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
-    let mut dropout_rng = Rng::new(cfg.seed, 0xD409);
+    let mut dropout_rng = SplitMix64::for_stream(cfg.seed, Stream::Dropout);
     let mut metrics_file = std::fs::File::create(run_dir.join("metrics.jsonl"))
         .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
     let weights_path = run_dir.join("weights.safetensors");
@@ -746,7 +747,7 @@ fn train_loop(
             &plan.device,
         )? {
             let batch = batch?;
-            let out = model.forward(&batch, true, &mut dropout_rng)?;
+            let out = model.forward(&batch, &mut Mode::Train(&mut dropout_rng))?;
             let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
             let loss_v = loss.to_scalar::<f32>()?;
             if !loss_v.is_finite() {
@@ -891,12 +892,11 @@ pub fn evaluate(
     alpha: bool,
 ) -> Result<(Tally, Option<Vec<f64>>)> {
     let mut tally = Tally::new(model.spec().classes);
-    let mut rng = Rng::new(0, 0);
     let mut sums: Option<Vec<f64>> = None;
     let mut tokens = 0f64;
     for batch in Batches::new(cache, plan, dev)? {
         let batch = batch?;
-        let out = model.forward(&batch, false, &mut rng)?;
+        let out = model.forward(&batch, &mut Mode::Eval)?;
         let loss =
             candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()?;
         tally.add(f64::from(loss), &argmax(&out)?, &batch.label_vec);
