@@ -2,20 +2,18 @@
 //!
 //! - [`config`]: `FitConfig`, run ids, learning-rate schedule.
 //! - [`batcher`]: batches streamed from the mapped cache.
-//! - [`consolidation`]: SHERL's early route, restore and gate.
-//! - [`bert_layer`]: pre-trained BERT layers with seeded dropout.
-//! - [`model`]: the model of each `--method`.
+//! - [`nn`]: the modules (BERT layer, embeddings, SHERL's consolidation and
+//!   restore gate, UniPT, head), each `load` + `forward` as in candle.
+//! - [`model`]: the model of each `--method`, composed from [`nn`].
 //! - [`train`]: the training loop and run directory.
-//! - [`params`], [`layers`], [`metrics`]: building blocks (random numbers come
-//!   from [`crate::rng`]).
+//! - [`params`], [`metrics`]: the parameter store and the metrics (random
+//!   numbers come from [`crate::rng`]).
 
 pub mod batcher;
-pub mod bert_layer;
 pub mod config;
-pub mod consolidation;
-pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod nn;
 pub mod params;
 pub mod predict;
 pub mod sweep;

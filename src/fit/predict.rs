@@ -296,7 +296,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
             tokens: pb.real_tokens(),
             ids: chunk.iter().map(|e| e.id.clone()).collect(),
         };
-        let out = model.forward(&batch, &mut super::layers::Mode::Eval)?;
+        let out = model.forward(&batch, &mut super::nn::Mode::Eval)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&out.logits, 1)?.to_vec2()?;
         for (e, p) in chunk.iter().zip(probs) {
             let best = p

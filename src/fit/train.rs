@@ -22,9 +22,9 @@ use serde_json::json;
 
 use super::batcher::{split_len, BatchPlan, Batches};
 use super::config::FitConfig;
-use super::layers::Mode;
 use super::metrics::Tally;
 use super::model::{Method, Model, ModelSpec, Output};
+use super::nn::Mode;
 use super::params::{Group, Params};
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
 use crate::cache::Cache;

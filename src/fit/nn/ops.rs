@@ -1,4 +1,4 @@
-//! Differentiable building blocks on candle tensors.
+//! Differentiable functions on candle tensors, and the forward [`Mode`].
 //!
 //! candle-nn's fused `layer_norm` and `softmax_last_dim` have no backward
 //! pass, so LayerNorm and softmax are composed from basic ops here; dropout
@@ -9,17 +9,6 @@ use candle_core::{Tensor, D};
 
 use crate::rng::SplitMix64;
 use crate::Result;
-
-/// `x W^T + b` for `x` of any rank `[.., in]`, `W` `[out, in]`.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let d_in = *dims.last().expect("linear input has a last dimension");
-    let rows = x.elem_count() / d_in.max(1);
-    let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?.broadcast_add(b)?;
-    let mut out = dims;
-    *out.last_mut().expect("non-empty") = w.dim(0)?;
-    Ok(y.reshape(out)?)
-}
 
 /// LayerNorm over the last dimension (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
