@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
 use sherl::fit::config::FitConfig;
 use sherl::fit::model::{Method, Pool};
-use sherl::fit::train::{EpochMetrics, FitPlan, FitReporter, LogReporter};
+use sherl::fit::run_dir::EpochMetrics;
+use sherl::fit::train::{FitPlan, FitReporter, LogReporter};
 
 /// Phase two of sherl: train from a feature cache.
 #[derive(Debug, Parser)]

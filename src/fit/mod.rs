@@ -5,7 +5,9 @@
 //! - [`nn`]: the modules (BERT layer, embeddings, SHERL's consolidation and
 //!   restore gate, UniPT, head), each `load` + `forward` as in candle.
 //! - [`model`]: the model of each `--method`, composed from [`nn`].
-//! - [`train`]: the training loop and run directory.
+//! - [`train`]: the training loop.
+//! - [`run_dir`]: the run directory's files (config.json, metrics.jsonl,
+//!   summary.json, error.json), one type each.
 //! - [`params`], [`metrics`]: the parameter store and the metrics (random
 //!   numbers come from [`crate::rng`]).
 
@@ -16,6 +18,7 @@ pub mod model;
 pub mod nn;
 pub mod params;
 pub mod predict;
+pub mod run_dir;
 pub mod sweep;
 pub mod train;
 

@@ -308,7 +308,7 @@ pub fn run_sweep(
 ) -> Result<SweepOutcome> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
-    let lock = super::train::RUN_LOCK;
+    let lock = super::run_dir::RUN_LOCK;
     let settings_dir = plan.out.join(".sweep");
     std::fs::create_dir_all(&settings_dir).map_err(|e| Error::io(&settings_dir, e))?;
     let mut outcome = SweepOutcome {

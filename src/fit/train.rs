@@ -17,8 +17,6 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::batcher::{split_len, BatchPlan, Batches};
 use super::config::FitConfig;
@@ -26,6 +24,10 @@ use super::metrics::Tally;
 use super::model::{Method, Model, ModelSpec, Output};
 use super::nn::Mode;
 use super::params::{Group, Params};
+use super::run_dir::{
+    EpochMetrics, RunCache, RunConfig, RunError, RunModel, Summary, ERROR_FILE, METRICS_FILE,
+    RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
+};
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
 use crate::cache::Cache;
 use crate::rng::{SplitMix64, Stream};
@@ -82,82 +84,6 @@ impl FitReporter for LogReporter {
     fn note(&self, message: &str) {
         tracing::info!("{message}");
     }
-}
-
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Mean training loss.
-    pub train_loss: f64,
-    /// Training accuracy (with dropout on).
-    pub train_accuracy: f64,
-    /// Valid loss.
-    pub valid_loss: f64,
-    /// Valid accuracy.
-    pub valid_accuracy: f64,
-    /// Valid macro-F1.
-    pub valid_macro_f1: f64,
-    /// Training seconds of this epoch (excluding evaluation).
-    pub seconds: f64,
-    /// Evaluation seconds.
-    pub eval_seconds: f64,
-    /// Real training tokens per second.
-    pub tokens_per_second: f64,
-    /// Learning rate (new modules) at the end of the epoch.
-    pub lr: f64,
-    /// SHERL gate tanh(gamma / 0.1) at the end of the epoch.
-    pub gate: Option<f32>,
-}
-
-/// `summary.json` and the last stdout line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    /// Run id.
-    pub run_id: String,
-    /// Method.
-    pub method: String,
-    /// Seed.
-    pub seed: u64,
-    /// Valid accuracy of the best checkpoint.
-    pub valid_accuracy: f64,
-    /// Test accuracy of the best checkpoint (null without a test split).
-    pub test_accuracy: Option<f64>,
-    /// Valid macro-F1 of the best checkpoint.
-    pub valid_macro_f1: f64,
-    /// Test macro-F1 of the best checkpoint.
-    pub test_macro_f1: Option<f64>,
-    /// Epoch of the best checkpoint (1-based).
-    pub best_epoch: usize,
-    /// Epochs run.
-    pub epochs: usize,
-    /// Trainable parameters.
-    pub trainable_params: usize,
-    /// Frozen parameters loaded (pre-trained late layers).
-    pub frozen_params: usize,
-    /// Peak resident memory of the process, bytes.
-    pub peak_rss_bytes: u64,
-    /// Seconds spent training (all epochs, excluding evaluation).
-    pub train_seconds: f64,
-    /// Mean training seconds per epoch.
-    pub seconds_per_epoch: f64,
-    /// Real training tokens per second.
-    pub train_tokens_per_second: f64,
-    /// SHERL layer weights: alpha averaged over the valid split's real
-    /// tokens, one value per shallow early layer (`layer_weight_layers`).
-    pub layer_weights: Option<Vec<f64>>,
-    /// hidden_states indices of `layer_weights`.
-    pub layer_weight_layers: Option<Vec<usize>>,
-    /// Run directory.
-    pub run_dir: PathBuf,
-    /// Cache settings hash.
-    pub cache: String,
-    /// sha256 of `weights.safetensors` (the best epoch's weights), checked
-    /// by `predict` before it uses them. Absent in runs written by sherl
-    /// before it was recorded.
-    #[serde(default)]
-    pub weights_sha256: Option<String>,
 }
 
 /// Peak resident set size of this process (VmHWM), bytes; 0 if unknown.
@@ -295,23 +221,6 @@ pub fn check_config(
         cache_dir.display(),
         diffs.join("; ")
     )))
-}
-
-/// Lock file of a run directory (see [`crate::fsutil::DirLock`]).
-pub const RUN_LOCK: &str = ".lock";
-
-/// The summary of a finished run, if `summary.json` exists.
-fn finished(summary_path: &Path) -> Result<Option<Summary>> {
-    if !summary_path.exists() {
-        return Ok(None);
-    }
-    let bytes = std::fs::read(summary_path).map_err(|e| Error::io(summary_path, e))?;
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::Json {
-            path: summary_path.to_path_buf(),
-            source: e,
-        })
 }
 
 /// A rough upper estimate of the memory one training run needs, so that an
@@ -459,11 +368,6 @@ pub fn check_memory(est: &MemoryEstimate) -> Result<()> {
     Ok(())
 }
 
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(v).expect("serializes");
-    crate::fsutil::write_atomic(path, &bytes)
-}
-
 /// Run (or, if `summary.json` exists, return) the run described by `plan`.
 pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let cfg = &plan.config;
@@ -502,8 +406,8 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
 
     let run_id = cfg.run_id(&m.settings_hash);
     let run_dir = plan.out.join(&run_id);
-    let summary_path = run_dir.join("summary.json");
-    if let Some(s) = finished(&summary_path)? {
+    let summary_path = run_dir.join(SUMMARY_FILE);
+    if let Some(s) = Summary::read(&run_dir)? {
         reporter.note(&format!(
             "{run_id}: already complete ({}), not re-run",
             summary_path.display()
@@ -547,44 +451,42 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             lock: run_dir.join(RUN_LOCK),
         })?;
     // It may have finished while we waited for nothing: look again under the lock.
-    if let Some(s) = finished(&summary_path)? {
+    if let Some(s) = Summary::read(&run_dir)? {
         reporter.note(&format!(
             "{run_id}: already complete ({}), not re-run",
             summary_path.display()
         ));
         return Ok(s);
     }
-    for stale in ["metrics.jsonl", "error.json", "weights.safetensors"] {
+    for stale in [METRICS_FILE, ERROR_FILE, WEIGHTS_FILE] {
         let p = run_dir.join(stale);
         if p.exists() {
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
-    write_json(
-        &run_dir.join("config.json"),
-        &json!({
-            "run_id": run_id,
-            "config": cfg,
-            "model": {
-                "inputs": inputs,
-                "side_dim": spec.side_dim,
-                "early_layers": spec.early_layers,
-                "probe_layer": spec.probe_layer,
-                "classes": spec.classes,
-                "trainable_params": model.params.trainable_count(),
-                "frozen_params": model.params.frozen_count(),
-            },
-            "labels": m.labels,
-            "cache": {
-                "path": plan.cache,
-                "settings_hash": m.settings_hash,
-                "layers": m.settings.layers,
-                "max_len": m.settings.max_len,
-                "backbone": m.backbone,
-            },
-            "sherl_version": env!("CARGO_PKG_VERSION"),
-        }),
-    )?;
+    RunConfig {
+        cache: RunCache {
+            backbone: m.backbone.clone(),
+            layers: m.settings.layers.clone(),
+            max_len: m.settings.max_len,
+            path: plan.cache.clone(),
+            settings_hash: m.settings_hash.clone(),
+        },
+        config: cfg.clone(),
+        labels: m.labels.clone(),
+        model: RunModel {
+            classes: spec.classes,
+            early_layers: spec.early_layers.clone(),
+            frozen_params: model.params.frozen_count(),
+            inputs,
+            probe_layer: spec.probe_layer,
+            side_dim: spec.side_dim,
+            trainable_params: model.params.trainable_count(),
+        },
+        run_id: run_id.clone(),
+        sherl_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+    .write(&run_dir)?;
 
     let outcome = train_loop(
         plan,
@@ -602,7 +504,7 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             s.run_id = run_id;
             s.run_dir = run_dir.clone();
             s.cache = m.settings_hash.clone();
-            write_json(&summary_path, &s)?;
+            s.write(&run_dir)?;
             Ok(s)
         }
         Err(e) => {
@@ -611,17 +513,19 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             // Recording the failure must not hide it: if that fails too
             // (the disk that stopped training is full), say so and return
             // the original error.
-            let weights = run_dir.join("weights.safetensors");
+            let weights = run_dir.join(WEIGHTS_FILE);
             let record = (|| {
                 let weights_sha256 = if weights.exists() {
                     Some(crate::fsutil::sha256_file(&weights)?)
                 } else {
                     None
                 };
-                write_json(
-                    &run_dir.join("error.json"),
-                    &json!({ "run_id": run_id, "error": e.to_string(), "weights_sha256": weights_sha256 }),
-                )
+                RunError {
+                    error: e.to_string(),
+                    run_id: run_id.clone(),
+                    weights_sha256,
+                }
+                .write(&run_dir)
             })();
             if let Err(also) = record {
                 tracing::warn!("could not record the failure in error.json: {also}");
@@ -708,9 +612,10 @@ fn train_loop(
     let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
     let mut dropout_rng = SplitMix64::for_stream(cfg.seed, Stream::Dropout);
-    let mut metrics_file = std::fs::File::create(run_dir.join("metrics.jsonl"))
-        .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
-    let weights_path = run_dir.join("weights.safetensors");
+    let metrics_path = run_dir.join(METRICS_FILE);
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let weights_path = run_dir.join(WEIGHTS_FILE);
     let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
     let mut weights_sha256 = String::new();
     let mut step = 0usize;
@@ -801,10 +706,9 @@ fn train_loop(
             lr: lr_now,
             gate: model.gate()?,
         };
-        let line = serde_json::to_string(&em).expect("serializes");
-        writeln!(metrics_file, "{line}")
+        writeln!(metrics_file, "{}", em.line())
             .and_then(|_| metrics_file.flush())
-            .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
+            .map_err(|e| Error::io(&metrics_path, e))?;
         reporter.epoch_end(&em);
         if best.as_ref().is_none_or(|b| em.valid_accuracy > b.0) {
             let snap = model.params.snapshot()?;
@@ -924,6 +828,7 @@ pub fn evaluate(
 mod tests {
     use super::*;
     use crate::fit::model::Pool;
+    use serde_json::json;
 
     fn minilm() -> BertConfig {
         serde_json::from_value(json!({

@@ -27,9 +27,10 @@ mod plot;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::fit::run_dir::{SummaryView, CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE};
 use crate::{Error, Result};
 
 /// What [`report`] reads and where it writes.
@@ -167,25 +168,6 @@ pub struct Report {
 /// The note under the table: how groups are ordered and what the numbers are.
 pub const SELECTION_NOTE: &str = "Groups are sorted by mean valid accuracy, best first (ties by mean test accuracy): settings are selected on the valid split only; test numbers are reported for the selected settings, never used to choose them. Values are mean ± sample standard deviation (n − 1) over seeds; \"-\" means no value (no test split; one seed for ±); (k/n): only k of the n seeds reported the metric.";
 
-/// `summary.json`, tolerant: every field optional, unknown fields ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-struct RunSummary {
-    run_id: Option<String>,
-    method: Option<String>,
-    seed: Option<u64>,
-    valid_accuracy: Option<f64>,
-    test_accuracy: Option<f64>,
-    valid_macro_f1: Option<f64>,
-    test_macro_f1: Option<f64>,
-    trainable_params: Option<u64>,
-    peak_rss_bytes: Option<u64>,
-    seconds_per_epoch: Option<f64>,
-    layer_weights: Option<Vec<f64>>,
-    layer_weight_layers: Option<Vec<usize>>,
-    cache: Option<String>,
-}
-
 /// One complete run, read.
 #[derive(Debug, Clone)]
 struct Run {
@@ -196,7 +178,7 @@ struct Run {
     /// `config` without `seed` (an object).
     settings: serde_json::Map<String, Value>,
     cache: Option<String>,
-    summary: RunSummary,
+    summary: SummaryView,
     /// epoch -> valid accuracy.
     curve: BTreeMap<usize, f64>,
     /// Lines of `metrics.jsonl` that could not be read (1-based).
@@ -322,7 +304,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::result::Result
 
 /// Why a directory without `summary.json` is not in the report.
 fn incomplete_reason(dir: &Path) -> String {
-    let error_path = dir.join("error.json");
+    let error_path = dir.join(ERROR_FILE);
     if error_path.exists() {
         return match read_json::<Value>(&error_path) {
             Ok(v) => match v.get("error").and_then(Value::as_str) {
@@ -332,13 +314,13 @@ fn incomplete_reason(dir: &Path) -> String {
             Err(e) => format!("failed (unreadable error.json: {e})"),
         };
     }
-    let metrics = dir.join("metrics.jsonl");
+    let metrics = dir.join(METRICS_FILE);
     if metrics.exists() {
         let epochs = std::fs::read_to_string(&metrics)
             .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
             .unwrap_or(0);
         format!("incomplete: no summary.json (still running, or killed after {epochs} epoch(s))")
-    } else if dir.join("config.json").exists() {
+    } else if dir.join(CONFIG_FILE).exists() {
         "incomplete: no summary.json (still running, or killed before the first epoch ended)"
             .to_string()
     } else {
@@ -348,16 +330,16 @@ fn incomplete_reason(dir: &Path) -> String {
 
 /// Read one run directory; `Err` is the reason to skip it.
 fn load_run(dir: &Path) -> std::result::Result<Run, String> {
-    let summary_path = dir.join("summary.json");
+    let summary_path = dir.join(SUMMARY_FILE);
     if !summary_path.exists() {
         return Err(incomplete_reason(dir));
     }
-    let (curve, unreadable_lines) = read_curve(&dir.join("metrics.jsonl"));
-    let summary: RunSummary = read_json(&summary_path)?;
+    let (curve, unreadable_lines) = read_curve(&dir.join(METRICS_FILE));
+    let summary: SummaryView = read_json(&summary_path)?;
     let Some(valid_accuracy) = summary.valid_accuracy else {
         return Err(format!("{}: no valid_accuracy", summary_path.display()));
     };
-    let config_path = dir.join("config.json");
+    let config_path = dir.join(CONFIG_FILE);
     let config: Value = read_json(&config_path)?;
     let Some(mut settings) = config.get("config").and_then(Value::as_object).cloned() else {
         return Err(format!("{}: no \"config\" object", config_path.display()));
