@@ -308,7 +308,7 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let cache = sherl::cache::Cache::open(&root.join("c")).unwrap();
     let dir = sherl::backbone::BackboneDir::open(&backbone).unwrap();
-    let (cfg, ckpt) = sherl::fit::train::check_backbone(&cache, &dir).unwrap();
+    let (cfg, ckpt) = sherl::fit::checks::check_backbone(&cache, &dir).unwrap();
     let mut params = sherl::fit::params::Params::new();
     let mut rng = sherl::rng::SplitMix64::new(0);
     let mut vb = sherl::fit::nn::Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);

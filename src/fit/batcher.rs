@@ -14,8 +14,9 @@ use candle_core::{Device, Tensor};
 
 use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
 use crate::extract::batch::batch_ranges;
+use crate::fit::error::FitError;
 use crate::rng::{SplitMix64, Stream};
-use crate::{Error, Result};
+use crate::Result;
 
 /// One batch.
 #[derive(Debug)]
@@ -265,7 +266,7 @@ impl Batches {
                 typ[r * s + t] = u32::from(it.meta.type_ids[t]);
             }
             labels.push(it.meta.label.ok_or_else(|| {
-                Error::Config(format!(
+                FitError::cache_lacks(format!(
                     "example {} has no label: the cache was extracted with --no-labels",
                     it.meta.id
                 ))

@@ -30,8 +30,9 @@ use super::nn::unipt::Unipt;
 use super::nn::{Builder, Mode};
 use super::params::{Group, Params};
 use crate::backbone::{BertConfig, Checkpoint};
+use crate::fit::error::FitError;
 use crate::rng::{SplitMix64, Stream};
-use crate::{Error, Result};
+use crate::Result;
 
 pub use super::nn::head::Pool;
 
@@ -178,7 +179,7 @@ impl Model {
         let d_model = cfg.hidden_size;
         let k = spec.late_layers;
         if k == 0 || k > n {
-            return Err(Error::Config(format!(
+            return Err(FitError::settings(format!(
                 "--late-layers {k} must be between 1 and {n}"
             )));
         }
@@ -186,7 +187,7 @@ impl Model {
             if cached.contains(&i) {
                 Ok(())
             } else {
-                Err(Error::Config(format!(
+                Err(FitError::cache_lacks(format!(
                     "method {} needs hidden_states.{i}, which the cache does not hold (it has {:?}); re-extract with --layers including {i} or --late-layers {}",
                     spec.method.name(),
                     cached,
@@ -203,7 +204,7 @@ impl Model {
             Method::Sherl => {
                 let last = n - k;
                 if spec.early_layers.last() != Some(&last) {
-                    return Err(Error::Config(format!(
+                    return Err(FitError::settings(format!(
                         "the early route must end with hidden_states.{last} (N - K); got {:?}",
                         spec.early_layers
                     )));
@@ -233,7 +234,7 @@ impl Model {
             Method::LinearProbe => {
                 let p = spec.probe_layer;
                 if p > n {
-                    return Err(Error::Config(format!(
+                    return Err(FitError::settings(format!(
                         "--probe-layer {p} does not exist (0..={n})"
                     )));
                 }
@@ -243,7 +244,7 @@ impl Model {
                     .filter(|&i| i <= p)
                     .max()
                     .ok_or_else(|| {
-                        Error::Config(format!(
+                        FitError::cache_lacks(format!(
                             "the cache holds no layer at or below {p} for the linear probe"
                         ))
                     })?;

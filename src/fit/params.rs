@@ -11,6 +11,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use crate::fit::error::FitError;
 use crate::{Error, Result};
 
 /// Which optimizer group a parameter belongs to.
@@ -61,7 +62,9 @@ impl Params {
         };
         let out = p.t().clone();
         if self.map.insert(name.to_string(), p).is_some() {
-            return Err(Error::Config(format!("parameter {name} registered twice")));
+            return Err(FitError::model(format!(
+                "parameter {name} registered twice"
+            )));
         }
         Ok(out)
     }

@@ -180,7 +180,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         same("checkpoint", &dir.safetensors_path(), &st.sha256)?;
     }
     let bert = dir.config()?;
-    super::train::check_config(
+    super::checks::check_config(
         &bert,
         rc.cache.backbone.config.as_ref(),
         &dir.config_path(),

@@ -13,6 +13,7 @@ use candle_core::Tensor;
 use super::ops::{dropout, softmax, Mode};
 use super::{Builder, LayerNorm, Linear};
 use crate::backbone::{Activation, BertConfig};
+use crate::fit::error::FitError;
 use crate::Result;
 
 /// Self-attention: query, key, value and output projections.
@@ -68,7 +69,7 @@ impl BertLayer {
             output,
             norm,
             heads: cfg.num_attention_heads,
-            act: cfg.activation().map_err(crate::Error::Config)?,
+            act: cfg.activation().map_err(FitError::backbone)?,
             attn_dropout: cfg.attention_probs_dropout_prob as f32,
             hidden_dropout: cfg.hidden_dropout_prob as f32,
         })

@@ -14,7 +14,8 @@
 use candle_core::{Tensor, D};
 
 use super::{Builder, Linear, Projector};
-use crate::{Error, Result};
+use crate::fit::error::FitError;
+use crate::Result;
 
 pub use super::linear::PROJ_LN_EPS;
 
@@ -42,7 +43,7 @@ impl Consolidation {
     /// width `d_model`, side width `d`: the projectors, then `score`.
     pub fn load(mut vb: Builder, m: usize, d_model: usize, d: usize) -> Result<Self> {
         if m < 2 {
-            return Err(Error::Config(format!(
+            return Err(FitError::settings(format!(
                 "SHERL's early route needs at least 2 cached layers (got {m}): re-extract with more layers"
             )));
         }
@@ -63,7 +64,7 @@ impl Consolidation {
     pub fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Consolidated> {
         let _span = tracing::trace_span!("consolidation").entered();
         if layers.len() != self.proj.len() {
-            return Err(Error::Config(format!(
+            return Err(FitError::model(format!(
                 "consolidation built for {} layers, given {}",
                 self.proj.len(),
                 layers.len()

@@ -69,9 +69,7 @@ fn ensure_font() -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(
-            "the embedded font assets/fonts/LiberationSans-Regular.ttf is not a valid font".into(),
-        ))
+        Err(super::ReportError::Font("assets/fonts/LiberationSans-Regular.ttf").into())
     }
 }
 
