@@ -3,6 +3,10 @@
 //! Text is laid out (and, in PNGs, rasterised) with the Liberation Sans font
 //! embedded from `assets/fonts/` through plotters' `ab_glyph` backend, so
 //! the pictures look the same on a machine without any system fonts.
+//!
+//! Over 500 lines because both charts share one layout (legend, notes,
+//! sizes, colours) that only makes sense read together; the drawing of
+//! each chart is one function.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
