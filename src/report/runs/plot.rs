@@ -100,7 +100,8 @@ fn color(i: usize) -> RGBColor {
     }
 }
 
-fn short(label: &str) -> String {
+/// `label` cut to [`MAX_LABEL_CHARS`] characters (an ellipsis marks the cut).
+fn truncate_label(label: &str) -> String {
     if label.chars().count() <= MAX_LABEL_CHARS {
         label.to_string()
     } else {
@@ -132,7 +133,10 @@ pub(super) fn draw_all(groups: &[GroupRow], out: &Path) -> Result<Vec<Picture>> 
     if curves.is_empty() {
         remove_stale(out, stem)?;
     } else {
-        let labels: Vec<String> = curves.iter().map(|(_, g)| short(&g.label)).collect();
+        let labels: Vec<String> = curves
+            .iter()
+            .map(|(_, g)| truncate_label(&g.label))
+            .collect();
         let legend = legend_width(&labels);
         let axis = curve_axis(&curves);
         let width = CHART_W + legend;
@@ -170,7 +174,7 @@ pub(super) fn draw_all(groups: &[GroupRow], out: &Path) -> Result<Vec<Picture>> 
             .iter()
             .map(|(_, g)| {
                 let sum: f64 = g.layer_weights.iter().map(|w| w.mean).sum();
-                format!("{} (sum {sum:.3})", short(&g.label))
+                format!("{} (sum {sum:.3})", truncate_label(&g.label))
             })
             .collect();
         let legend = legend_width(&labels);
