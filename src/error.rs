@@ -103,6 +103,15 @@ pub enum Error {
     /// candle failure.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    // --- fit area (issue 9): training, sweeps, the run directory ---
+    /// Training: a setting, the cache, the backbone, the device or a grid
+    /// that cannot be used (see [`crate::fit::error::FitError`]).
+    #[error(transparent)]
+    Fit(#[from] crate::fit::error::FitError),
+    /// The run report could not be made (see
+    /// [`crate::report::runs::ReportError`]).
+    #[error(transparent)]
+    Report(#[from] crate::report::runs::ReportError),
 }
 
 impl Error {

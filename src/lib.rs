@@ -36,6 +36,7 @@ pub mod fit;
 pub mod fsutil;
 pub mod onnx;
 pub mod report;
+pub mod rng;
 pub mod runtime;
 pub mod tokenize;
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{Device, Tensor};
 
 use crate::common::{self, tiny};
-use sherl::fit::consolidation::Consolidation;
+use sherl::fit::nn::consolidation::{Consolidation, PROJ_LN_EPS};
+use sherl::fit::nn::{LayerNorm, Linear, Projector};
 
 fn t2(v: &[f32], r: usize, c: usize) -> Tensor {
     Tensor::from_vec(v.to_vec(), (r, c), &Device::Cpu).unwrap()
@@ -114,13 +115,20 @@ fn consolidation_checked_by_hand() {
         .map(|j| {
             let w: Vec<f32> = proj_w[j].iter().map(|&v| v as f32).collect();
             let b: Vec<f32> = proj_b[j].iter().map(|&v| v as f32).collect();
-            (
-                (t2(&w, 3, 3), t1(&b)),
-                (t1(&[1.0, 1.0, 1.0]), t1(&[0.0, 0.0, 0.0])),
-            )
+            Projector {
+                linear: Linear::from_parts(t2(&w, 3, 3), t1(&b)),
+                norm: LayerNorm::from_parts(
+                    t1(&[1.0, 1.0, 1.0]),
+                    t1(&[0.0, 0.0, 0.0]),
+                    PROJ_LN_EPS,
+                ),
+            }
         })
         .collect();
-    let c = Consolidation::from_parts(proj, (t2(&[1.0, 1.0, 1.0], 1, 3), t1(&[ba as f32])));
+    let c = Consolidation::from_parts(
+        proj,
+        Linear::from_parts(t2(&[1.0, 1.0, 1.0], 1, 3), t1(&[ba as f32])),
+    );
     let layers: Vec<Tensor> = x
         .iter()
         .map(|l| {
@@ -300,19 +308,12 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let cache = sherl::cache::Cache::open(&root.join("c")).unwrap();
     let dir = sherl::backbone::BackboneDir::open(&backbone).unwrap();
-    let (cfg, ckpt) = sherl::fit::train::check_backbone(&cache, &dir).unwrap();
+    let (cfg, ckpt) = sherl::fit::checks::check_backbone(&cache, &dir).unwrap();
     let mut params = sherl::fit::params::Params::new();
-    let layer = sherl::fit::bert_layer::BertLayer::load(
-        &ckpt,
-        &cfg,
-        5,
-        &mut params,
-        false,
-        (0.1, 0.1),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let mut rng = sherl::fit::rng::Rng::new(0, 0);
+    let mut rng = sherl::rng::SplitMix64::new(0);
+    let mut vb = sherl::fit::nn::Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
+    let layer =
+        sherl::fit::nn::bert_layer::BertLayer::load(vb.pp("encoder.layer.5"), &cfg).unwrap();
     // one example at a time, and all together as a padded batch
     let mut rows5 = Vec::new();
     let mut rows6 = Vec::new();
@@ -321,9 +322,9 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
         let n = meta.len();
         let x = Tensor::from_vec(l[0].clone(), (1, n, 384), &Device::Cpu).unwrap();
         let mask = Tensor::ones((1, n), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let bias = sherl::fit::bert_layer::attention_bias(&mask).unwrap();
+        let bias = sherl::fit::nn::bert_layer::attention_bias(&mask).unwrap();
         let y: Vec<f32> = layer
-            .forward(&x, &bias, false, &mut rng)
+            .forward(&x, &bias, &mut sherl::fit::nn::Mode::Eval)
             .unwrap()
             .flatten_all()
             .unwrap()
@@ -348,12 +349,12 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
         mask[i * s..i * s + n].iter_mut().for_each(|m| *m = 1.0);
     }
     let x = Tensor::from_vec(x, (b, s, 384), &Device::Cpu).unwrap();
-    let bias = sherl::fit::bert_layer::attention_bias(
+    let bias = sherl::fit::nn::bert_layer::attention_bias(
         &Tensor::from_vec(mask, (b, s), &Device::Cpu).unwrap(),
     )
     .unwrap();
     let y: Vec<Vec<Vec<f32>>> = layer
-        .forward(&x, &bias, false, &mut rng)
+        .forward(&x, &bias, &mut sherl::fit::nn::Mode::Eval)
         .unwrap()
         .to_vec3()
         .unwrap();

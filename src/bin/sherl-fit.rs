@@ -13,9 +13,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
-use sherl::fit::config::FitConfig;
-use sherl::fit::model::{Method, Pool};
-use sherl::fit::train::{EpochMetrics, FitPlan, FitReporter, LogReporter};
+use sherl::fit::config::{FitConfig, SettingFlags};
+use sherl::fit::run_dir::EpochMetrics;
+use sherl::fit::train::{FitPlan, FitReporter, LogReporter};
 
 /// Phase two of sherl: train from a feature cache.
 #[derive(Debug, Parser)]
@@ -123,63 +123,8 @@ struct RunArgs {
     /// JSON file of settings (FitConfig fields); flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Model to train.
-    #[arg(long, value_enum)]
-    method: Option<Method>,
-    /// K: the backbone's last K layers form the late route.
-    #[arg(long)]
-    late_layers: Option<usize>,
-    /// Train the late layers' pre-trained weights too.
-    #[arg(long)]
-    late_trainable: bool,
-    /// Reduction r: side width d = D / r.
-    #[arg(long)]
-    reduction: Option<usize>,
-    /// Side width d (overrides --reduction).
-    #[arg(long)]
-    side_dim: Option<usize>,
-    /// Early-route layers, e.g. 0,2,4,5 (must end with N-K).
-    #[arg(long, value_delimiter = ',')]
-    early_layers: Option<Vec<usize>>,
-    /// Linear-probe layer (default: the last).
-    #[arg(long)]
-    probe_layer: Option<usize>,
-    /// Pooling before the head.
-    #[arg(long, value_enum)]
-    pool: Option<Pool>,
-    /// Epochs.
-    #[arg(long)]
-    epochs: Option<usize>,
-    /// Peak learning rate of the new modules.
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Peak learning rate of trained pre-trained weights.
-    #[arg(long)]
-    lr_pretrained: Option<f64>,
-    /// AdamW weight decay.
-    #[arg(long)]
-    weight_decay: Option<f64>,
-    /// Warm-up fraction of all steps (then linear decay).
-    #[arg(long)]
-    warmup: Option<f64>,
-    /// Examples per batch.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Padded tokens per batch at most.
-    #[arg(long)]
-    max_tokens_per_batch: Option<usize>,
-    /// Global gradient-norm clip (0 = off).
-    #[arg(long)]
-    grad_clip: Option<f64>,
-    /// Seed of init, dropout and data order.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Dropout of the restore block.
-    #[arg(long)]
-    dropout: Option<f32>,
-    /// Train on a seeded subset of about N training examples (whole chunks).
-    #[arg(long)]
-    train_examples: Option<usize>,
+    #[command(flatten)]
+    settings: SettingFlags,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -191,56 +136,6 @@ struct RunArgs {
     /// spin at barriers when cores are taken (README, "Design notes").
     #[arg(long)]
     threads: Option<usize>,
-}
-
-impl RunArgs {
-    fn resolve(&self) -> anyhow::Result<FitConfig> {
-        let mut c = match &self.config {
-            Some(p) => {
-                let bytes =
-                    std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
-                serde_json::from_slice::<FitConfig>(&bytes)
-                    .with_context(|| format!("{}: invalid settings", p.display()))?
-            }
-            None => FitConfig::default(),
-        };
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = self.$f.clone() { c.$f = v; } )* };
-        }
-        set!(
-            method,
-            late_layers,
-            reduction,
-            pool,
-            epochs,
-            lr,
-            lr_pretrained,
-            weight_decay,
-            warmup,
-            batch_size,
-            max_tokens_per_batch,
-            grad_clip,
-            seed,
-            dropout
-        );
-        if self.side_dim.is_some() {
-            c.side_dim = self.side_dim;
-        }
-        if self.early_layers.is_some() {
-            c.early_layers = self.early_layers.clone();
-        }
-        if self.train_examples.is_some() {
-            c.train_examples = self.train_examples;
-        }
-        if self.probe_layer.is_some() {
-            c.probe_layer = self.probe_layer;
-        }
-        if self.late_trainable {
-            c.late_trainable = true;
-        }
-        c.validate().map_err(anyhow::Error::msg)?;
-        Ok(c)
-    }
 }
 
 /// Per-epoch progress bar on stderr.
@@ -334,7 +229,7 @@ fn parse_args() -> Args {
 }
 
 fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
-    let config = a.resolve()?;
+    let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
     let plan = FitPlan {
         cache: a.cache.clone(),
         backbone: a.backbone.clone(),

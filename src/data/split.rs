@@ -1,7 +1,7 @@
 //! Seeded train/valid/test splits of one dataset: [`SplitSpec`] (parsed from
-//! `train=0.8,valid=0.1,test=0.1`), a small self-contained PRNG
-//! (SplitMix64, so a split never changes with a dependency upgrade) and the
-//! assignment of rows, or of whole groups, to splits.
+//! `train=0.8,valid=0.1,test=0.1`) and the assignment of rows, or of whole
+//! groups, to splits (shuffled by [`crate::rng::SplitMix64`] with its
+//! unbiased rule).
 //!
 //! The units (rows, or distinct group values sorted by value) are put in a
 //! canonical order, shuffled by Fisher-Yates with the seed, and then cut into
@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 /// Tolerance on the sum of split fractions.
@@ -79,44 +80,6 @@ impl SplitSpec {
     }
 }
 
-/// SplitMix64 (Steele, Lea and Flood 2014): tiny, fast, and fixed forever.
-#[derive(Debug, Clone)]
-pub(super) struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (`n > 0`), without modulo bias (Lemire 2019).
-    pub fn below(&mut self, n: u64) -> u64 {
-        let mut m = u128::from(self.next_u64()) * u128::from(n);
-        if (m as u64) < n {
-            let threshold = n.wrapping_neg() % n;
-            while (m as u64) < threshold {
-                m = u128::from(self.next_u64()) * u128::from(n);
-            }
-        }
-        (m >> 64) as u64
-    }
-
-    /// Fisher-Yates shuffle.
-    pub fn shuffle<T>(&mut self, items: &mut [T]) {
-        for i in (1..items.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            items.swap(i, j);
-        }
-    }
-}
-
 /// The split index of each of the examples. `groups`, when given, holds
 /// each example's group value (one per example), and groups are the units;
 /// otherwise each example is a unit. The error says why it cannot be done.
@@ -150,7 +113,7 @@ pub(super) fn assign(
         ));
     }
     let mut order: Vec<usize> = (0..sizes.len()).collect();
-    SplitMix64::new(spec.seed).shuffle(&mut order);
+    SplitMix64::new(spec.seed).shuffle_unbiased(&mut order);
     let ordered_sizes: Vec<u64> = order.iter().map(|&u| sizes[u]).collect();
     let fractions: Vec<f64> = spec.fractions.iter().map(|(_, f)| *f).collect();
     let cuts = cut_points(&ordered_sizes, &fractions);
@@ -231,34 +194,6 @@ mod tests {
             let err = SplitSpec::parse(bad, 0).unwrap_err();
             assert!(matches!(err, Error::Config(_)), "{bad}: {err}");
         }
-    }
-
-    #[test]
-    fn splitmix_reference_values() {
-        // Reference output of splitmix64.c (Vigna) seeded with 0.
-        let mut rng = SplitMix64::new(0);
-        assert_eq!(rng.next_u64(), 0xE220_A839_7B1D_CDAF);
-        assert_eq!(rng.next_u64(), 0x6E78_9E6A_A1B9_65F4);
-        let mut rng = SplitMix64::new(1);
-        for _ in 0..1000 {
-            assert!(rng.below(3) < 3);
-        }
-        assert_eq!(rng.below(1), 0);
-    }
-
-    #[test]
-    fn shuffle_is_a_seeded_permutation() {
-        let shuffled = |seed| {
-            let mut v: Vec<u32> = (0..20).collect();
-            SplitMix64::new(seed).shuffle(&mut v);
-            v
-        };
-        let a = shuffled(1);
-        assert_eq!(a, shuffled(1));
-        assert_ne!(a, shuffled(2));
-        let mut sorted = a.clone();
-        sorted.sort();
-        assert_eq!(sorted, (0..20).collect::<Vec<_>>());
     }
 
     #[test]

@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use super::rng::Rng;
 use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
 use crate::extract::batch::batch_ranges;
-use crate::{Error, Result};
+use crate::fit::error::FitError;
+use crate::rng::{SplitMix64, Stream};
+use crate::Result;
 
 /// One batch.
 #[derive(Debug)]
@@ -85,7 +86,7 @@ pub fn split_chunks(cache: &Cache, split: u32) -> Vec<usize> {
 /// A seeded choice of whole chunks from `chunks` holding at least `n`
 /// examples (fewer if the split is smaller), kept in cache order.
 pub fn subset_chunks(cache: &Cache, mut chunks: Vec<usize>, seed: u64, n: usize) -> Vec<usize> {
-    Rng::new(seed, 0x5B5E7).shuffle(&mut chunks);
+    SplitMix64::for_stream(seed, Stream::ChunkSubset).shuffle_scaled(&mut chunks);
     let mut total = 0usize;
     let mut keep = Vec::new();
     for c in chunks {
@@ -117,7 +118,7 @@ struct Item {
 pub struct Batches {
     stream: ChunkStream,
     plan: BatchPlan,
-    rng: Option<Rng>,
+    rng: Option<SplitMix64>,
     buffer: Vec<Item>,
     /// Batches already cut, served before anything else.
     ready: Vec<Vec<Item>>,
@@ -137,9 +138,9 @@ impl Batches {
         }
         let mut rng = plan
             .shuffle
-            .map(|(seed, epoch)| Rng::new(seed, 0xBA7C_0000 + epoch));
+            .map(|(seed, epoch)| SplitMix64::for_stream(seed, Stream::Epoch(epoch)));
         if let Some(r) = rng.as_mut() {
-            r.shuffle(&mut chunks);
+            r.shuffle_scaled(&mut chunks);
         }
         let chunk_size = cache.manifest().settings.chunk_size as usize;
         let stream = cache.stream(
@@ -229,12 +230,12 @@ impl Batches {
         let n = self.buffer.len().min(self.buffer_target);
         let mut pick: Vec<Item> = Vec::with_capacity(n);
         for _ in 0..n {
-            let i = rng.below(self.buffer.len());
+            let i = rng.below_scaled(self.buffer.len());
             pick.push(self.buffer.swap_remove(i));
         }
         pick.sort_by_key(|it| it.meta.len());
         let mut batches = self.cut(pick);
-        rng.shuffle(&mut batches);
+        rng.shuffle_scaled(&mut batches);
         self.rng = Some(rng);
         let first = batches.pop().expect("at least one example was picked");
         self.ready = batches;
@@ -265,7 +266,7 @@ impl Batches {
                 typ[r * s + t] = u32::from(it.meta.type_ids[t]);
             }
             labels.push(it.meta.label.ok_or_else(|| {
-                Error::Config(format!(
+                FitError::cache_lacks(format!(
                     "example {} has no label: the cache was extracted with --no-labels",
                     it.meta.id
                 ))

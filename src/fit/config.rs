@@ -3,10 +3,14 @@
 //! the same settings on the same cache always land in the same run
 //! directory.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::error::FitError;
 use super::model::{Method, Pool};
+use crate::Result;
 
 /// Largest `--side-dim` accepted: far wider than any backbone in use
 /// (BERT-large is 1,024 wide); a typo such as `--side-dim 100000000` is
@@ -204,6 +208,129 @@ impl FitConfig {
             let rest = total.saturating_sub(warm).max(1);
             (1.0 - (step - warm) as f64 / rest as f64).max(0.0)
         }
+    }
+}
+
+/// The settings given as `sherl-fit run` flags (`None`, or `false` for a
+/// switch: not given). Precedence: [`FitConfig::default`], then the
+/// `--config` file, then these flags ([`FitConfig::resolve`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SettingFlags {
+    /// Model to train.
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// K: the backbone's last K layers form the late route.
+    #[arg(long)]
+    pub late_layers: Option<usize>,
+    /// Train the late layers' pre-trained weights too.
+    #[arg(long)]
+    pub late_trainable: bool,
+    /// Reduction r: side width d = D / r.
+    #[arg(long)]
+    pub reduction: Option<usize>,
+    /// Side width d (overrides --reduction).
+    #[arg(long)]
+    pub side_dim: Option<usize>,
+    /// Early-route layers, e.g. 0,2,4,5 (must end with N-K).
+    #[arg(long, value_delimiter = ',')]
+    pub early_layers: Option<Vec<usize>>,
+    /// Linear-probe layer (default: the last).
+    #[arg(long)]
+    pub probe_layer: Option<usize>,
+    /// Pooling before the head.
+    #[arg(long, value_enum)]
+    pub pool: Option<Pool>,
+    /// Epochs.
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Peak learning rate of the new modules.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Peak learning rate of trained pre-trained weights.
+    #[arg(long)]
+    pub lr_pretrained: Option<f64>,
+    /// AdamW weight decay.
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Warm-up fraction of all steps (then linear decay).
+    #[arg(long)]
+    pub warmup: Option<f64>,
+    /// Examples per batch.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Padded tokens per batch at most.
+    #[arg(long)]
+    pub max_tokens_per_batch: Option<usize>,
+    /// Global gradient-norm clip (0 = off).
+    #[arg(long)]
+    pub grad_clip: Option<f64>,
+    /// Seed of init, dropout and data order.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Dropout of the restore block.
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// Train on a seeded subset of about N training examples (whole chunks).
+    #[arg(long)]
+    pub train_examples: Option<usize>,
+}
+
+impl FitConfig {
+    /// The settings of one run: the defaults, overridden by the JSON file
+    /// `file` (FitConfig fields; unknown fields are refused), overridden by
+    /// the `flags` that were given; then validated.
+    pub fn resolve(file: Option<&Path>, flags: &SettingFlags) -> Result<FitConfig> {
+        let mut c = match file {
+            Some(p) => {
+                let bytes = std::fs::read(p).map_err(|source| FitError::SettingsUnreadable {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                serde_json::from_slice::<FitConfig>(&bytes).map_err(|source| {
+                    FitError::SettingsInvalid {
+                        path: p.to_path_buf(),
+                        source,
+                    }
+                })?
+            }
+            None => FitConfig::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = flags.$f.clone() { c.$f = v; } )* };
+        }
+        set!(
+            method,
+            late_layers,
+            reduction,
+            pool,
+            epochs,
+            lr,
+            lr_pretrained,
+            weight_decay,
+            warmup,
+            batch_size,
+            max_tokens_per_batch,
+            grad_clip,
+            seed,
+            dropout
+        );
+        if flags.side_dim.is_some() {
+            c.side_dim = flags.side_dim;
+        }
+        if flags.early_layers.is_some() {
+            c.early_layers = flags.early_layers.clone();
+        }
+        if flags.train_examples.is_some() {
+            c.train_examples = flags.train_examples;
+        }
+        if flags.probe_layer.is_some() {
+            c.probe_layer = flags.probe_layer;
+        }
+        if flags.late_trainable {
+            c.late_trainable = true;
+        }
+        c.validate().map_err(FitError::Settings)?;
+        Ok(c)
     }
 }
 

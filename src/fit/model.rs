@@ -21,13 +21,20 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::batcher::Batch;
-use super::bert_layer::{attention_bias, BertLayer};
-use super::consolidation::{Consolidation, RestoreGate};
-use super::layers::{dropout, layer_norm, linear, masked_mean, softmax};
-use super::params::Params;
-use super::rng::Rng;
+use super::nn::bert_layer::{attention_bias, BertLayer};
+use super::nn::consolidation::Consolidation;
+use super::nn::embeddings::Embeddings;
+use super::nn::head::Head;
+use super::nn::restore_gate::RestoreGate;
+use super::nn::unipt::Unipt;
+use super::nn::{Builder, Mode};
+use super::params::{Group, Params};
 use crate::backbone::{BertConfig, Checkpoint};
-use crate::{Error, Result};
+use crate::fit::error::FitError;
+use crate::rng::{SplitMix64, Stream};
+use crate::Result;
+
+pub use super::nn::head::Pool;
 
 /// Which model to train.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -58,16 +65,6 @@ impl Method {
     }
 }
 
-/// Pooling of the final sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Pool {
-    /// The first (`[CLS]`) token.
-    Cls,
-    /// Mean over real tokens.
-    Mean,
-}
-
 /// Hyper-parameters that shape the model.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -91,21 +88,36 @@ pub struct ModelSpec {
     pub classes: usize,
 }
 
+/// The modules of one method (each method has exactly its own).
+#[derive(Debug)]
+enum Net {
+    /// Early route, restore and gate, then the late layers (with gradients).
+    Sherl {
+        consolidation: Consolidation,
+        restore: RestoreGate,
+        late: Vec<BertLayer>,
+    },
+    /// The late layers (with gradients) on hidden_states.N-K.
+    LateLayer { late: Vec<BertLayer> },
+    /// Frozen layers run without gradients up to the probed layer.
+    LinearProbe { frozen: Vec<BertLayer> },
+    /// The UniPT side network.
+    Unipt(Unipt),
+    /// Embeddings and every layer, all trained.
+    FullFt {
+        embeddings: Embeddings,
+        layers: Vec<BertLayer>,
+    },
+}
+
 /// A model ready to train or predict.
 #[derive(Debug)]
 pub struct Model {
     spec: ModelSpec,
     /// Hidden-state indices the model reads from the cache, in order.
     inputs: Vec<usize>,
-    consolidation: Option<Consolidation>,
-    restore: Option<RestoreGate>,
-    /// Layers with gradients (late route).
-    late: Vec<BertLayer>,
-    /// Frozen layers run without gradients before the head (probe).
-    frozen: Vec<BertLayer>,
-    unipt: Option<Unipt>,
-    embeddings: Option<Embeddings>,
-    head: (Tensor, Tensor),
+    net: Net,
+    head: Head,
     /// All parameters.
     pub params: Params,
 }
@@ -119,9 +131,42 @@ pub struct Output {
     pub alpha: Option<Tensor>,
 }
 
+/// Load `encoder.layer.{range}` trained in `group` or frozen (`None`).
+fn load_layers(
+    vb: &mut Builder,
+    cfg: &BertConfig,
+    range: std::ops::Range<usize>,
+    group: Option<Group>,
+) -> Result<Vec<BertLayer>> {
+    range
+        .map(|li| {
+            BertLayer::load(
+                vb.pp(&format!("encoder.layer.{li}"))
+                    .pretrained_group(group),
+                cfg,
+            )
+        })
+        .collect()
+}
+
+/// Run `h` through `layers`.
+fn run_layers(
+    layers: &[BertLayer],
+    mut h: Tensor,
+    bias: &Tensor,
+    mode: &mut Mode<'_>,
+) -> Result<Tensor> {
+    for l in layers {
+        h = l.forward(&h, bias, mode)?;
+    }
+    Ok(h)
+}
+
 impl Model {
     /// Build the model for `spec` on a cache holding hidden states `cached`,
-    /// with pre-trained layers from `ckpt`.
+    /// with pre-trained layers from `ckpt`; fresh weights come from `seed`'s
+    /// [`Stream::Init`], drawn in module order (early route, restore, side
+    /// network, head).
     pub fn build(
         spec: ModelSpec,
         cached: &[usize],
@@ -134,7 +179,7 @@ impl Model {
         let d_model = cfg.hidden_size;
         let k = spec.late_layers;
         if k == 0 || k > n {
-            return Err(Error::Config(format!(
+            return Err(FitError::settings(format!(
                 "--late-layers {k} must be between 1 and {n}"
             )));
         }
@@ -142,7 +187,7 @@ impl Model {
             if cached.contains(&i) {
                 Ok(())
             } else {
-                Err(Error::Config(format!(
+                Err(FitError::cache_lacks(format!(
                     "method {} needs hidden_states.{i}, which the cache does not hold (it has {:?}); re-extract with --layers including {i} or --late-layers {}",
                     spec.method.name(),
                     cached,
@@ -151,29 +196,15 @@ impl Model {
             }
         };
         let mut params = Params::new();
-        let mut rng = Rng::new(seed, 0x1417);
-        let drop = (
-            cfg.attention_probs_dropout_prob as f32,
-            cfg.hidden_dropout_prob as f32,
-        );
-        let load_layers = |range: std::ops::Range<usize>, trainable: bool, params: &mut Params| {
-            range
-                .map(|li| BertLayer::load(ckpt, cfg, li, params, trainable, drop, dev))
-                .collect::<Result<Vec<_>>>()
-        };
-        let mut consolidation = None;
-        let mut restore = None;
-        let mut late = Vec::new();
-        let mut frozen = Vec::new();
-        let mut unipt = None;
-        let mut embeddings = None;
+        let mut rng = SplitMix64::for_stream(seed, Stream::Init);
+        let mut vb = Builder::new(&mut params, &mut rng, ckpt, dev);
+        let pretrained = Some(Group::Pretrained);
         let mut head_dim = d_model;
-        let inputs;
-        match spec.method {
+        let (net, inputs) = match spec.method {
             Method::Sherl => {
                 let last = n - k;
                 if spec.early_layers.last() != Some(&last) {
-                    return Err(Error::Config(format!(
+                    return Err(FitError::settings(format!(
                         "the early route must end with hidden_states.{last} (N - K); got {:?}",
                         spec.early_layers
                     )));
@@ -181,35 +212,29 @@ impl Model {
                 for &i in &spec.early_layers {
                     need(i)?;
                 }
-                consolidation = Some(Consolidation::new(
-                    &mut params,
-                    spec.early_layers.len(),
-                    d_model,
-                    spec.side_dim,
-                    &mut rng,
-                    dev,
-                )?);
-                restore = Some(RestoreGate::new(
-                    &mut params,
-                    spec.side_dim,
-                    d_model,
-                    spec.dropout,
-                    &mut rng,
-                    dev,
-                )?);
-                late = load_layers(last..n, spec.late_trainable, &mut params)?;
-                inputs = spec.early_layers.clone();
+                let m = spec.early_layers.len();
+                let consolidation = Consolidation::load(vb.pp("early"), m, d_model, spec.side_dim)?;
+                let restore =
+                    RestoreGate::load(vb.pp("late"), spec.side_dim, d_model, spec.dropout)?;
+                let group = spec.late_trainable.then_some(Group::Pretrained);
+                let late = load_layers(&mut vb, cfg, last..n, group)?;
+                let net = Net::Sherl {
+                    consolidation,
+                    restore,
+                    late,
+                };
+                (net, spec.early_layers.clone())
             }
             Method::LateLayer => {
                 let last = n - k;
                 need(last)?;
-                late = load_layers(last..n, true, &mut params)?;
-                inputs = vec![last];
+                let late = load_layers(&mut vb, cfg, last..n, pretrained)?;
+                (Net::LateLayer { late }, vec![last])
             }
             Method::LinearProbe => {
                 let p = spec.probe_layer;
                 if p > n {
-                    return Err(Error::Config(format!(
+                    return Err(FitError::settings(format!(
                         "--probe-layer {p} does not exist (0..={n})"
                     )));
                 }
@@ -219,44 +244,33 @@ impl Model {
                     .filter(|&i| i <= p)
                     .max()
                     .ok_or_else(|| {
-                        Error::Config(format!(
+                        FitError::cache_lacks(format!(
                             "the cache holds no layer at or below {p} for the linear probe"
                         ))
                     })?;
-                frozen = load_layers(from..p, false, &mut params)?;
-                inputs = vec![from];
+                let frozen = load_layers(&mut vb, cfg, from..p, None)?;
+                (Net::LinearProbe { frozen }, vec![from])
             }
             Method::Unipt => {
                 for i in 0..=n {
                     need(i)?;
                 }
-                unipt = Some(Unipt::new(
-                    &mut params,
-                    n + 1,
-                    d_model,
-                    spec.side_dim,
-                    &mut rng,
-                    dev,
-                )?);
+                let unipt = Unipt::load(vb.pp("unipt"), n + 1, d_model, spec.side_dim)?;
                 head_dim = spec.side_dim;
-                inputs = (0..=n).collect();
+                (Net::Unipt(unipt), (0..=n).collect())
             }
             Method::FullFt => {
-                embeddings = Some(Embeddings::load(ckpt, cfg, &mut params, dev)?);
-                late = load_layers(0..n, true, &mut params)?;
-                inputs = Vec::new();
+                let embeddings =
+                    Embeddings::load(vb.pp("embeddings").pretrained_group(pretrained), cfg)?;
+                let layers = load_layers(&mut vb, cfg, 0..n, pretrained)?;
+                (Net::FullFt { embeddings, layers }, Vec::new())
             }
-        }
-        let head = params.linear("head", head_dim, spec.classes, &mut rng, dev)?;
+        };
+        let head = Head::load(&mut vb, "head", spec.pool, head_dim, spec.classes)?;
         Ok(Model {
             spec,
             inputs,
-            consolidation,
-            restore,
-            late,
-            frozen,
-            unipt,
-            embeddings,
+            net,
             head,
             params,
         })
@@ -274,208 +288,40 @@ impl Model {
 
     /// Current gate value (sherl).
     pub fn gate(&self) -> Result<Option<f32>> {
-        self.restore.as_ref().map(|r| r.gate()).transpose()
+        match &self.net {
+            Net::Sherl { restore, .. } => restore.gate().map(Some),
+            _ => Ok(None),
+        }
     }
 
     /// # Shapes
     /// `batch.layers` as [`Model::inputs`], each `[B, S, D]` -> logits `[B, classes]`.
-    pub fn forward(&self, batch: &Batch, train: bool, rng: &mut Rng) -> Result<Output> {
+    pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
         let bias = attention_bias(&batch.mask)?;
         let mut alpha = None;
-        let y = match self.spec.method {
-            Method::Sherl => {
-                let c = self
-                    .consolidation
-                    .as_ref()
-                    .expect("sherl has a consolidation")
-                    .forward(&batch.layers, &batch.mask)?;
+        let y = match &self.net {
+            Net::Sherl {
+                consolidation,
+                restore,
+                late,
+            } => {
+                let c = consolidation.forward(&batch.layers, &batch.mask)?;
                 alpha = Some(c.alpha);
                 let last = batch.layers.last().expect("sherl reads at least 2 layers");
-                let mut h = self
-                    .restore
-                    .as_ref()
-                    .expect("sherl has a restore")
-                    .forward(&c.g, last, train, rng)?;
-                for l in &self.late {
-                    h = l.forward(&h, &bias, train, rng)?;
-                }
-                h
+                let h = restore.forward(&c.g, last, mode)?;
+                run_layers(late, h, &bias, mode)?
             }
-            Method::LateLayer => {
-                let mut h = batch.layers[0].clone();
-                for l in &self.late {
-                    h = l.forward(&h, &bias, train, rng)?;
-                }
-                h
+            Net::LateLayer { late } => run_layers(late, batch.layers[0].clone(), &bias, mode)?,
+            Net::LinearProbe { frozen } => {
+                run_layers(frozen, batch.layers[0].clone(), &bias, &mut Mode::Eval)?.detach()
             }
-            Method::LinearProbe => {
-                let mut h = batch.layers[0].clone();
-                for l in &self.frozen {
-                    h = l.forward(&h, &bias, false, rng)?;
-                }
-                h.detach()
-            }
-            Method::Unipt => self
-                .unipt
-                .as_ref()
-                .expect("unipt has its side network")
-                .forward(&batch.layers, &batch.mask)?,
-            Method::FullFt => {
-                let emb = self.embeddings.as_ref().expect("full-ft has embeddings");
-                let mut h = emb.forward(&batch.token_ids, &batch.type_ids, train, rng)?;
-                for l in &self.late {
-                    h = l.forward(&h, &bias, train, rng)?;
-                }
-                h
+            Net::Unipt(unipt) => unipt.forward(&batch.layers, &batch.mask)?,
+            Net::FullFt { embeddings, layers } => {
+                let h = embeddings.forward(&batch.token_ids, &batch.type_ids, mode)?;
+                run_layers(layers, h, &bias, mode)?
             }
         };
-        let pooled = match self.spec.pool {
-            Pool::Cls => y.narrow(1, 0, 1)?.squeeze(1)?,
-            Pool::Mean => masked_mean(&y, &batch.mask)?,
-        };
-        let logits = linear(&pooled, &self.head.0, &self.head.1)?;
+        let logits = self.head.forward(&y, &batch.mask)?;
         Ok(Output { logits, alpha })
-    }
-}
-
-type Lin = (Tensor, Tensor);
-
-/// UniPT side network (Diao et al., CVPR 2024), as docs/method.md §6 restates it.
-#[derive(Debug, Clone)]
-struct Unipt {
-    proj: Vec<(Lin, Lin)>,
-    conf: Lin,
-    out: Lin,
-    out_ln: Lin,
-}
-
-impl Unipt {
-    fn new(
-        params: &mut Params,
-        m: usize,
-        d_model: usize,
-        d: usize,
-        rng: &mut Rng,
-        dev: &Device,
-    ) -> Result<Self> {
-        let proj = super::consolidation::projectors(params, "unipt", m, d_model, d, rng, dev)?;
-        let conf = params.linear("unipt.confidence", d, 1, rng, dev)?;
-        let out = params.linear("unipt.out", d, d, rng, dev)?;
-        let out_ln = params.layer_norm("unipt.out_ln", d, dev)?;
-        Ok(Unipt {
-            proj,
-            conf,
-            out,
-            out_ln,
-        })
-    }
-
-    /// # Shapes
-    /// `layers`: hidden_states.0..=N, each `[B, S, D]`; `mask` `[B, S]` -> `[B, S, d]`.
-    fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Tensor> {
-        let _span = tracing::trace_span!("unipt").entered();
-        let a = super::consolidation::project(layers, &self.proj)?;
-        let n = a.len() - 1;
-        let anchor = &a[n];
-        let key_mask = mask.unsqueeze(1)?; // [B, 1, S]
-        let anchor_mean = masked_mean(anchor, mask)?; // [B, d]
-        let mut ms = Vec::with_capacity(n);
-        let mut cs = Vec::with_capacity(n);
-        for aj in &a[..n] {
-            let sim = anchor
-                .matmul(&aj.transpose(1, 2)?.contiguous()?)?
-                .relu()?
-                .broadcast_mul(&key_mask)?; // [B, S, S]
-            let norm = sim.broadcast_div(&(sim.sum_keepdim(2)? + 1e-8)?)?;
-            ms.push((norm.matmul(aj)? + aj)?); // W A_j with W = normalised + identity
-            cs.push(linear(
-                &(&anchor_mean * masked_mean(aj, mask)?)?,
-                &self.conf.0,
-                &self.conf.1,
-            )?); // [B, 1]
-        }
-        let w = softmax(&Tensor::cat(&cs, 1)?)?; // [B, n]
-        let mut agg = ms[0].broadcast_mul(&w.narrow(1, 0, 1)?.unsqueeze(2)?)?;
-        for (j, m) in ms.iter().enumerate().skip(1) {
-            agg = (agg + m.broadcast_mul(&w.narrow(1, j, 1)?.unsqueeze(2)?)?)?;
-        }
-        let o = layer_norm(
-            &linear(&agg, &self.out.0, &self.out.1)?,
-            &self.out_ln.0,
-            &self.out_ln.1,
-            1e-5,
-        )?;
-        Ok((anchor + o)?)
-    }
-}
-
-/// BERT embeddings (word + position + token type, LayerNorm, dropout),
-/// trainable, for full fine-tuning.
-#[derive(Debug, Clone)]
-struct Embeddings {
-    word: Tensor,
-    pos: Tensor,
-    typ: Tensor,
-    ln: Lin,
-    eps: f64,
-    dropout: f32,
-}
-
-impl Embeddings {
-    fn load(
-        ckpt: &Checkpoint,
-        cfg: &BertConfig,
-        params: &mut Params,
-        dev: &Device,
-    ) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let mut get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let v = ckpt.tensor_f32_shaped(name, shape)?;
-            params.add(
-                name,
-                Tensor::from_vec(v, shape, dev)?,
-                Some(super::params::Group::Pretrained),
-            )
-        };
-        Ok(Embeddings {
-            word: get("embeddings.word_embeddings.weight", &[cfg.vocab_size, d])?,
-            pos: get(
-                "embeddings.position_embeddings.weight",
-                &[cfg.max_position_embeddings, d],
-            )?,
-            typ: get(
-                "embeddings.token_type_embeddings.weight",
-                &[cfg.type_vocab_size, d],
-            )?,
-            ln: (
-                get("embeddings.LayerNorm.weight", &[d])?,
-                get("embeddings.LayerNorm.bias", &[d])?,
-            ),
-            eps: cfg.layer_norm_eps,
-            dropout: cfg.hidden_dropout_prob as f32,
-        })
-    }
-
-    /// # Shapes
-    /// `ids`, `types` `[B, S]` u32 -> `[B, S, D]`.
-    fn forward(&self, ids: &Tensor, types: &Tensor, train: bool, rng: &mut Rng) -> Result<Tensor> {
-        let (b, s) = ids.dims2()?;
-        let d = self.word.dim(1)?;
-        let w = self
-            .word
-            .index_select(&ids.flatten_all()?, 0)?
-            .reshape((b, s, d))?;
-        let t = self
-            .typ
-            .index_select(&types.flatten_all()?, 0)?
-            .reshape((b, s, d))?;
-        let p = self.pos.narrow(0, 0, s)?;
-        let x = (w + t)?.broadcast_add(&p)?;
-        dropout(
-            &layer_norm(&x, &self.ln.0, &self.ln.1, self.eps)?,
-            self.dropout,
-            train,
-            rng,
-        )
     }
 }

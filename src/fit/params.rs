@@ -1,5 +1,6 @@
 //! Named trainable parameters in two groups (new modules, pre-trained
-//! weights), initialised from our seeded generator, saved as safetensors.
+//! weights), saved as safetensors (the modules create them through
+//! [`super::nn::Builder`]).
 //!
 //! Two groups give two AdamW optimizers with their own learning rates, and
 //! keep pre-trained and fresh weights apart (candle's `VarMap::load` fails
@@ -10,7 +11,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::rng::Rng;
+use crate::fit::error::FitError;
 use crate::{Error, Result};
 
 /// Which optimizer group a parameter belongs to.
@@ -61,50 +62,11 @@ impl Params {
         };
         let out = p.t().clone();
         if self.map.insert(name.to_string(), p).is_some() {
-            return Err(Error::Config(format!("parameter {name} registered twice")));
+            return Err(FitError::model(format!(
+                "parameter {name} registered twice"
+            )));
         }
         Ok(out)
-    }
-
-    /// Kaiming-uniform init as PyTorch's `nn.Linear` does: weight and bias
-    /// uniform in ±1/sqrt(fan_in). Returns (weight `[out, in]`, bias `[out]`).
-    pub fn linear(
-        &mut self,
-        name: &str,
-        d_in: usize,
-        d_out: usize,
-        rng: &mut Rng,
-        dev: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let w: Vec<f32> = (0..d_in * d_out).map(|_| rng.symmetric(bound)).collect();
-        let b: Vec<f32> = (0..d_out).map(|_| rng.symmetric(bound)).collect();
-        let w = self.add(
-            &format!("{name}.weight"),
-            Tensor::from_vec(w, (d_out, d_in), dev)?,
-            Some(Group::New),
-        )?;
-        let b = self.add(
-            &format!("{name}.bias"),
-            Tensor::from_vec(b, d_out, dev)?,
-            Some(Group::New),
-        )?;
-        Ok((w, b))
-    }
-
-    /// LayerNorm weight 1, bias 0.
-    pub fn layer_norm(&mut self, name: &str, d: usize, dev: &Device) -> Result<(Tensor, Tensor)> {
-        let w = self.add(
-            &format!("{name}.weight"),
-            Tensor::ones(d, DType::F32, dev)?,
-            Some(Group::New),
-        )?;
-        let b = self.add(
-            &format!("{name}.bias"),
-            Tensor::zeros(d, DType::F32, dev)?,
-            Some(Group::New),
-        )?;
-        Ok((w, b))
     }
 
     /// Trainable variables of `group`.

@@ -18,7 +18,6 @@ use super::batcher::Batch;
 use super::config::FitConfig;
 use super::model::{Model, ModelSpec};
 use super::params::Params;
-use super::rng::Rng;
 use crate::backbone::{BackboneDir, Checkpoint};
 use crate::cache::manifest::BackboneInfo;
 use crate::data::args::{PredictDataArgs, TrainedColumns};
@@ -234,7 +233,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         same("checkpoint", &dir.safetensors_path(), &st.sha256)?;
     }
     let bert = dir.config()?;
-    super::train::check_config(
+    super::checks::check_config(
         &bert,
         rc.cache.backbone.config.as_ref(),
         &dir.config_path(),
@@ -327,7 +326,6 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("<stdout>"));
-    let mut rng = Rng::new(0, 0);
     let (mut correct, mut labelled, mut unknown) = (0usize, 0usize, 0usize);
     let hidden = bert.hidden_size;
     for chunk in data.examples.chunks(plan.batch_size.max(1)) {
@@ -371,7 +369,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
             tokens: pb.real_tokens(),
             ids: chunk.iter().map(|e| e.id.clone()).collect(),
         };
-        let out = model.forward(&batch, false, &mut rng)?;
+        let out = model.forward(&batch, &mut super::nn::Mode::Eval)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&out.logits, 1)?.to_vec2()?;
         for (e, p) in chunk.iter().zip(probs) {
             let best = p

@@ -1,6 +1,8 @@
 //! `sherl-fit run`: train one model from the cache, evaluate on the valid
 //! split every epoch, keep the best checkpoint, score the test split with
-//! it, and write the run directory.
+//! it, and write the run directory (the files are typed in
+//! [`super::run_dir`]; the checks before a run are in [`super::checks`] and
+//! [`super::memory`], evaluation in [`super::eval`]).
 //!
 //! Run directory `RUNS/<run id>/`: `config.json` (written before training),
 //! `metrics.jsonl` (one line per epoch, flushed as it is written),
@@ -15,19 +17,26 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::batcher::{split_len, BatchPlan, Batches};
+use super::checks::{check_backbone, model_spec, split_id};
 use super::config::FitConfig;
+use super::eval::{argmax, evaluate};
+use super::memory::{check_memory, memory_estimate, peak_rss_bytes};
 use super::metrics::Tally;
-use super::model::{Method, Model, ModelSpec, Output};
+use super::model::{Method, Model};
+use super::nn::Mode;
 use super::params::{Group, Params};
-use super::rng::Rng;
-use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
+use super::run_dir::{
+    EpochMetrics, RunCache, RunConfig, RunError, RunModel, Summary, ERROR_FILE, METRICS_FILE,
+    RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
+};
+use crate::backbone::BackboneDir;
 use crate::cache::Cache;
+use crate::fit::error::FitError;
+use crate::rng::{SplitMix64, Stream};
 use crate::{Error, Result};
 
 /// What `run` needs.
@@ -83,394 +92,14 @@ impl FitReporter for LogReporter {
     }
 }
 
-/// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    /// 1-based epoch.
-    pub epoch: usize,
-    /// Mean training loss.
-    pub train_loss: f64,
-    /// Training accuracy (with dropout on).
-    pub train_accuracy: f64,
-    /// Valid loss.
-    pub valid_loss: f64,
-    /// Valid accuracy.
-    pub valid_accuracy: f64,
-    /// Valid macro-F1.
-    pub valid_macro_f1: f64,
-    /// Training seconds of this epoch (excluding evaluation).
-    pub seconds: f64,
-    /// Evaluation seconds.
-    pub eval_seconds: f64,
-    /// Real training tokens per second.
-    pub tokens_per_second: f64,
-    /// Learning rate (new modules) at the end of the epoch.
-    pub lr: f64,
-    /// SHERL gate tanh(gamma / 0.1) at the end of the epoch.
-    pub gate: Option<f32>,
-}
-
-/// `summary.json` and the last stdout line.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Summary {
-    /// Run id.
-    pub run_id: String,
-    /// Method.
-    pub method: String,
-    /// Seed.
-    pub seed: u64,
-    /// Valid accuracy of the best checkpoint.
-    pub valid_accuracy: f64,
-    /// Test accuracy of the best checkpoint (null without a test split).
-    pub test_accuracy: Option<f64>,
-    /// Valid macro-F1 of the best checkpoint.
-    pub valid_macro_f1: f64,
-    /// Test macro-F1 of the best checkpoint.
-    pub test_macro_f1: Option<f64>,
-    /// Epoch of the best checkpoint (1-based).
-    pub best_epoch: usize,
-    /// Epochs run.
-    pub epochs: usize,
-    /// Trainable parameters.
-    pub trainable_params: usize,
-    /// Frozen parameters loaded (pre-trained late layers).
-    pub frozen_params: usize,
-    /// Peak resident memory of the process, bytes.
-    pub peak_rss_bytes: u64,
-    /// Seconds spent training (all epochs, excluding evaluation).
-    pub train_seconds: f64,
-    /// Mean training seconds per epoch.
-    pub seconds_per_epoch: f64,
-    /// Real training tokens per second.
-    pub train_tokens_per_second: f64,
-    /// SHERL layer weights: alpha averaged over the valid split's real
-    /// tokens, one value per shallow early layer (`layer_weight_layers`).
-    pub layer_weights: Option<Vec<f64>>,
-    /// hidden_states indices of `layer_weights`.
-    pub layer_weight_layers: Option<Vec<usize>>,
-    /// Run directory.
-    pub run_dir: PathBuf,
-    /// Cache settings hash.
-    pub cache: String,
-    /// sha256 of `weights.safetensors` (the best epoch's weights), checked
-    /// by `predict` before it uses them. Absent in runs written by sherl
-    /// before it was recorded.
-    #[serde(default)]
-    pub weights_sha256: Option<String>,
-}
-
-/// Peak resident set size of this process (VmHWM), bytes; 0 if unknown.
-pub fn peak_rss_bytes() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
-        return 0;
-    };
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn split_id(cache: &Cache, names: &[&str]) -> Option<u32> {
-    let m = cache.manifest();
-    m.split_names
-        .iter()
-        .position(|n| names.contains(&n.as_str()))
-        .filter(|&i| m.splits.get(&m.split_names[i]).copied().unwrap_or(0) > 0)
-        .map(|i| i as u32)
-}
-
-/// Resolve the model spec for `cfg` on this cache.
-pub fn model_spec(cfg: &FitConfig, cache: &Cache, bert: &BertConfig) -> Result<ModelSpec> {
-    let m = cache.manifest();
-    let n = bert.num_hidden_layers;
-    let k = cfg.late_layers;
-    if k == 0 || k > n {
-        return Err(Error::Config(format!(
-            "--late-layers {k} must be between 1 and {n}"
-        )));
-    }
-    let side_dim = cfg.side_dim.unwrap_or(bert.hidden_size / cfg.reduction);
-    if side_dim == 0 {
-        return Err(Error::Config(format!(
-            "side width {} / {} is 0",
-            bert.hidden_size, cfg.reduction
-        )));
-    }
-    let early = match &cfg.early_layers {
-        Some(v) => v.clone(),
-        None => m
-            .settings
-            .layers
-            .iter()
-            .copied()
-            .filter(|&i| i <= n - k)
-            .collect(),
-    };
-    Ok(ModelSpec {
-        method: cfg.method,
-        late_layers: k,
-        late_trainable: cfg.late_trainable,
-        side_dim,
-        early_layers: early,
-        probe_layer: cfg.probe_layer.unwrap_or(n),
-        pool: cfg.pool,
-        dropout: cfg.dropout,
-        classes: m.labels.len(),
-    })
-}
-
-/// Check that `backbone` is the one the cache was made with.
-pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(BertConfig, Checkpoint)> {
-    let m = cache.manifest();
-    let cfg = dir.config()?;
-    let ckpt = Checkpoint::open(&dir.safetensors_path())?;
-    if let Some(want) = &m.backbone.safetensors {
-        let got = ckpt.sha256();
-        if got != want.sha256 {
-            return Err(Error::Config(format!(
-                "{}: sha256 {} differs from the one the cache {} was extracted with ({}); use the same backbone",
-                dir.safetensors_path().display(),
-                &got[..12],
-                cache.dir().display(),
-                &want.sha256[..12]
-            )));
-        }
-    }
-    check_config(
-        &cfg,
-        m.backbone.config.as_ref(),
-        &dir.config_path(),
-        cache.dir(),
-    )?;
-    if cfg.num_hidden_layers != m.backbone.num_layers || cfg.hidden_size != m.backbone.hidden {
-        return Err(Error::Config(format!(
-            "{}: {} layers x {} hidden, but the cache was made by a backbone with {} x {}",
-            dir.config_path().display(),
-            cfg.num_hidden_layers,
-            cfg.hidden_size,
-            m.backbone.num_layers,
-            m.backbone.hidden
-        )));
-    }
-    Ok((cfg, ckpt))
-}
-
-/// Refuse a backbone `config.json` that differs from the one recorded when
-/// the cache was extracted (`recorded`, the manifest's `backbone.config`),
-/// naming the fields that differ: the late layers and the full model are
-/// built from it, so 6 heads instead of 12, or another activation, would
-/// silently compute something else on the same cache. A cache extracted
-/// without a config (a user's ONNX model) has nothing to compare.
-pub fn check_config(
-    cfg: &BertConfig,
-    recorded: Option<&serde_json::Value>,
-    config_path: &Path,
-    cache_dir: &Path,
-) -> Result<()> {
-    let Some(recorded) = recorded else {
-        return Ok(());
-    };
-    let now = serde_json::to_value(cfg).expect("config serializes");
-    let (Some(now), Some(then)) = (now.as_object(), recorded.as_object()) else {
-        return Ok(());
-    };
-    let null = serde_json::Value::Null;
-    let mut keys: Vec<&String> = now.keys().chain(then.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    let diffs: Vec<String> = keys
-        .into_iter()
-        .filter_map(|k| {
-            let (a, b) = (now.get(k).unwrap_or(&null), then.get(k).unwrap_or(&null));
-            (a != b).then(|| format!("{k} is {a} here, {b} in the cache"))
-        })
-        .collect();
-    if diffs.is_empty() {
-        return Ok(());
-    }
-    Err(Error::Config(format!(
-        "{}: differs from the config.json the cache {} was extracted with ({}); use the same backbone",
-        config_path.display(),
-        cache_dir.display(),
-        diffs.join("; ")
-    )))
-}
-
-/// Lock file of a run directory (see [`crate::fsutil::DirLock`]).
-pub const RUN_LOCK: &str = ".lock";
-
-/// The summary of a finished run, if `summary.json` exists.
-fn finished(summary_path: &Path) -> Result<Option<Summary>> {
-    if !summary_path.exists() {
-        return Ok(None);
-    }
-    let bytes = std::fs::read(summary_path).map_err(|e| Error::io(summary_path, e))?;
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|e| Error::Json {
-            path: summary_path.to_path_buf(),
-            source: e,
-        })
-}
-
-/// A rough upper estimate of the memory one training run needs, so that an
-/// absurd setting is refused with numbers instead of being killed by the
-/// kernel. See [`memory_estimate`].
-#[derive(Debug, Clone, Copy)]
-pub struct MemoryEstimate {
-    /// Parameters, their gradients and AdamW's two moments (4 bytes each;
-    /// frozen parameters count once).
-    pub params_bytes: f64,
-    /// Activations of the largest batch, forward and backward.
-    pub activation_bytes: f64,
-    /// Tokens in that batch (padded).
-    pub batch_tokens: f64,
-}
-
-impl MemoryEstimate {
-    /// Everything, plus a fixed allowance for the runtime and the cache
-    /// decoder's look-ahead.
-    pub fn total(&self) -> f64 {
-        self.params_bytes + self.activation_bytes + 256.0 * MIB
-    }
-}
-
-const MIB: f64 = 1024.0 * 1024.0;
-
-/// Estimate a run's memory from its shapes. Deliberately generous: it
-/// counts every intermediate of the forward pass at the longest sequence
-/// and doubles it for the backward pass (the demo's full fine-tuning,
-/// measured at 3.1 GiB peak, is estimated at about 4 GiB).
-pub fn memory_estimate(
-    spec: &ModelSpec,
-    bert: &BertConfig,
-    cfg: &FitConfig,
-    max_len: usize,
-    cached: &[usize],
-) -> MemoryEstimate {
-    let f = |x: usize| x as f64;
-    let (dm, d, inter, n, k) = (
-        f(bert.hidden_size),
-        f(spec.side_dim),
-        f(bert.intermediate_size),
-        f(bert.num_hidden_layers),
-        f(spec.late_layers),
-    );
-    let (heads, classes, s) = (
-        f(bert.num_attention_heads),
-        f(spec.classes),
-        f(max_len.max(1)),
-    );
-    let layer = 4.0 * dm * dm + 2.0 * dm * inter + 9.0 * dm + inter;
-    let proj = |m: f64| m * (dm * d + 3.0 * d);
-    // Floats per token kept by one transformer layer that is trained
-    // through: residual stream, q/k/v, norms, FFN, attention rows.
-    let layer_act = 16.0 * dm + 4.0 * inter + 4.0 * heads * s;
-    let m = f(spec.early_layers.len().max(1));
-    let (trainable, frozen, per_token, backward) = match spec.method {
-        Method::Sherl => {
-            let new = proj(m) + d + 1.0 + d * dm + 3.0 * dm + 1.0 + dm * classes + classes;
-            let late = k * layer;
-            let (t, fz) = if spec.late_trainable {
-                (new + late, 0.0)
-            } else {
-                (new, late)
-            };
-            (
-                t,
-                fz,
-                2.0 * m * dm + 8.0 * m * d + 6.0 * dm + k * layer_act,
-                2.0,
-            )
-        }
-        Method::LateLayer => (k * layer + dm * classes, 0.0, 2.0 * dm + k * layer_act, 2.0),
-        Method::LinearProbe => {
-            // Frozen layers run from the deepest cached layer up to the probe.
-            let from = cached
-                .iter()
-                .copied()
-                .filter(|&i| i <= spec.probe_layer)
-                .max();
-            let steps = f(spec.probe_layer.saturating_sub(from.unwrap_or(0)));
-            let act = 2.0 * dm + if steps > 0.0 { layer_act } else { 0.0 };
-            (dm * classes + classes, steps * layer, act, 1.0)
-        }
-        Method::Unipt => {
-            let new = proj(n + 1.0) + d * d + 5.0 * d + 1.0 + d * classes + classes;
-            (new, 0.0, 2.0 * (n + 1.0) * dm + 8.0 * (n + 2.0) * d, 2.0)
-        }
-        Method::FullFt => {
-            let emb =
-                (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
-                    * dm;
-            (emb + n * layer + dm * classes, 0.0, n * layer_act, 2.0)
-        }
-    };
-    let train_tokens = f(cfg.max_tokens_per_batch).min(f(cfg.batch_size) * s);
-    let eval_tokens = f(cfg.max_tokens_per_batch).min(f(cfg.batch_size.max(64)) * s);
-    let activation_bytes =
-        (4.0 * per_token * backward * train_tokens).max(4.0 * per_token * eval_tokens);
-    MemoryEstimate {
-        params_bytes: 4.0 * (4.0 * trainable + frozen),
-        activation_bytes,
-        batch_tokens: train_tokens.max(eval_tokens),
-    }
-}
-
-/// Memory a run may use: `SHERL_MEMORY_LIMIT` (bytes, or with a K/M/G
-/// suffix, as the dataset flags' sizes) when set, else the kernel's `MemAvailable`; `None` when neither
-/// is known (then nothing is refused).
-pub fn memory_budget() -> Result<Option<(f64, &'static str)>> {
-    if let Ok(v) = std::env::var("SHERL_MEMORY_LIMIT") {
-        return match crate::data::args::parse_size(&v) {
-            Ok(bytes) if bytes > 0 => Ok(Some((bytes as f64, "SHERL_MEMORY_LIMIT"))),
-            _ => Err(Error::Config(format!(
-                "SHERL_MEMORY_LIMIT={v}: expected a size in bytes, optionally with K, M or G (KiB, MiB, GiB), e.g. 8G"
-            ))),
-        };
-    }
-    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
-        return Ok(None);
-    };
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| (kb * 1024.0, "MemAvailable")))
-}
-
-/// Refuse a run whose estimate exceeds the memory budget.
-pub fn check_memory(est: &MemoryEstimate) -> Result<()> {
-    let Some((budget, source)) = memory_budget()? else {
-        return Ok(());
-    };
-    let gib = |b: f64| b / (1024.0 * MIB);
-    if est.total() > budget {
-        return Err(Error::TooLarge(format!(
-            "this run would need about {:.1} GiB ({:.1} GiB of parameters, gradients and optimizer state; {:.1} GiB of activations for a batch of {:.0} tokens), but {:.1} GiB is available ({source}); lower --side-dim, --batch-size or --max-tokens-per-batch (or set SHERL_MEMORY_LIMIT if the estimate is wrong for this machine)",
-            gib(est.total()),
-            gib(est.params_bytes),
-            gib(est.activation_bytes),
-            est.batch_tokens,
-            gib(budget)
-        )));
-    }
-    Ok(())
-}
-
-fn write_json(path: &Path, v: &impl Serialize) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(v).expect("serializes");
-    crate::fsutil::write_atomic(path, &bytes)
-}
-
 /// Run (or, if `summary.json` exists, return) the run described by `plan`.
 pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let cfg = &plan.config;
-    cfg.validate().map_err(Error::Config)?;
+    cfg.validate().map_err(FitError::settings)?;
     let cache = Arc::new(Cache::open(&plan.cache)?);
     let m = cache.manifest().clone();
     if m.labels.len() < 2 {
-        return Err(Error::Config(format!(
+        return Err(FitError::cache_lacks(format!(
             "{}: the cache has {} label(s); classification needs at least 2",
             plan.cache.display(),
             m.labels.len()
@@ -481,14 +110,14 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let spec = model_spec(cfg, &cache, &bert)?;
 
     let train_split = split_id(&cache, &["train"]).ok_or_else(|| {
-        Error::Config(format!(
+        FitError::cache_lacks(format!(
             "{}: no examples in a 'train' split (splits: {:?})",
             plan.cache.display(),
             m.splits
         ))
     })?;
     let valid_split = split_id(&cache, crate::data::VALID_SPLIT_NAMES).ok_or_else(|| {
-        Error::Config(format!(
+        FitError::cache_lacks(format!(
             "{}: no examples in a 'valid' split (splits: {:?}); extract with --split or --valid",
             plan.cache.display(),
             m.splits
@@ -501,8 +130,8 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
 
     let run_id = cfg.run_id(&m.settings_hash);
     let run_dir = plan.out.join(&run_id);
-    let summary_path = run_dir.join("summary.json");
-    if let Some(s) = finished(&summary_path)? {
+    let summary_path = run_dir.join(SUMMARY_FILE);
+    if let Some(s) = Summary::read(&run_dir)? {
         reporter.note(&format!(
             "{run_id}: already complete ({}), not re-run",
             summary_path.display()
@@ -546,44 +175,42 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             lock: run_dir.join(RUN_LOCK),
         })?;
     // It may have finished while we waited for nothing: look again under the lock.
-    if let Some(s) = finished(&summary_path)? {
+    if let Some(s) = Summary::read(&run_dir)? {
         reporter.note(&format!(
             "{run_id}: already complete ({}), not re-run",
             summary_path.display()
         ));
         return Ok(s);
     }
-    for stale in ["metrics.jsonl", "error.json", "weights.safetensors"] {
+    for stale in [METRICS_FILE, ERROR_FILE, WEIGHTS_FILE] {
         let p = run_dir.join(stale);
         if p.exists() {
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
         }
     }
-    write_json(
-        &run_dir.join("config.json"),
-        &json!({
-            "run_id": run_id,
-            "config": cfg,
-            "model": {
-                "inputs": inputs,
-                "side_dim": spec.side_dim,
-                "early_layers": spec.early_layers,
-                "probe_layer": spec.probe_layer,
-                "classes": spec.classes,
-                "trainable_params": model.params.trainable_count(),
-                "frozen_params": model.params.frozen_count(),
-            },
-            "labels": m.labels,
-            "cache": {
-                "path": plan.cache,
-                "settings_hash": m.settings_hash,
-                "layers": m.settings.layers,
-                "max_len": m.settings.max_len,
-                "backbone": m.backbone,
-            },
-            "sherl_version": env!("CARGO_PKG_VERSION"),
-        }),
-    )?;
+    RunConfig {
+        cache: RunCache {
+            backbone: m.backbone.clone(),
+            layers: m.settings.layers.clone(),
+            max_len: m.settings.max_len,
+            path: plan.cache.clone(),
+            settings_hash: m.settings_hash.clone(),
+        },
+        config: cfg.clone(),
+        labels: m.labels.clone(),
+        model: RunModel {
+            classes: spec.classes,
+            early_layers: spec.early_layers.clone(),
+            frozen_params: model.params.frozen_count(),
+            inputs,
+            probe_layer: spec.probe_layer,
+            side_dim: spec.side_dim,
+            trainable_params: model.params.trainable_count(),
+        },
+        run_id: run_id.clone(),
+        sherl_version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+    .write(&run_dir)?;
 
     let outcome = train_loop(
         plan,
@@ -601,7 +228,7 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             s.run_id = run_id;
             s.run_dir = run_dir.clone();
             s.cache = m.settings_hash.clone();
-            write_json(&summary_path, &s)?;
+            s.write(&run_dir)?;
             Ok(s)
         }
         Err(e) => {
@@ -610,17 +237,19 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             // Recording the failure must not hide it: if that fails too
             // (the disk that stopped training is full), say so and return
             // the original error.
-            let weights = run_dir.join("weights.safetensors");
+            let weights = run_dir.join(WEIGHTS_FILE);
             let record = (|| {
                 let weights_sha256 = if weights.exists() {
                     Some(crate::fsutil::sha256_file(&weights)?)
                 } else {
                     None
                 };
-                write_json(
-                    &run_dir.join("error.json"),
-                    &json!({ "run_id": run_id, "error": e.to_string(), "weights_sha256": weights_sha256 }),
-                )
+                RunError {
+                    error: e.to_string(),
+                    run_id: run_id.clone(),
+                    weights_sha256,
+                }
+                .write(&run_dir)
             })();
             if let Err(also) = record {
                 tracing::warn!("could not record the failure in error.json: {also}");
@@ -706,10 +335,11 @@ fn train_loop(
         });
     let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
     let total_steps = steps_per_epoch * cfg.epochs;
-    let mut dropout_rng = Rng::new(cfg.seed, 0xD409);
-    let mut metrics_file = std::fs::File::create(run_dir.join("metrics.jsonl"))
-        .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
-    let weights_path = run_dir.join("weights.safetensors");
+    let mut dropout_rng = SplitMix64::for_stream(cfg.seed, Stream::Dropout);
+    let metrics_path = run_dir.join(METRICS_FILE);
+    let mut metrics_file =
+        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+    let weights_path = run_dir.join(WEIGHTS_FILE);
     let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
     let mut weights_sha256 = String::new();
     let mut step = 0usize;
@@ -746,7 +376,7 @@ fn train_loop(
             &plan.device,
         )? {
             let batch = batch?;
-            let out = model.forward(&batch, true, &mut dropout_rng)?;
+            let out = model.forward(&batch, &mut Mode::Train(&mut dropout_rng))?;
             let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
             let loss_v = loss.to_scalar::<f32>()?;
             if !loss_v.is_finite() {
@@ -800,10 +430,9 @@ fn train_loop(
             lr: lr_now,
             gate: model.gate()?,
         };
-        let line = serde_json::to_string(&em).expect("serializes");
-        writeln!(metrics_file, "{line}")
+        writeln!(metrics_file, "{}", em.line())
             .and_then(|_| metrics_file.flush())
-            .map_err(|e| Error::io(run_dir.join("metrics.jsonl"), e))?;
+            .map_err(|e| Error::io(&metrics_path, e))?;
         reporter.epoch_end(&em);
         if best.as_ref().is_none_or(|b| em.valid_accuracy > b.0) {
             let snap = model.params.snapshot()?;
@@ -852,10 +481,6 @@ fn train_loop(
     })
 }
 
-fn argmax(out: &Output) -> Result<Vec<u32>> {
-    Ok(out.logits.argmax(1)?.to_vec1::<u32>()?)
-}
-
 /// Scale all gradients so their global L2 norm is at most `max_norm`.
 /// Returns the norm before clipping.
 pub fn clip_gradients(
@@ -879,100 +504,4 @@ pub fn clip_gradients(
         }
     }
     Ok(norm)
-}
-
-/// Evaluate on one split (no dropout). With `alpha`, also average SHERL's
-/// layer weights over the split's real tokens.
-pub fn evaluate(
-    cache: &Arc<Cache>,
-    model: &Model,
-    plan: BatchPlan,
-    dev: &Device,
-    alpha: bool,
-) -> Result<(Tally, Option<Vec<f64>>)> {
-    let mut tally = Tally::new(model.spec().classes);
-    let mut rng = Rng::new(0, 0);
-    let mut sums: Option<Vec<f64>> = None;
-    let mut tokens = 0f64;
-    for batch in Batches::new(cache, plan, dev)? {
-        let batch = batch?;
-        let out = model.forward(&batch, false, &mut rng)?;
-        let loss =
-            candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()?;
-        tally.add(f64::from(loss), &argmax(&out)?, &batch.label_vec);
-        if let (true, Some(a)) = (alpha, out.alpha.as_ref()) {
-            // sum over real tokens: alpha [B, S, M-1] * mask [B, S, 1]
-            let masked = a
-                .broadcast_mul(&batch.mask.unsqueeze(2)?)?
-                .sum((0, 1))?
-                .to_dtype(DType::F64)?;
-            let v = masked.to_vec1::<f64>()?;
-            let s = sums.get_or_insert_with(|| vec![0.0; v.len()]);
-            for (x, y) in s.iter_mut().zip(v) {
-                *x += y;
-            }
-            tokens += batch.tokens as f64;
-        }
-    }
-    Ok((
-        tally,
-        sums.map(|s| s.into_iter().map(|x| x / tokens.max(1.0)).collect()),
-    ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fit::model::Pool;
-
-    fn minilm() -> BertConfig {
-        serde_json::from_value(json!({
-            "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6,
-            "num_attention_heads": 12, "intermediate_size": 1536,
-            "max_position_embeddings": 512, "type_vocab_size": 2
-        }))
-        .unwrap()
-    }
-
-    fn spec(method: Method, side_dim: usize) -> ModelSpec {
-        ModelSpec {
-            method,
-            late_layers: 1,
-            late_trainable: false,
-            side_dim,
-            early_layers: (0..=5).collect(),
-            probe_layer: 6,
-            pool: Pool::Mean,
-            dropout: 0.1,
-            classes: 2,
-        }
-    }
-
-    /// The estimate bounds the peaks measured in the README's demo table
-    /// (MiniLM, batch 32, max_len 128: full-ft 3,178 MiB, sherl 980 MiB,
-    /// linear probe 224 MiB) without being absurdly above them.
-    #[test]
-    fn memory_estimate_bounds_the_measured_peaks() {
-        let cfg = FitConfig::default();
-        let all: Vec<usize> = (0..=6).collect();
-        let mib =
-            |m: Method| memory_estimate(&spec(m, 96), &minilm(), &cfg, 128, &all).total() / MIB;
-        for (m, measured) in [
-            (Method::FullFt, 3178.0),
-            (Method::Sherl, 980.0),
-            (Method::LinearProbe, 224.0),
-        ] {
-            let est = mib(m);
-            assert!(est >= measured && est < 4.0 * measured, "{m:?}: {est} MiB");
-        }
-        // the absurd side width of the attack: terabytes, refused
-        let huge = memory_estimate(
-            &spec(Method::Sherl, 100_000_000),
-            &minilm(),
-            &cfg,
-            128,
-            &all,
-        );
-        assert!(huge.total() > 1e12, "{}", huge.total());
-    }
 }

@@ -21,13 +21,21 @@
 //! an `error.json`) are listed in [`Report::skipped`] with the reason.
 //! Unknown JSON fields are ignored and missing optional ones are tolerated,
 //! so reports keep working as the run format grows.
+//!
+//! Here: the report's types, grouping and statistics; `read` reads run
+//! directories, `table` writes the CSV and Markdown, `plot` the pictures.
 
 mod plot;
+mod read;
+mod table;
+
+use read::{load_run, Run};
+use table::{to_csv, to_markdown};
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::{Error, Result};
@@ -167,49 +175,23 @@ pub struct Report {
 /// The note under the table: how groups are ordered and what the numbers are.
 pub const SELECTION_NOTE: &str = "Groups are sorted by mean valid accuracy, best first (ties by mean test accuracy): settings are selected on the valid split only; test numbers are reported for the selected settings, never used to choose them. Values are mean ± sample standard deviation (n − 1) over seeds; \"-\" means no value (no test split; one seed for ±); (k/n): only k of the n seeds reported the metric.";
 
-/// `summary.json`, tolerant: every field optional, unknown fields ignored.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
-struct RunSummary {
-    run_id: Option<String>,
-    method: Option<String>,
-    seed: Option<u64>,
-    valid_accuracy: Option<f64>,
-    test_accuracy: Option<f64>,
-    valid_macro_f1: Option<f64>,
-    test_macro_f1: Option<f64>,
-    trainable_params: Option<u64>,
-    peak_rss_bytes: Option<u64>,
-    seconds_per_epoch: Option<f64>,
-    layer_weights: Option<Vec<f64>>,
-    layer_weight_layers: Option<Vec<usize>>,
-    cache: Option<String>,
-}
-
-/// One complete run, read.
-#[derive(Debug, Clone)]
-struct Run {
-    id: String,
-    method: String,
-    seed: u64,
-    valid_accuracy: f64,
-    /// `config` without `seed` (an object).
-    settings: serde_json::Map<String, Value>,
-    cache: Option<String>,
-    summary: RunSummary,
-    /// epoch -> valid accuracy.
-    curve: BTreeMap<usize, f64>,
-    /// Lines of `metrics.jsonl` that could not be read (1-based).
-    unreadable_lines: Vec<usize>,
-}
-
-impl Run {
-    fn key(&self) -> String {
-        let mut k = canonical(&Value::Object(self.settings.clone()));
-        k.push('\u{0}');
-        k.push_str(self.cache.as_deref().unwrap_or(""));
-        k
-    }
+/// Why no report could be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReportError {
+    /// The runs directory holds no complete run.
+    #[error("{}: no complete runs (no run directory with a summary.json; {skipped} skipped{first})", runs.display())]
+    NoCompleteRuns {
+        /// The runs directory.
+        runs: PathBuf,
+        /// Directories skipped.
+        skipped: usize,
+        /// `: DIR: REASON` of the first skipped directory, or empty.
+        first: String,
+    },
+    /// The font embedded in the binary cannot be loaded.
+    #[error("the embedded font {0} is not a valid font")]
+    Font(&'static str),
 }
 
 /// Summarise the runs in `opts.runs` and write the report to `opts.out`.
@@ -249,11 +231,12 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
             .first()
             .map(|(d, r)| format!(": {}: {r}", d.display()))
             .unwrap_or_default();
-        return Err(Error::Config(format!(
-            "{}: no complete runs (no run directory with a summary.json; {} skipped{first})",
-            opts.runs.display(),
-            skipped.len()
-        )));
+        return Err(ReportError::NoCompleteRuns {
+            runs: opts.runs.clone(),
+            skipped: skipped.len(),
+            first,
+        }
+        .into());
     }
 
     let warnings: Vec<String> = runs
@@ -307,129 +290,6 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         skipped,
         warnings,
     })
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::result::Result<T, String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e).to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        }
-        .to_string()
-    })
-}
-
-/// Why a directory without `summary.json` is not in the report.
-fn incomplete_reason(dir: &Path) -> String {
-    let error_path = dir.join("error.json");
-    if error_path.exists() {
-        return match read_json::<Value>(&error_path) {
-            Ok(v) => match v.get("error").and_then(Value::as_str) {
-                Some(e) => format!("failed: {e}"),
-                None => "failed (error.json has no \"error\" message)".to_string(),
-            },
-            Err(e) => format!("failed (unreadable error.json: {e})"),
-        };
-    }
-    let metrics = dir.join("metrics.jsonl");
-    if metrics.exists() {
-        let epochs = std::fs::read_to_string(&metrics)
-            .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
-            .unwrap_or(0);
-        format!("incomplete: no summary.json (still running, or killed after {epochs} epoch(s))")
-    } else if dir.join("config.json").exists() {
-        "incomplete: no summary.json (still running, or killed before the first epoch ended)"
-            .to_string()
-    } else {
-        "not a run directory: no summary.json, config.json or error.json".to_string()
-    }
-}
-
-/// Read one run directory; `Err` is the reason to skip it.
-fn load_run(dir: &Path) -> std::result::Result<Run, String> {
-    let summary_path = dir.join("summary.json");
-    if !summary_path.exists() {
-        return Err(incomplete_reason(dir));
-    }
-    let (curve, unreadable_lines) = read_curve(&dir.join("metrics.jsonl"));
-    let summary: RunSummary = read_json(&summary_path)?;
-    let Some(valid_accuracy) = summary.valid_accuracy else {
-        return Err(format!("{}: no valid_accuracy", summary_path.display()));
-    };
-    let config_path = dir.join("config.json");
-    let config: Value = read_json(&config_path)?;
-    let Some(mut settings) = config.get("config").and_then(Value::as_object).cloned() else {
-        return Err(format!("{}: no \"config\" object", config_path.display()));
-    };
-    let config_seed = settings.remove("seed").and_then(|s| s.as_u64());
-    let Some(seed) = summary.seed.or(config_seed) else {
-        return Err(format!(
-            "{}: no seed (in summary.json or config.json)",
-            summary_path.display()
-        ));
-    };
-    let method = summary
-        .method
-        .clone()
-        .or_else(|| {
-            settings
-                .get("method")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
-        .unwrap_or_else(|| "unknown".to_string());
-    let cache = summary.cache.clone().or_else(|| {
-        config
-            .pointer("/cache/settings_hash")
-            .and_then(Value::as_str)
-            .map(String::from)
-    });
-    let id = summary.run_id.clone().unwrap_or_else(|| {
-        dir.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
-    Ok(Run {
-        id,
-        method,
-        seed,
-        valid_accuracy,
-        settings,
-        cache,
-        curve,
-        unreadable_lines,
-        summary,
-    })
-}
-
-/// Valid accuracy per epoch from `metrics.jsonl` (a missing file gives an
-/// empty curve), and the 1-based numbers of the lines that are not JSON
-/// objects with `epoch` and `valid_accuracy`: those are left out of the
-/// curve and the report says so.
-fn read_curve(path: &Path) -> (BTreeMap<usize, f64>, Vec<usize>) {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return (BTreeMap::new(), Vec::new());
-    };
-    let mut curve = BTreeMap::new();
-    let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let point = serde_json::from_str::<Value>(line).ok().and_then(|v| {
-            let epoch = usize::try_from(v.get("epoch")?.as_u64()?).ok()?;
-            let acc = v.get("valid_accuracy")?.as_f64()?;
-            Some((epoch, acc))
-        });
-        match point {
-            Some((epoch, acc)) => {
-                curve.insert(epoch, acc);
-            }
-            None => bad.push(i + 1),
-        }
-    }
-    (curve, bad)
 }
 
 /// JSON with object keys sorted at every level, no whitespace.
@@ -637,203 +497,6 @@ fn spread(values: &[f64]) -> Option<(Stat, f64, f64)> {
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     Some((s, min, max))
-}
-
-fn opt_num<T: ToString>(v: Option<T>) -> String {
-    v.map(|v| v.to_string()).unwrap_or_default()
-}
-
-fn to_csv(groups: &[GroupRow], path: &Path) -> Result<Vec<u8>> {
-    let err = |e: csv::Error| Error::io(path, std::io::Error::other(e));
-    let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record([
-        "rank",
-        "method",
-        "label",
-        "settings_label",
-        "seeds",
-        "valid_accuracy_mean",
-        "valid_accuracy_std",
-        "test_accuracy_mean",
-        "test_accuracy_std",
-        "test_accuracy_n",
-        "valid_macro_f1_mean",
-        "valid_macro_f1_std",
-        "test_macro_f1_mean",
-        "test_macro_f1_std",
-        "trainable_params",
-        "peak_memory_mib",
-        "seconds_per_epoch",
-        "cache",
-        "run_ids",
-        "settings_json",
-    ])
-    .map_err(err)?;
-    for (i, g) in groups.iter().enumerate() {
-        let mean = |s: &Option<Stat>| opt_num(s.as_ref().map(|s| s.mean));
-        let std = |s: &Option<Stat>| opt_num(s.as_ref().and_then(|s| s.std));
-        let valid = Some(g.valid_accuracy.clone());
-        w.write_record([
-            (i + 1).to_string(),
-            g.method.clone(),
-            g.label.clone(),
-            g.settings_label.clone(),
-            g.seeds.len().to_string(),
-            mean(&valid),
-            std(&valid),
-            mean(&g.test_accuracy),
-            std(&g.test_accuracy),
-            g.test_accuracy.as_ref().map_or(0, |s| s.n).to_string(),
-            mean(&g.valid_macro_f1),
-            std(&g.valid_macro_f1),
-            mean(&g.test_macro_f1),
-            std(&g.test_macro_f1),
-            opt_num(g.trainable_params),
-            opt_num(g.peak_memory_mib),
-            opt_num(g.seconds_per_epoch),
-            g.cache.clone().unwrap_or_default(),
-            g.run_ids.join(" "),
-            canonical(&g.settings),
-        ])
-        .map_err(err)?;
-    }
-    w.into_inner()
-        .map_err(|e| Error::io(path, std::io::Error::other(e.to_string())))
-}
-
-/// `81.23 ± 0.45` (percent), `-` when absent, `(k/n)` when partial.
-fn pct(s: Option<&Stat>, seeds: usize) -> String {
-    let Some(s) = s else {
-        return "-".to_string();
-    };
-    let mut t = match s.std {
-        Some(sd) => format!("{:.2} ± {:.2}", 100.0 * s.mean, 100.0 * sd),
-        None => format!("{:.2}", 100.0 * s.mean),
-    };
-    if s.n < seeds {
-        t.push_str(&format!(" ({}/{seeds})", s.n));
-    }
-    t
-}
-
-/// 1234567 -> `1,234,567`.
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Text safe inside a Markdown table cell.
-fn cell(s: &str) -> String {
-    let s = s.replace(['\n', '\r'], " ").replace('|', "\\|");
-    if s.is_empty() {
-        "-".to_string()
-    } else {
-        s
-    }
-}
-
-fn to_markdown(
-    opts: &ReportOptions,
-    groups: &[GroupRow],
-    skipped: &[(PathBuf, String)],
-    pictures: &[plot::Picture],
-) -> String {
-    use std::fmt::Write as _;
-    let runs: usize = groups.iter().map(|g| g.seeds.len()).sum();
-    let mut md = String::new();
-    let _ = writeln!(md, "# sherl runs: {}\n", opts.runs.display());
-    let _ = writeln!(
-        md,
-        "{runs} complete run(s) in {} group(s); {} run director{} skipped.\n",
-        groups.len(),
-        skipped.len(),
-        if skipped.len() == 1 { "y" } else { "ies" }
-    );
-    md.push_str(
-        "| # | method | settings | seeds | valid acc (%) | test acc (%) | valid macro-F1 (%) | test macro-F1 (%) | trainable params | peak mem (MiB) | s/epoch |\n",
-    );
-    md.push_str("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
-    for (i, g) in groups.iter().enumerate() {
-        let n = g.seeds.len();
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {n} | {} | {} | {} | {} | {} | {} | {} |",
-            i + 1,
-            cell(&g.method),
-            cell(&g.settings_label),
-            pct(Some(&g.valid_accuracy), n),
-            pct(g.test_accuracy.as_ref(), n),
-            pct(g.valid_macro_f1.as_ref(), n),
-            pct(g.test_macro_f1.as_ref(), n),
-            g.trainable_params.map_or("-".to_string(), thousands),
-            g.peak_memory_mib
-                .map_or("-".to_string(), |m| format!("{m:.0}")),
-            g.seconds_per_epoch
-                .map_or("-".to_string(), |s| format!("{s:.2}")),
-        );
-    }
-    let _ = writeln!(md, "\n{SELECTION_NOTE}\n");
-
-    // What every group of a method shares (the labels show the rest).
-    md.push_str("## Settings\n\n");
-    let mut methods: BTreeMap<&str, Vec<&GroupRow>> = BTreeMap::new();
-    for g in groups {
-        methods.entry(g.method.as_str()).or_default().push(g);
-    }
-    for (method, gs) in methods {
-        let first = gs[0].settings.as_object().cloned().unwrap_or_default();
-        let shared: Vec<String> = first
-            .iter()
-            .filter(|(k, v)| {
-                k.as_str() != "method"
-                    && gs
-                        .iter()
-                        .all(|g| g.settings.get(k.as_str()).map(canonical) == Some(canonical(v)))
-            })
-            .map(|(k, v)| format!("{k}={}", show_value(Some(v))))
-            .collect();
-        let _ = writeln!(
-            md,
-            "- `{method}` ({} group(s)), shared: {}",
-            gs.len(),
-            if shared.is_empty() {
-                "-".to_string()
-            } else {
-                format!("`{}`", shared.join(" "))
-            }
-        );
-    }
-    md.push('\n');
-
-    if !pictures.is_empty() {
-        md.push_str("## Pictures\n\n");
-        for p in pictures {
-            let _ = writeln!(
-                md,
-                "![{}]({}.png)\n\nSVG: [{}.svg]({}.svg)\n",
-                p.title, p.stem, p.stem, p.stem
-            );
-        }
-    }
-    if !skipped.is_empty() {
-        md.push_str("## Skipped run directories\n\n");
-        for (dir, reason) in skipped {
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| dir.display().to_string());
-            let _ = writeln!(md, "- `{name}`: {}", reason.replace(['\n', '\r'], " "));
-        }
-        md.push('\n');
-    }
-    md
 }
 
 #[cfg(test)]

@@ -3,6 +3,10 @@
 //! Text is laid out (and, in PNGs, rasterised) with the Liberation Sans font
 //! embedded from `assets/fonts/` through plotters' `ab_glyph` backend, so
 //! the pictures look the same on a machine without any system fonts.
+//!
+//! Over 500 lines because both charts share one layout (legend, notes,
+//! sizes, colours) that only makes sense read together; the drawing of
+//! each chart is one function.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -69,9 +73,7 @@ fn ensure_font() -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Config(
-            "the embedded font assets/fonts/LiberationSans-Regular.ttf is not a valid font".into(),
-        ))
+        Err(super::ReportError::Font("assets/fonts/LiberationSans-Regular.ttf").into())
     }
 }
 
@@ -98,7 +100,8 @@ fn color(i: usize) -> RGBColor {
     }
 }
 
-fn short(label: &str) -> String {
+/// `label` cut to [`MAX_LABEL_CHARS`] characters (an ellipsis marks the cut).
+fn truncate_label(label: &str) -> String {
     if label.chars().count() <= MAX_LABEL_CHARS {
         label.to_string()
     } else {
@@ -130,7 +133,10 @@ pub(super) fn draw_all(groups: &[GroupRow], out: &Path) -> Result<Vec<Picture>> 
     if curves.is_empty() {
         remove_stale(out, stem)?;
     } else {
-        let labels: Vec<String> = curves.iter().map(|(_, g)| short(&g.label)).collect();
+        let labels: Vec<String> = curves
+            .iter()
+            .map(|(_, g)| truncate_label(&g.label))
+            .collect();
         let legend = legend_width(&labels);
         let axis = curve_axis(&curves);
         let width = CHART_W + legend;
@@ -168,7 +174,7 @@ pub(super) fn draw_all(groups: &[GroupRow], out: &Path) -> Result<Vec<Picture>> 
             .iter()
             .map(|(_, g)| {
                 let sum: f64 = g.layer_weights.iter().map(|w| w.mean).sum();
-                format!("{} (sum {sum:.3})", short(&g.label))
+                format!("{} (sum {sum:.3})", truncate_label(&g.label))
             })
             .collect();
         let legend = legend_width(&labels);

@@ -1,4 +1,4 @@
-//! Differentiable building blocks on candle tensors.
+//! Differentiable functions on candle tensors, and the forward [`Mode`].
 //!
 //! candle-nn's fused `layer_norm` and `softmax_last_dim` have no backward
 //! pass, so LayerNorm and softmax are composed from basic ops here; dropout
@@ -7,19 +7,8 @@
 
 use candle_core::{Tensor, D};
 
-use super::rng::Rng;
+use crate::rng::SplitMix64;
 use crate::Result;
-
-/// `x W^T + b` for `x` of any rank `[.., in]`, `W` `[out, in]`.
-pub fn linear(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let d_in = *dims.last().expect("linear input has a last dimension");
-    let rows = x.elem_count() / d_in.max(1);
-    let y = x.reshape((rows, d_in))?.matmul(&w.t()?)?.broadcast_add(b)?;
-    let mut out = dims;
-    *out.last_mut().expect("non-empty") = w.dim(0)?;
-    Ok(y.reshape(out)?)
-}
 
 /// LayerNorm over the last dimension (biased variance, as PyTorch).
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
@@ -35,11 +24,23 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
     Ok(candle_nn::ops::softmax(x, D::Minus1)?)
 }
 
-/// Inverted dropout with probability `p` when `train` (masks from `rng`).
-pub fn dropout(x: &Tensor, p: f32, train: bool, rng: &mut Rng) -> Result<Tensor> {
-    if !train || p <= 0.0 {
-        return Ok(x.clone());
-    }
+/// Whether a forward pass trains (dropout on, its masks drawn from the
+/// run's dropout generator) or evaluates (dropout off, nothing drawn).
+#[derive(Debug)]
+pub enum Mode<'a> {
+    /// Training: dropout masks from this generator.
+    Train(&'a mut SplitMix64),
+    /// Evaluation and prediction: no dropout.
+    Eval,
+}
+
+/// Inverted dropout with probability `p` in [`Mode::Train`] (masks from its
+/// generator); the identity in [`Mode::Eval`] or for `p <= 0`.
+pub fn dropout(x: &Tensor, p: f32, mode: &mut Mode<'_>) -> Result<Tensor> {
+    let rng = match mode {
+        Mode::Train(rng) if p > 0.0 => rng,
+        _ => return Ok(x.clone()),
+    };
     let mask = rng.dropout_mask(x.elem_count(), p);
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
     Ok((x * mask)?)

@@ -1,0 +1,107 @@
+//! The affine building blocks: [`Linear`], [`LayerNorm`], and the
+//! [`Projector`] (`LayerNorm(Linear(x))`) that SHERL's early route and UniPT
+//! put on every cached layer.
+
+use candle_core::Tensor;
+
+use super::ops::layer_norm;
+use super::Builder;
+use crate::Result;
+
+/// `x W^T + b`, `W` `[out, in]`, `b` `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// `[out, in]`.
+    pub weight: Tensor,
+    /// `[out]`.
+    pub bias: Tensor,
+}
+
+impl Linear {
+    /// From explicit tensors.
+    pub fn from_parts(weight: Tensor, bias: Tensor) -> Self {
+        Linear { weight, bias }
+    }
+
+    /// # Shapes
+    /// `x` of any rank `[.., in]` -> `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = *dims.last().expect("linear input has a last dimension");
+        let rows = x.elem_count() / d_in.max(1);
+        let y = x
+            .reshape((rows, d_in))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        let mut out = dims;
+        *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
+        Ok(y.reshape(out)?)
+    }
+}
+
+/// LayerNorm over the last dimension (biased variance, as PyTorch).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    /// Scale, `[d]`.
+    pub weight: Tensor,
+    /// Shift, `[d]`.
+    pub bias: Tensor,
+    /// Added to the variance.
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    /// From explicit tensors.
+    pub fn from_parts(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        LayerNorm { weight, bias, eps }
+    }
+
+    /// # Shapes
+    /// `[.., d]` -> `[.., d]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `LayerNorm_d(Linear(D -> d))`, one per cached layer, named `proj.{j}` and
+/// `proj_ln.{j}` under the side network's prefix.
+#[derive(Debug, Clone)]
+pub struct Projector {
+    /// `D -> d`.
+    pub linear: Linear,
+    /// LayerNorm over `d`.
+    pub norm: LayerNorm,
+}
+
+/// LayerNorm epsilon of the projectors (PyTorch's `nn.LayerNorm` default).
+pub const PROJ_LN_EPS: f64 = 1e-5;
+
+impl Projector {
+    /// Fresh projectors for `m` entries of width `d_model`, side width `d`,
+    /// in entry order (linear then LayerNorm per entry).
+    pub fn load_all(vb: &mut Builder, m: usize, d_model: usize, d: usize) -> Result<Vec<Self>> {
+        (0..m)
+            .map(|j| {
+                Ok(Projector {
+                    linear: vb.fresh_linear(&format!("proj.{j}"), d_model, d)?,
+                    norm: vb.fresh_layer_norm(&format!("proj_ln.{j}"), d, PROJ_LN_EPS)?,
+                })
+            })
+            .collect()
+    }
+
+    /// # Shapes
+    /// `[.., D]` -> `[.., d]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.norm.forward(&self.linear.forward(x)?)
+    }
+
+    /// Apply each projector to its entry.
+    pub fn forward_all(projectors: &[Projector], layers: &[Tensor]) -> Result<Vec<Tensor>> {
+        layers
+            .iter()
+            .zip(projectors)
+            .map(|(x, p)| p.forward(x))
+            .collect()
+    }
+}

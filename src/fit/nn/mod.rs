@@ -1,0 +1,160 @@
+//! The trainable modules, written the way candle's models are: one struct
+//! per module, built by `load(vb, ..)` from a [`Builder`] (which names,
+//! initialises or loads and registers every parameter) and applied by
+//! `forward`.
+//!
+//! - [`ops`]: differentiable functions (LayerNorm, softmax, dropout with its
+//!   [`Mode`], masked mean, attention bias);
+//! - [`linear`]: [`Linear`], [`LayerNorm`] and the [`Projector`] of both
+//!   side networks;
+//! - [`bert_layer`], [`embeddings`]: pre-trained BERT modules;
+//! - [`consolidation`], [`restore_gate`]: SHERL's early route and its join
+//!   with the late route;
+//! - [`unipt`]: the UniPT side network;
+//! - [`head`]: pooling and the classification layer.
+
+pub mod bert_layer;
+pub mod consolidation;
+pub mod embeddings;
+pub mod head;
+pub mod linear;
+pub mod ops;
+pub mod restore_gate;
+pub mod unipt;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use linear::{LayerNorm, Linear, Projector};
+pub use ops::Mode;
+
+use super::params::{Group, Params};
+use crate::backbone::Checkpoint;
+use crate::rng::SplitMix64;
+use crate::Result;
+
+/// Where modules get their parameters (the counterpart of candle's
+/// `VarBuilder`): fresh parameters are initialised from the model's seeded
+/// init generator and trained in [`Group::New`]; pre-trained ones are read
+/// from the checkpoint by name and trained in the builder's group, or frozen.
+/// Every parameter is registered in [`Params`] under the builder's prefix
+/// plus its own name. The order in which modules draw fresh parameters is
+/// part of the seeded results.
+pub struct Builder<'a> {
+    params: &'a mut Params,
+    rng: &'a mut SplitMix64,
+    ckpt: &'a Checkpoint,
+    dev: &'a Device,
+    prefix: String,
+    group: Option<Group>,
+}
+
+impl<'a> Builder<'a> {
+    /// A builder at the root, loading pre-trained weights frozen.
+    pub fn new(
+        params: &'a mut Params,
+        rng: &'a mut SplitMix64,
+        ckpt: &'a Checkpoint,
+        dev: &'a Device,
+    ) -> Self {
+        Builder {
+            params,
+            rng,
+            ckpt,
+            dev,
+            prefix: String::new(),
+            group: None,
+        }
+    }
+
+    /// A builder for the sub-module `name` (names get `name.` in front).
+    pub fn pp(&mut self, name: &str) -> Builder<'_> {
+        let prefix = self.path(name);
+        Builder {
+            params: self.params,
+            rng: self.rng,
+            ckpt: self.ckpt,
+            dev: self.dev,
+            prefix,
+            group: self.group,
+        }
+    }
+
+    /// Pre-trained weights loaded from here on are trained in `group`, or
+    /// frozen for `None`.
+    pub fn pretrained_group(mut self, group: Option<Group>) -> Self {
+        self.group = group;
+        self
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Device {
+        self.dev
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// A fresh tensor `name` of `shape`, trained in [`Group::New`].
+    pub fn fresh(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
+        let path = self.path(name);
+        self.params.add(&path, t, Some(Group::New))
+    }
+
+    /// A fresh `Linear(d_in -> d_out)`, Kaiming-uniform as PyTorch's
+    /// `nn.Linear`: weight, then bias, uniform in ±1/sqrt(d_in).
+    pub fn fresh_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let w: Vec<f32> = (0..d_in * d_out)
+            .map(|_| self.rng.symmetric_f32(bound))
+            .collect();
+        let b: Vec<f32> = (0..d_out).map(|_| self.rng.symmetric_f32(bound)).collect();
+        let weight = Tensor::from_vec(w, (d_out, d_in), self.dev)?;
+        let bias = Tensor::from_vec(b, d_out, self.dev)?;
+        Ok(Linear {
+            weight: self.fresh(&format!("{name}.weight"), weight)?,
+            bias: self.fresh(&format!("{name}.bias"), bias)?,
+        })
+    }
+
+    /// A fresh LayerNorm of width `d`: weight 1, bias 0.
+    pub fn fresh_layer_norm(&mut self, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
+        let weight = Tensor::ones(d, DType::F32, self.dev)?;
+        let bias = Tensor::zeros(d, DType::F32, self.dev)?;
+        Ok(LayerNorm {
+            weight: self.fresh(&format!("{name}.weight"), weight)?,
+            bias: self.fresh(&format!("{name}.bias"), bias)?,
+            eps,
+        })
+    }
+
+    /// The checkpoint tensor `name` (under the prefix), checked to have
+    /// `shape`.
+    pub fn pretrained(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let path = self.path(name);
+        let v = self.ckpt.tensor_f32_shaped(&path, shape)?;
+        self.params
+            .add(&path, Tensor::from_vec(v, shape, self.dev)?, self.group)
+    }
+
+    /// A pre-trained `Linear(d_in -> d_out)`.
+    pub fn pretrained_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.pretrained(&format!("{name}.weight"), &[d_out, d_in])?,
+            bias: self.pretrained(&format!("{name}.bias"), &[d_out])?,
+        })
+    }
+
+    /// A pre-trained LayerNorm of width `d`.
+    pub fn pretrained_layer_norm(&mut self, name: &str, d: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.pretrained(&format!("{name}.weight"), &[d])?,
+            bias: self.pretrained(&format!("{name}.bias"), &[d])?,
+            eps,
+        })
+    }
+}

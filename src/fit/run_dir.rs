@@ -1,0 +1,331 @@
+//! The run directory `RUNS/<run id>/` and its files, one type each, written
+//! and read by this module:
+//!
+//! - [`RunConfig`]: `config.json`, written before training (the settings,
+//!   the model's shape, the labels, the cache it trains on);
+//! - [`EpochMetrics`]: one line of `metrics.jsonl` per finished epoch;
+//! - [`Summary`]: `summary.json`, written when the run finished (also the
+//!   last stdout line of `sherl-fit run`);
+//! - [`RunError`]: `error.json`, written instead when the run stopped;
+//! - `weights.safetensors` (see [`super::params::Params::save`]) and the
+//!   lock file [`RUN_LOCK`].
+//!
+//! Readers: [`RunConfig::read`] and [`recorded_weights_sha256`] (predict),
+//! [`Summary::read`] (a finished run is not re-run), [`SummaryView::read`]
+//! (the report, tolerant of older and hand-written runs).
+//!
+//! Bytes: `config.json` and `error.json` are written through a
+//! `serde_json::Value`, whose objects sort their keys, so their keys are
+//! sorted at every level and single-precision settings are widened to f64
+//! (`dropout` 0.1 is stored as 0.10000000149011612), exactly as the files
+//! written by earlier versions; `summary.json` and `metrics.jsonl` keep the
+//! fields in declaration order.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::FitConfig;
+use crate::cache::manifest::BackboneInfo;
+use crate::{Error, Result};
+
+/// `config.json`.
+pub const CONFIG_FILE: &str = "config.json";
+/// `metrics.jsonl`.
+pub const METRICS_FILE: &str = "metrics.jsonl";
+/// `summary.json`.
+pub const SUMMARY_FILE: &str = "summary.json";
+/// `error.json`.
+pub const ERROR_FILE: &str = "error.json";
+/// `weights.safetensors`: the best epoch's trainable weights.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
+/// Lock file of a run directory (see [`crate::fsutil::DirLock`]).
+pub const RUN_LOCK: &str = ".lock";
+
+/// `config.json`: what a run was trained with. Fields are in the order the
+/// file has them (sorted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// The cache the run trained on.
+    pub cache: RunCache,
+    /// The training settings.
+    pub config: FitConfig,
+    /// Class labels, by class index.
+    pub labels: Vec<String>,
+    /// The model's shape.
+    pub model: RunModel,
+    /// Run id.
+    pub run_id: String,
+    /// Version of sherl that trained it.
+    #[serde(default)]
+    pub sherl_version: String,
+}
+
+/// The model part of [`RunConfig`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunModel {
+    /// Classes.
+    pub classes: usize,
+    /// Early-route hidden-state indices (sherl).
+    pub early_layers: Vec<usize>,
+    /// Frozen parameters loaded.
+    #[serde(default)]
+    pub frozen_params: usize,
+    /// Hidden-state indices the model reads from the cache, in order.
+    #[serde(default)]
+    pub inputs: Vec<usize>,
+    /// Linear-probe layer.
+    pub probe_layer: usize,
+    /// Side width d.
+    pub side_dim: usize,
+    /// Trainable parameters.
+    #[serde(default)]
+    pub trainable_params: usize,
+}
+
+/// The cache part of [`RunConfig`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunCache {
+    /// The backbone that made the cache (from its manifest).
+    pub backbone: BackboneInfo,
+    /// Cached hidden-state indices.
+    pub layers: Vec<usize>,
+    /// Maximum tokens per example.
+    pub max_len: usize,
+    /// The cache directory as given to `sherl-fit run`.
+    #[serde(default)]
+    pub path: PathBuf,
+    /// The cache's settings hash.
+    #[serde(default)]
+    pub settings_hash: String,
+}
+
+impl RunConfig {
+    /// Write `run_dir/config.json`.
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        write_sorted(&run_dir.join(CONFIG_FILE), self)
+    }
+
+    /// Read `run_dir/config.json`.
+    pub fn read(run_dir: &Path) -> Result<Self> {
+        read_json(&run_dir.join(CONFIG_FILE))
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    /// 1-based epoch.
+    pub epoch: usize,
+    /// Mean training loss.
+    pub train_loss: f64,
+    /// Training accuracy (with dropout on).
+    pub train_accuracy: f64,
+    /// Valid loss.
+    pub valid_loss: f64,
+    /// Valid accuracy.
+    pub valid_accuracy: f64,
+    /// Valid macro-F1.
+    pub valid_macro_f1: f64,
+    /// Training seconds of this epoch (excluding evaluation).
+    pub seconds: f64,
+    /// Evaluation seconds.
+    pub eval_seconds: f64,
+    /// Real training tokens per second.
+    pub tokens_per_second: f64,
+    /// Learning rate (new modules) at the end of the epoch.
+    pub lr: f64,
+    /// SHERL gate tanh(gamma / 0.1) at the end of the epoch.
+    pub gate: Option<f32>,
+}
+
+impl EpochMetrics {
+    /// The line of `metrics.jsonl` (without the newline).
+    pub fn line(&self) -> String {
+        serde_json::to_string(self).expect("metrics serialise")
+    }
+}
+
+/// `summary.json` and the last stdout line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Summary {
+    /// Run id.
+    pub run_id: String,
+    /// Method.
+    pub method: String,
+    /// Seed.
+    pub seed: u64,
+    /// Valid accuracy of the best checkpoint.
+    pub valid_accuracy: f64,
+    /// Test accuracy of the best checkpoint (null without a test split).
+    pub test_accuracy: Option<f64>,
+    /// Valid macro-F1 of the best checkpoint.
+    pub valid_macro_f1: f64,
+    /// Test macro-F1 of the best checkpoint.
+    pub test_macro_f1: Option<f64>,
+    /// Epoch of the best checkpoint (1-based).
+    pub best_epoch: usize,
+    /// Epochs run.
+    pub epochs: usize,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// Frozen parameters loaded (pre-trained late layers).
+    pub frozen_params: usize,
+    /// Peak resident memory of the process, bytes.
+    pub peak_rss_bytes: u64,
+    /// Seconds spent training (all epochs, excluding evaluation).
+    pub train_seconds: f64,
+    /// Mean training seconds per epoch.
+    pub seconds_per_epoch: f64,
+    /// Real training tokens per second.
+    pub train_tokens_per_second: f64,
+    /// SHERL layer weights: alpha averaged over the valid split's real
+    /// tokens, one value per shallow early layer (`layer_weight_layers`).
+    pub layer_weights: Option<Vec<f64>>,
+    /// hidden_states indices of `layer_weights`.
+    pub layer_weight_layers: Option<Vec<usize>>,
+    /// Run directory.
+    pub run_dir: PathBuf,
+    /// Cache settings hash.
+    pub cache: String,
+    /// sha256 of `weights.safetensors` (the best epoch's weights), checked
+    /// by `predict` before it uses them. Absent in runs written by sherl
+    /// before it was recorded.
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
+}
+
+impl Summary {
+    /// Write `run_dir/summary.json`.
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("summary serialises");
+        crate::fsutil::write_atomic(&run_dir.join(SUMMARY_FILE), &bytes)
+    }
+
+    /// The summary of a finished run, `None` if `run_dir` has no
+    /// `summary.json`.
+    pub fn read(run_dir: &Path) -> Result<Option<Self>> {
+        let path = run_dir.join(SUMMARY_FILE);
+        if !path.exists() {
+            return Ok(None);
+        }
+        read_json(&path).map(Some)
+    }
+}
+
+/// `summary.json` read tolerantly, for the report: every field of
+/// [`Summary`] the report uses, each optional, unknown fields ignored, so
+/// runs from older versions (and hand-written ones) are still reported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SummaryView {
+    /// [`Summary::run_id`].
+    pub run_id: Option<String>,
+    /// [`Summary::method`].
+    pub method: Option<String>,
+    /// [`Summary::seed`].
+    pub seed: Option<u64>,
+    /// [`Summary::valid_accuracy`].
+    pub valid_accuracy: Option<f64>,
+    /// [`Summary::test_accuracy`].
+    pub test_accuracy: Option<f64>,
+    /// [`Summary::valid_macro_f1`].
+    pub valid_macro_f1: Option<f64>,
+    /// [`Summary::test_macro_f1`].
+    pub test_macro_f1: Option<f64>,
+    /// [`Summary::trainable_params`].
+    pub trainable_params: Option<u64>,
+    /// [`Summary::peak_rss_bytes`].
+    pub peak_rss_bytes: Option<u64>,
+    /// [`Summary::seconds_per_epoch`].
+    pub seconds_per_epoch: Option<f64>,
+    /// [`Summary::layer_weights`].
+    pub layer_weights: Option<Vec<f64>>,
+    /// [`Summary::layer_weight_layers`].
+    pub layer_weight_layers: Option<Vec<usize>>,
+    /// [`Summary::cache`].
+    pub cache: Option<String>,
+}
+
+/// `error.json`: why a run stopped. Fields in file order (sorted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunError {
+    /// The error message.
+    pub error: String,
+    /// Run id.
+    #[serde(default)]
+    pub run_id: String,
+    /// sha256 of the best weights written before it stopped, if any.
+    #[serde(default)]
+    pub weights_sha256: Option<String>,
+}
+
+impl RunError {
+    /// Write `run_dir/error.json`.
+    pub fn write(&self, run_dir: &Path) -> Result<()> {
+        write_sorted(&run_dir.join(ERROR_FILE), self)
+    }
+}
+
+/// The weights checksum a run recorded: `Some((file, sha))` from
+/// `summary.json`, or else `error.json`, with `sha` `None` for a file
+/// written before checksums were recorded; `None` when the run has
+/// neither file (still running, or killed).
+pub fn recorded_weights_sha256(run_dir: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
+    #[derive(Deserialize)]
+    struct Recorded {
+        #[serde(default)]
+        weights_sha256: Option<String>,
+    }
+    for name in [SUMMARY_FILE, ERROR_FILE] {
+        let path = run_dir.join(name);
+        if path.exists() {
+            let r: Recorded = read_json(&path)?;
+            return Ok(Some((path, r.weights_sha256)));
+        }
+    }
+    Ok(None)
+}
+
+/// Pretty JSON through a `serde_json::Value` (keys sorted, f32 widened),
+/// written atomically.
+fn write_sorted(path: &Path, v: &impl Serialize) -> Result<()> {
+    let value = serde_json::to_value(v).expect("run file serialises");
+    let bytes = serde_json::to_vec_pretty(&value).expect("serialises");
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_error_keys_are_sorted_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        RunError {
+            error: "boom".into(),
+            run_id: "sherl-x".into(),
+            weights_sha256: None,
+        }
+        .write(dir.path())
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join(ERROR_FILE)).unwrap();
+        let old = serde_json::to_string_pretty(
+            &serde_json::json!({ "run_id": "sherl-x", "error": "boom", "weights_sha256": null }),
+        )
+        .unwrap();
+        assert_eq!(text, old);
+        assert_eq!(
+            recorded_weights_sha256(dir.path()).unwrap(),
+            Some((dir.path().join(ERROR_FILE), None))
+        );
+    }
+}
