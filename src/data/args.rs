@@ -117,9 +117,9 @@ pub struct PredictDataArgs {
     pub read: ReadArgs,
 }
 
-/// The columns a run was trained on (from its cache's manifest): the
-/// defaults of [`PredictDataArgs`].
-#[derive(Debug, Clone, PartialEq)]
+/// The columns a run was trained on (from its cache's manifest, kept in the
+/// run's `config.json`): the defaults of [`PredictDataArgs`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainedColumns {
     /// The text column.
     pub text: Column,
@@ -141,6 +141,33 @@ impl Default for TrainedColumns {
             text_pair: read.text_pair_column,
             label: read.label_column,
             has_header: read.has_header,
+        }
+    }
+}
+
+impl TrainedColumns {
+    /// From a cache manifest's `dataset.options`, which records columns as
+    /// JSON strings (names) or numbers (indices), or, before sherl 0.1's
+    /// manifests changed that, as `` `name` `` / `#i`. Missing entries take
+    /// the defaults.
+    pub fn from_options(options: &serde_json::Value) -> TrainedColumns {
+        let column = |key: &str| -> Option<Column> {
+            match &options[key] {
+                serde_json::Value::String(s) => {
+                    Column::from_display(s).or_else(|| s.parse().ok())
+                }
+                serde_json::Value::Number(n) => {
+                    n.as_u64().and_then(|i| usize::try_from(i).ok()).map(Column::Index)
+                }
+                _ => None,
+            }
+        };
+        let fallback = TrainedColumns::default();
+        TrainedColumns {
+            text: column("text_column").unwrap_or(fallback.text),
+            text_pair: column("text_pair_column"),
+            label: column("label_column"),
+            has_header: options["has_header"].as_bool().unwrap_or(true),
         }
     }
 }

@@ -228,6 +228,31 @@ impl Column {
     }
 }
 
+/// In JSON (run files, manifests): a name is a string, an index a number.
+impl serde::Serialize for Column {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        match self {
+            Column::Name(name) => s.serialize_str(name),
+            Column::Index(i) => s.serialize_u64(*i as u64),
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Column {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Index(usize),
+            Name(String),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Index(i) => Column::Index(i),
+            Raw::Name(name) => Column::Name(name),
+        })
+    }
+}
+
 impl fmt::Display for Column {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -11,49 +11,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
-use serde::Deserialize;
 use serde_json::json;
 
 use super::batcher::Batch;
-use super::config::FitConfig;
 use super::model::{Model, ModelSpec};
 use super::params::Params;
+use super::run_dir::{self, RunCache, RunConfig};
 use crate::backbone::{BackboneDir, Checkpoint};
-use crate::cache::manifest::BackboneInfo;
 use crate::data::args::{PredictDataArgs, TrainedColumns};
-use crate::data::{Column, Format};
+use crate::data::Format;
 use crate::extract::batch::{real_rows, PaddedBatch};
 use crate::runtime::{BackboneSession, Runtime, SessionConfig};
 use crate::tokenize::{Encoded, Tokenizer};
 use crate::{Error, Result};
-
-#[derive(Debug, Deserialize)]
-struct RunConfig {
-    run_id: String,
-    config: FitConfig,
-    model: RunModel,
-    labels: Vec<String>,
-    cache: RunCache,
-}
-
-#[derive(Debug, Deserialize)]
-struct RunModel {
-    side_dim: usize,
-    early_layers: Vec<usize>,
-    probe_layer: usize,
-    classes: usize,
-}
-
-#[derive(Debug, Deserialize)]
-struct RunCache {
-    layers: Vec<usize>,
-    max_len: usize,
-    backbone: BackboneInfo,
-    #[serde(default)]
-    path: Option<PathBuf>,
-    #[serde(default)]
-    settings_hash: Option<String>,
-}
 
 /// What `predict` needs.
 #[derive(Debug, Clone)]
@@ -115,25 +85,7 @@ fn same(what: &str, path: &Path, want: &str) -> Result<()> {
 /// answers. A run still in progress (or killed) has no record: its weights
 /// are used with a warning.
 fn check_weights(run: &Path, weights: &Path) -> Result<()> {
-    #[derive(Deserialize)]
-    struct Recorded {
-        #[serde(default)]
-        weights_sha256: Option<String>,
-    }
-    let mut recorded = None;
-    for name in ["summary.json", "error.json"] {
-        let p = run.join(name);
-        if !p.exists() {
-            continue;
-        }
-        let bytes = std::fs::read(&p).map_err(|e| Error::io(&p, e))?;
-        let r: Recorded = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-            path: p.clone(),
-            source: e,
-        })?;
-        recorded = Some((p, r.weights_sha256));
-        break;
-    }
+    let recorded = run_dir::recorded_weights_sha256(run)?;
     match recorded {
         Some((from, Some(want))) => {
             let got = crate::fsutil::sha256_file(weights)?;
@@ -162,39 +114,33 @@ fn check_weights(run: &Path, weights: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The columns the run's cache was extracted from, read from the cache's
-/// manifest (when it is still where the run recorded it and is the cache
-/// the run was trained on), else the reader's defaults (`text`, `label`).
+/// The columns the run was trained on: recorded in its `config.json`, or,
+/// for runs written before that, read from the cache's manifest (when it
+/// is still where the run recorded it and is the cache the run was trained
+/// on), else the reader's defaults (`text`, `label`).
 fn trained_columns(cache: &RunCache) -> TrainedColumns {
-    let Some(dir) = &cache.path else {
-        return TrainedColumns::default();
-    };
-    let path = dir.join("manifest.json");
+    if let Some(columns) = &cache.columns {
+        return columns.clone();
+    }
+    let path = cache.path.join("manifest.json");
     let manifest: Option<serde_json::Value> = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let same_cache = manifest.as_ref().is_some_and(|m| {
-        cache.settings_hash.is_some()
-            && m["settings_hash"].as_str() == cache.settings_hash.as_deref()
-    });
-    let options = match manifest {
-        Some(m) if same_cache => m["dataset"]["options"].clone(),
+    match manifest {
+        Some(m)
+            if !cache.settings_hash.is_empty()
+                && m["settings_hash"].as_str() == Some(cache.settings_hash.as_str()) =>
+        {
+            TrainedColumns::from_options(&m["dataset"]["options"])
+        }
         _ => {
             tracing::warn!(
                 "{}: not readable, or not the cache this run was trained on; reading \
                  the texts from column `text` (labels: `label`) unless --text-column says otherwise",
                 path.display()
             );
-            return TrainedColumns::default();
+            TrainedColumns::default()
         }
-    };
-    let column = |key: &str| options[key].as_str().and_then(Column::from_display);
-    let fallback = TrainedColumns::default();
-    TrainedColumns {
-        text: column("text_column").unwrap_or(fallback.text),
-        text_pair: column("text_pair_column"),
-        label: column("label_column"),
-        has_header: options["has_header"].as_bool().unwrap_or(true),
     }
 }
 
@@ -208,13 +154,9 @@ fn prefix(text: &str, chars: usize) -> String {
 
 /// Label `plan.data` with the run in `plan.run`.
 pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
-    let cfg_path = plan.run.join("config.json");
-    let bytes = std::fs::read(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
-    let rc: RunConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-        path: cfg_path.clone(),
-        source: e,
-    })?;
-    let weights_path = plan.run.join("weights.safetensors");
+    let cfg_path = plan.run.join(run_dir::CONFIG_FILE);
+    let rc = RunConfig::read(&plan.run)?;
+    let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
     if !weights_path.exists() {
         return Err(Error::Config(format!(
             "{}: no weights.safetensors (the run has not finished an epoch)",

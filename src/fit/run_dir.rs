@@ -23,6 +23,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::args::TrainedColumns;
 use serde::{Deserialize, Serialize};
 
 use super::config::FitConfig;
@@ -98,6 +99,10 @@ pub struct RunCache {
     /// The cache's settings hash.
     #[serde(default)]
     pub settings_hash: String,
+    /// The dataset columns the cache was extracted from (predict's
+    /// defaults); absent in runs written before sherl recorded them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<TrainedColumns>,
 }
 
 impl RunConfig {

@@ -29,6 +29,7 @@ use super::metrics::Tally;
 use super::model::{Method, Model};
 use super::nn::Mode;
 use super::params::{Group, Params};
+use crate::data::args::TrainedColumns;
 use super::run_dir::{
     EpochMetrics, RunCache, RunConfig, RunError, RunModel, Summary, ERROR_FILE, METRICS_FILE,
     RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
@@ -195,6 +196,7 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             max_len: m.settings.max_len,
             path: plan.cache.clone(),
             settings_hash: m.settings_hash.clone(),
+            columns: Some(TrainedColumns::from_options(&m.dataset.options)),
         },
         config: cfg.clone(),
         labels: m.labels.clone(),
