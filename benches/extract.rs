@@ -26,12 +26,12 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use sherl::backbone::BackboneDir;
+use sherl::batching::{batch_ranges, real_rows, PaddedBatch};
 use sherl::cache::format::{encode_values, shuffle_bytes, shuffle_width};
 use sherl::cache::manifest::ExtractSettings;
 use sherl::cache::shard::{compress_chunk, ShardSpec};
 use sherl::cache::{Cache, Dtype};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::batch::{batch_ranges, real_rows, PaddedBatch};
 use sherl::extract::run::{ExtractPlan, ExtractReporter, LayerChoice};
 use sherl::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
 use sherl::tokenize::{Encoded, Tokenizer};

@@ -11,6 +11,8 @@
 //! - [`tokenize`]: the backbone's own `tokenizer.json` with padding off and
 //!   our own truncation.
 //! - [`backbone`]: BERT-family checkpoints (config + safetensors).
+//! - [`batching`]: the one batching rule and padded batches, shared by
+//!   extraction and training.
 //! - [`onnx`]: a protobuf subset of ONNX, the exporter that turns a checkpoint
 //!   into a graph exposing every `hidden_states.i`, and tools for user graphs.
 //! - [`runtime`]: locating and loading the ONNX Runtime library, sessions on
@@ -27,6 +29,7 @@ compile_error!("sherl's on-disk formats are little-endian; big-endian targets ar
 
 pub mod assets;
 pub mod backbone;
+pub mod batching;
 pub mod cache;
 pub mod cli;
 pub mod data;

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::{self, tiny};
+use sherl::batching::{real_rows, PaddedBatch};
 use sherl::cache::Cache;
-use sherl::extract::batch::{real_rows, PaddedBatch};
 use sherl::runtime::BackboneSession;
 use sherl::tokenize::Encoded;
 

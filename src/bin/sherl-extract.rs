@@ -14,11 +14,11 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 
 use sherl::backbone::{BackboneDir, Checkpoint};
+use sherl::batching::{real_rows, PaddedBatch};
 use sherl::cache::manifest::{ExtractSettings, WorkerInfo};
 use sherl::cache::Dtype;
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::batch::{real_rows, PaddedBatch};
 use sherl::extract::run::{ExtractPlan, LayerChoice};
 use sherl::onnx::inspect;
 use sherl::runtime::{self, BackboneSession};

@@ -1,7 +1,6 @@
 //! Phase one: running the frozen backbone over a dataset.
 //!
-//! [`batch`] turns tokenized examples into padded ONNX Runtime inputs and
-//! back into per-example hidden states at real tokens only.
+//! Padded inputs and per-example rows at real tokens come from
+//! [`crate::batching`], shared with training.
 
-pub mod batch;
 pub mod run;

@@ -20,8 +20,8 @@ use std::sync::mpsc;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use super::batch::{batch_ranges, real_rows, real_rows_slice, PaddedBatch};
 use crate::backbone::BackboneDir;
+use crate::batching::{batch_ranges, real_rows, real_rows_slice, PaddedBatch};
 use crate::cache::format::SHARD_FORMAT_VERSION;
 use crate::cache::manifest::{
     short_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,

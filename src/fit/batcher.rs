@@ -13,8 +13,8 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use super::rng::Rng;
+use crate::batching::batch_ranges;
 use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
-use crate::extract::batch::batch_ranges;
 use crate::{Error, Result};
 
 /// One batch.
