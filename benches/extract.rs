@@ -32,7 +32,7 @@ use sherl::cache::manifest::ExtractSettings;
 use sherl::cache::shard::{compress_chunk, ShardSpec};
 use sherl::cache::{Cache, Dtype};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::run::{ExtractPlan, ExtractReporter, LayerChoice};
+use sherl::extract::{ExtractPlan, ExtractReporter, LayerChoice};
 use sherl::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
 use sherl::tokenize::{Encoded, Tokenizer};
 
@@ -406,7 +406,7 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
     let load_s = t.elapsed().as_secs_f64();
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), settings.max_len)?;
     let mut split_names: Vec<String> = ds.report.split_counts.keys().cloned().collect();
-    split_names.sort_by_key(|n| sherl::extract::run::split_rank(n));
+    split_names.sort_by_key(|n| sherl::extract::order::split_rank(n));
     let t = Instant::now();
     let mut items = Vec::with_capacity(ds.examples.len());
     for ex in &ds.examples {

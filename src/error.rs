@@ -103,6 +103,10 @@ pub enum Error {
     /// candle failure.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    // --- extract (issue 9: phase one's own errors) --------------------------
+    /// Extraction refused its settings or stopped.
+    #[error(transparent)]
+    Extract(#[from] crate::extract::ExtractError),
 }
 
 impl Error {

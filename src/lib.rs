@@ -37,6 +37,8 @@ pub mod error;
 pub mod extract;
 pub mod fit;
 pub mod fsutil;
+pub mod hash;
+pub mod le;
 pub mod onnx;
 pub mod report;
 pub mod runtime;

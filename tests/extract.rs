@@ -468,7 +468,7 @@ fn background_stream_matches_direct_reads() {
 /// empty.
 #[test]
 fn writer_lock_refuses_a_second_writer() {
-    use sherl::extract::run::LOCK;
+    use sherl::cache::writer::LOCK;
     use sherl::fsutil::DirLock;
     let f = fixture(20);
     ok(&extract(&f, "done", &[]));

@@ -103,4 +103,37 @@ pub enum CacheError {
     /// Any other structural problem.
     #[error("corrupt shard: {0}")]
     Corrupt(String),
+    // --- Writing a cache directory (cache::writer) ---------------------------
+    /// The output directory already holds a complete cache.
+    #[error("already a complete cache (manifest.json exists); choose another --out or delete it")]
+    AlreadyComplete,
+    /// The output directory holds something and `--resume` was not given.
+    #[error("directory is not empty; pass --resume to continue an interrupted extraction, or choose another --out")]
+    NotEmpty,
+    /// `--resume` into a directory holding shards but no pending manifest.
+    #[error("cannot resume: it holds shards but no extract.pending.json recording their settings; start in an empty --out")]
+    NoPendingManifest,
+    /// The pending manifest of the interrupted extraction is unusable.
+    #[error("cannot resume: {reason}")]
+    CannotResume {
+        /// Why it cannot be read.
+        reason: String,
+    },
+    /// `--resume` with settings other than the interrupted extraction's.
+    #[error("cannot resume with different settings (differs: {differs}); use the original flags or another --out")]
+    ResumeMismatch {
+        /// The manifest fields that differ, comma-separated.
+        differs: String,
+    },
+    /// A sealed shard found while resuming belongs to other settings.
+    #[error("sealed with different settings; refusing to mix it into this cache")]
+    SealedWithOtherSettings,
+    /// zstd could not compress a frame.
+    #[error("zstd compression (level {level}): {message}")]
+    Compress {
+        /// The zstd level.
+        level: i32,
+        /// zstd's message.
+        message: String,
+    },
 }

@@ -446,18 +446,9 @@ pub fn decode_values(
         )));
     }
     Ok(match dtype {
-        Dtype::F32 => raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => raw
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::Bf16 => raw
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        Dtype::F32 => crate::le::f32s(raw),
+        Dtype::F16 => crate::le::f16s(raw),
+        Dtype::Bf16 => crate::le::bf16s(raw),
         Dtype::Int8 => {
             let (scales, q) = raw.split_at(tokens * 4);
             let mut out = Vec::with_capacity(tokens * hidden);

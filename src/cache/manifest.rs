@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use super::error::CacheError;
 use super::format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
@@ -124,6 +123,27 @@ pub struct WorkerInfo {
     pub index: u32,
     /// Number of workers.
     pub count: u32,
+}
+
+impl WorkerInfo {
+    /// Parse `I/N` (worker I of N, `0 <= I < N`) as given to `flag`
+    /// (`--shard-of`, `--worker`): the one parser of both phases' flags.
+    pub fn parse(flag: &str, s: &str) -> Result<Self> {
+        let bad = || {
+            Error::Config(format!(
+                "{flag} {s}: expected I/N with 0 <= I < N, e.g. 0/4"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u32, u32) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(WorkerInfo { index, count })
+    }
 }
 
 /// `manifest.json`.
@@ -252,7 +272,7 @@ impl Manifest {
         }
         let mut text = String::new();
         canonical_json(&v, &mut text);
-        crate::backbone::hex_digest(&sha2::Sha256::digest(text.as_bytes()))
+        crate::hash::sha256_hex(text.as_bytes())
     }
 
     /// The manifest as written: `manifest_sha256` set from the content when

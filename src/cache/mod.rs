@@ -32,6 +32,7 @@ pub mod manifest;
 pub mod merge;
 pub mod mmap;
 pub mod shard;
+pub mod writer;
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::mpsc;

@@ -335,6 +335,17 @@ impl ShardWriter {
         })
     }
 
+    /// The shard-wide settings it writes with.
+    pub fn spec(&self) -> &ShardSpec {
+        &self.spec
+    }
+
+    /// The final path (the file is written to a `.tmp` next to it until
+    /// sealed).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Append a compressed chunk (chunks must arrive in order).
     pub fn push(&mut self, chunk: CompressedChunk) -> Result<()> {
         for (kind, layer, bytes, raw_len) in chunk.frames {
