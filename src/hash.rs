@@ -16,6 +16,12 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// The first 12 characters of a hex hash, to name it in messages and
+/// listings (the whole string when shorter; never panics).
+pub fn abbrev(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
 /// sha256 of `bytes`, lowercase hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))

@@ -293,8 +293,8 @@ impl Manifest {
     }
 
     /// First 8 bytes of `settings_hash` as stored in shard headers.
-    pub fn short_hash(&self) -> u64 {
-        short_hash(&self.settings_hash)
+    pub fn header_settings_hash(&self) -> u64 {
+        header_settings_hash(&self.settings_hash)
     }
 }
 
@@ -331,8 +331,9 @@ pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// First 8 bytes (16 hex digits) of a hex hash, as a little-endian-free u64.
-pub fn short_hash(hex: &str) -> u64 {
+/// The first 8 bytes (16 hex digits) of a hex settings hash as a u64: the
+/// form shard headers carry it in (FORMAT.md §2).
+pub fn header_settings_hash(hex: &str) -> u64 {
     u64::from_str_radix(hex.get(..16).unwrap_or("0"), 16).unwrap_or(0)
 }
 
@@ -376,6 +377,6 @@ mod tests {
 
     #[test]
     fn short_hash_reads_prefix() {
-        assert_eq!(short_hash("00000000000000ff0123"), 255);
+        assert_eq!(header_settings_hash("00000000000000ff0123"), 255);
     }
 }

@@ -23,7 +23,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use super::error::CacheError;
-use super::manifest::{Manifest, ShardInfo, MANIFEST, PART_MANIFEST, PENDING};
+use super::manifest::{Manifest, ShardInfo, WorkerInfo, MANIFEST, PART_MANIFEST, PENDING};
 use super::shard::{SealedShard, ShardSpec, ShardWriter};
 use super::shard_file_name;
 use crate::{Error, Result};
@@ -121,18 +121,7 @@ impl CacheWriter {
 
     /// The shard-wide settings every shard of this cache is written with.
     pub fn spec(&self) -> ShardSpec {
-        let m = &self.manifest;
-        let s = &m.settings;
-        ShardSpec {
-            dtype: s.dtype,
-            shuffle: s.shuffle,
-            zstd_level: s.zstd_level,
-            n_layers: s.layers.len() as u32,
-            hidden: m.backbone.hidden as u32,
-            max_len: s.max_len as u32,
-            chunk_size: s.chunk_size,
-            settings_hash: m.short_hash(),
-        }
+        ShardSpec::of(&self.manifest)
     }
 
     /// The shards this writer writes (all of them, or worker I of N's:
@@ -147,7 +136,7 @@ impl CacheWriter {
     /// (`note` says so), a shard sealed with other settings is refused.
     /// Without `--resume`, every slot is returned.
     pub fn resume_scan(&mut self, note: &dyn Fn(&str)) -> Result<Vec<ShardSlot>> {
-        let hash = self.manifest.short_hash();
+        let hash = self.manifest.header_settings_hash();
         let mut todo = Vec::new();
         for slot in self.slots() {
             let rel = shard_file_name(slot.index);
@@ -249,10 +238,15 @@ impl CacheWriter {
 /// holds positions `k * examples_per_shard ..` (FORMAT.md §1); a worker I of
 /// N writes the shards with k % N == I.
 pub fn shard_slots(m: &Manifest) -> Vec<ShardSlot> {
-    let total = m.examples as usize;
-    let per_shard = (m.settings.examples_per_shard as usize).max(1);
+    shard_ranges(m.examples as usize, m.settings.examples_per_shard, m.worker)
+}
+
+/// The shards of a cache of `total` examples, `per_shard` each (FORMAT.md
+/// §1), that `worker` writes (all without one).
+pub fn shard_ranges(total: usize, per_shard: u64, worker: Option<WorkerInfo>) -> Vec<ShardSlot> {
+    let per_shard = (per_shard as usize).max(1);
     (0..total.div_ceil(per_shard))
-        .filter(|k| m.worker.is_none_or(|w| *k as u32 % w.count == w.index))
+        .filter(|k| worker.is_none_or(|w| *k as u32 % w.count == w.index))
         .map(|k| ShardSlot {
             index: k as u32,
             examples: k * per_shard..((k + 1) * per_shard).min(total),

@@ -128,7 +128,7 @@ pub fn write_shard(
 
     let result: Result<()> = std::thread::scope(|scope| {
         for _ in 0..threads {
-            let (rx, tx) = (&job_rx, done_tx.clone());
+            let (rx, tx, path) = (&job_rx, done_tx.clone(), &path);
             scope.spawn(move || loop {
                 let job = {
                     let guard = match rx.lock() {
@@ -138,7 +138,12 @@ pub fn write_shard(
                     guard.recv()
                 };
                 let Ok((seq, chunk)) = job else { break };
-                let r = compress_chunk(&spec, &chunk.meta, &chunk.layers);
+                let r = compress_chunk(&spec, &chunk.meta, &chunk.layers).map_err(|source| {
+                    Error::Cache {
+                        path: path.clone(),
+                        source,
+                    }
+                });
                 if tx.send((seq, r)).is_err() {
                     break;
                 }
