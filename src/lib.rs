@@ -11,6 +11,8 @@
 //! - [`tokenize`]: the backbone's own `tokenizer.json` with padding off and
 //!   our own truncation.
 //! - [`backbone`]: BERT-family checkpoints (config + safetensors).
+//! - [`hash`], [`le`], [`fsutil`]: hex and sha256, little-endian float
+//!   decoding, atomic writes and file hashes (core helpers).
 //! - [`batching`]: the one batching rule and padded batches, shared by
 //!   extraction and training.
 //! - [`onnx`]: a protobuf subset of ONNX, the exporter that turns a checkpoint

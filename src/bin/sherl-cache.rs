@@ -70,11 +70,7 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let cache = Cache::open(dir)?;
     let m = cache.manifest();
     let bytes: u64 = m.shards.iter().fold(0u64, |a, s| a.saturating_add(s.bytes));
-    let raw = m
-        .tokens
-        .saturating_mul(m.settings.layers.len() as u64)
-        .saturating_mul(m.backbone.hidden as u64)
-        .saturating_mul(4);
+    let raw = m.raw_f32_bytes();
     let summary = json!({
         "cache": dir,
         "format_version": m.format_version,

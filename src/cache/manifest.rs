@@ -292,6 +292,15 @@ impl Manifest {
         crate::fsutil::write_atomic(path, &bytes)
     }
 
+    /// What the stored layers of every token would take as raw f32:
+    /// tokens x layers x hidden x 4 bytes (saturating).
+    pub fn raw_f32_bytes(&self) -> u64 {
+        self.tokens
+            .saturating_mul(self.settings.layers.len() as u64)
+            .saturating_mul(self.backbone.hidden as u64)
+            .saturating_mul(4)
+    }
+
     /// First 8 bytes of `settings_hash` as stored in shard headers.
     pub fn header_settings_hash(&self) -> u64 {
         header_settings_hash(&self.settings_hash)

@@ -258,7 +258,7 @@ pub fn run(
         shards_written: todo.len(),
         shards_resumed: resumed,
         bytes_on_disk: manifest.shards.iter().map(|s| s.bytes).sum(),
-        raw_f32_bytes: manifest.tokens * layers.len() as u64 * session.hidden as u64 * 4,
+        raw_f32_bytes: manifest.raw_f32_bytes(),
         layers,
         tokens_run,
         padded_tokens_run: padded_run,
