@@ -26,13 +26,17 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 use sherl::backbone::BackboneDir;
-use sherl::cache::format::{encode_values, shuffle_bytes, shuffle_width};
+use sherl::batching::PaddedBatch;
+use sherl::cache::format::encode_values;
+use sherl::cache::format::values::shuffle_payload;
 use sherl::cache::manifest::ExtractSettings;
+use sherl::cache::shard::writer::zstd_frame;
 use sherl::cache::shard::{compress_chunk, ShardSpec};
-use sherl::cache::{Cache, Dtype};
+use sherl::cache::writer::shard_ranges;
+use sherl::cache::{Cache, ExampleMeta};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::batch::{batch_ranges, real_rows, PaddedBatch};
-use sherl::extract::run::{ExtractPlan, ExtractReporter, LayerChoice};
+use sherl::extract::pipeline::{padded_batch, shard_batches, ChunkBuilder};
+use sherl::extract::{ExtractPlan, ExtractReporter, LayerChoice};
 use sherl::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
 use sherl::tokenize::{Encoded, Tokenizer};
 
@@ -157,40 +161,19 @@ fn subset(out: &Path, n: usize, data: &DatasetArgs) -> AnyResult<()> {
 
 // --- measure --------------------------------------------------------------
 
-/// `sherl-extract run`'s defaults.
-fn default_settings() -> ExtractSettings {
-    ExtractSettings {
-        layers: Vec::new(),
-        late_layers: 1,
-        dtype: Dtype::F16,
-        shuffle: true,
-        zstd_level: 1,
-        chunk_size: 32,
-        examples_per_shard: 2048,
-        max_len: sherl::tokenize::DEFAULT_MAX_LEN,
-        max_tokens_per_batch: 4096,
-        max_batch: 256,
-    }
-}
-
-/// Consecutive examples under the padded-token budget, as `write_shard`
-/// batches them (batches never cross a shard boundary).
-fn bucketed_batches(encs: &[Encoded], s: &ExtractSettings) -> Vec<PaddedBatch> {
+/// The padded batches `sherl-extract run` runs `examples` (in cache order)
+/// in: the library's shards ([`shard_ranges`]) and per-shard batches
+/// ([`shard_batches`], [`padded_batch`]), so batches never cross a shard
+/// boundary.
+fn bucketed_batches(examples: &[ExampleMeta], s: &ExtractSettings) -> Vec<PaddedBatch> {
     let mut out = Vec::new();
-    for shard in encs.chunks(s.examples_per_shard as usize) {
-        let lengths: Vec<usize> = shard.iter().map(Encoded::len).collect();
-        for r in batch_ranges(&lengths, s.max_tokens_per_batch, s.max_batch) {
-            let refs: Vec<&Encoded> = shard[r].iter().collect();
-            out.push(PaddedBatch::new(&refs, None));
+    for slot in shard_ranges(examples.len(), s.examples_per_shard, None) {
+        let shard = &examples[slot.examples];
+        for r in shard_batches(shard, s) {
+            out.push(padded_batch(&shard[r]));
         }
     }
     out
-}
-
-/// Sort (split, length), stable, like the cache order.
-fn cache_order(mut items: Vec<(u32, Encoded)>) -> Vec<Encoded> {
-    items.sort_by_key(|(split, e)| (*split, e.len()));
-    items.into_iter().map(|(_, e)| e).collect()
 }
 
 /// CPU seconds (user + system) this process has used so far, from
@@ -326,24 +309,27 @@ fn strip_cost(
     chunk_size: usize,
 ) -> AnyResult<(f64, f64)> {
     let (mut wall, mut cpu) = (0.0, 0.0);
-    let mut chunk: Vec<Vec<f32>> = vec![Vec::new(); n_layers];
-    let mut in_chunk = 0;
+    let mut chunks = ChunkBuilder::new(chunk_size, n_layers);
     for b in batches {
         let (rows, seq) = b.ids.dim();
         let h = ndarray::Array3::<f32>::from_elem((rows, seq, hidden), 0.5);
+        let outs = vec![h; n_layers];
         let (t, c) = (Instant::now(), cpu_seconds());
         for (i, &len) in b.lengths.iter().enumerate() {
-            for buf in chunk.iter_mut() {
-                let r = real_rows(&h, i, len);
-                if r.iter().any(|v| !v.is_finite()) {
+            let meta = ExampleMeta {
+                position: 0,
+                id: String::new(),
+                split: 0,
+                label: None,
+                ids: vec![0; len],
+                type_ids: vec![0; len],
+            };
+            if let Some(chunk) = chunks.push(&outs, i, &meta) {
+                // the compression thread's finiteness check
+                if chunk.layers.iter().flatten().any(|v| !v.is_finite()) {
                     return Err("non-finite".into());
                 }
-                buf.extend_from_slice(&r);
-            }
-            in_chunk += 1;
-            if in_chunk == chunk_size {
-                std::hint::black_box(std::mem::replace(&mut chunk, vec![Vec::new(); n_layers]));
-                in_chunk = 0;
+                std::hint::black_box(chunk);
             }
         }
         wall += t.elapsed().as_secs_f64();
@@ -382,7 +368,7 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         threads: a.threads,
         opt_level: OptLevel::All,
     };
-    let settings = default_settings();
+    let settings = ExtractSettings::default();
     let dir = BackboneDir::open(&a.backbone)?;
     let n_layers = dir.config()?.num_hidden_layers;
     let layers: Vec<usize> = (0..=n_layers - settings.late_layers).collect();
@@ -399,36 +385,23 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    // Load + tokenize, as `run` does.
+    // Load + tokenize into cache order: the library's stages.
     let t = Instant::now();
     let plan = a.data.to_plan()?;
     let ds = sherl::data::load(&plan)?;
     let load_s = t.elapsed().as_secs_f64();
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), settings.max_len)?;
-    let mut split_names: Vec<String> = ds.report.split_counts.keys().cloned().collect();
-    split_names.sort_by_key(|n| sherl::extract::run::split_rank(n));
     let t = Instant::now();
-    let mut items = Vec::with_capacity(ds.examples.len());
-    for ex in &ds.examples {
-        let e = tokenizer.encode(&ex.text, ex.text_pair.as_deref())?;
-        let split = split_names
-            .iter()
-            .position(|n| n == &ex.split)
-            .ok_or("split name not found")? as u32;
-        items.push((split, e));
-    }
+    let order = sherl::extract::order::tokenize(&ds, &tokenizer)?;
     let tokenize_s = t.elapsed().as_secs_f64();
-    let n_examples = items.len();
-    let total_tokens: u64 = items.iter().map(|(_, e)| e.len() as u64).sum();
+    let n_examples = order.examples.len();
+    let total_tokens = order.tokens();
     println!(
         "dataset: {n_examples} examples, {total_tokens} tokens (load {load_s:.2}s, tokenize {tokenize_s:.2}s), stored layers {layers:?}"
     );
 
     // (a) bare ORT vs sherl's full write path.
-    let first_n_split: Vec<(u32, Encoded)> = items.iter().take(a.padded_subset).cloned().collect();
-    let first_n: Vec<Encoded> = first_n_split.iter().map(|(_, e)| e.clone()).collect();
-    let ordered = cache_order(items);
-    let batches = bucketed_batches(&ordered, &settings);
+    let batches = bucketed_batches(&order.examples, &settings);
     let padded_total: u64 = batches.iter().map(|b| b.padded_tokens() as u64).sum();
     println!(
         "(a) {} batches, {} padded token slots ({:.1}% padding)",
@@ -586,9 +559,18 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
     );
 
     // (b) bucketed vs padded to max-len, on the first examples.
-    let n_b = first_n.len();
-    let sub_ordered = cache_order(first_n_split);
-    let sub_bucketed = bucketed_batches(&sub_ordered, &settings);
+    let first_n = sherl::data::Dataset {
+        examples: ds.examples.iter().take(a.padded_subset).cloned().collect(),
+        ..ds.clone()
+    };
+    let n_b = first_n.examples.len();
+    let sub_ordered = sherl::extract::order::tokenize(&first_n, &tokenizer)?;
+    let sub_bucketed = bucketed_batches(&sub_ordered.examples, &settings);
+    let first_n: Vec<Encoded> = first_n
+        .examples
+        .iter()
+        .map(|ex| tokenizer.encode(&ex.text, ex.text_pair.as_deref()))
+        .collect::<Result<_, _>>()?;
     let per_batch = (settings.max_tokens_per_batch / settings.max_len).max(1);
     let sub_padded: Vec<PaddedBatch> = first_n
         .chunks(per_batch)
@@ -694,23 +676,13 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         a.stream_threads,
         decoded_bytes as f64 / 1e6 / stream_s
     );
-    let spec = ShardSpec {
-        dtype: m.settings.dtype,
-        shuffle: m.settings.shuffle,
-        zstd_level: m.settings.zstd_level,
-        n_layers: positions.len() as u32,
-        hidden: hidden as u32,
-        max_len: m.settings.max_len as u32,
-        chunk_size: m.settings.chunk_size,
-        settings_hash: 0,
-    };
+    let spec = ShardSpec::of(m);
     let mut compress_s = 0.0;
     let mut compressed = 0u64;
     let mut compress_cpu = 0.0;
-    // Stage by stage, the same steps `compress_chunk` and the writer take.
+    // Stage by stage, with the library's steps (unfused: encode, then
+    // shuffle), then its zstd frame and the writer's CRC.
     let (mut enc_s, mut shuf_s, mut zstd_s, mut crc_s) = (0.0, 0.0, 0.0, 0.0);
-    let mut zc = zstd::bulk::Compressor::new(spec.zstd_level)?;
-    zc.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))?;
     for id in 0..n_chunks {
         let c = cache.read_chunk(id, &positions)?;
         let (t, cpu) = (Instant::now(), cpu_seconds());
@@ -724,13 +696,13 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
             enc_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let raw = if spec.shuffle {
-                shuffle_bytes(&raw, shuffle_width(spec.dtype))
+                shuffle_payload(&raw, values.len() / hidden, spec.dtype)
             } else {
                 raw
             };
             shuf_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let frame = zc.compress(&raw)?;
+            let frame = zstd_frame(&raw, spec.zstd_level)?;
             zstd_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
             std::hint::black_box(crc32fast::hash(&frame));

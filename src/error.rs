@@ -112,6 +112,10 @@ pub enum Error {
     /// [`crate::report::runs::ReportError`]).
     #[error(transparent)]
     Report(#[from] crate::report::runs::ReportError),
+    // --- extract (issue 9: phase one's own errors) --------------------------
+    /// Extraction refused its settings or stopped.
+    #[error(transparent)]
+    Extract(#[from] crate::extract::ExtractError),
 }
 
 impl Error {

@@ -53,12 +53,12 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         }
         h.update(&buf[..n]);
     }
-    Ok(crate::backbone::hex_digest(&h.finalize()))
+    Ok(crate::hash::hex(&h.finalize()))
 }
 
 /// sha256 of `bytes`, lowercase hex.
 pub fn sha256_bytes(bytes: &[u8]) -> String {
-    crate::backbone::hex_digest(&Sha256::digest(bytes))
+    crate::hash::sha256_hex(bytes)
 }
 
 /// fsync a directory so a rename inside it is durable (no-op off unix).
@@ -101,7 +101,7 @@ pub fn sha256_path(path: &Path) -> Result<String> {
     for l in &lines {
         h.update(l.as_bytes());
     }
-    Ok(crate::backbone::hex_digest(&h.finalize()))
+    Ok(crate::hash::hex(&h.finalize()))
 }
 
 /// An exclusive advisory lock on a directory, held through an open lock file

@@ -11,6 +11,10 @@
 //! - [`tokenize`]: the backbone's own `tokenizer.json` with padding off and
 //!   our own truncation.
 //! - [`backbone`]: BERT-family checkpoints (config + safetensors).
+//! - [`hash`], [`le`], [`fsutil`]: hex and sha256, little-endian float
+//!   decoding, atomic writes and file hashes (core helpers).
+//! - [`batching`]: the one batching rule and padded batches, shared by
+//!   extraction and training.
 //! - [`onnx`]: a protobuf subset of ONNX, the exporter that turns a checkpoint
 //!   into a graph exposing every `hidden_states.i`, and tools for user graphs.
 //! - [`runtime`]: locating and loading the ONNX Runtime library, sessions on
@@ -27,6 +31,7 @@ compile_error!("sherl's on-disk formats are little-endian; big-endian targets ar
 
 pub mod assets;
 pub mod backbone;
+pub mod batching;
 pub mod cache;
 pub mod cli;
 pub mod data;
@@ -34,6 +39,8 @@ pub mod error;
 pub mod extract;
 pub mod fit;
 pub mod fsutil;
+pub mod hash;
+pub mod le;
 pub mod onnx;
 pub mod report;
 pub mod rng;

@@ -1113,7 +1113,7 @@ fn format_md_matches_the_code() {
         (format!("`MIN_FRAME_LEN` = {}", f::MIN_FRAME_LEN), "§8.2"),
         (format!("`MAX_ZSTD_RATIO` = {}", f::MAX_ZSTD_RATIO), "§8.2"),
         (
-            format!("`{}`", sherl::extract::run::LOCK),
+            format!("`{}`", sherl::cache::writer::LOCK),
             "§1: the lock file",
         ),
         (

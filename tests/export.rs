@@ -6,7 +6,7 @@ use ndarray::Array2;
 
 use crate::common::{self, reference, tiny};
 use sherl::backbone::{BackboneDir, Checkpoint};
-use sherl::extract::batch::{real_rows, PaddedBatch};
+use sherl::batching::{real_rows, PaddedBatch};
 use sherl::runtime::BackboneSession;
 use sherl::tokenize::Encoded;
 

@@ -5,8 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::common::{self, tiny};
+use sherl::batching::{real_rows, PaddedBatch};
 use sherl::cache::Cache;
-use sherl::extract::batch::{real_rows, PaddedBatch};
 use sherl::runtime::BackboneSession;
 use sherl::tokenize::Encoded;
 
@@ -468,7 +468,7 @@ fn background_stream_matches_direct_reads() {
 /// empty.
 #[test]
 fn writer_lock_refuses_a_second_writer() {
-    use sherl::extract::run::LOCK;
+    use sherl::cache::writer::LOCK;
     use sherl::fsutil::DirLock;
     let f = fixture(20);
     ok(&extract(&f, "done", &[]));

@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sherl::cache::format::Dtype;
 use sherl::cache::manifest::{
-    short_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,
+    header_settings_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,
 };
 use sherl::cache::shard::{compress_chunk, ExampleMeta, ShardSpec, ShardWriter};
 use sherl::cache::{shard_file_name, Cache, CacheError};
@@ -445,7 +445,7 @@ fn generate(g: &Golden, dir: &Path) {
         hidden: g.hidden as u32,
         max_len: g.max_len as u32,
         chunk_size: g.chunk_size,
-        settings_hash: short_hash(&settings_hash),
+        settings_hash: header_settings_hash(&settings_hash),
     };
     let mut infos = Vec::new();
     for (k, range) in shard_ranges(g).iter().enumerate() {

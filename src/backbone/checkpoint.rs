@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
-use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
@@ -75,7 +74,7 @@ impl Checkpoint {
 
     /// sha256 of the file's bytes, lowercase hex.
     pub fn sha256(&self) -> String {
-        hex(&Sha256::digest(&self.bytes))
+        crate::hash::sha256_hex(&self.bytes)
     }
 
     /// Whether a tensor exists under `name` (without prefix).
@@ -99,18 +98,9 @@ impl Checkpoint {
             .map_err(|_| err(format!("tensor '{full}' is missing from the checkpoint")))?;
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-            Dtype::F16 => data
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => data
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
+            Dtype::F32 => crate::le::f32s(data),
+            Dtype::F16 => crate::le::f16s(data),
+            Dtype::BF16 => crate::le::bf16s(data),
             Dtype::F64 => data
                 .chunks_exact(8)
                 .map(|b| {
@@ -140,14 +130,4 @@ impl Checkpoint {
         }
         Ok(values)
     }
-}
-
-/// Lowercase hex of bytes.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        write!(s, "{b:02x}").expect("writing to a String cannot fail");
-    }
-    s
 }

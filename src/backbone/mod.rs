@@ -69,7 +69,13 @@ impl BackboneDir {
     }
 }
 
-/// Lowercase hex of a digest.
-pub(crate) fn hex_digest(bytes: &[u8]) -> String {
-    checkpoint::hex(bytes)
+/// Name of the `i`-th hidden state (`hidden_states.i`, Hugging Face's
+/// numbering: 0 is the embedding output): the ONNX output names, and how
+/// every message and listing names a layer.
+pub fn hidden_state_name(i: usize) -> String {
+    format!("hidden_states.{i}")
 }
+
+/// Lowercase hex of a digest: [`crate::hash::hex`], under the name
+/// `fit::config` still uses.
+pub(crate) use crate::hash::hex as hex_digest;

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use sherl::cache::Cache;
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
+use sherl::hash::abbrev;
 
 /// Tools for sherl feature caches.
 #[derive(Debug, Parser)]
@@ -69,11 +70,7 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
     let cache = Cache::open(dir)?;
     let m = cache.manifest();
     let bytes: u64 = m.shards.iter().fold(0u64, |a, s| a.saturating_add(s.bytes));
-    let raw = m
-        .tokens
-        .saturating_mul(m.settings.layers.len() as u64)
-        .saturating_mul(m.backbone.hidden as u64)
-        .saturating_mul(4);
+    let raw = m.raw_f32_bytes();
     let summary = json!({
         "cache": dir,
         "format_version": m.format_version,
@@ -138,22 +135,18 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         bytes as f64 / m.tokens.max(1) as f64,
         bytes as f64 / raw.max(1) as f64,
         raw as f64 / 1e6,
-        short(&m.backbone.onnx.sha256),
-        m.backbone.safetensors.as_ref().map_or("-", |f| short(&f.sha256)),
-        short(&m.backbone.tokenizer.sha256),
+        abbrev(&m.backbone.onnx.sha256),
+        m.backbone.safetensors.as_ref().map_or("-", |f| abbrev(&f.sha256)),
+        abbrev(&m.backbone.tokenizer.sha256),
         m.dataset
             .files
             .iter()
-            .map(|f| format!("{} ({})", f.path, short(&f.sha256)))
+            .map(|f| format!("{} ({})", f.path, abbrev(&f.sha256)))
             .collect::<Vec<_>>()
             .join(", "),
     );
     print_line(&text)?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn short(h: &str) -> &str {
-    h.get(..12).unwrap_or(h)
 }
 
 fn verify(dir: &Path) -> anyhow::Result<ExitCode> {

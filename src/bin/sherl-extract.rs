@@ -18,11 +18,12 @@ use sherl::cache::manifest::{ExtractSettings, WorkerInfo};
 use sherl::cache::Dtype;
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
 use sherl::data::args::DatasetArgs;
-use sherl::extract::batch::{real_rows, PaddedBatch};
-use sherl::extract::run::{ExtractPlan, LayerChoice};
+use sherl::extract::plan::DEFAULT_COMPRESS_THREADS;
+use sherl::extract::sample::{SamplePlan, DEFAULT_BATCH_SIZE, DEFAULT_LIMIT};
+use sherl::extract::{ExtractPlan, LayerChoice};
 use sherl::onnx::inspect;
-use sherl::runtime::{self, BackboneSession};
-use sherl::tokenize::{Tokenizer, DEFAULT_MAX_LEN};
+use sherl::runtime;
+use sherl::tokenize::DEFAULT_MAX_LEN;
 
 /// Phase one of sherl: run a frozen backbone once and keep what SHERL needs.
 #[derive(Debug, Parser)]
@@ -90,10 +91,10 @@ struct SampleArgs {
     #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
     max_len: usize,
     /// How many examples to run.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = DEFAULT_LIMIT)]
     limit: usize,
     /// Examples per ONNX Runtime call.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     #[command(flatten)]
     runtime: RuntimeArgs,
@@ -113,37 +114,37 @@ struct RunArgs {
     #[command(flatten)]
     data: DatasetArgs,
     /// Late layers K that sherl-fit will run (default layers: hidden_states.0..=N-K).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = ExtractSettings::default().late_layers)]
     late_layers: usize,
     /// Layers to store: default (what SHERL needs), all, or a list like 0-5,6.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value_t = LayerChoice::default())]
     layers: LayerChoice,
     /// Value encoding on disk.
-    #[arg(long, value_enum, default_value = "f16")]
+    #[arg(long, value_enum, default_value_t = ExtractSettings::default().dtype)]
     dtype: Dtype,
     /// Do not split values into byte planes before compression.
     #[arg(long)]
     no_shuffle: bool,
     /// zstd compression level.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = ExtractSettings::default().zstd_level)]
     zstd_level: i32,
     /// Examples per chunk (one compressed frame per layer per chunk).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = ExtractSettings::default().chunk_size)]
     chunk_size: u32,
     /// Examples per shard file (the unit of --resume and --shard-of).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = ExtractSettings::default().examples_per_shard)]
     examples_per_shard: u64,
     /// Truncate to this many tokens, special tokens included.
-    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
+    #[arg(long, default_value_t = ExtractSettings::default().max_len)]
     max_len: usize,
     /// Padded-token budget of one ONNX Runtime batch.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = ExtractSettings::default().max_tokens_per_batch)]
     max_tokens_per_batch: usize,
     /// Most examples in one batch.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = ExtractSettings::default().max_batch)]
     max_batch: usize,
     /// Compression threads (default: 1; compression runs while the backbone runs).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = DEFAULT_COMPRESS_THREADS)]
     compress_threads: usize,
     /// Continue an interrupted extraction into --out (settings must match).
     #[arg(long)]
@@ -260,8 +261,10 @@ fn inspect_onnx(file: PathBuf, as_json: bool) -> anyhow::Result<ExitCode> {
         for c in &iface.candidates {
             writeln!(
                 text,
-                "  hidden_states.{:<3} <- {:<40} {}",
-                c.suggested_index, c.tensor, c.producer
+                "  {:<17} <- {:<40} {}",
+                sherl::backbone::hidden_state_name(c.suggested_index),
+                c.tensor,
+                c.producer
             )?;
         }
         let names: Vec<&str> = iface.candidates.iter().map(|c| c.tensor.as_str()).collect();
@@ -306,13 +309,18 @@ fn sample(
     batch_size: usize,
     rt_args: RuntimeArgs,
 ) -> anyhow::Result<ExitCode> {
-    if batch_size == 0 || limit == 0 {
-        bail!("--batch-size and --limit must be positive");
-    }
-    let dir = BackboneDir::open(&backbone)?;
-    let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), max_len)?;
-    let plan = data.to_plan()?;
-    let dataset = sherl::data::load(&plan)?;
+    let plan = SamplePlan {
+        backbone,
+        model,
+        dataset: data.to_plan()?,
+        max_len,
+        limit,
+        batch_size,
+        session: rt_args.session_config(),
+    };
+    let rt = runtime::init(rt_args.ort_lib.as_deref())?;
+    let r = sherl::extract::sample::sample(rt, &plan)?;
+    let dataset = &r.dataset;
     let report = &dataset.report;
     tracing::info!(
         "dataset: {} rows read, {} examples, {} labels {:?}, splits {:?}, {} bad rows skipped, {} dropped by --labels",
@@ -324,74 +332,28 @@ fn sample(
         report.skipped_bad_rows,
         report.dropped_unknown_label
     );
-
-    let rt = runtime::init(rt_args.ort_lib.as_deref())?;
-    let model_path = model.unwrap_or_else(|| dir.onnx_path());
-    let (mut session, choice) = BackboneSession::open(rt, &model_path, &rt_args.session_config())?;
-    if let Some(reason) = &choice.fallback_reason {
+    if let Some(reason) = &r.fallback_reason {
         tracing::info!("device auto: running on CPU ({reason})");
     }
-    let layers = session.layers().to_vec();
-    if layers.is_empty() {
-        session.check_layers(&[0])?;
+    for l in &r.layers {
+        eprintln!(
+            "{:<16} mean {:+.4} std {:.4}  first example [CLS][:3] = {:?}",
+            sherl::backbone::hidden_state_name(l.layer),
+            l.mean,
+            l.std,
+            l.first_cls_head
+        );
     }
-
-    let n = limit.min(dataset.examples.len());
-    let mut encoded = Vec::with_capacity(n);
-    for ex in &dataset.examples[..n] {
-        encoded.push(tokenizer.encode(&ex.text, ex.text_pair.as_deref())?);
-    }
-    // Per-layer running statistics over real tokens.
-    let mut sum = vec![0f64; layers.len()];
-    let mut sum_sq = vec![0f64; layers.len()];
-    let mut count = vec![0u64; layers.len()];
-    let mut first_cls: Vec<Vec<f32>> = vec![Vec::new(); layers.len()];
-    let mut hidden = 0;
-    let t = Instant::now();
-    for (bi, chunk) in encoded.chunks(batch_size).enumerate() {
-        let refs: Vec<&_> = chunk.iter().collect();
-        let batch = PaddedBatch::new(&refs, None);
-        let (ids, mask, types) = batch.views();
-        let outs = session.run(ids, mask, types, &layers)?;
-        for (li, h) in outs.iter().enumerate() {
-            hidden = h.shape()[2];
-            for (b, &len) in batch.lengths.iter().enumerate() {
-                let rows = real_rows(h, b, len);
-                if bi == 0 && b == 0 {
-                    first_cls[li] = rows[..hidden.min(3)].to_vec();
-                }
-                for v in rows {
-                    sum[li] += f64::from(v);
-                    sum_sq[li] += f64::from(v) * f64::from(v);
-                }
-                count[li] += (len * hidden) as u64;
-            }
-        }
-    }
-    let secs = t.elapsed().as_secs_f64();
-    let tokens: usize = encoded.iter().map(|e| e.len()).sum();
-    let mut lens: Vec<usize> = encoded.iter().map(|e| e.len()).collect();
-    lens.sort_unstable();
-    let per_layer: Vec<_> = layers
-        .iter()
-        .enumerate()
-        .map(|(li, &i)| {
-            let c = count[li].max(1) as f64;
-            let mean = sum[li] / c;
-            let std = (sum_sq[li] / c - mean * mean).max(0.0).sqrt();
-            eprintln!(
-                "hidden_states.{i:<2} mean {mean:+.4} std {std:.4}  first example [CLS][:3] = {:?}",
-                first_cls[li]
-            );
-            json!({ "layer": i, "mean": mean, "std": std, "first_cls_head": first_cls[li] })
-        })
-        .collect();
+    let lens = &r.lengths;
     eprintln!(
-        "ran {n} examples ({tokens} tokens, median length {}, max {}) on {} in {secs:.2}s: {:.0} tokens/s",
+        "ran {} examples ({} tokens, median length {}, max {}) on {} in {:.2}s: {:.0} tokens/s",
+        r.sampled,
+        r.tokens,
         lens[lens.len() / 2],
         lens[lens.len() - 1],
-        choice.device,
-        tokens as f64 / secs.max(1e-9)
+        r.device,
+        r.seconds,
+        r.tokens_per_second()
     );
     print_line(
         &json!({
@@ -401,39 +363,25 @@ fn sample(
             "dropped_unknown_label": report.dropped_unknown_label,
             "labels": dataset.label_names,
             "splits": report.split_counts,
-            "sampled": n,
-            "tokens": tokens,
-            "hidden": hidden,
-            "layers": per_layer,
-            "device": choice.device,
-            "seconds": secs,
-            "tokens_per_second": tokens as f64 / secs.max(1e-9),
+            "sampled": r.sampled,
+            "tokens": r.tokens,
+            "hidden": r.hidden,
+            "layers": r.layers,
+            "device": r.device,
+            "seconds": r.seconds,
+            "tokens_per_second": r.tokens_per_second(),
         })
         .to_string(),
     )?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn parse_worker(s: &str) -> anyhow::Result<WorkerInfo> {
-    let (i, n) = s
-        .split_once('/')
-        .ok_or_else(|| anyhow::anyhow!("--shard-of {s}: expected I/N, e.g. 0/4"))?;
-    let (index, count): (u32, u32) = (
-        i.trim()
-            .parse()
-            .with_context(|| format!("--shard-of {s}: bad I"))?,
-        n.trim()
-            .parse()
-            .with_context(|| format!("--shard-of {s}: bad N"))?,
-    );
-    if count == 0 || index >= count {
-        bail!("--shard-of {s}: need 0 <= I < N");
-    }
-    Ok(WorkerInfo { index, count })
-}
-
 fn run_extract(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
-    let worker = a.shard_of.as_deref().map(parse_worker).transpose()?;
+    let worker = a
+        .shard_of
+        .as_deref()
+        .map(|s| WorkerInfo::parse("--shard-of", s))
+        .transpose()?;
     let plan = ExtractPlan {
         model: a
             .model

@@ -103,4 +103,76 @@ pub enum CacheError {
     /// Any other structural problem.
     #[error("corrupt shard: {0}")]
     Corrupt(String),
+    // --- Reading a cache (cache::reader) -------------------------------------
+    /// A chunk number beyond the cache's chunks.
+    #[error("chunk {id} does not exist ({chunks} chunks)")]
+    NoSuchChunk {
+        /// The chunk asked for.
+        id: usize,
+        /// Chunks in the cache.
+        chunks: usize,
+    },
+    /// An example position beyond the cache's examples.
+    #[error("example {position} does not exist ({examples} examples)")]
+    NoSuchExample {
+        /// The position asked for.
+        position: u64,
+        /// Examples in the cache.
+        examples: u64,
+    },
+    /// The background decoder threads of a chunk stream died.
+    #[error("chunk decoder threads stopped unexpectedly")]
+    DecoderStopped,
+    /// Combining worker parts was refused (cache::merge).
+    #[error(transparent)]
+    Merge(#[from] super::merge::MergeError),
+    // --- Writing a cache directory (cache::writer) ---------------------------
+    /// The output directory already holds a complete cache.
+    #[error("already a complete cache (manifest.json exists); choose another --out or delete it")]
+    AlreadyComplete,
+    /// The output directory holds something and `--resume` was not given.
+    #[error("directory is not empty; pass --resume to continue an interrupted extraction, or choose another --out")]
+    NotEmpty,
+    /// `--resume` into a directory holding shards but no pending manifest.
+    #[error("cannot resume: it holds shards but no {} recording their settings; start in an empty --out", super::manifest::PENDING)]
+    NoPendingManifest,
+    /// The pending manifest of the interrupted extraction is unusable.
+    #[error("cannot resume: {reason}")]
+    CannotResume {
+        /// Why it cannot be read.
+        reason: String,
+    },
+    /// `--resume` with settings other than the interrupted extraction's.
+    #[error("cannot resume with different settings (differs: {differs}); use the original flags or another --out")]
+    ResumeMismatch {
+        /// The manifest fields that differ, comma-separated.
+        differs: String,
+    },
+    /// A sealed shard found while resuming belongs to other settings.
+    #[error("sealed with different settings; refusing to mix it into this cache")]
+    SealedWithOtherSettings,
+    /// A hidden state the backbone returned is NaN or infinite.
+    #[error("non-finite hidden state ({value}) at stored layer position {layer}: the backbone produced it")]
+    NonFinite {
+        /// The value.
+        value: f32,
+        /// Position of the layer among the stored layers.
+        layer: usize,
+    },
+    /// A hidden state does not fit in f16.
+    #[error("a hidden-state value ({value}) at stored layer position {layer} exceeds the f16 range (65504); extract with --dtype bf16 or f32")]
+    F16Overflow {
+        /// The value.
+        value: f32,
+        /// Position of the layer among the stored layers.
+        layer: usize,
+    },
+    /// zstd could not compress a frame.
+    #[error("zstd compression (level {level}): {message}")]
+    Compress {
+        /// The zstd level.
+        level: i32,
+        /// zstd's message.
+        message: String,
+    },
 }

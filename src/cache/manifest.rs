@@ -10,7 +10,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use sha2::Digest;
 
 use super::error::CacheError;
 use super::format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
@@ -124,6 +123,27 @@ pub struct WorkerInfo {
     pub index: u32,
     /// Number of workers.
     pub count: u32,
+}
+
+impl WorkerInfo {
+    /// Parse `I/N` (worker I of N, `0 <= I < N`) as given to `flag`
+    /// (`--shard-of`, `--worker`): the one parser of both phases' flags.
+    pub fn parse(flag: &str, s: &str) -> Result<Self> {
+        let bad = || {
+            Error::Config(format!(
+                "{flag} {s}: expected I/N with 0 <= I < N, e.g. 0/4"
+            ))
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count): (u32, u32) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(WorkerInfo { index, count })
+    }
 }
 
 /// `manifest.json`.
@@ -252,7 +272,7 @@ impl Manifest {
         }
         let mut text = String::new();
         canonical_json(&v, &mut text);
-        crate::backbone::hex_digest(&sha2::Sha256::digest(text.as_bytes()))
+        crate::hash::sha256_hex(text.as_bytes())
     }
 
     /// The manifest as written: `manifest_sha256` set from the content when
@@ -272,9 +292,18 @@ impl Manifest {
         crate::fsutil::write_atomic(path, &bytes)
     }
 
+    /// What the stored layers of every token would take as raw f32:
+    /// tokens x layers x hidden x 4 bytes (saturating).
+    pub fn raw_f32_bytes(&self) -> u64 {
+        self.tokens
+            .saturating_mul(self.settings.layers.len() as u64)
+            .saturating_mul(self.backbone.hidden as u64)
+            .saturating_mul(4)
+    }
+
     /// First 8 bytes of `settings_hash` as stored in shard headers.
-    pub fn short_hash(&self) -> u64 {
-        short_hash(&self.settings_hash)
+    pub fn header_settings_hash(&self) -> u64 {
+        header_settings_hash(&self.settings_hash)
     }
 }
 
@@ -311,8 +340,9 @@ pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
     }
 }
 
-/// First 8 bytes (16 hex digits) of a hex hash, as a little-endian-free u64.
-pub fn short_hash(hex: &str) -> u64 {
+/// The first 8 bytes (16 hex digits) of a hex settings hash as a u64: the
+/// form shard headers carry it in (FORMAT.md §2).
+pub fn header_settings_hash(hex: &str) -> u64 {
     u64::from_str_radix(hex.get(..16).unwrap_or("0"), 16).unwrap_or(0)
 }
 
@@ -356,6 +386,6 @@ mod tests {
 
     #[test]
     fn short_hash_reads_prefix() {
-        assert_eq!(short_hash("00000000000000ff0123"), 255);
+        assert_eq!(header_settings_hash("00000000000000ff0123"), 255);
     }
 }

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use super::error::CacheError;
 use super::manifest::{Manifest, ShardInfo, MANIFEST, PART_MANIFEST};
 use super::{checked_shard_path, shard_file_name, Cache, FORMAT_VERSION};
+use crate::hash::abbrev;
 use crate::{Error, Result};
 
 /// What a merge produced.
@@ -70,16 +71,101 @@ fn read_part(dir: &Path) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The first 12 characters of a hash, for messages (never panics).
-fn short(h: &str) -> String {
-    h.chars().take(12).collect()
+/// Why worker parts cannot be merged into `--out`; wrapped in
+/// [`CacheError::Merge`] with the part (or `--out`) concerned.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MergeError {
+    /// No part was given.
+    #[error("merge needs at least one worker part")]
+    NoParts,
+    /// A part's settings hash differs from the first part's.
+    #[error("extracted with different settings than {} (settings_hash {hash} vs {first_hash}); refusing to merge", first.display())]
+    DifferentSettings {
+        /// The first part.
+        first: PathBuf,
+        /// This part's settings hash (abbreviated).
+        hash: String,
+        /// The first part's (abbreviated).
+        first_hash: String,
+    },
+    /// A whole-cache field differs although the settings hash agrees.
+    #[error("this part and {} disagree on `{key}` although their settings_hash is the same; refusing to merge", first.display())]
+    Disagree {
+        /// The first part.
+        first: PathBuf,
+        /// The manifest field.
+        key: &'static str,
+    },
+    /// The parts were written for different numbers of workers.
+    #[error("worker of {count} parts, {} of {first_count}", first.display())]
+    WorkerCount {
+        /// This part's worker count.
+        count: u32,
+        /// The first part.
+        first: PathBuf,
+        /// The first part's worker count.
+        first_count: u32,
+    },
+    /// Two parts claim the same worker index.
+    #[error("this part and {} are both worker {index}", other.display())]
+    DuplicateWorker {
+        /// The worker index.
+        index: u32,
+        /// The other part.
+        other: PathBuf,
+    },
+    /// Two parts hold the same shard.
+    #[error("shard {shard} appears in more than one part (this one and {})", other.display())]
+    DuplicateShard {
+        /// The shard number.
+        shard: u32,
+        /// The other part.
+        other: PathBuf,
+    },
+    /// Worker parts are missing.
+    #[error("missing worker part(s) {missing} of {count}")]
+    MissingWorkers {
+        /// The missing worker indices (at most 20), comma-separated.
+        missing: String,
+        /// Workers in all.
+        count: u32,
+    },
+    /// A shard the split counts imply is in no part.
+    #[error("shard {0} is missing from the parts")]
+    MissingShard(u64),
+    /// A part holds a shard beyond those the split counts imply.
+    #[error("shard {shard} is beyond the {shards} shards the split counts imply")]
+    ShardBeyond {
+        /// The shard number.
+        shard: u32,
+        /// Shards the split counts imply.
+        shards: u64,
+    },
+    /// `--out` exists and holds something.
+    #[error("--out must not exist or be empty")]
+    OutNotEmpty,
+    /// `--out` exists and is a file.
+    #[error("--out exists and is not a directory")]
+    OutNotADirectory,
+    /// `--out` has no final component.
+    #[error("--out must name a directory")]
+    OutNoName,
+}
+
+/// A merge refusal concerning `path`.
+fn refused(path: &Path, e: MergeError) -> Error {
+    Error::Cache {
+        path: path.to_path_buf(),
+        source: CacheError::Merge(e),
+    }
 }
 
 /// Merge the worker parts `parts` into a new cache at `out` (absent, or an
 /// empty directory). On error nothing is left on disk.
 pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     let Some(first_dir) = parts.first() else {
-        return Err(Error::Config("merge needs at least one worker part".into()));
+        return Err(refused(out, MergeError::NoParts));
     };
     // --- Every part's manifest, and that they belong together --------------
     let mut manifests = Vec::with_capacity(parts.len());
@@ -97,13 +183,14 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     let mut by_index: BTreeMap<u32, (&PathBuf, &ShardInfo)> = BTreeMap::new();
     for (dir, m) in parts.iter().zip(&manifests) {
         if m.settings_hash != first.settings_hash {
-            return Err(Error::Config(format!(
-                "{} was extracted with different settings than {} (settings_hash {} vs {}); refusing to merge",
-                dir.display(),
-                first_dir.display(),
-                short(&m.settings_hash),
-                short(&first.settings_hash)
-            )));
+            return Err(refused(
+                dir,
+                MergeError::DifferentSettings {
+                    first: first_dir.clone(),
+                    hash: abbrev(&m.settings_hash).to_string(),
+                    first_hash: abbrev(&first.settings_hash).to_string(),
+                },
+            ));
         }
         // The fields that describe the whole cache must agree too.
         let v = serde_json::to_value(m).expect("a manifest serializes");
@@ -116,22 +203,25 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             "splits",
         ] {
             if v.get(key) != first_value.get(key) {
-                return Err(Error::Config(format!(
-                    "{} and {} disagree on `{key}` although their settings_hash is the same; refusing to merge",
-                    dir.display(),
-                    first_dir.display()
-                )));
+                return Err(refused(
+                    dir,
+                    MergeError::Disagree {
+                        first: first_dir.clone(),
+                        key,
+                    },
+                ));
             }
         }
         let w = m.worker.expect("read_part checked it");
         if w.count != w0.count {
-            return Err(Error::Config(format!(
-                "{}: worker of {} parts, {} of {}",
-                dir.display(),
-                w.count,
-                first_dir.display(),
-                w0.count
-            )));
+            return Err(refused(
+                dir,
+                MergeError::WorkerCount {
+                    count: w.count,
+                    first: first_dir.clone(),
+                    first_count: w0.count,
+                },
+            ));
         }
         if w.index >= w.count {
             return Err(part_error(
@@ -140,12 +230,13 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             ));
         }
         if let Some(other) = seen_workers.insert(w.index, dir) {
-            return Err(Error::Config(format!(
-                "{} and {} are both worker {}",
-                other.display(),
-                dir.display(),
-                w.index
-            )));
+            return Err(refused(
+                dir,
+                MergeError::DuplicateWorker {
+                    index: w.index,
+                    other: other.clone(),
+                },
+            ));
         }
         for s in &m.shards {
             // The path a part lists must be its own shard file: refuse it
@@ -163,12 +254,13 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
                 ));
             }
             if let Some((other, _)) = by_index.insert(s.index, (dir, s)) {
-                return Err(Error::Config(format!(
-                    "shard {} appears in more than one part ({} and {})",
-                    s.index,
-                    other.display(),
-                    dir.display()
-                )));
+                return Err(refused(
+                    dir,
+                    MergeError::DuplicateShard {
+                        shard: s.index,
+                        other: other.clone(),
+                    },
+                ));
             }
         }
     }
@@ -178,11 +270,13 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             .take(20)
             .map(|i| i.to_string())
             .collect();
-        return Err(Error::Config(format!(
-            "missing worker part(s) {} of {}",
-            missing.join(", "),
-            w0.count
-        )));
+        return Err(refused(
+            out,
+            MergeError::MissingWorkers {
+                missing: missing.join(", "),
+                count: w0.count,
+            },
+        ));
     }
     // The whole cache's size, from the split counts every part carries
     // (each part's own `examples` covers only its shards).
@@ -202,14 +296,16 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     if let Some(k) =
         (0..n_shards).find(|&k| u32::try_from(k).map_or(true, |k| !by_index.contains_key(&k)))
     {
-        return Err(Error::Config(format!(
-            "shard {k} is missing from the parts"
-        )));
+        return Err(refused(out, MergeError::MissingShard(k)));
     }
     if let Some(k) = by_index.keys().find(|&&k| u64::from(k) >= n_shards) {
-        return Err(Error::Config(format!(
-            "shard {k} is beyond the {n_shards} shards the split counts imply"
-        )));
+        return Err(refused(
+            out,
+            MergeError::ShardBeyond {
+                shard: *k,
+                shards: n_shards,
+            },
+        ));
     }
 
     // --- The merged manifest, checked against every shard -----------------
@@ -239,7 +335,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     check_out(out)?;
     let name = out
         .file_name()
-        .ok_or_else(|| Error::Config(format!("{}: --out must name a directory", out.display())))?;
+        .ok_or_else(|| refused(out, MergeError::OutNoName))?;
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -288,18 +384,12 @@ fn check_out(out: &Path) -> Result<()> {
         Ok(md) if md.is_dir() => {
             let mut entries = std::fs::read_dir(out).map_err(|e| Error::io(out, e))?;
             if entries.next().is_some() {
-                Err(Error::Config(format!(
-                    "{}: --out must not exist or be empty",
-                    out.display()
-                )))
+                Err(refused(out, MergeError::OutNotEmpty))
             } else {
                 Ok(())
             }
         }
-        Ok(_) => Err(Error::Config(format!(
-            "{}: --out exists and is not a directory",
-            out.display()
-        ))),
+        Ok(_) => Err(refused(out, MergeError::OutNotADirectory)),
     }
 }
 

@@ -153,12 +153,11 @@ impl TrainedColumns {
     pub fn from_options(options: &serde_json::Value) -> TrainedColumns {
         let column = |key: &str| -> Option<Column> {
             match &options[key] {
-                serde_json::Value::String(s) => {
-                    Column::from_display(s).or_else(|| s.parse().ok())
-                }
-                serde_json::Value::Number(n) => {
-                    n.as_u64().and_then(|i| usize::try_from(i).ok()).map(Column::Index)
-                }
+                serde_json::Value::String(s) => Column::from_display(s).or_else(|| s.parse().ok()),
+                serde_json::Value::Number(n) => n
+                    .as_u64()
+                    .and_then(|i| usize::try_from(i).ok())
+                    .map(Column::Index),
                 _ => None,
             }
         };

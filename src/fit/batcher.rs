@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use crate::batching::batch_ranges;
 use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
-use crate::extract::batch::batch_ranges;
 use crate::fit::error::FitError;
 use crate::rng::{SplitMix64, Stream};
 use crate::Result;

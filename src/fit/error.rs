@@ -66,9 +66,6 @@ pub enum FitError {
         #[source]
         source: Box<FitError>,
     },
-    /// A `--worker I/M` that is not one.
-    #[error("--worker {0}: expected I/M with 0 <= I < M, e.g. 0/4")]
-    Worker(String),
     /// A module was given other inputs than it was built for, or a
     /// parameter name was used twice: a bug in the model's composition.
     #[error("{0}")]

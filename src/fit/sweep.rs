@@ -144,18 +144,10 @@ pub fn partition(runs: usize, index: u32, count: u32) -> Vec<usize> {
     (0..runs).filter(|k| *k as u32 % count == index).collect()
 }
 
-/// Parse `I/M`.
+/// Parse `I/M` (the parser `--shard-of` uses too).
 pub fn parse_worker(s: &str) -> Result<(u32, u32)> {
-    let bad = || Error::from(FitError::Worker(s.to_owned()));
-    let (i, m) = s.split_once('/').ok_or_else(bad)?;
-    let (i, m): (u32, u32) = (
-        i.trim().parse().map_err(|_| bad())?,
-        m.trim().parse().map_err(|_| bad())?,
-    );
-    if m == 0 || i >= m {
-        return Err(bad());
-    }
-    Ok((i, m))
+    let w = crate::cache::manifest::WorkerInfo::parse("--worker", s)?;
+    Ok((w.index, w.count))
 }
 
 /// Environment variable through which a sweep tells each `sherl-fit run`

@@ -29,13 +29,13 @@ use super::metrics::Tally;
 use super::model::{Method, Model};
 use super::nn::Mode;
 use super::params::{Group, Params};
-use crate::data::args::TrainedColumns;
 use super::run_dir::{
     EpochMetrics, RunCache, RunConfig, RunError, RunModel, Summary, ERROR_FILE, METRICS_FILE,
     RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
 };
 use crate::backbone::BackboneDir;
 use crate::cache::Cache;
+use crate::data::args::TrainedColumns;
 use crate::fit::error::FitError;
 use crate::rng::{SplitMix64, Stream};
 use crate::{Error, Result};

@@ -32,10 +32,7 @@ pub const IR_VERSION: i64 = 8;
 /// Default-domain opset (LayerNormalization needs 17).
 pub const OPSET: i64 = 17;
 
-/// Name of the `i`-th hidden-state output.
-pub fn hidden_state_name(i: usize) -> String {
-    format!("hidden_states.{i}")
-}
+pub use crate::backbone::hidden_state_name;
 
 /// Summary of an export.
 #[derive(Debug, Clone)]

@@ -1,5 +1,9 @@
-//! Padded batches for ONNX Runtime, and the inverse: per-example slices at
-//! real tokens.
+//! Batching shared by both phases (core: no dependency on extract, cache or
+//! fit): [`batch_ranges`], the one rule that cuts length-ordered examples into
+//! batches under a token budget (extraction batches and training batches
+//! follow it), [`PaddedBatch`], the padded `[batch, seq]` inputs a backbone
+//! runs on, and the inverse, per-example rows at real tokens only
+//! ([`real_rows`], [`real_rows_slice`]).
 
 use ndarray::{Array2, Array3, ArrayView2};
 

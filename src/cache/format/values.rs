@@ -1,0 +1,217 @@
+//! FORMAT.md §3.2, §3.3: how hidden-state values are encoded (f16, bf16,
+//! f32, int8 with per-token scales) and byte-shuffled before compression.
+
+use super::Dtype;
+use crate::cache::error::CacheError;
+
+/// Split `bytes` into `width` byte planes (all first bytes, then all second
+/// bytes, ...): the Blosc/HDF5 shuffle filter. `bytes.len()` must be a
+/// multiple of `width`.
+pub fn shuffle_bytes(bytes: &[u8], width: usize) -> Vec<u8> {
+    let n = bytes.len() / width;
+    let mut out = vec![0u8; bytes.len()];
+    for (i, v) in bytes.chunks_exact(width).enumerate() {
+        for (p, &b) in v.iter().enumerate() {
+            out[p * n + i] = b;
+        }
+    }
+    out
+}
+
+/// Inverse of [`shuffle_bytes`].
+pub fn unshuffle_bytes(planes: &[u8], width: usize) -> Vec<u8> {
+    let n = planes.len() / width;
+    let mut out = vec![0u8; planes.len()];
+    for p in 0..width {
+        for i in 0..n {
+            out[i * width + p] = planes[p * n + i];
+        }
+    }
+    out
+}
+
+/// Encode `tokens x hidden` f32 values (row-major) in `dtype` (FORMAT.md §3.2).
+pub fn encode_values(values: &[f32], hidden: usize, dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::Bf16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::Int8 => {
+            let tokens = values.len() / hidden.max(1);
+            let mut scales = Vec::with_capacity(tokens * 4);
+            let mut q = Vec::with_capacity(values.len());
+            for row in values.chunks_exact(hidden) {
+                let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let scale = if max > 0.0 && max.is_finite() {
+                    max / 127.0
+                } else {
+                    0.0
+                };
+                scales.extend_from_slice(&scale.to_le_bytes());
+                for v in row {
+                    let x = if scale > 0.0 {
+                        (v / scale).round().clamp(-127.0, 127.0)
+                    } else {
+                        0.0
+                    };
+                    q.push(x as i8 as u8);
+                }
+            }
+            scales.extend_from_slice(&q);
+            scales
+        }
+    }
+}
+
+/// Decode values written by [`encode_values`] into f32.
+pub fn decode_values(
+    raw: &[u8],
+    tokens: usize,
+    hidden: usize,
+    dtype: Dtype,
+) -> Result<Vec<f32>, CacheError> {
+    let expect = dtype
+        .raw_len(tokens as u64, hidden as u64)
+        .ok_or(CacheError::Overflow)?;
+    if raw.len() as u64 != expect {
+        return Err(CacheError::Corrupt(format!(
+            "layer frame holds {} bytes, expected {expect} for {tokens} tokens x {hidden} ({})",
+            raw.len(),
+            dtype.name()
+        )));
+    }
+    Ok(match dtype {
+        Dtype::F32 => crate::le::f32s(raw),
+        Dtype::F16 => crate::le::f16s(raw),
+        Dtype::Bf16 => crate::le::bf16s(raw),
+        Dtype::Int8 => {
+            let (scales, q) = raw.split_at(tokens * 4);
+            let mut out = Vec::with_capacity(tokens * hidden);
+            for (t, s) in scales.chunks_exact(4).enumerate() {
+                let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                out.extend(
+                    q[t * hidden..(t + 1) * hidden]
+                        .iter()
+                        .map(|&b| f32::from(b as i8) * s),
+                );
+            }
+            out
+        }
+    })
+}
+
+/// Width in bytes of the planes the shuffle filter uses for `dtype` (1 = no
+/// shuffle: int8 values are single bytes).
+pub fn shuffle_width(dtype: Dtype) -> usize {
+    match dtype {
+        Dtype::F16 | Dtype::Bf16 => 2,
+        Dtype::F32 => 4,
+        Dtype::Int8 => 1,
+    }
+}
+
+/// f16 or bf16 values as two byte planes (low bytes, then high bytes).
+pub fn encode_half_planes(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    use half::slice::HalfFloatSliceExt;
+    let n = values.len();
+    let bits: Vec<u16> = if dtype == Dtype::F16 {
+        let mut h = vec![half::f16::ZERO; n];
+        h.convert_from_f32_slice(values);
+        h.iter().map(|x| x.to_bits()).collect()
+    } else {
+        let mut h = vec![half::bf16::ZERO; n];
+        h.convert_from_f32_slice(values);
+        h.iter().map(|x| x.to_bits()).collect()
+    };
+    let mut out = vec![0u8; 2 * n];
+    let (lo, hi) = out.split_at_mut(n);
+    for ((l, h), b) in lo.iter_mut().zip(hi.iter_mut()).zip(&bits) {
+        let [a, c] = b.to_le_bytes();
+        *l = a;
+        *h = c;
+    }
+    out
+}
+
+/// Shuffle the value bytes of a layer payload (int8: only its scales):
+/// what a shard stores when its header's shuffle flag is set.
+pub fn shuffle_payload(raw: &[u8], tokens: usize, dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::Int8 => {
+            let (scales, q) = raw.split_at(tokens * 4);
+            let mut out = shuffle_bytes(scales, 4);
+            out.extend_from_slice(q);
+            out
+        }
+        _ => shuffle_bytes(raw, shuffle_width(dtype)),
+    }
+}
+
+/// Inverse of [`shuffle_payload`] for a payload of `tokens` rows.
+pub fn unshuffle_payload(raw: &[u8], tokens: usize, dtype: Dtype) -> Result<Vec<u8>, CacheError> {
+    match dtype {
+        Dtype::Int8 => {
+            let split = tokens
+                .checked_mul(4)
+                .filter(|&s| s <= raw.len())
+                .ok_or(CacheError::Overflow)?;
+            let (scales, q) = raw.split_at(split);
+            let mut out = unshuffle_bytes(scales, 4);
+            out.extend_from_slice(q);
+            Ok(out)
+        }
+        _ => {
+            let w = shuffle_width(dtype);
+            if !raw.len().is_multiple_of(w) {
+                return Err(CacheError::Corrupt(
+                    "layer frame length is not a multiple of the value size".into(),
+                ));
+            }
+            Ok(unshuffle_bytes(raw, w))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_invertible() {
+        let v: Vec<u8> = (0..=255).collect();
+        for w in [1, 2, 4] {
+            let s = shuffle_bytes(&v, w);
+            assert_eq!(unshuffle_bytes(&s, w), v);
+        }
+        assert_eq!(shuffle_bytes(&[1, 2, 3, 4], 2), vec![1, 3, 2, 4]);
+    }
+
+    #[test]
+    fn int8_bound_holds() {
+        let vals: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let enc = encode_values(&vals, 16, Dtype::Int8);
+        let dec = decode_values(&enc, 4, 16, Dtype::Int8).unwrap();
+        for (row_v, row_d) in vals.chunks(16).zip(dec.chunks(16)) {
+            let max = row_v.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (a, b) in row_v.iter().zip(row_d) {
+                assert!((a - b).abs() <= max / 254.0 + 1e-6, "{a} vs {b}");
+            }
+        }
+        // zero rows stay zero
+        let z = encode_values(&[0.0; 8], 8, Dtype::Int8);
+        assert_eq!(decode_values(&z, 1, 8, Dtype::Int8).unwrap(), vec![0.0; 8]);
+    }
+
+    #[test]
+    fn decode_rejects_wrong_sizes() {
+        assert!(decode_values(&[0u8; 10], 2, 4, Dtype::F16).is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! Stage three of `sherl-extract run`: what the cache records about where
+//! it came from (FORMAT.md §5): the backbone's and dataset's files with
+//! their sha256, the reading options, and the settings hash that decides
+//! whether two extractions wrote the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::json;
+
+use super::order::CacheOrder;
+use crate::backbone::{BackboneDir, BertConfig};
+use crate::cache::format::SHARD_FORMAT_VERSION;
+use crate::cache::manifest::{
+    BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, WorkerInfo,
+};
+use crate::cache::FORMAT_VERSION;
+use crate::data::{Dataset, DatasetPlan, SplitSource};
+use crate::Result;
+
+/// A file and its sha256.
+pub fn file_info(path: &Path) -> Result<FileInfo> {
+    Ok(FileInfo {
+        path: path.display().to_string(),
+        sha256: crate::fsutil::sha256_path(path)?,
+    })
+}
+
+/// The backbone's files: the ONNX model run, its checkpoint (when the
+/// directory has one) and tokenizer, its config and size.
+pub fn backbone_info(
+    dir: &BackboneDir,
+    model: &Path,
+    config: Option<&BertConfig>,
+    num_layers: usize,
+    hidden: usize,
+) -> Result<BackboneInfo> {
+    let ckpt_path = dir.safetensors_path();
+    let (safetensors, prefix) = if ckpt_path.exists() {
+        let ck = crate::backbone::Checkpoint::open(&ckpt_path)?;
+        (
+            Some(FileInfo {
+                path: ckpt_path.display().to_string(),
+                sha256: ck.sha256(),
+            }),
+            Some(ck.prefix().to_string()),
+        )
+    } else {
+        (None, None)
+    };
+    Ok(BackboneInfo {
+        onnx: file_info(model)?,
+        safetensors,
+        tokenizer: file_info(&dir.tokenizer_path())?,
+        checkpoint_prefix: prefix,
+        config: config.map(|c| serde_json::to_value(c).expect("config serializes")),
+        num_layers,
+        hidden,
+    })
+}
+
+/// The dataset's files and the options that decide which rows are read.
+pub fn dataset_info(plan: &DatasetPlan, data: &Dataset) -> Result<DatasetInfo> {
+    let mut files = Vec::new();
+    match &plan.source {
+        SplitSource::Files(fs) => {
+            for (_, p) in fs {
+                files.push(file_info(p)?);
+            }
+        }
+        SplitSource::Single { path, .. } => files.push(file_info(path)?),
+    }
+    Ok(DatasetInfo {
+        files,
+        options: dataset_options(plan),
+        rows_read: data.report.rows_read,
+        skipped_bad_rows: data.report.skipped_bad_rows,
+        dropped_labels: data.report.dropped_labels.clone(),
+    })
+}
+
+fn dataset_options(plan: &DatasetPlan) -> serde_json::Value {
+    let r = &plan.read;
+    let col = |c: &Option<crate::data::Column>| c.as_ref().map(|c| c.to_string());
+    let split = match &plan.source {
+        SplitSource::Files(files) => {
+            json!({ "files": files.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>() })
+        }
+        SplitSource::Single { split: None, .. } => json!("all rows are 'train'"),
+        SplitSource::Single { split: Some(s), .. } => {
+            json!({ "fractions": s.fractions, "seed": s.seed })
+        }
+    };
+    let mut options = json!({
+        "format": r.format.to_string(),
+        "has_header": r.has_header,
+        "encoding": r.encoding.to_string(),
+        "text_column": r.text_column.to_string(),
+        "text_pair_column": col(&r.text_pair_column),
+        "label_column": col(&r.label_column),
+        "id_column": col(&r.id_column),
+        "group_column": col(&r.group_column),
+        "skip_bad_rows": r.skip_bad_rows,
+        "labels": plan.labels,
+        "split": split,
+    });
+    // Reading choices that change which rows are read; recorded only when
+    // not the default, so caches written before they existed keep their hash.
+    if r.tsv_quotes {
+        options["tsv_quotes"] = json!(true);
+    }
+    if r.limits != crate::data::ReadLimits::default() {
+        options["limits"] = json!({
+            "max_line_bytes": r.limits.max_line_bytes,
+            "max_quoted_lines": r.limits.max_quoted_lines,
+            "max_quoted_bytes": r.limits.max_quoted_bytes,
+        });
+    }
+    options
+}
+
+/// sha256 hex of the canonical JSON of what determines the cache's bytes.
+pub fn settings_hash(
+    backbone: &BackboneInfo,
+    dataset: &DatasetInfo,
+    settings: &ExtractSettings,
+) -> String {
+    let canon = json!({
+        // The shard layout's version, so the hash (and the shard headers that
+        // carry it) stay those of format version 1 (FORMAT.md §5.1).
+        "format_version": SHARD_FORMAT_VERSION,
+        "backbone": {
+            "onnx": backbone.onnx.sha256,
+            "safetensors": backbone.safetensors.as_ref().map(|f| f.sha256.clone()),
+            "tokenizer": backbone.tokenizer.sha256,
+            "config": backbone.config,
+        },
+        "dataset": {
+            "files": dataset.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>(),
+            "options": dataset.options,
+        },
+        "settings": settings,
+    });
+    crate::hash::sha256_hex(canon.to_string().as_bytes())
+}
+
+/// The manifest of the cache to write, before any shard: `shards` empty,
+/// `examples`/`tokens` those of the whole cache (a worker's
+/// [`crate::cache::writer::CacheWriter::finish`] narrows them to its part).
+pub fn manifest(
+    backbone: BackboneInfo,
+    dataset: DatasetInfo,
+    settings: ExtractSettings,
+    labels: Vec<String>,
+    order: &CacheOrder,
+    worker: Option<WorkerInfo>,
+) -> Manifest {
+    let hash = settings_hash(&backbone, &dataset, &settings);
+    let mut splits = BTreeMap::new();
+    for e in &order.examples {
+        *splits
+            .entry(order.split_names[e.split as usize].clone())
+            .or_insert(0u64) += 1;
+    }
+    Manifest {
+        format_version: FORMAT_VERSION,
+        sherl_version: env!("CARGO_PKG_VERSION").into(),
+        created_at: String::new(),
+        settings_hash: hash,
+        manifest_sha256: None, // set when written (Manifest::write)
+        settings,
+        backbone,
+        dataset,
+        labels,
+        split_names: order.split_names.clone(),
+        splits,
+        examples: order.examples.len() as u64,
+        tokens: order.tokens(),
+        worker,
+        shards: Vec::new(),
+    }
+}
