@@ -2,12 +2,31 @@
 //! fit): [`batch_ranges`], the one rule that cuts length-ordered examples into
 //! batches under a token budget (extraction batches and training batches
 //! follow it), [`PaddedBatch`], the padded `[batch, seq]` inputs a backbone
-//! runs on, and the inverse, per-example rows at real tokens only
+//! runs on (from [`Encoded`] token ids), and the inverse, per-example rows at real tokens only
 //! ([`real_rows`], [`real_rows_slice`]).
 
 use ndarray::{Array2, Array3, ArrayView2};
 
-use crate::tokenize::Encoded;
+/// One tokenized example (no padding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// Token ids, special tokens included.
+    pub ids: Vec<u32>,
+    /// Segment ids (0 for the first text, 1 for the pair).
+    pub type_ids: Vec<u32>,
+}
+
+impl Encoded {
+    /// Number of tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether there are no tokens.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
 
 /// Inputs of one padded batch, each `[batch, seq]`, `seq` = longest example.
 #[derive(Debug, Clone)]

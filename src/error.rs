@@ -3,7 +3,7 @@
 //! One [`Error`] for the whole crate, in the candle/tantivy style: variants
 //! carry the path (and line, where there is one) they concern, and keep the
 //! underlying error as their `source`; the binaries print the whole chain
-//! on one line, each cause once ([`crate::cli::error_chain`]).
+//! on one line, each cause once (the binaries' `cli::error_chain`).
 
 use std::path::PathBuf;
 
@@ -101,19 +101,23 @@ pub enum Error {
     #[error("{0}")]
     TooLarge(String),
     /// candle failure.
+    #[cfg(feature = "fit")]
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     // --- fit area (issue 9): training, sweeps, the run directory ---
     /// Training: a setting, the cache, the backbone, the device or a grid
     /// that cannot be used (see [`crate::fit::error::FitError`]).
+    #[cfg(feature = "fit")]
     #[error(transparent)]
     Fit(#[from] crate::fit::error::FitError),
     /// The run report could not be made (see
     /// [`crate::report::runs::ReportError`]).
+    #[cfg(feature = "fit")]
     #[error(transparent)]
     Report(#[from] crate::report::runs::ReportError),
     // --- extract (issue 9: phase one's own errors) --------------------------
     /// Extraction refused its settings or stopped.
+    #[cfg(feature = "extract")]
     #[error(transparent)]
     Extract(#[from] crate::extract::ExtractError),
 }

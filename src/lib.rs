@@ -33,18 +33,29 @@ pub mod assets;
 pub mod backbone;
 pub mod batching;
 pub mod cache;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod data;
 pub mod error;
+#[cfg(feature = "extract")]
 pub mod extract;
+#[cfg(feature = "fit")]
 pub mod fit;
 pub mod fsutil;
 pub mod hash;
 pub mod le;
+#[cfg(feature = "extract")]
 pub mod onnx;
+#[cfg(feature = "fit")]
 pub mod report;
 pub mod rng;
+#[cfg(feature = "extract")]
 pub mod runtime;
+#[cfg(feature = "extract")]
 pub mod tokenize;
+
+/// Exit code of a command refused because another process holds the lock
+/// of the run or cache it would write (README, "Exit codes").
+pub const EXIT_BUSY: u8 = 3;
 
 pub use error::{Error, Result};

@@ -16,26 +16,7 @@ use crate::{Error, Result};
 /// Default maximum sequence length, special tokens included.
 pub const DEFAULT_MAX_LEN: usize = 128;
 
-/// One tokenized example (no padding).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Encoded {
-    /// Token ids, special tokens included.
-    pub ids: Vec<u32>,
-    /// Segment ids (0 for the first text, 1 for the pair).
-    pub type_ids: Vec<u32>,
-}
-
-impl Encoded {
-    /// Number of tokens.
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    /// Whether there are no tokens.
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-}
+pub use crate::batching::Encoded;
 
 /// A tokenizer with padding off and truncation at `max_len`.
 pub struct Tokenizer {

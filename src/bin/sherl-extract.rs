@@ -409,7 +409,7 @@ fn run_extract(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
         session: a.runtime.session_config(),
     };
     let rt = runtime::init(a.runtime.ort_lib.as_deref())?;
-    let bar = sherl::report::ExtractBar::new(output.progress());
+    let bar = sherl::cli::progress::ExtractBar::new(output.progress());
     let summary = sherl::extract::run::run(rt, &plan, &bar)?;
     tracing::info!(
         "{} examples, {} tokens -> {} ({:.1} MB, {:.3} of raw f32) in {:.1}s",

@@ -46,6 +46,7 @@ enum Command {
     },
     /// Label new texts with a trained run (runs the backbone through ONNX
     /// Runtime, then the trained modules); writes JSONL.
+    #[cfg(feature = "extract")]
     Predict(Box<PredictArgs>),
 }
 
@@ -80,6 +81,7 @@ struct SweepArgs {
     device: String,
 }
 
+#[cfg(feature = "extract")]
 #[derive(Debug, clap::Args)]
 struct PredictArgs {
     /// Run directory (RUNS/<run id>).
@@ -189,6 +191,7 @@ fn main() -> ExitCode {
         init_output(&args.output);
         match args.command {
             Command::Run(a) => run(*a, &args.output),
+            #[cfg(feature = "extract")]
             Command::Predict(a) => predict(*a),
             Command::Sweep(a) => sweep(*a),
             Command::Report { runs, out } => report(runs, out),
@@ -248,6 +251,7 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "extract")]
 fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     let rt = sherl::runtime::init(a.runtime.ort_lib.as_deref())?;
     let plan = sherl::fit::predict::PredictPlan {

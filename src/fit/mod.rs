@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod model;
 pub mod nn;
 pub mod params;
+#[cfg(feature = "extract")]
 pub mod predict;
 pub mod run_dir;
 pub mod sweep;

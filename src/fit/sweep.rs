@@ -156,8 +156,8 @@ pub fn parse_worker(s: &str) -> Result<(u32, u32)> {
 pub const PARENT_PID_ENV: &str = "SHERL_SWEEP_PID";
 
 /// Exit code of a run refused because another process holds its lock
-/// (the same as the binaries' [`crate::cli::EXIT_BUSY`]).
-const EXIT_BUSY: i32 = crate::cli::EXIT_BUSY as i32;
+/// (the binaries exit with [`crate::EXIT_BUSY`] then).
+const EXIT_BUSY: i32 = crate::EXIT_BUSY as i32;
 
 /// In a `sherl-fit run` started by a sweep: stop this process when the
 /// sweep that started it is gone (killed with `kill -9` included), so no

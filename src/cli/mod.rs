@@ -1,16 +1,26 @@
-//! Pieces shared by the binaries: output setup (logs, progress), runtime
-//! flags, and the `main` wrapper with sherl's exit codes.
+//! Pieces shared by the binaries (feature `cli`): output setup (logs,
+//! progress bars), runtime flags, and the `main` wrapper with sherl's exit
+//! codes. The library proper does not depend on this module, nor on the
+//! crates it brings (anyhow, tracing-subscriber, indicatif, mimalloc).
 //!
 //! Conventions (see README): results go to stdout (one JSON line per run),
 //! logs and progress to stderr. Exit codes: 0 ok, 1 finished but some runs
 //! failed, 2 error. A broken pipe on stdout exits 0.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+#[cfg(feature = "extract")]
+use std::path::PathBuf;
+
+#[cfg(feature = "extract")]
 use crate::runtime::{Device, OptLevel, SessionConfig};
+
+#[cfg(feature = "extract")]
+pub mod progress;
+
+pub use crate::EXIT_BUSY;
 
 /// Verbosity flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -62,6 +72,7 @@ pub fn init_output(args: &OutputArgs) {
 }
 
 /// ONNX Runtime flags.
+#[cfg(feature = "extract")]
 #[derive(Debug, Clone, clap::Args)]
 pub struct RuntimeArgs {
     /// ONNX Runtime shared library (file or directory). Default: $ORT_DYLIB_PATH,
@@ -79,6 +90,7 @@ pub struct RuntimeArgs {
     pub graph_opt: OptLevel,
 }
 
+#[cfg(feature = "extract")]
 impl RuntimeArgs {
     /// Session settings from the flags.
     pub fn session_config(&self) -> SessionConfig {
@@ -89,10 +101,6 @@ impl RuntimeArgs {
         }
     }
 }
-
-/// Exit code of a command refused because another process holds the lock
-/// of the run or cache it would write (README, "Exit codes").
-pub const EXIT_BUSY: u8 = 3;
 
 /// Run a binary's body and map its outcome to sherl's exit codes.
 pub fn main_wrapper(body: impl FnOnce() -> anyhow::Result<ExitCode>) -> ExitCode {
