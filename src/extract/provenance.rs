@@ -79,9 +79,20 @@ pub fn dataset_info(plan: &DatasetPlan, data: &Dataset) -> Result<DatasetInfo> {
     })
 }
 
+/// The dataset keys of [`DatasetInfo::options`] that hold a column.
+const COLUMN_KEYS: [&str; 5] = [
+    "text_column",
+    "text_pair_column",
+    "label_column",
+    "id_column",
+    "group_column",
+];
+
+/// `dataset.options` as the manifest records them: columns as JSON strings
+/// (names) or numbers (0-based indices), `null` when not set.
 fn dataset_options(plan: &DatasetPlan) -> serde_json::Value {
     let r = &plan.read;
-    let col = |c: &Option<crate::data::Column>| c.as_ref().map(|c| c.to_string());
+    let col = |c: &Option<crate::data::Column>| json!(c);
     let split = match &plan.source {
         SplitSource::Files(files) => {
             json!({ "files": files.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>() })
@@ -95,7 +106,7 @@ fn dataset_options(plan: &DatasetPlan) -> serde_json::Value {
         "format": r.format.to_string(),
         "has_header": r.has_header,
         "encoding": r.encoding.to_string(),
-        "text_column": r.text_column.to_string(),
+        "text_column": json!(r.text_column),
         "text_pair_column": col(&r.text_pair_column),
         "label_column": col(&r.label_column),
         "id_column": col(&r.id_column),
@@ -119,6 +130,23 @@ fn dataset_options(plan: &DatasetPlan) -> serde_json::Value {
     options
 }
 
+/// `options` with each column in the spelling the first manifests used
+/// (`` `name` ``, `#index`), which the settings hash is computed over so
+/// that caches written before columns were stored plainly keep their hash
+/// (and `--resume`, `merge` and run ids keep working across the change).
+fn hash_spelling(options: &serde_json::Value) -> serde_json::Value {
+    let mut options = options.clone();
+    for key in COLUMN_KEYS {
+        let spelt = match &options[key] {
+            serde_json::Value::String(name) => json!(format!("`{name}`")),
+            serde_json::Value::Number(i) => json!(format!("#{i}")),
+            _ => continue,
+        };
+        options[key] = spelt;
+    }
+    options
+}
+
 /// sha256 hex of the canonical JSON of what determines the cache's bytes.
 pub fn settings_hash(
     backbone: &BackboneInfo,
@@ -137,7 +165,7 @@ pub fn settings_hash(
         },
         "dataset": {
             "files": dataset.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>(),
-            "options": dataset.options,
+            "options": hash_spelling(&dataset.options),
         },
         "settings": settings,
     });
@@ -178,5 +206,40 @@ pub fn manifest(
         tokens: order.tokens(),
         worker,
         shards: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Column, ReadOptions, SplitSource};
+
+    /// The manifest stores columns plainly; the settings hash still sees
+    /// the first manifests' spelling, so existing caches keep their hash.
+    #[test]
+    fn columns_are_plain_in_the_manifest_and_hashed_as_before() {
+        let plan = DatasetPlan {
+            source: SplitSource::Single {
+                path: "d.csv".into(),
+                split: None,
+            },
+            read: ReadOptions {
+                label_column: Some(Column::Name("category".into())),
+                group_column: Some(Column::Index(2)),
+                ..ReadOptions::default()
+            },
+            labels: None,
+        };
+        let options = dataset_options(&plan);
+        assert_eq!(options["text_column"], json!("text"));
+        assert_eq!(options["label_column"], json!("category"));
+        assert_eq!(options["group_column"], json!(2));
+        assert_eq!(options["id_column"], serde_json::Value::Null);
+        let hashed = hash_spelling(&options);
+        assert_eq!(hashed["text_column"], json!("`text`"));
+        assert_eq!(hashed["label_column"], json!("`category`"));
+        assert_eq!(hashed["group_column"], json!("#2"));
+        assert_eq!(hashed["id_column"], serde_json::Value::Null);
+        assert_eq!(hashed["format"], options["format"]);
     }
 }
