@@ -5,7 +5,19 @@
 //! underlying error as their `source`; the binaries print the whole chain
 //! on one line, each cause once ([`crate::cli::error_chain`]).
 
+//!
+//! Each area's own error enum is defined here too, one file each
+//! ([`cache`], [`extract`], [`fit`], [`report`]), and re-exported by its
+//! area under the old path (`crate::cache::CacheError`, ...): the error
+//! module is core, the lowest layer, so it must not import from the layers
+//! above it.
+
 use std::path::PathBuf;
+
+pub mod cache;
+pub mod extract;
+pub mod fit;
+pub mod report;
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,7 +94,7 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         #[source]
-        source: crate::cache::CacheError,
+        source: cache::CacheError,
     },
     /// Another process holds the lock of a run or cache directory.
     #[error("{}: {what} is in use by another process (it holds {}); wait for it to finish, or stop it", path.display(), lock.display())]
@@ -105,17 +117,16 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
     // --- fit area (issue 9): training, sweeps, the run directory ---
     /// Training: a setting, the cache, the backbone, the device or a grid
-    /// that cannot be used (see [`crate::fit::error::FitError`]).
+    /// that cannot be used (see [`fit::FitError`]).
     #[error(transparent)]
-    Fit(#[from] crate::fit::error::FitError),
-    /// The run report could not be made (see
-    /// [`crate::report::runs::ReportError`]).
+    Fit(#[from] fit::FitError),
+    /// The run report could not be made (see [`report::ReportError`]).
     #[error(transparent)]
-    Report(#[from] crate::report::runs::ReportError),
+    Report(#[from] report::ReportError),
     // --- extract (issue 9: phase one's own errors) --------------------------
     /// Extraction refused its settings or stopped.
     #[error(transparent)]
-    Extract(#[from] crate::extract::ExtractError),
+    Extract(#[from] extract::ExtractError),
 }
 
 impl Error {
