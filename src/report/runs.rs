@@ -319,10 +319,6 @@ fn show_value(v: Option<&Value>) -> String {
     v.map_or_else(|| "-".to_string(), setting_text)
 }
 
-fn short_hash(h: &str) -> &str {
-    h.get(..12).unwrap_or(h)
-}
-
 fn build_groups(runs: Vec<Run>) -> Vec<GroupRow> {
     let mut by_key: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     for run in runs {
@@ -367,7 +363,7 @@ fn build_groups(runs: Vec<Run>) -> Vec<GroupRow> {
             if show_cache {
                 parts.push(format!(
                     "cache={}",
-                    first.cache.as_deref().map_or("-", short_hash)
+                    first.cache.as_deref().map_or("-", crate::hash::abbrev)
                 ));
             }
             let settings_label = parts.join(" ");
