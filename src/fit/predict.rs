@@ -10,7 +10,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::json;
 
 use super::batcher::Batch;
@@ -290,27 +290,10 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
                     e.len(),
                 ));
             }
-            layers.push(Tensor::from_vec(v, (b, s, hidden), &dev)?);
+            layers.push(v);
         }
-        let maskf: Vec<f32> = pb.mask.iter().map(|&m| m as f32).collect();
-        let batch = Batch {
-            layers,
-            mask: Tensor::from_vec(maskf, (b, s), &dev)?,
-            labels: Tensor::zeros(b, candle_core::DType::U32, &dev)?,
-            label_vec: vec![0; b],
-            token_ids: Tensor::from_vec(
-                pb.ids.iter().map(|&x| x as u32).collect::<Vec<_>>(),
-                (b, s),
-                &dev,
-            )?,
-            type_ids: Tensor::from_vec(
-                pb.types.iter().map(|&x| x as u32).collect::<Vec<_>>(),
-                (b, s),
-                &dev,
-            )?,
-            tokens: pb.real_tokens(),
-            ids: chunk.iter().map(|e| e.id.clone()).collect(),
-        };
+        let ids = chunk.iter().map(|e| e.id.clone()).collect();
+        let batch = Batch::from_padded(&pb, layers, hidden, ids, &dev)?;
         let out = model.forward(&batch, &mut super::nn::Mode::Eval)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&out.logits, 1)?.to_vec2()?;
         for (e, p) in chunk.iter().zip(probs) {
