@@ -30,10 +30,10 @@ impl BackboneDir {
         let root = root.into();
         match std::fs::metadata(&root) {
             Ok(m) if m.is_dir() => Ok(BackboneDir { root }),
-            Ok(_) => Err(Error::Config(format!(
-                "{}: backbone must be a directory holding config.json, model.safetensors and tokenizer.json",
-                root.display()
-            ))),
+            Ok(_) => Err(Error::Backbone {
+                path: root.clone(),
+                message: "backbone must be a directory holding config.json, model.safetensors and tokenizer.json".into(),
+            }),
             Err(e) => Err(Error::io(&root, e)),
         }
     }

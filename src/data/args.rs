@@ -2,7 +2,7 @@
 //! cache, [`PredictDataArgs`] for labelling new texts, both flattening the
 //! reading flags of [`ReadArgs`]) and their validation into a [`DatasetPlan`].
 //! Combinations clap cannot express are checked in [`DatasetArgs::to_plan`],
-//! so every mistake gets one clear [`Error::Config`] message.
+//! so every mistake gets one clear [`Error::Setting`] message naming the flag.
 
 use std::path::PathBuf;
 
@@ -314,7 +314,7 @@ fn parse_line_bytes(s: &str) -> std::result::Result<usize, String> {
 impl DatasetArgs {
     /// Check flag combinations and build the plan [`super::load`] runs.
     pub fn to_plan(&self) -> Result<DatasetPlan> {
-        let config = |m: &str| Error::Config(m.to_owned());
+        let config = |flag: &str, m: &str| Error::setting(flag, m);
         let split_files = [
             ("train", &self.train),
             ("valid", &self.valid),
@@ -323,6 +323,7 @@ impl DatasetArgs {
         let source = match (&self.data, &self.train) {
             (Some(_), _) if self.train.is_some() || self.valid.is_some() || self.test.is_some() => {
                 return Err(config(
+                    "--data",
                     "--data conflicts with --train/--valid/--test: give one dataset file \
                      (and --split), or one file per split",
                 ))
@@ -338,6 +339,7 @@ impl DatasetArgs {
             (None, Some(_)) => {
                 if self.split.is_some() {
                     return Err(config(
+                        "--split",
                         "--split only applies to --data; with --train/--valid/--test the \
                          files are the splits",
                     ));
@@ -352,36 +354,48 @@ impl DatasetArgs {
                 )
             }
             (None, None) if self.valid.is_some() || self.test.is_some() => {
-                return Err(config("--valid and --test need --train"))
+                return Err(config("--train", "--valid and --test need --train"))
             }
             (None, None) => {
                 return Err(config(
+                    "--data",
                     "no dataset given: pass --data FILE (optionally with --split), or \
                      --train FILE with optional --valid/--test",
                 ))
             }
         };
-        if let Some(p) = [&self.data, &self.train, &self.valid, &self.test]
-            .into_iter()
-            .flatten()
-            .find(|p| super::is_stdin(p))
+        if let Some((flag, p)) = [
+            ("--data", &self.data),
+            ("--train", &self.train),
+            ("--valid", &self.valid),
+            ("--test", &self.test),
+        ]
+        .into_iter()
+        .find_map(|(flag, p)| p.as_ref().filter(|p| super::is_stdin(p)).map(|p| (flag, p)))
         {
-            return Err(Error::Config(format!(
-                "{}: a cache cannot be built from standard input: it records each dataset \
-                 file's sha256 to tell when the data changed; save the data to a file first",
-                p.display()
-            )));
+            return Err(Error::setting(
+                flag,
+                format!(
+                    "{}: a cache cannot be built from standard input: it records each dataset \
+                     file's sha256 to tell when the data changed; save the data to a file first",
+                    p.display()
+                ),
+            ));
         }
         if self.group_column.is_some() && self.split.is_none() {
             return Err(config(
+                "--group-column",
                 "--group-column only applies with --split (it keeps groups within one split)",
             ));
         }
         if self.no_labels && self.label_column.is_some() {
-            return Err(config("--no-labels conflicts with --label-column"));
+            return Err(config(
+                "--no-labels",
+                "--no-labels conflicts with --label-column",
+            ));
         }
         if self.no_labels && self.labels.is_some() {
-            return Err(config("--no-labels conflicts with --labels"));
+            return Err(config("--no-labels", "--no-labels conflicts with --labels"));
         }
         let label_column = match (&self.label_column, self.no_labels) {
             (_, true) => None,
@@ -393,14 +407,14 @@ impl DatasetArgs {
             Some(list) => {
                 let list: Vec<String> = list.iter().map(|l| l.trim().to_owned()).collect();
                 if list.iter().any(String::is_empty) {
-                    return Err(config("--labels holds an empty label"));
+                    return Err(config("--labels", "--labels holds an empty label"));
                 }
                 if let Some(dup) = list
                     .iter()
                     .enumerate()
                     .find_map(|(i, l)| list[..i].contains(l).then_some(l))
                 {
-                    return Err(Error::Config(format!("--labels names `{dup}` twice")));
+                    return Err(config("--labels", &format!("--labels names `{dup}` twice")));
                 }
                 Some(list)
             }

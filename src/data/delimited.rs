@@ -100,10 +100,13 @@ impl Layout {
 }
 
 fn no_header_error(role: &str, col: &Column) -> Error {
-    Error::Config(format!(
-        "the {role} column is given by name ({col}), but the file has no header row \
-         (--no-header): give a 0-based column index instead, or drop --no-header"
-    ))
+    Error::setting(
+        "--no-header",
+        format!(
+            "the {role} column is given by name ({col}), but the file has no header row \
+             (--no-header): give a 0-based column index instead, or drop --no-header"
+        ),
+    )
 }
 
 /// Read a CSV (`delimiter` `b','`) or TSV (`b'\t'`) file; `quoting`: fields

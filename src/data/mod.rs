@@ -110,12 +110,15 @@ impl Format {
             Some("tsv" | "tab") => Ok(Format::Tsv),
             Some("jsonl" | "ndjson" | "json") => Ok(Format::Jsonl),
             Some("txt") => Ok(Format::Text),
-            _ => Err(Error::Config(format!(
-                "{}: cannot tell the format from the file name \
-                 (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
-                 followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
-                path.display()
-            ))),
+            _ => Err(Error::setting(
+                "--format",
+                format!(
+                    "{}: cannot tell the format from the file name \
+                     (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
+                     followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
+                    path.display()
+                ),
+            )),
         }
     }
 }
@@ -131,9 +134,12 @@ impl FromStr for Format {
             "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
             "folders" | "folder" | "dir" => Ok(Format::Folders),
             "text" | "txt" | "lines" => Ok(Format::Text),
-            _ => Err(Error::Config(format!(
-                "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
-            ))),
+            _ => Err(Error::setting(
+                "--format",
+                format!(
+                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
+                ),
+            )),
         }
     }
 }
@@ -169,9 +175,10 @@ impl FromStr for Encoding {
         match s.trim().to_ascii_lowercase().as_str() {
             "utf8" | "utf-8" => Ok(Encoding::Utf8),
             "latin1" | "latin-1" | "iso-8859-1" | "iso8859-1" => Ok(Encoding::Latin1),
-            _ => Err(Error::Config(format!(
-                "unknown encoding `{s}`: expected utf8 or latin1"
-            ))),
+            _ => Err(Error::setting(
+                "--encoding",
+                format!("unknown encoding `{s}`: expected utf8 or latin1"),
+            )),
         }
     }
 }
@@ -202,12 +209,12 @@ impl FromStr for Column {
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(Error::Config("empty column name".to_owned()));
+            return Err(Error::setting("column", "empty column name"));
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             s.parse()
                 .map(Column::Index)
-                .map_err(|e| Error::Config(format!("column index `{s}`: {e}")))
+                .map_err(|e| Error::setting("column", format!("column index `{s}`: {e}")))
         } else {
             Ok(Column::Name(s.to_owned()))
         }

@@ -66,6 +66,15 @@ pub enum FitError {
         #[source]
         source: Box<FitError>,
     },
+    /// A run directory (or one of its files) that cannot be used: not
+    /// finished, or inconsistent with itself.
+    #[error("{}: {message}", path.display())]
+    BadRun {
+        /// The run directory or file concerned.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A module was given other inputs than it was built for, or a
     /// parameter name was used twice: a bug in the model's composition.
     #[error("{0}")]

@@ -62,9 +62,6 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// Invalid settings or unsupported input.
-    #[error("{0}")]
-    Config(String),
     /// A safetensors checkpoint could not be read.
     #[error("{}: {message}", path.display())]
     Checkpoint {
@@ -127,6 +124,29 @@ pub enum Error {
     /// Extraction refused its settings or stopped.
     #[error(transparent)]
     Extract(#[from] extract::ExtractError),
+    // --- core (issue 9): what replaced the catch-all `Config(String)` ------
+    /// A flag or setting (of the dataset, the tokenizer, a worker) with a
+    /// value, or in a combination, that cannot be used.
+    #[error("{message}")]
+    Setting {
+        /// The flag or setting concerned (`--split`, `--labels`, ...).
+        setting: String,
+        /// What is wrong, naming the flag.
+        message: String,
+    },
+    /// A backbone that cannot be used: its directory, its `config.json`, or
+    /// a file that is not the one a cache or run was made with.
+    #[error("{}: {message}", path.display())]
+    Backbone {
+        /// The backbone directory or its `config.json`.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A backbone configuration the ONNX export cannot build (the message
+    /// names the `config.json` setting).
+    #[error("unsupported backbone: {0}")]
+    UnsupportedBackbone(String),
 }
 
 impl Error {
@@ -137,12 +157,12 @@ impl Error {
             source,
         }
     }
-}
 
-/// `bail!`-style shorthand for [`Error::Config`].
-#[macro_export]
-macro_rules! config_err {
-    ($($arg:tt)*) => {
-        $crate::Error::Config(format!($($arg)*))
-    };
+    /// [`Error::Setting`]: `message` about the flag or setting `setting`.
+    pub fn setting(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Setting {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
 }

@@ -14,6 +14,7 @@ use candle_core::Device;
 use serde_json::json;
 
 use super::batcher::Batch;
+use super::error::FitError;
 use super::model::{Model, ModelSpec};
 use super::params::Params;
 use super::run_dir::{self, RunCache, RunConfig};
@@ -69,12 +70,14 @@ pub struct PredictSummary {
 fn same(what: &str, path: &Path, want: &str) -> Result<()> {
     let got = crate::fsutil::sha256_file(path)?;
     if got != want {
-        return Err(Error::Config(format!(
-            "{}: sha256 {} differs from the {what} the run's cache was extracted with ({}); predict with the same backbone",
-            path.display(),
-            &got[..12],
-            &want[..12.min(want.len())]
-        )));
+        return Err(Error::Backbone {
+            path: path.to_path_buf(),
+            message: format!(
+                "sha256 {} differs from the {what} the run's cache was extracted with ({}); predict with the same backbone",
+                crate::hash::abbrev(&got),
+                crate::hash::abbrev(want)
+            ),
+        });
     }
     Ok(())
 }
@@ -158,10 +161,11 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     let rc = RunConfig::read(&plan.run)?;
     let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
     if !weights_path.exists() {
-        return Err(Error::Config(format!(
-            "{}: no weights.safetensors (the run has not finished an epoch)",
-            plan.run.display()
-        )));
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "no weights.safetensors (the run has not finished an epoch)".into(),
+        }
+        .into());
     }
     check_weights(&plan.run, &weights_path)?;
     let dir = BackboneDir::open(&plan.backbone)?;
@@ -184,23 +188,28 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     if bert.num_hidden_layers != rc.cache.backbone.num_layers
         || bert.hidden_size != rc.cache.backbone.hidden
     {
-        return Err(Error::Config(format!(
-            "{}: {} layers x {} hidden, but the run's cache was made by a backbone with {} x {}",
-            dir.config_path().display(),
-            bert.num_hidden_layers,
-            bert.hidden_size,
-            rc.cache.backbone.num_layers,
-            rc.cache.backbone.hidden
-        )));
+        return Err(Error::Backbone {
+            path: dir.config_path(),
+            message: format!(
+                "{} layers x {} hidden, but the run's cache was made by a backbone with {} x {}",
+                bert.num_hidden_layers,
+                bert.hidden_size,
+                rc.cache.backbone.num_layers,
+                rc.cache.backbone.hidden
+            ),
+        });
     }
     let ckpt = Checkpoint::open(&dir.safetensors_path())?;
     if rc.model.classes != rc.labels.len() {
-        return Err(Error::Config(format!(
-            "{}: {} labels but a head of {} classes",
-            cfg_path.display(),
-            rc.labels.len(),
-            rc.model.classes
-        )));
+        return Err(FitError::BadRun {
+            path: cfg_path,
+            message: format!(
+                "{} labels but a head of {} classes",
+                rc.labels.len(),
+                rc.model.classes
+            ),
+        }
+        .into());
     }
     let spec = ModelSpec {
         method: rc.config.method,

@@ -13,13 +13,13 @@ struct Cli {
 /// Parse space-separated flags as a binary would, then validate.
 fn plan(args: &str) -> Result<DatasetPlan> {
     let cli = Cli::try_parse_from(std::iter::once("t").chain(args.split_whitespace()))
-        .map_err(|e| Error::Config(e.to_string()))?;
+        .map_err(|e| Error::setting("arguments", e.to_string()))?;
     cli.data.to_plan()
 }
 
 fn config_message(args: &str) -> String {
     match plan(args) {
-        Err(Error::Config(m)) => m,
+        Err(Error::Setting { message, .. }) => message,
         other => panic!("{args}: expected a config error, got {other:?}"),
     }
 }
