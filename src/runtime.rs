@@ -17,7 +17,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::TensorRef;
 
-use crate::onnx::inspect::hidden_state_index;
+use crate::backbone::{hidden_state_index, hidden_state_name};
 use crate::{Error, Result};
 
 /// Environment variable naming the ONNX Runtime library.
@@ -429,7 +429,7 @@ impl BackboneSession {
         let missing: Vec<String> = needed
             .iter()
             .filter(|i| self.layers.binary_search(i).is_err())
-            .map(|i| format!("hidden_states.{i}"))
+            .map(|&i| hidden_state_name(i))
             .collect();
         if missing.is_empty() {
             return Ok(());
@@ -479,7 +479,7 @@ impl BackboneSession {
         .map_err(ort_err("run"))?;
         let mut result = Vec::with_capacity(layers.len());
         for &i in layers {
-            let name = format!("hidden_states.{i}");
+            let name = hidden_state_name(i);
             let value = outputs
                 .get(&name)
                 .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
@@ -503,16 +503,4 @@ impl BackboneSession {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn device_parsing() {
-        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
-        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
-        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
-        assert_eq!("auto".parse::<Device>(), Ok(Device::Auto));
-        assert!("gpu".parse::<Device>().unwrap_err().contains("expected"));
-        assert!("cuda:-1".parse::<Device>().is_err());
-    }
-}
+mod tests;

@@ -53,9 +53,10 @@ impl Tokenizer {
 
     fn configure(inner: &mut HfTokenizer, max_len: usize) -> Result<()> {
         if max_len < 4 {
-            return Err(Error::Config(format!(
-                "--max-len {max_len} is too small (minimum 4)"
-            )));
+            return Err(Error::setting(
+                "--max-len",
+                format!("--max-len {max_len} is too small (minimum 4)"),
+            ));
         }
         inner.with_padding(None);
         inner

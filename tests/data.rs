@@ -193,7 +193,10 @@ fn tsv_and_jsonl_read_like_csv() {
 fn explicit_format_overrides_the_extension() {
     let dir = tempfile::tempdir().unwrap();
     let path = write(dir.path(), "data.dat", TSV.as_bytes());
-    assert!(matches!(load(&plan(&path)), Err(Error::Config(_))));
+    assert!(matches!(
+        load(&plan(&path)),
+        Err(Error::Setting { setting, .. }) if setting == "--format"
+    ));
     let mut p = quoted_plan(&path);
     p.read.format = Format::Tsv;
     assert_eq!(texts(&load(&p).unwrap()), EXPECTED);
@@ -324,7 +327,7 @@ fn no_header_uses_indices() {
     let mut p = plan(&path);
     p.read.has_header = false;
     match load(&p) {
-        Err(Error::Config(m)) => assert!(m.contains("--no-header"), "{m}"),
+        Err(Error::Setting { message: m, .. }) => assert!(m.contains("--no-header"), "{m}"),
         other => panic!("{other:?}"),
     }
     p.read.text_column = Column::Index(1);
@@ -346,7 +349,9 @@ fn jsonl_values_and_errors() {
     let mut p = plan(&write(dir.path(), "i.jsonl", body.as_bytes()));
     p.read.text_column = Column::Index(0);
     match load(&p) {
-        Err(Error::Config(m)) => assert!(m.contains("JSON") && m.contains("key"), "{m}"),
+        Err(Error::Setting { message: m, .. }) => {
+            assert!(m.contains("JSON") && m.contains("key"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
 

@@ -539,7 +539,7 @@ fn mutate_manifest(m: &mut Value, rng: &mut Rng) {
 fn names_a_place(e: &sherl::Error, root: &Path) -> bool {
     let text = e.to_string();
     match e {
-        sherl::Error::Config(_) => !text.is_empty(),
+        sherl::Error::Setting { .. } => !text.is_empty(),
         _ => text.contains(&*root.to_string_lossy()),
     }
 }

@@ -94,8 +94,9 @@ impl BertConfig {
             path: path.to_path_buf(),
             source: e,
         })?;
-        cfg.validate().map_err(|msg| {
-            Error::Config(format!("{}: unsupported backbone: {msg}", path.display()))
+        cfg.validate().map_err(|msg| Error::Backbone {
+            path: path.to_path_buf(),
+            message: format!("unsupported backbone: {msg}"),
         })?;
         Ok(cfg)
     }

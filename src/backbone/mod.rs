@@ -30,10 +30,10 @@ impl BackboneDir {
         let root = root.into();
         match std::fs::metadata(&root) {
             Ok(m) if m.is_dir() => Ok(BackboneDir { root }),
-            Ok(_) => Err(Error::Config(format!(
-                "{}: backbone must be a directory holding config.json, model.safetensors and tokenizer.json",
-                root.display()
-            ))),
+            Ok(_) => Err(Error::Backbone {
+                path: root.clone(),
+                message: "backbone must be a directory holding config.json, model.safetensors and tokenizer.json".into(),
+            }),
             Err(e) => Err(Error::io(&root, e)),
         }
     }
@@ -73,9 +73,21 @@ impl BackboneDir {
 /// numbering: 0 is the embedding output): the ONNX output names, and how
 /// every message and listing names a layer.
 pub fn hidden_state_name(i: usize) -> String {
-    format!("hidden_states.{i}")
+    format!("{HIDDEN_STATE_PREFIX}{i}")
 }
 
-/// Lowercase hex of a digest: [`crate::hash::hex`], under the name
-/// `fit::config` still uses.
-pub(crate) use crate::hash::hex as hex_digest;
+/// What every hidden state's name starts with.
+const HIDDEN_STATE_PREFIX: &str = "hidden_states.";
+
+/// Parse a name made by [`hidden_state_name`] back into its index (`None`
+/// for any other name, including leading zeros).
+pub fn hidden_state_index(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix(HIDDEN_STATE_PREFIX)?;
+    if rest.is_empty()
+        || !rest.bytes().all(|b| b.is_ascii_digit())
+        || (rest.len() > 1 && rest.starts_with('0'))
+    {
+        return None;
+    }
+    rest.parse().ok()
+}

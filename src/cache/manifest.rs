@@ -130,9 +130,10 @@ impl WorkerInfo {
     /// (`--shard-of`, `--worker`): the one parser of both phases' flags.
     pub fn parse(flag: &str, s: &str) -> Result<Self> {
         let bad = || {
-            Error::Config(format!(
-                "{flag} {s}: expected I/N with 0 <= I < N, e.g. 0/4"
-            ))
+            Error::setting(
+                flag,
+                format!("{flag} {s}: expected I/N with 0 <= I < N, e.g. 0/4"),
+            )
         };
         let (i, n) = s.split_once('/').ok_or_else(bad)?;
         let (index, count): (u32, u32) = (

@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use super::error::CacheError;
 use super::manifest::{Manifest, ShardInfo, MANIFEST, PART_MANIFEST};
 use super::{checked_shard_path, shard_file_name, Cache, FORMAT_VERSION};
+pub use crate::error::cache::MergeError;
 use crate::hash::abbrev;
 use crate::{Error, Result};
 
@@ -69,88 +70,6 @@ fn read_part(dir: &Path) -> Result<Manifest> {
         )));
     }
     Ok(m)
-}
-
-/// Why worker parts cannot be merged into `--out`; wrapped in
-/// [`CacheError::Merge`] with the part (or `--out`) concerned.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MergeError {
-    /// No part was given.
-    #[error("merge needs at least one worker part")]
-    NoParts,
-    /// A part's settings hash differs from the first part's.
-    #[error("extracted with different settings than {} (settings_hash {hash} vs {first_hash}); refusing to merge", first.display())]
-    DifferentSettings {
-        /// The first part.
-        first: PathBuf,
-        /// This part's settings hash (abbreviated).
-        hash: String,
-        /// The first part's (abbreviated).
-        first_hash: String,
-    },
-    /// A whole-cache field differs although the settings hash agrees.
-    #[error("this part and {} disagree on `{key}` although their settings_hash is the same; refusing to merge", first.display())]
-    Disagree {
-        /// The first part.
-        first: PathBuf,
-        /// The manifest field.
-        key: &'static str,
-    },
-    /// The parts were written for different numbers of workers.
-    #[error("worker of {count} parts, {} of {first_count}", first.display())]
-    WorkerCount {
-        /// This part's worker count.
-        count: u32,
-        /// The first part.
-        first: PathBuf,
-        /// The first part's worker count.
-        first_count: u32,
-    },
-    /// Two parts claim the same worker index.
-    #[error("this part and {} are both worker {index}", other.display())]
-    DuplicateWorker {
-        /// The worker index.
-        index: u32,
-        /// The other part.
-        other: PathBuf,
-    },
-    /// Two parts hold the same shard.
-    #[error("shard {shard} appears in more than one part (this one and {})", other.display())]
-    DuplicateShard {
-        /// The shard number.
-        shard: u32,
-        /// The other part.
-        other: PathBuf,
-    },
-    /// Worker parts are missing.
-    #[error("missing worker part(s) {missing} of {count}")]
-    MissingWorkers {
-        /// The missing worker indices (at most 20), comma-separated.
-        missing: String,
-        /// Workers in all.
-        count: u32,
-    },
-    /// A shard the split counts imply is in no part.
-    #[error("shard {0} is missing from the parts")]
-    MissingShard(u64),
-    /// A part holds a shard beyond those the split counts imply.
-    #[error("shard {shard} is beyond the {shards} shards the split counts imply")]
-    ShardBeyond {
-        /// The shard number.
-        shard: u32,
-        /// Shards the split counts imply.
-        shards: u64,
-    },
-    /// `--out` exists and holds something.
-    #[error("--out must not exist or be empty")]
-    OutNotEmpty,
-    /// `--out` exists and is a file.
-    #[error("--out exists and is not a directory")]
-    OutNotADirectory,
-    /// `--out` has no final component.
-    #[error("--out must name a directory")]
-    OutNoName,
 }
 
 /// A merge refusal concerning `path`.

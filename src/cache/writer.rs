@@ -299,7 +299,9 @@ fn check_out_dir(out: &Path, manifest: &Manifest, resume: bool) -> Result<bool> 
         })
         .unwrap_or(false);
     if resume && non_empty && !pending.exists() && sealed_shards {
-        return Err(wrap(out)(CacheError::NoPendingManifest));
+        return Err(wrap(out)(CacheError::NoPendingManifest {
+            pending: PENDING,
+        }));
     }
     if resume && non_empty && pending.exists() {
         let old = Manifest::read(&pending).map_err(|e| {

@@ -2,7 +2,7 @@
 //! cache, [`PredictDataArgs`] for labelling new texts, both flattening the
 //! reading flags of [`ReadArgs`]) and their validation into a [`DatasetPlan`].
 //! Combinations clap cannot express are checked in [`DatasetArgs::to_plan`],
-//! so every mistake gets one clear [`Error::Config`] message.
+//! so every mistake gets one clear [`Error::Setting`] message naming the flag.
 
 use std::path::PathBuf;
 
@@ -314,7 +314,7 @@ fn parse_line_bytes(s: &str) -> std::result::Result<usize, String> {
 impl DatasetArgs {
     /// Check flag combinations and build the plan [`super::load`] runs.
     pub fn to_plan(&self) -> Result<DatasetPlan> {
-        let config = |m: &str| Error::Config(m.to_owned());
+        let config = |flag: &str, m: &str| Error::setting(flag, m);
         let split_files = [
             ("train", &self.train),
             ("valid", &self.valid),
@@ -323,6 +323,7 @@ impl DatasetArgs {
         let source = match (&self.data, &self.train) {
             (Some(_), _) if self.train.is_some() || self.valid.is_some() || self.test.is_some() => {
                 return Err(config(
+                    "--data",
                     "--data conflicts with --train/--valid/--test: give one dataset file \
                      (and --split), or one file per split",
                 ))
@@ -338,6 +339,7 @@ impl DatasetArgs {
             (None, Some(_)) => {
                 if self.split.is_some() {
                     return Err(config(
+                        "--split",
                         "--split only applies to --data; with --train/--valid/--test the \
                          files are the splits",
                     ));
@@ -352,36 +354,48 @@ impl DatasetArgs {
                 )
             }
             (None, None) if self.valid.is_some() || self.test.is_some() => {
-                return Err(config("--valid and --test need --train"))
+                return Err(config("--train", "--valid and --test need --train"))
             }
             (None, None) => {
                 return Err(config(
+                    "--data",
                     "no dataset given: pass --data FILE (optionally with --split), or \
                      --train FILE with optional --valid/--test",
                 ))
             }
         };
-        if let Some(p) = [&self.data, &self.train, &self.valid, &self.test]
-            .into_iter()
-            .flatten()
-            .find(|p| super::is_stdin(p))
+        if let Some((flag, p)) = [
+            ("--data", &self.data),
+            ("--train", &self.train),
+            ("--valid", &self.valid),
+            ("--test", &self.test),
+        ]
+        .into_iter()
+        .find_map(|(flag, p)| p.as_ref().filter(|p| super::is_stdin(p)).map(|p| (flag, p)))
         {
-            return Err(Error::Config(format!(
-                "{}: a cache cannot be built from standard input: it records each dataset \
-                 file's sha256 to tell when the data changed; save the data to a file first",
-                p.display()
-            )));
+            return Err(Error::setting(
+                flag,
+                format!(
+                    "{}: a cache cannot be built from standard input: it records each dataset \
+                     file's sha256 to tell when the data changed; save the data to a file first",
+                    p.display()
+                ),
+            ));
         }
         if self.group_column.is_some() && self.split.is_none() {
             return Err(config(
+                "--group-column",
                 "--group-column only applies with --split (it keeps groups within one split)",
             ));
         }
         if self.no_labels && self.label_column.is_some() {
-            return Err(config("--no-labels conflicts with --label-column"));
+            return Err(config(
+                "--no-labels",
+                "--no-labels conflicts with --label-column",
+            ));
         }
         if self.no_labels && self.labels.is_some() {
-            return Err(config("--no-labels conflicts with --labels"));
+            return Err(config("--no-labels", "--no-labels conflicts with --labels"));
         }
         let label_column = match (&self.label_column, self.no_labels) {
             (_, true) => None,
@@ -393,14 +407,14 @@ impl DatasetArgs {
             Some(list) => {
                 let list: Vec<String> = list.iter().map(|l| l.trim().to_owned()).collect();
                 if list.iter().any(String::is_empty) {
-                    return Err(config("--labels holds an empty label"));
+                    return Err(config("--labels", "--labels holds an empty label"));
                 }
                 if let Some(dup) = list
                     .iter()
                     .enumerate()
                     .find_map(|(i, l)| list[..i].contains(l).then_some(l))
                 {
-                    return Err(Error::Config(format!("--labels names `{dup}` twice")));
+                    return Err(config("--labels", &format!("--labels names `{dup}` twice")));
                 }
                 Some(list)
             }
@@ -421,132 +435,4 @@ impl DatasetArgs {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-
-    #[derive(Parser, Debug)]
-    struct Cli {
-        #[command(flatten)]
-        data: DatasetArgs,
-    }
-
-    /// Parse space-separated flags as a binary would, then validate.
-    fn plan(args: &str) -> Result<DatasetPlan> {
-        let cli = Cli::try_parse_from(std::iter::once("t").chain(args.split_whitespace()))
-            .map_err(|e| Error::Config(e.to_string()))?;
-        cli.data.to_plan()
-    }
-
-    fn config_message(args: &str) -> String {
-        match plan(args) {
-            Err(Error::Config(m)) => m,
-            other => panic!("{args}: expected a config error, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn defaults() {
-        let plan = plan("--data d.csv").unwrap();
-        assert_eq!(
-            plan.source,
-            SplitSource::Single {
-                path: "d.csv".into(),
-                split: None
-            }
-        );
-        assert_eq!(plan.read, ReadOptions::default());
-        assert_eq!(plan.labels, None);
-    }
-
-    #[test]
-    fn every_flag() {
-        let plan = plan(
-            "--data d.tsv.gz --format tsv --no-header --encoding latin1 --text-column 1 \
-             --text-pair-column 2 --label-column 0 --id-column 3 --labels neg,pos \
-             --split train=0.9,test=0.1 --split-seed 5 --group-column 4 --skip-bad-rows \
-             --tsv-quotes --max-line-bytes 2M --max-quoted-lines 7 --max-quoted-bytes 300",
-        )
-        .unwrap();
-        let SplitSource::Single {
-            split: Some(spec), ..
-        } = &plan.source
-        else {
-            panic!("{plan:?}");
-        };
-        assert_eq!(spec.seed, 5);
-        assert_eq!(spec.fractions.len(), 2);
-        let read = &plan.read;
-        assert_eq!(read.format, Format::Tsv);
-        assert!(!read.has_header && read.skip_bad_rows && read.tsv_quotes);
-        assert_eq!(
-            read.limits,
-            ReadLimits {
-                max_line_bytes: 2 << 20,
-                max_quoted_lines: 7,
-                max_quoted_bytes: 300,
-            }
-        );
-        assert_eq!(read.encoding, Encoding::Latin1);
-        assert_eq!(read.text_column, Column::Index(1));
-        assert_eq!(read.text_pair_column, Some(Column::Index(2)));
-        assert_eq!(read.label_column, Some(Column::Index(0)));
-        assert_eq!(read.id_column, Some(Column::Index(3)));
-        assert_eq!(read.group_column, Some(Column::Index(4)));
-        assert_eq!(plan.labels, Some(vec!["neg".into(), "pos".into()]));
-    }
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("0"), Ok(0));
-        assert_eq!(parse_size("123"), Ok(123));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("16MiB"), Ok(ReadLimits::MAX_LINE_BYTES));
-        assert_eq!(parse_size("1 M"), Ok(ReadLimits::MAX_QUOTED_BYTES));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        for bad in ["", "M", "1.5M", "-1", "1T", "99999999999999999999999"] {
-            assert!(parse_size(bad).is_err(), "{bad}");
-        }
-        assert!(parse_size(&format!("{}G", usize::MAX)).is_err());
-    }
-
-    #[test]
-    fn split_files() {
-        let plan = plan("--train a.csv --test c.csv --no-labels").unwrap();
-        assert_eq!(
-            plan.source,
-            SplitSource::Files(vec![
-                ("train".into(), "a.csv".into()),
-                ("test".into(), "c.csv".into())
-            ])
-        );
-        assert_eq!(plan.read.label_column, None);
-    }
-
-    #[test]
-    fn bad_combinations() {
-        for (args, needle) in [
-            ("--data a --train b", "--data conflicts"),
-            ("--valid b", "need --train"),
-            ("", "no dataset given"),
-            ("--train a --split train=1", "--split only applies"),
-            ("--data a --group-column g", "--group-column"),
-            ("--data a --no-labels --labels x", "--no-labels"),
-            ("--data a --no-labels --label-column y", "--no-labels"),
-            ("--data a --labels x,,y", "empty label"),
-            ("--data a --labels x,y,x", "twice"),
-            ("--data a --split train=0.5", "sum"),
-            ("--data a --format xml", "xml"),
-            ("--data a --max-line-bytes 0", "at least 1 byte"),
-            ("--data a --max-line-bytes 1T", "not a size"),
-            ("--data a --max-quoted-bytes x", "not a size"),
-            ("--data a --max-quoted-lines -1", "-1"),
-            ("--data -", "standard input"),
-            ("--train a --test -", "standard input"),
-        ] {
-            let message = config_message(args);
-            assert!(message.contains(needle), "{args}: {message}");
-        }
-    }
-}
+mod tests;

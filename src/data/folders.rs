@@ -59,9 +59,9 @@ pub(super) fn read(
     bad: &mut BadRows,
 ) -> Result<FileRows> {
     if need_group {
-        return Err(Error::Config(
-            "a split by group needs a group column, which the folders format does not have"
-                .to_owned(),
+        return Err(Error::setting(
+            "--group-column",
+            "a split by group needs a group column, which the folders format does not have",
         ));
     }
     if !root.is_dir() {

@@ -27,10 +27,13 @@ pub(super) fn read(
         match col {
             Column::Name(name) => keys.push((role, name.clone())),
             Column::Index(i) => {
-                return Err(Error::Config(format!(
-                    "the {role} column is given by index ({i}), but JSON Lines rows are \
-                     objects: name the column by its key"
-                )))
+                return Err(Error::setting(
+                    format!("{role} column"),
+                    format!(
+                        "the {role} column is given by index ({i}), but JSON Lines rows are \
+                         objects: name the column by its key"
+                    ),
+                ))
             }
         }
     }

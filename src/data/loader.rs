@@ -30,7 +30,7 @@ struct Part {
 /// an empty file or no rows left after label filtering ([`Error::Dataset`]);
 /// a malformed row unless [`skip_bad_rows`](super::ReadOptions::skip_bad_rows)
 /// is set, or a duplicate explicit id ([`Error::DatasetLine`]); inconsistent
-/// settings ([`Error::Config`]).
+/// settings ([`Error::Setting`]).
 pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
     let labels = checked_labels(plan)?;
     let read = &plan.read;
@@ -91,7 +91,7 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
         .enumerate()
         .map(|(i, l)| u32::try_from(i).map(|i| (l.as_str(), i)))
         .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::Config("more than 2^32 labels".to_owned()))?;
+        .map_err(|_| Error::setting("labels", "more than 2^32 labels"))?;
 
     let mut report = LoadReport {
         rows_read: parts.iter().map(|p| p.rows.rows_read).sum(),
@@ -217,25 +217,28 @@ fn checked_labels(plan: &DatasetPlan) -> Result<Option<Vec<String>>> {
         return Ok(None);
     };
     if plan.read.label_column.is_none() {
-        return Err(Error::Config(
-            "a label list is given, but the dataset has no label column (--no-labels)".to_owned(),
+        return Err(Error::setting(
+            "--labels",
+            "a label list is given, but the dataset has no label column (--no-labels)",
         ));
     }
     if list.is_empty() {
-        return Err(Error::Config("the label list is empty".to_owned()));
+        return Err(Error::setting("--labels", "the label list is empty"));
     }
     let mut out: Vec<String> = Vec::with_capacity(list.len());
     for label in list {
         let label = label.trim();
         if label.is_empty() {
-            return Err(Error::Config(
-                "the label list holds an empty label".to_owned(),
+            return Err(Error::setting(
+                "--labels",
+                "the label list holds an empty label",
             ));
         }
         if out.iter().any(|l| l == label) {
-            return Err(Error::Config(format!(
-                "label `{label}` is given twice in the label list"
-            )));
+            return Err(Error::setting(
+                "--labels",
+                format!("label `{label}` is given twice in the label list"),
+            ));
         }
         out.push(label.to_owned());
     }
@@ -244,14 +247,17 @@ fn checked_labels(plan: &DatasetPlan) -> Result<Option<Vec<String>>> {
 
 fn check_split_names(files: &[(String, PathBuf)]) -> Result<()> {
     if files.is_empty() {
-        return Err(Error::Config("no dataset files given".to_owned()));
+        return Err(Error::setting("--train", "no dataset files given"));
     }
     for (i, (name, _)) in files.iter().enumerate() {
         if name.is_empty() {
-            return Err(Error::Config("empty split name".to_owned()));
+            return Err(Error::setting("--train", "empty split name"));
         }
         if files[..i].iter().any(|(n, _)| n == name) {
-            return Err(Error::Config(format!("split `{name}` is given twice")));
+            return Err(Error::setting(
+                "--train",
+                format!("split `{name}` is given twice"),
+            ));
         }
     }
     Ok(())

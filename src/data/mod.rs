@@ -110,12 +110,15 @@ impl Format {
             Some("tsv" | "tab") => Ok(Format::Tsv),
             Some("jsonl" | "ndjson" | "json") => Ok(Format::Jsonl),
             Some("txt") => Ok(Format::Text),
-            _ => Err(Error::Config(format!(
-                "{}: cannot tell the format from the file name \
-                 (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
-                 followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
-                path.display()
-            ))),
+            _ => Err(Error::setting(
+                "--format",
+                format!(
+                    "{}: cannot tell the format from the file name \
+                     (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
+                     followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
+                    path.display()
+                ),
+            )),
         }
     }
 }
@@ -131,9 +134,12 @@ impl FromStr for Format {
             "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
             "folders" | "folder" | "dir" => Ok(Format::Folders),
             "text" | "txt" | "lines" => Ok(Format::Text),
-            _ => Err(Error::Config(format!(
-                "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
-            ))),
+            _ => Err(Error::setting(
+                "--format",
+                format!(
+                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
+                ),
+            )),
         }
     }
 }
@@ -169,9 +175,10 @@ impl FromStr for Encoding {
         match s.trim().to_ascii_lowercase().as_str() {
             "utf8" | "utf-8" => Ok(Encoding::Utf8),
             "latin1" | "latin-1" | "iso-8859-1" | "iso8859-1" => Ok(Encoding::Latin1),
-            _ => Err(Error::Config(format!(
-                "unknown encoding `{s}`: expected utf8 or latin1"
-            ))),
+            _ => Err(Error::setting(
+                "--encoding",
+                format!("unknown encoding `{s}`: expected utf8 or latin1"),
+            )),
         }
     }
 }
@@ -202,12 +209,12 @@ impl FromStr for Column {
     fn from_str(s: &str) -> Result<Self> {
         let s = s.trim();
         if s.is_empty() {
-            return Err(Error::Config("empty column name".to_owned()));
+            return Err(Error::setting("column", "empty column name"));
         }
         if s.bytes().all(|b| b.is_ascii_digit()) {
             s.parse()
                 .map(Column::Index)
-                .map_err(|e| Error::Config(format!("column index `{s}`: {e}")))
+                .map_err(|e| Error::setting("column", format!("column index `{s}`: {e}")))
         } else {
             Ok(Column::Name(s.to_owned()))
         }
@@ -444,68 +451,4 @@ pub struct LoadReport {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn column_from_str() {
-        assert_eq!("3".parse::<Column>().unwrap(), Column::Index(3));
-        assert_eq!("0".parse::<Column>().unwrap(), Column::Index(0));
-        assert_eq!(
-            " text ".parse::<Column>().unwrap(),
-            Column::Name("text".into())
-        );
-        assert_eq!("3a".parse::<Column>().unwrap(), Column::Name("3a".into()));
-        assert_eq!("-1".parse::<Column>().unwrap(), Column::Name("-1".into()));
-        assert!("".parse::<Column>().is_err());
-        assert!("99999999999999999999999".parse::<Column>().is_err());
-    }
-
-    #[test]
-    fn column_display_round_trips() {
-        for c in [
-            Column::Name("text".into()),
-            Column::Name("a b".into()),
-            Column::Index(7),
-        ] {
-            assert_eq!(Column::from_display(&c.to_string()), Some(c));
-        }
-        for bad in ["text", "``", "#", "#x", "`x"] {
-            assert_eq!(Column::from_display(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn format_and_encoding_from_str() {
-        assert_eq!("CSV".parse::<Format>().unwrap(), Format::Csv);
-        assert_eq!("tsv".parse::<Format>().unwrap(), Format::Tsv);
-        assert_eq!("jsonl".parse::<Format>().unwrap(), Format::Jsonl);
-        assert_eq!("folders".parse::<Format>().unwrap(), Format::Folders);
-        assert_eq!("auto".parse::<Format>().unwrap(), Format::Auto);
-        assert_eq!("text".parse::<Format>().unwrap(), Format::Text);
-        assert!("xml".parse::<Format>().is_err());
-        assert_eq!("utf-8".parse::<Encoding>().unwrap(), Encoding::Utf8);
-        assert_eq!("latin1".parse::<Encoding>().unwrap(), Encoding::Latin1);
-        assert!("utf16".parse::<Encoding>().is_err());
-    }
-
-    #[test]
-    fn format_by_extension() {
-        let auto = |p: &str| Format::Auto.resolve(Path::new(p));
-        assert_eq!(auto("a/train.csv").unwrap(), Format::Csv);
-        assert_eq!(auto("train.CSV.gz").unwrap(), Format::Csv);
-        assert_eq!(auto("train.tsv.bz2").unwrap(), Format::Tsv);
-        assert_eq!(auto("train.tab").unwrap(), Format::Tsv);
-        assert_eq!(auto("train.jsonl.zst").unwrap(), Format::Jsonl);
-        assert_eq!(auto("train.ndjson").unwrap(), Format::Jsonl);
-        assert_eq!(auto("train.json").unwrap(), Format::Jsonl);
-        assert_eq!(auto("notes.txt.gz").unwrap(), Format::Text);
-        assert_eq!(auto(STDIN).unwrap(), Format::Text);
-        assert!(auto("train.dat").is_err());
-        assert!(auto("train.gz").is_err());
-        assert_eq!(
-            Format::Csv.resolve(Path::new("x.txt")).unwrap(),
-            Format::Csv
-        );
-    }
-}
+mod tests;

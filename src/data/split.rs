@@ -31,7 +31,7 @@ pub struct SplitSpec {
 impl SplitSpec {
     /// Parse `train=0.8,valid=0.1,test=0.1`.
     pub fn parse(s: &str, seed: u64) -> Result<Self> {
-        let bad = |why: String| Error::Config(format!("split `{s}`: {why}"));
+        let bad = |why: String| Error::setting("--split", format!("split `{s}`: {why}"));
         let mut fractions = Vec::new();
         for part in s.split(',') {
             let part = part.trim();
@@ -46,7 +46,7 @@ impl SplitSpec {
         }
         let spec = SplitSpec { fractions, seed };
         spec.validate().map_err(|e| match e {
-            Error::Config(why) => bad(why),
+            Error::Setting { message, .. } => bad(message),
             other => other,
         })?;
         Ok(spec)
@@ -56,25 +56,32 @@ impl SplitSpec {
     /// summing to 1).
     pub fn validate(&self) -> Result<()> {
         if self.fractions.is_empty() {
-            return Err(Error::Config("no splits given".to_owned()));
+            return Err(Error::setting("--split", "no splits given"));
         }
         let mut sum = 0.0;
         for (i, (name, fraction)) in self.fractions.iter().enumerate() {
             if name.is_empty() {
-                return Err(Error::Config("empty split name".to_owned()));
+                return Err(Error::setting("--split", "empty split name"));
             }
             if self.fractions[..i].iter().any(|(n, _)| n == name) {
-                return Err(Error::Config(format!("split `{name}` is given twice")));
+                return Err(Error::setting(
+                    "--split",
+                    format!("split `{name}` is given twice"),
+                ));
             }
             if !(fraction.is_finite() && *fraction > 0.0) {
-                return Err(Error::Config(format!(
-                    "split `{name}` has fraction {fraction}; fractions must be > 0"
-                )));
+                return Err(Error::setting(
+                    "--split",
+                    format!("split `{name}` has fraction {fraction}; fractions must be > 0"),
+                ));
             }
             sum += fraction;
         }
         if (sum - 1.0).abs() > SUM_TOLERANCE {
-            return Err(Error::Config(format!("fractions sum to {sum}, not 1")));
+            return Err(Error::setting(
+                "--split",
+                format!("fractions sum to {sum}, not 1"),
+            ));
         }
         Ok(())
     }
@@ -192,7 +199,10 @@ mod tests {
             "train=NaN",
         ] {
             let err = SplitSpec::parse(bad, 0).unwrap_err();
-            assert!(matches!(err, Error::Config(_)), "{bad}: {err}");
+            assert!(
+                matches!(&err, Error::Setting { setting, .. } if setting == "--split"),
+                "{bad}: {err}"
+            );
         }
     }
 

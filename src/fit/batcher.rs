@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
-use crate::batching::batch_ranges;
+use crate::batching::{batch_ranges, PaddedBatch};
 use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
 use crate::fit::error::FitError;
 use crate::rng::{SplitMix64, Stream};
@@ -37,6 +37,71 @@ pub struct Batch {
     pub tokens: usize,
     /// Example ids.
     pub ids: Vec<String>,
+}
+
+impl Batch {
+    /// A batch of examples tokenized outside any cache (prediction): the
+    /// padded inputs `pb`, the requested hidden states as `[B, S, hidden]`
+    /// row-major values (zeros at padding), and the examples' ids. Labels
+    /// are unknown: all 0.
+    pub fn from_padded(
+        pb: &PaddedBatch,
+        layers: Vec<Vec<f32>>,
+        hidden: usize,
+        ids: Vec<String>,
+        dev: &Device,
+    ) -> Result<Batch> {
+        let to_u32 = |a: &ndarray::Array2<i64>| a.iter().map(|&x| x as u32).collect();
+        Parts {
+            seq: pb.ids.ncols(),
+            hidden,
+            layers,
+            mask: pb.mask.iter().map(|&m| m as f32).collect(),
+            token_ids: to_u32(&pb.ids),
+            type_ids: to_u32(&pb.types),
+            labels: vec![0; ids.len()],
+            tokens: pb.real_tokens(),
+            ids,
+        }
+        .into_batch(dev)
+    }
+}
+
+/// The contents of a batch of `ids.len()` examples padded to `seq` tokens,
+/// row-major; [`Parts::into_batch`] gives each tensor its shape, the one
+/// place a [`Batch`]'s layout is defined (for training, evaluation and
+/// prediction alike).
+struct Parts {
+    seq: usize,
+    hidden: usize,
+    /// One `[B * S * hidden]` vector per requested hidden state.
+    layers: Vec<Vec<f32>>,
+    mask: Vec<f32>,
+    token_ids: Vec<u32>,
+    type_ids: Vec<u32>,
+    labels: Vec<u32>,
+    tokens: usize,
+    ids: Vec<String>,
+}
+
+impl Parts {
+    fn into_batch(self, dev: &Device) -> Result<Batch> {
+        let (b, s, h) = (self.ids.len(), self.seq, self.hidden);
+        Ok(Batch {
+            layers: self
+                .layers
+                .into_iter()
+                .map(|v| Tensor::from_vec(v, (b, s, h), dev))
+                .collect::<candle_core::Result<_>>()?,
+            mask: Tensor::from_vec(self.mask, (b, s), dev)?,
+            labels: Tensor::from_vec(self.labels.clone(), b, dev)?,
+            label_vec: self.labels,
+            token_ids: Tensor::from_vec(self.token_ids, (b, s), dev)?,
+            type_ids: Tensor::from_vec(self.type_ids, (b, s), dev)?,
+            tokens: self.tokens,
+            ids: self.ids,
+        })
+    }
 }
 
 /// How to batch one split.
@@ -273,20 +338,18 @@ impl Batches {
             })?);
             ids.push(it.meta.id);
         }
-        let dev = &self.device;
-        Ok(Batch {
-            layers: layers
-                .into_iter()
-                .map(|v| Tensor::from_vec(v, (b, s, h), dev))
-                .collect::<candle_core::Result<_>>()?,
-            mask: Tensor::from_vec(mask, (b, s), dev)?,
-            labels: Tensor::from_vec(labels.clone(), b, dev)?,
-            label_vec: labels,
-            token_ids: Tensor::from_vec(tok, (b, s), dev)?,
-            type_ids: Tensor::from_vec(typ, (b, s), dev)?,
+        Parts {
+            seq: s,
+            hidden: h,
+            layers,
+            mask,
+            token_ids: tok,
+            type_ids: typ,
+            labels,
             tokens,
             ids,
-        })
+        }
+        .into_batch(&self.device)
     }
 }
 

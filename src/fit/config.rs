@@ -104,7 +104,7 @@ impl FitConfig {
         format!(
             "{}-{}",
             self.method.name(),
-            &crate::backbone::hex_digest(&h)[..12]
+            crate::hash::abbrev(&crate::hash::hex(&h))
         )
     }
 

@@ -10,10 +10,11 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use serde_json::json;
 
 use super::batcher::Batch;
+use super::error::FitError;
 use super::model::{Model, ModelSpec};
 use super::params::Params;
 use super::run_dir::{self, RunCache, RunConfig};
@@ -69,12 +70,14 @@ pub struct PredictSummary {
 fn same(what: &str, path: &Path, want: &str) -> Result<()> {
     let got = crate::fsutil::sha256_file(path)?;
     if got != want {
-        return Err(Error::Config(format!(
-            "{}: sha256 {} differs from the {what} the run's cache was extracted with ({}); predict with the same backbone",
-            path.display(),
-            &got[..12],
-            &want[..12.min(want.len())]
-        )));
+        return Err(Error::Backbone {
+            path: path.to_path_buf(),
+            message: format!(
+                "sha256 {} differs from the {what} the run's cache was extracted with ({}); predict with the same backbone",
+                crate::hash::abbrev(&got),
+                crate::hash::abbrev(want)
+            ),
+        });
     }
     Ok(())
 }
@@ -158,10 +161,11 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     let rc = RunConfig::read(&plan.run)?;
     let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
     if !weights_path.exists() {
-        return Err(Error::Config(format!(
-            "{}: no weights.safetensors (the run has not finished an epoch)",
-            plan.run.display()
-        )));
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "no weights.safetensors (the run has not finished an epoch)".into(),
+        }
+        .into());
     }
     check_weights(&plan.run, &weights_path)?;
     let dir = BackboneDir::open(&plan.backbone)?;
@@ -184,23 +188,28 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     if bert.num_hidden_layers != rc.cache.backbone.num_layers
         || bert.hidden_size != rc.cache.backbone.hidden
     {
-        return Err(Error::Config(format!(
-            "{}: {} layers x {} hidden, but the run's cache was made by a backbone with {} x {}",
-            dir.config_path().display(),
-            bert.num_hidden_layers,
-            bert.hidden_size,
-            rc.cache.backbone.num_layers,
-            rc.cache.backbone.hidden
-        )));
+        return Err(Error::Backbone {
+            path: dir.config_path(),
+            message: format!(
+                "{} layers x {} hidden, but the run's cache was made by a backbone with {} x {}",
+                bert.num_hidden_layers,
+                bert.hidden_size,
+                rc.cache.backbone.num_layers,
+                rc.cache.backbone.hidden
+            ),
+        });
     }
     let ckpt = Checkpoint::open(&dir.safetensors_path())?;
     if rc.model.classes != rc.labels.len() {
-        return Err(Error::Config(format!(
-            "{}: {} labels but a head of {} classes",
-            cfg_path.display(),
-            rc.labels.len(),
-            rc.model.classes
-        )));
+        return Err(FitError::BadRun {
+            path: cfg_path,
+            message: format!(
+                "{} labels but a head of {} classes",
+                rc.labels.len(),
+                rc.model.classes
+            ),
+        }
+        .into());
     }
     let spec = ModelSpec {
         method: rc.config.method,
@@ -290,27 +299,10 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
                     e.len(),
                 ));
             }
-            layers.push(Tensor::from_vec(v, (b, s, hidden), &dev)?);
+            layers.push(v);
         }
-        let maskf: Vec<f32> = pb.mask.iter().map(|&m| m as f32).collect();
-        let batch = Batch {
-            layers,
-            mask: Tensor::from_vec(maskf, (b, s), &dev)?,
-            labels: Tensor::zeros(b, candle_core::DType::U32, &dev)?,
-            label_vec: vec![0; b],
-            token_ids: Tensor::from_vec(
-                pb.ids.iter().map(|&x| x as u32).collect::<Vec<_>>(),
-                (b, s),
-                &dev,
-            )?,
-            type_ids: Tensor::from_vec(
-                pb.types.iter().map(|&x| x as u32).collect::<Vec<_>>(),
-                (b, s),
-                &dev,
-            )?,
-            tokens: pb.real_tokens(),
-            ids: chunk.iter().map(|e| e.id.clone()).collect(),
-        };
+        let ids = chunk.iter().map(|e| e.id.clone()).collect();
+        let batch = Batch::from_padded(&pb, layers, hidden, ids, &dev)?;
         let out = model.forward(&batch, &mut super::nn::Mode::Eval)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&out.logits, 1)?.to_vec2()?;
         for (e, p) in chunk.iter().zip(probs) {

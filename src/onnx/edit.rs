@@ -13,8 +13,9 @@ use std::path::Path;
 
 use prost::Message;
 
-use super::inspect::{decode_model, hidden_state_index};
+use super::inspect::decode_model;
 use super::proto::{GraphProto, NodeProto, TypeProto, TypeProtoTensor, ValueInfoProto};
+use crate::backbone::{hidden_state_index, hidden_state_name};
 use crate::{Error, Result};
 
 /// Expose `tensors[i]` as output `hidden_states.i` (first index `first`).
@@ -57,7 +58,7 @@ pub fn expose_layers(
     let mut extra = GraphProto::default();
     for (k, t) in tensors.iter().enumerate() {
         let i = first + k;
-        let name = format!("hidden_states.{i}");
+        let name = hidden_state_name(i);
         if t == &name && g.output.iter().any(|o| o.name == name) {
             continue; // already exposed under the right name
         }

@@ -49,13 +49,13 @@ pub struct ExportSummary {
 
 /// Build the ONNX model for `cfg` with the weights of `ckpt`.
 pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
-    cfg.validate().map_err(Error::Config)?;
+    cfg.validate().map_err(Error::UnsupportedBackbone)?;
     let mut g = Graph::default();
     let d = cfg.hidden_size;
     let heads = cfg.num_attention_heads;
     let hd = cfg.head_dim();
     let eps = cfg.layer_norm_eps as f32;
-    let act = cfg.activation().map_err(Error::Config)?;
+    let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
 
     let dims: [Result<i64, &str>; 2] = [Err("batch"), Err("seq")];
     for name in ["input_ids", "attention_mask", "token_type_ids"] {

@@ -8,6 +8,7 @@ use prost::Message;
 use serde::Serialize;
 
 use super::proto::{ModelProto, ValueInfoProto};
+pub use crate::backbone::hidden_state_index;
 use crate::{Error, Result};
 
 /// One graph input or output.
@@ -67,18 +68,6 @@ pub fn decode_model(path: &Path, bytes: &[u8]) -> Result<ModelProto> {
         });
     }
     Ok(model)
-}
-
-/// Parse `hidden_states.i` into `i`.
-pub fn hidden_state_index(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("hidden_states.")?;
-    if rest.is_empty()
-        || !rest.bytes().all(|b| b.is_ascii_digit())
-        || (rest.len() > 1 && rest.starts_with('0'))
-    {
-        return None;
-    }
-    rest.parse().ok()
 }
 
 fn port(v: &ValueInfoProto) -> Port {

@@ -38,6 +38,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+pub use crate::error::report::ReportError;
 use crate::{Error, Result};
 
 /// What [`report`] reads and where it writes.
@@ -174,25 +175,6 @@ pub struct Report {
 
 /// The note under the table: how groups are ordered and what the numbers are.
 pub const SELECTION_NOTE: &str = "Groups are sorted by mean valid accuracy, best first (ties by mean test accuracy): settings are selected on the valid split only; test numbers are reported for the selected settings, never used to choose them. Values are mean ± sample standard deviation (n − 1) over seeds; \"-\" means no value (no test split; one seed for ±); (k/n): only k of the n seeds reported the metric.";
-
-/// Why no report could be made.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ReportError {
-    /// The runs directory holds no complete run.
-    #[error("{}: no complete runs (no run directory with a summary.json; {skipped} skipped{first})", runs.display())]
-    NoCompleteRuns {
-        /// The runs directory.
-        runs: PathBuf,
-        /// Directories skipped.
-        skipped: usize,
-        /// `: DIR: REASON` of the first skipped directory, or empty.
-        first: String,
-    },
-    /// The font embedded in the binary cannot be loaded.
-    #[error("the embedded font {0} is not a valid font")]
-    Font(&'static str),
-}
 
 /// Summarise the runs in `opts.runs` and write the report to `opts.out`.
 ///
@@ -337,10 +319,6 @@ fn show_value(v: Option<&Value>) -> String {
     v.map_or_else(|| "-".to_string(), setting_text)
 }
 
-fn short_hash(h: &str) -> &str {
-    h.get(..12).unwrap_or(h)
-}
-
 fn build_groups(runs: Vec<Run>) -> Vec<GroupRow> {
     let mut by_key: BTreeMap<String, Vec<Run>> = BTreeMap::new();
     for run in runs {
@@ -385,7 +363,7 @@ fn build_groups(runs: Vec<Run>) -> Vec<GroupRow> {
             if show_cache {
                 parts.push(format!(
                     "cache={}",
-                    first.cache.as_deref().map_or("-", short_hash)
+                    first.cache.as_deref().map_or("-", crate::hash::abbrev)
                 ));
             }
             let settings_label = parts.join(" ");

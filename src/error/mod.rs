@@ -5,7 +5,19 @@
 //! underlying error as their `source`; the binaries print the whole chain
 //! on one line, each cause once (the binaries' `cli::error_chain`).
 
+//!
+//! Each area's own error enum is defined here too, one file each
+//! ([`cache`], [`extract`], [`fit`], [`report`]), and re-exported by its
+//! area under the old path (`crate::cache::CacheError`, ...): the error
+//! module is core, the lowest layer, so it must not import from the layers
+//! above it.
+
 use std::path::PathBuf;
+
+pub mod cache;
+pub mod extract;
+pub mod fit;
+pub mod report;
 
 /// Result alias used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -50,9 +62,6 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
-    /// Invalid settings or unsupported input.
-    #[error("{0}")]
-    Config(String),
     /// A safetensors checkpoint could not be read.
     #[error("{}: {message}", path.display())]
     Checkpoint {
@@ -82,7 +91,7 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         #[source]
-        source: crate::cache::CacheError,
+        source: cache::CacheError,
     },
     /// Another process holds the lock of a run or cache directory.
     #[error("{}: {what} is in use by another process (it holds {}); wait for it to finish, or stop it", path.display(), lock.display())]
@@ -104,22 +113,40 @@ pub enum Error {
     #[cfg(feature = "fit")]
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    // --- fit area (issue 9): training, sweeps, the run directory ---
+    // Each area's own errors (defined in this module's children).
     /// Training: a setting, the cache, the backbone, the device or a grid
-    /// that cannot be used (see [`crate::fit::error::FitError`]).
-    #[cfg(feature = "fit")]
+    /// that cannot be used (see [`fit::FitError`]).
     #[error(transparent)]
-    Fit(#[from] crate::fit::error::FitError),
-    /// The run report could not be made (see
-    /// [`crate::report::runs::ReportError`]).
-    #[cfg(feature = "fit")]
+    Fit(#[from] fit::FitError),
+    /// The run report could not be made (see [`report::ReportError`]).
     #[error(transparent)]
-    Report(#[from] crate::report::runs::ReportError),
-    // --- extract (issue 9: phase one's own errors) --------------------------
+    Report(#[from] report::ReportError),
     /// Extraction refused its settings or stopped.
-    #[cfg(feature = "extract")]
     #[error(transparent)]
-    Extract(#[from] crate::extract::ExtractError),
+    Extract(#[from] extract::ExtractError),
+    // Core errors: settings and backbones.
+    /// A flag or setting (of the dataset, the tokenizer, a worker) with a
+    /// value, or in a combination, that cannot be used.
+    #[error("{message}")]
+    Setting {
+        /// The flag or setting concerned (`--split`, `--labels`, ...).
+        setting: String,
+        /// What is wrong, naming the flag.
+        message: String,
+    },
+    /// A backbone that cannot be used: its directory, its `config.json`, or
+    /// a file that is not the one a cache or run was made with.
+    #[error("{}: {message}", path.display())]
+    Backbone {
+        /// The backbone directory or its `config.json`.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A backbone configuration the ONNX export cannot build (the message
+    /// names the `config.json` setting).
+    #[error("unsupported backbone: {0}")]
+    UnsupportedBackbone(String),
 }
 
 impl Error {
@@ -130,12 +157,12 @@ impl Error {
             source,
         }
     }
-}
 
-/// `bail!`-style shorthand for [`Error::Config`].
-#[macro_export]
-macro_rules! config_err {
-    ($($arg:tt)*) => {
-        $crate::Error::Config(format!($($arg)*))
-    };
+    /// [`Error::Setting`]: `message` about the flag or setting `setting`.
+    pub fn setting(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Setting {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
 }
