@@ -125,6 +125,11 @@ impl LineReader {
         }
     }
 
+    /// The path error messages name.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Open `path` as [`open`] does and read it line by line.
     pub(super) fn open(path: &Path, encoding: Encoding, max_bytes: usize) -> Result<Self> {
         Ok(LineReader::new(open(path, encoding)?, path, max_bytes))

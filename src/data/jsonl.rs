@@ -10,7 +10,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use super::input::{self, LineReader};
-use super::rows::{build_row, hint, wanted, BadRows, Cells, FileRows};
+use super::rows::{build_row, hint, next_nonblank, wanted, BadRows, Cells, FileRows};
 use super::{Column, ReadOptions};
 use crate::{Error, Result};
 
@@ -42,20 +42,10 @@ pub(super) fn read(
     let mut buf = Vec::new();
     let mut keys_checked = false;
     let mut out = FileRows::default();
-    while let Some(line) = reader.next_line(&mut buf)? {
-        let text = match input::decode(&buf, opts.encoding) {
-            Ok(text) => text,
-            Err(message) => {
-                out.rows_read += 1;
-                bad.row(path, line, message)?;
-                continue;
-            }
-        };
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        out.rows_read += 1;
+    while let Some((line, text)) =
+        next_nonblank(&mut reader, &mut buf, opts.encoding, &mut out, bad)?
+    {
+        let text = text.as_str();
         let object = match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(object)) => object,
             Ok(other) => {

@@ -8,7 +8,8 @@
 
 use std::path::Path;
 
-use super::{Column, ReadOptions};
+use super::input::{self, LineReader};
+use super::{Column, Encoding, ReadOptions};
 use crate::{Error, Result};
 
 /// How many skipped rows get their own warning.
@@ -79,6 +80,36 @@ impl BadRows {
         }
         Ok(())
     }
+}
+
+/// The next line of a line-per-row format (JSON Lines, plain text) that is
+/// not blank, decoded and trimmed, with its number. A line that does not
+/// decode is a bad row; blank lines are skipped and not counted in
+/// [`FileRows::rows_read`], every other line is.
+pub(super) fn next_nonblank(
+    reader: &mut LineReader,
+    buf: &mut Vec<u8>,
+    encoding: Encoding,
+    out: &mut FileRows,
+    bad: &mut BadRows,
+) -> Result<Option<(u64, String)>> {
+    while let Some(line) = reader.next_line(buf)? {
+        let text = match input::decode(buf, encoding) {
+            Ok(text) => text,
+            Err(message) => {
+                out.rows_read += 1;
+                bad.row(reader.path(), line, message)?;
+                continue;
+            }
+        };
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        out.rows_read += 1;
+        return Ok(Some((line, trimmed.to_owned())));
+    }
+    Ok(None)
 }
 
 /// The cells of one row that the options ask for, before any checks.

@@ -10,7 +10,7 @@
 use std::path::Path;
 
 use super::input::{self, LineReader};
-use super::rows::{BadRows, FileRows, RawRow};
+use super::rows::{next_nonblank, BadRows, FileRows, RawRow};
 use super::ReadOptions;
 use crate::{Error, Result};
 
@@ -21,25 +21,14 @@ pub(super) fn read(path: &Path, opts: &ReadOptions, bad: &mut BadRows) -> Result
     let mut reader = LineReader::open(path, opts.encoding, opts.limits.max_line_bytes)?;
     let mut buf = Vec::new();
     let mut out = FileRows::default();
-    while let Some(line) = reader.next_line(&mut buf)? {
-        let text = match input::decode(&buf, opts.encoding) {
-            Ok(text) => text,
-            Err(message) => {
-                out.rows_read += 1;
-                bad.row(path, line, message)?;
-                continue;
-            }
-        };
-        let text = text.trim();
-        if text.is_empty() {
-            continue;
-        }
-        out.rows_read += 1;
+    while let Some((line, text)) =
+        next_nonblank(&mut reader, &mut buf, opts.encoding, &mut out, bad)?
+    {
         out.rows.push(RawRow {
             line,
             id: format!("{stem}:{line}"),
             explicit_id: false,
-            text: text.to_owned(),
+            text,
             text_pair: None,
             label: None,
             group: None,
