@@ -5,21 +5,21 @@
 //! and caches the hidden states the method needs; `sherl-fit` trains from that
 //! cache, as many times as a sweep wants, without re-running the backbone.
 //!
-//! Brief overview of the library:
-//! - [`data`]: labelled datasets (CSV/TSV/JSONL, compressed or not, folders),
-//!   label maps and seeded splits.
-//! - [`tokenize`]: the backbone's own `tokenizer.json` with padding off and
-//!   our own truncation.
-//! - [`backbone`]: BERT-family checkpoints (config + safetensors).
-//! - [`hash`], [`le`], [`fsutil`]: hex and sha256, little-endian float
-//!   decoding, atomic writes and file hashes (core helpers).
-//! - [`batching`]: the one batching rule and padded batches, shared by
-//!   extraction and training.
-//! - [`onnx`]: a protobuf subset of ONNX, the exporter that turns a checkpoint
-//!   into a graph exposing every `hidden_states.i`, and tools for user graphs.
-//! - [`runtime`]: locating and loading the ONNX Runtime library, sessions on
-//!   CPU or CUDA.
-//! - [`assets`]: where fetched assets live.
+//! The library is layered; a module imports only from its own layer or
+//! the ones listed before it (checked by `tests/layers.rs`):
+//! - core: [`error`] (one [`Error`], each area's typed errors), [`data`]
+//!   (datasets: CSV/TSV/JSONL/plain text/folders, labels, seeded splits),
+//!   [`backbone`] (BERT-family checkpoints), [`batching`] (the one batching
+//!   rule, padded batches), [`rng`], [`hash`], [`le`], [`fsutil`],
+//!   [`assets`], and `tokenize` (feature `extract`);
+//! - [`cache`]: the on-disk feature cache, the contract between the phases
+//!   (format, reader, writer, merge; the crate's only `unsafe`, in `mmap`);
+//! - phase one, feature `extract`: `onnx`, `runtime` (ONNX Runtime) and
+//!   `extract` (plan, stages, sample);
+//! - phase two, feature `fit`: `fit` (modules, models, training, run
+//!   directory, sweeps; `fit::predict` when `extract` is on too) and
+//!   `report` (tables and pictures over runs);
+//! - feature `cli`: `cli`, what only the binaries need.
 //!
 //! Layer indices follow Hugging Face's `hidden_states` convention everywhere:
 //! 0 is the embedding output, `i` the output of transformer layer `i`.
