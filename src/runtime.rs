@@ -2,10 +2,17 @@
 //! and opening backbone sessions on CPU or CUDA.
 //!
 //! The library is looked up in this order: an explicit path (`--ort-lib`),
-//! the `ORT_DYLIB_PATH` environment variable, then the asset directory
-//! (`$SHERL_ASSETS/onnxruntime/<version>/libonnxruntime.so*`). A path that
-//! does not exist is an error before `ort` is touched: an unresolvable
-//! library has been reported to hang the first ort call instead of failing.
+//! the `ORT_DYLIB_PATH` environment variable, then the asset directory:
+//! `$SHERL_ASSETS/onnxruntime/<version>/libonnxruntime.so*` (the CPU build,
+//! `fetch-assets.sh ort`) and `$SHERL_ASSETS/onnxruntime-gpu/<version>/`
+//! (the CUDA build, `fetch-assets.sh ort-gpu`), the GPU one first when the
+//! device asked for is `cuda` or `auto`. A path that does not exist is an
+//! error before `ort` is touched: an unresolvable library has been reported
+//! to hang the first ort call instead of failing.
+//!
+//! The CUDA provider needs the CUDA 13 libraries on the loader path when the
+//! process starts; when it fails to start, [`missing_cuda_libraries`] names
+//! the ones the loader cannot find.
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -144,9 +151,52 @@ fn library_in(path: &Path) -> Option<PathBuf> {
     None
 }
 
-/// Find the ONNX Runtime library: `explicit`, then `ORT_DYLIB_PATH`, then
-/// the asset directory.
+/// Find the ONNX Runtime library for the CPU: `explicit`, then
+/// `ORT_DYLIB_PATH`, then the asset directory (the CPU build first).
 pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf> {
+    locate_library_for(explicit, Device::Cpu)
+}
+
+/// Whether this machine shows an NVIDIA GPU to processes (the driver's
+/// device files), without loading anything.
+pub fn nvidia_gpu_present() -> bool {
+    Path::new("/dev/nvidia0").exists() || Path::new("/proc/driver/nvidia/version").exists()
+}
+
+/// Asset sub-folders holding ONNX Runtime builds, in the order tried for
+/// `device`: the CUDA build first for `cuda`, and for `auto` when the
+/// machine shows an NVIDIA GPU (elsewhere `auto` would only ever run the
+/// CUDA build's CPU provider, a different version from the CPU build).
+pub fn asset_library_dirs(device: Device, gpu_present: bool) -> [&'static str; 2] {
+    match device {
+        Device::Cuda(_) => ["onnxruntime-gpu", "onnxruntime"],
+        Device::Auto if gpu_present => ["onnxruntime-gpu", "onnxruntime"],
+        Device::Cpu | Device::Auto => ["onnxruntime", "onnxruntime-gpu"],
+    }
+}
+
+/// Highest-version `<base>/<version>/` folder that holds a library.
+fn newest_library_in(base: &Path) -> Option<PathBuf> {
+    let rd = std::fs::read_dir(base).ok()?;
+    let mut dirs: Vec<(Vec<u64>, PathBuf)> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .map(|p| {
+            let v = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .map(|n| n.split('.').map(|x| x.parse().unwrap_or(0)).collect())
+                .unwrap_or_default();
+            (v, p)
+        })
+        .collect();
+    dirs.sort();
+    dirs.iter().rev().find_map(|(_, d)| library_in(d))
+}
+
+/// Find the ONNX Runtime library for `device`: `explicit`, then
+/// `ORT_DYLIB_PATH`, then the asset directory (see the module docs).
+pub fn locate_library_for(explicit: Option<&Path>, device: Device) -> Result<PathBuf> {
     let mut tried = Vec::new();
     if let Some(p) = explicit {
         return library_in(p).ok_or_else(|| {
@@ -168,37 +218,29 @@ pub fn locate_library(explicit: Option<&Path>) -> Result<PathBuf> {
         });
     }
     tried.push(format!("--ort-lib not given, {ORT_ENV} not set"));
-    let base = crate::assets::assets_dir().join("onnxruntime");
-    if let Ok(rd) = std::fs::read_dir(&base) {
-        // Highest version directory first.
-        let mut dirs: Vec<(Vec<u64>, PathBuf)> = rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .map(|p| {
-                let v = p
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .map(|n| n.split('.').map(|x| x.parse().unwrap_or(0)).collect())
-                    .unwrap_or_default();
-                (v, p)
-            })
-            .collect();
-        dirs.sort();
-        for (_, d) in dirs.iter().rev() {
-            if let Some(lib) = library_in(d) {
-                return Ok(lib);
-            }
+    let assets = crate::assets::assets_dir();
+    for sub in asset_library_dirs(device, nvidia_gpu_present()) {
+        let base = assets.join(sub);
+        if let Some(lib) = newest_library_in(&base) {
+            return Ok(lib);
         }
+        tried.push(format!("{}/<version>/libonnxruntime.so*", base.display()));
     }
-    tried.push(format!("{}/<version>/libonnxruntime.so*", base.display()));
     Err(Error::Runtime(not_found_message(&tried)))
 }
 
-/// Load ONNX Runtime once for this process. Later calls return the same
-/// runtime (or the same error); the library cannot be swapped in-process.
+/// Load ONNX Runtime once for this process, the CPU build preferred. Later
+/// calls return the same runtime (or the same error); the library cannot be
+/// swapped in-process.
 pub fn init(explicit: Option<&Path>) -> Result<&'static Runtime> {
+    init_for(explicit, Device::Cpu)
+}
+
+/// Load ONNX Runtime once for this process, choosing the library for
+/// `device` (see [`locate_library_for`]); later calls return the first.
+pub fn init_for(explicit: Option<&Path>, device: Device) -> Result<&'static Runtime> {
     let r = RUNTIME.get_or_init(|| {
-        let library = locate_library(explicit).map_err(|e| e.to_string())?;
+        let library = locate_library_for(explicit, device).map_err(|e| e.to_string())?;
         let builder = ort::init_from(&library)
             .map_err(|e| format!("cannot load {}: {e}", library.display()))?;
         let env = builder
@@ -226,6 +268,76 @@ impl Runtime {
     /// Whether the loaded library was built with the CUDA provider.
     pub fn has_cuda(&self) -> bool {
         <ort::ep::CUDA as ExecutionProvider>::is_available().unwrap_or(false)
+    }
+}
+
+/// Shared libraries ONNX Runtime's CUDA provider (1.31, CUDA 13) needs when
+/// it loads: the driver and the CUDA runtime, cuBLAS, cuBLASLt and cuRAND.
+pub const CUDA_PROVIDER_LIBRARIES: [&str; 5] = [
+    "libcuda.so.1",
+    "libcudart.so.13",
+    "libcublas.so.13",
+    "libcublasLt.so.13",
+    "libcurand.so.10",
+];
+
+/// Which of `names` the dynamic loader would not find: looked for in
+/// `LD_LIBRARY_PATH`, `extra` folders, the loader's cache (`ldconfig -p`)
+/// and the usual system folders. A diagnosis for error messages; the
+/// loader itself has the last word.
+pub fn missing_cuda_libraries<'a>(names: &[&'a str], extra: &[PathBuf]) -> Vec<&'a str> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("LD_LIBRARY_PATH")
+        .map(|v| std::env::split_paths(&v).collect())
+        .unwrap_or_default();
+    dirs.extend(extra.iter().cloned());
+    dirs.extend(
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib/x86_64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/cuda/lib64",
+            "/usr/local/nvidia/lib64",
+        ]
+        .map(PathBuf::from),
+    );
+    let cache = ["ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig"]
+        .iter()
+        .find_map(|c| std::process::Command::new(c).arg("-p").output().ok())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    names
+        .iter()
+        .copied()
+        .filter(|n| {
+            !dirs.iter().any(|d| d.join(n).exists())
+                && !cache
+                    .lines()
+                    .any(|l| l.trim_start().starts_with(&format!("{n} ")))
+        })
+        .collect()
+}
+
+/// What to say when the CUDA provider did not start with `library`.
+fn cuda_hint(library: &Path, gpu: i32) -> String {
+    let extra: Vec<PathBuf> = library
+        .parent()
+        .map(Path::to_path_buf)
+        .into_iter()
+        .collect();
+    let missing = missing_cuda_libraries(&CUDA_PROVIDER_LIBRARIES, &extra);
+    if missing.is_empty() {
+        format!(
+            "The CUDA libraries it needs were found; is there a GPU {gpu} (`nvidia-smi` lists them)?"
+        )
+    } else {
+        format!(
+            "Not on the loader path: {}. Put the folders holding them on LD_LIBRARY_PATH before \
+             starting sherl: a CUDA 13 toolkit's lib64, or the folders of PyTorch's pip packages \
+             (`eval \"$(pipelines/cuda-env.sh)\"` finds them; README, \"GPU\"); libcuda.so.1 \
+             comes with the NVIDIA driver",
+            missing.join(", ")
+        )
     }
 }
 
@@ -304,9 +416,10 @@ impl BackboneSession {
         let no_cuda_build = || {
             format!(
                 "the ONNX Runtime library {} has no CUDA execution provider (CPU-only build); \
-                 for --device cuda pass --ort-lib with a CUDA build of ONNX Runtime 1.24 or later \
-                 (libonnxruntime.so from the PyPI wheel onnxruntime-gpu, with its CUDA and cuDNN \
-                 libraries on the loader path), or use --device cpu",
+                 for --device cuda fetch the CUDA build with `pipelines/fetch-assets.sh ort-gpu` \
+                 (PyPI onnxruntime-gpu 1.31.1, found by --device cuda/auto in the asset folder) \
+                 or pass --ort-lib with a CUDA build of ONNX Runtime 1.24 or later, or use \
+                 --device cpu",
                 rt.library.display()
             )
         };
@@ -322,11 +435,8 @@ impl BackboneSession {
                 if !rt.has_cuda() {
                     return Err(Error::Runtime(no_cuda_build()));
                 }
-                let s = try_build(Some(id)).map_err(|e| {
-                    Error::Runtime(format!(
-                        "{e} (causes: CUDA/cuDNN libraries not on LD_LIBRARY_PATH, no NVIDIA driver, or no GPU {id})"
-                    ))
-                })?;
+                let s = try_build(Some(id))
+                    .map_err(|e| Error::Runtime(format!("{e}. {}", cuda_hint(&rt.library, id))))?;
                 (
                     s,
                     DeviceChoice {
@@ -349,7 +459,10 @@ impl BackboneSession {
                             try_build(None)?,
                             DeviceChoice {
                                 device: "cpu".into(),
-                                fallback_reason: Some(e.to_string()),
+                                fallback_reason: Some(format!(
+                                    "{e}. {}",
+                                    cuda_hint(&rt.library, 0)
+                                )),
                             },
                         ),
                     }
@@ -358,9 +471,10 @@ impl BackboneSession {
                         try_build(None)?,
                         DeviceChoice {
                             device: "cpu".into(),
-                            fallback_reason: Some(
-                                "this ONNX Runtime build has no CUDA execution provider".into(),
-                            ),
+                            fallback_reason: Some(format!(
+                                "{} is a CPU-only build of ONNX Runtime; `pipelines/fetch-assets.sh ort-gpu` fetches the CUDA one",
+                                rt.library.display()
+                            )),
                         },
                     )
                 }

@@ -503,3 +503,76 @@ fn writer_lock_refuses_a_second_writer() {
     assert_eq!(s["examples"], 20);
     Cache::open(&dir).unwrap();
 }
+
+/// `sherl-cache compare`: the same examples extracted twice with different
+/// batching and graph optimisation agree within f16 rounding (the check the
+/// GPU route uses against a CPU extraction); an f32 cache against an f16 one
+/// too, counted in f16 steps; caches of other examples are refused naming
+/// the first that differs; an impossible tolerance fails with exit 1.
+#[test]
+fn compare_tells_equal_caches_from_different_ones() {
+    let f = fixture(40);
+    let (a, b, c) = (f.root.join("a"), f.root.join("b"), f.root.join("c"));
+    ok(&extract(
+        &f,
+        a.to_str().unwrap(),
+        &["--dtype", "f16", "--max-batch", "4"],
+    ));
+    ok(&extract(
+        &f,
+        b.to_str().unwrap(),
+        &[
+            "--dtype",
+            "f16",
+            "--max-batch",
+            "16",
+            "--graph-opt",
+            "disable",
+        ],
+    ));
+    ok(&extract(&f, c.to_str().unwrap(), &["--dtype", "f32"]));
+    let compare = |x: &Path, y: &Path, extra: &[&str]| {
+        let mut args = vec!["compare", x.to_str().unwrap(), y.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        common::run("sherl-cache", &args, &f.root, &[])
+    };
+    for (x, y) in [(&a, &b), (&a, &c)] {
+        let o = compare(x, y, &[]);
+        let r = ok(&o);
+        assert_eq!(r["outside"], 0, "{r}");
+        assert_eq!(r["step_dtype"], "f16");
+        assert!(r["examples"].as_u64().unwrap() > 0);
+        assert_eq!(
+            r["values"],
+            r["tokens"].as_u64().unwrap() * 32 * r["layers"].as_array().unwrap().len() as u64,
+            "{r}"
+        );
+        assert!(r["within_one_step"].as_u64() >= r["equal"].as_u64());
+    }
+    // f32 against its own f16 rounding: not all equal, all within one step.
+    let r = ok(&compare(&c, &a, &[]));
+    assert!(r["equal"].as_u64() < r["values"].as_u64(), "{r}");
+    assert_eq!(r["within_one_step"], r["values"], "{r}");
+    // A tolerance no rounding can meet: exit 1 and the worst element named.
+    let o = compare(&c, &a, &["--steps", "0", "--atol", "0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
+    assert!(r["outside"].as_u64().unwrap() > 0);
+    assert!(r["worst"]["ratio"].as_f64().unwrap() > 1.0, "{r}");
+    // Other examples: refused, naming the first difference.
+    let other = f.root.join("other.csv");
+    tiny::write_dataset(&other, 40, 20, 100, 9);
+    let d = f.root.join("d");
+    let mut args = extract_args(&f, d.to_str().unwrap(), &["--dtype", "f16"]);
+    let i = args.iter().position(|s| s == "--data").unwrap();
+    args[i + 1] = other.to_str().unwrap().to_string();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&common::run("sherl-extract", &args, &f.root, &[]));
+    let o = compare(&a, &d, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("different examples") || err.contains("examples"),
+        "{err}"
+    );
+}

@@ -39,6 +39,24 @@ enum Command {
         /// Cache directory.
         cache: PathBuf,
     },
+    /// Compare two caches of the same examples value by value (e.g. one
+    /// extracted on a GPU against one from the CPU). Prints one JSON object;
+    /// exits 1 when a value is outside the tolerance, 2 when the caches hold
+    /// different examples. A value passes when |a-b| <= steps x step + atol,
+    /// `step` being the spacing of the coarser storage type at that value
+    /// (one f16 ulp for f16 caches).
+    Compare {
+        /// Reference cache.
+        a: PathBuf,
+        /// Cache compared with it.
+        b: PathBuf,
+        /// Storage steps allowed.
+        #[arg(long, default_value_t = 2.0)]
+        steps: f32,
+        /// Absolute slack.
+        #[arg(long, default_value_t = 1e-4)]
+        atol: f32,
+    },
     /// Combine the partial caches of `sherl-extract run --shard-of I/N`
     /// workers into one cache (shards are hard-linked when possible, else
     /// copied). Everything is checked first and the cache is assembled in a
@@ -62,6 +80,7 @@ fn main() -> ExitCode {
             Command::Inspect { cache, json } => inspect(&cache, json),
             Command::Verify { cache } => verify(&cache),
             Command::Merge { parts, out } => merge(&parts, &out),
+            Command::Compare { a, b, steps, atol } => compare(&a, &b, steps, atol),
         }
     })
 }
@@ -169,6 +188,23 @@ fn verify(dir: &Path) -> anyhow::Result<ExitCode> {
         .to_string(),
     )?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn compare(a: &Path, b: &Path, steps: f32, atol: f32) -> anyhow::Result<ExitCode> {
+    let (ca, cb) = (Cache::open(a)?, Cache::open(b)?);
+    let tol = sherl::cache::compare::Tolerance { steps, atol };
+    let r = sherl::cache::compare::compare(&ca, &cb, tol)?;
+    print_line(&serde_json::to_string(&r)?)?;
+    if r.ok() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        tracing::warn!(
+            "{} of {} values differ by more than {steps} steps + {atol}",
+            r.outside,
+            r.values
+        );
+        Ok(ExitCode::from(1))
+    }
 }
 
 fn merge(parts: &[PathBuf], out: &Path) -> anyhow::Result<ExitCode> {

@@ -318,7 +318,7 @@ fn sample(
         batch_size,
         session: rt_args.session_config(),
     };
-    let rt = runtime::init(rt_args.ort_lib.as_deref())?;
+    let rt = runtime::init_for(rt_args.ort_lib.as_deref(), rt_args.device)?;
     let r = sherl::extract::sample::sample(rt, &plan)?;
     let dataset = &r.dataset;
     let report = &dataset.report;
@@ -408,7 +408,7 @@ fn run_extract(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
         compress_threads: a.compress_threads,
         session: a.runtime.session_config(),
     };
-    let rt = runtime::init(a.runtime.ort_lib.as_deref())?;
+    let rt = runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let bar = sherl::cli::progress::ExtractBar::new(output.progress());
     let summary = sherl::extract::run::run(rt, &plan, &bar)?;
     tracing::info!(

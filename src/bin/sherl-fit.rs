@@ -76,8 +76,10 @@ struct SweepArgs {
     /// Print the expanded runs and exit.
     #[arg(long)]
     dry_run: bool,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N or auto (GPU 0 if this build has CUDA and a GPU
+    /// answers, else CPU, saying why). Default: auto in a build with the
+    /// `cuda` feature, cpu otherwise.
+    #[arg(long, default_value = sherl::fit::DEFAULT_DEVICE)]
     device: String,
 }
 
@@ -127,8 +129,10 @@ struct RunArgs {
     config: Option<PathBuf>,
     #[command(flatten)]
     settings: SettingFlags,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N or auto (GPU 0 if this build has CUDA and a GPU
+    /// answers, else CPU, saying why). Default: auto in a build with the
+    /// `cuda` feature, cpu otherwise.
+    #[arg(long, default_value = sherl::fit::DEFAULT_DEVICE)]
     device: String,
     /// Cache decoder threads.
     #[arg(long, default_value_t = 1)]
@@ -233,12 +237,17 @@ fn parse_args() -> Args {
 
 fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
     let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
+    let (device, fallback) = sherl::fit::device(&a.device)?;
+    match fallback {
+        Some(why) => tracing::info!("device auto: training on the CPU ({why})"),
+        None => tracing::debug!("training on {}", sherl::fit::device_name(&device)),
+    }
     let plan = FitPlan {
         cache: a.cache.clone(),
         backbone: a.backbone.clone(),
         out: a.out.clone(),
         config,
-        device: sherl::fit::device(&a.device)?,
+        device,
         decode_threads: a.decode_threads,
     };
     let bar = Bar {
@@ -253,7 +262,7 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "extract")]
 fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    let rt = sherl::runtime::init(a.runtime.ort_lib.as_deref())?;
+    let rt = sherl::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let plan = sherl::fit::predict::PredictPlan {
         run: a.run.clone(),
         model: a

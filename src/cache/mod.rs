@@ -31,6 +31,7 @@
 //! Layer numbering follows `hidden_states.i` (0 = embedding output).
 
 mod check;
+pub mod compare;
 pub mod error;
 pub mod format;
 pub mod manifest;

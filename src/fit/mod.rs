@@ -35,31 +35,74 @@ use candle_core::Device;
 use crate::Result;
 use error::FitError;
 
-/// Parse `cpu`, `cuda` or `cuda:N` into a candle device.
-pub fn device(spec: &str) -> Result<Device> {
+/// What `sherl-fit --device` means when not given: `auto` in a build with
+/// the `cuda` feature (a GPU when one answers), `cpu` otherwise, where `auto`
+/// could only ever mean the CPU.
+pub const DEFAULT_DEVICE: &str = if cfg!(feature = "cuda") {
+    "auto"
+} else {
+    "cpu"
+};
+
+/// Why this build cannot use a GPU, or `None` when it can try.
+fn no_cuda_build() -> Option<&'static str> {
+    (!candle_core::utils::cuda_is_available()).then_some(
+        "this sherl-fit was built without the `cuda` feature; build it with \
+         `pipelines/build-cuda.sh` (README, \"GPU\")",
+    )
+}
+
+/// Parse `cpu`, `cuda`, `cuda:N` or `auto` into a candle device. `auto` is
+/// GPU 0 when this build has CUDA and a GPU answers, else the CPU; the
+/// second value then says why the GPU was not used (to print as one line).
+pub fn device(spec: &str) -> Result<(Device, Option<String>)> {
     let refuse = |message: String| FitError::Device {
         spec: spec.to_owned(),
         message,
     };
     match spec {
-        "cpu" => Ok(Device::Cpu),
+        "cpu" => Ok((Device::Cpu, None)),
+        "auto" => {
+            if let Some(why) = no_cuda_build() {
+                return Ok((Device::Cpu, Some(why.to_string())));
+            }
+            match Device::new_cuda(0) {
+                Ok(d) => Ok((d, None)),
+                Err(e) => Ok((Device::Cpu, Some(format!("no usable GPU 0: {e}")))),
+            }
+        }
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = s
                 .strip_prefix("cuda:")
                 .map(|n| n.parse().map_err(|_| refuse(format!("bad device '{s}'"))))
                 .transpose()?
                 .unwrap_or(0);
-            if !candle_core::utils::cuda_is_available() {
+            if let Some(why) = no_cuda_build() {
                 return Err(refuse(format!(
-                    "--device {s}: this sherl-fit has no CUDA support (sherl does not offer a CUDA build of its training code yet); train on the CPU with --device cpu"
+                    "--device {s}: {why}; or train on the CPU with --device cpu"
                 ))
                 .into());
             }
-            Device::new_cuda(ordinal).map_err(|e| refuse(format!("--device {s}: {e}")).into())
+            let d = Device::new_cuda(ordinal).map_err(|e| {
+                refuse(format!(
+                    "--device {s}: GPU {ordinal} did not start: {e} (is the NVIDIA driver \
+                     loaded and is there a GPU {ordinal}? `nvidia-smi` lists them)"
+                ))
+            })?;
+            Ok((d, None))
         }
         other => Err(refuse(format!(
-            "unknown device '{other}' (expected cpu, cuda or cuda:N)"
+            "unknown device '{other}' (expected cpu, cuda, cuda:N or auto)"
         ))
         .into()),
+    }
+}
+
+/// The name a run records for its device: `cpu` or `cuda:N`.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }

@@ -222,12 +222,6 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         dropout: rc.config.dropout,
         classes: rc.model.classes,
     };
-    let dev = Device::Cpu;
-    let model = Model::build(spec, &rc.cache.layers, &bert, &ckpt, rc.config.seed, &dev)?;
-    model
-        .params
-        .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;
-    let inputs = model.inputs().to_vec();
 
     // Texts: every row is labelled. True labels (if the file has them) are
     // read as they are and mapped to the run's classes by name; a label the
@@ -265,6 +259,23 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     if let Some(r) = &choice.fallback_reason {
         tracing::info!("device auto: running on CPU ({r})");
     }
+    // The trained layers run where the backbone does: on the same GPU when
+    // ONNX Runtime runs on one and this build has CUDA, else on the CPU.
+    let dev = match choice.device.as_str() {
+        "cpu" => Device::Cpu,
+        gpu => match crate::fit::device(gpu) {
+            Ok((d, _)) => d,
+            Err(e) => {
+                tracing::info!("the backbone runs on {gpu}, the trained layers on the CPU ({e})");
+                Device::Cpu
+            }
+        },
+    };
+    let model = Model::build(spec, &rc.cache.layers, &bert, &ckpt, rc.config.seed, &dev)?;
+    model
+        .params
+        .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;
+    let inputs = model.inputs().to_vec();
     session.check_layers(&inputs)?;
 
     let mut sink: Box<dyn Write> = match &plan.out {

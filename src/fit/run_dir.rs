@@ -198,6 +198,9 @@ pub struct Summary {
     /// before it was recorded.
     #[serde(default)]
     pub weights_sha256: Option<String>,
+    /// Where it trained: `cpu` or `cuda:N` (absent in older runs).
+    #[serde(default)]
+    pub device: Option<String>,
 }
 
 impl Summary {

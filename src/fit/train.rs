@@ -480,6 +480,7 @@ fn train_loop(
         run_dir: PathBuf::new(),
         cache: String::new(),
         weights_sha256: Some(weights_sha256),
+        device: Some(crate::fit::device_name(&plan.device)),
     })
 }
 
