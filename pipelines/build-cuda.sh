@@ -4,6 +4,8 @@
 # headers come from PyPI through pipelines/fetch-cuda-build.sh.
 #
 #   pipelines/build-cuda.sh [extra cargo args]     # e.g. --bin sherl-fit
+#   CUDA_CARGO=clippy pipelines/build-cuda.sh --bins -- -D warnings
+#                                                  # lint instead (what CI runs)
 #
 # Binaries land in target/cuda/release/ (a separate target folder, so the
 # CPU build in target/release is left alone). CUDA_COMPUTE_CAP picks the GPU
@@ -26,4 +28,4 @@ export LIBRARY_PATH="$CUDA/lib:$CUDA/lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HERE/../target/cuda}"
 cd "$HERE/.."
 echo "build-cuda: nvcc $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute capability $CUDA_COMPUTE_CAP, target $CARGO_TARGET_DIR" >&2
-exec cargo build --release --features cuda "$@"
+exec cargo "${CUDA_CARGO:-build}" --release --features cuda "$@"

@@ -47,7 +47,8 @@ if [ ! -f "$CACHE/assets.tar.xz" ] || [ ! -f "$CACHE/assets.sums" ]; then
     mv "$CACHE/assets.tar.xz.tmp" "$CACHE/assets.tar.xz"; mv "$CACHE/assets.sums.tmp" "$CACHE/assets.sums"
     rm -rf "$A"
 fi
-(cd "$STAGE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | cat "$CACHE/assets.sums" - > "$STAGE/SHA256SUMS"
+(cd "$STAGE" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum) | cat "$CACHE/assets.sums" - > "$OUT/SHA256SUMS"
+mv "$OUT/SHA256SUMS" "$STAGE/SHA256SUMS"
 tar -c -C "$STAGE" . | xz -9 -T"$(nproc)" > "$OUT/bin.tar.xz"
 cat "$CACHE/assets.tar.xz" "$OUT/bin.tar.xz" > "$OUT/sherl-gpu.tar.xz"
 split -b "${PART_MIB}M" -d -a 2 "$OUT/sherl-gpu.tar.xz" "$OUT/sherl-gpu.tar.xz.part-"

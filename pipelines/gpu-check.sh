@@ -111,7 +111,7 @@ run() {
 # --- 1. extraction: CPU, then CUDA ----------------------------------------
 run export "$E" export-onnx --backbone "$B" || { say "no ONNX model: stopping"; exit 1; }
 X=(run --backbone "$B" --data "$W/reviews.csv" --text-column review --label-column sentiment
-   --split train=0.8,valid=0.1,test=0.1 --max-len 128)
+   --split train=0.8,valid=0.1,test=0.1 --max-len 128 --layers all)
 run extract-cpu "$E" "${X[@]}" --device cpu --threads "$THREADS" --out "$W/cache-cpu"
 run extract-gpu "$E" "${X[@]}" --device "$GPU" --out "$W/cache-gpu"
 if grep -q '"device":"cuda:0"' "$OUT_DIR/extract-gpu.json"; then :; else fail "extract-gpu did not run on cuda:0"; fi
@@ -127,6 +127,20 @@ fi
 T=(run --cache "$W/cache-cpu" --backbone "$B" --method sherl --epochs "$EPOCHS" --seed 0)
 run fit-cpu "$F" "${T[@]}" --device cpu --threads "$THREADS" --out "$W/runs-cpu"
 run fit-gpu "$F" "${T[@]}" --device "$GPU" --out "$W/runs-gpu"
+
+# The other methods, one epoch each on the GPU (every op they use must run
+# there), and predict with backbone and trained layers on the GPU.
+for m in linear-probe late-layer unipt full-ft; do
+    run "fit-gpu-$m" "$F" run --cache "$W/cache-cpu" --backbone "$B" --method "$m" --epochs 1 --seed 0 \
+        --device "$GPU" --out "$W/runs-methods"
+done
+RUN_DIR="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["run_dir"])' "$OUT_DIR/fit-gpu.json" 2>/dev/null)"
+if [ -n "$RUN_DIR" ]; then
+    printf 'A warm, funny and beautifully acted film.\nTwo hours of my life I will never get back.\n' > "$W/new.txt"
+    run predict-gpu "$F" predict --run "$RUN_DIR" --backbone "$B" --data "$W/reviews.csv" \
+        --device "$GPU" --out "$W/preds.jsonl"
+    grep -q 'trained layers on the CPU' "$OUT_DIR/predict-gpu.log" && fail "predict ran its trained layers on the CPU"
+fi
 
 # --- 3. the table ---------------------------------------------------------
 python3 - "$OUT_DIR" "$W" <<'PY' | tee "$OUT_DIR/gpu-check.md"
@@ -198,6 +212,22 @@ if ec and eg:
     print(f"extraction GPU/CPU speed (whole processes): {wall('extract-cpu') / wall('extract-gpu'):.2f}x")
 if tg and eg:
     print(f"extraction sherl GPU vs PyTorch GPU (whole processes): {tg['process_seconds'] / wall('extract-gpu'):.2f}x")
+extra = []
+for m in ("linear-probe", "late-layer", "unipt", "full-ft"):
+    r = j(f"fit-gpu-{m}")
+    if r and "seconds_per_epoch" in r:
+        extra.append(f"| {m} | {r.get('device')} | {r['seconds_per_epoch']:.2f} | {r['train_tokens_per_second']:.0f} | {100 * r['valid_accuracy']:.2f} |")
+    else:
+        bad.append(f"{m} did not train on the GPU")
+if extra:
+    print()
+    print("| method, 1 epoch on the GPU | device | s/epoch | train tokens/s | valid acc |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(extra))
+p = j("predict-gpu")
+if p:
+    print()
+    print(f"predict on the GPU: {json.dumps(p)} ({wall('predict-gpu'):.2f} s whole process)")
 print()
 print("checks: " + ("all hold" if not bad else "; ".join(bad)))
 open(f"{out}/checks.txt", "w").write("\n".join(bad))

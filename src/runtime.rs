@@ -399,8 +399,13 @@ impl BackboneSession {
             }
             if let Some(id) = cuda {
                 b = b
+                    // Full f32 matrix products (no TF32) and strict
+                    // SkipLayerNorm: a GPU cache then equals a CPU one up to
+                    // the storage rounding (`sherl-cache compare`).
                     .with_execution_providers([ort::ep::CUDA::default()
                         .with_device_id(id)
+                        .with_tf32(false)
+                        .with_skip_layer_norm_strict_mode(true)
                         .build()
                         .error_on_failure()])
                     .map_err(|e| {
