@@ -341,6 +341,18 @@ fn cuda_hint(library: &Path, gpu: i32) -> String {
     }
 }
 
+/// `e` (the CUDA provider did not start) with [`cuda_hint`] appended.
+fn with_cuda_hint(e: Error, library: &Path, gpu: i32) -> Error {
+    match e {
+        Error::Runtime(m) => Error::Runtime(format!(
+            "{}. {}",
+            m.trim_end().trim_end_matches('.'),
+            cuda_hint(library, gpu)
+        )),
+        other => other,
+    }
+}
+
 fn ort_err(context: &str) -> impl FnOnce(ort::Error) -> Error + '_ {
     move |e| Error::Runtime(format!("{context}: {e}"))
 }
@@ -440,8 +452,7 @@ impl BackboneSession {
                 if !rt.has_cuda() {
                     return Err(Error::Runtime(no_cuda_build()));
                 }
-                let s = try_build(Some(id))
-                    .map_err(|e| Error::Runtime(format!("{e}. {}", cuda_hint(&rt.library, id))))?;
+                let s = try_build(Some(id)).map_err(|e| with_cuda_hint(e, &rt.library, id))?;
                 (
                     s,
                     DeviceChoice {
@@ -464,10 +475,12 @@ impl BackboneSession {
                             try_build(None)?,
                             DeviceChoice {
                                 device: "cpu".into(),
-                                fallback_reason: Some(format!(
-                                    "{e}. {}",
-                                    cuda_hint(&rt.library, 0)
-                                )),
+                                fallback_reason: Some(
+                                    with_cuda_hint(e, &rt.library, 0)
+                                        .to_string()
+                                        .trim_start_matches("ONNX Runtime: ")
+                                        .to_string(),
+                                ),
                             },
                         ),
                     }
