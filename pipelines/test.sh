@@ -5,7 +5,9 @@
 # the dev profile).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pipelines/fetch-assets.sh >/dev/null
+# ort-gpu too: a test checks what ONNX Runtime's CUDA build does on a
+# machine without CUDA (tests/runtime.rs).
+pipelines/fetch-assets.sh all ort-gpu >/dev/null
 cargo fmt --all --check
 cargo clippy --release --all-targets -- -D warnings
 # Each phase builds without the other's heavy dependencies (Cargo.toml
@@ -13,4 +15,8 @@ cargo clippy --release --all-targets -- -D warnings
 cargo clippy --release --no-default-features --features extract,cli --bin sherl-extract -- -D warnings
 cargo clippy --release --no-default-features --features fit,cli --bin sherl-fit -- -D warnings
 cargo clippy --release --no-default-features --features cli --bin sherl-cache -- -D warnings
+# The `cuda` feature (candle's CUDA backend; its kernels compiled by nvcc
+# from PyPI, pipelines/fetch-cuda-build.sh) still builds and lints. Nothing
+# of it runs here: CI has no GPU (pipelines/gpu-check.sh is the GPU check).
+CUDA_CARGO=clippy pipelines/build-cuda.sh --bins -- -D warnings
 cargo test --release

@@ -7,7 +7,6 @@ use candle_core::{DType, Device};
 use super::batcher::{BatchPlan, Batches};
 use super::metrics::Tally;
 use super::model::{Model, Output};
-use super::nn::Mode;
 use crate::cache::Cache;
 use crate::Result;
 
@@ -28,9 +27,10 @@ pub fn evaluate(
     let mut tally = Tally::new(model.spec().classes);
     let mut sums: Option<Vec<f64>> = None;
     let mut tokens = 0f64;
+    let model_eval = model.inference();
     for batch in Batches::new(cache, plan, dev)? {
         let batch = batch?;
-        let out = model.forward(&batch, &mut Mode::Eval)?;
+        let out = model_eval.forward(&batch)?;
         let loss =
             candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()?;
         tally.add(f64::from(loss), &argmax(&out)?, &batch.label_vec);

@@ -27,7 +27,7 @@ use super::nn::embeddings::Embeddings;
 use super::nn::head::Head;
 use super::nn::restore_gate::RestoreGate;
 use super::nn::unipt::Unipt;
-use super::nn::{Builder, Mode};
+use super::nn::{Builder, Detach, Mode};
 use super::params::{Group, Params};
 use crate::backbone::{BertConfig, Checkpoint};
 use crate::fit::error::FitError;
@@ -297,9 +297,66 @@ impl Model {
     /// # Shapes
     /// `batch.layers` as [`Model::inputs`], each `[B, S, D]` -> logits `[B, classes]`.
     pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
+        forward(&self.net, &self.head, batch, mode)
+    }
+
+    /// The model for evaluation and prediction: the same weights (shared,
+    /// not copied) cut from the autograd graph, so a forward pass records
+    /// no graph and keeps no activations (see [`Detach`]).
+    pub fn inference(&self) -> Inference {
+        Inference {
+            net: self.net.detached(),
+            head: self.head.detached(),
+        }
+    }
+}
+
+/// [`Model::inference`]: a forward pass without dropout or gradients.
+#[derive(Debug)]
+pub struct Inference {
+    net: Net,
+    head: Head,
+}
+
+impl Inference {
+    /// As [`Model::forward`] in evaluation mode.
+    pub fn forward(&self, batch: &Batch) -> Result<Output> {
+        forward(&self.net, &self.head, batch, &mut Mode::Eval)
+    }
+}
+
+impl Detach for Net {
+    fn detached(&self) -> Self {
+        match self {
+            Net::Sherl {
+                consolidation,
+                restore,
+                late,
+            } => Net::Sherl {
+                consolidation: consolidation.detached(),
+                restore: restore.detached(),
+                late: late.detached(),
+            },
+            Net::LateLayer { late } => Net::LateLayer {
+                late: late.detached(),
+            },
+            Net::LinearProbe { frozen } => Net::LinearProbe {
+                frozen: frozen.detached(),
+            },
+            Net::Unipt(u) => Net::Unipt(u.detached()),
+            Net::FullFt { embeddings, layers } => Net::FullFt {
+                embeddings: embeddings.detached(),
+                layers: layers.detached(),
+            },
+        }
+    }
+}
+
+fn forward(net: &Net, head: &Head, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
+    {
         let bias = attention_bias(&batch.mask)?;
         let mut alpha = None;
-        let y = match &self.net {
+        let y = match net {
             Net::Sherl {
                 consolidation,
                 restore,
@@ -321,7 +378,7 @@ impl Model {
                 run_layers(layers, h, &bias, mode)?
             }
         };
-        let logits = self.head.forward(&y, &batch.mask)?;
+        let logits = head.forward(&y, &batch.mask)?;
         Ok(Output { logits, alpha })
     }
 }

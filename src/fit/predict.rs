@@ -276,6 +276,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         .params
         .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;
     let inputs = model.inputs().to_vec();
+    let model_eval = model.inference();
     session.check_layers(&inputs)?;
 
     let mut sink: Box<dyn Write> = match &plan.out {
@@ -314,7 +315,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         }
         let ids = chunk.iter().map(|e| e.id.clone()).collect();
         let batch = Batch::from_padded(&pb, layers, hidden, ids, &dev)?;
-        let out = model.forward(&batch, &mut super::nn::Mode::Eval)?;
+        let out = model_eval.forward(&batch)?;
         let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&out.logits, 1)?.to_vec2()?;
         for (e, p) in chunk.iter().zip(probs) {
             let best = p

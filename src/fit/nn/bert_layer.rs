@@ -46,6 +46,28 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     Ok(((mask.ones_like()? - mask)? * -1e9)?.reshape((b, 1, 1, s))?)
 }
 
+impl super::Detach for BertLayer {
+    fn detached(&self) -> Self {
+        let a = &self.attention;
+        BertLayer {
+            attention: Attention {
+                query: a.query.detached(),
+                key: a.key.detached(),
+                value: a.value.detached(),
+                output: a.output.detached(),
+                norm: a.norm.detached(),
+            },
+            intermediate: self.intermediate.detached(),
+            output: self.output.detached(),
+            norm: self.norm.detached(),
+            heads: self.heads,
+            act: self.act,
+            attn_dropout: self.attn_dropout,
+            hidden_dropout: self.hidden_dropout,
+        }
+    }
+}
+
 impl BertLayer {
     /// Load the layer under `vb`'s prefix (`encoder.layer.{i}`, which
     /// produces `hidden_states.{i + 1}`), trained or frozen as `vb` says,

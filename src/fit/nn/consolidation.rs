@@ -38,6 +38,15 @@ pub struct Consolidated {
     pub alpha: Tensor,
 }
 
+impl super::Detach for Consolidation {
+    fn detached(&self) -> Self {
+        Consolidation {
+            proj: self.proj.detached(),
+            score: self.score.detached(),
+        }
+    }
+}
+
 impl Consolidation {
     /// Fresh parameters under `vb`'s prefix (`early`) for `m` entries of
     /// width `d_model`, side width `d`: the projectors, then `score`.

@@ -18,6 +18,18 @@ pub struct Embeddings {
     dropout: f32,
 }
 
+impl super::Detach for Embeddings {
+    fn detached(&self) -> Self {
+        Embeddings {
+            word: self.word.detach(),
+            position: self.position.detach(),
+            token_type: self.token_type.detach(),
+            norm: self.norm.detached(),
+            dropout: self.dropout,
+        }
+    }
+}
+
 impl Embeddings {
     /// Load `word_embeddings`, `position_embeddings`,
     /// `token_type_embeddings` and `LayerNorm` under `vb`'s prefix

@@ -25,6 +25,15 @@ pub struct Head {
     linear: Linear,
 }
 
+impl super::Detach for Head {
+    fn detached(&self) -> Self {
+        Head {
+            pool: self.pool,
+            linear: self.linear.detached(),
+        }
+    }
+}
+
 impl Head {
     /// A fresh head named `name` (`head`) from width `d` to `classes`.
     pub fn load(

@@ -17,6 +17,15 @@ pub struct Linear {
     pub bias: Tensor,
 }
 
+impl super::Detach for Linear {
+    fn detached(&self) -> Self {
+        Linear {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+        }
+    }
+}
+
 impl Linear {
     /// From explicit tensors.
     pub fn from_parts(weight: Tensor, bias: Tensor) -> Self {
@@ -29,10 +38,22 @@ impl Linear {
         let dims = x.dims().to_vec();
         let d_in = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / d_in.max(1);
-        let y = x
-            .reshape((rows, d_in))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let x2 = x.reshape((rows, d_in))?;
+        // On the CPU, skip the gradient nobody needs (super::fused): that
+        // of a frozen weight, or of a constant input.
+        let fused = super::fused::cpu_f32(&x2) && super::fused::cpu_f32(&self.weight);
+        let y = if fused && !self.weight.track_op() && x2.track_op() {
+            x2.contiguous()?.apply_op1(super::fused::FrozenMatmul {
+                w: self.weight.clone(),
+            })?
+        } else if fused && self.weight.track_op() && !x2.track_op() {
+            self.weight.apply_op1(super::fused::ConstInputMatmul {
+                x: x2.contiguous()?,
+            })?
+        } else {
+            x2.matmul(&self.weight.t()?)?
+        };
+        let y = y.broadcast_add(&self.bias)?;
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
         Ok(y.reshape(out)?)
@@ -48,6 +69,16 @@ pub struct LayerNorm {
     pub bias: Tensor,
     /// Added to the variance.
     pub eps: f64,
+}
+
+impl super::Detach for LayerNorm {
+    fn detached(&self) -> Self {
+        LayerNorm {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        }
+    }
 }
 
 impl LayerNorm {
@@ -75,6 +106,15 @@ pub struct Projector {
 
 /// LayerNorm epsilon of the projectors (PyTorch's `nn.LayerNorm` default).
 pub const PROJ_LN_EPS: f64 = 1e-5;
+
+impl super::Detach for Projector {
+    fn detached(&self) -> Self {
+        Projector {
+            linear: self.linear.detached(),
+            norm: self.norm.detached(),
+        }
+    }
+}
 
 impl Projector {
     /// Fresh projectors for `m` entries of width `d_model`, side width `d`,

@@ -16,6 +16,7 @@
 pub mod bert_layer;
 pub mod consolidation;
 pub mod embeddings;
+pub mod fused;
 pub mod head;
 pub mod linear;
 pub mod ops;
@@ -31,6 +32,28 @@ use super::params::{Group, Params};
 use crate::backbone::Checkpoint;
 use crate::rng::SplitMix64;
 use crate::Result;
+
+/// A copy of a module whose tensors are cut from the autograd graph
+/// (`Tensor::detach`: same storage, no variable, no op), for evaluation
+/// and prediction: candle then records no graph and keeps no activations
+/// for a backward pass, and the CPU custom ops that only exist to skip
+/// gradients ([`fused`]) give way to plain products.
+pub trait Detach {
+    /// The detached copy.
+    fn detached(&self) -> Self;
+}
+
+impl Detach for Tensor {
+    fn detached(&self) -> Self {
+        self.detach()
+    }
+}
+
+impl<T: Detach> Detach for Vec<T> {
+    fn detached(&self) -> Self {
+        self.iter().map(Detach::detached).collect()
+    }
+}
 
 /// Where modules get their parameters (the counterpart of candle's
 /// `VarBuilder`): fresh parameters are initialised from the model's seeded

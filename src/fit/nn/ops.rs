@@ -10,8 +10,26 @@ use candle_core::{Tensor, D};
 use crate::rng::SplitMix64;
 use crate::Result;
 
-/// LayerNorm over the last dimension (biased variance, as PyTorch).
+/// LayerNorm over the last dimension (biased variance, as PyTorch): one
+/// fused op on the CPU ([`super::fused::LayerNormOp`]), composed elsewhere.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::fused::cpu_f32(x) && super::fused::cpu_f32(w) && super::fused::cpu_f32(b) {
+        let shape = x.shape().clone();
+        let d = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / d.max(1);
+        let y = x.contiguous()?.reshape((rows, d))?.apply_op3(
+            &w.contiguous()?,
+            &b.contiguous()?,
+            super::fused::LayerNormOp { eps: eps as f32 },
+        )?;
+        return Ok(y.reshape(shape)?);
+    }
+    layer_norm_composed(x, w, b, eps)
+}
+
+/// LayerNorm composed from candle ops (any device; the reference the fused
+/// op is tested against).
+pub fn layer_norm_composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;

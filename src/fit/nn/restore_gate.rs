@@ -23,6 +23,17 @@ pub struct RestoreGate {
     dropout: f32,
 }
 
+impl super::Detach for RestoreGate {
+    fn detached(&self) -> Self {
+        RestoreGate {
+            up: self.up.detached(),
+            norm: self.norm.detached(),
+            gamma: self.gamma.detach(),
+            dropout: self.dropout,
+        }
+    }
+}
+
 impl RestoreGate {
     /// Fresh parameters under `vb`'s prefix (`late`): `up`, `up_ln`, and
     /// `gate` (gamma), which starts at 0, so layer N first sees only Z.

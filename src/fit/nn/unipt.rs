@@ -23,6 +23,17 @@ pub struct Unipt {
     out_norm: LayerNorm,
 }
 
+impl super::Detach for Unipt {
+    fn detached(&self) -> Self {
+        Unipt {
+            proj: self.proj.detached(),
+            confidence: self.confidence.detached(),
+            out: self.out.detached(),
+            out_norm: self.out_norm.detached(),
+        }
+    }
+}
+
 impl Unipt {
     /// Fresh parameters under `vb`'s prefix (`unipt`) for `m` entries of
     /// width `d_model`, side width `d`: projectors, `confidence`, `out`,

@@ -1,0 +1,352 @@
+//! CPU custom ops that do less work than candle's generic backward:
+//!
+//! - [`FrozenMatmul`]: `x W^T` with `W` frozen (a pre-trained late layer).
+//!   candle's matmul backward computes both operands' gradients; here only
+//!   `dL/dx` is computed, which halves the backward products of a frozen
+//!   layer and never allocates a gradient the size of its weights.
+//! - [`ConstInputMatmul`]: `x W^T` with `x` a constant (cached hidden
+//!   states into SHERL's and UniPT's projectors): only `dL/dW`.
+//! - [`LayerNormOp`]: LayerNorm over the last axis in one pass forward and
+//!   two backward, instead of about ten composed element-wise ops each way.
+//!
+//! Each is used only on the CPU with f32 tensors ([`cpu_f32`]); on other
+//! devices [`super::linear`] and [`super::ops`] keep the composed ops. Tests
+//! (below and `tests/fit.rs`) check values and gradients against the
+//! composed versions and finite differences.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor};
+
+/// Whether `t` can take the CPU custom ops.
+pub fn cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// The f32 values of a contiguous CPU storage slice as a tensor of
+/// `layout`'s shape (copied; callers pass contiguous tensors).
+fn tensor_of(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    let data = contiguous_f32(storage, layout, "input")?;
+    Tensor::from_slice(data, layout.shape(), &Device::Cpu)
+}
+
+/// A CPU tensor's values as a storage, with its shape.
+fn storage_of(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let shape = t.shape().clone();
+    Ok((CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?), shape))
+}
+
+/// `x W^T` for `x` `[rows, in]` and a frozen `W` `[out, in]`; backward
+/// gives `dL/dx = g W` only.
+pub struct FrozenMatmul {
+    /// `[out, in]`.
+    pub w: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "sherl-frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = tensor_of(s, l)?;
+        storage_of(&x.matmul(&self.w.t()?)?)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.matmul(&self.w)?))
+    }
+}
+
+/// `x W^T` for a constant `x` `[rows, in]`, applied to a trained `W`
+/// `[out, in]`; backward gives `dL/dW = g^T x` only.
+pub struct ConstInputMatmul {
+    /// `[rows, in]`.
+    pub x: Tensor,
+}
+
+impl CustomOp1 for ConstInputMatmul {
+    fn name(&self) -> &'static str {
+        "sherl-const-input-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let w = tensor_of(s, l)?;
+        storage_of(&self.x.matmul(&w.t()?)?)
+    }
+
+    fn bwd(&self, _w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(g.t()?.matmul(&self.x)?))
+    }
+}
+
+/// LayerNorm over the last axis of `x` `[rows, d]` with weight and bias
+/// `[d]`: `y = (x - mean) / sqrt(var + eps) * w + b`, biased variance.
+pub struct LayerNormOp {
+    /// Added to the variance.
+    pub eps: f32,
+}
+
+/// Per row: mean and `1 / sqrt(var + eps)`, with the variance computed from
+/// the centred values (two passes, as the composed version).
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+    let n = row.len() as f32;
+    let mean = row.iter().sum::<f32>() / n;
+    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    (mean, 1.0 / (var + eps).sqrt())
+}
+
+fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => Err(candle_core::Error::Msg(format!(
+            "sherl fused op: {what} must be contiguous"
+        ))),
+    }
+}
+
+impl CustomOp3 for LayerNormOp {
+    fn name(&self) -> &'static str {
+        "sherl-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "x")?;
+        let w = contiguous_f32(s2, l2, "weight")?;
+        let b = contiguous_f32(s3, l3, "bias")?;
+        let d = w.len();
+        if d == 0 || x.len() % d != 0 || b.len() != d {
+            return Err(candle_core::Error::Msg(format!(
+                "sherl-layer-norm: x of {} values, weight {d}, bias {}",
+                x.len(),
+                b.len()
+            )));
+        }
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            for k in 0..d {
+                yr[k] = (xr[k] - mean) * rstd * w[k] + b[k];
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let shape = x.shape().clone();
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let wv = w.to_vec1::<f32>()?;
+        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        let d = wv.len();
+        let mut dx = vec![0f32; xv.len()];
+        let mut dw = vec![0f32; d];
+        let mut db = vec![0f32; d];
+        let mut xhat = vec![0f32; d];
+        let mut dxhat = vec![0f32; d];
+        for ((xr, gr), dxr) in xv
+            .chunks_exact(d)
+            .zip(gv.chunks_exact(d))
+            .zip(dx.chunks_exact_mut(d))
+        {
+            let (mean, rstd) = row_stats(xr, self.eps);
+            let (mut s1, mut s2) = (0f32, 0f32);
+            for k in 0..d {
+                xhat[k] = (xr[k] - mean) * rstd;
+                dxhat[k] = gr[k] * wv[k];
+                s1 += dxhat[k];
+                s2 += dxhat[k] * xhat[k];
+                dw[k] += gr[k] * xhat[k];
+                db[k] += gr[k];
+            }
+            let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+            for k in 0..d {
+                dxr[k] = rstd * (dxhat[k] - m1 - xhat[k] * m2);
+            }
+        }
+        let dev = x.device();
+        Ok((
+            Some(Tensor::from_vec(dx, shape, dev)?),
+            Some(Tensor::from_vec(dw, d, dev)?),
+            Some(Tensor::from_vec(db, d, dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    fn rand(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = crate::rng::SplitMix64::new(seed);
+        (0..n).map(|_| r.symmetric_f32(1.0)).collect()
+    }
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Values and gradients of the three ops equal the composed candle ops
+    /// (1e-5 relative), including through a loss that mixes them.
+    #[test]
+    fn ops_match_the_composed_versions() {
+        let dev = Device::Cpu;
+        let (rows, d_in, d_out) = (7, 12, 5);
+        let xv = Var::from_vec(rand(rows * d_in, 1), (rows, d_in), &dev).unwrap();
+        let wv = Var::from_vec(rand(d_out * d_in, 2), (d_out, d_in), &dev).unwrap();
+        let lnw = Var::from_vec(rand(d_out, 3), d_out, &dev).unwrap();
+        let lnb = Var::from_vec(rand(d_out, 4), d_out, &dev).unwrap();
+        let probe = Tensor::from_vec(rand(rows * d_out, 5), (rows, d_out), &dev).unwrap();
+        let frozen = Tensor::from_vec(rand(d_out * d_in, 6), (d_out, d_in), &dev).unwrap();
+        let constant = Tensor::from_vec(rand(rows * d_in, 7), (rows, d_in), &dev).unwrap();
+
+        // frozen weight: gradient reaches x only
+        let fused = xv
+            .as_tensor()
+            .apply_op1(FrozenMatmul { w: frozen.clone() })
+            .unwrap();
+        let plain = xv.as_tensor().matmul(&frozen.t().unwrap()).unwrap();
+        close(&fused, &plain, 1e-6, "frozen fwd");
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            gf.get(&xv).unwrap(),
+            gp.get(&xv).unwrap(),
+            1e-5,
+            "frozen dx",
+        );
+
+        // constant input: gradient reaches W only
+        let fused = wv
+            .as_tensor()
+            .apply_op1(ConstInputMatmul {
+                x: constant.clone(),
+            })
+            .unwrap();
+        let plain = constant.matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        close(&fused, &plain, 1e-6, "const fwd");
+        let gf = (fused * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(gf.get(&wv).unwrap(), gp.get(&wv).unwrap(), 1e-5, "const dW");
+
+        // LayerNorm: x, weight and bias
+        let pre = xv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        let fused = pre
+            .apply_op3(lnw.as_tensor(), lnb.as_tensor(), LayerNormOp { eps: 1e-5 })
+            .unwrap();
+        let plain =
+            crate::fit::nn::ops::layer_norm_composed(&pre, lnw.as_tensor(), lnb.as_tensor(), 1e-5)
+                .unwrap();
+        close(&fused, &plain, 1e-5, "ln fwd");
+        let loss = |y: Tensor| (y.sqr().unwrap() * &probe).unwrap().sum_all().unwrap();
+        let gf = loss(fused).backward().unwrap();
+        let gp = loss(plain).backward().unwrap();
+        for (v, what) in [
+            (&xv, "ln dx"),
+            (&wv, "ln dW"),
+            (&lnw, "ln dw"),
+            (&lnb, "ln db"),
+        ] {
+            close(gf.get(v).unwrap(), gp.get(v).unwrap(), 1e-5, what);
+        }
+    }
+
+    /// LayerNorm's hand-written backward against central finite differences
+    /// in f64 of the same formula.
+    #[test]
+    fn layer_norm_gradient_by_finite_differences() {
+        let dev = Device::Cpu;
+        let (rows, d) = (3, 6);
+        let x0 = rand(rows * d, 11);
+        let w0 = rand(d, 12);
+        let b0 = rand(d, 13);
+        let probe = rand(rows * d, 14);
+        let eps = 1e-5f64;
+        // loss(x) = sum(probe * LN(x))^2-free linear probe, in f64
+        let loss = |x: &[f64]| -> f64 {
+            let mut l = 0.0;
+            for r in 0..rows {
+                let row = &x[r * d..(r + 1) * d];
+                let mean = row.iter().sum::<f64>() / d as f64;
+                let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / d as f64;
+                for k in 0..d {
+                    let y =
+                        (row[k] - mean) / (var + eps).sqrt() * f64::from(w0[k]) + f64::from(b0[k]);
+                    l += y * f64::from(probe[r * d + k]);
+                }
+            }
+            l
+        };
+        let xv = Var::from_vec(x0.clone(), (rows, d), &dev).unwrap();
+        let w = Tensor::from_vec(w0.clone(), d, &dev).unwrap();
+        let b = Tensor::from_vec(b0.clone(), d, &dev).unwrap();
+        let p = Tensor::from_vec(probe.clone(), (rows, d), &dev).unwrap();
+        let y = xv
+            .as_tensor()
+            .apply_op3(&w, &b, LayerNormOp { eps: eps as f32 })
+            .unwrap();
+        let g = (y * p).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = g
+            .get(&xv)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let x64: Vec<f64> = x0.iter().map(|&v| f64::from(v)).collect();
+        let h = 1e-5;
+        for i in 0..x64.len() {
+            let (mut a, mut c) = (x64.clone(), x64.clone());
+            a[i] += h;
+            c[i] -= h;
+            let fd = (loss(&a) - loss(&c)) / (2.0 * h);
+            assert!(
+                (fd - f64::from(dx[i])).abs() < 1e-3 * (1.0 + fd.abs()),
+                "dx[{i}]: finite differences {fd} vs {}",
+                dx[i]
+            );
+        }
+    }
+}
