@@ -73,6 +73,11 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
 
+    /// Skip `n` outputs in O(1): the state moves by a constant per output.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    }
+
     /// Uniform in [0, 1), from the top 24 bits.
     pub fn unit_f32(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
@@ -220,6 +225,17 @@ mod tests {
             assert_eq!(s, (0..50).collect::<Vec<_>>());
             assert_ne!(a, s);
         }
+    }
+
+    #[test]
+    fn skip_equals_drawing() {
+        let mut a = SplitMix64::for_stream(9, Stream::Dropout);
+        let mut b = a.clone();
+        for _ in 0..1234 {
+            a.next_u64();
+        }
+        b.skip(1234);
+        assert_eq!(take(a, 5), take(b, 5));
     }
 
     #[test]

@@ -189,7 +189,12 @@ fn main() -> ExitCode {
     main_wrapper(|| {
         let args = parse_args();
         if let Command::Run(r) = &args.command {
-            sherl::cli::set_compute_threads(r.threads);
+            // Training splits each CPU batch in two parts run side by side
+            // (sherl::fit::train::forward_backward), each on half the
+            // threads: two threads that never meet at a barrier do more
+            // than candle's per-op parallelism on small tensors.
+            let threads = r.threads.unwrap_or_else(sherl::cli::compute_threads);
+            sherl::cli::set_compute_threads(Some((threads / 2).max(1)));
             sherl::fit::sweep::exit_with_parent();
         }
         init_output(&args.output);
@@ -249,6 +254,7 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
         config,
         device,
         decode_threads: a.decode_threads,
+        workers: a.threads.unwrap_or_else(sherl::cli::compute_threads).min(2),
     };
     let bar = Bar {
         visible: output.progress(),

@@ -177,6 +177,16 @@ pub fn tune_allocator() {
     }
 }
 
+/// Compute threads when `--threads` is not given: `RAYON_NUM_THREADS` if
+/// set (a sweep sets it for its runs), else the cores available.
+pub fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// Set candle's CPU thread count (it follows `RAYON_NUM_THREADS`) before
 /// any tensor work starts. `None` keeps the environment's choice (all cores
 /// by default).

@@ -40,6 +40,35 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Examples `rows` of this batch, padding unchanged (the same padded
+    /// length, so a part sees exactly the values the whole batch does).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Result<Batch> {
+        let (start, len) = (rows.start, rows.len());
+        let narrow = |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, start, len)?) };
+        let mask = narrow(&self.mask)?;
+        let tokens = mask.sum_all()?.to_scalar::<f32>()? as usize;
+        Ok(Batch {
+            layers: self.layers.iter().map(narrow).collect::<Result<_>>()?,
+            mask,
+            labels: narrow(&self.labels)?,
+            label_vec: self.label_vec[rows.clone()].to_vec(),
+            token_ids: narrow(&self.token_ids)?,
+            type_ids: narrow(&self.type_ids)?,
+            tokens,
+            ids: self.ids[rows].to_vec(),
+        })
+    }
+
+    /// Examples in the batch.
+    pub fn len(&self) -> usize {
+        self.label_vec.len()
+    }
+
+    /// Whether the batch has no example.
+    pub fn is_empty(&self) -> bool {
+        self.label_vec.is_empty()
+    }
+
     /// A batch of examples tokenized outside any cache (prediction): the
     /// padded inputs `pb`, the requested hidden states as `[B, S, hidden]`
     /// row-major values (zeros at padding), and the examples' ids. Labels

@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 
-use super::batcher::{BatchPlan, Batches};
+use super::batcher::{Batch, BatchPlan, Batches};
 use super::metrics::Tally;
-use super::model::{Model, Output};
+use super::model::{Inference, Model, Output};
+use super::train::{part_ranges, step_parts};
 use crate::cache::Cache;
+use crate::fit::error::FitError;
 use crate::Result;
 
 /// Predicted class per example.
@@ -23,6 +25,7 @@ pub fn evaluate(
     plan: BatchPlan,
     dev: &Device,
     alpha: bool,
+    workers: usize,
 ) -> Result<(Tally, Option<Vec<f64>>)> {
     let mut tally = Tally::new(model.spec().classes);
     let mut sums: Option<Vec<f64>> = None;
@@ -30,7 +33,7 @@ pub fn evaluate(
     let model_eval = model.inference();
     for batch in Batches::new(cache, plan, dev)? {
         let batch = batch?;
-        let out = model_eval.forward(&batch)?;
+        let out = forward_in_parts(&model_eval, &batch, step_parts(dev), workers)?;
         let loss =
             candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?.to_scalar::<f32>()?;
         tally.add(f64::from(loss), &argmax(&out)?, &batch.label_vec);
@@ -52,4 +55,51 @@ pub fn evaluate(
         tally,
         sums.map(|s| s.into_iter().map(|x| x / tokens.max(1.0)).collect()),
     ))
+}
+
+/// An evaluation forward pass over `batch` cut into `parts` row ranges run
+/// on up to `workers` threads, the outputs joined in row order (each
+/// example's values are those of a pass over the whole batch).
+pub fn forward_in_parts(
+    model: &Inference,
+    batch: &Batch,
+    parts: usize,
+    workers: usize,
+) -> Result<Output> {
+    let ranges = part_ranges(batch.len(), parts);
+    if ranges.len() <= 1 {
+        return model.forward(batch);
+    }
+    let run = |r: &std::ops::Range<usize>| model.forward(&batch.rows(r.clone())?);
+    let outs: Vec<Result<Output>> = if workers >= 2 {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ranges[1..]
+                .iter()
+                .map(|r| s.spawn(move || run(r)))
+                .collect();
+            let mut v = vec![run(&ranges[0])];
+            for h in handles {
+                v.push(h.join().unwrap_or_else(|_| {
+                    Err(FitError::model("an evaluation thread panicked".to_string()))
+                }));
+            }
+            v
+        })
+    } else {
+        ranges.iter().map(run).collect()
+    };
+    let outs: Vec<Output> = outs.into_iter().collect::<Result<_>>()?;
+    let logits = Tensor::cat(
+        &outs.iter().map(|o| o.logits.clone()).collect::<Vec<_>>(),
+        0,
+    )?;
+    let alpha = match outs
+        .iter()
+        .map(|o| o.alpha.clone())
+        .collect::<Option<Vec<Tensor>>>()
+    {
+        Some(a) => Some(Tensor::cat(&a, 0)?),
+        None => None,
+    };
+    Ok(Output { logits, alpha })
 }

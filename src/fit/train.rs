@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 
-use super::batcher::{split_len, BatchPlan, Batches};
+use super::batcher::{split_len, Batch, BatchPlan, Batches};
 use super::checks::{check_backbone, model_spec, split_id};
 use super::config::FitConfig;
 use super::eval::{argmax, evaluate};
@@ -55,6 +55,111 @@ pub struct FitPlan {
     pub device: Device,
     /// Cache decoder threads.
     pub decode_threads: usize,
+    /// Threads that run the parts of a CPU batch side by side (see
+    /// [`step_parts`]); 1 runs them one after the other.
+    pub workers: usize,
+}
+
+/// Parts a training batch is split into on the CPU: two, always, so that
+/// results do not depend on the thread count; on a GPU one.
+pub fn step_parts(dev: &Device) -> usize {
+    if dev.is_cpu() {
+        2
+    } else {
+        1
+    }
+}
+
+/// Row ranges of `parts` near-equal consecutive parts of `n` examples (no
+/// empty part).
+pub fn part_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    (0..parts)
+        .map(|k| (k * n / parts)..((k + 1) * n / parts))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// Forward and backward of one training batch: the loss (the batch mean),
+/// the predictions, and the gradients. The batch is cut into
+/// [`part_ranges`]`(B, parts)`, each part's loss scaled by its share of the
+/// batch, so the parts' gradients add up to the whole batch's; dropout masks
+/// are the parts' rows of the whole batch's ([`Mode::TrainRows`]), so the
+/// step computes what one pass over the whole batch would, up to the order
+/// of floating-point sums. Parts run on up to `workers` threads.
+pub fn forward_backward(
+    model: &Model,
+    batch: &Batch,
+    rng: &mut SplitMix64,
+    parts: usize,
+    workers: usize,
+    vars: &[candle_core::Var],
+) -> Result<(f32, Vec<u32>, candle_core::backprop::GradStore)> {
+    let n = batch.len();
+    let ranges = part_ranges(n, parts);
+    if ranges.len() <= 1 {
+        let out = model.forward(batch, &mut Mode::Train(rng))?;
+        let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
+        return Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?));
+    }
+    let start = rng.clone();
+    let run_part = |r: &std::ops::Range<usize>| -> Result<(f32, Vec<u32>, candle_core::backprop::GradStore, SplitMix64)> {
+        let part = batch.rows(r.clone())?;
+        let mut g = start.clone();
+        let out = model.forward(
+            &part,
+            &mut Mode::TrainRows {
+                rng: &mut g,
+                first: r.start,
+                batch: n,
+            },
+        )?;
+        let share = r.len() as f64 / n as f64;
+        let loss = (candle_nn::loss::cross_entropy(&out.logits, &part.labels)? * share)?;
+        Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?, g))
+    };
+    let results: Vec<Result<_>> = if workers >= 2 {
+        std::thread::scope(|s| {
+            let handles: Vec<_> = ranges[1..]
+                .iter()
+                .map(|r| s.spawn(move || run_part(r)))
+                .collect();
+            let mut v = vec![run_part(&ranges[0])];
+            for h in handles {
+                v.push(h.join().unwrap_or_else(|_| {
+                    Err(FitError::model("a training thread panicked".to_string()))
+                }));
+            }
+            v
+        })
+    } else {
+        ranges.iter().map(run_part).collect()
+    };
+    let mut loss = 0f32;
+    let mut preds = Vec::with_capacity(n);
+    let mut grads: Option<candle_core::backprop::GradStore> = None;
+    for r in results {
+        let (l, p, g, end) = r?;
+        loss += l;
+        preds.extend(p);
+        *rng = end;
+        grads = Some(match grads {
+            None => g,
+            Some(mut acc) => {
+                for v in vars {
+                    if let Some(x) = g.get(v.as_tensor()) {
+                        let sum = match acc.get(v.as_tensor()) {
+                            Some(a) => (a + x)?,
+                            None => x.clone(),
+                        };
+                        acc.insert(v.as_tensor(), sum);
+                    }
+                }
+                acc
+            }
+        });
+    }
+    Ok((loss, preds, grads.expect("at least one part")))
 }
 
 /// Progress callbacks (drawn by the binary).
@@ -378,9 +483,14 @@ fn train_loop(
             &plan.device,
         )? {
             let batch = batch?;
-            let out = model.forward(&batch, &mut Mode::Train(&mut dropout_rng))?;
-            let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
-            let loss_v = loss.to_scalar::<f32>()?;
+            let (loss_v, preds, mut grads) = forward_backward(
+                model,
+                &batch,
+                &mut dropout_rng,
+                step_parts(&plan.device),
+                plan.workers,
+                &all_vars,
+            )?;
             if !loss_v.is_finite() {
                 return Err(Error::Diverged(diverged_message(
                     loss_v,
@@ -391,7 +501,6 @@ fn train_loop(
                     best.as_ref().map(|_| weights_path.as_path()),
                 )));
             }
-            let mut grads = loss.backward()?;
             if cfg.grad_clip > 0.0 {
                 clip_gradients(&mut grads, &all_vars, cfg.grad_clip)?;
             }
@@ -405,7 +514,7 @@ fn train_loop(
             }
             step += 1;
             tokens += batch.tokens;
-            tally.add(f64::from(loss_v), &argmax(&out)?, &batch.label_vec);
+            tally.add(f64::from(loss_v), &preds, &batch.label_vec);
             reporter.step(loss_v);
         }
         let secs = t.elapsed().as_secs_f64();
@@ -418,6 +527,7 @@ fn train_loop(
             batch_plan(valid_split, None),
             &plan.device,
             false,
+            plan.workers,
         )?;
         let em = EpochMetrics {
             epoch,
@@ -450,9 +560,20 @@ fn train_loop(
         batch_plan(valid_split, None),
         &plan.device,
         true,
+        plan.workers,
     )?;
     let test = match test_split {
-        Some(s) => Some(evaluate(cache, model, batch_plan(s, None), &plan.device, false)?.0),
+        Some(s) => Some(
+            evaluate(
+                cache,
+                model,
+                batch_plan(s, None),
+                &plan.device,
+                false,
+                plan.workers,
+            )?
+            .0,
+        ),
         None => None,
     };
     let layer_weight_layers = (model.spec().method == Method::Sherl).then(|| {

@@ -48,6 +48,18 @@ pub fn softmax(x: &Tensor) -> Result<Tensor> {
 pub enum Mode<'a> {
     /// Training: dropout masks from this generator.
     Train(&'a mut SplitMix64),
+    /// Training on rows `first..first + b` of a batch of `batch` examples
+    /// (a part of a batch split across threads): each mask is the rows'
+    /// part of the mask [`Mode::Train`] would draw for the whole batch from
+    /// the same generator state, which ends where the whole batch's would.
+    TrainRows {
+        /// The whole batch's generator.
+        rng: &'a mut SplitMix64,
+        /// First row of this part.
+        first: usize,
+        /// Examples in the whole batch.
+        batch: usize,
+    },
     /// Evaluation and prediction: no dropout.
     Eval,
 }
@@ -55,11 +67,21 @@ pub enum Mode<'a> {
 /// Inverted dropout with probability `p` in [`Mode::Train`] (masks from its
 /// generator); the identity in [`Mode::Eval`] or for `p <= 0`.
 pub fn dropout(x: &Tensor, p: f32, mode: &mut Mode<'_>) -> Result<Tensor> {
-    let rng = match mode {
-        Mode::Train(rng) if p > 0.0 => rng,
-        _ => return Ok(x.clone()),
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let mask = match mode {
+        Mode::Train(rng) => rng.dropout_mask(x.elem_count(), p),
+        Mode::TrainRows { rng, first, batch } => {
+            let rows = x.dim(0)?;
+            let per_row = (x.elem_count() / rows.max(1)) as u64;
+            rng.skip(*first as u64 * per_row);
+            let m = rng.dropout_mask(x.elem_count(), p);
+            rng.skip((*batch - *first - rows) as u64 * per_row);
+            m
+        }
+        Mode::Eval => return Ok(x.clone()),
     };
-    let mask = rng.dropout_mask(x.elem_count(), p);
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
     Ok((x * mask)?)
 }
@@ -95,6 +117,33 @@ mod tests {
         let want = [-2.0 / s, -1.0 / s, 0.0, 3.0 / s + 1.0];
         for (a, b) in y.iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    /// The parts of a batch draw exactly their rows of the whole batch's
+    /// mask, and leave the generator where the whole batch leaves it.
+    #[test]
+    fn dropout_of_parts_is_the_whole_batch_mask_cut_in_rows() {
+        let dev = Device::Cpu;
+        let x = Tensor::ones((5, 3, 4), candle_core::DType::F32, &dev).unwrap();
+        let start = SplitMix64::new(77);
+        let mut whole_rng = start.clone();
+        let whole = dropout(&x, 0.3, &mut Mode::Train(&mut whole_rng)).unwrap();
+        let whole2 = dropout(&x, 0.3, &mut Mode::Train(&mut whole_rng)).unwrap();
+        for (first, rows) in [(0usize, 2usize), (2, 3)] {
+            let mut g = start.clone();
+            let part = x.narrow(0, first, rows).unwrap();
+            let mut mode = Mode::TrainRows {
+                rng: &mut g,
+                first,
+                batch: 5,
+            };
+            let a = dropout(&part, 0.3, &mut mode).unwrap();
+            let b = dropout(&part, 0.3, &mut mode).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(flat(&a), flat(&whole.narrow(0, first, rows).unwrap()));
+            assert_eq!(flat(&b), flat(&whole2.narrow(0, first, rows).unwrap()));
+            assert_eq!(g.next_u64(), whole_rng.clone().next_u64());
         }
     }
 
