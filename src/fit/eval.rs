@@ -70,23 +70,26 @@ pub fn forward_in_parts(
     if ranges.len() <= 1 {
         return model.forward(batch);
     }
-    let run = |r: &std::ops::Range<usize>| model.forward(&batch.rows(r.clone())?);
     let outs: Vec<Result<Output>> = if workers >= 2 {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = ranges[1..]
-                .iter()
-                .map(|r| s.spawn(move || run(r)))
-                .collect();
-            let mut v = vec![run(&ranges[0])];
-            for h in handles {
-                v.push(h.join().unwrap_or_else(|_| {
-                    Err(FitError::model("an evaluation thread panicked".to_string()))
-                }));
-            }
-            v
-        })
+        let pending: Vec<_> = ranges[1..]
+            .iter()
+            .map(|r| {
+                let (m, part) = (model.clone(), batch.rows(r.clone()));
+                super::worker::spawn(move || m.forward(&part?))
+            })
+            .collect();
+        let mut v = vec![model.forward(&batch.rows(ranges[0].clone())?)];
+        for rx in pending {
+            v.push(rx.recv().unwrap_or_else(|_| {
+                Err(FitError::model("an evaluation thread panicked".to_string()))
+            }));
+        }
+        v
     } else {
-        ranges.iter().map(run).collect()
+        ranges
+            .iter()
+            .map(|r| model.forward(&batch.rows(r.clone())?))
+            .collect()
     };
     let outs: Vec<Output> = outs.into_iter().collect::<Result<_>>()?;
     let logits = Tensor::cat(

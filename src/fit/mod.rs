@@ -29,6 +29,7 @@ pub mod predict;
 pub mod run_dir;
 pub mod sweep;
 pub mod train;
+pub mod worker;
 
 use candle_core::Device;
 

@@ -89,7 +89,7 @@ pub struct ModelSpec {
 }
 
 /// The modules of one method (each method has exactly its own).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Net {
     /// Early route, restore and gate, then the late layers (with gradients).
     Sherl {
@@ -300,6 +300,16 @@ impl Model {
         forward(&self.net, &self.head, batch, mode)
     }
 
+    /// The modules with the same tensors (the same variables: gradients of
+    /// its forward passes are the model's), owned, for a forward pass on
+    /// another thread.
+    pub fn shared(&self) -> Shared {
+        Shared {
+            net: self.net.clone(),
+            head: self.head.clone(),
+        }
+    }
+
     /// The model for evaluation and prediction: the same weights (shared,
     /// not copied) cut from the autograd graph, so a forward pass records
     /// no graph and keeps no activations (see [`Detach`]).
@@ -311,8 +321,22 @@ impl Model {
     }
 }
 
+/// [`Model::shared`]: the model's modules, owned.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    net: Net,
+    head: Head,
+}
+
+impl Shared {
+    /// As [`Model::forward`].
+    pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
+        forward(&self.net, &self.head, batch, mode)
+    }
+}
+
 /// [`Model::inference`]: a forward pass without dropout or gradients.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Inference {
     net: Net,
     head: Head,

@@ -26,7 +26,7 @@ use super::config::FitConfig;
 use super::eval::{argmax, evaluate};
 use super::memory::{check_memory, memory_estimate, peak_rss_bytes};
 use super::metrics::Tally;
-use super::model::{Method, Model};
+use super::model::{Method, Model, Shared};
 use super::nn::Mode;
 use super::params::{Group, Params};
 use super::run_dir::{
@@ -102,38 +102,50 @@ pub fn forward_backward(
         let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
         return Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?));
     }
+    type PartResult = Result<(f32, Vec<u32>, candle_core::backprop::GradStore, SplitMix64)>;
     let start = rng.clone();
-    let run_part = |r: &std::ops::Range<usize>| -> Result<(f32, Vec<u32>, candle_core::backprop::GradStore, SplitMix64)> {
-        let part = batch.rows(r.clone())?;
-        let mut g = start.clone();
-        let out = model.forward(
-            &part,
-            &mut Mode::TrainRows {
-                rng: &mut g,
-                first: r.start,
-                batch: n,
-            },
-        )?;
-        let share = r.len() as f64 / n as f64;
-        let loss = (candle_nn::loss::cross_entropy(&out.logits, &part.labels)? * share)?;
-        Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?, g))
-    };
-    let results: Vec<Result<_>> = if workers >= 2 {
-        std::thread::scope(|s| {
-            let handles: Vec<_> = ranges[1..]
-                .iter()
-                .map(|r| s.spawn(move || run_part(r)))
-                .collect();
-            let mut v = vec![run_part(&ranges[0])];
-            for h in handles {
-                v.push(h.join().unwrap_or_else(|_| {
-                    Err(FitError::model("a training thread panicked".to_string()))
-                }));
-            }
-            v
-        })
+    let run_part =
+        move |model: &Shared, part: Batch, first: usize, mut g: SplitMix64| -> PartResult {
+            let out = model.forward(
+                &part,
+                &mut Mode::TrainRows {
+                    rng: &mut g,
+                    first,
+                    batch: n,
+                },
+            )?;
+            let share = part.len() as f64 / n as f64;
+            let loss = (candle_nn::loss::cross_entropy(&out.logits, &part.labels)? * share)?;
+            Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?, g))
+        };
+    let shared = model.shared();
+    let results: Vec<PartResult> = if workers >= 2 {
+        // Parts after the first on the helper thread, the first here.
+        let pending: Vec<_> = ranges[1..]
+            .iter()
+            .map(|r| {
+                let (m, part, g) = (shared.clone(), batch.rows(r.clone()), start.clone());
+                let first = r.start;
+                super::worker::spawn(move || run_part(&m, part?, first, g))
+            })
+            .collect();
+        let mut v = vec![run_part(
+            &shared,
+            batch.rows(ranges[0].clone())?,
+            0,
+            start.clone(),
+        )];
+        for rx in pending {
+            v.push(rx.recv().unwrap_or_else(|_| {
+                Err(FitError::model("a training thread panicked".to_string()))
+            }));
+        }
+        v
     } else {
-        ranges.iter().map(run_part).collect()
+        ranges
+            .iter()
+            .map(|r| run_part(&shared, batch.rows(r.clone())?, r.start, start.clone()))
+            .collect()
     };
     let mut loss = 0f32;
     let mut preds = Vec::with_capacity(n);

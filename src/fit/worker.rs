@@ -1,0 +1,50 @@
+//! One long-lived helper thread for the second part of a CPU batch
+//! ([`super::train::forward_backward`], [`super::eval::forward_in_parts`]).
+//!
+//! A thread spawned per step would start each step with an empty allocator
+//! heap and hand its pages back when it ends: the kernel then clears fresh
+//! pages for every step (measured: 14 % of a 2-thread training profile).
+//! This thread lives as long as the process, so its heap is reused.
+
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Mutex, OnceLock};
+
+type Job = Box<dyn FnOnce() + Send + 'static>;
+
+static WORKER: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+
+fn sender() -> Sender<Job> {
+    WORKER
+        .get_or_init(|| {
+            let (tx, rx) = channel::<Job>();
+            std::thread::Builder::new()
+                .name("sherl-part".into())
+                .spawn(move || {
+                    for job in rx {
+                        // A panicking job drops its result sender (the
+                        // caller sees a disconnect); the thread lives on.
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                    }
+                })
+                .expect("spawning the training helper thread");
+            Mutex::new(tx)
+        })
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// Run `f` on the helper thread; its result arrives on the receiver (which
+/// reports a disconnect if `f` panicked).
+pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Receiver<T> {
+    let (tx, rx) = channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    if let Err(e) = sender().send(job) {
+        // The helper thread is gone (it cannot be, short of a panic in the
+        // channel itself): run here rather than lose the work.
+        (e.0)();
+    }
+    rx
+}
