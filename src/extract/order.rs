@@ -57,8 +57,10 @@ pub fn tokenize(data: &Dataset, tokenizer: &Tokenizer) -> Result<CacheOrder> {
             split_names.join(", ")
         );
     }
-    let mut examples = Vec::with_capacity(data.examples.len());
-    for ex in &data.examples {
+    // Tokenize on every core, each thread a consecutive slice of the
+    // examples, joined back in dataset order (the result does not depend on
+    // the number of threads).
+    let one = |ex: &crate::data::Example| -> Result<ExampleMeta> {
         let enc = tokenizer.encode(&ex.text, ex.text_pair.as_deref())?;
         if enc.is_empty() {
             return Err(ExtractError::EmptyExample { id: ex.id.clone() }.into());
@@ -67,14 +69,35 @@ pub fn tokenize(data: &Dataset, tokenizer: &Tokenizer) -> Result<CacheOrder> {
             .iter()
             .position(|n| n == &ex.split)
             .expect("split names come from the examples") as u32;
-        examples.push(ExampleMeta {
+        Ok(ExampleMeta {
             position: 0,
             id: ex.id.clone(),
             split,
             label: ex.label,
             type_ids: enc.type_ids.iter().map(|&t| t.min(255) as u8).collect(),
             ids: enc.ids,
-        });
+        })
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per = data.examples.len().div_ceil(threads.max(1)).max(1);
+    let parts: Vec<Result<Vec<ExampleMeta>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = data
+            .examples
+            .chunks(per)
+            .map(|part| scope.spawn(move || part.iter().map(one).collect::<Result<Vec<_>>>()))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::Error::Runtime("a tokenizer thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let mut examples = Vec::with_capacity(data.examples.len());
+    for p in parts {
+        examples.extend(p?);
     }
     // Cache order: split, then length, then dataset order (stable sort).
     examples.sort_by_key(|e| (e.split, e.len()));

@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use ndarray::Array3;
 
@@ -102,9 +103,35 @@ impl ChunkBuilder {
     }
 }
 
+/// Where the calling thread's time went in [`write_shard`] (printed by
+/// `sherl-extract -v run`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StageTimes {
+    /// In ONNX Runtime.
+    pub backbone: f64,
+    /// Cutting outputs into chunks (f32 rows of the real tokens).
+    pub chunking: f64,
+    /// Waiting for a compression thread to take a chunk (compression
+    /// slower than the backbone).
+    pub queue_wait: f64,
+    /// After the last batch, waiting for compression and the writer.
+    pub drain: f64,
+}
+
+impl StageTimes {
+    /// Add `o` to these.
+    pub fn add(&mut self, o: &StageTimes) {
+        self.backbone += o.backbone;
+        self.chunking += o.chunking;
+        self.queue_wait += o.queue_wait;
+        self.drain += o.drain;
+    }
+}
+
 /// Run the backbone over `examples` (one shard's, in cache order) and write
-/// them into `shard` with `threads` compression threads. Returns the sealed
-/// shard and the padded token slots that were run.
+/// them into `shard` with `threads` compression threads. The calling thread
+/// runs the backbone and cuts its outputs into chunks. Returns the sealed
+/// shard, the padded token slots that were run, and the stage times.
 pub fn write_shard(
     session: &mut BackboneSession,
     examples: &[ExampleMeta],
@@ -113,15 +140,18 @@ pub fn write_shard(
     threads: usize,
     s: &ExtractSettings,
     reporter: &dyn ExtractReporter,
-) -> Result<(SealedShard, u64)> {
+) -> Result<(SealedShard, u64, StageTimes)> {
     let spec = *shard.spec();
     let path = shard.path().to_path_buf();
     let hidden = spec.hidden as usize;
     let threads = threads.max(1);
-    let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Chunk)>(threads);
+    // Room for a chunk per compression thread and as many waiting, so a
+    // burst of short examples does not stall the chunker.
+    let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Chunk)>(2 * threads);
     let job_rx = std::sync::Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::sync_channel::<(usize, Result<CompressedChunk>)>(threads);
     let mut padded = 0u64;
+    let mut times = StageTimes::default();
     let stopped = || ExtractError::CompressionStopped {
         shard: path.clone(),
     };
@@ -178,12 +208,18 @@ pub fn write_shard(
             }
         });
 
-        // Producer: batches of consecutive examples under the token budget.
+        // Producer: batches of consecutive examples under the token budget,
+        // cut into chunks here. (A separate chunker thread was measured: on
+        // two cores it only slowed ONNX Runtime's threads down as much as
+        // it saved.)
         let mut produce = || -> Result<()> {
             let mut chunks = ChunkBuilder::new(s.chunk_size as usize, layers.len());
             let mut seq = 0usize;
-            let mut send = |chunk: Chunk| -> Result<()> {
+            let mut wait = 0f64;
+            let mut send = |chunk: Chunk, wait: &mut f64| -> Result<()> {
+                let t = Instant::now();
                 job_tx.send((seq, chunk)).map_err(|_| stopped())?;
+                *wait += t.elapsed().as_secs_f64();
                 seq += 1;
                 Ok(())
             };
@@ -191,7 +227,9 @@ pub fn write_shard(
                 let batch_examples = &examples[range];
                 let batch = padded_batch(batch_examples);
                 let (ids, mask, types) = batch.views();
+                let t = Instant::now();
                 let outs = session.run(ids, mask, types, layers)?;
+                times.backbone += t.elapsed().as_secs_f64();
                 if let Some(o) = outs.first() {
                     if o.shape()[2] != hidden {
                         return Err(Error::Runtime(format!(
@@ -201,27 +239,36 @@ pub fn write_shard(
                     }
                 }
                 padded += batch.padded_tokens() as u64;
+                let t = Instant::now();
                 for (b, meta) in batch_examples.iter().enumerate() {
                     if let Some(chunk) = chunks.push(&outs, b, meta) {
-                        send(chunk)?;
+                        send(chunk, &mut wait)?;
                     }
                 }
+                times.chunking += t.elapsed().as_secs_f64();
                 reporter.advance(batch_examples.len() as u64, batch.real_tokens() as u64);
             }
             if let Some(chunk) = chunks.finish() {
-                send(chunk)?;
+                send(chunk, &mut wait)?;
             }
+            times.queue_wait = wait;
+            times.chunking -= wait;
             Ok(())
         };
         let produced = produce();
         drop(job_tx);
+        let t = Instant::now();
         let written = writer_thread
             .join()
             .map_err(|_| ExtractError::WriterPanicked {
                 shard: path.clone(),
             })?;
+        times.drain = t.elapsed().as_secs_f64();
         produced.and(written)
     });
     result?;
-    Ok((shard.seal()?, padded))
+    let t = Instant::now();
+    let sealed = shard.seal()?;
+    times.drain += t.elapsed().as_secs_f64();
+    Ok((sealed, padded, times))
 }

@@ -211,9 +211,17 @@ pub fn run(
         s.late_layers,
         reporter,
     )?;
+    let t_open = t0.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let data = crate::data::load(&plan.dataset)?;
+    let t_read = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let order = super::order::tokenize(&data, &backbone.tokenizer)?;
+    let t_tokenize = t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
     let manifest = describe(plan, &backbone, &session, &data, &order)?;
+    let t_describe = t.elapsed().as_secs_f64();
+    let mut times = super::pipeline::StageTimes::default();
 
     let mut writer = CacheWriter::open(&plan.out, manifest, plan.resume)?;
     let todo = writer.resume_scan(&|m| reporter.note(m))?;
@@ -235,7 +243,7 @@ pub fn run(
     let (mut padded_run, mut tokens_run) = (0u64, 0u64);
     for slot in &todo {
         let _span = tracing::info_span!("shard", idx = slot.index).entered();
-        let (sealed, padded) = super::pipeline::write_shard(
+        let (sealed, padded, shard_times) = super::pipeline::write_shard(
             &mut session.session,
             &examples[slot.examples.clone()],
             &session.layers,
@@ -244,12 +252,26 @@ pub fn run(
             s,
             reporter,
         )?;
+        times.add(&shard_times);
         padded_run += padded;
         tokens_run += sealed.tokens;
         writer.record(&sealed);
     }
     reporter.finish();
+    let t = std::time::Instant::now();
     let manifest = writer.finish()?;
+    tracing::debug!(
+        "stages: open backbone and session {t_open:.2} s, read data {t_read:.2} s, tokenize \
+         {t_tokenize:.2} s, provenance (file hashes) {t_describe:.2} s, backbone {:.2} s, \
+         chunking {:.2} s, waiting for compression {:.2} s, draining compression and \
+         writer {:.2} s, manifest {:.2} s; total {:.2} s",
+        times.backbone,
+        times.chunking,
+        times.queue_wait,
+        times.drain,
+        t.elapsed().as_secs_f64(),
+        t0.elapsed().as_secs_f64()
+    );
     let layers = session.layers;
     Ok(ExtractSummary {
         cache: plan.out.clone(),
