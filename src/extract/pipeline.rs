@@ -95,10 +95,17 @@ impl ChunkBuilder {
     }
 
     fn take(&mut self) -> Chunk {
-        let n_layers = self.layers.len();
+        // The next chunk's buffers start at this one's size (chunks of one
+        // shard hold examples of similar length: cache order sorts by
+        // length), so they are not grown and copied again and again.
+        let fresh = self
+            .layers
+            .iter()
+            .map(|l| Vec::with_capacity(l.len() + l.len() / 8))
+            .collect();
         Chunk {
-            meta: std::mem::take(&mut self.meta),
-            layers: std::mem::replace(&mut self.layers, vec![Vec::new(); n_layers]),
+            meta: std::mem::replace(&mut self.meta, Vec::with_capacity(self.chunk_size)),
+            layers: std::mem::replace(&mut self.layers, fresh),
         }
     }
 }
