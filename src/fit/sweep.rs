@@ -336,7 +336,23 @@ pub fn run_sweep(
     let threads_each = (cores / jobs).max(1);
     let attempt = |r: &PlannedRun, file: &std::path::Path| -> Attempt {
         let log = settings_dir.join(format!("{}.log", r.run_id));
-        let out = std::fs::File::create(&log).and_then(|f| {
+        // Appended to, never truncated: two sweeps that start the same run
+        // (a requeued worker) must not cut the log of the one training it.
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| {
+                use std::io::Write;
+                writeln!(
+                    f,
+                    "--- sweep process {}: run {}",
+                    std::process::id(),
+                    r.run_id
+                )?;
+                Ok(f)
+            });
+        let out = opened.and_then(|f| {
             std::process::Command::new(&plan.exe)
                 .arg("--no-progress")
                 .arg("run")
