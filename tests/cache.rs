@@ -1157,7 +1157,10 @@ fn read_npy(path: &Path) -> (String, Vec<usize>, Vec<u8>) {
     assert!(header.ends_with('\n'));
     assert!(header.contains("'fortran_order': False"), "{header}");
     let field = |key: &str| -> &str {
-        let start = header.find(key).unwrap_or_else(|| panic!("{key} in {header}")) + key.len();
+        let start = header
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} in {header}"))
+            + key.len();
         &header[start..]
     };
     let descr = field("'descr': '").split('\'').next().unwrap().to_string();
@@ -1241,10 +1244,9 @@ fn tiny_cache(root: &Path, name: &str, extra: &[&str]) -> PathBuf {
 fn export_writes_the_examples_as_npy() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    for (name, dtype, layers, descr) in [
-        ("f16", "f16", "all", "<f2"),
-        ("int8", "int8", "0,2", "<f4"),
-    ] {
+    for (name, dtype, layers, descr) in
+        [("f16", "f16", "all", "<f2"), ("int8", "int8", "0,2", "<f4")]
+    {
         let cache_dir = tiny_cache(root, name, &["--dtype", dtype, "--layers", "all"]);
         let out = root.join(format!("{name}-npy"));
         let o = common::run(
@@ -1275,8 +1277,7 @@ fn export_writes_the_examples_as_npy() {
         };
         assert!(want_layers.len() >= 2);
         let meta: Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap())
-                .unwrap();
+            serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
         assert_eq!(meta["layers"], json!(want_layers));
         assert_eq!(meta["labels"], json!(m.labels));
         assert_eq!(meta["split_names"], json!(m.split_names));
@@ -1344,12 +1345,21 @@ fn export_writes_the_examples_as_npy() {
         let before = std::fs::read_dir(root).unwrap().count();
         let o = common::run(
             "sherl-cache",
-            &["export", cache_dir.to_str().unwrap(), "--out", out.to_str().unwrap()],
+            &[
+                "export",
+                cache_dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
             root,
             &[],
         );
         assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
-        assert!(common::stderr(&o).contains("not empty"), "{}", common::stderr(&o));
+        assert!(
+            common::stderr(&o).contains("not empty"),
+            "{}",
+            common::stderr(&o)
+        );
         assert_eq!(std::fs::read_dir(root).unwrap().count(), before);
     }
     // A layer the cache does not store: refused, nothing written.

@@ -322,12 +322,7 @@ fn write_all(
             row += e.len() as i64;
             row
         }))?;
-        labels.i64s(
-            chunk
-                .meta
-                .iter()
-                .map(|e| e.label.map_or(-1, i64::from)),
-        )?;
+        labels.i64s(chunk.meta.iter().map(|e| e.label.map_or(-1, i64::from)))?;
         splits.i64s(chunk.meta.iter().map(|e| i64::from(e.split)))?;
         input_ids.i64s(
             chunk
@@ -403,10 +398,7 @@ mod tests {
     #[test]
     fn layer_lists() {
         assert_eq!(parse_layer_list("all").unwrap(), None);
-        assert_eq!(
-            parse_layer_list("0-2,5").unwrap(),
-            Some(vec![0, 1, 2, 5])
-        );
+        assert_eq!(parse_layer_list("0-2,5").unwrap(), Some(vec![0, 1, 2, 5]));
         assert!(parse_layer_list("3-1").is_err());
         assert!(parse_layer_list("x").is_err());
     }
