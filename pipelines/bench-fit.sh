@@ -121,9 +121,19 @@ fi
 [ -f "$S/export-$ROWS/meta.json" ] || "$BIN/sherl-cache" -q export "$S/cache-$ROWS" --out "$S/export-$ROWS" >/dev/null
 R="$S/results"
 rm -rf "$R" "$S/runs"; mkdir -p "$R"
+# Share of the CPUs busy over 5 s, whoever is using them (a neighbour in
+# another container counts too, and load average alone does not say how busy).
+cpu_busy() {
+    python3 -c 'import time
+def t():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+a = t(); time.sleep(5); b = t()
+print(f"{100 * (1 - (b[1] - a[1]) / max(b[0] - a[0], 1)):.0f} % CPU busy")'
+}
 echo "side by side: $ROWS reviews, methods $METHODS, $EPOCHS epochs, $THREADS threads, $REPEATS repeats"
-echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
-cut -d' ' -f1-3 /proc/loadavg > "$R/load-before"
+echo "$(cut -d' ' -f1-3 /proc/loadavg), $(cpu_busy)" > "$R/load-before"
+echo "load average before: $(cat "$R/load-before")"
 for m in $METHODS; do
     for r in $(seq 1 "$REPEATS"); do
         "$BIN/sherl-fit" -q run --cache "$S/cache-$ROWS" --backbone "$S/minilm" --out "$S/runs/$m-$r" \
@@ -139,7 +149,7 @@ for m in $METHODS; do
         --threads "$THREADS" --eval-weights "$run_dir/weights.safetensors" > "$R/check-$m.json"
     cp "$run_dir/metrics.jsonl" "$R/metrics-$m.jsonl"
 done
-cut -d' ' -f1-3 /proc/loadavg > "$R/load-after"
+echo "$(cut -d' ' -f1-3 /proc/loadavg), $(cpu_busy)" > "$R/load-after"
 python3 - "$R" "$REPEATS" $METHODS <<'PY'
 import json, statistics, sys
 r, repeats, methods = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
