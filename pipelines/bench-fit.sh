@@ -13,14 +13,37 @@
 #   restore            fwd 2*d*D, bwd 2x
 # Padding tokens also cost work; the count uses real tokens, so the
 # achieved rate is a lower bound on what the hardware did.
+#
+# Then, side by side with the PyTorch peer (benches/fit_torch.py, in a venv
+# that benches/torch-venv.sh makes from PyPI once): 4,000 Rotten Tomatoes
+# reviews split 80/10/10 and extracted with --layers all (as
+# pipelines/gpu-check.sh does), exported once with `sherl-cache export`; then
+# for each method sherl-fit and the peer train on the same examples with the
+# same settings (defaults of `sherl-fit run`, --epochs EPOCHS, THREADS
+# threads), alternating sherl, torch, sherl, torch, ... REPEATS times, and
+# the best and median seconds per epoch of each are printed with their
+# ratio (torch / sherl: >= 1 means sherl is at least as fast), the
+# accuracies, and the load average before and after. Last, the peer
+# evaluates each method's sherl-fit weights (the same function check: the
+# same valid loss and accuracy up to float rounding).
+#
+#   pipelines/bench-fit.sh --side-by-side      # only the side-by-side part
+#   REPEATS=3 EPOCHS=5 THREADS=2 METHODS="sherl late-layer unipt" ROWS=4000 (defaults)
+#   TORCH_ATTENTION=sdpa                       # the peer with F.scaled_dot_product_attention
+#
+# full-ft is left out of the default METHODS (the peer supports it; one run
+# of it costs several times a SHERL run on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SIDE_ONLY=0
+if [ "${1:-}" = "--side-by-side" ]; then SIDE_ONLY=1; shift; fi
 ASSETS="$(pipelines/fetch-assets.sh)"
 cargo build --release --bins --quiet
-cargo bench --bench fit --no-run --quiet 2>/dev/null || cargo bench --bench fit --no-run
-BENCH_BIN=$(ls -t target/release/deps/fit-* | grep -v '\.d$' | head -1)
 BIN=target/release
 BACKBONE="$ASSETS/backbones/all-MiniLM-L6-v2"
+if [ "$SIDE_ONLY" = 0 ]; then
+cargo bench --bench fit --no-run --quiet 2>/dev/null || cargo bench --bench fit --no-run
+BENCH_BIN=$(ls -t target/release/deps/fit-* | grep -v '\.d$' | head -1)
 CACHE="${1:-target/demo/rt-cache}"
 if [ ! -f "$CACHE/manifest.json" ]; then
     [ -f "$BACKBONE/model.onnx" ] || "$BIN/sherl-extract" -q export-onnx --backbone "$BACKBONE" >/dev/null
@@ -65,3 +88,90 @@ for n in (1000, 8000):
     print(f"peak RSS training on ~{n} examples: {s['peak_rss_bytes']/2**20:.0f} MiB")
 PY
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+fi
+
+# --- side by side with the PyTorch peer ---------------------------------------
+REPEATS="${REPEATS:-3}" EPOCHS="${EPOCHS:-5}" THREADS="${THREADS:-2}" ROWS="${ROWS:-4000}"
+METHODS="${METHODS:-sherl late-layer unipt}"
+PY="$(benches/torch-venv.sh)"
+S=target/bench/side
+mkdir -p "$S"
+if [ ! -f "$S/minilm/model.onnx" ]; then
+    rm -rf "$S/minilm"
+    cp -r "$BACKBONE" "$S/minilm"
+    "$BIN/sherl-extract" -q export-onnx --backbone "$S/minilm" >/dev/null
+fi
+if [ ! -f "$S/cache-$ROWS/manifest.json" ]; then
+    python3 - "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2" "$S/reviews-$ROWS.csv" "$ROWS" <<'PY'
+import bz2, csv, sys
+rows = [r for r in csv.DictReader(bz2.open(sys.argv[1], "rt")) if r["category"] in ("fresh", "rotten")]
+n = int(sys.argv[3])
+if len(rows) < n:
+    sys.exit(f"only {len(rows)} reviews")
+with open(sys.argv[2], "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["review", "sentiment"])
+    for r in rows[:n]:
+        w.writerow([r["text"], r["category"]])
+PY
+    "$BIN/sherl-extract" -q run --backbone "$S/minilm" --data "$S/reviews-$ROWS.csv" \
+        --text-column review --label-column sentiment --split train=0.8,valid=0.1,test=0.1 \
+        --max-len 128 --layers all --threads "$THREADS" --out "$S/cache-$ROWS" >/dev/null
+fi
+[ -f "$S/export-$ROWS/meta.json" ] || "$BIN/sherl-cache" -q export "$S/cache-$ROWS" --out "$S/export-$ROWS" >/dev/null
+R="$S/results"
+rm -rf "$R" "$S/runs"; mkdir -p "$R"
+# Share of the CPUs busy over 5 s, whoever is using them (a neighbour in
+# another container counts too, and load average alone does not say how busy).
+cpu_busy() {
+    python3 -c 'import time
+def t():
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+a = t(); time.sleep(5); b = t()
+print(f"{100 * (1 - (b[1] - a[1]) / max(b[0] - a[0], 1)):.0f} % CPU busy")'
+}
+echo "side by side: $ROWS reviews, methods $METHODS, $EPOCHS epochs, $THREADS threads, $REPEATS repeats"
+echo "$(cut -d' ' -f1-3 /proc/loadavg), $(cpu_busy)" > "$R/load-before"
+echo "load average before: $(cat "$R/load-before")"
+for m in $METHODS; do
+    for r in $(seq 1 "$REPEATS"); do
+        "$BIN/sherl-fit" -q run --cache "$S/cache-$ROWS" --backbone "$S/minilm" --out "$S/runs/$m-$r" \
+            --method "$m" --epochs "$EPOCHS" --threads "$THREADS" > "$R/sherl-$m-$r.json"
+        "$PY" benches/fit_torch.py --export "$S/export-$ROWS" --backbone "$S/minilm" --method "$m" \
+            --epochs "$EPOCHS" --threads "$THREADS" --attention "${TORCH_ATTENTION:-eager}" \
+            > "$R/torch-$m-$r.json" 2> "$R/torch-$m-$r.log"
+        echo "  $m, repeat $r: sherl $(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["seconds_per_epoch"], 2))' "$R/sherl-$m-$r.json") s/epoch, torch $(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["seconds_per_epoch"], 2))' "$R/torch-$m-$r.json") s/epoch (load $(cut -d' ' -f1 /proc/loadavg))"
+    done
+    # The same function: the peer evaluates sherl-fit's best weights.
+    run_dir="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["run_dir"])' "$R/sherl-$m-$REPEATS.json")"
+    "$PY" benches/fit_torch.py --export "$S/export-$ROWS" --backbone "$S/minilm" --method "$m" \
+        --threads "$THREADS" --eval-weights "$run_dir/weights.safetensors" > "$R/check-$m.json"
+    cp "$run_dir/metrics.jsonl" "$R/metrics-$m.jsonl"
+done
+echo "$(cut -d' ' -f1-3 /proc/loadavg), $(cpu_busy)" > "$R/load-after"
+python3 - "$R" "$REPEATS" $METHODS <<'PY'
+import json, statistics, sys
+r, repeats, methods = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+j = lambda name: json.load(open(f"{r}/{name}.json"))
+print(f"| method | sherl s/epoch best | median | torch s/epoch best | median | torch/sherl (best) | (median) | sherl tokens/s (best) | torch tokens/s (best) | valid acc sherl / torch | test acc sherl / torch |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+for m in methods:
+    s = [j(f"sherl-{m}-{k}") for k in range(1, repeats + 1)]
+    t = [j(f"torch-{m}-{k}") for k in range(1, repeats + 1)]
+    ss, ts = [x["seconds_per_epoch"] for x in s], [x["seconds_per_epoch"] for x in t]
+    acc = lambda xs, k: "/".join(f"{100 * x[k]:.2f}" for x in xs)
+    print(f"| {m} | {min(ss):.2f} | {statistics.median(ss):.2f} | {min(ts):.2f} | {statistics.median(ts):.2f} | "
+          f"{min(ts) / min(ss):.2f} | {statistics.median(ts) / statistics.median(ss):.2f} | "
+          f"{max(x['train_tokens_per_second'] for x in s):.0f} | {max(x['train_tokens_per_second'] for x in t):.0f} | "
+          f"{acc(s, 'valid_accuracy')} vs {acc(t, 'valid_accuracy')} | {acc(s, 'test_accuracy')} vs {acc(t, 'test_accuracy')} |")
+print()
+print(f"PyTorch {t[0]['torch']} ({t[0]['attention']} attention), {t[0]['threads']} threads; accuracies per repeat.")
+for m in methods:
+    c = j(f"check-{m}")
+    best = j(f"sherl-{m}-{repeats}")["best_epoch"]
+    line = [json.loads(l) for l in open(f"{r}/metrics-{m}.jsonl") if l.strip()][best - 1]
+    print(f"same function, {m}: sherl-fit's best weights give valid loss {line['valid_loss']:.7f} acc {100 * line['valid_accuracy']:.2f} in sherl-fit, "
+          f"{c['valid_loss']:.7f} acc {100 * c['valid_accuracy']:.2f} in the peer")
+print(f"load average before: {open(f'{r}/load-before').read().strip()}, after: {open(f'{r}/load-after').read().strip()}")
+PY

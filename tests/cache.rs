@@ -1142,3 +1142,249 @@ fn format_md_matches_the_code() {
     // every golden version directory the changelog promises exists
     assert!(root.join(format!("golden/v{}", f::FORMAT_VERSION)).is_dir());
 }
+
+// ---------------------------------------------------------------------------
+// sherl-cache export: the examples as NumPy .npy files
+// ---------------------------------------------------------------------------
+
+/// A parsed `.npy` file: descr, shape and the raw little-endian data.
+fn read_npy(path: &Path) -> (String, Vec<usize>, Vec<u8>) {
+    let bytes = std::fs::read(path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + len) % 64, 0, "header padded to 64 bytes");
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.ends_with('\n'));
+    assert!(header.contains("'fortran_order': False"), "{header}");
+    let field = |key: &str| -> &str {
+        let start = header
+            .find(key)
+            .unwrap_or_else(|| panic!("{key} in {header}"))
+            + key.len();
+        &header[start..]
+    };
+    let descr = field("'descr': '").split('\'').next().unwrap().to_string();
+    let shape_text = field("'shape': (").split(')').next().unwrap();
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (descr, shape, bytes[10 + len..].to_vec())
+}
+
+fn npy_i64(path: &Path) -> (Vec<usize>, Vec<i64>) {
+    let (descr, shape, data) = read_npy(path);
+    assert_eq!(descr, "<i8");
+    let v: Vec<i64> = data
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(v.len(), shape.iter().product::<usize>());
+    (shape, v)
+}
+
+fn npy_f32(path: &Path) -> (String, Vec<usize>, Vec<f32>) {
+    let (descr, shape, data) = read_npy(path);
+    let v: Vec<f32> = match descr.as_str() {
+        "<f2" => data
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        "<f4" => data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        other => panic!("unexpected descr {other}"),
+    };
+    assert_eq!(v.len(), shape.iter().product::<usize>());
+    (descr, shape, v)
+}
+
+/// A tiny cache extracted with `extra` flags, in `root/name`.
+fn tiny_cache(root: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let backbone = root.join("backbone");
+    if !backbone.exists() {
+        common::tiny::tiny_backbone(&backbone, &common::tiny::TinyConfig::default(), 42);
+        common::tiny::write_dataset(&root.join("data.csv"), 50, 20, 100, 8);
+    }
+    let out = root.join(name);
+    let mut args = vec![
+        "run",
+        "--backbone",
+        backbone.to_str().unwrap(),
+        "--data",
+        "data.csv",
+        "--split",
+        "train=0.6,valid=0.2,test=0.2",
+        "--max-len",
+        "16",
+        "--chunk-size",
+        "8",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = common::run("sherl-extract", &args, root, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    out
+}
+
+/// `sherl-cache export`: every array has the announced shape, and the values,
+/// token ids, labels, splits and ids equal `Cache::example`'s, for an f16
+/// cache (exported as float16, bit for bit) and an int8 one (decoded to
+/// float32), all layers and a `--layers` subset. A non-empty `--out` and a
+/// layer the cache lacks are refused, leaving nothing behind.
+#[test]
+fn export_writes_the_examples_as_npy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    for (name, dtype, layers, descr) in
+        [("f16", "f16", "all", "<f2"), ("int8", "int8", "0,2", "<f4")]
+    {
+        let cache_dir = tiny_cache(root, name, &["--dtype", dtype, "--layers", "all"]);
+        let out = root.join(format!("{name}-npy"));
+        let o = common::run(
+            "sherl-cache",
+            &[
+                "export",
+                cache_dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+                "--layers",
+                layers,
+            ],
+            root,
+            &[],
+        );
+        assert!(o.status.success(), "{}", common::stderr(&o));
+        let summary: Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
+        let cache = Cache::open(&cache_dir).unwrap();
+        let m = cache.manifest();
+        let hidden = m.backbone.hidden;
+        let (e, t) = (m.examples as usize, m.tokens as usize);
+        assert!(e > 10 && t > e, "{e} examples, {t} tokens");
+        assert_eq!(summary["examples"], e);
+        let want_layers: Vec<usize> = if layers == "all" {
+            m.settings.layers.clone()
+        } else {
+            vec![0, 2]
+        };
+        assert!(want_layers.len() >= 2);
+        let meta: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
+        assert_eq!(meta["layers"], json!(want_layers));
+        assert_eq!(meta["labels"], json!(m.labels));
+        assert_eq!(meta["split_names"], json!(m.split_names));
+        assert_eq!(meta["hidden"], hidden);
+        assert_eq!(meta["settings_hash"], m.settings_hash.as_str());
+        assert_eq!(meta["cache_dtype"], dtype);
+        let starts: Vec<u64> = cache.chunks().iter().map(|c| c.first_example).collect();
+        assert_eq!(meta["chunk_starts"], json!(starts));
+        assert!(starts.len() > 2, "several chunks: {starts:?}");
+
+        let (shape, offsets) = npy_i64(&out.join("offsets.npy"));
+        assert_eq!(shape, vec![e + 1]);
+        assert_eq!((offsets[0], offsets[e]), (0, t as i64));
+        let (shape, labels) = npy_i64(&out.join("labels.npy"));
+        assert_eq!(shape, vec![e]);
+        let (_, splits) = npy_i64(&out.join("splits.npy"));
+        let (shape, ids) = npy_i64(&out.join("input_ids.npy"));
+        assert_eq!(shape, vec![t]);
+        let (_, types) = npy_i64(&out.join("token_type_ids.npy"));
+        let positions: Vec<usize> = want_layers
+            .iter()
+            .map(|&l| cache.layer_position(l).unwrap())
+            .collect();
+        let values: Vec<Vec<f32>> = want_layers
+            .iter()
+            .map(|l| {
+                let (d, shape, v) = npy_f32(&out.join(format!("hidden_states.{l}.npy")));
+                assert_eq!(d, descr);
+                assert_eq!(shape, vec![t, hidden]);
+                v
+            })
+            .collect();
+        // Layers not asked for are not written.
+        let files = std::fs::read_dir(&out).unwrap().count();
+        assert_eq!(files, 6 + want_layers.len());
+        let mut split_seen = vec![0u64; m.split_names.len()];
+        for k in 0..e {
+            let (em, rows) = cache.example(k as u64, &positions).unwrap();
+            let (a, b) = (offsets[k] as usize, offsets[k + 1] as usize);
+            assert_eq!(b - a, em.len(), "example {k}");
+            assert_eq!(meta["ids"][k], em.id.as_str());
+            assert_eq!(labels[k], em.label.map_or(-1, i64::from));
+            assert_eq!(splits[k], i64::from(em.split));
+            split_seen[em.split as usize] += 1;
+            let want_ids: Vec<i64> = em.ids.iter().map(|&x| i64::from(x)).collect();
+            assert_eq!(ids[a..b], want_ids[..]);
+            let want_types: Vec<i64> = em.type_ids.iter().map(|&x| i64::from(x)).collect();
+            assert_eq!(types[a..b], want_types[..]);
+            for (li, v) in values.iter().enumerate() {
+                let got = &v[a * hidden..b * hidden];
+                // f16 -> f32 -> f16 is exact, so equality holds bit for bit.
+                assert!(
+                    got.iter()
+                        .zip(&rows[li])
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "example {k}, layer {}",
+                    want_layers[li]
+                );
+            }
+        }
+        for (name, n) in m.split_names.iter().zip(split_seen) {
+            assert_eq!(m.splits[name], n);
+        }
+        // --out exists and is not empty: refused, nothing changed or left.
+        let before = std::fs::read_dir(root).unwrap().count();
+        let o = common::run(
+            "sherl-cache",
+            &[
+                "export",
+                cache_dir.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            root,
+            &[],
+        );
+        assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+        assert!(
+            common::stderr(&o).contains("not empty"),
+            "{}",
+            common::stderr(&o)
+        );
+        assert_eq!(std::fs::read_dir(root).unwrap().count(), before);
+    }
+    // A layer the cache does not store: refused, nothing written.
+    let cache_dir = root.join("f16");
+    let out = root.join("missing-layer");
+    let o = common::run(
+        "sherl-cache",
+        &[
+            "export",
+            cache_dir.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--layers",
+            "0,99",
+        ],
+        root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(common::stderr(&o).contains("hidden_states.99"));
+    assert!(!out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".export."))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -70,6 +70,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Write the cache's examples as NumPy .npy files for other frameworks:
+    /// hidden_states.{i}.npy ([tokens, hidden], the real tokens of every
+    /// example in cache order; float16 for f16 caches, else float32),
+    /// offsets.npy, labels.npy (-1: none), splits.npy, input_ids.npy,
+    /// token_type_ids.npy (int64) and meta.json. Written to a temporary
+    /// directory renamed to --out at the end.
+    Export {
+        /// Cache directory.
+        cache: PathBuf,
+        /// New directory (must not exist or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Stored layers to export: `all` or indices and ranges (0-5,6).
+        #[arg(long, default_value = "all")]
+        layers: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -81,6 +97,7 @@ fn main() -> ExitCode {
             Command::Verify { cache } => verify(&cache),
             Command::Merge { parts, out } => merge(&parts, &out),
             Command::Compare { a, b, steps, atol } => compare(&a, &b, steps, atol),
+            Command::Export { cache, out, layers } => export(&cache, &out, &layers),
         }
     })
 }
@@ -205,6 +222,18 @@ fn compare(a: &Path, b: &Path, steps: f32, atol: f32) -> anyhow::Result<ExitCode
         );
         Ok(ExitCode::from(1))
     }
+}
+
+fn export(dir: &Path, out: &Path, layers: &str) -> anyhow::Result<ExitCode> {
+    let t = std::time::Instant::now();
+    let cache = Cache::open(dir)?;
+    let layers = sherl::cache::export::parse_layer_list(layers)
+        .map_err(|m| sherl::Error::setting("--layers", m))?;
+    let s = sherl::cache::export::export(&cache, out, layers.as_deref())?;
+    let mut v = serde_json::to_value(&s)?;
+    v["seconds"] = json!(t.elapsed().as_secs_f64());
+    print_line(&v.to_string())?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn merge(parts: &[PathBuf], out: &Path) -> anyhow::Result<ExitCode> {

@@ -33,6 +33,7 @@
 mod check;
 pub mod compare;
 pub mod error;
+pub mod export;
 pub mod format;
 pub mod manifest;
 pub mod merge;
