@@ -9,7 +9,6 @@ use super::metrics::Tally;
 use super::model::{Inference, Model, Output};
 use super::train::{part_ranges, step_parts};
 use crate::cache::Cache;
-use crate::fit::error::FitError;
 use crate::Result;
 
 /// Predicted class per example.
@@ -70,27 +69,10 @@ pub fn forward_in_parts(
     if ranges.len() <= 1 {
         return model.forward(batch);
     }
-    let outs: Vec<Result<Output>> = if workers >= 2 {
-        let pending: Vec<_> = ranges[1..]
-            .iter()
-            .map(|r| {
-                let (m, part) = (model.clone(), batch.rows(r.clone()));
-                super::worker::spawn(move || m.forward(&part?))
-            })
-            .collect();
-        let mut v = vec![model.forward(&batch.rows(ranges[0].clone())?)];
-        for rx in pending {
-            v.push(rx.recv().unwrap_or_else(|_| {
-                Err(FitError::model("an evaluation thread panicked".to_string()))
-            }));
-        }
-        v
-    } else {
-        ranges
-            .iter()
-            .map(|r| model.forward(&batch.rows(r.clone())?))
-            .collect()
-    };
+    let outs = super::worker::map_parts(&ranges, workers >= 2, |r| {
+        let (m, part) = (model.clone(), batch.rows(r.clone()));
+        move || m.forward(&part?)
+    });
     let outs: Vec<Output> = outs.into_iter().collect::<Result<_>>()?;
     let logits = Tensor::cat(
         &outs.iter().map(|o| o.logits.clone()).collect::<Vec<_>>(),

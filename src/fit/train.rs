@@ -119,34 +119,15 @@ pub fn forward_backward(
             Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?, g))
         };
     let shared = model.shared();
-    let results: Vec<PartResult> = if workers >= 2 {
-        // Parts after the first on the helper thread, the first here.
-        let pending: Vec<_> = ranges[1..]
-            .iter()
-            .map(|r| {
-                let (m, part, g) = (shared.clone(), batch.rows(r.clone()), start.clone());
-                let first = r.start;
-                super::worker::spawn(move || run_part(&m, part?, first, g))
-            })
-            .collect();
-        let mut v = vec![run_part(
-            &shared,
-            batch.rows(ranges[0].clone())?,
-            0,
+    let results: Vec<PartResult> = super::worker::map_parts(&ranges, workers >= 2, |r| {
+        let (m, part, g, first) = (
+            shared.clone(),
+            batch.rows(r.clone()),
             start.clone(),
-        )];
-        for rx in pending {
-            v.push(rx.recv().unwrap_or_else(|_| {
-                Err(FitError::model("a training thread panicked".to_string()))
-            }));
-        }
-        v
-    } else {
-        ranges
-            .iter()
-            .map(|r| run_part(&shared, batch.rows(r.clone())?, r.start, start.clone()))
-            .collect()
-    };
+            r.start,
+        );
+        move || run_part(&m, part?, first, g)
+    });
     let mut loss = 0f32;
     let mut preds = Vec::with_capacity(n);
     let mut grads: Option<candle_core::backprop::GradStore> = None;

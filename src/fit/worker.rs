@@ -6,8 +6,12 @@
 //! pages for every step (measured: 14 % of a 2-thread training profile).
 //! This thread lives as long as the process, so its heap is reused.
 
+use std::ops::Range;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
+
+use crate::fit::error::FitError;
+use crate::Result;
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
@@ -47,4 +51,32 @@ pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Recei
         (e.0)();
     }
     rx
+}
+
+/// Run the part of every range, results in range order: `prepare(range)`
+/// (on the calling thread) gives the part's work; with `parallel`, every
+/// part after the first runs on the helper thread while the first runs
+/// here, else all run here one after the other.
+pub fn map_parts<T, F>(
+    ranges: &[Range<usize>],
+    parallel: bool,
+    prepare: impl Fn(&Range<usize>) -> F,
+) -> Vec<Result<T>>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T> + Send + 'static,
+{
+    if !parallel || ranges.len() <= 1 {
+        return ranges.iter().map(|r| prepare(r)()).collect();
+    }
+    let pending: Vec<_> = ranges[1..].iter().map(|r| spawn(prepare(r))).collect();
+    let mut out = vec![prepare(&ranges[0])()];
+    for rx in pending {
+        out.push(rx.recv().unwrap_or_else(|_| {
+            Err(FitError::model(
+                "the helper thread panicked while running a part of a batch".to_string(),
+            ))
+        }));
+    }
+    out
 }
