@@ -8,9 +8,12 @@
 //! checkpoint loads without a renaming table; `tests/fit.rs` checks it
 //! against ONNX Runtime's `hidden_states.N`.
 
+use std::sync::Arc;
+
 use candle_core::Tensor;
 
-use super::ops::{dropout, softmax, Mode};
+use super::fused_layer::{BertLayerOp, Masks};
+use super::ops::{dropout, dropout_mask, softmax, Mode};
 use super::{Builder, LayerNorm, Linear};
 use crate::backbone::{Activation, BertConfig};
 use crate::fit::error::FitError;
@@ -37,6 +40,9 @@ pub struct BertLayer {
     act: Activation,
     attn_dropout: f32,
     hidden_dropout: f32,
+    eps: f64,
+    /// A frozen layer's weights in the fused op's order, read once.
+    packed: Option<Arc<Vec<f32>>>,
 }
 
 /// Additive attention bias from a `[B, S]` mask (1 real, 0 padding):
@@ -64,6 +70,8 @@ impl super::Detach for BertLayer {
             act: self.act,
             attn_dropout: self.attn_dropout,
             hidden_dropout: self.hidden_dropout,
+            eps: self.eps,
+            packed: self.packed.clone(),
         }
     }
 }
@@ -85,7 +93,7 @@ impl BertLayer {
         let intermediate = vb.pretrained_linear("intermediate.dense", d, cfg.intermediate_size)?;
         let output = vb.pretrained_linear("output.dense", cfg.intermediate_size, d)?;
         let norm = vb.pretrained_layer_norm("output.LayerNorm", d, eps)?;
-        Ok(BertLayer {
+        let mut layer = BertLayer {
             attention,
             intermediate,
             output,
@@ -94,13 +102,112 @@ impl BertLayer {
             act: cfg.activation().map_err(FitError::backbone)?,
             attn_dropout: cfg.attention_probs_dropout_prob as f32,
             hidden_dropout: cfg.hidden_dropout_prob as f32,
-        })
+            eps,
+            packed: None,
+        };
+        if !layer.trained() && super::fused::cpu_f32(&layer.attention.query.weight) {
+            layer.packed = Some(Arc::new(layer.flat_weights()?.to_vec1::<f32>()?));
+        }
+        Ok(layer)
+    }
+
+    /// Whether the weights are trained (candle variables).
+    fn trained(&self) -> bool {
+        self.attention.query.weight.track_op()
+    }
+
+    /// The weights as one flat vector in
+    /// [`super::fused_layer::PACKED_ORDER`] (a concatenation: gradients flow
+    /// back to each parameter).
+    fn flat_weights(&self) -> Result<Tensor> {
+        let a = &self.attention;
+        let parts = [
+            &a.query.weight,
+            &a.key.weight,
+            &a.value.weight,
+            &a.query.bias,
+            &a.key.bias,
+            &a.value.bias,
+            &a.output.weight,
+            &a.output.bias,
+            &a.norm.weight,
+            &a.norm.bias,
+            &self.intermediate.weight,
+            &self.intermediate.bias,
+            &self.output.weight,
+            &self.output.bias,
+            &self.norm.weight,
+            &self.norm.bias,
+        ];
+        let flat = parts
+            .iter()
+            .map(|t| t.flatten_all())
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&flat, 0)?)
     }
 
     /// # Shapes
     /// `x` `[B, S, D]`, `bias` `[B, 1, 1, S]` (see [`attention_bias`]) ->
     /// `[B, S, D]`.
+    ///
+    /// On the CPU with f32 tensors, one fused op ([`BertLayerOp`]); else
+    /// [`BertLayer::forward_composed`]. Both draw the same dropout masks in
+    /// the same order.
     pub fn forward(&self, x: &Tensor, bias: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+        if super::fused::cpu_f32(x) && super::fused::cpu_f32(&self.attention.query.weight) {
+            return self.forward_fused(x, bias, mode);
+        }
+        self.forward_composed(x, bias, mode)
+    }
+
+    fn forward_fused(&self, x: &Tensor, bias: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+        let _span = tracing::trace_span!("bert_layer_fused").entered();
+        let (b, s, d) = x.dims3()?;
+        let h = self.heads;
+        let masks = Masks {
+            attn: dropout_mask(&[b, h, s, s], self.attn_dropout, mode),
+            attn_out: dropout_mask(&[b, s, d], self.hidden_dropout, mode),
+            out: dropout_mask(&[b, s, d], self.hidden_dropout, mode),
+        };
+        let key_bias = bias.flatten_all()?.to_vec1::<f32>()?;
+        let ffn = self.intermediate.weight.dim(0)?;
+        let x2 = x.reshape((b * s, d))?.contiguous()?;
+        let op = move |frozen: Option<Arc<Vec<f32>>>, keep: bool| {
+            BertLayerOp::new(
+                b,
+                s,
+                d,
+                h,
+                ffn,
+                self.act,
+                self.eps as f32,
+                key_bias,
+                masks,
+                frozen,
+                keep,
+            )
+        };
+        let y = if self.trained() {
+            x2.apply_op2(&self.flat_weights()?, op(None, true))?
+        } else {
+            let w = match &self.packed {
+                Some(p) => p.clone(),
+                // a trained layer's detached weights (evaluation)
+                None => Arc::new(self.flat_weights()?.to_vec1::<f32>()?),
+            };
+            x2.apply_op1(op(Some(w), x2.track_op()))?
+        };
+        Ok(y.reshape((b, s, d))?)
+    }
+
+    /// The layer composed from candle ops (any device; the reference the
+    /// fused op is tested against).
+    pub fn forward_composed(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        mode: &mut Mode<'_>,
+    ) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
         let (b, s, d) = x.dims3()?;
         let h = self.heads;
@@ -130,5 +237,227 @@ impl BertLayer {
         };
         let o = dropout(&self.output.forward(&i)?, self.hidden_dropout, mode)?;
         self.norm.forward(&(o + h1)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fit::nn::Detach;
+    use crate::rng::SplitMix64;
+    use candle_core::{Device, Var};
+
+    const D: usize = 8;
+    const H: usize = 2;
+    const F: usize = 12;
+
+    /// A layer with random weights: candle variables when `trained`, plain
+    /// tensors (frozen) otherwise; the variables are returned.
+    fn layer(act: Activation, trained: bool, seed: u64) -> (BertLayer, Vec<Var>) {
+        let dev = Device::Cpu;
+        let mut rng = SplitMix64::new(seed);
+        let mut vars = Vec::new();
+        let mut t = |shape: &[usize], base: f32, spread: f32| -> Tensor {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| base + rng.symmetric_f32(spread)).collect();
+            if trained {
+                let var = Var::from_vec(v, shape, &dev).unwrap();
+                vars.push(var.clone());
+                var.as_tensor().clone()
+            } else {
+                Tensor::from_vec(v, shape, &dev).unwrap()
+            }
+        };
+        let mut lin =
+            |i: usize, o: usize| Linear::from_parts(t(&[o, i], 0.0, 0.5), t(&[o], 0.0, 0.1));
+        let (query, key, value, output) = (lin(D, D), lin(D, D), lin(D, D), lin(D, D));
+        let (intermediate, out) = (lin(D, F), lin(F, D));
+        let mut norm = || LayerNorm {
+            weight: t(&[D], 1.0, 0.2),
+            bias: t(&[D], 0.0, 0.1),
+            eps: 1e-12,
+        };
+        let (n1, n2) = (norm(), norm());
+        let mut l = BertLayer {
+            attention: Attention {
+                query,
+                key,
+                value,
+                output,
+                norm: n1,
+            },
+            intermediate,
+            output: out,
+            norm: n2,
+            heads: H,
+            act,
+            attn_dropout: 0.1,
+            hidden_dropout: 0.1,
+            eps: 1e-12,
+            packed: None,
+        };
+        if !trained {
+            l.packed = Some(Arc::new(l.flat_weights().unwrap().to_vec1().unwrap()));
+        }
+        (l, vars)
+    }
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Inputs: `x` (a variable) `[3, 5, D]`, the attention bias of a mask
+    /// with padding, and a probe for the loss `sum(probe * y)`.
+    fn inputs() -> (Var, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let mut rng = SplitMix64::new(99);
+        let (b, s) = (3, 5);
+        let mut r = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.symmetric_f32(1.0)).collect() };
+        let x = Var::from_vec(r(b * s * D), (b, s, D), &dev).unwrap();
+        let mask = Tensor::new(
+            &[
+                [1f32, 1., 1., 1., 1.],
+                [1., 1., 1., 0., 0.],
+                [1., 0., 0., 0., 0.],
+            ],
+            &dev,
+        )
+        .unwrap();
+        let probe = Tensor::from_vec(r(b * s * D), (b, s, D), &dev).unwrap();
+        (x, attention_bias(&mask).unwrap(), probe)
+    }
+
+    /// The fused op against the composed layer: outputs and every gradient
+    /// (input, and weights when trained) within 1e-5 relative, in training
+    /// mode with dropout (the same masks drawn, the generator left in the
+    /// same state) and in evaluation, for every activation.
+    #[test]
+    fn fused_layer_matches_the_composed_layer() {
+        for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu] {
+            for trained in [false, true] {
+                let (l, vars) = layer(act, trained, 5);
+                let (x, bias, probe) = inputs();
+                let (mut g1, mut g2) = (SplitMix64::new(3), SplitMix64::new(3));
+                let yf = l
+                    .forward_fused(x.as_tensor(), &bias, &mut Mode::Train(&mut g1))
+                    .unwrap();
+                let yc = l
+                    .forward_composed(x.as_tensor(), &bias, &mut Mode::Train(&mut g2))
+                    .unwrap();
+                let what = format!("{act:?} trained={trained}");
+                close(&flat(&yf), &flat(&yc), 1e-5, &format!("{what} y"));
+                assert_eq!(g1.next_u64(), g2.next_u64(), "{what}: generator state");
+                let gf = (yf * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let gc = (yc * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                close(
+                    &flat(gf.get(&x).unwrap()),
+                    &flat(gc.get(&x).unwrap()),
+                    1e-5,
+                    &format!("{what} dx"),
+                );
+                for (i, v) in vars.iter().enumerate() {
+                    close(
+                        &flat(gf.get(v).unwrap()),
+                        &flat(gc.get(v).unwrap()),
+                        1e-5,
+                        &format!("{what} dW{i}"),
+                    );
+                }
+                let ef = l
+                    .detached()
+                    .forward_fused(x.as_tensor(), &bias, &mut Mode::Eval)
+                    .unwrap();
+                let ec = l
+                    .detached()
+                    .forward_composed(x.as_tensor(), &bias, &mut Mode::Eval)
+                    .unwrap();
+                close(&flat(&ef), &flat(&ec), 1e-5, &format!("{what} eval"));
+            }
+        }
+    }
+
+    /// The fused backward pass against central finite differences of the
+    /// fused forward pass (evaluation mode, f64 loss accumulation).
+    #[test]
+    fn fused_layer_gradient_by_finite_differences() {
+        let (l, vars) = layer(Activation::Gelu, true, 8);
+        let (x, bias, probe) = inputs();
+        let loss = |xt: &Tensor| -> f64 {
+            let y = l
+                .detached()
+                .forward_fused(xt, &bias, &mut Mode::Eval)
+                .unwrap();
+            flat(&y)
+                .iter()
+                .zip(flat(&probe))
+                .map(|(a, b)| f64::from(*a) * f64::from(b))
+                .sum()
+        };
+        let y = l
+            .forward_fused(x.as_tensor(), &bias, &mut Mode::Eval)
+            .unwrap();
+        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = flat(g.get(&x).unwrap());
+        let x0 = flat(x.as_tensor());
+        let h = 1e-2f32;
+        for i in (0..x0.len()).step_by(7) {
+            let mut a = x0.clone();
+            let mut c = x0.clone();
+            a[i] += h;
+            c[i] -= h;
+            let shape = x.as_tensor().shape().clone();
+            let ta = Tensor::from_vec(a, &shape, &Device::Cpu).unwrap();
+            let tc = Tensor::from_vec(c, &shape, &Device::Cpu).unwrap();
+            let fd = (loss(&ta) - loss(&tc)) / (2.0 * f64::from(h));
+            assert!(
+                (fd - f64::from(dx[i])).abs() < 2e-2 * (1.0 + fd.abs()),
+                "dx[{i}]: finite differences {fd} vs {}",
+                dx[i]
+            );
+        }
+        // one weight matrix (the intermediate one) the same way
+        let w = &vars[8];
+        let dw = flat(g.get(w).unwrap());
+        let w0 = flat(w.as_tensor());
+        for i in (0..w0.len()).step_by(11) {
+            let mut vals = w0.clone();
+            let base = w.as_tensor().clone();
+            vals[i] += h;
+            w.set(&Tensor::from_vec(vals.clone(), base.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let up = loss(x.as_tensor());
+            vals[i] -= 2.0 * h;
+            w.set(&Tensor::from_vec(vals, base.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let down = loss(x.as_tensor());
+            w.set(&Tensor::from_vec(w0.clone(), base.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            let fd = (up - down) / (2.0 * f64::from(h));
+            assert!(
+                (fd - f64::from(dw[i])).abs() < 2e-2 * (1.0 + fd.abs()),
+                "dW1[{i}]: finite differences {fd} vs {}",
+                dw[i]
+            );
+        }
     }
 }

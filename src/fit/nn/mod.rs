@@ -7,7 +7,8 @@
 //!   [`Mode`], masked mean, attention bias);
 //! - [`linear`]: [`Linear`], [`LayerNorm`] and the [`Projector`] of both
 //!   side networks;
-//! - [`bert_layer`], [`embeddings`]: pre-trained BERT modules;
+//! - [`bert_layer`], [`embeddings`]: pre-trained BERT modules (on the CPU a
+//!   BERT layer is one fused op, [`fused_layer`]);
 //! - [`consolidation`], [`restore_gate`]: SHERL's early route and its join
 //!   with the late route;
 //! - [`unipt`]: the UniPT side network;
@@ -17,6 +18,8 @@ pub mod bert_layer;
 pub mod consolidation;
 pub mod embeddings;
 pub mod fused;
+pub mod fused_layer;
+mod gemm;
 pub mod head;
 pub mod linear;
 pub mod ops;

@@ -64,26 +64,35 @@ pub enum Mode<'a> {
     Eval,
 }
 
+/// The inverted-dropout mask (0 or `1 / (1 - p)` per element) for a tensor
+/// of `shape` (rows first) in `mode`, drawn as [`dropout`] draws it; `None`
+/// in [`Mode::Eval`] or for `p <= 0` (nothing drawn).
+pub fn dropout_mask(shape: &[usize], p: f32, mode: &mut Mode<'_>) -> Option<Vec<f32>> {
+    if p <= 0.0 {
+        return None;
+    }
+    let n: usize = shape.iter().product();
+    match mode {
+        Mode::Train(rng) => Some(rng.dropout_mask(n, p)),
+        Mode::TrainRows { rng, first, batch } => {
+            let rows = shape.first().copied().unwrap_or(1);
+            let per_row = (n / rows.max(1)) as u64;
+            rng.skip(*first as u64 * per_row);
+            let m = rng.dropout_mask(n, p);
+            rng.skip((*batch - *first - rows) as u64 * per_row);
+            Some(m)
+        }
+        Mode::Eval => None,
+    }
+}
+
 /// Inverted dropout with probability `p` in [`Mode::Train`] (masks from its
 /// generator); the identity in [`Mode::Eval`] or for `p <= 0`.
 pub fn dropout(x: &Tensor, p: f32, mode: &mut Mode<'_>) -> Result<Tensor> {
-    if p <= 0.0 {
-        return Ok(x.clone());
+    match dropout_mask(x.dims(), p, mode) {
+        Some(mask) => Ok((x * Tensor::from_vec(mask, x.shape(), x.device())?)?),
+        None => Ok(x.clone()),
     }
-    let mask = match mode {
-        Mode::Train(rng) => rng.dropout_mask(x.elem_count(), p),
-        Mode::TrainRows { rng, first, batch } => {
-            let rows = x.dim(0)?;
-            let per_row = (x.elem_count() / rows.max(1)) as u64;
-            rng.skip(*first as u64 * per_row);
-            let m = rng.dropout_mask(x.elem_count(), p);
-            rng.skip((*batch - *first - rows) as u64 * per_row);
-            m
-        }
-        Mode::Eval => return Ok(x.clone()),
-    };
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
-    Ok((x * mask)?)
 }
 
 /// Masked mean over the sequence: `x` `[B, S, D]`, `mask` `[B, S]` (1 real,
