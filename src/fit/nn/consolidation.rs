@@ -11,7 +11,9 @@
 //! L1-normalised over layers (`alpha = u / (sum |u| + 1e-8)`, no softmax);
 //! `g = sum alpha_j E_j + e`.
 
-use candle_core::{Tensor, D};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
 use super::{Builder, Linear, Projector};
 use crate::fit::error::FitError;
@@ -70,7 +72,21 @@ impl Consolidation {
     /// # Shapes
     /// `layers`: M tensors `[B, S, D]` (shallow first, guide last), `mask`
     /// `[B, S]` -> `g` `[B, S, d]` (0 at padding), `alpha` `[B, S, M-1]`.
+    ///
+    /// On the CPU with f32 tensors the per-token part is one fused op
+    /// ([`ConsolidateOp`]); elsewhere it is composed from candle ops
+    /// ([`Consolidation::forward_composed`]).
     pub fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Consolidated> {
+        self.forward_with(layers, mask, true)
+    }
+
+    /// [`Consolidation::forward`] composed from candle ops on any device
+    /// (the reference the fused op is tested against).
+    pub fn forward_composed(&self, layers: &[Tensor], mask: &Tensor) -> Result<Consolidated> {
+        self.forward_with(layers, mask, false)
+    }
+
+    fn forward_with(&self, layers: &[Tensor], mask: &Tensor, fused: bool) -> Result<Consolidated> {
         let _span = tracing::trace_span!("consolidation").entered();
         if layers.len() != self.proj.len() {
             return Err(FitError::model(format!(
@@ -84,6 +100,24 @@ impl Consolidation {
         let f = Projector::forward_all(&self.proj, layers)?;
         let d = f[0].dim(D::Minus1)?;
         let n = b * s;
+        if fused && super::fused::cpu_f32(&f[0]) && super::fused::cpu_f32(&self.score.weight) {
+            let stacked = Tensor::stack(&f, 2)?.reshape((n, m, d))?;
+            let alpha_slot = Arc::new(Mutex::new(None));
+            let op = ConsolidateOp {
+                mask: mask.flatten_all()?.to_vec1::<f32>()?,
+                alpha: alpha_slot.clone(),
+            };
+            let g = stacked.apply_op3(&self.score.weight, &self.score.bias, op)?;
+            let alpha = alpha_slot
+                .lock()
+                .map_err(|_| FitError::model("consolidation: alpha slot poisoned"))?
+                .take()
+                .ok_or_else(|| FitError::model("consolidation: no alpha from the fused op"))?;
+            return Ok(Consolidated {
+                g: g.reshape((b, s, d))?,
+                alpha: Tensor::from_vec(alpha, (b, s, m - 1), g.device())?,
+            });
+        }
         // shallow set E [N, M-1, d], guide e [N, 1, d]
         let e_set = Tensor::stack(&f[..m - 1], 2)?.reshape((n, m - 1, d))?;
         let guide = f[m - 1].reshape((n, 1, d))?;
@@ -102,5 +136,385 @@ impl Consolidation {
             g,
             alpha: alpha.reshape((b, s, m - 1))?,
         })
+    }
+}
+
+/// The per-token part of the early route (from the projected entries to
+/// `g`) as one CPU op with a hand-written backward pass: composed from
+/// candle ops it was about twenty graph nodes over `[N, M-1, d]` tensors and
+/// a batched product of `[M-1, d] x [d, M-1]` blocks per token, each node
+/// allocating and, backward, zero-filling. The formulas are those of
+/// [`Consolidation::forward`]'s composed path (tests compare values and
+/// gradients, and finite differences).
+///
+/// Inputs: the projected entries `F` `[N, M, d]` (shallow first, guide
+/// last), the scorer's weight `[1, d]` and bias `[1]`; output `g` `[N, d]`,
+/// times the token mask. `alpha` `[N, M-1]` is left in the shared slot (it
+/// is reported, never differentiated).
+struct ConsolidateOp {
+    /// `[N]`, 1 real, 0 padding.
+    mask: Vec<f32>,
+    alpha: Arc<Mutex<Option<Vec<f32>>>>,
+}
+
+/// One token's forward quantities, kept for its backward pass.
+struct TokenForward {
+    /// `|E_j|` (with the 1e-16 inside the root), per shallow entry.
+    norm: Vec<f32>,
+    /// Unit rows `u_j`, `[K, d]`.
+    unit: Vec<f32>,
+    /// `u_j . u_k`, `[K, K]`.
+    dots: Vec<f32>,
+    /// Row sums of `relu(dots)` before the clamp.
+    rsum: Vec<f32>,
+    /// Scores `a_j`.
+    score: Vec<f32>,
+    /// `v_j = relu(a_j) / r_j`.
+    v: Vec<f32>,
+    /// `sum_j |v_j| + EPS`.
+    total: f32,
+}
+
+fn token_forward(f: &[f32], k: usize, d: usize, w: &[f32], bias: f32) -> TokenForward {
+    let eps = EPS as f32;
+    let guide = &f[k * d..(k + 1) * d];
+    let mut t = TokenForward {
+        norm: vec![0.0; k],
+        unit: vec![0.0; k * d],
+        dots: vec![0.0; k * k],
+        rsum: vec![0.0; k],
+        score: vec![0.0; k],
+        v: vec![0.0; k],
+        total: 0.0,
+    };
+    for j in 0..k {
+        let e = &f[j * d..(j + 1) * d];
+        let n = (e.iter().map(|x| x * x).sum::<f32>() + 1e-16).sqrt();
+        t.norm[j] = n;
+        for (u, x) in t.unit[j * d..(j + 1) * d].iter_mut().zip(e) {
+            *u = x / (n + eps);
+        }
+        t.score[j] = e
+            .iter()
+            .zip(guide)
+            .zip(w)
+            .map(|((x, g), w)| x * g * w)
+            .sum::<f32>()
+            + bias;
+    }
+    for j in 0..k {
+        for l in 0..k {
+            let uj = &t.unit[j * d..(j + 1) * d];
+            let ul = &t.unit[l * d..(l + 1) * d];
+            t.dots[j * k + l] = uj.iter().zip(ul).map(|(a, b)| a * b).sum();
+        }
+        t.rsum[j] = t.dots[j * k..(j + 1) * k].iter().map(|c| c.max(0.0)).sum();
+        t.v[j] = t.score[j].max(0.0) / t.rsum[j].max(eps);
+    }
+    t.total = t.v.iter().map(|v| v.abs()).sum::<f32>() + eps;
+    t
+}
+
+fn op_err(msg: &str) -> candle_core::Error {
+    candle_core::Error::Msg(format!("sherl fused consolidation: {msg}"))
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    let data = s.as_slice::<f32>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => Err(op_err(&format!("{what} must be contiguous"))),
+    }
+}
+
+impl CustomOp3 for ConsolidateOp {
+    fn name(&self) -> &'static str {
+        "sherl-consolidation"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, m, d) = l1.shape().dims3()?;
+        let f = slice(s1, l1, "entries")?;
+        let w = slice(s2, l2, "score weight")?;
+        let b = slice(s3, l3, "score bias")?;
+        if m < 2 || w.len() != d || b.len() != 1 || self.mask.len() != n {
+            return Err(op_err("shapes do not match"));
+        }
+        let k = m - 1;
+        let mut g = vec![0f32; n * d];
+        let mut alpha = vec![0f32; n * k];
+        for t in 0..n {
+            let ft = &f[t * m * d..(t + 1) * m * d];
+            let fw = token_forward(ft, k, d, w, b[0]);
+            let gt = &mut g[t * d..(t + 1) * d];
+            gt.copy_from_slice(&ft[k * d..]);
+            for j in 0..k {
+                let a = fw.v[j] / fw.total;
+                alpha[t * k + j] = a;
+                for (y, x) in gt.iter_mut().zip(&ft[j * d..(j + 1) * d]) {
+                    *y += a * x;
+                }
+            }
+            let mk = self.mask[t];
+            for y in gt.iter_mut() {
+                *y *= mk;
+            }
+        }
+        *self
+            .alpha
+            .lock()
+            .map_err(|_| op_err("alpha slot poisoned"))? = Some(alpha);
+        Ok((CpuStorage::F32(g), Shape::from((n, d))))
+    }
+
+    fn bwd(
+        &self,
+        f: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _g: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, m, d) = f.dims3()?;
+        let k = m - 1;
+        let eps = EPS as f32;
+        let fv = f.flatten_all()?.to_vec1::<f32>()?;
+        let wv = w.flatten_all()?.to_vec1::<f32>()?;
+        let bias = b.flatten_all()?.to_vec1::<f32>()?[0];
+        let gv = grad.flatten_all()?.to_vec1::<f32>()?;
+        let mut df = vec![0f32; n * m * d];
+        let mut dw = vec![0f32; d];
+        let mut db = 0f32;
+        let (mut dalpha, mut dv, mut du) = (vec![0f32; k], vec![0f32; k], vec![0f32; k * d]);
+        for t in 0..n {
+            let mk = self.mask[t];
+            if mk == 0.0 {
+                continue; // g is 0 there whatever the entries: no gradient
+            }
+            let ft = &fv[t * m * d..(t + 1) * m * d];
+            let fw = token_forward(ft, k, d, &wv, bias);
+            let gt: Vec<f32> = gv[t * d..(t + 1) * d].iter().map(|x| x * mk).collect();
+            let dft = &mut df[t * m * d..(t + 1) * m * d];
+            // g = sum_j alpha_j E_j + e
+            for (o, x) in dft[k * d..].iter_mut().zip(&gt) {
+                *o += x;
+            }
+            for j in 0..k {
+                let a = fw.v[j] / fw.total;
+                let e = &ft[j * d..(j + 1) * d];
+                dalpha[j] = e.iter().zip(&gt).map(|(x, y)| x * y).sum();
+                for (o, y) in dft[j * d..(j + 1) * d].iter_mut().zip(&gt) {
+                    *o += a * y;
+                }
+            }
+            // alpha = v / (sum |v| + eps)
+            let dot: f32 = dalpha.iter().zip(&fw.v).map(|(a, v)| a * v).sum();
+            for j in 0..k {
+                let sign = if fw.v[j] > 0.0 {
+                    1.0
+                } else if fw.v[j] < 0.0 {
+                    -1.0
+                } else {
+                    0.0
+                };
+                dv[j] = dalpha[j] / fw.total - sign * dot / (fw.total * fw.total);
+            }
+            // v = relu(a) / max(rsum, eps)
+            du.iter_mut().for_each(|x| *x = 0.0);
+            let guide = &ft[k * d..];
+            for j in 0..k {
+                let r = fw.rsum[j].max(eps);
+                let da = if fw.score[j] > 0.0 { dv[j] / r } else { 0.0 };
+                let dr = -dv[j] * fw.score[j].max(0.0) / (r * r);
+                // the clamp passes the gradient where rsum >= eps
+                let drs = if fw.rsum[j] >= eps { dr } else { 0.0 };
+                // rsum_j = sum_l relu(u_j . u_l)
+                for l in 0..k {
+                    if fw.dots[j * k + l] > 0.0 {
+                        for c in 0..d {
+                            du[j * d + c] += drs * fw.unit[l * d + c];
+                            du[l * d + c] += drs * fw.unit[j * d + c];
+                        }
+                    }
+                }
+                // score a_j = w . (E_j * e) + b
+                db += da;
+                let e = &ft[j * d..(j + 1) * d];
+                for c in 0..d {
+                    dw[c] += da * e[c] * guide[c];
+                    dft[j * d + c] += da * wv[c] * guide[c];
+                    dft[k * d + c] += da * wv[c] * e[c];
+                }
+            }
+            // u_j = E_j / (|E_j| + eps)
+            for j in 0..k {
+                let e = &ft[j * d..(j + 1) * d];
+                let n_j = fw.norm[j];
+                let den = n_j + eps;
+                let due: f32 = du[j * d..(j + 1) * d]
+                    .iter()
+                    .zip(e)
+                    .map(|(a, b)| a * b)
+                    .sum();
+                let coef = due / (den * den * n_j);
+                for c in 0..d {
+                    dft[j * d + c] += du[j * d + c] / den - coef * e[c];
+                }
+            }
+        }
+        let dev = f.device();
+        Ok((
+            Some(Tensor::from_vec(df, (n, m, d), dev)?),
+            Some(Tensor::from_vec(dw, w.shape(), dev)?),
+            Some(Tensor::from_vec(vec![db], b.shape(), dev)?),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fit::nn::LayerNorm;
+    use crate::rng::SplitMix64;
+    use candle_core::{Device, Var};
+
+    fn flat(t: &Tensor) -> Vec<f32> {
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    /// Random trained projectors and scorer (variables), 4 entries of width
+    /// 6 into 5, two sequences of 4 tokens with padding.
+    fn setup(seed: u64) -> (Consolidation, Vec<Var>, Vec<Tensor>, Tensor, Tensor) {
+        let dev = Device::Cpu;
+        let mut rng = SplitMix64::new(seed);
+        let mut r =
+            |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.symmetric_f32(s)).collect() };
+        let (m, dm, d, b, s) = (4, 6, 5, 2, 4);
+        let mut vars = Vec::new();
+        let mut var = |v: Vec<f32>, shape: &[usize]| {
+            let x = Var::from_vec(v, shape, &dev).unwrap();
+            vars.push(x.clone());
+            x.as_tensor().clone()
+        };
+        let proj = (0..m)
+            .map(|_| Projector {
+                linear: Linear::from_parts(var(r(d * dm, 0.6), &[d, dm]), var(r(d, 0.2), &[d])),
+                norm: LayerNorm::from_parts(
+                    var(r(d, 0.3).iter().map(|x| 1.0 + x).collect(), &[d]),
+                    var(r(d, 0.2), &[d]),
+                    PROJ_LN_EPS,
+                ),
+            })
+            .collect();
+        let score = Linear::from_parts(var(r(d, 1.0), &[1, d]), var(r(1, 0.3), &[1]));
+        let layers = (0..m)
+            .map(|_| Tensor::from_vec(r(b * s * dm, 1.5), (b, s, dm), &dev).unwrap())
+            .collect();
+        let mask = Tensor::new(&[[1f32, 1., 1., 0.], [1., 1., 0., 0.]], &dev).unwrap();
+        let probe = Tensor::from_vec(r(b * s * d, 1.0), (b, s, d), &dev).unwrap();
+        (
+            Consolidation::from_parts(proj, score),
+            vars,
+            layers,
+            mask,
+            probe,
+        )
+    }
+
+    /// The fused op against the composed ops: `g`, `alpha` and the gradient
+    /// of every parameter (projectors and scorer) within 1e-5 relative, for
+    /// several random draws (positive and negative scores, padding).
+    #[test]
+    fn fused_consolidation_matches_the_composed_ops() {
+        for seed in 0..6 {
+            let (c, vars, layers, mask, probe) = setup(seed);
+            let a = c.forward(&layers, &mask).unwrap();
+            let b = c.forward_composed(&layers, &mask).unwrap();
+            close(&flat(&a.g), &flat(&b.g), 1e-5, "g");
+            close(&flat(&a.alpha), &flat(&b.alpha), 1e-5, "alpha");
+            let ga = (a.g * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gb = (b.g * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (i, v) in vars.iter().enumerate() {
+                let (x, y) = (ga.get(v), gb.get(v));
+                match (x, y) {
+                    (Some(x), Some(y)) => {
+                        close(&flat(x), &flat(y), 1e-5, &format!("seed {seed} param {i}"))
+                    }
+                    (x, y) => assert_eq!(x.is_some(), y.is_some(), "seed {seed} param {i}"),
+                }
+            }
+        }
+    }
+
+    /// The fused backward pass against central finite differences of the
+    /// fused forward pass, for the scorer's weight (whose gradient runs
+    /// through every branch: scores, redundancy-free path, L1 weights).
+    #[test]
+    fn fused_consolidation_gradient_by_finite_differences() {
+        let (c, vars, layers, mask, probe) = setup(3);
+        let score_w = &vars[vars.len() - 2];
+        let loss = || -> f64 {
+            let g = c.forward(&layers, &mask).unwrap().g;
+            flat(&g)
+                .iter()
+                .zip(flat(&probe))
+                .map(|(a, b)| f64::from(*a) * f64::from(b))
+                .sum()
+        };
+        let g = c.forward(&layers, &mask).unwrap().g;
+        let grads = (g * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let dw = flat(grads.get(score_w).unwrap());
+        let w0 = flat(score_w.as_tensor());
+        let h = 1e-3f32;
+        for i in 0..w0.len() {
+            let mut v = w0.clone();
+            v[i] += h;
+            score_w
+                .set(&Tensor::from_vec(v.clone(), (1, w0.len()), &Device::Cpu).unwrap())
+                .unwrap();
+            let up = loss();
+            v[i] -= 2.0 * h;
+            score_w
+                .set(&Tensor::from_vec(v, (1, w0.len()), &Device::Cpu).unwrap())
+                .unwrap();
+            let down = loss();
+            score_w
+                .set(&Tensor::from_vec(w0.clone(), (1, w0.len()), &Device::Cpu).unwrap())
+                .unwrap();
+            let fd = (up - down) / (2.0 * f64::from(h));
+            assert!(
+                (fd - f64::from(dw[i])).abs() < 1e-2 * (1.0 + fd.abs()),
+                "dw[{i}]: finite differences {fd} vs {}",
+                dw[i]
+            );
+        }
     }
 }
