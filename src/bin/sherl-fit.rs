@@ -81,6 +81,12 @@ struct SweepArgs {
     /// `cuda` feature, cpu otherwise.
     #[arg(long, default_value = sherl::fit::DEFAULT_DEVICE)]
     device: String,
+    /// Matrix kernel of the fused CPU ops: auto (OpenBLAS when
+    /// `fetch-assets.sh openblas` fetched it, else the built-in gemm), off
+    /// (the built-in gemm), or the path of an OpenBLAS library. The two
+    /// round differently: a run records its kernel in summary.json.
+    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
+    blas: String,
 }
 
 #[cfg(feature = "extract")]
@@ -107,6 +113,12 @@ struct PredictArgs {
     /// Examples per batch.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Matrix kernel of the fused CPU ops: auto (OpenBLAS when
+    /// `fetch-assets.sh openblas` fetched it, else the built-in gemm), off
+    /// (the built-in gemm), or the path of an OpenBLAS library. The two
+    /// round differently: a run records its kernel in summary.json.
+    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
+    blas: String,
     #[command(flatten)]
     runtime: sherl::cli::RuntimeArgs,
 }
@@ -142,6 +154,12 @@ struct RunArgs {
     /// spin at barriers when cores are taken (README, "Design notes").
     #[arg(long)]
     threads: Option<usize>,
+    /// Matrix kernel of the fused CPU ops: auto (OpenBLAS when
+    /// `fetch-assets.sh openblas` fetched it, else the built-in gemm), off
+    /// (the built-in gemm), or the path of an OpenBLAS library. The two
+    /// round differently: a run records its kernel in summary.json.
+    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
+    blas: String,
 }
 
 /// Per-epoch progress bar on stderr.
@@ -242,6 +260,7 @@ fn parse_args() -> Args {
 
 fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
     let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
+    init_blas(&a.blas)?;
     let (device, fallback) = sherl::fit::device(&a.device)?;
     match fallback {
         Some(why) => tracing::info!("device auto: training on the CPU ({why})"),
@@ -266,8 +285,23 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Picks the fused CPU ops' matrix kernel from `--blas`.
+fn init_blas(flag: &str) -> anyhow::Result<()> {
+    use sherl::fit::nn::gemm::BlasChoice;
+    let choice = match flag {
+        "auto" | "" => BlasChoice::Auto,
+        "off" | "gemm" => BlasChoice::Off,
+        path => BlasChoice::Path(PathBuf::from(path)),
+    };
+    let kernel = sherl::fit::nn::gemm::init_blas(&choice)
+        .map_err(|e| anyhow::anyhow!("--blas {flag}: {e}"))?;
+    tracing::debug!("matrix kernel: {kernel}");
+    Ok(())
+}
+
 #[cfg(feature = "extract")]
 fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
+    init_blas(&a.blas)?;
     let rt = sherl::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let plan = sherl::fit::predict::PredictPlan {
         run: a.run.clone(),
@@ -354,6 +388,7 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         },
         retry_failed: a.retry_failed,
         device: a.device.clone(),
+        blas: a.blas.clone(),
         exe: std::env::current_exe().context("locating sherl-fit")?,
     };
     let runs = sherl::fit::sweep::plan_runs(&plan)?;

@@ -201,6 +201,11 @@ pub struct Summary {
     /// Where it trained: `cpu` or `cuda:N` (absent in older runs).
     #[serde(default)]
     pub device: Option<String>,
+    /// The matrix kernel of the fused CPU ops (`gemm` or the OpenBLAS
+    /// build, see `--blas`): seeded results are reproducible for a given
+    /// kernel. Absent on other devices and in older runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matmul: Option<String>,
 }
 
 impl Summary {

@@ -212,6 +212,8 @@ pub struct SweepPlan {
     pub retry_failed: bool,
     /// `--device` passed to every run.
     pub device: String,
+    /// `--blas` passed to every run.
+    pub blas: String,
     /// The `sherl-fit` executable that trains one run.
     pub exe: std::path::PathBuf,
 }
@@ -361,6 +363,7 @@ pub fn run_sweep(
                 .args(["--out".as_ref(), plan.out.as_os_str()])
                 .args(["--config".as_ref(), file.as_os_str()])
                 .args(["--device", &plan.device])
+                .args(["--blas", &plan.blas])
                 .env("RAYON_NUM_THREADS", threads_each.to_string())
                 .env(PARENT_PID_ENV, std::process::id().to_string())
                 .stderr(f)

@@ -595,6 +595,7 @@ fn train_loop(
         cache: String::new(),
         weights_sha256: Some(weights_sha256),
         device: Some(crate::fit::device_name(&plan.device)),
+        matmul: plan.device.is_cpu().then(crate::fit::nn::gemm::kernel),
     })
 }
 

@@ -14,24 +14,13 @@
 //! (below and `tests/fit.rs`) check values and gradients against the
 //! composed versions and finite differences.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+
+use super::gemm::View;
 
 /// Whether `t` can take the CPU custom ops.
 pub fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
-}
-
-/// The f32 values of a contiguous CPU storage slice as a tensor of
-/// `layout`'s shape (copied; callers pass contiguous tensors).
-fn tensor_of(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    let data = contiguous_f32(storage, layout, "input")?;
-    Tensor::from_slice(data, layout.shape(), &Device::Cpu)
-}
-
-/// A CPU tensor's values as a storage, with its shape.
-fn storage_of(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    let shape = t.shape().clone();
-    Ok((CpuStorage::F32(t.flatten_all()?.to_vec1::<f32>()?), shape))
 }
 
 /// `x W^T` for `x` `[rows, in]` and a frozen `W` `[out, in]`; backward
@@ -47,13 +36,42 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = tensor_of(s, l)?;
-        storage_of(&x.matmul(&self.w.t()?)?)
+        let x = contiguous_f32(s, l, "input")?;
+        let (out, d_in) = self.w.dims2()?;
+        let (storage, layout) = self.w.storage_and_layout();
+        let y = product(
+            x,
+            View::dense(x.len() / d_in.max(1), d_in),
+            cpu_slice(&storage, layout, "weight")?,
+            View::dense(out, d_in).t(),
+        )?;
+        Ok((
+            CpuStorage::F32(y),
+            Shape::from((x.len() / d_in.max(1), out)),
+        ))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(g.matmul(&self.w)?))
     }
+}
+
+/// `a b` for two views of slices, into a new dense `[a.rows, b.cols]`
+/// vector, through [`super::gemm`] (OpenBLAS when loaded).
+fn product(a: &[f32], av: View, b: &[f32], bv: View) -> candle_core::Result<Vec<f32>> {
+    let mut y = vec![0f32; av.rows * bv.cols];
+    super::gemm::matmul(
+        &mut y,
+        View::dense(av.rows, bv.cols),
+        a,
+        av,
+        b,
+        bv,
+        1.0,
+        false,
+        candle_core::utils::get_num_threads(),
+    )?;
+    Ok(y)
 }
 
 /// `x W^T` for a constant `x` `[rows, in]`, applied to a trained `W`
@@ -69,12 +87,34 @@ impl CustomOp1 for ConstInputMatmul {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = tensor_of(s, l)?;
-        storage_of(&self.x.matmul(&w.t()?)?)
+        let w = contiguous_f32(s, l, "weight")?;
+        let (out, d_in) = l.shape().dims2()?;
+        let (rows, x_in) = self.x.dims2()?;
+        if x_in != d_in {
+            return Err(candle_core::Error::Msg(format!(
+                "sherl matmul: input width {x_in}, weight [{out}, {d_in}]"
+            )));
+        }
+        let (storage, layout) = self.x.storage_and_layout();
+        let x = cpu_slice(&storage, layout, "input")?;
+        let y = product(x, View::dense(rows, d_in), w, View::dense(out, d_in).t())?;
+        Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
-    fn bwd(&self, _w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(g.t()?.matmul(&self.x)?))
+    fn bwd(&self, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        // dL/dW = g^T x, [out, in]
+        let (out, d_in) = w.dims2()?;
+        let (rows, _) = self.x.dims2()?;
+        let g = g.contiguous()?;
+        let (gs, gl) = g.storage_and_layout();
+        let (xs, xl) = self.x.storage_and_layout();
+        let dw = product(
+            cpu_slice(&gs, gl, "gradient")?,
+            View::dense(rows, out).t(),
+            cpu_slice(&xs, xl, "input")?,
+            View::dense(rows, d_in),
+        )?;
+        Ok(Some(Tensor::from_vec(dw, (out, d_in), w.device())?))
     }
 }
 
@@ -92,6 +132,16 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let mean = row.iter().sum::<f32>() / n;
     let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// A CPU tensor's contiguous f32 values, borrowed from its storage.
+fn cpu_slice<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(cs) => contiguous_f32(cs, l, what),
+        _ => Err(candle_core::Error::Msg(format!(
+            "sherl fused op: {what} is not on the CPU"
+        ))),
+    }
 }
 
 fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
@@ -189,6 +239,7 @@ impl CustomOp3 for LayerNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::Device;
     use candle_core::Var;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {

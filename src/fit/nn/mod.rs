@@ -19,7 +19,7 @@ pub mod consolidation;
 pub mod embeddings;
 pub mod fused;
 pub mod fused_layer;
-mod gemm;
+pub mod gemm;
 pub mod head;
 pub mod linear;
 pub mod ops;
