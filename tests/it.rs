@@ -10,6 +10,7 @@ mod fit;
 mod fuzz;
 mod golden;
 mod hardening;
+mod images;
 mod layers;
 mod predict;
 mod report;

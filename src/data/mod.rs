@@ -36,6 +36,7 @@
 pub mod args;
 mod delimited;
 mod folders;
+pub mod image;
 mod input;
 mod jsonl;
 mod loader;
@@ -48,6 +49,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub use self::image::{load_images, ImageDataset, ImageExample, ImageOptions, ImageSource};
 pub use args::DatasetArgs;
 pub use loader::load;
 pub use split::SplitSpec;
@@ -59,8 +61,10 @@ use crate::{Error, Result};
 pub enum Format {
     /// Pick by extension after stripping `.gz`/`.bz2`/`.zst`: `.csv` is CSV,
     /// `.tsv`/`.tab` TSV, `.jsonl`/`.ndjson`/`.json` JSON Lines, `.txt`
-    /// plain text; a directory is [`Format::Folders`] and standard input
-    /// ([`STDIN`]) plain text.
+    /// plain text, a name ending in `-idx3-ubyte` [`Format::Idx`]; a
+    /// directory is [`Format::ImageFolders`] when every file in its class
+    /// folders is a `.png`/`.jpg`/`.jpeg` (and there is one), else
+    /// [`Format::Folders`]; standard input ([`STDIN`]) is plain text.
     #[default]
     Auto,
     /// Comma-separated values (RFC 4180 quoting).
@@ -78,6 +82,13 @@ pub enum Format {
     /// (trimmed), with the id `<file stem>:<line>`. Column options do not
     /// apply; a label column must be optional ([`ReadOptions::label_optional`]).
     Text,
+    /// Images, `root/<label>/<image file>` (PNG or JPEG): read by
+    /// [`image::load_images`], not by [`load`].
+    ImageFolders,
+    /// IDX files as MNIST and Fashion-MNIST ship them (`*-images-idx3-ubyte`
+    /// with its `*-labels-idx1-ubyte`, plain or `.gz`): read by
+    /// [`image::load_images`], not by [`load`].
+    Idx,
 }
 
 /// The path that stands for standard input (`--data -`).
@@ -99,9 +110,12 @@ impl Format {
             return Ok(Format::Text);
         }
         if path.is_dir() {
-            return Ok(Format::Folders);
+            return image::folder_format(path);
         }
         let (base, _) = input::split_compression(path);
+        if base.to_ascii_lowercase().ends_with("-idx3-ubyte") {
+            return Ok(Format::Idx);
+        }
         let ext = Path::new(&base)
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
@@ -115,7 +129,8 @@ impl Format {
                 format!(
                     "{}: cannot tell the format from the file name \
                      (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
-                     followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
+                     followed by .gz, .bz2 or .zst, or a name ending in -idx3-ubyte); pass \
+                     --format csv|tsv|jsonl|text|folders|image-folders|idx",
                     path.display()
                 ),
             )),
@@ -134,10 +149,13 @@ impl FromStr for Format {
             "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
             "folders" | "folder" | "dir" => Ok(Format::Folders),
             "text" | "txt" | "lines" => Ok(Format::Text),
+            "image-folders" | "image-folder" | "images" => Ok(Format::ImageFolders),
+            "idx" => Ok(Format::Idx),
             _ => Err(Error::setting(
                 "--format",
                 format!(
-                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
+                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text, \
+                     folders, image-folders or idx"
                 ),
             )),
         }
@@ -153,6 +171,8 @@ impl fmt::Display for Format {
             Format::Jsonl => "jsonl",
             Format::Folders => "folders",
             Format::Text => "text",
+            Format::ImageFolders => "image-folders",
+            Format::Idx => "idx",
         })
     }
 }
