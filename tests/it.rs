@@ -17,3 +17,4 @@ mod report;
 mod runtime;
 mod sweep;
 mod tokenize;
+mod vit;
