@@ -685,3 +685,201 @@ fn real_fashion_mnist_and_emoji() {
         t.elapsed()
     );
 }
+
+// ---- Parquet ----
+
+/// A column of a Parquet fixture: strings or integers, `None` for a null.
+enum PqCol<'a> {
+    Str(&'a str, Vec<Option<&'a str>>),
+    Long(&'a str, Vec<Option<i64>>),
+}
+
+/// Write a one-row-group, snappy-compressed Parquet file with optional
+/// columns, as pyarrow writes them by default.
+fn write_parquet(path: &Path, cols: &[PqCol]) {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let fields: Vec<String> = cols
+        .iter()
+        .map(|c| match c {
+            PqCol::Str(name, _) => format!("OPTIONAL BYTE_ARRAY {name} (UTF8);"),
+            PqCol::Long(name, _) => format!("OPTIONAL INT64 {name};"),
+        })
+        .collect();
+    let schema = parquet::schema::parser::parse_message_type(&format!(
+        "message schema {{ {} }}",
+        fields.join(" ")
+    ))
+    .unwrap();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .build();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).unwrap();
+    let mut rg = writer.next_row_group().unwrap();
+    let mut k = 0;
+    while let Some(mut col) = rg.next_column().unwrap() {
+        match &cols[k] {
+            PqCol::Str(_, v) => {
+                let def: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
+                let vals: Vec<ByteArray> =
+                    v.iter().flatten().map(|s| ByteArray::from(*s)).collect();
+                col.typed::<ByteArrayType>()
+                    .write_batch(&vals, Some(&def), None)
+                    .unwrap();
+            }
+            PqCol::Long(_, v) => {
+                let def: Vec<i16> = v.iter().map(|x| i16::from(x.is_some())).collect();
+                let vals: Vec<i64> = v.iter().flatten().copied().collect();
+                col.typed::<Int64Type>()
+                    .write_batch(&vals, Some(&def), None)
+                    .unwrap();
+            }
+        }
+        col.close().unwrap();
+        k += 1;
+    }
+    rg.close().unwrap();
+    writer.close().unwrap();
+}
+
+#[test]
+fn parquet_text_tables_labels_nulls_and_bad_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("reviews.parquet");
+    write_parquet(
+        &path,
+        &[
+            PqCol::Long("label", vec![Some(1), Some(0), None, Some(1), Some(0)]),
+            PqCol::Str(
+                "text",
+                vec![
+                    Some("good"),
+                    Some("bad"),
+                    Some("lost label"),
+                    Some("fine"),
+                    Some("meh"),
+                ],
+            ),
+            PqCol::Str(
+                "movie",
+                vec![Some("a"), Some("b"), Some("a"), Some("c"), Some("b")],
+            ),
+        ],
+    );
+    assert_eq!(Format::Auto.resolve(&path).unwrap(), Format::Parquet);
+    // A null label is a bad row, named by its 1-based row number.
+    let err = sherl::data::load(&single(&path)).unwrap_err();
+    match &err {
+        Error::DatasetLine { line, message, .. } => {
+            assert_eq!(*line, 3, "{err}");
+            assert!(message.contains("label"), "{err}");
+        }
+        other => panic!("expected a row error, got {other}"),
+    }
+    let plan = DatasetPlan {
+        read: ReadOptions {
+            skip_bad_rows: true,
+            group_column: Some(Column::Name("movie".into())),
+            ..ReadOptions::default()
+        },
+        source: SplitSource::Single {
+            path: path.clone(),
+            split: Some(SplitSpec::parse("train=0.5,test=0.5", 2).unwrap()),
+        },
+        labels: None,
+    };
+    let data = sherl::data::load(&plan).unwrap();
+    assert_eq!(data.report.skipped_bad_rows, 1);
+    let got: Vec<(&str, &str, Option<u32>)> = data
+        .examples
+        .iter()
+        .map(|e| (e.id.as_str(), e.text.as_str(), e.label))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("reviews:1", "good", Some(1)),
+            ("reviews:2", "bad", Some(0)),
+            ("reviews:4", "fine", Some(1)),
+            ("reviews:5", "meh", Some(0))
+        ]
+    );
+    assert_eq!(data.label_names, ["0", "1"]);
+    // Movie b's two reviews share a split.
+    assert_eq!(data.examples[1].split, data.examples[3].split);
+
+    // Columns by position; an unknown column lists the columns.
+    let plan = DatasetPlan {
+        read: ReadOptions {
+            text_column: Column::Index(2),
+            label_column: None,
+            ..ReadOptions::default()
+        },
+        ..single(&path)
+    };
+    let data = sherl::data::load(&plan).unwrap();
+    assert_eq!(data.examples[0].text, "a");
+    let plan = DatasetPlan {
+        read: ReadOptions {
+            text_column: Column::Name("review".into()),
+            ..ReadOptions::default()
+        },
+        ..single(&path)
+    };
+    let err = sherl::data::load(&plan).unwrap_err();
+    assert!(err.to_string().contains("label, text, movie"), "{err}");
+
+    // Not a Parquet file.
+    let fake = write(&dir.path().join("fake.parquet"), b"text,label\nx,1\n");
+    let err = sherl::data::load(&single(&fake)).unwrap_err();
+    assert!(
+        matches!(&err, Error::Dataset { path, .. } if path == &fake),
+        "{err}"
+    );
+}
+
+#[test]
+fn parquet_image_path_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write(&d.join("img/a.png"), &gray_png(1));
+    write(&d.join("img/b.png"), &gray_png(2));
+    let path = d.join("train.parquet");
+    write_parquet(
+        &path,
+        &[
+            PqCol::Str(
+                "image",
+                vec![
+                    Some("img/a.png"),
+                    Some("img/missing.png"),
+                    Some("img/b.png"),
+                ],
+            ),
+            PqCol::Str("label", vec![Some("x"), Some("y"), Some("y")]),
+        ],
+    );
+    let err = load_images(&single(&path), &ImageOptions::default()).unwrap_err();
+    assert!(
+        matches!(&err, Error::DatasetLine { line: 2, message, .. } if message.contains("missing.png")),
+        "{err}"
+    );
+    let plan = DatasetPlan {
+        read: ReadOptions {
+            skip_bad_rows: true,
+            ..ReadOptions::default()
+        },
+        ..single(&path)
+    };
+    let data = load_images(&plan, &ImageOptions::default()).unwrap();
+    assert_eq!(data.examples.len(), 2);
+    assert_eq!(
+        data.examples[1].source,
+        ImageSource::File(d.join("img/b.png"))
+    );
+    assert_eq!(data.examples[1].id, "train:3");
+}

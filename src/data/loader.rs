@@ -271,11 +271,36 @@ fn read_rows(
         Format::Tsv => delimited::read(path, b'\t', opts.tsv_quotes, opts, need_group, bad),
         Format::Jsonl => jsonl::read(path, opts, need_group, bad),
         Format::Text => text::read(path, opts, bad),
+        Format::Parquet => read_parquet(path, opts, need_group, bad),
         // `resolve` never returns `Auto`, and image formats were refused
         // above; treat them like folders defensively.
         Format::Folders | Format::Auto | Format::ImageFolders | Format::Idx => {
             folders::read(path, opts, need_group, bad)
         }
+    }
+}
+
+/// A Parquet table's rows, or why this build cannot read one.
+pub(super) fn read_parquet(
+    path: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    #[cfg(feature = "parquet")]
+    {
+        super::parquet::read(path, opts, need_group, bad)
+    }
+    #[cfg(not(feature = "parquet"))]
+    {
+        let _ = (opts, need_group, bad);
+        Err(Error::setting(
+            "--format",
+            format!(
+                "{}: this build of sherl reads no Parquet (feature `parquet`, on with `extract`)",
+                path.display()
+            ),
+        ))
     }
 }
 

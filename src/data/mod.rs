@@ -1,13 +1,16 @@
 //! Labelled text datasets: this module owns reading a user's dataset (CSV,
 //! TSV, JSON Lines or plain text with one example per line, plain or
-//! `.gz`/`.bz2`/`.zst`, from a file or standard input, or one folder per class)
+//! `.gz`/`.bz2`/`.zst`, from a file or standard input, Parquet tables
+//! (feature `parquet`), or one folder per class)
 //! into memory as [`Example`]s that carry a class id and a split name. It
 //! also owns the label map (sorted, or the user's `--labels` list) and the
 //! seeded, group-aware train/valid/test split, so that every later stage sees
 //! the same examples in the same order for the same inputs.
 //!
 //! The entry point is [`load`], driven by a [`DatasetPlan`]; the binaries
-//! build that plan from [`DatasetArgs`].
+//! build that plan from [`DatasetArgs`]. Image datasets (folders of PNG/JPEG,
+//! tables naming image files, IDX) are read by [`load_images`] from the
+//! same plan, under the same split and label rules ([`image`]).
 //!
 //! Line numbers in messages and in [`Example::source_line`] are 1-based and
 //! count lines of the decompressed file, header included; a CSV row whose
@@ -40,6 +43,8 @@ pub mod image;
 mod input;
 mod jsonl;
 mod loader;
+#[cfg(feature = "parquet")]
+mod parquet;
 mod rows;
 mod split;
 mod text;
@@ -61,7 +66,8 @@ use crate::{Error, Result};
 pub enum Format {
     /// Pick by extension after stripping `.gz`/`.bz2`/`.zst`: `.csv` is CSV,
     /// `.tsv`/`.tab` TSV, `.jsonl`/`.ndjson`/`.json` JSON Lines, `.txt`
-    /// plain text, a name ending in `-idx3-ubyte` [`Format::Idx`]; a
+    /// plain text, `.parquet` [`Format::Parquet`], a name ending in
+    /// `-idx3-ubyte` [`Format::Idx`]; a
     /// directory is [`Format::ImageFolders`] when every file in its class
     /// folders is a `.png`/`.jpg`/`.jpeg` (and there is one), else
     /// [`Format::Folders`]; standard input ([`STDIN`]) is plain text.
@@ -89,6 +95,9 @@ pub enum Format {
     /// with its `*-labels-idx1-ubyte`, plain or `.gz`): read by
     /// [`image::load_images`], not by [`load`].
     Idx,
+    /// A Parquet table (feature `parquet`): columns by name or top-level
+    /// position, as CSV; a row's line is its 1-based row number.
+    Parquet,
 }
 
 /// The path that stands for standard input (`--data -`).
@@ -116,6 +125,9 @@ impl Format {
         if base.to_ascii_lowercase().ends_with("-idx3-ubyte") {
             return Ok(Format::Idx);
         }
+        if base.to_ascii_lowercase().ends_with(".parquet") {
+            return Ok(Format::Parquet);
+        }
         let ext = Path::new(&base)
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
@@ -129,8 +141,9 @@ impl Format {
                 format!(
                     "{}: cannot tell the format from the file name \
                      (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
-                     followed by .gz, .bz2 or .zst, or a name ending in -idx3-ubyte); pass \
-                     --format csv|tsv|jsonl|text|folders|image-folders|idx",
+                     followed by .gz, .bz2 or .zst, .parquet, or a name ending in \
+                     -idx3-ubyte); pass --format csv|tsv|jsonl|parquet|text|folders|\
+                     image-folders|idx",
                     path.display()
                 ),
             )),
@@ -151,11 +164,12 @@ impl FromStr for Format {
             "text" | "txt" | "lines" => Ok(Format::Text),
             "image-folders" | "image-folder" | "images" => Ok(Format::ImageFolders),
             "idx" => Ok(Format::Idx),
+            "parquet" => Ok(Format::Parquet),
             _ => Err(Error::setting(
                 "--format",
                 format!(
-                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text, \
-                     folders, image-folders or idx"
+                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, parquet, \
+                     text, folders, image-folders or idx"
                 ),
             )),
         }
@@ -173,6 +187,7 @@ impl fmt::Display for Format {
             Format::Text => "text",
             Format::ImageFolders => "image-folders",
             Format::Idx => "idx",
+            Format::Parquet => "parquet",
         })
     }
 }
@@ -421,7 +436,7 @@ pub struct Example {
     /// Group key, when a group column is set.
     pub group: Option<String>,
     /// 1-based line of the decompressed file where the row starts (0 for the
-    /// folders format).
+    /// folders format; Parquet: the 1-based row number).
     pub source_line: u64,
 }
 

@@ -21,7 +21,7 @@
 //!   folders and files in name order, hidden entries ignored; the id is
 //!   `<label>/<file name>`. No group column. [`Format::Auto`] picks it for
 //!   a directory whose class folders hold only `.png`/`.jpg`/`.jpeg` files.
-//! - CSV, TSV, JSON Lines: [`ImageOptions::image_column`] holds the image
+//! - CSV, TSV, JSON Lines, Parquet: [`ImageOptions::image_column`] holds the image
 //!   path, relative to the table's folder (absolute paths are kept); the
 //!   other columns as for text (label, id, group).
 //! - [`Format::Idx`]: `<prefix>-images-idx3-ubyte[.gz]`, labelled by
@@ -268,7 +268,7 @@ fn read_file(
             folders(path, read, opts, need_group, bad)
         }
         Format::Idx => idx_file(path, read, need_group),
-        Format::Csv | Format::Tsv | Format::Jsonl => {
+        Format::Csv | Format::Tsv | Format::Jsonl | Format::Parquet => {
             table(path, format, read, opts, need_group, bad)
         }
         Format::Text => Err(Error::setting(
@@ -418,6 +418,7 @@ fn table(
     let rows = match format {
         Format::Csv => delimited::read(path, b',', true, &topts, need_group, bad),
         Format::Tsv => delimited::read(path, b'\t', read.tsv_quotes, &topts, need_group, bad),
+        Format::Parquet => loader::read_parquet(path, &topts, need_group, bad),
         _ => jsonl::read(path, &topts, need_group, bad),
     }
     .map_err(image_wording)?;
