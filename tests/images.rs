@@ -883,3 +883,52 @@ fn parquet_image_path_tables() {
     );
     assert_eq!(data.examples[1].id, "train:3");
 }
+
+#[test]
+fn hostile_image_inputs_are_errors_not_panics() {
+    // Garbage, a PNG signature followed by garbage, an empty file.
+    let mut sig = b"\x89PNG\r\n\x1a\n".to_vec();
+    sig.extend([7u8; 64]);
+    for bytes in [
+        &b"GIF89a...."[..],
+        &sig[..],
+        &[][..],
+        &[0xff, 0xd8, 0xff][..],
+    ] {
+        assert!(decode_image(bytes, Background::White).is_err(), "{bytes:?}");
+    }
+    // A truncated JPEG is refused, not silently padded.
+    let j = jpeg(100);
+    let cut = &j[..j.len() / 2];
+    assert!(decode_image(cut, Background::White).is_err());
+    // An IDX header announcing a billion 1000x1000 images over 4 real bytes:
+    // an error saying it is cut short, read without allocating the claim.
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = vec![0, 0, 8, 3];
+    for d in [1_000_000_000u32, 1000, 1000] {
+        b.extend(d.to_be_bytes());
+    }
+    b.extend([1, 2, 3, 4]);
+    let path = write(&dir.path().join("huge-images-idx3-ubyte"), &b);
+    let plan = DatasetPlan {
+        read: ReadOptions {
+            label_column: None,
+            ..ReadOptions::default()
+        },
+        ..single(&path)
+    };
+    let err = load_images(&plan, &ImageOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("cut short"), "{err}");
+    // A file above the size bound is a bad row, not read whole.
+    let root = dir.path().join("sized");
+    let big = write(&root.join("cls/big.png"), &gray_png(9));
+    let opts = ImageOptions {
+        max_file_bytes: 10,
+        ..ImageOptions::default()
+    };
+    let err = load_images(&single(&root), &opts).unwrap_err();
+    assert!(
+        matches!(&err, Error::Dataset { path, message } if path == &big && message.contains("larger than 10 bytes")),
+        "{err}"
+    );
+}
