@@ -179,6 +179,13 @@ fn png_bytes(width: u32, height: u32, color: image::ColorType, px: &[u8]) -> Vec
 
 use image::ImageEncoder;
 
+fn on(background: Background) -> ImageOptions {
+    ImageOptions {
+        background,
+        ..ImageOptions::default()
+    }
+}
+
 #[test]
 fn rgba_and_gray_alpha_are_composited_on_the_background() {
     let rgba = png_bytes(
@@ -191,10 +198,10 @@ fn rgba_and_gray_alpha_are_composited_on_the_background() {
     // (25600 + 32385) / 255 = 227.4 -> 227, 100 -> 177.6 -> 177 (the
     // rounding adds 127 before an integer division), 0 -> 127; alpha 0 is
     // the background.
-    let white = decode_image(&rgba, Background::White).unwrap();
+    let white = decode_image(&rgba, &on(Background::White)).unwrap();
     assert_eq!((white.width(), white.height(), white.channels()), (2, 1, 3));
     assert_eq!(white.pixels(), &[227, 177, 127, 255, 255, 255]);
-    let black = decode_image(&rgba, Background::Black).unwrap();
+    let black = decode_image(&rgba, &on(Background::Black)).unwrap();
     assert_eq!(black.pixels(), &[100, 50, 0, 0, 0, 0]);
     // Through the recipe: values / 255 with mean 0, std 1.
     let out = unit(2, 3).apply(&white).unwrap();
@@ -206,7 +213,7 @@ fn rgba_and_gray_alpha_are_composited_on_the_background() {
     close(&out, &want, "RGBA on white");
 
     let la = png_bytes(1, 1, image::ColorType::La8, &[0, 51]);
-    let gray = decode_image(&la, Background::White).unwrap();
+    let gray = decode_image(&la, &on(Background::White)).unwrap();
     // 0 * 51 + 255 * 204 = 52020; (52020 + 127) / 255 = 204.
     assert_eq!((gray.channels(), gray.pixels()), (1, &[204u8][..]));
 }
@@ -895,12 +902,46 @@ fn hostile_image_inputs_are_errors_not_panics() {
         &[][..],
         &[0xff, 0xd8, 0xff][..],
     ] {
-        assert!(decode_image(bytes, Background::White).is_err(), "{bytes:?}");
+        assert!(
+            decode_image(bytes, &ImageOptions::default()).is_err(),
+            "{bytes:?}"
+        );
     }
+    // A PNG whose header claims 30000x30000 RGB (2.7 GB) is refused by the
+    // decoder's allocation bound before any pixel is read; a real 2x3 image (6 bytes)
+    // over a 4-byte bound too.
+    let mut huge = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(30_000u32.to_be_bytes());
+    ihdr.extend(30_000u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    huge.extend(13u32.to_be_bytes());
+    huge.extend(&ihdr);
+    huge.extend(crc32fast::hash(&ihdr).to_be_bytes());
+    let mut idat = b"IDAT".to_vec();
+    let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+    z.write_all(&[0u8; 64]).unwrap();
+    idat.extend(z.finish().unwrap());
+    huge.extend((idat.len() as u32 - 4).to_be_bytes());
+    huge.extend(&idat);
+    huge.extend(crc32fast::hash(&idat).to_be_bytes());
+    huge.extend(0u32.to_be_bytes());
+    huge.extend(b"IEND");
+    huge.extend(crc32fast::hash(b"IEND").to_be_bytes());
+    let t = std::time::Instant::now();
+    let err = decode_image(&huge, &ImageOptions::default()).unwrap_err();
+    assert!(t.elapsed().as_secs_f64() < 1.0, "{err}");
+    assert!(err.contains("limit"), "{err}");
+    let small = ImageOptions {
+        max_decoded_bytes: 4,
+        ..ImageOptions::default()
+    };
+    assert!(decode_image(&gray_png(3), &small).is_err());
+    assert!(decode_image(&gray_png(3), &ImageOptions::default()).is_ok());
     // A truncated JPEG is refused, not silently padded.
     let j = jpeg(100);
     let cut = &j[..j.len() / 2];
-    assert!(decode_image(cut, Background::White).is_err());
+    assert!(decode_image(cut, &ImageOptions::default()).is_err());
     // An IDX header announcing a billion 1000x1000 images over 4 real bytes:
     // an error saying it is cut short, read without allocating the claim.
     let dir = tempfile::tempdir().unwrap();

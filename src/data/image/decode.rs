@@ -8,7 +8,10 @@ use std::io::{Cursor, Read};
 use std::path::Path;
 use std::str::FromStr;
 
+use ::image::io::Limits;
 use ::image::{DynamicImage, ImageFormat};
+
+use super::ImageOptions;
 
 use crate::{Error, Result};
 
@@ -125,10 +128,13 @@ impl fmt::Display for Background {
     }
 }
 
-/// Decode a PNG or JPEG held in memory. The error is a message for a bad
-/// row (the caller names the file).
-pub fn decode_image(bytes: &[u8], background: Background) -> std::result::Result<Image, String> {
-    let reader = ::image::io::Reader::new(Cursor::new(bytes))
+/// Decode a PNG or JPEG held in memory, compositing alpha on
+/// `opts.background`; the decoder may allocate at most
+/// `opts.max_decoded_bytes` (a header claiming more is refused before any
+/// pixel is read). The error is a message for a bad row (the caller names
+/// the file).
+pub fn decode_image(bytes: &[u8], opts: &ImageOptions) -> std::result::Result<Image, String> {
+    let mut reader = ::image::io::Reader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("cannot read the image: {e}"))?;
     match reader.format() {
@@ -140,20 +146,20 @@ pub fn decode_image(bytes: &[u8], background: Background) -> std::result::Result
         }
         None => return Err("not a PNG or JPEG image".to_owned()),
     }
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(opts.max_decoded_bytes);
+    reader.limits(limits);
     let decoded = reader
         .decode()
         .map_err(|e| format!("cannot decode the image: {e}"))?;
-    from_dynamic(decoded, background)
+    from_dynamic(decoded, opts.background)
 }
 
-/// Read and decode the image file at `path`, reading at most `max_bytes`
-/// bytes of it (a larger file is refused). The error is a message for a bad
-/// row, without the path.
-pub fn read_image(
-    path: &Path,
-    background: Background,
-    max_bytes: u64,
-) -> std::result::Result<Image, String> {
+/// Read and decode the image file at `path` ([`decode_image`]), reading at
+/// most `opts.max_file_bytes` bytes of it (a larger file is refused). The
+/// error is a message for a bad row, without the path.
+pub fn read_image(path: &Path, opts: &ImageOptions) -> std::result::Result<Image, String> {
+    let max_bytes = opts.max_file_bytes;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let mut bytes = Vec::new();
     file.take(max_bytes.saturating_add(1))
@@ -164,7 +170,7 @@ pub fn read_image(
             "the file is larger than {max_bytes} bytes (ImageOptions::max_file_bytes)"
         ));
     }
-    decode_image(&bytes, background)
+    decode_image(&bytes, opts)
 }
 
 fn from_dynamic(img: DynamicImage, background: Background) -> std::result::Result<Image, String> {

@@ -51,8 +51,10 @@ use crate::{Error, Result};
 /// File extensions (lowercase) that [`Format::Auto`] takes for images.
 pub const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg"];
 
-/// How image datasets are read, beyond [`ReadOptions`].
+/// How image datasets are read, beyond [`ReadOptions`] (in JSON, missing
+/// fields take their defaults).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct ImageOptions {
     /// Table column holding each image's path (default `image`).
     pub image_column: Column,
@@ -61,11 +63,17 @@ pub struct ImageOptions {
     /// Largest image file read, in bytes (default 64 MiB); a larger one is
     /// a bad row.
     pub max_file_bytes: u64,
+    /// Most bytes the decoder may allocate for one image (default 256 MiB,
+    /// e.g. an 8-bit RGBA image of 67 megapixels); an image whose header
+    /// claims more is a bad row, refused before its pixels are read.
+    pub max_decoded_bytes: u64,
 }
 
 impl ImageOptions {
     /// Default of [`ImageOptions::max_file_bytes`]: 64 MiB.
     pub const MAX_FILE_BYTES: u64 = 64 << 20;
+    /// Default of [`ImageOptions::max_decoded_bytes`]: 256 MiB.
+    pub const MAX_DECODED_BYTES: u64 = 256 << 20;
 }
 
 impl Default for ImageOptions {
@@ -74,6 +82,7 @@ impl Default for ImageOptions {
             image_column: Column::Name("image".to_owned()),
             background: Background::White,
             max_file_bytes: Self::MAX_FILE_BYTES,
+            max_decoded_bytes: Self::MAX_DECODED_BYTES,
         }
     }
 }
@@ -97,11 +106,10 @@ impl ImageSource {
     /// index).
     pub fn decode(&self, opts: &ImageOptions) -> Result<Image> {
         match self {
-            ImageSource::File(path) => read_image(path, opts.background, opts.max_file_bytes)
-                .map_err(|message| Error::Dataset {
-                    path: path.clone(),
-                    message,
-                }),
+            ImageSource::File(path) => read_image(path, opts).map_err(|message| Error::Dataset {
+                path: path.clone(),
+                message,
+            }),
             ImageSource::Idx { images, index } => {
                 images.image(*index).ok_or_else(|| Error::Dataset {
                     path: images.path().to_owned(),
@@ -320,7 +328,7 @@ fn folders(
                 continue;
             }
             out.rows_read += 1;
-            let image = match read_image(&file, opts.background, opts.max_file_bytes) {
+            let image = match read_image(&file, opts) {
                 Ok(image) => image,
                 Err(message) => {
                     bad.file(&file, message)?;
@@ -443,7 +451,7 @@ fn table(
             continue;
         }
         let file = base.join(cell);
-        let image = match read_image(&file, opts.background, opts.max_file_bytes) {
+        let image = match read_image(&file, opts) {
             Ok(image) => image,
             Err(message) => {
                 bad.row(
