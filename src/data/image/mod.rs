@@ -27,9 +27,10 @@
 //! - [`Format::Idx`]: `<prefix>-images-idx3-ubyte[.gz]`, labelled by
 //!   `<prefix>-labels-idx1-ubyte[.gz]` next to it (not read for unlabelled
 //!   data); the id is `<prefix>:<index>` (0-based) and the label the class
-//!   number in decimal (`"0"`..`"9"`). No group column. Label names sort as
-//!   strings, so with more than ten classes give `--labels 0,1,...` to keep
-//!   class ids equal to the numbers.
+//!   number in decimal (`"0"`..`"9"`), or its name from
+//!   [`ImageOptions::idx_label_names`]. No group column. Label names sort as
+//!   strings, so give `--labels` (the names or numbers in class order) to
+//!   keep class ids equal to the numbers.
 
 mod decode;
 mod idx;
@@ -67,6 +68,11 @@ pub struct ImageOptions {
     /// e.g. an 8-bit RGBA image of 67 megapixels); an image whose header
     /// claims more is a bad row, refused before its pixels are read.
     pub max_decoded_bytes: u64,
+    /// Names of IDX class numbers: class `k` is labelled
+    /// `idx_label_names[k]` (e.g. Fashion-MNIST's `classes.txt`, read with
+    /// [`read_class_names`]); empty (the default): the numbers in decimal.
+    /// A class number without a name is an error naming the labels file.
+    pub idx_label_names: Vec<String>,
 }
 
 impl ImageOptions {
@@ -83,6 +89,7 @@ impl Default for ImageOptions {
             background: Background::White,
             max_file_bytes: Self::MAX_FILE_BYTES,
             max_decoded_bytes: Self::MAX_DECODED_BYTES,
+            idx_label_names: Vec::new(),
         }
     }
 }
@@ -207,6 +214,29 @@ pub fn load_images(plan: &DatasetPlan, opts: &ImageOptions) -> Result<ImageDatas
     })
 }
 
+/// Read a class-name list: one name per line, trimmed, blank lines
+/// skipped; an empty list or a name given twice is an error naming the file.
+pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let mut names: Vec<String> = Vec::new();
+    for name in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if names.iter().any(|n| n == name) {
+            return Err(Error::Dataset {
+                path: path.to_owned(),
+                message: format!("class name `{name}` is given twice"),
+            });
+        }
+        names.push(name.to_owned());
+    }
+    if names.is_empty() {
+        return Err(Error::Dataset {
+            path: path.to_owned(),
+            message: "no class names (one per line)".to_owned(),
+        });
+    }
+    Ok(names)
+}
+
 /// The format [`Format::Auto`] gives a directory: image folders when its
 /// class folders hold only image files (and at least one), text folders
 /// when they hold none; both kinds is an error asking for `--format`.
@@ -275,7 +305,7 @@ fn read_file(
         Format::Folders | Format::ImageFolders | Format::Auto => {
             folders(path, read, opts, need_group, bad)
         }
-        Format::Idx => idx_file(path, read, need_group),
+        Format::Idx => idx_file(path, read, opts, need_group),
         Format::Csv | Format::Tsv | Format::Jsonl | Format::Parquet => {
             table(path, format, read, opts, need_group, bad)
         }
@@ -363,7 +393,12 @@ fn folders(
     Ok(out)
 }
 
-fn idx_file(path: &Path, read: &ReadOptions, need_group: bool) -> Result<FileRows<Loaded>> {
+fn idx_file(
+    path: &Path,
+    read: &ReadOptions,
+    opts: &ImageOptions,
+    need_group: bool,
+) -> Result<FileRows<Loaded>> {
     if need_group {
         return Err(no_group_column("IDX"));
     }
@@ -381,7 +416,12 @@ fn idx_file(path: &Path, read: &ReadOptions, need_group: bool) -> Result<FileRow
             if !labels_file.is_file() && read.label_optional {
                 None
             } else {
-                Some(idx::read_labels(&labels_file, images.len(), path)?)
+                let numbers = idx::read_labels(&labels_file, images.len(), path)?;
+                Some(label_strings(
+                    &numbers,
+                    &opts.idx_label_names,
+                    &labels_file,
+                )?)
             }
         }
     };
@@ -402,11 +442,35 @@ fn idx_file(path: &Path, read: &ReadOptions, need_group: bool) -> Result<FileRow
                 height: images.rows(),
             },
             text_pair: None,
-            label: labels.as_ref().map(|l| l[index].to_string()),
+            label: labels.as_ref().map(|l| l[index].clone()),
             group: None,
         });
     }
     Ok(out)
+}
+
+/// Each IDX class number as its label: its name, or the number in decimal.
+fn label_strings(numbers: &[u8], names: &[String], labels_file: &Path) -> Result<Vec<String>> {
+    if names.is_empty() {
+        return Ok(numbers.iter().map(u8::to_string).collect());
+    }
+    numbers
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| {
+            names
+                .get(usize::from(k))
+                .cloned()
+                .ok_or_else(|| Error::Dataset {
+                    path: labels_file.to_owned(),
+                    message: format!(
+                        "image {i} has class {k}, which has no name: \
+                     ImageOptions::idx_label_names names {} classes",
+                        names.len()
+                    ),
+                })
+        })
+        .collect()
 }
 
 fn table(
