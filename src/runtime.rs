@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use ndarray::{Array3, ArrayView2};
+use ndarray::{Array3, ArrayD, ArrayView2, ArrayViewD};
 use ort::ep::ExecutionProvider;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
@@ -631,6 +631,74 @@ impl BackboneSession {
             result.push(arr);
         }
         Ok(result)
+    }
+}
+
+/// A model whose inputs and chosen outputs are float32 tensors of any shape,
+/// run on the CPU: an image backbone's `[batch, 3, H, W]` input, or a test
+/// fixture. Outputs are asked for by name.
+pub struct F32Session {
+    session: Session,
+    model: PathBuf,
+}
+
+impl std::fmt::Debug for F32Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("F32Session")
+            .field("model", &self.model)
+            .finish()
+    }
+}
+
+impl F32Session {
+    /// Open `model` on the CPU with `cfg`'s threads and optimisation level
+    /// (its device is not used).
+    pub fn open(rt: &Runtime, model: &Path, cfg: &SessionConfig) -> Result<Self> {
+        let mut b = Session::builder(&rt.env)
+            .map_err(ort_err("session builder"))?
+            .with_optimization_level(cfg.opt_level.to_ort())
+            .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
+        if let Some(t) = cfg.threads {
+            b = b
+                .with_intra_threads(t)
+                .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
+        }
+        let session = b.commit_from_file(model).map_err(|e| {
+            Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
+        })?;
+        Ok(F32Session {
+            session,
+            model: model.to_owned(),
+        })
+    }
+
+    /// Run with the named `inputs`; returns the named `outputs`, in order.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        outputs: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let mut values = Vec::with_capacity(inputs.len());
+        for (name, view) in inputs {
+            let t = TensorRef::from_array_view(view.view())
+                .map_err(|e| Error::Runtime(format!("input {name}: {e}")))?;
+            values.push((name.to_string(), t));
+        }
+        let out = self.session.run(values).map_err(ort_err("run"))?;
+        outputs
+            .iter()
+            .map(|&name| {
+                let value = out
+                    .get(name)
+                    .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
+                let (shape, data) = value.try_extract_tensor::<f32>().map_err(|e| {
+                    Error::Runtime(format!("{name}: expected a float32 tensor: {e}"))
+                })?;
+                let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+                ArrayD::from_shape_vec(dims, data.to_vec())
+                    .map_err(|e| Error::Runtime(format!("{name}: {e}")))
+            })
+            .collect()
     }
 }
 

@@ -37,6 +37,18 @@ impl Checkpoint {
 
     /// Parse checkpoint bytes; `path` is used in messages only.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        Self::from_bytes_anchored(path, bytes, ANCHOR, "a BERT-family checkpoint")
+    }
+
+    /// Parse checkpoint bytes of another family: the prefix is what comes
+    /// before `anchor`, a tensor every checkpoint of that `family` has (for
+    /// a ViT, `encoder.layer.0.norm1.weight`).
+    pub fn from_bytes_anchored(
+        path: &Path,
+        bytes: Vec<u8>,
+        anchor: &str,
+        family: &str,
+    ) -> Result<Self> {
         let st = SafeTensors::deserialize(&bytes).map_err(|e| Error::Checkpoint {
             path: path.to_path_buf(),
             message: format!("not a valid safetensors file: {e}"),
@@ -45,13 +57,13 @@ impl Checkpoint {
         names.sort();
         let prefix = names
             .iter()
-            .filter_map(|n| n.strip_suffix(ANCHOR))
+            .filter_map(|n| n.strip_suffix(anchor))
             .min_by_key(|p| p.len())
             .map(str::to_string)
             .ok_or_else(|| Error::Checkpoint {
                 path: path.to_path_buf(),
                 message: format!(
-                    "no '{ANCHOR}' tensor (with or without a prefix such as 'bert.'): not a BERT-family checkpoint"
+                    "no '{anchor}' tensor (with or without a prefix such as 'bert.'): not {family}"
                 ),
             })?;
         Ok(Checkpoint {

@@ -216,10 +216,11 @@ impl PredictDataArgs {
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct ReadArgs {
     /// File format: auto picks it from the extension (after .gz/.bz2/.zst; .txt
-    /// is plain text, one example per line), a directory is read as folders.
+    /// is plain text, one example per line; .parquet is Parquet), a directory
+    /// is read as folders.
     #[arg(
         long,
-        value_name = "auto|csv|tsv|jsonl|text|folders",
+        value_name = "auto|csv|tsv|jsonl|parquet|text|folders",
         default_value = "auto"
     )]
     pub format: Format,

@@ -20,7 +20,7 @@ use crate::{Error, Result};
 
 /// What a directory entry is, symlinks followed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Kind {
+pub(super) enum Kind {
     Dir,
     File,
     /// A device, FIFO or socket.
@@ -29,7 +29,7 @@ enum Kind {
 
 /// Visible entries of `dir` (names not starting with `.`), sorted by name,
 /// with what each is (symlinks followed).
-fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
+pub(super) fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
     let mut entries = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -130,7 +130,7 @@ pub(super) fn read(
 
 /// The first `max + 1` bytes of `path` at most (more than `max` means the
 /// file is too large).
-fn read_at_most(path: &Path, max: usize) -> Result<Vec<u8>> {
+pub(super) fn read_at_most(path: &Path, max: usize) -> Result<Vec<u8>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut bytes = Vec::new();
     file.take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
@@ -140,7 +140,7 @@ fn read_at_most(path: &Path, max: usize) -> Result<Vec<u8>> {
 }
 
 /// A class folder's name, which becomes the label.
-fn name_of(dir: &Path) -> Result<String> {
+pub(super) fn name_of(dir: &Path) -> Result<String> {
     dir.file_name()
         .and_then(|n| n.to_str())
         .map(str::to_owned)

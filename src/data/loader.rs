@@ -17,10 +17,30 @@ const DEFAULT_SPLIT: &str = "train";
 
 /// The rows of one file and the split they belong to (`None`: decided by
 /// the split spec).
-struct Part {
+struct Part<T> {
     split: Option<String>,
     path: PathBuf,
-    rows: FileRows,
+    rows: FileRows<T>,
+}
+
+/// One example after label mapping and splitting, holding `T` (its text, or
+/// where its image comes from).
+pub(super) struct Item<T> {
+    pub id: String,
+    pub split: String,
+    pub payload: T,
+    pub text_pair: Option<String>,
+    pub label: Option<u32>,
+    pub group: Option<String>,
+    pub line: u64,
+}
+
+/// What [`assemble`] makes of a plan: the examples, the label names and the
+/// counts.
+pub(super) struct Assembled<T> {
+    pub items: Vec<Item<T>>,
+    pub label_names: Vec<String>,
+    pub report: LoadReport,
 }
 
 /// Read the dataset described by `plan` into memory.
@@ -32,6 +52,42 @@ struct Part {
 /// is set, or a duplicate explicit id ([`Error::DatasetLine`]); inconsistent
 /// settings ([`Error::Setting`]).
 pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
+    let read = &plan.read;
+    let assembled = assemble(plan, &mut |path, need_group, bad| {
+        read_rows(path, read, need_group, bad)
+    })?;
+    Ok(Dataset {
+        examples: assembled
+            .items
+            .into_iter()
+            .map(|item| Example {
+                id: item.id,
+                split: item.split,
+                text: item.payload,
+                text_pair: item.text_pair,
+                label: item.label,
+                group: item.group,
+                source_line: item.line,
+            })
+            .collect(),
+        label_names: assembled.label_names,
+        report: assembled.report,
+    })
+}
+
+/// A reader of one dataset file: `(path, need_group, bad rows)` to its rows.
+pub(super) type ReadFile<'a, T> = dyn FnMut(&Path, bool, &mut BadRows) -> Result<FileRows<T>> + 'a;
+
+/// Everything [`load`] does after reading, for any kind of example: reads
+/// each file of `plan` with `read_file`, checks that explicit ids are unique,
+/// builds the label map, drops (and counts) rows with other labels, gives
+/// each example its split and fills the report. The image datasets
+/// (`super::image`) share it, so both follow the same `--split`, `--labels`
+/// and `--group-column` rules.
+pub(super) fn assemble<T>(
+    plan: &DatasetPlan,
+    read_file: &mut ReadFile<'_, T>,
+) -> Result<Assembled<T>> {
     let labels = checked_labels(plan)?;
     let read = &plan.read;
     let mut bad = BadRows::new(read.skip_bad_rows);
@@ -40,7 +96,7 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
         SplitSource::Files(files) => {
             check_split_names(files)?;
             for (name, path) in files {
-                let rows = read_rows(path, read, false, &mut bad)?;
+                let rows = read_file(path, false, &mut bad)?;
                 if rows.rows.is_empty() {
                     return Err(empty_file(path, Some(name), &rows));
                 }
@@ -57,7 +113,7 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
                 spec.validate()?;
             }
             let by_group = split.is_some() && read.group_column.is_some();
-            let rows = read_rows(path, read, by_group, &mut bad)?;
+            let rows = read_file(path, by_group, &mut bad)?;
             if rows.rows.is_empty() {
                 return Err(empty_file(path, None, &rows));
             }
@@ -117,14 +173,14 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
                     }
                 },
             };
-            examples.push(Example {
+            examples.push(Item {
                 id: row.id,
                 split: part.split.clone().unwrap_or_default(),
-                text: row.text,
+                payload: row.text,
                 text_pair: row.text_pair,
                 label,
                 group: row.group,
-                source_line: row.line,
+                line: row.line,
             });
         }
         if examples.len() == before {
@@ -176,8 +232,8 @@ pub fn load(plan: &DatasetPlan) -> Result<Dataset> {
             .entry(example.split.clone())
             .or_default() += 1;
     }
-    Ok(Dataset {
-        examples,
+    Ok(Assembled {
+        items: examples,
         label_names,
         report,
     })
@@ -192,6 +248,15 @@ fn read_rows(
     bad: &mut BadRows,
 ) -> Result<FileRows> {
     let format = opts.format.resolve(path)?;
+    if matches!(format, Format::ImageFolders | Format::Idx) {
+        return Err(Error::Dataset {
+            path: path.to_owned(),
+            message: format!(
+                "is an image dataset (format {format}); this command reads text \
+                 (images are read by sherl::data::image::load_images)"
+            ),
+        });
+    }
     if format != Format::Folders && path.is_dir() {
         return Err(Error::Dataset {
             path: path.to_owned(),
@@ -206,8 +271,36 @@ fn read_rows(
         Format::Tsv => delimited::read(path, b'\t', opts.tsv_quotes, opts, need_group, bad),
         Format::Jsonl => jsonl::read(path, opts, need_group, bad),
         Format::Text => text::read(path, opts, bad),
-        // `resolve` never returns `Auto`; treat it like folders defensively.
-        Format::Folders | Format::Auto => folders::read(path, opts, need_group, bad),
+        Format::Parquet => read_parquet(path, opts, need_group, bad),
+        // `resolve` never returns `Auto`, and image formats were refused
+        // above; treat them like folders defensively.
+        Format::Folders | Format::Auto | Format::ImageFolders | Format::Idx => {
+            folders::read(path, opts, need_group, bad)
+        }
+    }
+}
+
+/// A Parquet table's rows, or why this build cannot read one.
+pub(super) fn read_parquet(
+    path: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    #[cfg(feature = "parquet")]
+    {
+        super::parquet::read(path, opts, need_group, bad)
+    }
+    #[cfg(not(feature = "parquet"))]
+    {
+        let _ = (opts, need_group, bad);
+        Err(Error::setting(
+            "--format",
+            format!(
+                "{}: this build of sherl reads no Parquet (feature `parquet`, on with `extract`)",
+                path.display()
+            ),
+        ))
     }
 }
 
@@ -263,7 +356,7 @@ fn check_split_names(files: &[(String, PathBuf)]) -> Result<()> {
     Ok(())
 }
 
-fn empty_file(path: &Path, split: Option<&str>, rows: &FileRows) -> Error {
+fn empty_file<T>(path: &Path, split: Option<&str>, rows: &FileRows<T>) -> Error {
     let what = match split {
         Some(name) => format!("the `{name}` split file has no rows"),
         None => "the dataset has no rows".to_owned(),
@@ -279,7 +372,7 @@ fn empty_file(path: &Path, split: Option<&str>, rows: &FileRows) -> Error {
     }
 }
 
-fn check_unique_ids(parts: &[Part]) -> Result<()> {
+fn check_unique_ids<T>(parts: &[Part<T>]) -> Result<()> {
     let mut seen: HashMap<&str, (&Path, u64)> = HashMap::new();
     for part in parts {
         for row in part.rows.rows.iter().filter(|r| r.explicit_id) {

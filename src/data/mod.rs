@@ -1,13 +1,16 @@
 //! Labelled text datasets: this module owns reading a user's dataset (CSV,
 //! TSV, JSON Lines or plain text with one example per line, plain or
-//! `.gz`/`.bz2`/`.zst`, from a file or standard input, or one folder per class)
+//! `.gz`/`.bz2`/`.zst`, from a file or standard input, Parquet tables
+//! (feature `parquet`), or one folder per class)
 //! into memory as [`Example`]s that carry a class id and a split name. It
 //! also owns the label map (sorted, or the user's `--labels` list) and the
 //! seeded, group-aware train/valid/test split, so that every later stage sees
 //! the same examples in the same order for the same inputs.
 //!
 //! The entry point is [`load`], driven by a [`DatasetPlan`]; the binaries
-//! build that plan from [`DatasetArgs`].
+//! build that plan from [`DatasetArgs`]. Image datasets (folders of PNG/JPEG,
+//! tables naming image files, IDX) are read by [`load_images`] from the
+//! same plan, under the same split and label rules ([`image`]).
 //!
 //! Line numbers in messages and in [`Example::source_line`] are 1-based and
 //! count lines of the decompressed file, header included; a CSV row whose
@@ -36,9 +39,12 @@
 pub mod args;
 mod delimited;
 mod folders;
+pub mod image;
 mod input;
 mod jsonl;
 mod loader;
+#[cfg(feature = "parquet")]
+mod parquet;
 mod rows;
 mod split;
 mod text;
@@ -48,6 +54,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+pub use self::image::{load_images, ImageDataset, ImageExample, ImageOptions, ImageSource};
 pub use args::DatasetArgs;
 pub use loader::load;
 pub use split::SplitSpec;
@@ -59,8 +66,11 @@ use crate::{Error, Result};
 pub enum Format {
     /// Pick by extension after stripping `.gz`/`.bz2`/`.zst`: `.csv` is CSV,
     /// `.tsv`/`.tab` TSV, `.jsonl`/`.ndjson`/`.json` JSON Lines, `.txt`
-    /// plain text; a directory is [`Format::Folders`] and standard input
-    /// ([`STDIN`]) plain text.
+    /// plain text, `.parquet` [`Format::Parquet`], a name ending in
+    /// `-idx3-ubyte` [`Format::Idx`]; a
+    /// directory is [`Format::ImageFolders`] when every file in its class
+    /// folders is a `.png`/`.jpg`/`.jpeg` (and there is one), else
+    /// [`Format::Folders`]; standard input ([`STDIN`]) is plain text.
     #[default]
     Auto,
     /// Comma-separated values (RFC 4180 quoting).
@@ -78,6 +88,16 @@ pub enum Format {
     /// (trimmed), with the id `<file stem>:<line>`. Column options do not
     /// apply; a label column must be optional ([`ReadOptions::label_optional`]).
     Text,
+    /// Images, `root/<label>/<image file>` (PNG or JPEG): read by
+    /// [`image::load_images`], not by [`load`].
+    ImageFolders,
+    /// IDX files as MNIST and Fashion-MNIST ship them (`*-images-idx3-ubyte`
+    /// with its `*-labels-idx1-ubyte`, plain or `.gz`): read by
+    /// [`image::load_images`], not by [`load`].
+    Idx,
+    /// A Parquet table (feature `parquet`): columns by name or top-level
+    /// position, as CSV; a row's line is its 1-based row number.
+    Parquet,
 }
 
 /// The path that stands for standard input (`--data -`).
@@ -99,9 +119,15 @@ impl Format {
             return Ok(Format::Text);
         }
         if path.is_dir() {
-            return Ok(Format::Folders);
+            return image::folder_format(path);
         }
         let (base, _) = input::split_compression(path);
+        if base.to_ascii_lowercase().ends_with("-idx3-ubyte") {
+            return Ok(Format::Idx);
+        }
+        if base.to_ascii_lowercase().ends_with(".parquet") {
+            return Ok(Format::Parquet);
+        }
         let ext = Path::new(&base)
             .extension()
             .map(|e| e.to_string_lossy().to_ascii_lowercase());
@@ -115,7 +141,9 @@ impl Format {
                 format!(
                     "{}: cannot tell the format from the file name \
                      (expected .csv, .tsv, .tab, .jsonl, .ndjson, .json or .txt, optionally \
-                     followed by .gz, .bz2 or .zst); pass --format csv|tsv|jsonl|text|folders",
+                     followed by .gz, .bz2 or .zst, .parquet, or a name ending in \
+                     -idx3-ubyte); pass --format csv|tsv|jsonl|parquet|text|folders|\
+                     image-folders|idx",
                     path.display()
                 ),
             )),
@@ -134,10 +162,14 @@ impl FromStr for Format {
             "jsonl" | "ndjson" | "json" => Ok(Format::Jsonl),
             "folders" | "folder" | "dir" => Ok(Format::Folders),
             "text" | "txt" | "lines" => Ok(Format::Text),
+            "image-folders" | "image-folder" | "images" => Ok(Format::ImageFolders),
+            "idx" => Ok(Format::Idx),
+            "parquet" => Ok(Format::Parquet),
             _ => Err(Error::setting(
                 "--format",
                 format!(
-                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, text or folders"
+                    "unknown dataset format `{s}`: expected auto, csv, tsv, jsonl, parquet, \
+                     text, folders, image-folders or idx"
                 ),
             )),
         }
@@ -153,6 +185,9 @@ impl fmt::Display for Format {
             Format::Jsonl => "jsonl",
             Format::Folders => "folders",
             Format::Text => "text",
+            Format::ImageFolders => "image-folders",
+            Format::Idx => "idx",
+            Format::Parquet => "parquet",
         })
     }
 }
@@ -401,7 +436,7 @@ pub struct Example {
     /// Group key, when a group column is set.
     pub group: Option<String>,
     /// 1-based line of the decompressed file where the row starts (0 for the
-    /// folders format).
+    /// folders format; Parquet: the 1-based row number).
     pub source_line: u64,
 }
 

@@ -15,14 +15,15 @@ use crate::{Error, Result};
 /// How many skipped rows get their own warning.
 const WARN_FIRST: u64 = 5;
 
-/// One row as read, before label mapping.
+/// One row as read, before label mapping. `T` is what the example holds:
+/// its text (`String`), or for image datasets where its pixels come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct RawRow {
+pub(super) struct RawRow<T = String> {
     pub line: u64,
     pub id: String,
     /// Whether `id` came from the id column (and so must be unique).
     pub explicit_id: bool,
-    pub text: String,
+    pub text: T,
     pub text_pair: Option<String>,
     /// Trimmed and non-empty when there is a label column.
     pub label: Option<String>,
@@ -30,15 +31,26 @@ pub(super) struct RawRow {
 }
 
 /// The rows of one file.
-#[derive(Debug, Default)]
-pub(super) struct FileRows {
-    pub rows: Vec<RawRow>,
+#[derive(Debug)]
+pub(super) struct FileRows<T = String> {
+    pub rows: Vec<RawRow<T>>,
     /// Data rows seen, good or bad.
     pub rows_read: u64,
     /// Rows spanning several lines through quoted line breaks (CSV/TSV).
     pub multi_line_rows: u64,
     /// Unquoted-TSV rows with a field starting with `"`, kept as text.
     pub literal_quote_rows: u64,
+}
+
+impl<T> Default for FileRows<T> {
+    fn default() -> Self {
+        FileRows {
+            rows: Vec::new(),
+            rows_read: 0,
+            multi_line_rows: 0,
+            literal_quote_rows: 0,
+        }
+    }
 }
 
 /// Fails on a bad row, or counts it when skipping is on.

@@ -1,5 +1,6 @@
 //! ONNX models: a protobuf subset ([`proto`]), the BERT exporter
-//! ([`export`]), and tools for models users bring ([`inspect`], [`edit`]).
+//! ([`export`]), tools for models users bring ([`inspect`], [`edit`]), and
+//! the weights of a DINOv2 ViT read from its initializers ([`vit`]).
 //!
 //! The contract with extraction is the output naming: a backbone graph takes
 //! int64 `input_ids`, `attention_mask` and optionally `token_type_ids`
@@ -11,5 +12,6 @@ pub mod edit;
 pub mod export;
 pub mod inspect;
 pub mod proto;
+pub mod vit;
 
 pub use export::{export_backbone, hidden_state_name, ExportSummary};

