@@ -496,6 +496,57 @@ fn same_seed_same_metrics() {
 /// The run directory holds config.json, metrics.jsonl (one line per epoch),
 /// weights.safetensors and summary.json equal to the last stdout line; a
 /// finished run is not re-run.
+/// The fused CPU ops' matrix kernel: OpenBLAS from the asset directory by
+/// default (the test command fetches it), the gemm crate with `--blas off`,
+/// each recorded in summary.json; both train; a library that does not load
+/// is refused before anything is written.
+#[test]
+fn blas_kernel_is_chosen_and_recorded() {
+    let f = fit_fixture(60, 9, &[]);
+    let lib = common::asset("openblas/0.3.34.481.3/libscipy_openblas.so");
+    let auto = summary(&fit(&f.root, &["--epochs", "1", "--out", "runs-auto"]));
+    let kernel = auto["matmul"].as_str().unwrap();
+    assert!(kernel.starts_with("OpenBLAS"), "{kernel}");
+    assert!(kernel.contains(lib.to_str().unwrap()), "{kernel}");
+    let off = summary(&fit(
+        &f.root,
+        &["--epochs", "1", "--out", "runs-off", "--blas", "off"],
+    ));
+    assert_eq!(off["matmul"], "gemm");
+    // same settings, so the same run id: the kernel is a record, not a setting
+    assert_eq!(off["run_id"], auto["run_id"]);
+    let named = summary(&fit(
+        &f.root,
+        &[
+            "--epochs",
+            "1",
+            "--out",
+            "runs-named",
+            "--blas",
+            lib.to_str().unwrap(),
+        ],
+    ));
+    assert_eq!(named["matmul"], auto["matmul"]);
+    let bad = fit(
+        &f.root,
+        &[
+            "--epochs",
+            "1",
+            "--out",
+            "runs-bad",
+            "--blas",
+            "no-such-blas.so",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2), "{}", common::stderr(&bad));
+    let err = common::stderr(&bad);
+    assert!(
+        err.contains("--blas no-such-blas.so") && err.contains("cannot load"),
+        "{err}"
+    );
+    assert!(!f.root.join("runs-bad").exists());
+}
+
 #[test]
 fn run_directory_and_skip_when_done() {
     let f = fit_fixture(60, 6, &[]);
