@@ -286,13 +286,15 @@ fn activate_grad(act: Activation, x: f32, kept: f32) -> f32 {
     }
 }
 
-/// Adds `bias` to every row of `v` (`[rows, bias.len()]`).
-fn add_rows(v: &mut [f32], bias: &[f32]) {
-    for row in v.chunks_exact_mut(bias.len()) {
-        for (x, b) in row.iter_mut().zip(bias) {
-            *x += b;
-        }
+/// `rows` copies of `bias`, `[rows, bias.len()]`: the starting value of a
+/// product that accumulates into it (one pass instead of zeroing and then
+/// adding the bias).
+fn bias_rows(bias: &[f32], rows: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(rows * bias.len());
+    for _ in 0..rows {
+        v.extend_from_slice(bias);
     }
+    v
 }
 
 /// Column sums of `v` (`[rows, acc.len()]`) added to `acc`.
@@ -389,7 +391,7 @@ impl BertLayerOp {
         let scale = 1.0 / (hd as f32).sqrt();
 
         // qkv = x Wqkv^T + bqkv, [N, 3D]
-        let mut qkv = vec![0f32; n * 3 * d];
+        let mut qkv = bias_rows(&w[o.bqkv..o.bqkv + 3 * d], n);
         matmul(
             &mut qkv,
             View::dense(n, 3 * d),
@@ -398,10 +400,9 @@ impl BertLayerOp {
             w,
             View::rows(o.wqkv, 3 * d, d, d).t(),
             1.0,
-            false,
+            true,
             t,
         )?;
-        add_rows(&mut qkv, &w[o.bqkv..o.bqkv + 3 * d]);
 
         // per sequence and head: softmax(q k^T * scale + bias) (dropped) v
         let mut probs = vec![0f32; b * h * s * s];
@@ -464,7 +465,7 @@ impl BertLayerOp {
         }
 
         // h1 = LN(dropout(ctx Wo^T + bo) + x)
-        let mut a = vec![0f32; n * d];
+        let mut a = bias_rows(&w[o.bo..o.bo + d], n);
         matmul(
             &mut a,
             View::dense(n, d),
@@ -473,10 +474,9 @@ impl BertLayerOp {
             w,
             View::rows(o.wo, d, d, d).t(),
             1.0,
-            false,
+            true,
             t,
         )?;
-        add_rows(&mut a, &w[o.bo..o.bo + d]);
         mul_mask(&mut a, &self.masks.attn_out);
         for (y, xv) in a.iter_mut().zip(x) {
             *y += xv;
@@ -497,7 +497,7 @@ impl BertLayerOp {
         drop(a);
 
         // intermediate: act(h1 W1^T + b1), [N, F]
-        let mut pre = vec![0f32; n * f];
+        let mut pre = bias_rows(&w[o.b1..o.b1 + f], n);
         matmul(
             &mut pre,
             View::dense(n, f),
@@ -506,29 +506,21 @@ impl BertLayerOp {
             w,
             View::rows(o.w1, f, d, d).t(),
             1.0,
-            false,
+            true,
             t,
         )?;
-        add_rows(&mut pre, &w[o.b1..o.b1 + f]);
-        let mut act = vec![0f32; n * f];
-        let mut kept = vec![
-            0f32;
-            if self.act == Activation::Relu {
-                0
-            } else {
-                n * f
-            }
-        ];
-        for (i, (a, &p)) in act.iter_mut().zip(&pre).enumerate() {
-            let (y, k) = activate(self.act, p);
-            *a = y;
-            if let Some(slot) = kept.get_mut(i) {
-                *slot = k;
-            }
+        let kind = self.act;
+        let act: Vec<f32>;
+        let kept: Vec<f32>;
+        if kind == Activation::Relu {
+            act = pre.iter().map(|&p| activate(kind, p).0).collect();
+            kept = Vec::new();
+        } else {
+            (act, kept) = pre.iter().map(|&p| activate(kind, p)).unzip();
         }
 
         // y = LN(dropout(act W2^T + b2) + h1)
-        let mut z = vec![0f32; n * d];
+        let mut z = bias_rows(&w[o.b2..o.b2 + d], n);
         matmul(
             &mut z,
             View::dense(n, d),
@@ -537,10 +529,9 @@ impl BertLayerOp {
             w,
             View::rows(o.w2, d, f, f).t(),
             1.0,
-            false,
+            true,
             t,
         )?;
-        add_rows(&mut z, &w[o.b2..o.b2 + d]);
         mul_mask(&mut z, &self.masks.out);
         for (y, hv) in z.iter_mut().zip(&h1) {
             *y += hv;
