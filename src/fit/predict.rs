@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::batcher::Batch;
 use super::error::FitError;
-use super::model::{Model, ModelSpec};
+use super::model::{Arch, Model, ModelSpec};
 use super::params::Params;
 use super::run_dir::{self, RunCache, RunConfig};
 use crate::backbone::{BackboneDir, Checkpoint};
@@ -170,11 +170,16 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     check_weights(&plan.run, &weights_path)?;
     let dir = BackboneDir::open(&plan.backbone)?;
     same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
-    same(
-        "tokenizer",
-        &dir.tokenizer_path(),
-        &rc.cache.backbone.tokenizer.sha256,
-    )?;
+    let Some(tokenizer) = &rc.cache.backbone.tokenizer else {
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "the run was trained on an image cache; predicting on images is not \
+                      implemented yet (issue 11)"
+                .into(),
+        }
+        .into());
+    };
+    same("tokenizer", &dir.tokenizer_path(), &tokenizer.sha256)?;
     if let Some(st) = &rc.cache.backbone.safetensors {
         same("checkpoint", &dir.safetensors_path(), &st.sha256)?;
     }
@@ -271,7 +276,8 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
             }
         },
     };
-    let model = Model::build(spec, &rc.cache.layers, &bert, &ckpt, rc.config.seed, &dev)?;
+    let arch = Arch::Bert(bert.clone());
+    let model = Model::build(spec, &rc.cache.layers, &arch, &ckpt, rc.config.seed, &dev)?;
     model
         .params
         .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;

@@ -6,8 +6,8 @@ use crate::cache::error::CacheError;
 use crate::cache::format::values::unshuffle_payload;
 use crate::cache::format::{
     check_frame_size, decode_meta, decode_values, header_crc, ExampleMeta, FrameKind, Header,
-    IndexEntry, HEADER_LEN, INDEX_ENTRY_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW, MAX_ZSTD_RATIO,
-    MIN_FRAME_LEN,
+    IndexEntry, HEADER_LEN, IMAGE_SHARD_FORMAT_VERSION, INDEX_ENTRY_LEN, MAX_FRAME_RAW,
+    MAX_INDEX_RAW, MAX_ZSTD_RATIO, MIN_FRAME_LEN,
 };
 use crate::cache::mmap::ByteSource;
 
@@ -365,7 +365,8 @@ impl<B: ByteSource> ShardReader<B> {
             .chunks
             .get(c)
             .ok_or_else(|| CacheError::Corrupt(format!("no chunk {c}")))?;
-        let meta = decode_meta(&self.frame(ch.meta)?, ch.n_examples as usize)?;
+        let image = self.header.format_version == IMAGE_SHARD_FORMAT_VERSION;
+        let meta = decode_meta(&self.frame(ch.meta)?, ch.n_examples as usize, image)?;
         let tokens: u64 = meta.iter().map(|m| m.len() as u64).sum();
         if tokens != ch.n_tokens {
             return Err(CacheError::Corrupt(format!(
