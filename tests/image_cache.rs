@@ -314,3 +314,83 @@ fn four_methods_train_on_an_image_cache() {
         common::stderr(&o)
     );
 }
+
+/// `sherl-fit predict` on new images (a folder of class folders): JSONL
+/// with each image's id, path, label, probabilities and true label; the
+/// accuracy over the labelled ones; a second predict writes the same bytes.
+#[test]
+fn predict_labels_new_images() {
+    let f = image_fixture(8);
+    extract_images(&f, "c", &["--dtype", "f32"]);
+    let s = fit_ok(&fit_images(
+        &f,
+        &["--method", "sherl", "--epochs", "2", "--batch-size", "4"],
+    ));
+    let new = f.root.join("new");
+    write_image_folders(&new, 3, 99);
+    let run = s["run_dir"].as_str().unwrap();
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run,
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            new.to_str().unwrap(),
+            "--out",
+            "pred.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    let p = fit_ok(&o);
+    assert_eq!(p["examples"], 6);
+    assert_eq!(p["labelled"], 6);
+    assert!(p["accuracy"].as_f64().is_some());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(f.root.join("pred.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        let label = l["label"].as_str().unwrap();
+        assert!(label == "a" || label == "b", "{l}");
+        let sum: f64 = l["probabilities"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-5, "{l}");
+        assert!(l["image"].as_str().unwrap().ends_with(".png"));
+        assert_eq!(l["true_label"], l["id"].as_str().unwrap()[..1]);
+    }
+    let o2 = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run,
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            new.to_str().unwrap(),
+            "--out",
+            "pred2.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    fit_ok(&o2);
+    assert_eq!(
+        std::fs::read(f.root.join("pred.jsonl")).unwrap(),
+        std::fs::read(f.root.join("pred2.jsonl")).unwrap()
+    );
+}
