@@ -1404,3 +1404,51 @@ fn export_writes_the_examples_as_npy() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// An image shard (FORMAT.md §3.1.1): 257 tokens per image and short ids,
+/// so the Meta frame is far smaller than a text record of that many
+/// tokens would be; header version 3; the records and values read back.
+#[test]
+fn image_shard_with_257_tokens_reads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hidden, tokens) = (4usize, 257usize);
+    let mut sp = spec(Dtype::F32, true, 1, hidden as u32, tokens as u32, 4);
+    sp.image = true;
+    let metas: Vec<ExampleMeta> = (0..6u64)
+        .map(|i| ExampleMeta {
+            position: i,
+            id: format!("c/{i}.png"),
+            split: 0,
+            label: Some((i % 2) as u32),
+            ids: Vec::new(),
+            type_ids: Vec::new(),
+            image: Some(sherl::cache::ImageMeta {
+                tokens: tokens as u32,
+                digest: [i as u8; 32],
+            }),
+        })
+        .collect();
+    let path = tmp.path().join("shard-00000.shrd");
+    let mut w = ShardWriter::create(&path, sp, 0, 0).unwrap();
+    for c in metas.chunks(4) {
+        let values: Vec<f32> = (0..c.len() * tokens * hidden)
+            .map(|v| v as f32 * 0.5)
+            .collect();
+        w.push(compress_chunk(&sp, c, &[values]).unwrap()).unwrap();
+    }
+    w.seal().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
+    let r = ShardReader::new(bytes).unwrap();
+    let mut got = r.chunk_meta(0).unwrap();
+    got.extend(r.chunk_meta(1).unwrap());
+    assert_eq!(got, metas);
+    r.verify().unwrap();
+    // a text example in an image shard is refused by the writer
+    let mut text = metas[0].clone();
+    text.image = None;
+    text.ids = vec![101; tokens];
+    text.type_ids = vec![0; tokens];
+    let values = vec![0f32; tokens * hidden];
+    assert!(compress_chunk(&sp, &[text], &[values]).is_err());
+}

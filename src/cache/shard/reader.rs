@@ -243,11 +243,15 @@ impl<B: ByteSource> ShardReader<B> {
                     )));
                 }
                 // 24 bytes per example plus token ids (4 B) and type ids (1 B)
-                // per token, plus the ids, whose length has no limit (§3.1)
-                let meta_min = e
-                    .n_tokens
-                    .saturating_mul(5)
-                    .saturating_add(u64::from(e.n_examples) * 24);
+                // per token, plus the ids, whose length has no limit (§3.1);
+                // an image record has a 32-byte digest instead (§3.1.1)
+                let meta_min = if h.format_version == IMAGE_SHARD_FORMAT_VERSION {
+                    u64::from(e.n_examples) * (24 + 32)
+                } else {
+                    e.n_tokens
+                        .saturating_mul(5)
+                        .saturating_add(u64::from(e.n_examples) * 24)
+                };
                 if e.raw_len < meta_min {
                     return Err(CacheError::Corrupt(format!(
                         "chunk {c}: a metadata frame of {} bytes cannot hold {} examples of {} tokens",
