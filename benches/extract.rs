@@ -323,6 +323,7 @@ fn strip_cost(
                 label: None,
                 ids: vec![0; len],
                 type_ids: vec![0; len],
+                image: None,
             };
             if let Some(chunk) = chunks.push(&outs, i, &meta) {
                 // the compression thread's finiteness check
@@ -446,6 +447,7 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
                     worker: None,
                     compress_threads: 1,
                     session: cfg.clone(),
+                    image: Default::default(),
                 };
                 let timing = Timing::default();
                 let (t, cpu) = (Instant::now(), cpu_seconds());

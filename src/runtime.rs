@@ -672,6 +672,33 @@ impl F32Session {
         })
     }
 
+    /// Like [`F32Session::open`], from the model's bytes (`model` names it
+    /// in messages): an image backbone whose per-layer tensors were exposed
+    /// in memory ([`crate::onnx::edit::expose_layers`]).
+    pub fn from_bytes(
+        rt: &Runtime,
+        model: &Path,
+        bytes: &[u8],
+        cfg: &SessionConfig,
+    ) -> Result<Self> {
+        let mut b = Session::builder(&rt.env)
+            .map_err(ort_err("session builder"))?
+            .with_optimization_level(cfg.opt_level.to_ort())
+            .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
+        if let Some(t) = cfg.threads {
+            b = b
+                .with_intra_threads(t)
+                .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
+        }
+        let session = b.commit_from_memory(bytes).map_err(|e| {
+            Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
+        })?;
+        Ok(F32Session {
+            session,
+            model: model.to_owned(),
+        })
+    }
+
     /// Run with the named `inputs`; returns the named `outputs`, in order.
     pub fn run(
         &mut self,

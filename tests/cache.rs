@@ -34,6 +34,7 @@ fn spec(
         max_len,
         chunk_size: chunk,
         settings_hash: 0x1234_5678_9abc_def0,
+        image: false,
     }
 }
 
@@ -61,6 +62,7 @@ fn synth(lens: &[usize], layers: usize, hidden: usize, seed: u64) -> Synth {
             },
             ids: (0..l).map(|t| (t * 7 + i) as u32).collect(),
             type_ids: (0..l).map(|t| u8::from(t > l / 2)).collect(),
+            image: None,
         })
         .collect();
     let values = (0..layers)
@@ -284,12 +286,12 @@ fn specific_errors() {
     assert!(matches!(ShardReader::new(b), Err(CacheError::BadMagic)));
     // newer format version
     let mut b = good.clone();
-    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    b[8..12].copy_from_slice(&4u32.to_le_bytes());
     match ShardReader::new(b) {
         Err(CacheError::UnsupportedVersion {
-            found: 3,
+            found: 4,
             oldest: 1,
-            newest: 2,
+            newest: 3,
         }) => {}
         other => panic!("{other:?}"),
     }
@@ -692,10 +694,17 @@ fn merge_of_v2_parts_and_disagreeing_parts() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let merged = Cache::open(&root.join("out")).unwrap();
     let golden = Cache::open(&golden("v2")).unwrap();
+    // The merge writes the current version (FORMAT.md §6); the rest is the
+    // golden cache's.
+    assert_eq!(
+        merged.manifest().format_version,
+        sherl::cache::FORMAT_VERSION
+    );
     let strip = |m: &sherl::cache::Manifest| {
         let mut m = m.clone();
         m.created_at = String::new();
         m.manifest_sha256 = None;
+        m.format_version = 0;
         m
     };
     assert_eq!(strip(merged.manifest()), strip(golden.manifest()));
@@ -1110,6 +1119,13 @@ fn format_md_matches_the_code() {
             format!("`SHARD_FORMAT_VERSION = {}`", f::SHARD_FORMAT_VERSION),
             "§2, §6",
         ),
+        (
+            format!(
+                "`IMAGE_SHARD_FORMAT_VERSION = {}`",
+                f::IMAGE_SHARD_FORMAT_VERSION
+            ),
+            "§6",
+        ),
         (format!("`MIN_FRAME_LEN` = {}", f::MIN_FRAME_LEN), "§8.2"),
         (format!("`MAX_ZSTD_RATIO` = {}", f::MAX_ZSTD_RATIO), "§8.2"),
         (
@@ -1122,7 +1138,7 @@ fn format_md_matches_the_code() {
         ),
         ("an OS advisory lock".to_string(), "§7"),
         (
-            "# The sherl feature cache, format version 2".to_string(),
+            "# The sherl feature cache, format version 3".to_string(),
             "title",
         ),
     ] {
@@ -1387,4 +1403,52 @@ fn export_writes_the_examples_as_npy() {
         .filter(|n| n.contains(".export."))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// An image shard (FORMAT.md §3.1.1): 257 tokens per image and short ids,
+/// so the Meta frame is far smaller than a text record of that many
+/// tokens would be; header version 3; the records and values read back.
+#[test]
+fn image_shard_with_257_tokens_reads_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (hidden, tokens) = (4usize, 257usize);
+    let mut sp = spec(Dtype::F32, true, 1, hidden as u32, tokens as u32, 4);
+    sp.image = true;
+    let metas: Vec<ExampleMeta> = (0..6u64)
+        .map(|i| ExampleMeta {
+            position: i,
+            id: format!("c/{i}.png"),
+            split: 0,
+            label: Some((i % 2) as u32),
+            ids: Vec::new(),
+            type_ids: Vec::new(),
+            image: Some(sherl::cache::ImageMeta {
+                tokens: tokens as u32,
+                digest: [i as u8; 32],
+            }),
+        })
+        .collect();
+    let path = tmp.path().join("shard-00000.shrd");
+    let mut w = ShardWriter::create(&path, sp, 0, 0).unwrap();
+    for c in metas.chunks(4) {
+        let values: Vec<f32> = (0..c.len() * tokens * hidden)
+            .map(|v| v as f32 * 0.5)
+            .collect();
+        w.push(compress_chunk(&sp, c, &[values]).unwrap()).unwrap();
+    }
+    w.seal().unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(u32::from_le_bytes(bytes[8..12].try_into().unwrap()), 3);
+    let r = ShardReader::new(bytes).unwrap();
+    let mut got = r.chunk_meta(0).unwrap();
+    got.extend(r.chunk_meta(1).unwrap());
+    assert_eq!(got, metas);
+    r.verify().unwrap();
+    // a text example in an image shard is refused by the writer
+    let mut text = metas[0].clone();
+    text.image = None;
+    text.ids = vec![101; tokens];
+    text.type_ids = vec![0; tokens];
+    let values = vec![0f32; tokens * hidden];
+    assert!(compress_chunk(&sp, &[text], &[values]).is_err());
 }

@@ -308,7 +308,10 @@ fn late_layer_parity_with_onnx_runtime_on_minilm() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let cache = sherl::cache::Cache::open(&root.join("c")).unwrap();
     let dir = sherl::backbone::BackboneDir::open(&backbone).unwrap();
-    let (cfg, ckpt) = sherl::fit::checks::check_backbone(&cache, &dir).unwrap();
+    let (arch, ckpt) = sherl::fit::checks::check_backbone(&cache, &dir).unwrap();
+    let sherl::fit::model::Arch::Bert(cfg) = arch else {
+        panic!("a text cache gives a BERT backbone")
+    };
     let mut params = sherl::fit::params::Params::new();
     let mut rng = sherl::rng::SplitMix64::new(0);
     let mut vb = sherl::fit::nn::Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);

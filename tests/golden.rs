@@ -29,9 +29,10 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sherl::cache::format::Dtype;
 use sherl::cache::manifest::{
-    header_settings_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, ShardInfo,
+    header_settings_hash, BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, ImageInfo,
+    Manifest, ShardInfo,
 };
-use sherl::cache::shard::{compress_chunk, ExampleMeta, ShardSpec, ShardWriter};
+use sherl::cache::shard::{compress_chunk, ExampleMeta, ImageMeta, ShardSpec, ShardWriter};
 use sherl::cache::{shard_file_name, Cache, CacheError};
 
 /// sha256 of every file under `cache_schema/golden/` (append-only: a new
@@ -73,6 +74,18 @@ const GOLDEN_FILES: &[(&str, &str)] = &[
         "v2/shards/shard-00001.shrd",
         "2799427b7c9c72aa82f87242e261515b0dcaef9fef6103f5f224adcc3b81e844",
     ),
+    (
+        "v3/manifest.json",
+        "5cb3018b75a470dfeb2fbe6f9cec350bf41b4abe361e9d1682cbf0454fb4085f",
+    ),
+    (
+        "v3/shards/shard-00000.shrd",
+        "9a28bda2e8a67e4f0395c9f711141f7c0355c710304b7a0709d2ccd459dbb700",
+    ),
+    (
+        "v3/shards/shard-00001.shrd",
+        "184b83f708359408388f0027b2aeb7af22b34cba63f20002e4569097f93373cc",
+    ),
 ];
 
 /// Total size limit of the golden directories (they are committed).
@@ -111,6 +124,9 @@ struct Golden {
     examples: Vec<(u32, usize)>,
     /// Whether examples carry labels (else every label is "none").
     labelled: bool,
+    /// An image cache (version 3 on: image shards, FORMAT.md §3.1.1, and
+    /// the manifest's `image`); every example then has `max_len` tokens.
+    image: bool,
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -147,6 +163,7 @@ fn golden_v1() -> Golden {
         split_names: strings(&["train", "valid", "test"]),
         examples: in_cache_order(&[&[1, 2, 2, 4, 5, 6], &[1, 3, 6], &[2, 6]]),
         labelled: true,
+        image: false,
     }
 }
 
@@ -171,6 +188,7 @@ fn golden_v1_int8() -> Golden {
         split_names: strings(&["train", "dev", "holdout"]),
         examples: in_cache_order(&[&[1, 4], &[2, 3], &[4]]),
         labelled: false,
+        image: false,
     }
 }
 
@@ -196,11 +214,44 @@ fn golden_v2() -> Golden {
         split_names: strings(&["train", "val", "test"]),
         examples: in_cache_order(&[&[1, 3, 5], &[2], &[4, 5]]),
         labelled: true,
+        image: false,
+    }
+}
+
+/// `golden/v3`: the first image cache (FORMAT.md §3.1.1): image shards
+/// (header version 3, image records with a digest and no token ids), the
+/// manifest's `image` record, no tokenizer; f16 with the shuffle, 5 tokens
+/// per image (CLS and a 2x2 patch grid), 2 shards (3 + 3 examples, chunks
+/// 2+1 and 2+1).
+fn golden_v3() -> Golden {
+    Golden {
+        dir: "v3",
+        format_version: 3,
+        dtype: Dtype::F16,
+        shuffle: true,
+        zstd_level: 3,
+        layers: vec![0, 2],
+        num_layers: 3,
+        late_layers: 1,
+        hidden: 4,
+        max_len: 5,
+        chunk_size: 2,
+        examples_per_shard: 3,
+        labels: strings(&["cat", "dog"]),
+        split_names: strings(&["train", "valid", "test"]),
+        examples: in_cache_order(&[&[5, 5, 5], &[5], &[5, 5]]),
+        labelled: true,
+        image: true,
     }
 }
 
 fn goldens() -> Vec<Golden> {
-    vec![golden_v1(), golden_v1_int8(), golden_v2()]
+    vec![golden_v1(), golden_v1_int8(), golden_v2(), golden_v3()]
+}
+
+/// The digest of image example `e`: sha256 of `golden image <e>`.
+fn image_digest(e: u64) -> [u8; 32] {
+    Sha256::digest(format!("golden image {e}").as_bytes()).into()
 }
 
 /// The value of example `e` (cache position), token `t`, `hidden_states.layer`,
@@ -253,6 +304,20 @@ fn metas(g: &Golden) -> Vec<ExampleMeta> {
         .enumerate()
         .map(|(i, &(split, len))| {
             let e = i as u64;
+            if g.image {
+                return ExampleMeta {
+                    position: e,
+                    id: example_id(e),
+                    split,
+                    label: g.labelled.then_some((e % 2) as u32),
+                    ids: Vec::new(),
+                    type_ids: Vec::new(),
+                    image: Some(ImageMeta {
+                        tokens: len as u32,
+                        digest: image_digest(e),
+                    }),
+                };
+            }
             ExampleMeta {
                 position: e,
                 id: example_id(e),
@@ -260,6 +325,7 @@ fn metas(g: &Golden) -> Vec<ExampleMeta> {
                 label: g.labelled.then_some((e % 2) as u32),
                 ids: (0..len).map(|t| token_id(e, t, len)).collect(),
                 type_ids: (0..len).map(|t| type_id(e, t, len)).collect(),
+                image: None,
             }
         })
         .collect()
@@ -351,7 +417,21 @@ fn manifest(g: &Golden, shards: Vec<ShardInfo>) -> Manifest {
         path: path.to_string(),
         sha256: sha256_hex(format!("sherl golden {} {path}", g.dir).as_bytes()),
     };
-    let with_checkpoint = g.labelled;
+    let with_checkpoint = g.labelled && !g.image;
+    let image = g.image.then(|| ImageInfo {
+        description: file("golden/backbone.json"),
+        input: "input_image".into(),
+        preprocess: json!({
+            "size": 8, "resize": "longest-side-pad", "interpolation": "area",
+            "channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
+            "pad_value": 0.0
+        }),
+        preprocess_sha256: sha256_hex(b"sherl golden recipe"),
+        backbone_tokens: g.max_len,
+        cls_token: true,
+        patch_pool: 1,
+        tokens: g.max_len,
+    });
     Manifest {
         format_version: g.format_version,
         sherl_version: "0.1.0".into(),
@@ -373,7 +453,7 @@ fn manifest(g: &Golden, shards: Vec<ShardInfo>) -> Manifest {
         backbone: BackboneInfo {
             onnx: file("golden/model.onnx"),
             safetensors: with_checkpoint.then(|| file("golden/model.safetensors")),
-            tokenizer: file("golden/tokenizer.json"),
+            tokenizer: (!g.image).then(|| file("golden/tokenizer.json")),
             checkpoint_prefix: with_checkpoint.then(String::new),
             config: with_checkpoint.then(|| {
                 json!({
@@ -427,6 +507,7 @@ fn manifest(g: &Golden, shards: Vec<ShardInfo>) -> Manifest {
         tokens: ms.iter().map(|m| m.len() as u64).sum(),
         worker: None,
         shards,
+        image,
     }
     // version 2 on: with its manifest_sha256
     .sealed()
@@ -446,6 +527,7 @@ fn generate(g: &Golden, dir: &Path) {
         max_len: g.max_len as u32,
         chunk_size: g.chunk_size,
         settings_hash: header_settings_hash(&settings_hash),
+        image: g.image,
     };
     let mut infos = Vec::new();
     for (k, range) in shard_ranges(g).iter().enumerate() {
@@ -741,7 +823,10 @@ fn spec_decode(file: &[u8]) -> (SpecHeader, Vec<SpecFrame>) {
         settings_hash: u64_at(file, 64),
         index_entries: u32_at(file, 88),
     };
-    assert_eq!((h.version, h.header_len), (1, 96));
+    assert!(
+        matches!((h.version, h.header_len), (1 | 3, 96)),
+        "shard layout 1 (text) or 3 (image), 96-byte header"
+    );
     let (index_offset, index_len) = (u64_at(file, 72) as usize, u64_at(file, 80) as usize);
     assert_eq!(
         index_offset + index_len,
@@ -787,8 +872,8 @@ fn spec_decode(file: &[u8]) -> (SpecHeader, Vec<SpecFrame>) {
     (h, frames)
 }
 
-/// FORMAT.md §3.1.
-fn spec_meta(p: &[u8], n: usize) -> Vec<ExampleMeta> {
+/// FORMAT.md §3.1, and §3.1.1 for an image shard.
+fn spec_meta(p: &[u8], n: usize, image: bool) -> Vec<ExampleMeta> {
     let mut at = 0;
     let mut out = Vec::new();
     for _ in 0..n {
@@ -800,6 +885,24 @@ fn spec_meta(p: &[u8], n: usize) -> Vec<ExampleMeta> {
         at += 24;
         let id = String::from_utf8(p[at..at + id_len].to_vec()).unwrap();
         at += id_len;
+        if image {
+            // §3.1.1: the 32-byte digest instead of token and segment ids
+            let digest: [u8; 32] = p[at..at + 32].try_into().unwrap();
+            at += 32;
+            out.push(ExampleMeta {
+                position,
+                id,
+                split,
+                label: (label != u32::MAX).then_some(label),
+                ids: Vec::new(),
+                type_ids: Vec::new(),
+                image: Some(ImageMeta {
+                    tokens: len as u32,
+                    digest,
+                }),
+            });
+            continue;
+        }
         let ids = (0..len).map(|t| u32_at(p, at + 4 * t)).collect();
         at += 4 * len;
         let type_ids = p[at..at + len].to_vec();
@@ -811,6 +914,7 @@ fn spec_meta(p: &[u8], n: usize) -> Vec<ExampleMeta> {
             label: (label != u32::MAX).then_some(label),
             ids,
             type_ids,
+            image: None,
         });
     }
     assert_eq!(at, p.len(), "no trailing bytes in a Meta frame");
@@ -916,7 +1020,7 @@ fn spec_decoder_reads_golden() {
                 .map(|e| g.examples[e as usize].1 as u64)
                 .sum();
             let want = SpecHeader {
-                version: 1,
+                version: if g.image { 3 } else { 1 },
                 header_len: 96,
                 shard_index: k as u32,
                 dtype: match g.dtype {
@@ -955,7 +1059,7 @@ fn spec_decoder_reads_golden() {
                     );
                 }
                 assert_eq!(
-                    spec_meta(&fs[0].payload, n),
+                    spec_meta(&fs[0].payload, n, g.image),
                     ms[cr.start as usize..cr.end as usize],
                     "{} shard {k} chunk {c}",
                     g.dir
@@ -1097,12 +1201,12 @@ fn newer_version_is_refused_naming_both() {
 
     // a newer manifest (with a field this version does not know)
     let mut m: Value = serde_json::from_str(&good).unwrap();
-    m["format_version"] = json!(3);
+    m["format_version"] = json!(4);
     m["field_from_the_future"] = json!(true);
     std::fs::write(&manifest, m.to_string()).unwrap();
     let err = Cache::open(&dir).unwrap_err().to_string();
     assert!(
-        err.contains("version 3") && err.contains("versions 1 to 2") && err.contains("re-run"),
+        err.contains("version 4") && err.contains("versions 1 to 3") && err.contains("re-run"),
         "{err}"
     );
     std::fs::write(&manifest, &good).unwrap();
@@ -1110,15 +1214,15 @@ fn newer_version_is_refused_naming_both() {
     // a newer shard header: the version is read before anything else
     let shard = dir.join("shards/shard-00000.shrd");
     let mut b = std::fs::read(&shard).unwrap();
-    b[8..12].copy_from_slice(&3u32.to_le_bytes());
+    b[8..12].copy_from_slice(&4u32.to_le_bytes());
     std::fs::write(&shard, &b).unwrap();
     match Cache::open(&dir) {
         Err(sherl::Error::Cache {
             source:
                 CacheError::UnsupportedVersion {
-                    found: 3,
+                    found: 4,
                     oldest: 1,
-                    newest: 2,
+                    newest: 3,
                 },
             ..
         }) => {}
@@ -1310,6 +1414,11 @@ fn manifest_schema_matches_serde() {
         if g.format_version < 2 {
             assert!(m.get("manifest_sha256").is_none());
             m["manifest_sha256"] = json!(sha256_hex(b"any"));
+        }
+        // A text cache does not write `image` (version 3: absent = null).
+        if !g.image {
+            assert!(m.get("image").is_none());
+            m["image"] = Value::Null;
         }
         check_object(&schema, &schema, &m, Vec::new());
         // the same struct is a worker's manifest.part.json: check WorkerInfo too

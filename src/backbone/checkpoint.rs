@@ -7,6 +7,10 @@ use safetensors::{Dtype, SafeTensors};
 
 use crate::{Error, Result};
 
+/// The tensor whose name gives a ViT checkpoint's prefix (every Hugging
+/// Face ViT/Dinov2 checkpoint has it).
+pub const VIT_ANCHOR: &str = "encoder.layer.0.norm1.weight";
+
 /// Name of the tensor used to find the checkpoint's prefix.
 const ANCHOR: &str = "embeddings.word_embeddings.weight";
 
@@ -38,6 +42,14 @@ impl Checkpoint {
     /// Parse checkpoint bytes; `path` is used in messages only.
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         Self::from_bytes_anchored(path, bytes, ANCHOR, "a BERT-family checkpoint")
+    }
+
+    /// Open a ViT checkpoint (`model.safetensors` that `sherl-extract`
+    /// writes next to an image backbone's `model.onnx`, Hugging Face Dinov2
+    /// names), its prefix found through [`VIT_ANCHOR`].
+    pub fn open_vit(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_bytes_anchored(path, bytes, VIT_ANCHOR, "a ViT checkpoint")
     }
 
     /// Parse checkpoint bytes of another family: the prefix is what comes

@@ -10,9 +10,11 @@
 
 mod checkpoint;
 mod config;
+mod image;
 
-pub use checkpoint::Checkpoint;
+pub use checkpoint::{Checkpoint, VIT_ANCHOR};
 pub use config::{Activation, BertConfig};
+pub use image::ImageBackboneDesc;
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +58,17 @@ impl BackboneDir {
     /// `tokenizer.json`.
     pub fn tokenizer_path(&self) -> PathBuf {
         self.root.join("tokenizer.json")
+    }
+
+    /// `backbone.json`: present for an image backbone
+    /// ([`ImageBackboneDesc`]).
+    pub fn description_path(&self) -> PathBuf {
+        self.root.join("backbone.json")
+    }
+
+    /// Whether this is an image backbone (it holds `backbone.json`).
+    pub fn is_image(&self) -> bool {
+        self.description_path().is_file()
     }
 
     /// `model.onnx` (the default export target and the model extraction runs).

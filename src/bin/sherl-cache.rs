@@ -132,7 +132,8 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         "provenance": {
             "onnx_sha256": m.backbone.onnx.sha256,
             "safetensors_sha256": m.backbone.safetensors.as_ref().map(|f| &f.sha256),
-            "tokenizer_sha256": m.backbone.tokenizer.sha256,
+            "tokenizer_sha256": m.backbone.tokenizer.as_ref().map(|f| &f.sha256),
+            "image": m.image,
             "checkpoint_prefix": m.backbone.checkpoint_prefix,
             "data": m.dataset.files,
             "dataset_options": m.dataset.options,
@@ -173,7 +174,7 @@ fn inspect(dir: &Path, as_json: bool) -> anyhow::Result<ExitCode> {
         raw as f64 / 1e6,
         abbrev(&m.backbone.onnx.sha256),
         m.backbone.safetensors.as_ref().map_or("-", |f| abbrev(&f.sha256)),
-        abbrev(&m.backbone.tokenizer.sha256),
+        m.backbone.tokenizer.as_ref().map_or("-", |f| abbrev(&f.sha256)),
         m.dataset
             .files
             .iter()

@@ -18,6 +18,8 @@ use sherl::cache::manifest::{ExtractSettings, WorkerInfo};
 use sherl::cache::Dtype;
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
 use sherl::data::args::DatasetArgs;
+use sherl::data::image::ImageOptions;
+use sherl::extract::image::ImagePlan;
 use sherl::extract::plan::DEFAULT_COMPRESS_THREADS;
 use sherl::extract::sample::{SamplePlan, DEFAULT_BATCH_SIZE, DEFAULT_LIMIT};
 use sherl::extract::{ExtractPlan, LayerChoice};
@@ -155,6 +157,21 @@ struct RunArgs {
     shard_of: Option<String>,
     #[command(flatten)]
     runtime: RuntimeArgs,
+    /// Image backbones: a preprocessing recipe (JSON) instead of the one in
+    /// backbone.json.
+    #[arg(long, value_name = "FILE.json")]
+    preprocess: Option<PathBuf>,
+    /// Image backbones: average-pool the patch tokens p x p before caching
+    /// (1: none; the CLS token is kept).
+    #[arg(long, default_value_t = 1, value_name = "P")]
+    patch_pool: u32,
+    /// Image tables: the column holding each image's path.
+    #[arg(long, default_value = "image")]
+    image_column: String,
+    /// IDX images: class names by class number, one per line (e.g.
+    /// fashion-mnist/classes.txt); default: the numbers.
+    #[arg(long, value_name = "FILE")]
+    class_names: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -407,6 +424,18 @@ fn run_extract(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
         worker,
         compress_threads: a.compress_threads,
         session: a.runtime.session_config(),
+        image: ImagePlan {
+            options: ImageOptions {
+                image_column: a.image_column.parse()?,
+                idx_label_names: match &a.class_names {
+                    Some(p) => sherl::data::image::read_class_names(p)?,
+                    None => Vec::new(),
+                },
+                ..ImageOptions::default()
+            },
+            preprocess: a.preprocess,
+            patch_pool: a.patch_pool,
+        },
     };
     let rt = runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let bar = sherl::cli::progress::ExtractBar::new(output.progress());

@@ -92,6 +92,23 @@ pub(super) fn check_shard_against_manifest(
             ),
         });
     }
+    let image_shard = h.format_version == format::IMAGE_SHARD_FORMAT_VERSION;
+    if image_shard != m.image.is_some() {
+        return Err(CacheError::ManifestMismatch {
+            field: "image".into(),
+            manifest: if m.image.is_some() {
+                "an image cache"
+            } else {
+                "a text cache"
+            }
+            .into(),
+            shard: format!(
+                "a {} shard (header version {})",
+                if image_shard { "image" } else { "text" },
+                h.format_version
+            ),
+        });
+    }
     let checks: [(&str, String, String); 11] = [
         (
             "shard index",

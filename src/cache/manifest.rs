@@ -43,8 +43,8 @@ pub struct BackboneInfo {
     pub onnx: FileInfo,
     /// The checkpoint (`model.safetensors`), if the backbone directory has one.
     pub safetensors: Option<FileInfo>,
-    /// `tokenizer.json`.
-    pub tokenizer: FileInfo,
+    /// `tokenizer.json`; `null` for an image backbone (version 3 on).
+    pub tokenizer: Option<FileInfo>,
     /// Checkpoint name prefix (`""`, `"bert."`), if a checkpoint exists.
     pub checkpoint_prefix: Option<String>,
     /// `config.json` as read (if present).
@@ -186,6 +186,36 @@ pub struct Manifest {
     pub worker: Option<WorkerInfo>,
     /// Shards, in order.
     pub shards: Vec<ShardInfo>,
+    /// Set in an image cache (version 3 on, FORMAT.md §5): the backbone
+    /// description, the preprocessing recipe and the token layout. Not
+    /// written when `None`, so a text cache's manifest has the fields of
+    /// version 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageInfo>,
+}
+
+/// What an image cache records about its images (FORMAT.md §5, version 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    /// The backbone description (`backbone.json`).
+    pub description: FileInfo,
+    /// The ONNX input the preprocessed images were fed to.
+    pub input: String,
+    /// The preprocessing recipe as applied (`Preprocess` as JSON).
+    pub preprocess: serde_json::Value,
+    /// sha256 of the recipe's canonical JSON (`Preprocess::digest`).
+    pub preprocess_sha256: String,
+    /// Tokens per image the backbone produces (CLS first, then patches in
+    /// row-major order).
+    pub backbone_tokens: usize,
+    /// Whether token 0 is a CLS token.
+    pub cls_token: bool,
+    /// Side of the square of patch tokens averaged into one before caching
+    /// (`1`: none; `2`: 2x2, `--patch-pool 2`). The CLS token is kept.
+    pub patch_pool: u32,
+    /// Tokens stored per image (after pooling).
+    pub tokens: usize,
 }
 
 impl Manifest {

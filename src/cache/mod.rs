@@ -48,7 +48,7 @@ pub use error::CacheError;
 pub use format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
 pub use manifest::Manifest;
 pub use reader::{open_shard, open_shard_checked, Cache, ChunkRef, ChunkStream, DecodedChunk};
-pub use shard::{ExampleMeta, MetaBounds, ShardReader};
+pub use shard::{ExampleMeta, ImageMeta, MetaBounds, ShardReader};
 pub use writer::CacheWriter;
 
 use crate::{Error, Result};

@@ -11,13 +11,17 @@
 //!   file;
 //! - [`run`]: the stages composed, with the cache directory protocol of
 //!   [`crate::cache::writer::CacheWriter`];
-//! - [`sample`]: a quick look at what the backbone produces.
+//! - [`sample`]: a quick look at what the backbone produces;
+//! - [`image`]: the same stages for an image backbone (`backbone.json`):
+//!   images decoded and preprocessed per batch, the ViT run with its
+//!   per-layer tensors exposed, every token cached.
 //!
 //! Padded inputs and per-example rows at real tokens come from
 //! [`crate::batching`], shared with training. Errors of this phase are
 //! [`ExtractError`]s.
 
 pub mod error;
+pub mod image;
 pub mod order;
 pub mod pipeline;
 pub mod plan;

@@ -76,6 +76,7 @@ pub fn tokenize(data: &Dataset, tokenizer: &Tokenizer) -> Result<CacheOrder> {
             label: ex.label,
             type_ids: enc.type_ids.iter().map(|&t| t.min(255) as u8).collect(),
             ids: enc.ids,
+            image: None,
         })
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

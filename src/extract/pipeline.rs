@@ -143,6 +143,44 @@ pub fn write_shard(
     session: &mut BackboneSession,
     examples: &[ExampleMeta],
     layers: &[usize],
+    shard: ShardWriter,
+    threads: usize,
+    s: &ExtractSettings,
+    reporter: &dyn ExtractReporter,
+) -> Result<(SealedShard, u64, StageTimes)> {
+    let mut run = |batch_examples: &[ExampleMeta]| -> Result<BatchOutput> {
+        let batch = padded_batch(batch_examples);
+        let (ids, mask, types) = batch.views();
+        let outs = session.run(ids, mask, types, layers)?;
+        Ok(BatchOutput {
+            outs,
+            padded_tokens: batch.padded_tokens() as u64,
+            metas: None,
+        })
+    };
+    write_shard_with(&mut run, examples, shard, threads, s, reporter)
+}
+
+/// What the backbone returned for one batch (the runner of
+/// [`write_shard_with`]).
+#[derive(Debug)]
+pub struct BatchOutput {
+    /// One `[batch, seq, hidden]` array per stored layer.
+    pub outs: Vec<Array3<f32>>,
+    /// Token slots run, padding included.
+    pub padded_tokens: u64,
+    /// The batch's examples as they are to be recorded, when running them
+    /// completed their metadata (an image's digest); `None`: as given.
+    pub metas: Option<Vec<ExampleMeta>>,
+}
+
+/// [`write_shard`] with the backbone behind `run_batch` (called once per
+/// batch of consecutive examples under the token budget): text runs the
+/// padded token batch through [`BackboneSession`], images decode,
+/// preprocess and run the image model ([`super::image`]).
+pub fn write_shard_with(
+    run_batch: &mut dyn FnMut(&[ExampleMeta]) -> Result<BatchOutput>,
+    examples: &[ExampleMeta],
     mut shard: ShardWriter,
     threads: usize,
     s: &ExtractSettings,
@@ -220,7 +258,7 @@ pub fn write_shard(
         // two cores it only slowed ONNX Runtime's threads down as much as
         // it saved.)
         let mut produce = || -> Result<()> {
-            let mut chunks = ChunkBuilder::new(s.chunk_size as usize, layers.len());
+            let mut chunks = ChunkBuilder::new(s.chunk_size as usize, spec.n_layers as usize);
             let mut seq = 0usize;
             let mut wait = 0f64;
             let mut send = |chunk: Chunk, wait: &mut f64| -> Result<()> {
@@ -232,11 +270,15 @@ pub fn write_shard(
             };
             for range in shard_batches(examples, s) {
                 let batch_examples = &examples[range];
-                let batch = padded_batch(batch_examples);
-                let (ids, mask, types) = batch.views();
                 let t = Instant::now();
-                let outs = session.run(ids, mask, types, layers)?;
+                let BatchOutput {
+                    outs,
+                    padded_tokens,
+                    metas,
+                } = run_batch(batch_examples)?;
                 times.backbone += t.elapsed().as_secs_f64();
+                let batch_examples = metas.as_deref().unwrap_or(batch_examples);
+                let real_tokens: u64 = batch_examples.iter().map(|e| e.len() as u64).sum();
                 if let Some(o) = outs.first() {
                     if o.shape()[2] != hidden {
                         return Err(Error::Runtime(format!(
@@ -245,7 +287,7 @@ pub fn write_shard(
                         )));
                     }
                 }
-                padded += batch.padded_tokens() as u64;
+                padded += padded_tokens;
                 let t = Instant::now();
                 for (b, meta) in batch_examples.iter().enumerate() {
                     if let Some(chunk) = chunks.push(&outs, b, meta) {
@@ -253,7 +295,7 @@ pub fn write_shard(
                     }
                 }
                 times.chunking += t.elapsed().as_secs_f64();
-                reporter.advance(batch_examples.len() as u64, batch.real_tokens() as u64);
+                reporter.advance(batch_examples.len() as u64, real_tokens);
             }
             if let Some(chunk) = chunks.finish() {
                 send(chunk, &mut wait)?;

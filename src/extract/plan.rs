@@ -121,6 +121,9 @@ pub struct ExtractPlan {
     pub compress_threads: usize,
     /// ONNX Runtime session settings.
     pub session: SessionConfig,
+    /// How an image dataset is read and preprocessed (used when the
+    /// backbone is an image backbone).
+    pub image: super::image::ImagePlan,
 }
 
 /// The checks that need nothing but the settings.

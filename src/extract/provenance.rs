@@ -10,12 +10,12 @@ use serde_json::json;
 
 use super::order::CacheOrder;
 use crate::backbone::{BackboneDir, BertConfig};
-use crate::cache::format::SHARD_FORMAT_VERSION;
+use crate::cache::format::{IMAGE_SHARD_FORMAT_VERSION, SHARD_FORMAT_VERSION};
 use crate::cache::manifest::{
-    BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, Manifest, WorkerInfo,
+    BackboneInfo, DatasetInfo, ExtractSettings, FileInfo, ImageInfo, Manifest, WorkerInfo,
 };
 use crate::cache::FORMAT_VERSION;
-use crate::data::{Dataset, DatasetPlan, SplitSource};
+use crate::data::{DatasetPlan, LoadReport, SplitSource};
 use crate::Result;
 
 /// A file and its sha256.
@@ -51,7 +51,7 @@ pub fn backbone_info(
     Ok(BackboneInfo {
         onnx: file_info(model)?,
         safetensors,
-        tokenizer: file_info(&dir.tokenizer_path())?,
+        tokenizer: Some(file_info(&dir.tokenizer_path())?),
         checkpoint_prefix: prefix,
         config: config.map(|c| serde_json::to_value(c).expect("config serializes")),
         num_layers,
@@ -60,7 +60,7 @@ pub fn backbone_info(
 }
 
 /// The dataset's files and the options that decide which rows are read.
-pub fn dataset_info(plan: &DatasetPlan, data: &Dataset) -> Result<DatasetInfo> {
+pub fn dataset_info(plan: &DatasetPlan, report: &LoadReport) -> Result<DatasetInfo> {
     let mut files = Vec::new();
     match &plan.source {
         SplitSource::Files(fs) => {
@@ -73,9 +73,9 @@ pub fn dataset_info(plan: &DatasetPlan, data: &Dataset) -> Result<DatasetInfo> {
     Ok(DatasetInfo {
         files,
         options: dataset_options(plan),
-        rows_read: data.report.rows_read,
-        skipped_bad_rows: data.report.skipped_bad_rows,
-        dropped_labels: data.report.dropped_labels.clone(),
+        rows_read: report.rows_read,
+        skipped_bad_rows: report.skipped_bad_rows,
+        dropped_labels: report.dropped_labels.clone(),
     })
 }
 
@@ -152,7 +152,38 @@ pub fn settings_hash(
     backbone: &BackboneInfo,
     dataset: &DatasetInfo,
     settings: &ExtractSettings,
+    image: Option<&ImageInfo>,
 ) -> String {
+    if let Some(image) = image {
+        // An image cache (FORMAT.md §5.1, version 3): the image shard
+        // layout's version, no tokenizer, and the whole image record (the
+        // recipe, the pooling) folded in.
+        let canon = json!({
+            "format_version": IMAGE_SHARD_FORMAT_VERSION,
+            "backbone": {
+                "onnx": backbone.onnx.sha256,
+                "safetensors": backbone.safetensors.as_ref().map(|f| f.sha256.clone()),
+                "tokenizer": null,
+                "config": backbone.config,
+            },
+            "dataset": {
+                "files": dataset.files.iter().map(|f| f.sha256.clone()).collect::<Vec<_>>(),
+                "options": hash_spelling(&dataset.options),
+            },
+            "settings": settings,
+            "image": {
+                "description": image.description.sha256,
+                "input": image.input,
+                "preprocess": image.preprocess,
+                "preprocess_sha256": image.preprocess_sha256,
+                "backbone_tokens": image.backbone_tokens,
+                "cls_token": image.cls_token,
+                "patch_pool": image.patch_pool,
+                "tokens": image.tokens,
+            },
+        });
+        return crate::hash::sha256_hex(canon.to_string().as_bytes());
+    }
     let canon = json!({
         // The shard layout's version, so the hash (and the shard headers that
         // carry it) stay those of format version 1 (FORMAT.md §5.1).
@@ -160,7 +191,7 @@ pub fn settings_hash(
         "backbone": {
             "onnx": backbone.onnx.sha256,
             "safetensors": backbone.safetensors.as_ref().map(|f| f.sha256.clone()),
-            "tokenizer": backbone.tokenizer.sha256,
+            "tokenizer": backbone.tokenizer.as_ref().map(|f| f.sha256.clone()),
             "config": backbone.config,
         },
         "dataset": {
@@ -182,8 +213,9 @@ pub fn manifest(
     labels: Vec<String>,
     order: &CacheOrder,
     worker: Option<WorkerInfo>,
+    image: Option<ImageInfo>,
 ) -> Manifest {
-    let hash = settings_hash(&backbone, &dataset, &settings);
+    let hash = settings_hash(&backbone, &dataset, &settings, image.as_ref());
     let mut splits = BTreeMap::new();
     for e in &order.examples {
         *splits
@@ -206,6 +238,7 @@ pub fn manifest(
         tokens: order.tokens(),
         worker,
         shards: Vec::new(),
+        image,
     }
 }
 

@@ -176,7 +176,7 @@ pub fn describe(
         session.n_layers,
         session.hidden,
     )?;
-    let dataset = super::provenance::dataset_info(&plan.dataset, data)?;
+    let dataset = super::provenance::dataset_info(&plan.dataset, &data.report)?;
     let settings = ExtractSettings {
         layers: session.layers.clone(),
         ..plan.settings.clone()
@@ -188,6 +188,7 @@ pub fn describe(
         data.label_names.clone(),
         order,
         plan.worker,
+        None,
     ))
 }
 
@@ -197,6 +198,9 @@ pub fn run(
     plan: &ExtractPlan,
     reporter: &dyn ExtractReporter,
 ) -> Result<ExtractSummary> {
+    if BackboneDir::open(&plan.backbone)?.is_image() {
+        return super::image::run(rt, plan, reporter);
+    }
     let t0 = std::time::Instant::now();
     let s = &plan.settings;
     plan::validate(s)?;

@@ -356,8 +356,10 @@ impl Batches {
             }
             for t in 0..len {
                 mask[r * s + t] = 1.0;
-                tok[r * s + t] = it.meta.ids[t];
-                typ[r * s + t] = u32::from(it.meta.type_ids[t]);
+                // Image examples have no token ids (FORMAT.md §3.1.1):
+                // zeros, read by no image model.
+                tok[r * s + t] = it.meta.ids.get(t).copied().unwrap_or(0);
+                typ[r * s + t] = it.meta.type_ids.get(t).map_or(0, |&x| u32::from(x));
             }
             labels.push(it.meta.label.ok_or_else(|| {
                 FitError::cache_lacks(format!(

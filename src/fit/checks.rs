@@ -4,10 +4,11 @@
 use std::path::Path;
 
 use super::config::FitConfig;
-use super::model::ModelSpec;
+use super::model::{Arch, ModelSpec};
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
 use crate::cache::Cache;
 use crate::fit::error::FitError;
+use crate::fit::nn::vit_layer::VitLayerConfig;
 use crate::Result;
 
 pub(super) fn split_id(cache: &Cache, names: &[&str]) -> Option<u32> {
@@ -20,20 +21,21 @@ pub(super) fn split_id(cache: &Cache, names: &[&str]) -> Option<u32> {
 }
 
 /// Resolve the model spec for `cfg` on this cache.
-pub fn model_spec(cfg: &FitConfig, cache: &Cache, bert: &BertConfig) -> Result<ModelSpec> {
+pub fn model_spec(cfg: &FitConfig, cache: &Cache, arch: &Arch) -> Result<ModelSpec> {
     let m = cache.manifest();
-    let n = bert.num_hidden_layers;
+    let n = arch.num_layers();
     let k = cfg.late_layers;
     if k == 0 || k > n {
         return Err(FitError::settings(format!(
             "--late-layers {k} must be between 1 and {n}"
         )));
     }
-    let side_dim = cfg.side_dim.unwrap_or(bert.hidden_size / cfg.reduction);
+    let side_dim = cfg.side_dim.unwrap_or(arch.hidden() / cfg.reduction);
     if side_dim == 0 {
         return Err(FitError::settings(format!(
             "side width {} / {} is 0",
-            bert.hidden_size, cfg.reduction
+            arch.hidden(),
+            cfg.reduction
         )));
     }
     let early = match &cfg.early_layers {
@@ -60,8 +62,11 @@ pub fn model_spec(cfg: &FitConfig, cache: &Cache, bert: &BertConfig) -> Result<M
 }
 
 /// Check that `backbone` is the one the cache was made with.
-pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(BertConfig, Checkpoint)> {
+pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(Arch, Checkpoint)> {
     let m = cache.manifest();
+    if m.image.is_some() || dir.is_image() {
+        return check_image_backbone(cache, dir);
+    }
     let cfg = dir.config()?;
     let ckpt = Checkpoint::open(&dir.safetensors_path())?;
     if let Some(want) = &m.backbone.safetensors {
@@ -92,7 +97,75 @@ pub fn check_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(BertConfig, C
             m.backbone.hidden
         )));
     }
-    Ok((cfg, ckpt))
+    Ok((Arch::Bert(cfg), ckpt))
+}
+
+/// [`check_backbone`] for an image cache: the backbone directory is an
+/// image backbone whose `backbone.json` and `model.safetensors` (the ViT
+/// weights `sherl-extract` took from the ONNX initializers) are the files
+/// the cache was extracted with; the block sizes are the manifest's
+/// `backbone.config`. Training never parses ONNX.
+fn check_image_backbone(cache: &Cache, dir: &BackboneDir) -> Result<(Arch, Checkpoint)> {
+    let m = cache.manifest();
+    let Some(image) = &m.image else {
+        return Err(FitError::backbone(format!(
+            "{} is an image backbone, but the cache {} holds text",
+            dir.root().display(),
+            cache.dir().display()
+        )));
+    };
+    if !dir.is_image() {
+        return Err(FitError::backbone(format!(
+            "the cache {} holds images, but {} has no backbone.json (not an image backbone)",
+            cache.dir().display(),
+            dir.root().display()
+        )));
+    }
+    let same = |path: &Path, want: &str, what: &str| -> Result<()> {
+        let got = crate::fsutil::sha256_path(path)?;
+        if got != want {
+            return Err(FitError::backbone(format!(
+                "{}: sha256 {} differs from the {what} the cache {} was extracted with ({}); use the same backbone",
+                path.display(),
+                crate::hash::abbrev(&got),
+                cache.dir().display(),
+                crate::hash::abbrev(want)
+            )));
+        }
+        Ok(())
+    };
+    let desc_path = dir.description_path();
+    same(&desc_path, &image.description.sha256, "backbone.json")?;
+    let Some(want) = &m.backbone.safetensors else {
+        return Err(FitError::backbone(format!(
+            "the cache {} records no ViT checkpoint; re-extract it with this sherl",
+            cache.dir().display()
+        )));
+    };
+    let ckpt_path = dir.safetensors_path();
+    same(&ckpt_path, &want.sha256, "ViT checkpoint")?;
+    let ckpt = Checkpoint::open_vit(&ckpt_path)?;
+    let cfg: VitLayerConfig = m
+        .backbone
+        .config
+        .clone()
+        .and_then(|c| serde_json::from_value(c).ok())
+        .ok_or_else(|| {
+            FitError::cache_lacks(format!(
+                "{}: the manifest's backbone.config does not hold the ViT block sizes",
+                cache.dir().display()
+            ))
+        })?;
+    if cfg.hidden_size != m.backbone.hidden {
+        return Err(FitError::cache_lacks(format!(
+            "{}: backbone.config says width {}, backbone.hidden {}",
+            cache.dir().display(),
+            cfg.hidden_size,
+            m.backbone.hidden
+        )));
+    }
+    let layers = m.backbone.num_layers;
+    Ok((Arch::Vit { cfg, layers }, ckpt))
 }
 
 /// Refuse a backbone `config.json` that differs from the one recorded when

@@ -16,6 +16,11 @@
 //!   backbone layer in the backward pass. Needs hidden_states.N cached.
 //! - `full-ft`: the whole backbone in candle, every weight trained, from the
 //!   token ids stored in the cache (the memory and accuracy reference).
+//!
+//! The backbone layers are BERT layers for a text cache and DINOv2 ViT
+//! blocks ([`super::nn::vit_layer`], weights from the ONNX initializers)
+//! for an image cache ([`Arch`]); everything else is the same. `full-ft`
+//! needs the patch embedding on images and is refused there.
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -27,6 +32,7 @@ use super::nn::embeddings::Embeddings;
 use super::nn::head::Head;
 use super::nn::restore_gate::RestoreGate;
 use super::nn::unipt::Unipt;
+use super::nn::vit_layer::{VitLayer, VitLayerConfig};
 use super::nn::{Builder, Detach, Mode};
 use super::params::{Group, Params};
 use crate::backbone::{BertConfig, Checkpoint};
@@ -88,6 +94,85 @@ pub struct ModelSpec {
     pub classes: usize,
 }
 
+/// The backbone whose layers the model runs.
+#[derive(Debug, Clone)]
+pub enum Arch {
+    /// A BERT-family text encoder (`config.json`).
+    Bert(BertConfig),
+    /// A DINOv2 ViT (an image cache): the block sizes and the layer count.
+    Vit {
+        /// Block sizes.
+        cfg: VitLayerConfig,
+        /// Transformer layers N.
+        layers: usize,
+    },
+}
+
+impl Arch {
+    /// Transformer layers N.
+    pub fn num_layers(&self) -> usize {
+        match self {
+            Arch::Bert(c) => c.num_hidden_layers,
+            Arch::Vit { layers, .. } => *layers,
+        }
+    }
+
+    /// Hidden width.
+    pub fn hidden(&self) -> usize {
+        match self {
+            Arch::Bert(c) => c.hidden_size,
+            Arch::Vit { cfg, .. } => cfg.hidden_size,
+        }
+    }
+
+    /// The sizes as a BERT configuration, for what only needs the sizes
+    /// (the memory estimate): a ViT block has a BERT layer's tensors (four
+    /// projections, two LayerNorms, an MLP) plus two LayerScale vectors;
+    /// no embeddings are used (`full-ft` is refused on images).
+    pub fn sizes(&self) -> BertConfig {
+        match self {
+            Arch::Bert(c) => c.clone(),
+            Arch::Vit { cfg, layers } => serde_json::from_value(serde_json::json!({
+                "vocab_size": 0,
+                "hidden_size": cfg.hidden_size,
+                "num_hidden_layers": layers,
+                "num_attention_heads": cfg.heads,
+                "intermediate_size": cfg.mlp_size,
+                "max_position_embeddings": 0,
+                "type_vocab_size": 0,
+                "layer_norm_eps": cfg.layer_norm_eps,
+            }))
+            .expect("a BERT config from ViT sizes"),
+        }
+    }
+}
+
+/// One backbone layer: BERT (masked attention) or ViT (every token real).
+#[derive(Debug, Clone)]
+enum Layer {
+    Bert(BertLayer),
+    Vit(VitLayer),
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, bias: &Tensor, mode: &mut Mode<'_>) -> Result<Tensor> {
+        match self {
+            Layer::Bert(l) => l.forward(x, bias, mode),
+            // Images have no padding: every token attends to every token.
+            Layer::Vit(l) => l.forward(x, mode),
+        }
+    }
+}
+
+impl Detach for Layer {
+    fn detached(&self) -> Self {
+        match self {
+            Layer::Bert(l) => Layer::Bert(l.detached()),
+            Layer::Vit(l) => Layer::Vit(l.detached()),
+        }
+    }
+}
+
 /// The modules of one method (each method has exactly its own).
 #[derive(Debug, Clone)]
 enum Net {
@@ -95,18 +180,18 @@ enum Net {
     Sherl {
         consolidation: Consolidation,
         restore: RestoreGate,
-        late: Vec<BertLayer>,
+        late: Vec<Layer>,
     },
     /// The late layers (with gradients) on hidden_states.N-K.
-    LateLayer { late: Vec<BertLayer> },
+    LateLayer { late: Vec<Layer> },
     /// Frozen layers run without gradients up to the probed layer.
-    LinearProbe { frozen: Vec<BertLayer> },
+    LinearProbe { frozen: Vec<Layer> },
     /// The UniPT side network.
     Unipt(Unipt),
     /// Embeddings and every layer, all trained.
     FullFt {
         embeddings: Embeddings,
-        layers: Vec<BertLayer>,
+        layers: Vec<Layer>,
     },
 }
 
@@ -134,24 +219,26 @@ pub struct Output {
 /// Load `encoder.layer.{range}` trained in `group` or frozen (`None`).
 fn load_layers(
     vb: &mut Builder,
-    cfg: &BertConfig,
+    arch: &Arch,
     range: std::ops::Range<usize>,
     group: Option<Group>,
-) -> Result<Vec<BertLayer>> {
+) -> Result<Vec<Layer>> {
     range
         .map(|li| {
-            BertLayer::load(
-                vb.pp(&format!("encoder.layer.{li}"))
-                    .pretrained_group(group),
-                cfg,
-            )
+            let b = vb
+                .pp(&format!("encoder.layer.{li}"))
+                .pretrained_group(group);
+            Ok(match arch {
+                Arch::Bert(cfg) => Layer::Bert(BertLayer::load(b, cfg)?),
+                Arch::Vit { cfg, .. } => Layer::Vit(VitLayer::load(b, cfg)?),
+            })
         })
         .collect()
 }
 
 /// Run `h` through `layers`.
 fn run_layers(
-    layers: &[BertLayer],
+    layers: &[Layer],
     mut h: Tensor,
     bias: &Tensor,
     mode: &mut Mode<'_>,
@@ -170,13 +257,13 @@ impl Model {
     pub fn build(
         spec: ModelSpec,
         cached: &[usize],
-        cfg: &BertConfig,
+        arch: &Arch,
         ckpt: &Checkpoint,
         seed: u64,
         dev: &Device,
     ) -> Result<Self> {
-        let n = cfg.num_hidden_layers;
-        let d_model = cfg.hidden_size;
+        let n = arch.num_layers();
+        let d_model = arch.hidden();
         let k = spec.late_layers;
         if k == 0 || k > n {
             return Err(FitError::settings(format!(
@@ -217,7 +304,7 @@ impl Model {
                 let restore =
                     RestoreGate::load(vb.pp("late"), spec.side_dim, d_model, spec.dropout)?;
                 let group = spec.late_trainable.then_some(Group::Pretrained);
-                let late = load_layers(&mut vb, cfg, last..n, group)?;
+                let late = load_layers(&mut vb, arch, last..n, group)?;
                 let net = Net::Sherl {
                     consolidation,
                     restore,
@@ -228,7 +315,7 @@ impl Model {
             Method::LateLayer => {
                 let last = n - k;
                 need(last)?;
-                let late = load_layers(&mut vb, cfg, last..n, pretrained)?;
+                let late = load_layers(&mut vb, arch, last..n, pretrained)?;
                 (Net::LateLayer { late }, vec![last])
             }
             Method::LinearProbe => {
@@ -248,7 +335,7 @@ impl Model {
                             "the cache holds no layer at or below {p} for the linear probe"
                         ))
                     })?;
-                let frozen = load_layers(&mut vb, cfg, from..p, None)?;
+                let frozen = load_layers(&mut vb, arch, from..p, None)?;
                 (Net::LinearProbe { frozen }, vec![from])
             }
             Method::Unipt => {
@@ -260,9 +347,17 @@ impl Model {
                 (Net::Unipt(unipt), (0..=n).collect())
             }
             Method::FullFt => {
+                let Arch::Bert(cfg) = arch else {
+                    return Err(FitError::settings(
+                        "--method full-ft is not available on an image cache: it needs the \
+                         patch embedding in candle, which is not built yet (the image-text \
+                         retrieval issue adds it); use sherl, late-layer, unipt or linear-probe"
+                            .to_string(),
+                    ));
+                };
                 let embeddings =
                     Embeddings::load(vb.pp("embeddings").pretrained_group(pretrained), cfg)?;
-                let layers = load_layers(&mut vb, cfg, 0..n, pretrained)?;
+                let layers = load_layers(&mut vb, arch, 0..n, pretrained)?;
                 (Net::FullFt { embeddings, layers }, Vec::new())
             }
         };

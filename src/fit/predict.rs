@@ -15,7 +15,7 @@ use serde_json::json;
 
 use super::batcher::Batch;
 use super::error::FitError;
-use super::model::{Model, ModelSpec};
+use super::model::{Arch, Model, ModelSpec};
 use super::params::Params;
 use super::run_dir::{self, RunCache, RunConfig};
 use crate::backbone::{BackboneDir, Checkpoint};
@@ -170,11 +170,17 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     check_weights(&plan.run, &weights_path)?;
     let dir = BackboneDir::open(&plan.backbone)?;
     same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
-    same(
-        "tokenizer",
-        &dir.tokenizer_path(),
-        &rc.cache.backbone.tokenizer.sha256,
-    )?;
+    if let Some(image) = &rc.cache.image {
+        return predict_images(rt, plan, &rc, image, &dir, &weights_path);
+    }
+    let Some(tokenizer) = &rc.cache.backbone.tokenizer else {
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "the run's cache records no tokenizer and no image record".into(),
+        }
+        .into());
+    };
+    same("tokenizer", &dir.tokenizer_path(), &tokenizer.sha256)?;
     if let Some(st) = &rc.cache.backbone.safetensors {
         same("checkpoint", &dir.safetensors_path(), &st.sha256)?;
     }
@@ -211,17 +217,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         }
         .into());
     }
-    let spec = ModelSpec {
-        method: rc.config.method,
-        late_layers: rc.config.late_layers,
-        late_trainable: rc.config.late_trainable,
-        side_dim: rc.model.side_dim,
-        early_layers: rc.model.early_layers.clone(),
-        probe_layer: rc.model.probe_layer,
-        pool: rc.config.pool,
-        dropout: rc.config.dropout,
-        classes: rc.model.classes,
-    };
+    let spec = run_spec(&rc);
 
     // Texts: every row is labelled. True labels (if the file has them) are
     // read as they are and mapped to the run's classes by name; a label the
@@ -271,7 +267,8 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
             }
         },
     };
-    let model = Model::build(spec, &rc.cache.layers, &bert, &ckpt, rc.config.seed, &dev)?;
+    let arch = Arch::Bert(bert.clone());
+    let model = Model::build(spec, &rc.cache.layers, &arch, &ckpt, rc.config.seed, &dev)?;
     model
         .params
         .restore(&Params::load_file(&weights_path, &dev)?, &weights_path)?;
@@ -363,6 +360,203 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     }
     Ok(PredictSummary {
         run_id: rc.run_id,
+        examples: data.examples.len(),
+        accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
+        labelled,
+        unknown_labels: unknown,
+        out: plan.out.clone(),
+    })
+}
+
+/// The model spec a run was trained with.
+fn run_spec(rc: &RunConfig) -> ModelSpec {
+    ModelSpec {
+        method: rc.config.method,
+        late_layers: rc.config.late_layers,
+        late_trainable: rc.config.late_trainable,
+        side_dim: rc.model.side_dim,
+        early_layers: rc.model.early_layers.clone(),
+        probe_layer: rc.model.probe_layer,
+        pool: rc.config.pool,
+        dropout: rc.config.dropout,
+        classes: rc.model.classes,
+    }
+}
+
+/// `predict` for a run trained on an image cache: the new images (a folder
+/// of class folders, a table whose `image` column names image files, IDX)
+/// are decoded and preprocessed with the recipe the cache recorded (not
+/// whatever `backbone.json` says now), run through the ViT with the
+/// run's input layers exposed, pooled as the cache was, and labelled by
+/// the trained modules. The backbone description, the ONNX model and the
+/// ViT checkpoint must be the ones the cache was extracted with.
+fn predict_images(
+    rt: &Runtime,
+    plan: &PredictPlan,
+    rc: &RunConfig,
+    image: &crate::cache::manifest::ImageInfo,
+    dir: &BackboneDir,
+    weights_path: &Path,
+) -> Result<PredictSummary> {
+    use crate::data::image::{load_images, ImageOptions, Preprocess};
+    use crate::extract::image::{exposed_model, ImageBackbone, ImageRunner};
+
+    let desc_path = dir.description_path();
+    same("backbone.json", &desc_path, &image.description.sha256)?;
+    let ckpt_path = dir.safetensors_path();
+    let Some(st) = &rc.cache.backbone.safetensors else {
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "the run's image cache records no ViT checkpoint".into(),
+        }
+        .into());
+    };
+    same("ViT checkpoint", &ckpt_path, &st.sha256)?;
+    let recipe: Preprocess =
+        serde_json::from_value(image.preprocess.clone()).map_err(|e| FitError::BadRun {
+            path: plan.run.join(run_dir::CONFIG_FILE),
+            message: format!("cache.image.preprocess is not a recipe: {e}"),
+        })?;
+    let desc = crate::backbone::ImageBackboneDesc::read(&desc_path)?;
+    let backbone = ImageBackbone {
+        desc,
+        desc_path,
+        recipe,
+        patch_pool: image.patch_pool,
+        tokens: image.tokens,
+    };
+    let cfg: crate::fit::nn::vit_layer::VitLayerConfig = rc
+        .cache
+        .backbone
+        .config
+        .clone()
+        .and_then(|c| serde_json::from_value(c).ok())
+        .ok_or_else(|| FitError::BadRun {
+            path: plan.run.join(run_dir::CONFIG_FILE),
+            message: "cache.backbone.config does not hold the ViT block sizes".into(),
+        })?;
+    let arch = Arch::Vit {
+        cfg,
+        layers: rc.cache.backbone.num_layers,
+    };
+    let ckpt = Checkpoint::open_vit(&ckpt_path)?;
+    let dev = Device::Cpu;
+    let model = Model::build(
+        run_spec(rc),
+        &rc.cache.layers,
+        &arch,
+        &ckpt,
+        rc.config.seed,
+        &dev,
+    )?;
+    model
+        .params
+        .restore(&Params::load_file(weights_path, &dev)?, weights_path)?;
+    let inputs = model.inputs().to_vec();
+    let model_eval = model.inference();
+
+    let trained = trained_columns(&rc.cache);
+    let dplan = plan.data.to_plan(&trained);
+    let options = ImageOptions::default();
+    let data = load_images(&dplan, &options)?;
+    let class_of: Vec<Option<usize>> = data
+        .label_names
+        .iter()
+        .map(|n| rc.labels.iter().position(|l| l == n))
+        .collect();
+    let bytes = exposed_model(&plan.model, &backbone.desc, &inputs)?;
+    let mut session =
+        crate::runtime::F32Session::from_bytes(rt, &plan.model, &bytes, &plan.session)?;
+    drop(bytes);
+    let order: Vec<usize> = (0..data.examples.len()).collect();
+    let mut runner = ImageRunner {
+        session: &mut session,
+        backbone: &backbone,
+        options: &options,
+        layers: &inputs,
+        examples: &data.examples,
+        order: &order,
+    };
+    let mut sink: Box<dyn Write> = match &plan.out {
+        Some(p) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| Error::io(p, e))?,
+        )),
+        None => Box::new(std::io::stdout().lock()),
+    };
+    let out_name = plan
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("<stdout>"));
+    let hidden = arch.hidden();
+    let tokens = backbone.tokens;
+    let (mut correct, mut labelled, mut unknown) = (0usize, 0usize, 0usize);
+    let positions: Vec<usize> = (0..data.examples.len()).collect();
+    for chunk in positions.chunks(plan.batch_size.max(1)) {
+        let metas: Vec<crate::cache::ExampleMeta> = chunk
+            .iter()
+            .map(|&p| crate::cache::ExampleMeta {
+                position: p as u64,
+                id: data.examples[p].id.clone(),
+                split: 0,
+                label: None,
+                ids: Vec::new(),
+                type_ids: Vec::new(),
+                image: Some(crate::cache::ImageMeta {
+                    tokens: tokens as u32,
+                    digest: [0; 32],
+                }),
+            })
+            .collect();
+        let out = runner.run(&metas)?;
+        let layers: Vec<Vec<f32>> = out
+            .outs
+            .into_iter()
+            .map(|a| a.into_raw_vec_and_offset().0)
+            .collect();
+        // Every image has `tokens` real tokens: an all-ones mask.
+        let encs: Vec<Encoded> = chunk
+            .iter()
+            .map(|_| Encoded {
+                ids: vec![0; tokens],
+                type_ids: vec![0; tokens],
+            })
+            .collect();
+        let refs: Vec<&Encoded> = encs.iter().collect();
+        let pb = PaddedBatch::new(&refs, None);
+        let ids = metas.iter().map(|m| m.id.clone()).collect();
+        let batch = Batch::from_padded(&pb, layers, hidden, ids, &dev)?;
+        let logits = model_eval.forward(&batch)?.logits;
+        let probs: Vec<Vec<f32>> = candle_nn::ops::softmax(&logits, 1)?.to_vec2()?;
+        for (&p, pr) in chunk.iter().zip(probs) {
+            let e = &data.examples[p];
+            let best = pr
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map_or(0, |(i, _)| i);
+            let mut line = json!({
+                "id": e.id,
+                "image": e.source.path().display().to_string(),
+                "label": rc.labels[best],
+                "probabilities": rc.labels.iter().cloned().zip(pr.iter().map(|&x| json!(f64::from(x)))).collect::<serde_json::Map<String, serde_json::Value>>(),
+            });
+            if let Some(t) = e.label {
+                let t = t as usize;
+                line["true_label"] = json!(data.label_names[t]);
+                match class_of[t] {
+                    Some(c) => {
+                        labelled += 1;
+                        correct += usize::from(c == best);
+                    }
+                    None => unknown += 1,
+                }
+            }
+            writeln!(sink, "{line}").map_err(|e| Error::io(&out_name, e))?;
+        }
+    }
+    sink.flush().map_err(|e| Error::io(&out_name, e))?;
+    Ok(PredictSummary {
+        run_id: rc.run_id.clone(),
         examples: data.examples.len(),
         accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
         labelled,

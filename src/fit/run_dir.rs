@@ -103,6 +103,11 @@ pub struct RunCache {
     /// defaults); absent in runs written before sherl recorded them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub columns: Option<TrainedColumns>,
+    /// An image cache's image record (the preprocessing recipe and its
+    /// digest, the token layout, the patch pooling), which `predict` must
+    /// apply again; absent for text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::cache::manifest::ImageInfo>,
 }
 
 impl RunConfig {

@@ -205,8 +205,8 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
         )));
     }
     let dir = BackboneDir::open(&plan.backbone)?;
-    let (bert, ckpt) = check_backbone(&cache, &dir)?;
-    let spec = model_spec(cfg, &cache, &bert)?;
+    let (arch, ckpt) = check_backbone(&cache, &dir)?;
+    let spec = model_spec(cfg, &cache, &arch)?;
 
     let train_split = split_id(&cache, &["train"]).ok_or_else(|| {
         FitError::cache_lacks(format!(
@@ -241,7 +241,7 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     // directory is created: a refused command changes nothing on disk.
     check_memory(&memory_estimate(
         &spec,
-        &bert,
+        &arch.sizes(),
         cfg,
         m.settings.max_len,
         &m.settings.layers,
@@ -249,7 +249,7 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let model = Model::build(
         spec.clone(),
         &m.settings.layers,
-        &bert,
+        &arch,
         &ckpt,
         cfg.seed,
         &plan.device,
@@ -295,6 +295,7 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             path: plan.cache.clone(),
             settings_hash: m.settings_hash.clone(),
             columns: Some(TrainedColumns::from_options(&m.dataset.options)),
+            image: m.image.clone(),
         },
         config: cfg.clone(),
         labels: m.labels.clone(),

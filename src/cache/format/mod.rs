@@ -12,7 +12,7 @@ pub mod values;
 
 pub use header::{header_crc, Header};
 pub use index::{FrameKind, IndexEntry};
-pub use meta::{decode_meta, encode_meta, ExampleMeta};
+pub use meta::{decode_meta, encode_meta, ExampleMeta, ImageMeta};
 pub use values::{decode_values, encode_values, shuffle_bytes, shuffle_width, unshuffle_bytes};
 
 use super::error::CacheError;
@@ -20,14 +20,18 @@ use super::error::CacheError;
 /// FORMAT.md §1: the 8 magic bytes every shard starts with.
 pub const MAGIC: &[u8; 8] = b"SHRLCACH";
 /// FORMAT.md §6: the format version this build writes (in `manifest.json`).
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// FORMAT.md §6: the oldest format version this build reads.
 pub const OLDEST_READABLE_VERSION: u32 = 1;
-/// FORMAT.md §2, §6: the version written in shard headers, which names the
-/// shard layout. Version 2 changed only the manifest, so shards are still
-/// written as version 1 (byte-identical to a version 1 writer's) and this is
-/// also the version folded into `settings_hash` (§5.1).
+/// FORMAT.md §2, §6: the version written in the headers of text shards,
+/// which names the shard layout. Versions 2 and 3 did not change the text
+/// layout, so text shards are still written as version 1 (byte-identical to
+/// a version 1 writer's) and this is also the version folded into
+/// `settings_hash` (§5.1).
 pub const SHARD_FORMAT_VERSION: u32 = 1;
+/// FORMAT.md §3.1.1, §6: the version in the headers of image shards, whose
+/// Meta frames hold image records (no token ids). Introduced in version 3.
+pub const IMAGE_SHARD_FORMAT_VERSION: u32 = 3;
 /// FORMAT.md §2: header size in bytes.
 pub const HEADER_LEN: usize = 96;
 /// FORMAT.md §4: size of one index entry in bytes.

@@ -10,6 +10,6 @@
 pub mod reader;
 pub mod writer;
 
-pub use super::format::{decode_meta, encode_meta, ExampleMeta};
+pub use super::format::{decode_meta, encode_meta, ExampleMeta, ImageMeta};
 pub use reader::{ChunkEntry, MetaBounds, ShardReader};
 pub use writer::{compress_chunk, CompressedChunk, SealedShard, ShardSpec, ShardWriter};

@@ -6,8 +6,8 @@ use crate::cache::error::CacheError;
 use crate::cache::format::values::unshuffle_payload;
 use crate::cache::format::{
     check_frame_size, decode_meta, decode_values, header_crc, ExampleMeta, FrameKind, Header,
-    IndexEntry, HEADER_LEN, INDEX_ENTRY_LEN, MAX_FRAME_RAW, MAX_INDEX_RAW, MAX_ZSTD_RATIO,
-    MIN_FRAME_LEN,
+    IndexEntry, HEADER_LEN, IMAGE_SHARD_FORMAT_VERSION, INDEX_ENTRY_LEN, MAX_FRAME_RAW,
+    MAX_INDEX_RAW, MAX_ZSTD_RATIO, MIN_FRAME_LEN,
 };
 use crate::cache::mmap::ByteSource;
 
@@ -243,11 +243,15 @@ impl<B: ByteSource> ShardReader<B> {
                     )));
                 }
                 // 24 bytes per example plus token ids (4 B) and type ids (1 B)
-                // per token, plus the ids, whose length has no limit (§3.1)
-                let meta_min = e
-                    .n_tokens
-                    .saturating_mul(5)
-                    .saturating_add(u64::from(e.n_examples) * 24);
+                // per token, plus the ids, whose length has no limit (§3.1);
+                // an image record has a 32-byte digest instead (§3.1.1)
+                let meta_min = if h.format_version == IMAGE_SHARD_FORMAT_VERSION {
+                    u64::from(e.n_examples) * (24 + 32)
+                } else {
+                    e.n_tokens
+                        .saturating_mul(5)
+                        .saturating_add(u64::from(e.n_examples) * 24)
+                };
                 if e.raw_len < meta_min {
                     return Err(CacheError::Corrupt(format!(
                         "chunk {c}: a metadata frame of {} bytes cannot hold {} examples of {} tokens",
@@ -365,7 +369,8 @@ impl<B: ByteSource> ShardReader<B> {
             .chunks
             .get(c)
             .ok_or_else(|| CacheError::Corrupt(format!("no chunk {c}")))?;
-        let meta = decode_meta(&self.frame(ch.meta)?, ch.n_examples as usize)?;
+        let image = self.header.format_version == IMAGE_SHARD_FORMAT_VERSION;
+        let meta = decode_meta(&self.frame(ch.meta)?, ch.n_examples as usize, image)?;
         let tokens: u64 = meta.iter().map(|m| m.len() as u64).sum();
         if tokens != ch.n_tokens {
             return Err(CacheError::Corrupt(format!(

@@ -9,7 +9,7 @@ use crate::cache::error::CacheError;
 use crate::cache::format::values::{encode_half_planes, shuffle_payload};
 use crate::cache::format::{
     encode_meta, encode_values, Dtype, ExampleMeta, FrameKind, Header, IndexEntry, HEADER_LEN,
-    INDEX_ENTRY_LEN, SHARD_FORMAT_VERSION,
+    IMAGE_SHARD_FORMAT_VERSION, INDEX_ENTRY_LEN, SHARD_FORMAT_VERSION,
 };
 use crate::{Error, Result};
 
@@ -32,6 +32,8 @@ pub struct ShardSpec {
     pub chunk_size: u32,
     /// Settings hash (first 8 bytes).
     pub settings_hash: u64,
+    /// An image shard (FORMAT.md §3.1.1: image records, header version 3).
+    pub image: bool,
 }
 
 impl ShardSpec {
@@ -47,6 +49,7 @@ impl ShardSpec {
             max_len: s.max_len as u32,
             chunk_size: s.chunk_size,
             settings_hash: m.header_settings_hash(),
+            image: m.image.is_some(),
         }
     }
 }
@@ -82,6 +85,14 @@ pub fn compress_chunk(
     meta: &[ExampleMeta],
     layers: &[Vec<f32>],
 ) -> Result<CompressedChunk, CacheError> {
+    if let Some(e) = meta.iter().find(|e| e.image.is_some() != spec.image) {
+        return Err(CacheError::Corrupt(format!(
+            "example {} is a {} example in a {} shard",
+            e.id,
+            if spec.image { "text" } else { "image" },
+            if spec.image { "image" } else { "text" }
+        )));
+    }
     let n_tokens: u64 = meta.iter().map(|m| m.len() as u64).sum();
     let mut frames = Vec::with_capacity(layers.len() + 1);
     let m = encode_meta(meta);
@@ -245,7 +256,11 @@ impl ShardWriter {
             .write_all(&index)
             .map_err(|e| Error::io(&self.tmp, e))?;
         let header = Header {
-            format_version: SHARD_FORMAT_VERSION,
+            format_version: if self.spec.image {
+                IMAGE_SHARD_FORMAT_VERSION
+            } else {
+                SHARD_FORMAT_VERSION
+            },
             shard_index: self.shard_index,
             dtype: self.spec.dtype,
             shuffle: self.spec.shuffle,

@@ -60,6 +60,21 @@ impl Image {
         })
     }
 
+    /// sha256 of the decoded image: width and height (u32 little-endian),
+    /// channels (one byte), then the pixels as [`Image::pixels`] holds them.
+    /// What an image cache records per image (FORMAT.md §3.1.1): it names
+    /// the pixels the backbone saw, wherever they came from (a file, an IDX
+    /// record).
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.width.to_le_bytes());
+        h.update(self.height.to_le_bytes());
+        h.update([self.channels]);
+        h.update(&self.pixels);
+        h.finalize().into()
+    }
+
     /// Width in pixels (never 0).
     pub fn width(&self) -> u32 {
         self.width

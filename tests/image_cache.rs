@@ -1,0 +1,396 @@
+//! Images through `sherl-extract run` (issue 11): the tiny ViT image
+//! backbone of `tests/vit.rs` over generated PNGs, the cache read back
+//! against ONNX Runtime's own outputs, and `--patch-pool`.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{ArrayD, IxDyn};
+use sherl::backbone::ImageBackboneDesc;
+use sherl::cache::Cache;
+use sherl::data::image::{read_image, ImageOptions};
+use sherl::runtime::F32Session;
+
+use crate::common;
+use crate::vit::{write_image_folders, write_tiny_vit_backbone, TINY_TOKENS};
+
+pub(crate) struct ImageFixture {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+    pub backbone: PathBuf,
+    pub data: PathBuf,
+}
+
+pub(crate) fn image_fixture(per_class: usize) -> ImageFixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    let backbone = root.join("vit");
+    write_tiny_vit_backbone(&backbone);
+    let data = root.join("imgs");
+    write_image_folders(&data, per_class, 5);
+    ImageFixture {
+        _tmp: tmp,
+        root,
+        backbone,
+        data,
+    }
+}
+
+pub(crate) fn extract_images(f: &ImageFixture, out: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "run",
+        "--backbone",
+        f.backbone.to_str().unwrap(),
+        "--data",
+        f.data.to_str().unwrap(),
+        "--split",
+        "train=0.5,valid=0.25,test=0.25",
+        "--late-layers",
+        "1",
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--out",
+        out,
+    ];
+    args.extend_from_slice(extra);
+    let o = common::run("sherl-extract", &args, &f.root, &[]);
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        common::stderr(&o)
+    );
+    let out = common::stdout(&o);
+    serde_json::from_str(out.lines().last().expect("a JSON line")).expect("JSON summary")
+}
+
+/// Every layer of every image, one image at a time through ONNX Runtime
+/// (the model's per-layer tensors exposed as sherl does).
+fn reference(backbone: &Path, image: &Path) -> Vec<Vec<f32>> {
+    let desc = ImageBackboneDesc::read(&backbone.join("backbone.json")).unwrap();
+    let model = backbone.join("model.onnx");
+    let bytes = sherl::extract::image::exposed_model(&model, &desc, &[0, 1, 2]).unwrap();
+    let mut s = F32Session::from_bytes(common::runtime(), &model, &bytes, &common::cpu()).unwrap();
+    let img = read_image(image, &ImageOptions::default()).unwrap();
+    let x = desc.preprocess.apply(&img).unwrap();
+    let n = desc.image_size;
+    let x = ArrayD::from_shape_vec(IxDyn(&[1, 3, n, n]), x).unwrap();
+    let out = s
+        .run(
+            &[("input_image", x.view())],
+            &["hidden_states.0", "hidden_states.1", "hidden_states.2"],
+        )
+        .unwrap();
+    out.into_iter()
+        .map(|a| a.as_slice().unwrap().to_vec())
+        .collect()
+}
+
+/// An f32 image cache holds exactly what ONNX Runtime returns for each
+/// image (every token, every layer), with the image's id, label, split and
+/// digest, no token ids; the manifest records the recipe; `--patch-pool 2`
+/// stores the CLS token and the mean of the 2x2 patch grid.
+#[test]
+fn image_cache_equals_onnx_runtime() {
+    let f = image_fixture(6);
+    let s = extract_images(
+        &f,
+        "c",
+        &[
+            "--dtype",
+            "f32",
+            "--layers",
+            "all",
+            "--max-batch",
+            "1",
+            "--chunk-size",
+            "2",
+            "--examples-per-shard",
+            "5",
+        ],
+    );
+    assert_eq!(s["examples"], 12);
+    assert_eq!(s["tokens"], 12 * TINY_TOKENS as u64);
+    let cache = Cache::open(&f.root.join("c")).unwrap();
+    let m = cache.manifest();
+    assert_eq!(m.format_version, 3);
+    assert_eq!(m.labels, vec!["a", "b"]);
+    assert_eq!(m.settings.layers, vec![0, 1, 2]);
+    assert_eq!(m.settings.max_len, TINY_TOKENS);
+    assert!(m.backbone.tokenizer.is_none());
+    let info = m.image.as_ref().expect("an image cache records its images");
+    let desc = ImageBackboneDesc::read(&f.backbone.join("backbone.json")).unwrap();
+    assert_eq!(info.preprocess_sha256, desc.preprocess.digest());
+    assert_eq!(
+        info.preprocess,
+        serde_json::to_value(&desc.preprocess).unwrap()
+    );
+    assert_eq!((info.tokens, info.patch_pool), (TINY_TOKENS, 1));
+
+    let mut pooled_ref = Vec::new();
+    for pos in 0..12u64 {
+        let (meta, layers) = cache.example(pos, &[0, 1, 2]).unwrap();
+        assert!(meta.ids.is_empty() && meta.type_ids.is_empty());
+        assert_eq!(meta.len(), TINY_TOKENS);
+        let path = f.data.join(&meta.id);
+        let class = meta.id.split('/').next().unwrap();
+        assert_eq!(m.labels[meta.label.unwrap() as usize], class);
+        let img = read_image(&path, &ImageOptions::default()).unwrap();
+        assert_eq!(meta.image.unwrap().digest, img.digest(), "{}", meta.id);
+        let want = reference(&f.backbone, &path);
+        for l in 0..3 {
+            assert_eq!(
+                layers[l], want[l],
+                "{} hidden_states.{l}: an f32 cache is exact",
+                meta.id
+            );
+        }
+        pooled_ref.push((meta.id.clone(), want));
+    }
+    // Cache order: train, valid, test.
+    assert_eq!(m.split_names, vec!["train", "valid", "test"]);
+
+    let v = common::run("sherl-cache", &["verify", "c"], &f.root, &[]);
+    assert!(v.status.success(), "{}", common::stderr(&v));
+
+    // --patch-pool 2: CLS + one token, the mean of the 4 patches.
+    let s = extract_images(
+        &f,
+        "p",
+        &["--dtype", "f32", "--layers", "all", "--patch-pool", "2"],
+    );
+    assert_eq!(s["tokens"], 12 * 2);
+    let cache = Cache::open(&f.root.join("p")).unwrap();
+    assert_eq!(cache.manifest().image.as_ref().unwrap().patch_pool, 2);
+    assert_ne!(cache.manifest().settings_hash, m.settings_hash);
+    for pos in 0..12u64 {
+        let (meta, layers) = cache.example(pos, &[2]).unwrap();
+        let (_, want) = pooled_ref.iter().find(|(id, _)| id == &meta.id).unwrap();
+        let d = want[2].len() / TINY_TOKENS;
+        let mut expect = want[2][..d].to_vec();
+        for j in 0..d {
+            expect.push((1..5).map(|t| want[2][t * d + j]).sum::<f32>() / 4.0);
+        }
+        common::assert_close(&layers[0], &expect, 1e-5, 1e-5, &meta.id);
+    }
+}
+
+/// `inspect-onnx` finds the ViT's per-layer tensors (the embedding output
+/// and each layer's closing residual Add), in the order of backbone.json.
+#[test]
+fn inspect_onnx_finds_the_vit_layers() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tiny_vit_backbone(tmp.path());
+    let desc = ImageBackboneDesc::read(&tmp.path().join("backbone.json")).unwrap();
+    let model = sherl::onnx::inspect::read_model(&tmp.path().join("model.onnx")).unwrap();
+    let i = sherl::onnx::inspect::interface(&model);
+    let found: Vec<(String, usize)> = i
+        .candidates
+        .iter()
+        .map(|c| (c.tensor.clone(), c.suggested_index))
+        .collect();
+    let want: Vec<(String, usize)> = desc.hidden_states.iter().cloned().zip(0..).collect();
+    assert_eq!(found, want);
+}
+
+fn fit_images(f: &ImageFixture, args: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "run",
+        "--cache",
+        "c",
+        "--backbone",
+        f.backbone.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ];
+    if !args.contains(&"--out") {
+        a.extend(["--out", "runs"]);
+    }
+    a.extend_from_slice(args);
+    common::run("sherl-fit", &a, &f.root, &[])
+}
+
+fn fit_ok(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        common::stderr(o)
+    );
+    serde_json::from_str(common::stdout(o).lines().last().unwrap()).unwrap()
+}
+
+/// `sherl-fit` on an image cache: linear-probe, late-layer, unipt and sherl
+/// train (the ViT blocks from the ONNX initializers) and report metrics; a
+/// seeded run is deterministic; full-ft is refused with the reason.
+#[test]
+fn four_methods_train_on_an_image_cache() {
+    let f = image_fixture(10);
+    extract_images(&f, "c", &["--dtype", "f32", "--layers", "all"]);
+    let mut params = Vec::new();
+    for method in ["linear-probe", "late-layer", "unipt", "sherl"] {
+        let s = fit_ok(&fit_images(
+            &f,
+            &["--method", method, "--epochs", "2", "--batch-size", "4"],
+        ));
+        assert_eq!(s["method"], method);
+        let acc = s["valid_accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{method}: {acc}");
+        assert!(s["test_accuracy"].as_f64().is_some(), "{method}");
+        assert!(s["trainable_params"].as_u64().unwrap() > 0, "{method}");
+        params.push(s["trainable_params"].as_u64().unwrap());
+    }
+    // the run records the recipe (predict applies it again)
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            f.root
+                .join(
+                    fit_ok(&fit_images(
+                        &f,
+                        &["--method", "sherl", "--epochs", "2", "--batch-size", "4"],
+                    ))["run_dir"]
+                        .as_str()
+                        .unwrap(),
+                )
+                .join("config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let desc = ImageBackboneDesc::read(&f.backbone.join("backbone.json")).unwrap();
+    assert_eq!(
+        cfg["cache"]["image"]["preprocess_sha256"],
+        serde_json::json!(desc.preprocess.digest())
+    );
+    // the late layer (a ViT block of width 8) trains more than the probe
+    assert!(params[1] > params[0], "{params:?}");
+
+    // a seeded run is deterministic: the same weights from a second --out
+    let a = fit_ok(&fit_images(
+        &f,
+        &[
+            "--method",
+            "sherl",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--seed",
+            "3",
+        ],
+    ));
+    let b = fit_ok(&fit_images(
+        &f,
+        &[
+            "--method",
+            "sherl",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--seed",
+            "3",
+            "--out",
+            "runs2",
+        ],
+    ));
+    let w = |s: &serde_json::Value| {
+        std::fs::read(
+            f.root
+                .join(s["run_dir"].as_str().unwrap())
+                .join("weights.safetensors"),
+        )
+        .unwrap()
+    };
+    assert_eq!(w(&a), w(&b));
+    assert_eq!(a["valid_accuracy"], b["valid_accuracy"]);
+
+    let o = fit_images(&f, &["--method", "full-ft", "--epochs", "1"]);
+    assert!(!o.status.success());
+    assert!(
+        common::stderr(&o).contains("not available on an image cache"),
+        "{}",
+        common::stderr(&o)
+    );
+}
+
+/// `sherl-fit predict` on new images (a folder of class folders): JSONL
+/// with each image's id, path, label, probabilities and true label; the
+/// accuracy over the labelled ones; a second predict writes the same bytes.
+#[test]
+fn predict_labels_new_images() {
+    let f = image_fixture(8);
+    extract_images(&f, "c", &["--dtype", "f32"]);
+    let s = fit_ok(&fit_images(
+        &f,
+        &["--method", "sherl", "--epochs", "2", "--batch-size", "4"],
+    ));
+    let new = f.root.join("new");
+    write_image_folders(&new, 3, 99);
+    let run = s["run_dir"].as_str().unwrap();
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run,
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            new.to_str().unwrap(),
+            "--out",
+            "pred.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    let p = fit_ok(&o);
+    assert_eq!(p["examples"], 6);
+    assert_eq!(p["labelled"], 6);
+    assert!(p["accuracy"].as_f64().is_some());
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(f.root.join("pred.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 6);
+    for l in &lines {
+        let label = l["label"].as_str().unwrap();
+        assert!(label == "a" || label == "b", "{l}");
+        let sum: f64 = l["probabilities"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!((sum - 1.0).abs() < 1e-5, "{l}");
+        assert!(l["image"].as_str().unwrap().ends_with(".png"));
+        assert_eq!(l["true_label"], l["id"].as_str().unwrap()[..1]);
+    }
+    let o2 = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run,
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            new.to_str().unwrap(),
+            "--out",
+            "pred2.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    fit_ok(&o2);
+    assert_eq!(
+        std::fs::read(f.root.join("pred.jsonl")).unwrap(),
+        std::fs::read(f.root.join("pred2.jsonl")).unwrap()
+    );
+}
