@@ -243,6 +243,7 @@ impl BertLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fit::nn::test_util::{close, flat};
     use crate::fit::nn::Detach;
     use crate::rng::SplitMix64;
     use candle_core::{Device, Var};
@@ -300,20 +301,6 @@ mod tests {
             l.packed = Some(Arc::new(l.flat_weights().unwrap().to_vec1().unwrap()));
         }
         (l, vars)
-    }
-
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
     }
 
     /// Inputs: `x` (a variable) `[3, 5, D]`, the attention bias of a mask

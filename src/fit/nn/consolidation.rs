@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
+use super::fused::contiguous_f32;
 use super::{Builder, Linear, Projector};
 use crate::fit::error::FitError;
 use crate::Result;
@@ -219,14 +220,6 @@ fn op_err(msg: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("sherl fused consolidation: {msg}"))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => Err(op_err(&format!("{what} must be contiguous"))),
-    }
-}
-
 impl CustomOp3 for ConsolidateOp {
     fn name(&self) -> &'static str {
         "sherl-consolidation"
@@ -242,9 +235,9 @@ impl CustomOp3 for ConsolidateOp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, m, d) = l1.shape().dims3()?;
-        let f = slice(s1, l1, "entries")?;
-        let w = slice(s2, l2, "score weight")?;
-        let b = slice(s3, l3, "score bias")?;
+        let f = contiguous_f32(s1, l1, "entries")?;
+        let w = contiguous_f32(s2, l2, "score weight")?;
+        let b = contiguous_f32(s3, l3, "score bias")?;
         if m < 2 || w.len() != d || b.len() != 1 || self.mask.len() != n {
             return Err(op_err("shapes do not match"));
         }
@@ -382,57 +375,22 @@ impl CustomOp3 for ConsolidateOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fit::nn::LayerNorm;
-    use crate::rng::SplitMix64;
+    use crate::fit::nn::test_util::{close, flat, same_grads, Draw};
     use candle_core::{Device, Var};
-
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
-    }
 
     /// Random trained projectors and scorer (variables), 4 entries of width
     /// 6 into 5, two sequences of 4 tokens with padding.
     fn setup(seed: u64) -> (Consolidation, Vec<Var>, Vec<Tensor>, Tensor, Tensor) {
-        let dev = Device::Cpu;
-        let mut rng = SplitMix64::new(seed);
-        let mut r =
-            |n: usize, s: f32| -> Vec<f32> { (0..n).map(|_| rng.symmetric_f32(s)).collect() };
         let (m, dm, d, b, s) = (4, 6, 5, 2, 4);
-        let mut vars = Vec::new();
-        let mut var = |v: Vec<f32>, shape: &[usize]| {
-            let x = Var::from_vec(v, shape, &dev).unwrap();
-            vars.push(x.clone());
-            x.as_tensor().clone()
-        };
-        let proj = (0..m)
-            .map(|_| Projector {
-                linear: Linear::from_parts(var(r(d * dm, 0.6), &[d, dm]), var(r(d, 0.2), &[d])),
-                norm: LayerNorm::from_parts(
-                    var(r(d, 0.3).iter().map(|x| 1.0 + x).collect(), &[d]),
-                    var(r(d, 0.2), &[d]),
-                    PROJ_LN_EPS,
-                ),
-            })
-            .collect();
-        let score = Linear::from_parts(var(r(d, 1.0), &[1, d]), var(r(1, 0.3), &[1]));
-        let layers = (0..m)
-            .map(|_| Tensor::from_vec(r(b * s * dm, 1.5), (b, s, dm), &dev).unwrap())
-            .collect();
-        let mask = Tensor::new(&[[1f32, 1., 1., 0.], [1., 1., 0., 0.]], &dev).unwrap();
-        let probe = Tensor::from_vec(r(b * s * d, 1.0), (b, s, d), &dev).unwrap();
+        let mut r = Draw::new(seed);
+        let proj = r.projectors(m, dm, d, PROJ_LN_EPS);
+        let score = Linear::from_parts(r.var(&[1, d], 1.0, 0.0), r.var(&[1], 0.3, 0.0));
+        let layers = (0..m).map(|_| r.tensor(&[b, s, dm], 1.5)).collect();
+        let mask = Tensor::new(&[[1f32, 1., 1., 0.], [1., 1., 0., 0.]], &Device::Cpu).unwrap();
+        let probe = r.tensor(&[b, s, d], 1.0);
         (
             Consolidation::from_parts(proj, score),
-            vars,
+            r.vars,
             layers,
             mask,
             probe,
@@ -462,15 +420,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for (i, v) in vars.iter().enumerate() {
-                let (x, y) = (ga.get(v), gb.get(v));
-                match (x, y) {
-                    (Some(x), Some(y)) => {
-                        close(&flat(x), &flat(y), 1e-5, &format!("seed {seed} param {i}"))
-                    }
-                    (x, y) => assert_eq!(x.is_some(), y.is_some(), "seed {seed} param {i}"),
-                }
-            }
+            same_grads(&ga, &gb, &vars, 1e-5, &format!("seed {seed}"));
         }
     }
 

@@ -144,7 +144,13 @@ fn cpu_slice<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<
     }
 }
 
-fn contiguous_f32<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+/// The contiguous `f32` data of a CPU storage under `l`; every fused op reads
+/// its inputs through this.
+pub(super) fn contiguous_f32<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     let data = s.as_slice::<f32>()?;
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&data[a..b]),
@@ -239,24 +245,13 @@ impl CustomOp3 for LayerNormOp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fit::nn::test_util::close_t as close;
     use candle_core::Device;
     use candle_core::Var;
 
     fn rand(n: usize, seed: u64) -> Vec<f32> {
         let mut r = crate::rng::SplitMix64::new(seed);
         (0..n).map(|_| r.symmetric_f32(1.0)).collect()
-    }
-
-    fn close(a: &Tensor, b: &Tensor, tol: f32, what: &str) {
-        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(a.len(), b.len(), "{what}");
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!(
-                (x - y).abs() <= tol * (1.0 + x.abs().max(y.abs())),
-                "{what}[{i}]: {x} vs {y}"
-            );
-        }
     }
 
     /// Values and gradients of the three ops equal the composed candle ops

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
+use super::fused::contiguous_f32;
 use super::gemm::{matmul, View};
 use crate::backbone::Activation;
 
@@ -159,14 +160,6 @@ pub struct BertLayerOp {
 
 fn err(msg: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(format!("sherl fused BERT layer: {}", msg.into()))
-}
-
-fn slice_of<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => Err(err(format!("{what} must be contiguous"))),
-    }
 }
 
 fn threads() -> usize {
@@ -841,7 +834,7 @@ impl CustomOp1 for BertLayerOp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice_of(s, l, "input")?;
+        let x = contiguous_f32(s, l, "input")?;
         let w = self
             .frozen
             .as_ref()
@@ -869,8 +862,8 @@ impl CustomOp2 for BertLayerOp {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = slice_of(s1, l1, "input")?;
-        let w = slice_of(s2, l2, "weights")?;
+        let x = contiguous_f32(s1, l1, "input")?;
+        let w = contiguous_f32(s2, l2, "weights")?;
         let y = self.forward(x, w, true)?;
         Ok((CpuStorage::F32(y), self.out_shape()))
     }

@@ -24,6 +24,8 @@ pub mod head;
 pub mod linear;
 pub mod ops;
 pub mod restore_gate;
+#[cfg(test)]
+mod test_util;
 pub mod unipt;
 pub mod vit_layer;
 

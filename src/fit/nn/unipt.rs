@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
+use super::fused::contiguous_f32;
 use super::gemm::{matmul, View};
 use super::ops::{masked_mean, softmax};
 use super::{Builder, LayerNorm, Linear, Projector};
@@ -123,14 +124,6 @@ fn agg_err(msg: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("sherl fused UniPT aggregation: {msg}"))
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    let data = s.as_slice::<f32>()?;
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => Err(agg_err("inputs must be contiguous")),
-    }
-}
-
 /// `R = relu(A X^T) * keymask` and its row sums plus 1e-8, for one
 /// sequence (`a`, `x` `[s, d]`, `keys` `[s]`).
 fn similarity(
@@ -180,7 +173,11 @@ impl CustomOp3 for AggregateOp {
         if l2.shape().dims() != [b, s, d] || l3.shape().dims() != [b, s] {
             return Err(agg_err("shapes do not match"));
         }
-        let (a, x, m) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let (a, x, m) = (
+            contiguous_f32(s1, l1, "queries")?,
+            contiguous_f32(s2, l2, "layers")?,
+            contiguous_f32(s3, l3, "mask")?,
+        );
         let mut out = x.to_vec();
         for bi in 0..b {
             let (ab, xb) = (
@@ -324,66 +321,34 @@ impl CustomOp3 for AggregateOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
-    use candle_core::{Device, Var};
-
-    fn flat(t: &Tensor) -> Vec<f32> {
-        t.flatten_all().unwrap().to_vec1().unwrap()
-    }
+    use crate::fit::nn::test_util::{close, flat, same_grads, Draw};
+    use candle_core::Device;
 
     /// The fused aggregation against the composed ops: the output and the
     /// gradient of every parameter (projectors, confidence, output block)
     /// within 1e-5 relative, over random draws with padding.
     #[test]
     fn fused_unipt_matches_the_composed_ops() {
-        let dev = Device::Cpu;
         for seed in 0..4 {
-            let mut rng = SplitMix64::new(seed);
-            let mut r =
-                |n: usize, sc: f32| -> Vec<f32> { (0..n).map(|_| rng.symmetric_f32(sc)).collect() };
             let (m, dm, d, b, s) = (4, 6, 5, 2, 5);
-            let mut vars = Vec::new();
-            let mut var = |v: Vec<f32>, shape: &[usize]| {
-                let x = Var::from_vec(v, shape, &dev).unwrap();
-                vars.push(x.clone());
-                x.as_tensor().clone()
-            };
-            let proj = (0..m)
-                .map(|_| Projector {
-                    linear: Linear::from_parts(var(r(d * dm, 0.6), &[d, dm]), var(r(d, 0.2), &[d])),
-                    norm: LayerNorm::from_parts(
-                        var(r(d, 0.3).iter().map(|x| 1.0 + x).collect(), &[d]),
-                        var(r(d, 0.2), &[d]),
-                        1e-5,
-                    ),
-                })
-                .collect();
+            let mut r = Draw::new(seed);
+            let proj = r.projectors(m, dm, d, 1e-5);
             let u = Unipt {
                 proj,
-                confidence: Linear::from_parts(var(r(d, 0.5), &[1, d]), var(r(1, 0.1), &[1])),
-                out: Linear::from_parts(var(r(d * d, 0.5), &[d, d]), var(r(d, 0.1), &[d])),
-                out_norm: LayerNorm::from_parts(
-                    var(r(d, 0.2).iter().map(|x| 1.0 + x).collect(), &[d]),
-                    var(r(d, 0.1), &[d]),
-                    1e-5,
-                ),
+                confidence: r.linear(1, d, 0.5, 0.1),
+                out: r.linear(d, d, 0.5, 0.1),
+                out_norm: r.layer_norm(d, 0.2, 0.1, 1e-5),
             };
-            let layers: Vec<Tensor> = (0..m)
-                .map(|_| Tensor::from_vec(r(b * s * dm, 1.5), (b, s, dm), &dev).unwrap())
-                .collect();
-            let mask = Tensor::new(&[[1f32, 1., 1., 1., 0.], [1., 1., 0., 0., 0.]], &dev).unwrap();
-            let probe = Tensor::from_vec(r(b * s * d, 1.0), (b, s, d), &dev).unwrap();
+            let layers: Vec<Tensor> = (0..m).map(|_| r.tensor(&[b, s, dm], 1.5)).collect();
+            let mask = Tensor::new(
+                &[[1f32, 1., 1., 1., 0.], [1., 1., 0., 0., 0.]],
+                &Device::Cpu,
+            )
+            .unwrap();
+            let probe = r.tensor(&[b, s, d], 1.0);
             let yf = u.forward(&layers, &mask).unwrap();
             let yc = u.forward_composed(&layers, &mask).unwrap();
-            let close = |x: &[f32], y: &[f32], what: &str| {
-                for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                    assert!(
-                        (p - q).abs() <= 1e-5 * (1.0 + p.abs().max(q.abs())),
-                        "{what}[{i}]: {p} vs {q}"
-                    );
-                }
-            };
-            close(&flat(&yf), &flat(&yc), "output");
+            close(&flat(&yf), &flat(&yc), 1e-5, "output");
             let gf = (yf * &probe)
                 .unwrap()
                 .sum_all()
@@ -396,14 +361,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            for (i, v) in vars.iter().enumerate() {
-                match (gf.get(v), gc.get(v)) {
-                    (Some(x), Some(y)) => {
-                        close(&flat(x), &flat(y), &format!("seed {seed} param {i}"))
-                    }
-                    (x, y) => assert_eq!(x.is_some(), y.is_some(), "seed {seed} param {i}"),
-                }
-            }
+            same_grads(&gf, &gc, &r.vars, 1e-5, &format!("seed {seed}"));
         }
     }
 }
