@@ -23,6 +23,7 @@ pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod nn;
+pub mod optim;
 pub mod params;
 #[cfg(feature = "extract")]
 pub mod predict;

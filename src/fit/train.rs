@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::optim::ParamsAdamW;
+
+use super::optim::{clip_scale, AdamW};
 
 use super::batcher::{split_len, Batch, BatchPlan, Batches};
 use super::checks::{check_backbone, model_spec, split_id};
@@ -495,16 +497,18 @@ fn train_loop(
                     best.as_ref().map(|_| weights_path.as_path()),
                 )));
             }
-            if cfg.grad_clip > 0.0 {
-                clip_gradients(&mut grads, &all_vars, cfg.grad_clip)?;
-            }
+            let clip = if cfg.grad_clip > 0.0 {
+                clip_scale(&grads, &all_vars, cfg.grad_clip)?.1
+            } else {
+                None
+            };
             let mult = cfg.schedule(step.min(total_steps.saturating_sub(1)), total_steps.max(1));
             lr_now = cfg.lr * mult;
             opt_new.set_learning_rate(lr_now);
-            opt_new.step(&grads)?;
+            opt_new.step(&mut grads, clip)?;
             if let Some(o) = opt_pre.as_mut() {
                 o.set_learning_rate(cfg.lr_pretrained * mult);
-                o.step(&grads)?;
+                o.step(&mut grads, clip)?;
             }
             step += 1;
             tokens += batch.tokens;
@@ -598,29 +602,4 @@ fn train_loop(
         device: Some(crate::fit::device_name(&plan.device)),
         matmul: plan.device.is_cpu().then(crate::fit::nn::gemm::kernel),
     })
-}
-
-/// Scale all gradients so their global L2 norm is at most `max_norm`.
-/// Returns the norm before clipping.
-pub fn clip_gradients(
-    grads: &mut candle_core::backprop::GradStore,
-    vars: &[candle_core::Var],
-    max_norm: f64,
-) -> Result<f64> {
-    let mut total = 0f64;
-    for v in vars {
-        if let Some(g) = grads.get(v.as_tensor()) {
-            total += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
-        }
-    }
-    let norm = total.sqrt();
-    if norm > max_norm {
-        let s = max_norm / (norm + 1e-6);
-        for v in vars {
-            if let Some(g) = grads.remove(v.as_tensor()) {
-                grads.insert(v.as_tensor(), (g * s)?);
-            }
-        }
-    }
-    Ok(norm)
 }

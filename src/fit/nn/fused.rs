@@ -146,7 +146,7 @@ fn cpu_slice<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<
 
 /// The contiguous `f32` data of a CPU storage under `l`; every fused op reads
 /// its inputs through this.
-pub(super) fn contiguous_f32<'a>(
+pub(crate) fn contiguous_f32<'a>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,

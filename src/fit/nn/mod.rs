@@ -25,7 +25,7 @@ pub mod linear;
 pub mod ops;
 pub mod restore_gate;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 pub mod unipt;
 pub mod vit_layer;
 
