@@ -341,7 +341,10 @@ impl Batches {
         let s = items.iter().map(|i| i.meta.len()).max().unwrap_or(1);
         let h = self.hidden;
         let n_layers = self.plan.positions.len();
-        let mut layers = vec![vec![0f32; b * s * h]; n_layers];
+        // Each value written once: the example's rows, then its padding.
+        let mut layers: Vec<Vec<f32>> = (0..n_layers)
+            .map(|_| Vec::with_capacity(b * s * h))
+            .collect();
         let mut mask = vec![0f32; b * s];
         let mut tok = vec![0u32; b * s];
         let mut typ = vec![0u32; b * s];
@@ -351,8 +354,9 @@ impl Batches {
         for (r, it) in items.into_iter().enumerate() {
             let len = it.meta.len();
             tokens += len;
-            for (l, rows) in it.rows.iter().enumerate() {
-                layers[l][r * s * h..r * s * h + len * h].copy_from_slice(rows);
+            for (out, rows) in layers.iter_mut().zip(&it.rows) {
+                out.extend_from_slice(rows);
+                out.resize((r + 1) * s * h, 0.0);
             }
             for t in 0..len {
                 mask[r * s + t] = 1.0;

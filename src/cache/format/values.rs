@@ -106,6 +106,62 @@ pub fn decode_values(
     })
 }
 
+/// The 16-bit values (`F16` or `Bf16`) of a byte-shuffled layer frame
+/// (low bytes, then high bytes: FORMAT.md §3.2), widened to f32 in one pass,
+/// without the intermediate unshuffled copy that [`unshuffle_payload`] +
+/// [`decode_values`] make; values identical to that path's. `Ok(Err(i))`:
+/// value `i` is infinite or NaN (the reader refuses such a frame).
+pub fn decode_shuffled_16(
+    raw: &[u8],
+    tokens: usize,
+    hidden: usize,
+    dtype: Dtype,
+) -> Result<Result<Vec<f32>, usize>, CacheError> {
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    let expect = dtype
+        .raw_len(tokens as u64, hidden as u64)
+        .ok_or(CacheError::Overflow)?;
+    if raw.len() as u64 != expect || !matches!(dtype, Dtype::F16 | Dtype::Bf16) {
+        return Err(CacheError::Corrupt(format!(
+            "layer frame holds {} bytes, expected {expect} for {tokens} tokens x {hidden} ({})",
+            raw.len(),
+            dtype.name()
+        )));
+    }
+    let n = raw.len() / 2;
+    let (lo, hi) = raw.split_at(n);
+    // exponent bits all ones: infinity or NaN
+    let inf_mask: u16 = if dtype == Dtype::F16 { 0x7c00 } else { 0x7f80 };
+    let mut out = vec![0f32; n];
+    let mut bits = [0u16; 512];
+    for (k, dst) in out.chunks_mut(bits.len()).enumerate() {
+        let at = k * bits.len();
+        let m = dst.len();
+        let mut bad = false;
+        for (i, b) in bits[..m].iter_mut().enumerate() {
+            *b = u16::from(lo[at + i]) | (u16::from(hi[at + i]) << 8);
+            bad |= *b & inf_mask == inf_mask;
+        }
+        if bad {
+            let i = bits[..m]
+                .iter()
+                .position(|b| b & inf_mask == inf_mask)
+                .unwrap_or(0);
+            return Ok(Err(at + i));
+        }
+        if dtype == Dtype::F16 {
+            bits[..m]
+                .reinterpret_cast::<half::f16>()
+                .convert_to_f32_slice(dst);
+        } else {
+            bits[..m]
+                .reinterpret_cast::<half::bf16>()
+                .convert_to_f32_slice(dst);
+        }
+    }
+    Ok(Ok(out))
+}
+
 /// Width in bytes of the planes the shuffle filter uses for `dtype` (1 = no
 /// shuffle: int8 values are single bytes).
 pub fn shuffle_width(dtype: Dtype) -> usize {
@@ -181,6 +237,37 @@ pub fn unshuffle_payload(raw: &[u8], tokens: usize, dtype: Dtype) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The one-pass decoder of shuffled 16-bit frames gives exactly the
+    /// values of unshuffle + decode, and finds the first non-finite value.
+    #[test]
+    fn one_pass_16_bit_decode_equals_the_two_pass_one() {
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            let (tokens, hidden) = (7, 150); // 1,050 values: two blocks and a tail
+            let v: Vec<f32> = (0..tokens * hidden)
+                .map(|i| ((i as f32) * 0.37).sin() * 40.0 - 3.0)
+                .collect();
+            let shuffled = shuffle_bytes(&encode_values(&v, hidden, dtype), 2);
+            let want = decode_values(
+                &unshuffle_payload(&shuffled, tokens, dtype).unwrap(),
+                tokens,
+                hidden,
+                dtype,
+            )
+            .unwrap();
+            let got = decode_shuffled_16(&shuffled, tokens, hidden, dtype)
+                .unwrap()
+                .unwrap();
+            assert_eq!(got, want, "{dtype:?}");
+            let mut bad = v.clone();
+            bad[700] = f32::INFINITY;
+            bad[900] = f32::NAN;
+            let shuffled = shuffle_bytes(&encode_values(&bad, hidden, dtype), 2);
+            let r = decode_shuffled_16(&shuffled, tokens, hidden, dtype).unwrap();
+            assert_eq!(r, Err(700), "{dtype:?}");
+            assert!(decode_shuffled_16(&shuffled[1..], tokens, hidden, dtype).is_err());
+        }
+    }
 
     #[test]
     fn shuffle_is_invertible() {

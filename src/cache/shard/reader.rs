@@ -3,13 +3,14 @@
 //! CRC-checked and decoded on demand.
 
 use crate::cache::error::CacheError;
-use crate::cache::format::values::unshuffle_payload;
+use crate::cache::format::values::{decode_shuffled_16, unshuffle_payload};
 use crate::cache::format::{
     check_frame_size, decode_meta, decode_values, header_crc, ExampleMeta, FrameKind, Header,
     IndexEntry, HEADER_LEN, IMAGE_SHARD_FORMAT_VERSION, INDEX_ENTRY_LEN, MAX_FRAME_RAW,
     MAX_INDEX_RAW, MAX_ZSTD_RATIO, MIN_FRAME_LEN,
 };
 use crate::cache::mmap::ByteSource;
+use crate::cache::Dtype;
 
 /// Location of one chunk inside a shard.
 #[derive(Debug, Clone)]
@@ -417,6 +418,17 @@ impl<B: ByteSource> ShardReader<B> {
             .get(pos)
             .ok_or_else(|| CacheError::Corrupt(format!("no layer position {pos}")))?;
         let mut raw = self.frame(i)?;
+        if self.header.shuffle && matches!(self.header.dtype, Dtype::F16 | Dtype::Bf16) {
+            return decode_shuffled_16(
+                &raw,
+                ch.n_tokens as usize,
+                self.header.hidden as usize,
+                self.header.dtype,
+            )?
+            .map_err(|bad| {
+                CacheError::Corrupt(format!("{}: non-finite value at {bad}", self.frame_name(i)))
+            });
+        }
         if self.header.shuffle {
             raw = unshuffle_payload(&raw, ch.n_tokens as usize, self.header.dtype)?;
         }
