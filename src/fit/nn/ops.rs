@@ -98,6 +98,10 @@ pub fn dropout(x: &Tensor, p: f32, mode: &mut Mode<'_>) -> Result<Tensor> {
 /// Masked mean over the sequence: `x` `[B, S, D]`, `mask` `[B, S]` (1 real,
 /// 0 padding) -> `[B, D]`.
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    if super::fused::cpu_f32(x) && super::fused::cpu_f32(mask) {
+        let (x, mask) = (x.contiguous()?, mask.contiguous()?);
+        return Ok(x.apply_op2(&mask, super::fused::MaskedMeanOp)?);
+    }
     let m = mask.unsqueeze(2)?; // [B, S, 1]
     let sum = x.broadcast_mul(&m)?.sum(1)?; // [B, D]
     let n = m.sum(1)?.clamp(1.0, f64::MAX)?; // [B, 1]
