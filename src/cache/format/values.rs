@@ -132,11 +132,13 @@ pub fn decode_shuffled_16(
     let (lo, hi) = raw.split_at(n);
     // exponent bits all ones: infinity or NaN
     let inf_mask: u16 = if dtype == Dtype::F16 { 0x7c00 } else { 0x7f80 };
-    let mut out = vec![0f32; n];
+    // filled block by block (no zero-fill of the whole output first)
+    let mut out = Vec::with_capacity(n);
     let mut bits = [0u16; 512];
-    for (k, dst) in out.chunks_mut(bits.len()).enumerate() {
-        let at = k * bits.len();
-        let m = dst.len();
+    let mut wide = [0f32; 512];
+    for at in (0..n).step_by(bits.len()) {
+        let m = (n - at).min(bits.len());
+        let dst = &mut wide[..m];
         let mut bad = false;
         for (i, b) in bits[..m].iter_mut().enumerate() {
             *b = u16::from(lo[at + i]) | (u16::from(hi[at + i]) << 8);
@@ -158,6 +160,7 @@ pub fn decode_shuffled_16(
                 .reinterpret_cast::<half::bf16>()
                 .convert_to_f32_slice(dst);
         }
+        out.extend_from_slice(dst);
     }
     Ok(Ok(out))
 }

@@ -1,11 +1,9 @@
 //! CPU custom ops that do less work than candle's generic backward:
 //!
-//! - [`FrozenMatmul`]: `x W^T` with `W` frozen (a pre-trained late layer).
-//!   candle's matmul backward computes both operands' gradients; here only
-//!   `dL/dx` is computed, which halves the backward products of a frozen
-//!   layer and never allocates a gradient the size of its weights.
-//! - [`ConstInputMatmul`]: `x W^T` with `x` a constant (cached hidden
-//!   states into SHERL's and UniPT's projectors): only `dL/dW`.
+//! - [`LinearOp`]: `x W^T + b` on OpenBLAS, starting from the bias, with
+//!   only the gradients that are needed: a frozen weight (a pre-trained
+//!   late layer) gets none, a constant input (cached hidden states into
+//!   SHERL's and UniPT's projectors) gets none.
 //! - [`LayerNormOp`]: LayerNorm over the last axis in one pass forward and
 //!   two backward, instead of about ten composed element-wise ops each way.
 //! - [`MaskedMeanOp`]: the mean over real tokens (pooling, UniPT's layer
@@ -17,48 +15,13 @@
 //! (below and `tests/fit.rs`) check values and gradients against the
 //! composed versions and finite differences.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
 use super::gemm::View;
 
 /// Whether `t` can take the CPU custom ops.
 pub fn cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
-}
-
-/// `x W^T` for `x` `[rows, in]` and a frozen `W` `[out, in]`; backward
-/// gives `dL/dx = g W` only.
-pub struct FrozenMatmul {
-    /// `[out, in]`.
-    pub w: Tensor,
-}
-
-impl CustomOp1 for FrozenMatmul {
-    fn name(&self) -> &'static str {
-        "sherl-frozen-matmul"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s, l, "input")?;
-        let (out, d_in) = self.w.dims2()?;
-        let (storage, layout) = self.w.storage_and_layout();
-        let y = product(
-            x,
-            View::dense(x.len() / d_in.max(1), d_in),
-            cpu_slice(&storage, layout, "weight")?,
-            View::dense(out, d_in).t(),
-        )?;
-        Ok((
-            CpuStorage::F32(y),
-            Shape::from((x.len() / d_in.max(1), out)),
-        ))
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(g.matmul(&self.w)?))
-    }
 }
 
 /// `a b` for two views of slices, into a new dense `[a.rows, b.cols]`
@@ -79,47 +42,122 @@ fn product(a: &[f32], av: View, b: &[f32], bv: View) -> candle_core::Result<Vec<
     Ok(y)
 }
 
-/// `x W^T` for a constant `x` `[rows, in]`, applied to a trained `W`
-/// `[out, in]`; backward gives `dL/dW = g^T x` only.
-pub struct ConstInputMatmul {
-    /// `[rows, in]`.
-    pub x: Tensor,
+/// `x W^T + b` for `x` `[rows, in]`, `W` `[out, in]`, `b` `[out]`: the
+/// product starts from the bias rows (no separate broadcast add), and the
+/// backward pass computes only the gradients some variable needs, as
+/// recorded when the op was built: `dL/dx = g W` (not for cached inputs),
+/// `dL/dW = g^T x` (not for frozen weights), `dL/db` = column sums of `g`.
+/// candle's matmul backward computes both operands' gradients, which for a
+/// frozen late layer or the cached inputs of the projectors is half the
+/// backward work spent on gradients nobody reads; and its products run on
+/// the `gemm` crate, these on OpenBLAS when loaded.
+pub struct LinearOp {
+    /// Whether `x` needs a gradient.
+    pub need_dx: bool,
+    /// Whether `W` needs a gradient.
+    pub need_dw: bool,
+    /// Whether `b` needs a gradient.
+    pub need_db: bool,
 }
 
-impl CustomOp1 for ConstInputMatmul {
+impl LinearOp {
+    /// The op for these operands (gradients for those that track them).
+    pub fn for_operands(x: &Tensor, w: &Tensor, b: &Tensor) -> Self {
+        LinearOp {
+            need_dx: x.track_op(),
+            need_dw: w.track_op(),
+            need_db: b.track_op(),
+        }
+    }
+}
+
+impl CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "sherl-const-input-matmul"
+        "sherl-linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let w = contiguous_f32(s, l, "weight")?;
-        let (out, d_in) = l.shape().dims2()?;
-        let (rows, x_in) = self.x.dims2()?;
-        if x_in != d_in {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, "input")?;
+        let w = contiguous_f32(s2, l2, "weight")?;
+        let b = contiguous_f32(s3, l3, "bias")?;
+        let (rows, d_in) = l1.shape().dims2()?;
+        let (out, w_in) = l2.shape().dims2()?;
+        if w_in != d_in || b.len() != out {
             return Err(candle_core::Error::Msg(format!(
-                "sherl matmul: input width {x_in}, weight [{out}, {d_in}]"
+                "sherl linear: input {:?}, weight {:?}, bias {:?}",
+                l1.shape(),
+                l2.shape(),
+                l3.shape()
             )));
         }
-        let (storage, layout) = self.x.storage_and_layout();
-        let x = cpu_slice(&storage, layout, "input")?;
-        let y = product(x, View::dense(rows, d_in), w, View::dense(out, d_in).t())?;
+        let mut y = Vec::with_capacity(rows * out);
+        for _ in 0..rows {
+            y.extend_from_slice(b);
+        }
+        super::gemm::matmul(
+            &mut y,
+            View::dense(rows, out),
+            x,
+            View::dense(rows, d_in),
+            w,
+            View::dense(out, d_in).t(),
+            1.0,
+            true,
+            candle_core::utils::get_num_threads(),
+        )?;
         Ok((CpuStorage::F32(y), Shape::from((rows, out))))
     }
 
-    fn bwd(&self, w: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        // dL/dW = g^T x, [out, in]
-        let (out, d_in) = w.dims2()?;
-        let (rows, _) = self.x.dims2()?;
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (rows, d_in) = x.dims2()?;
+        let (out, _) = w.dims2()?;
         let g = g.contiguous()?;
         let (gs, gl) = g.storage_and_layout();
-        let (xs, xl) = self.x.storage_and_layout();
-        let dw = product(
-            cpu_slice(&gs, gl, "gradient")?,
-            View::dense(rows, out).t(),
-            cpu_slice(&xs, xl, "input")?,
-            View::dense(rows, d_in),
-        )?;
-        Ok(Some(Tensor::from_vec(dw, (out, d_in), w.device())?))
+        let gv = cpu_slice(&gs, gl, "gradient")?;
+        let dev = x.device();
+        let dx = if self.need_dx {
+            let (ws, wl) = w.storage_and_layout();
+            let wv = cpu_slice(&ws, wl, "weight")?;
+            let dx = product(gv, View::dense(rows, out), wv, View::dense(out, d_in))?;
+            Some(Tensor::from_vec(dx, (rows, d_in), dev)?)
+        } else {
+            None
+        };
+        let dw = if self.need_dw {
+            let (xs, xl) = x.storage_and_layout();
+            let xv = cpu_slice(&xs, xl, "input")?;
+            let dw = product(gv, View::dense(rows, out).t(), xv, View::dense(rows, d_in))?;
+            Some(Tensor::from_vec(dw, (out, d_in), dev)?)
+        } else {
+            None
+        };
+        let db = if self.need_db {
+            let mut db = vec![0f32; out];
+            for row in gv.chunks_exact(out) {
+                for (d, v) in db.iter_mut().zip(row) {
+                    *d += v;
+                }
+            }
+            Some(Tensor::from_vec(db, out, dev)?)
+        } else {
+            None
+        };
+        Ok((dx, dw, db))
     }
 }
 
@@ -292,9 +330,14 @@ impl CustomOp3 for LayerNormOp {
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let shape = x.shape().clone();
-        let xv = x.flatten_all()?.to_vec1::<f32>()?;
-        let wv = w.to_vec1::<f32>()?;
-        let gv = g.flatten_all()?.to_vec1::<f32>()?;
+        // borrowed from the tensors' storage (no copies)
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (gs, gl) = g.storage_and_layout();
+        let xv = cpu_slice(&xs, xl, "input")?;
+        let wv = cpu_slice(&ws, wl, "weight")?;
+        let gv = cpu_slice(&gs, gl, "gradient")?;
         let d = wv.len();
         let mut dx = vec![0f32; xv.len()];
         let mut dw = vec![0f32; d];
@@ -395,54 +438,40 @@ mod tests {
         let frozen = Tensor::from_vec(rand(d_out * d_in, 6), (d_out, d_in), &dev).unwrap();
         let constant = Tensor::from_vec(rand(rows * d_in, 7), (rows, d_in), &dev).unwrap();
 
-        // frozen weight: gradient reaches x only
-        let fused = xv
-            .as_tensor()
-            .apply_op1(FrozenMatmul { w: frozen.clone() })
-            .unwrap();
-        let plain = xv.as_tensor().matmul(&frozen.t().unwrap()).unwrap();
-        close(&fused, &plain, 1e-6, "frozen fwd");
-        let gf = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(
-            gf.get(&xv).unwrap(),
-            gp.get(&xv).unwrap(),
-            1e-5,
-            "frozen dx",
-        );
-
-        // constant input: gradient reaches W only
-        let fused = wv
-            .as_tensor()
-            .apply_op1(ConstInputMatmul {
-                x: constant.clone(),
-            })
-            .unwrap();
-        let plain = constant.matmul(&wv.as_tensor().t().unwrap()).unwrap();
-        close(&fused, &plain, 1e-6, "const fwd");
-        let gf = (fused * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gp = (plain * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        close(gf.get(&wv).unwrap(), gp.get(&wv).unwrap(), 1e-5, "const dW");
+        // x W^T + b in the three cases: frozen weight (gradient reaches x
+        // only), constant input (W and b only), both trained
+        let bias = Var::from_vec(rand(d_out, 8), d_out, &dev).unwrap();
+        let cases = [
+            (xv.as_tensor().clone(), frozen.clone(), "frozen"),
+            (constant.clone(), wv.as_tensor().clone(), "const"),
+            (xv.as_tensor().clone(), wv.as_tensor().clone(), "trained"),
+        ];
+        for (x, w, what) in cases {
+            let b = bias.as_tensor();
+            let op = LinearOp::for_operands(&x, &w, b);
+            assert_eq!((op.need_dx, op.need_dw), (x.track_op(), w.track_op()));
+            let fused = x.apply_op3(&w, b, op).unwrap();
+            let plain = x.matmul(&w.t().unwrap()).unwrap().broadcast_add(b).unwrap();
+            close(&fused, &plain, 1e-6, &format!("{what} fwd"));
+            let gf = (fused * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gp = (plain * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (v, name) in [(&xv, "dx"), (&wv, "dW"), (&bias, "db")] {
+                match (gf.get(v), gp.get(v)) {
+                    (Some(a), Some(b)) => close(a, b, 1e-5, &format!("{what} {name}")),
+                    (a, b) => assert_eq!(a.is_some(), b.is_some(), "{what} {name}"),
+                }
+            }
+        }
 
         // LayerNorm: x, weight and bias
         let pre = xv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();

@@ -39,21 +39,18 @@ impl Linear {
         let d_in = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / d_in.max(1);
         let x2 = x.reshape((rows, d_in))?;
-        // On the CPU, skip the gradient nobody needs (super::fused): that
-        // of a frozen weight, or of a constant input.
-        let fused = super::fused::cpu_f32(&x2) && super::fused::cpu_f32(&self.weight);
-        let y = if fused && !self.weight.track_op() && x2.track_op() {
-            x2.contiguous()?.apply_op1(super::fused::FrozenMatmul {
-                w: self.weight.clone(),
-            })?
-        } else if fused && self.weight.track_op() && !x2.track_op() {
-            self.weight.apply_op1(super::fused::ConstInputMatmul {
-                x: x2.contiguous()?,
-            })?
+        // On the CPU one op (super::fused::LinearOp): OpenBLAS, bias folded
+        // in, and only the gradients some variable needs.
+        let y = if super::fused::cpu_f32(&x2)
+            && super::fused::cpu_f32(&self.weight)
+            && super::fused::cpu_f32(&self.bias)
+        {
+            let x2 = x2.contiguous()?;
+            let op = super::fused::LinearOp::for_operands(&x2, &self.weight, &self.bias);
+            x2.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?
         } else {
-            x2.matmul(&self.weight.t()?)?
+            x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?
         };
-        let y = y.broadcast_add(&self.bias)?;
         let mut out = dims;
         *out.last_mut().expect("non-empty") = self.weight.dim(0)?;
         Ok(y.reshape(out)?)
