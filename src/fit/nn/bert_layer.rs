@@ -43,6 +43,9 @@ pub struct BertLayer {
     eps: f64,
     /// A frozen layer's weights in the fused op's order, read once.
     packed: Option<Arc<Vec<f32>>>,
+    /// A trained layer's weights as one variable in the fused op's order
+    /// (the parameters above are views of it): the op takes it as is.
+    flat: Option<Tensor>,
 }
 
 /// Additive attention bias from a `[B, S]` mask (1 real, 0 padding):
@@ -72,6 +75,7 @@ impl super::Detach for BertLayer {
             hidden_dropout: self.hidden_dropout,
             eps: self.eps,
             packed: self.packed.clone(),
+            flat: self.flat.as_ref().map(|f| f.detach()),
         }
     }
 }
@@ -82,46 +86,74 @@ impl BertLayer {
     /// with the dropout probabilities of `cfg`.
     pub fn load(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
         let d = cfg.hidden_size;
+        let f = cfg.intermediate_size;
         let eps = cfg.layer_norm_eps;
-        let attention = Attention {
-            query: vb.pretrained_linear("attention.self.query", d, d)?,
-            key: vb.pretrained_linear("attention.self.key", d, d)?,
-            value: vb.pretrained_linear("attention.self.value", d, d)?,
-            output: vb.pretrained_linear("attention.output.dense", d, d)?,
-            norm: vb.pretrained_layer_norm("attention.output.LayerNorm", d, eps)?,
-        };
-        let intermediate = vb.pretrained_linear("intermediate.dense", d, cfg.intermediate_size)?;
-        let output = vb.pretrained_linear("output.dense", cfg.intermediate_size, d)?;
-        let norm = vb.pretrained_layer_norm("output.LayerNorm", d, eps)?;
-        let mut layer = BertLayer {
-            attention,
-            intermediate,
-            output,
-            norm,
-            heads: cfg.num_attention_heads,
-            act: cfg.activation().map_err(FitError::backbone)?,
-            attn_dropout: cfg.attention_probs_dropout_prob as f32,
-            hidden_dropout: cfg.hidden_dropout_prob as f32,
-            eps,
-            packed: None,
-        };
+        // checkpoint names in the fused op's order (PACKED_ORDER)
+        let names: Vec<(String, Vec<usize>)> = [
+            ("attention.self.query.weight", vec![d, d]),
+            ("attention.self.key.weight", vec![d, d]),
+            ("attention.self.value.weight", vec![d, d]),
+            ("attention.self.query.bias", vec![d]),
+            ("attention.self.key.bias", vec![d]),
+            ("attention.self.value.bias", vec![d]),
+            ("attention.output.dense.weight", vec![d, d]),
+            ("attention.output.dense.bias", vec![d]),
+            ("attention.output.LayerNorm.weight", vec![d]),
+            ("attention.output.LayerNorm.bias", vec![d]),
+            ("intermediate.dense.weight", vec![f, d]),
+            ("intermediate.dense.bias", vec![f]),
+            ("output.dense.weight", vec![d, f]),
+            ("output.dense.bias", vec![d]),
+            ("output.LayerNorm.weight", vec![d]),
+            ("output.LayerNorm.bias", vec![d]),
+        ]
+        .into_iter()
+        .map(|(n, s)| (n.to_string(), s))
+        .collect();
+        let (flat, t) = vb.pretrained_packed(&names)?;
+        let mut layer = BertLayer::assemble(t, flat, cfg.num_attention_heads, eps)?;
+        layer.act = cfg.activation().map_err(FitError::backbone)?;
+        layer.attn_dropout = cfg.attention_probs_dropout_prob as f32;
+        layer.hidden_dropout = cfg.hidden_dropout_prob as f32;
         if !layer.trained() && super::fused::cpu_f32(&layer.attention.query.weight) {
             layer.packed = Some(Arc::new(layer.flat_weights()?.to_vec1::<f32>()?));
         }
         Ok(layer)
     }
 
-    /// Whether the weights are trained (candle variables).
-    fn trained(&self) -> bool {
-        self.attention.query.weight.track_op()
+    /// A layer from its 16 tensors in [`super::fused_layer::PACKED_ORDER`]
+    /// and, when trained as one variable, that variable (GELU, dropout 0.1;
+    /// the caller sets what its config says).
+    fn assemble(t: Vec<Tensor>, flat: Option<Tensor>, heads: usize, eps: f64) -> Result<Self> {
+        let t: [Tensor; 16] = t
+            .try_into()
+            .map_err(|_| FitError::model("a BERT layer has 16 weight tensors"))?;
+        let [wq, wk, wv, bq, bk, bv, wo, bo, g1, be1, w1, b1, w2, b2, g2, be2] = t;
+        Ok(BertLayer {
+            attention: Attention {
+                query: Linear::from_parts(wq, bq),
+                key: Linear::from_parts(wk, bk),
+                value: Linear::from_parts(wv, bv),
+                output: Linear::from_parts(wo, bo),
+                norm: LayerNorm::from_parts(g1, be1, eps),
+            },
+            intermediate: Linear::from_parts(w1, b1),
+            output: Linear::from_parts(w2, b2),
+            norm: LayerNorm::from_parts(g2, be2, eps),
+            heads,
+            act: Activation::Gelu,
+            attn_dropout: 0.1,
+            hidden_dropout: 0.1,
+            eps,
+            packed: None,
+            flat,
+        })
     }
 
-    /// The weights as one flat vector in
-    /// [`super::fused_layer::PACKED_ORDER`] (a concatenation: gradients flow
-    /// back to each parameter).
-    fn flat_weights(&self) -> Result<Tensor> {
+    /// The 16 weight tensors in [`super::fused_layer::PACKED_ORDER`].
+    fn parts(&self) -> [&Tensor; 16] {
         let a = &self.attention;
-        let parts = [
+        [
             &a.query.weight,
             &a.key.weight,
             &a.value.weight,
@@ -138,7 +170,22 @@ impl BertLayer {
             &self.output.bias,
             &self.norm.weight,
             &self.norm.bias,
-        ];
+        ]
+    }
+
+    /// Whether the weights are trained (candle variables).
+    fn trained(&self) -> bool {
+        self.attention.query.weight.track_op()
+    }
+
+    /// The weights as one flat vector in
+    /// [`super::fused_layer::PACKED_ORDER`] (a concatenation: gradients flow
+    /// back to each parameter).
+    fn flat_weights(&self) -> Result<Tensor> {
+        if let Some(f) = &self.flat {
+            return Ok(f.clone());
+        }
+        let parts = self.parts();
         let flat = parts
             .iter()
             .map(|t| t.flatten_all())
@@ -296,6 +343,7 @@ mod tests {
             hidden_dropout: 0.1,
             eps: 1e-12,
             packed: None,
+            flat: None,
         };
         if !trained {
             l.packed = Some(Arc::new(l.flat_weights().unwrap().to_vec1().unwrap()));
@@ -328,6 +376,48 @@ mod tests {
     /// (input, and weights when trained) within 1e-5 relative, in training
     /// mode with dropout (the same masks drawn, the generator left in the
     /// same state) and in evaluation, for every activation.
+    /// A trained layer packed as one variable (as `load` builds it) computes
+    /// what the same layer with one variable per tensor does, and the
+    /// packed variable's gradient is their gradients in PACKED_ORDER.
+    #[test]
+    fn packed_trained_layer_equals_the_unpacked_one() {
+        use crate::fit::params::{Group, Params};
+        let (l, _) = layer(Activation::Gelu, true, 9);
+        let mut params = Params::new();
+        let members = l
+            .parts()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("w{i}"), t.detach().copy().unwrap()))
+            .collect();
+        let (flat_var, views) = params.add_packed(members, Group::Pretrained).unwrap();
+        let mut lp = BertLayer::assemble(views, Some(flat_var.clone()), H, 1e-12).unwrap();
+        lp.act = l.act;
+        let (x, bias, probe) = inputs();
+        let (mut g1, mut g2) = (SplitMix64::new(4), SplitMix64::new(4));
+        let y = l
+            .forward_fused(x.as_tensor(), &bias, &mut Mode::Train(&mut g1))
+            .unwrap();
+        let yp = lp
+            .forward_fused(x.as_tensor(), &bias, &mut Mode::Train(&mut g2))
+            .unwrap();
+        assert_eq!(flat(&y), flat(&yp));
+        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let gp = (yp * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want: Vec<f32> = l
+            .parts()
+            .iter()
+            .flat_map(|t| flat(g.get(t).unwrap()))
+            .collect();
+        assert_eq!(flat(gp.get(&flat_var).unwrap()), want);
+        assert_eq!(flat(g.get(&x).unwrap()), flat(gp.get(&x).unwrap()));
+    }
+
     #[test]
     fn fused_layer_matches_the_composed_layer() {
         for act in [Activation::Gelu, Activation::GeluTanh, Activation::Relu] {

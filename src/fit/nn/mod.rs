@@ -170,6 +170,33 @@ impl<'a> Builder<'a> {
             .add(&path, Tensor::from_vec(v, shape, self.dev)?, self.group)
     }
 
+    /// The checkpoint tensors `names` (under the prefix) with their shapes.
+    /// Trained: one flat variable for all of them (returned first; see
+    /// [`Params::add_packed`]) and each one's view of it. Frozen: no flat
+    /// variable, each tensor as [`Builder::pretrained`] gives it.
+    pub fn pretrained_packed(
+        &mut self,
+        names: &[(String, Vec<usize>)],
+    ) -> Result<(Option<Tensor>, Vec<Tensor>)> {
+        let Some(group) = self.group else {
+            let ts = names
+                .iter()
+                .map(|(n, shape)| self.pretrained(n, shape))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok((None, ts));
+        };
+        let members = names
+            .iter()
+            .map(|(n, shape)| {
+                let path = self.path(n);
+                let v = self.ckpt.tensor_f32_shaped(&path, shape)?;
+                Ok((path, Tensor::from_vec(v, shape.as_slice(), self.dev)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (flat, views) = self.params.add_packed(members, group)?;
+        Ok((Some(flat), views))
+    }
+
     /// A pre-trained `Linear(d_in -> d_out)`.
     pub fn pretrained_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
         Ok(Linear {
