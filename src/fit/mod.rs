@@ -26,6 +26,7 @@ pub mod nn;
 pub mod params;
 #[cfg(feature = "extract")]
 pub mod predict;
+pub mod retrieval;
 pub mod run_dir;
 pub mod sweep;
 pub mod train;

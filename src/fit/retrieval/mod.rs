@@ -1,0 +1,12 @@
+//! `sherl-fit run --task retrieval`: image-text retrieval with two frozen
+//! towers (an image cache and a caption cache), each adapted by its own
+//! method, projected to a joint space and trained with a contrastive loss
+//! (`docs/retrieval.md`).
+//!
+//! - [`recall`]: Recall@1/5/10 both ways and rsum from one similarity
+//!   matrix (pessimistic ties, several captions per image).
+//! - [`loss`]: symmetric InfoNCE with a learnable temperature and the
+//!   VSE++ max-violation hinge, as candle ops.
+
+pub mod loss;
+pub mod recall;

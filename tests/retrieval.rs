@@ -1,0 +1,215 @@
+//! `--task retrieval`: Recall@K by hand (ties, several captions per image),
+//! both contrastive losses against hand-computed values, the hinge's
+//! hardest negative.
+
+use candle_core::{Device, Tensor, Var};
+
+use sherl::fit::retrieval::loss::{hinge, infonce, INIT_LOG_SCALE};
+use sherl::fit::retrieval::recall::{ranks, recall};
+
+fn t2(v: &[f32], r: usize, c: usize) -> Tensor {
+    Tensor::from_vec(v.to_vec(), (r, c), &Device::Cpu).unwrap()
+}
+
+fn close(a: f64, b: f64, tol: f64) {
+    assert!((a - b).abs() <= tol, "{a} vs {b}");
+}
+
+#[test]
+fn recall_by_hand_4x4_with_ties() {
+    // rows: images, columns: captions; caption c belongs to image c.
+    #[rustfmt::skip]
+    let sim = [
+        0.9, 0.9, 0.1, 0.0, // own 0.9 tied with caption 1: pessimistic rank 1
+        0.2, 0.8, 0.3, 0.1, // rank 0
+        0.5, 0.6, 0.4, 0.7, // three others above: rank 3
+        0.0, 0.1, 0.2, 0.3, // rank 0
+    ];
+    let owner = [0, 1, 2, 3];
+    let (i2t, t2i) = ranks(&sim, 4, &owner).unwrap();
+    assert_eq!(i2t, vec![1, 0, 3, 0]);
+    // caption 1: image 0 scores 0.9 > 0.8; caption 3: image 2 scores 0.7 > 0.3
+    assert_eq!(t2i, vec![0, 1, 0, 1]);
+    let r = recall(&sim, 4, &owner).unwrap();
+    assert_eq!(r.i2t, [50.0, 100.0, 100.0]);
+    assert_eq!(r.t2i, [50.0, 100.0, 100.0]);
+    assert_eq!(r.rsum, 500.0);
+    assert_eq!((r.images, r.captions), (4, 4));
+}
+
+#[test]
+fn recall_by_hand_several_captions_per_image() {
+    // 3 images, 5 captions: image 0 owns captions 0 and 1, image 1 owns 2
+    // and 3, image 2 owns 4.
+    #[rustfmt::skip]
+    let sim = [
+        0.3, 0.7, 0.7, 0.1, 0.2, // best own 0.7 (c1) tied with c2 (image 1's): rank 1
+        0.6, 0.1, 0.5, 0.2, 0.4, // best own 0.5 (c2); c0 scores 0.6: rank 1
+        0.1, 0.2, 0.3, 0.4, 0.9, // rank 0
+    ];
+    let owner = [0, 0, 1, 1, 2];
+    let (i2t, t2i) = ranks(&sim, 3, &owner).unwrap();
+    assert_eq!(i2t, vec![1, 1, 0]);
+    // c0: image 1 (0.6) above image 0 (0.3); c2: image 0 (0.7) above 0.5;
+    // c3: image 2 (0.4) above 0.2
+    assert_eq!(t2i, vec![1, 0, 1, 1, 0]);
+    let r = recall(&sim, 3, &owner).unwrap();
+    close(r.i2t[0], 100.0 / 3.0, 1e-9);
+    assert_eq!(r.t2i[0], 40.0);
+    assert_eq!(r.i2t[1], 100.0);
+    // An image is a hit when ANY of its captions ranks first: image 0's
+    // caption 0 is far down, but caption 1 is first once the tie is broken
+    // in its favour.
+    let mut better = sim;
+    better[2] = 0.69;
+    assert_eq!(ranks(&better, 3, &owner).unwrap().0[0], 0);
+}
+
+#[test]
+fn recall_at_5_and_10_boundaries_and_constant_scores() {
+    // 12 x 12: image i's own caption scores 0.5 and exactly 5 other captions
+    // (i+1 ..= i+5 mod 12) score 1.0: rank 5 both ways, a miss at 5, a hit at 10.
+    let n = 12;
+    let mut sim = vec![0f32; n * n];
+    for i in 0..n {
+        sim[i * n + i] = 0.5;
+        for d in 1..=5 {
+            sim[i * n + (i + d) % n] = 1.0;
+        }
+    }
+    let owner: Vec<usize> = (0..n).collect();
+    let r = recall(&sim, n, &owner).unwrap();
+    assert_eq!(r.i2t, [0.0, 0.0, 100.0]);
+    assert_eq!(r.t2i, [0.0, 0.0, 100.0]);
+    assert_eq!(r.rsum, 200.0);
+    // Everything tied: pessimistic ranks put every right item last.
+    let flat = vec![0.25f32; n * n];
+    let r = recall(&flat, n, &owner).unwrap();
+    assert_eq!(r.rsum, 0.0);
+}
+
+#[test]
+fn recall_refuses_bad_input() {
+    let e = recall(&[0.0; 5], 2, &[0, 1]).unwrap_err().to_string();
+    assert!(e.contains("5 values"), "{e}");
+    let e = recall(&[0.0; 4], 2, &[0, 0]).unwrap_err().to_string();
+    assert!(e.contains("image 1 has no caption"), "{e}");
+    let e = recall(&[0.0, f32::NAN, 0.0, 0.0], 2, &[0, 1])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("image 0 and caption 1"), "{e}");
+    let e = recall(&[0.0; 4], 2, &[0, 2]).unwrap_err().to_string();
+    assert!(e.contains("caption 1 belongs to image 2"), "{e}");
+}
+
+/// Images = the identity, so `S = images x captions^T` is `captions^T`:
+/// the tests choose `S` and pass its transpose as the captions.
+fn from_scores(s: &[f32], b: usize) -> (Tensor, Var) {
+    let mut t = vec![0f32; b * b];
+    for i in 0..b {
+        for j in 0..b {
+            t[j * b + i] = s[i * b + j];
+        }
+    }
+    let eye = Tensor::eye(b, candle_core::DType::F32, &Device::Cpu).unwrap();
+    (eye, Var::from_tensor(&t2(&t, b, b)).unwrap())
+}
+
+#[test]
+fn hinge_by_hand_takes_the_hardest_negative() {
+    #[rustfmt::skip]
+    let s = [
+        0.5, 0.6, 0.45, // image 0: captions 1 (0.3) and 2 (0.15) violate; hardest 1
+        0.45, 0.9, 0.4, // image 1: none
+        0.3, 0.0, 0.7,  // image 2: none
+    ];
+    // caption 0 as query: image 1 violates (0.2 + 0.45 - 0.5 = 0.15),
+    // image 2 sits exactly on the margin (0); captions 1, 2: none.
+    let (img, txt) = from_scores(&s, 3);
+    let loss = hinge(&img, txt.as_tensor(), 0.2).unwrap();
+    close(
+        f64::from(loss.to_scalar::<f32>().unwrap()),
+        (0.3 + 0.15) / 3.0,
+        1e-6,
+    );
+    // Gradient: only the hardest negatives and the diagonal they compete
+    // with move; caption 2 violates for image 0 but is not the hardest.
+    let g = loss.backward().unwrap();
+    let gt = g.get(txt.as_tensor()).unwrap().to_vec2::<f32>().unwrap();
+    let ds = |i: usize, j: usize| f64::from(gt[j][i]); // dL/dS_ij
+    close(ds(0, 1), 1.0 / 3.0, 1e-6);
+    close(ds(1, 0), 1.0 / 3.0, 1e-6);
+    close(ds(0, 0), -2.0 / 3.0, 1e-6);
+    close(ds(0, 2), 0.0, 1e-9);
+    close(ds(2, 0), 0.0, 1e-9);
+    close(ds(1, 1), 0.0, 1e-9);
+    // One pair has no negative.
+    let (i1, t1) = from_scores(&[0.3], 1);
+    let l1 = hinge(&i1, t1.as_tensor(), 0.2).unwrap();
+    assert_eq!(l1.to_scalar::<f32>().unwrap(), 0.0);
+}
+
+#[test]
+fn infonce_by_hand_with_the_scale_cap() {
+    let s = [1.0f32, 0.6, 0.0, 0.8];
+    let (img, txt) = from_scores(&s, 2);
+    let ce = |right: f64, other: f64| (1.0 + (other - right).exp()).ln();
+    // rows: (1 vs 0.6), (0.8 vs 0); columns: (1 vs 0), (0.8 vs 0.6)
+    let want =
+        |t: f64| 0.25 * (ce(t, 0.6 * t) + ce(0.8 * t, 0.0) + ce(t, 0.0) + ce(0.8 * t, 0.6 * t));
+    let scalar = |v: f64| Var::from_tensor(&Tensor::new(v as f32, &Device::Cpu).unwrap()).unwrap();
+    let ls = scalar(0.0); // scale 1
+    let loss = infonce(&img, txt.as_tensor(), ls.as_tensor()).unwrap();
+    close(f64::from(loss.to_scalar::<f32>().unwrap()), want(1.0), 1e-6);
+    // CLIP's starting temperature 0.07.
+    let ls = scalar(INIT_LOG_SCALE);
+    let loss = infonce(&img, txt.as_tensor(), ls.as_tensor()).unwrap();
+    close(
+        f64::from(loss.to_scalar::<f32>().unwrap()),
+        want(1.0 / 0.07),
+        1e-4,
+    );
+    let g = loss.backward().unwrap();
+    // The log-scale learns: sharpening helps here (every diagonal wins).
+    assert!(g.get(ls.as_tensor()).unwrap().to_scalar::<f32>().unwrap() < 0.0);
+    // Above the cap the scale is 100 and the log-scale gets no gradient.
+    let ls = scalar(10.0);
+    let loss = infonce(&img, txt.as_tensor(), ls.as_tensor()).unwrap();
+    close(
+        f64::from(loss.to_scalar::<f32>().unwrap()),
+        want(100.0),
+        1e-4,
+    );
+    let g = loss.backward().unwrap();
+    let gl = g.get(ls.as_tensor()).map(|t| t.to_scalar::<f32>().unwrap());
+    assert!(gl.is_none_or(|v| v == 0.0), "{gl:?}");
+}
+
+/// Not a timed test: prints how long evaluating 1,000 images x 1,000
+/// captions takes (README, "Retrieval"); checks the result. Run with
+/// `cargo test --release --test it -- --ignored retrieval_eval_1000 --nocapture`.
+#[test]
+#[ignore]
+fn retrieval_eval_1000_measured() {
+    use sherl::fit::retrieval::loss::l2_normalize;
+    use sherl::fit::retrieval::recall::similarity;
+    let (n, j) = (1000usize, 256usize);
+    let mut rng = sherl::rng::SplitMix64::new(7);
+    let img: Vec<f32> = (0..n * j).map(|_| rng.symmetric_f32(1.0)).collect();
+    // Each caption: its image plus noise, so most rank first.
+    let cap: Vec<f32> = img.iter().map(|x| x + rng.symmetric_f32(0.5)).collect();
+    let img = l2_normalize(&t2(&img, n, j)).unwrap();
+    let cap = l2_normalize(&t2(&cap, n, j)).unwrap();
+    let owner: Vec<usize> = (0..n).collect();
+    let mut best = f64::INFINITY;
+    let mut r = None;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        let sim = similarity(&img, &cap).unwrap();
+        r = Some(recall(&sim, n, &owner).unwrap());
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let r = r.unwrap();
+    assert!(r.i2t[0] > 90.0 && r.t2i[0] > 90.0, "{r:?}");
+    println!("1000 x 1000 (J = {j}): similarity + Recall@K in {best:.4} s (best of 5); {r:?}");
+}
