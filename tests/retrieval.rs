@@ -213,3 +213,173 @@ fn retrieval_eval_1000_measured() {
     assert!(r.i2t[0] > 90.0 && r.t2i[0] > 90.0, "{r:?}");
     println!("1000 x 1000 (J = {j}): similarity + Recall@K in {best:.4} s (best of 5); {r:?}");
 }
+
+use sherl::data::paired::{caption_id, emoji_pairs, pair_of_caption, split_pairs, write_tables};
+use sherl::fit::retrieval::join::{join, Entry};
+
+fn entries(rows: &[(&str, &str)]) -> Vec<Entry> {
+    rows.iter()
+        .enumerate()
+        .map(|(i, (id, split))| Entry {
+            position: i as u64,
+            id: id.to_string(),
+            split: split.to_string(),
+        })
+        .collect()
+}
+
+fn try_join(images: &[(&str, &str)], captions: &[(&str, &str)]) -> Result<(), String> {
+    join(
+        &entries(images),
+        &entries(captions),
+        std::path::Path::new("IMG"),
+        std::path::Path::new("TXT"),
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+#[test]
+fn join_pairs_captions_with_their_images() {
+    let images = [("a", "train"), ("b", "train"), ("c", "valid")];
+    let captions = [
+        ("a#0", "train"),
+        ("b#0", "train"),
+        ("a#1", "train"),
+        ("c#0", "valid"),
+        ("c#3", "valid"),
+    ];
+    let j = join(
+        &entries(&images),
+        &entries(&captions),
+        std::path::Path::new("IMG"),
+        std::path::Path::new("TXT"),
+    )
+    .unwrap();
+    let t = j.split("train").unwrap();
+    assert_eq!(t.images, vec![0, 1]);
+    assert_eq!(t.captions, vec![0, 1, 2]);
+    assert_eq!(t.owner, vec![0, 1, 0]);
+    assert_eq!(t.captions_of, vec![vec![0, 2], vec![1]]);
+    let v = j.split("valid").unwrap();
+    assert_eq!((v.images.clone(), v.owner.clone()), (vec![2], vec![0, 0]));
+    assert!(j.split("test").is_none());
+}
+
+#[test]
+fn join_refuses_each_mismatch_naming_the_first() {
+    let ok_imgs = [("a", "train"), ("b", "valid")];
+    // an image id twice
+    let e = try_join(&[("a", "train"), ("a", "valid")], &[("a#0", "train")]).unwrap_err();
+    assert!(
+        e.contains("image id a appears twice") && e.contains("positions 0 and 1"),
+        "{e}"
+    );
+    // a caption id twice
+    let e = try_join(&ok_imgs, &[("a#0", "train"), ("a#0", "train")]).unwrap_err();
+    assert!(e.contains("caption id a#0 appears twice"), "{e}");
+    // a caption id without #k
+    let e = try_join(&ok_imgs, &[("a#0", "train"), ("b", "valid")]).unwrap_err();
+    assert!(
+        e.contains("caption id b (position 1") && e.contains("<pair id>#<k>"),
+        "{e}"
+    );
+    // a caption whose image is not in the image cache: the first one named
+    let e = try_join(
+        &ok_imgs,
+        &[("a#0", "train"), ("z#0", "train"), ("y#0", "train")],
+    )
+    .unwrap_err();
+    assert!(
+        e.contains("belongs to pair z") && !e.contains("pair y"),
+        "{e}"
+    );
+    assert!(e.contains("IMG") && e.contains("TXT"), "{e}");
+    // a caption in another split than its image
+    let e = try_join(&ok_imgs, &[("a#0", "train"), ("b#0", "test")]).unwrap_err();
+    assert!(
+        e.contains("caption b#0 is in split test") && e.contains("split valid of the image cache"),
+        "{e}"
+    );
+    // an image without a caption (counts differ)
+    let e = try_join(&ok_imgs, &[("a#0", "train"), ("a#1", "train")]).unwrap_err();
+    assert!(
+        e.contains("image b (split valid, position 1") && e.contains("no caption"),
+        "{e}"
+    );
+}
+
+#[test]
+fn caption_ids_round_trip() {
+    assert_eq!(caption_id("1F41E", 2), "1F41E#2");
+    assert_eq!(pair_of_caption("1F41E#2"), Some("1F41E"));
+    assert_eq!(pair_of_caption("a#b#10"), Some("a#b"));
+    assert_eq!(pair_of_caption("a#"), None);
+    assert_eq!(pair_of_caption("a#x"), None);
+    assert_eq!(pair_of_caption("a"), None);
+}
+
+/// A tiny emoji package: `emoji.json` and 64x64 PNGs.
+fn tiny_emoji(dir: &std::path::Path, n: usize) {
+    std::fs::create_dir_all(dir.join("img/google/64")).unwrap();
+    let mut entries = Vec::new();
+    for i in 0..n {
+        let unified = format!("1F{:03X}", 0x400 + i);
+        let file = format!("{}.png", unified.to_lowercase());
+        image::RgbaImage::from_pixel(4, 4, image::Rgba([i as u8 * 20, 10, 200, 255]))
+            .save(dir.join("img/google/64").join(&file))
+            .unwrap();
+        entries.push(serde_json::json!({
+            "name": format!("THING NUMBER {i}, LARGE"),
+            "unified": unified,
+            "image": file,
+            "short_names": [format!("thing_{i}"), format!("thing {i}")],
+            "has_img_google": true
+        }));
+    }
+    // one without a Google image: left out
+    entries.push(
+        serde_json::json!({"name": "NONE", "unified": "FFFF", "image": "ffff.png",
+        "short_names": ["none"], "has_img_google": false}),
+    );
+    std::fs::write(
+        dir.join("emoji.json"),
+        serde_json::to_vec(&entries).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn emoji_pairs_split_by_group_into_tables() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("emoji");
+    tiny_emoji(&dir, 20);
+    let pairs = emoji_pairs(&dir).unwrap();
+    assert_eq!(pairs.len(), 20);
+    // the name lower-cased, then short names with _ as a space, once each
+    assert_eq!(
+        pairs[3].captions,
+        vec!["thing number 3, large".to_string(), "thing 3".to_string()]
+    );
+    let spec = sherl::data::SplitSpec::parse("train=0.6,valid=0.2,test=0.2", 1).unwrap();
+    let splits = split_pairs(&pairs, &spec).unwrap();
+    assert_eq!(splits, split_pairs(&pairs, &spec).unwrap(), "seeded");
+    for name in ["train", "valid", "test"] {
+        assert!(splits.iter().any(|s| s == name), "{name} empty: {splits:?}");
+    }
+    let order: Vec<String> = ["train", "valid", "test"].map(String::from).to_vec();
+    let out = tmp.path().join("tables");
+    let w = write_tables(&pairs, &splits, &order, &out).unwrap();
+    assert_eq!(w.iter().map(|t| t.pairs).sum::<usize>(), 20);
+    assert_eq!(w.iter().map(|t| t.caption_rows).sum::<usize>(), 40);
+    let caps = std::fs::read_to_string(out.join("captions-valid.csv")).unwrap();
+    let first = caps.lines().nth(1).unwrap();
+    // the comma in the name is quoted; the id is <pair>#0
+    assert!(first.contains("#0,\"thing number"), "{first}");
+    let imgs = std::fs::read_to_string(out.join("images-valid.csv")).unwrap();
+    assert_eq!(imgs.lines().count() - 1, w[1].pairs);
+    // A missing image is an error naming it.
+    std::fs::remove_file(dir.join("img/google/64/1f405.png")).unwrap();
+    let e = emoji_pairs(&dir).unwrap_err().to_string();
+    assert!(e.contains("1F405") && e.contains("missing"), "{e}");
+}

@@ -7,6 +7,9 @@
 //!   matrix (pessimistic ties, several captions per image).
 //! - [`loss`]: symmetric InfoNCE with a learnable temperature and the
 //!   VSE++ max-violation hinge, as candle ops.
+//! - [`join`]: the two caches joined by id, split by split, refusing the
+//!   first mismatch.
 
+pub mod join;
 pub mod loss;
 pub mod recall;
