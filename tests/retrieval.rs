@@ -383,3 +383,374 @@ fn emoji_pairs_split_by_group_into_tables() {
     let e = emoji_pairs(&dir).unwrap_err().to_string();
     assert!(e.contains("1F405") && e.contains("missing"), "{e}");
 }
+
+// ---- sherl-fit run --task retrieval on tiny generated towers ----
+
+use crate::common;
+use crate::common::tiny::{tiny_backbone, Rng, TinyConfig};
+use crate::vit::write_tiny_vit_backbone;
+use sherl::data::paired::Pair;
+
+struct RetrievalFixture {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+}
+
+/// 24 pairs (16 train, 4 valid, 4 test): image i is a seeded noisy PNG
+/// whose colour depends on i; its two captions name word i (and a second
+/// word). Both caches are extracted with every layer.
+fn retrieval_fixture() -> RetrievalFixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().to_path_buf();
+    write_tiny_vit_backbone(&root.join("vit"));
+    tiny_backbone(&root.join("bert"), &TinyConfig::default(), 3);
+    std::fs::create_dir_all(root.join("png")).unwrap();
+    let mut rng = Rng::new(9);
+    let mut pairs = Vec::new();
+    let mut splits = Vec::new();
+    for i in 0..24usize {
+        let base = [
+            (i * 37 % 256) as f32,
+            (i * 91 % 256) as f32,
+            (i * 53 % 256) as f32,
+        ];
+        let img = image::RgbImage::from_fn(8, 8, |x, _| {
+            let mut c =
+                |b: f32| (b + 30.0 * rng.uniform() + 4.0 * x as f32).clamp(0.0, 255.0) as u8;
+            image::Rgb([c(base[0]), c(base[1]), c(base[2])])
+        });
+        let path = root.join("png").join(format!("{i}.png"));
+        img.save(&path).unwrap();
+        pairs.push(Pair {
+            id: format!("p{i}"),
+            image: path,
+            captions: vec![
+                format!("w{}", 10 + i),
+                format!("w{} w{}", 10 + i, 50 + i % 5),
+            ],
+            group: format!("p{i}"),
+        });
+        splits.push(
+            match i % 6 {
+                4 => "valid",
+                5 => "test",
+                _ => "train",
+            }
+            .to_string(),
+        );
+    }
+    let order: Vec<String> = ["train", "valid", "test"].map(String::from).to_vec();
+    write_tables(&pairs, &splits, &order, &root.join("tables")).unwrap();
+    let t = |k: &str, s: &str| format!("tables/{k}-{s}.csv");
+    for (kind, backbone, out, extra) in [
+        ("images", "vit", "img", vec!["--image-column", "image"]),
+        (
+            "captions",
+            "bert",
+            "txt",
+            vec!["--text-column", "caption", "--max-len", "16"],
+        ),
+    ] {
+        let (tr, va, te) = (t(kind, "train"), t(kind, "valid"), t(kind, "test"));
+        let mut args = vec![
+            "run",
+            "--backbone",
+            backbone,
+            "--train",
+            &tr,
+            "--valid",
+            &va,
+            "--test",
+            &te,
+            "--id-column",
+            "id",
+            "--no-labels",
+            "--layers",
+            "all",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--out",
+            out,
+        ];
+        args.extend(extra);
+        let o = common::run("sherl-extract", &args, &root, &[]);
+        assert!(o.status.success(), "{kind}: {}", common::stderr(&o));
+    }
+    RetrievalFixture { _tmp: tmp, root }
+}
+
+fn fit_retrieval(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "run",
+        "--task",
+        "retrieval",
+        "--image-cache",
+        "img",
+        "--text-cache",
+        "txt",
+        "--image-backbone",
+        "vit",
+        "--text-backbone",
+        "bert",
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--joint-dim",
+        "16",
+        "--batch-size",
+        "8",
+    ];
+    if !extra.contains(&"--out") {
+        a.extend(["--out", "runs"]);
+    }
+    a.extend_from_slice(extra);
+    common::run("sherl-fit", &a, &f.root, &[])
+}
+
+fn last_json(o: &std::process::Output) -> serde_json::Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        common::stderr(o)
+    );
+    serde_json::from_str(common::stdout(o).lines().last().unwrap()).unwrap()
+}
+
+fn metrics(f: &RetrievalFixture, s: &serde_json::Value) -> Vec<serde_json::Value> {
+    let dir = f.root.join(s["run_dir"].as_str().unwrap());
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn retrieval_run_learns_is_seeded_and_writes_metrics() {
+    let f = retrieval_fixture();
+    let args = [
+        "--epochs", "4", "--lr", "0.01", "--seed", "1", "--warmup", "0",
+    ];
+    let s = last_json(&fit_retrieval(&f, &args));
+    assert_eq!(s["task"], "retrieval");
+    assert_eq!(s["method"], "sherl+sherl");
+    assert_eq!(s["pairs"]["train"], serde_json::json!([16, 32]));
+    assert_eq!(s["pairs"]["test"], serde_json::json!([4, 8]));
+    let m = metrics(&f, &s);
+    assert_eq!(m.len(), 4);
+    for line in &m {
+        for k in ["train_loss", "valid_rsum", "seconds", "scale"] {
+            assert!(line[k].is_number(), "{k} in {line}");
+        }
+        assert_eq!(line["valid"]["i2t"].as_array().unwrap().len(), 3);
+    }
+    let loss = |i: usize| m[i]["train_loss"].as_f64().unwrap();
+    assert!(loss(3) < loss(0), "the loss falls: {m:?}");
+    // test Recall@K of the best checkpoint, its epoch the best valid rsum
+    let best = m
+        .iter()
+        .map(|l| l["valid_rsum"].as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(s["valid_rsum"].as_f64().unwrap(), best);
+    assert!(
+        s["test"]["t2i"].is_array() && s["test_rsum"].is_number(),
+        "{s}"
+    );
+    let dir = f.root.join(s["run_dir"].as_str().unwrap());
+    for file in ["config.json", "weights.safetensors", "summary.json"] {
+        assert!(dir.join(file).exists(), "{file}");
+    }
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["retrieval"]["joint_dim"], 16);
+    assert!(cfg["config"].get("method").is_none());
+    // Same seed, another directory: the same numbers and weights.
+    let mut again_args = args.to_vec();
+    again_args.extend(["--out", "runs2"]);
+    let s2 = last_json(&fit_retrieval(&f, &again_args));
+    assert_eq!(s2["weights_sha256"], s["weights_sha256"]);
+    assert_eq!(s2["run_id"], s["run_id"]);
+    let m2 = metrics(&f, &s2);
+    for (a, b) in m.iter().zip(&m2) {
+        assert_eq!(a["train_loss"], b["train_loss"]);
+        assert_eq!(a["valid"], b["valid"]);
+    }
+    // Another seed: other weights.
+    let mut other = args.to_vec();
+    other[5] = "2";
+    let s3 = last_json(&fit_retrieval(&f, &other));
+    assert_ne!(s3["weights_sha256"], s["weights_sha256"]);
+}
+
+#[test]
+fn retrieval_towers_take_other_methods_and_the_hinge() {
+    let f = retrieval_fixture();
+    for (im, tm, loss) in [
+        ("linear-probe", "linear-probe", "infonce"),
+        ("late-layer", "unipt", "hinge"),
+        ("unipt", "full-ft", "infonce"),
+    ] {
+        let s = last_json(&fit_retrieval(
+            &f,
+            &[
+                "--epochs",
+                "1",
+                "--image-method",
+                im,
+                "--text-method",
+                tm,
+                "--loss",
+                loss,
+            ],
+        ));
+        assert_eq!(s["method"], format!("{im}+{tm}"));
+        assert_eq!(s["loss"], loss);
+        assert!(s["valid_rsum"].as_f64().unwrap() >= 0.0);
+        assert!(s["trainable_params"].as_u64().unwrap() > 0);
+    }
+    // The probe trains only its projection: (D + 1) x J per tower, + the scale.
+    let s = last_json(&fit_retrieval(
+        &f,
+        &[
+            "--epochs",
+            "1",
+            "--image-method",
+            "linear-probe",
+            "--text-method",
+            "linear-probe",
+        ],
+    ));
+    assert_eq!(s["image_trainable_params"], (8 + 1) * 16);
+    assert_eq!(s["text_trainable_params"], (32 + 1) * 16);
+}
+
+#[test]
+fn retrieval_run_refuses_bad_input_before_writing() {
+    let f = retrieval_fixture();
+    // caches swapped
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "run",
+            "--task",
+            "retrieval",
+            "--image-cache",
+            "txt",
+            "--text-cache",
+            "img",
+            "--image-backbone",
+            "vit",
+            "--text-backbone",
+            "bert",
+            "--out",
+            "runs",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("holds text, not images"),
+        "{}",
+        common::stderr(&o)
+    );
+    // retrieval flags on a classification run, and --method on a retrieval run
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "run",
+            "--cache",
+            "img",
+            "--backbone",
+            "vit",
+            "--image-method",
+            "sherl",
+            "--out",
+            "runs",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(common::stderr(&o).contains("--image-method belong to --task retrieval"));
+    let o = fit_retrieval(&f, &["--method", "sherl"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(common::stderr(&o).contains("not --method"));
+    let o = fit_retrieval(&f, &["--margin=-1"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        common::stderr(&o).contains("--margin -1"),
+        "{}",
+        common::stderr(&o)
+    );
+    // a caption cache extracted from other captions: a caption of a pair
+    // the image cache lacks
+    let caps = f.root.join("tables/captions-test.csv");
+    let text = std::fs::read_to_string(&caps).unwrap();
+    std::fs::write(&caps, text.replacen("p5#0", "q5#0", 1)).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            "bert",
+            "--train",
+            "tables/captions-train.csv",
+            "--valid",
+            "tables/captions-valid.csv",
+            "--test",
+            "tables/captions-test.csv",
+            "--id-column",
+            "id",
+            "--no-labels",
+            "--text-column",
+            "caption",
+            "--max-len",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            "txt2",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "run",
+            "--task",
+            "retrieval",
+            "--image-cache",
+            "img",
+            "--text-cache",
+            "txt2",
+            "--image-backbone",
+            "vit",
+            "--text-backbone",
+            "bert",
+            "--out",
+            "runs",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let e = common::stderr(&o);
+    assert!(
+        e.contains("q5#0") && e.contains("belongs to pair q5"),
+        "{e}"
+    );
+    assert!(!f.root.join("runs").exists(), "nothing written");
+}

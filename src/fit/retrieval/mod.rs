@@ -9,7 +9,13 @@
 //!   VSE++ max-violation hinge, as candle ops.
 //! - [`join`]: the two caches joined by id, split by split, refusing the
 //!   first mismatch.
+//! - [`config`]: the towers, the joint width, the loss; `--task` and the
+//!   retrieval flags.
+//! - [`train`]: the run: both towers trained together, Recall@K on valid
+//!   every epoch, the best epoch by valid rsum scored on test.
 
+pub mod config;
 pub mod join;
 pub mod loss;
 pub mod recall;
+pub mod train;
