@@ -448,7 +448,16 @@ fn retrieval_fixture() -> RetrievalFixture {
             "captions",
             "bert",
             "txt",
-            vec!["--text-column", "caption", "--max-len", "16"],
+            // Small text chunks: an evaluation batch spans more chunks
+            // than the reader keeps decoded.
+            vec![
+                "--text-column",
+                "caption",
+                "--max-len",
+                "16",
+                "--chunk-size",
+                "2",
+            ],
         ),
     ] {
         let (tr, va, te) = (t(kind, "train"), t(kind, "valid"), t(kind, "test"));

@@ -234,23 +234,31 @@ impl<'a> Reader<'a> {
             .partition_point(|c| c.first_example + u64::from(c.examples) <= position)
     }
 
-    /// Make sure the chunks of `positions` are decoded; returns
-    /// `(chunk, row)` per position.
+    /// Make sure the chunks of `positions` are decoded (when the memo
+    /// would pass its limit, only the chunks this call needs are kept: a
+    /// batch's own chunks are never dropped); returns `(chunk, row)` per
+    /// position.
     fn load(&mut self, positions: &[u64]) -> Result<Vec<(usize, usize)>> {
-        let mut out = Vec::with_capacity(positions.len());
-        for &p in positions {
-            let c = self.chunk_of(p);
-            if !self.memo.contains_key(&c) {
-                if self.memo.len() >= self.limit {
-                    self.memo.clear();
-                }
-                let d = self.cache.read_chunk(c, self.positions)?;
-                self.memo.insert(c, d);
-            }
-            let first = self.cache.chunks()[c].first_example;
-            out.push((c, (p - first) as usize));
+        let need: Vec<usize> = positions.iter().map(|&p| self.chunk_of(p)).collect();
+        let mut missing: Vec<usize> = need
+            .iter()
+            .copied()
+            .filter(|c| !self.memo.contains_key(c))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if self.memo.len() + missing.len() > self.limit {
+            self.memo.retain(|c, _| need.contains(c));
         }
-        Ok(out)
+        for c in missing {
+            let d = self.cache.read_chunk(c, self.positions)?;
+            self.memo.insert(c, d);
+        }
+        Ok(positions
+            .iter()
+            .zip(need)
+            .map(|(&p, c)| (c, (p - self.cache.chunks()[c].first_example) as usize))
+            .collect())
     }
 
     /// A batch of the examples at `positions` (padded to the longest).
