@@ -189,7 +189,7 @@ fn infonce_by_hand_with_the_scale_cap() {
 /// captions takes (README, "Retrieval"); checks the result. Run with
 /// `cargo test --release --test it -- --ignored retrieval_eval_1000 --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "a measurement for the README, not a check; run with --ignored --nocapture"]
 fn retrieval_eval_1000_measured() {
     use sherl::fit::retrieval::loss::l2_normalize;
     use sherl::fit::retrieval::recall::similarity;
