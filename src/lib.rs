@@ -18,7 +18,9 @@
 //! - phase one, feature `extract`: `onnx`, `runtime` (ONNX Runtime) and
 //!   `extract` (plan, stages, sample);
 //! - phase two, feature `fit`: `fit` (modules, models, training, run
-//!   directory, sweeps; `fit::predict` when `extract` is on too) and
+//!   directory, sweeps; `fit::retrieval`: image-text retrieval from an
+//!   image cache and a caption cache; `fit::predict` when `extract` is on
+//!   too) and
 //!   `report` (tables and pictures over runs);
 //! - feature `cli`: `cli`, what only the binaries need.
 //!

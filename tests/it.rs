@@ -15,6 +15,7 @@ mod images;
 mod layers;
 mod predict;
 mod report;
+mod retrieval;
 mod runtime;
 mod sweep;
 mod tokenize;

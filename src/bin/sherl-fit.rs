@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
 use sherl::fit::config::{FitConfig, SettingFlags};
+use sherl::fit::retrieval::config::{RetrievalFlags, Task};
 use sherl::fit::run_dir::EpochMetrics;
 use sherl::fit::train::{FitPlan, FitReporter, LogReporter};
 
@@ -43,6 +44,31 @@ enum Command {
         /// Where to write the files (default RUNS/report).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Write paired image/caption tables for --task retrieval from the
+    /// emoji package (fetch-assets.sh emoji): images-<split>.csv and
+    /// captions-<split>.csv per split, split by emoji; prints one JSON line.
+    Pairs {
+        /// The emoji package directory (emoji.json, img/google/64/).
+        #[arg(long)]
+        emoji: PathBuf,
+        /// Where to write the tables.
+        #[arg(long)]
+        out: PathBuf,
+        /// Split fractions, by group (one emoji = one group).
+        #[arg(long, default_value = "train=0.8,valid=0.1,test=0.1")]
+        split: String,
+        /// Seed of the split.
+        #[arg(long, default_value_t = 0)]
+        split_seed: u64,
+        /// Keep a seeded subset of N pairs (before splitting).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Cross-style test: the test split's images are these OpenMoji
+        /// drawings (fetch-assets.sh openmoji), rasterised to
+        /// OUT/openmoji-64/; train and valid keep Google's.
+        #[arg(long, value_name = "DIR")]
+        openmoji: Option<PathBuf>,
     },
     /// Label new texts with a trained run (runs the backbone through ONNX
     /// Runtime, then the trained modules); writes JSONL.
@@ -127,12 +153,14 @@ struct PredictArgs {
 /// (a JSON object with these names, snake_case), then flags.
 #[derive(Debug, clap::Args)]
 struct RunArgs {
-    /// Feature cache written by sherl-extract run.
+    /// Feature cache written by sherl-extract run (classification).
     #[arg(long)]
-    cache: PathBuf,
+    cache: Option<PathBuf>,
     /// Backbone directory the cache was made from (config.json, model.safetensors).
     #[arg(long)]
-    backbone: PathBuf,
+    backbone: Option<PathBuf>,
+    #[command(flatten)]
+    retrieval: RetrievalFlags,
     /// Directory for run directories.
     #[arg(long)]
     out: PathBuf,
@@ -211,8 +239,14 @@ fn main() -> ExitCode {
             // (sherl::fit::train::forward_backward), each on half the
             // threads: two threads that never meet at a barrier do more
             // than candle's per-op parallelism on small tensors.
+            // A retrieval step is one pass (its loss needs the whole
+            // batch): all threads for candle's ops.
             let threads = r.threads.unwrap_or_else(sherl::cli::compute_threads);
-            sherl::cli::set_compute_threads(Some((threads / 2).max(1)));
+            let per_part = match r.retrieval.task {
+                Task::Classification => (threads / 2).max(1),
+                Task::Retrieval => threads.max(1),
+            };
+            sherl::cli::set_compute_threads(Some(per_part));
             sherl::fit::sweep::exit_with_parent();
         }
         init_output(&args.output);
@@ -222,6 +256,14 @@ fn main() -> ExitCode {
             Command::Predict(a) => predict(*a),
             Command::Sweep(a) => sweep(*a),
             Command::Report { runs, out } => report(runs, out),
+            Command::Pairs {
+                emoji,
+                out,
+                split,
+                split_seed,
+                limit,
+                openmoji,
+            } => pairs(emoji, out, &split, split_seed, limit, openmoji),
         }
     })
 }
@@ -259,6 +301,19 @@ fn parse_args() -> Args {
 }
 
 fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
+    if a.retrieval.task == Task::Retrieval {
+        return run_retrieval(a, output);
+    }
+    let given = a.retrieval.given();
+    if !given.is_empty() {
+        anyhow::bail!(
+            "{} belong to --task retrieval; this run is --task classification",
+            given.join(", ")
+        );
+    }
+    let (Some(cache), Some(backbone)) = (a.cache.clone(), a.backbone.clone()) else {
+        anyhow::bail!("sherl-fit run needs --cache and --backbone (or --task retrieval with --image-cache, --text-cache, --image-backbone and --text-backbone)");
+    };
     let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
     init_blas(&a.blas)?;
     let (device, fallback) = sherl::fit::device(&a.device)?;
@@ -267,8 +322,8 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
         None => tracing::debug!("training on {}", sherl::fit::device_name(&device)),
     }
     let plan = FitPlan {
-        cache: a.cache.clone(),
-        backbone: a.backbone.clone(),
+        cache,
+        backbone,
         out: a.out.clone(),
         config,
         device,
@@ -281,6 +336,54 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
         inner: LogReporter,
     };
     let summary = sherl::fit::train::run(&plan, &bar)?;
+    print_line(&serde_json::to_string(&summary)?)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sherl-fit run --task retrieval`: two caches, two towers.
+fn run_retrieval(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
+    let f = &a.retrieval;
+    if a.cache.is_some() || a.backbone.is_some() {
+        anyhow::bail!("--task retrieval reads --image-cache and --text-cache (with --image-backbone and --text-backbone), not --cache and --backbone");
+    }
+    if a.settings.method.is_some() {
+        anyhow::bail!("--task retrieval takes --image-method and --text-method, not --method");
+    }
+    let (Some(image_cache), Some(text_cache), Some(image_backbone), Some(text_backbone)) = (
+        f.image_cache.clone(),
+        f.text_cache.clone(),
+        f.image_backbone.clone(),
+        f.text_backbone.clone(),
+    ) else {
+        anyhow::bail!("--task retrieval needs --image-cache, --text-cache, --image-backbone and --text-backbone");
+    };
+    let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
+    let retrieval = f.resolve()?;
+    init_blas(&a.blas)?;
+    let (device, fallback) = sherl::fit::device(&a.device)?;
+    if let Some(why) = fallback {
+        tracing::info!("device auto: training on the CPU ({why})");
+    }
+    let plan = sherl::fit::retrieval::train::RetrievalPlan {
+        image_cache,
+        text_cache,
+        image_backbone,
+        text_backbone,
+        out: a.out.clone(),
+        config,
+        retrieval,
+        device,
+        workers: 1,
+    };
+    let bar = Bar {
+        visible: output.progress(),
+        bar: RefCell::new(None),
+        inner: LogReporter,
+    };
+    let summary = sherl::fit::retrieval::train::run(&plan, &bar)?;
+    if let Some(pb) = bar.bar.borrow_mut().take() {
+        pb.finish_and_clear();
+    }
     print_line(&serde_json::to_string(&summary)?)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -418,6 +521,47 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn pairs(
+    emoji: PathBuf,
+    out: PathBuf,
+    split: &str,
+    seed: u64,
+    limit: Option<usize>,
+    openmoji: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use sherl::data::paired;
+    let spec = sherl::data::SplitSpec::parse(split, seed)?;
+    let mut all = paired::emoji_pairs(&emoji)?;
+    let total = all.len();
+    if let Some(n) = limit {
+        all = paired::subset(all, n, seed);
+    }
+    let mut splits = paired::split_pairs(&all, &spec)?;
+    let order: Vec<String> = spec.fractions.iter().map(|(n, _)| n.clone()).collect();
+    let cross = match &openmoji {
+        Some(dir) => {
+            let test = order.last().cloned().unwrap_or_default();
+            let (replaced, dropped) =
+                paired::cross_style(&mut all, &mut splits, &test, dir, &out, 64)?;
+            Some(
+                serde_json::json!({"split": test, "openmoji_images": replaced, "dropped": dropped}),
+            )
+        }
+        None => None,
+    };
+    let written = paired::write_tables(&all, &splits, &order, &out)?;
+    let line = serde_json::json!({
+        "cross_style": cross,
+        "emoji": emoji,
+        "pairs": all.len(),
+        "of": total,
+        "captions": all.iter().map(|p| p.captions.len()).sum::<usize>(),
+        "splits": written,
+    });
+    print_line(&line.to_string())?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -43,6 +43,7 @@ pub mod image;
 mod input;
 mod jsonl;
 mod loader;
+pub mod paired;
 #[cfg(feature = "parquet")]
 mod parquet;
 mod rows;

@@ -27,6 +27,7 @@ pub mod optim;
 pub mod params;
 #[cfg(feature = "extract")]
 pub mod predict;
+pub mod retrieval;
 pub mod run_dir;
 pub mod sweep;
 pub mod train;
