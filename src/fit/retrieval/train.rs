@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor, Var};
-use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::optim::ParamsAdamW;
+
+use crate::fit::optim::{clip_scale, AdamW};
 use serde::{Deserialize, Serialize};
 
 use super::config::{fit_settings, RetrievalConfig};
@@ -42,7 +44,7 @@ use crate::fit::params::{Group, Params};
 use crate::fit::run_dir::{
     RunError, CONFIG_FILE, ERROR_FILE, METRICS_FILE, RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
 };
-use crate::fit::train::{clip_gradients, step_parts, FitReporter};
+use crate::fit::train::{step_parts, FitReporter};
 use crate::rng::{SplitMix64, Stream};
 use crate::{Error, Result};
 
@@ -680,21 +682,23 @@ fn train_loop(
                     )));
                 }
                 let mut grads = loss.backward()?;
-                if cfg.grad_clip > 0.0 {
-                    clip_gradients(&mut grads, &all_vars, cfg.grad_clip)?;
-                }
+                let clip = if cfg.grad_clip > 0.0 {
+                    clip_scale(&grads, &all_vars, cfg.grad_clip)?.1
+                } else {
+                    None
+                };
                 let mult =
                     cfg.schedule(step.min(total_steps.saturating_sub(1)), total_steps.max(1));
                 lr_now = cfg.lr * mult;
                 opt_new.set_learning_rate(lr_now);
-                opt_new.step(&grads)?;
+                opt_new.step(&mut grads, clip)?;
                 if let Some(o) = opt_scale.as_mut() {
                     o.set_learning_rate(lr_now);
-                    o.step(&grads)?;
+                    o.step(&mut grads, clip)?;
                 }
                 if let Some(o) = opt_pre.as_mut() {
                     o.set_learning_rate(cfg.lr_pretrained * mult);
-                    o.step(&grads)?;
+                    o.step(&mut grads, clip)?;
                 }
                 step += 1;
                 batches += 1;
