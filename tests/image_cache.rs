@@ -394,3 +394,52 @@ fn predict_labels_new_images() {
         std::fs::read(f.root.join("pred2.jsonl")).unwrap()
     );
 }
+
+/// `--pool patch-mean` on an image cache leaves the CLS token out of the
+/// mean: recorded in the run's config, and a seeded linear probe ends with
+/// other weights than the same run with `--pool mean` (their features
+/// differ only by the CLS token). On a text cache it is refused, naming the
+/// setting.
+#[test]
+fn patch_mean_pool_on_images_refused_on_text() {
+    let f = image_fixture(6);
+    extract_images(&f, "c", &["--dtype", "f32"]);
+    let run = |pool: &str, out: &str| {
+        fit_ok(&fit_images(
+            &f,
+            &[
+                "--method",
+                "linear-probe",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--seed",
+                "1",
+                "--pool",
+                pool,
+                "--out",
+                out,
+            ],
+        ))
+    };
+    let dir = |s: &serde_json::Value| f.root.join(s["run_dir"].as_str().unwrap());
+    let patch = run("patch-mean", "runs_patch");
+    let mean = run("mean", "runs_mean");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&patch).join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["config"]["pool"], "patch-mean", "{cfg}");
+    assert_ne!(
+        std::fs::read(dir(&patch).join("weights.safetensors")).unwrap(),
+        std::fs::read(dir(&mean).join("weights.safetensors")).unwrap()
+    );
+
+    let t = crate::fit::fit_fixture(20, 3, &[]);
+    let o = crate::fit::fit(&t.root, &["--pool", "patch-mean", "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("--pool patch-mean") && err.contains("holds text"),
+        "{err}"
+    );
+}
