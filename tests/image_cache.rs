@@ -443,3 +443,113 @@ fn patch_mean_pool_on_images_refused_on_text() {
         "{err}"
     );
 }
+
+/// Image tables under `predict`: `--image-column` picks the column; without
+/// it the column the run's cache was extracted from (`--image-column file`
+/// there) is used; a table without that column is an error naming it.
+#[test]
+fn predict_image_column_flag_and_default() {
+    let f = image_fixture(6);
+    // The training images as a table whose column `file` names them.
+    let mut csv = String::from("file,label\n");
+    for class in ["a", "b"] {
+        for k in 0..6 {
+            csv.push_str(&format!("imgs/{class}/{k:02}.png,{class}\n"));
+        }
+    }
+    std::fs::write(f.root.join("train.csv"), &csv).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            "train.csv",
+            "--image-column",
+            "file",
+            "--split",
+            "train=0.5,valid=0.25,test=0.25",
+            "--late-layers",
+            "1",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--out",
+            "c",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = fit_ok(&fit_images(
+        &f,
+        &[
+            "--method",
+            "linear-probe",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+    ));
+    let run = s["run_dir"].as_str().unwrap().to_owned();
+    let predict = |data: &str, extra: &[&str]| {
+        let mut a = vec![
+            "predict",
+            "--run",
+            &run,
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            data,
+            "--device",
+            "cpu",
+        ];
+        a.extend_from_slice(extra);
+        common::run("sherl-fit", &a, &f.root, &[])
+    };
+    // the run's column by default
+    let p = fit_ok(&predict("train.csv", &["--out", "p1.jsonl"]));
+    assert_eq!(p["examples"], 12);
+    assert_eq!(p["labelled"], 12);
+    // another column named by the flag
+    std::fs::write(
+        f.root.join("new.csv"),
+        csv.replace("file,label", "path,label"),
+    )
+    .unwrap();
+    let p = fit_ok(&predict(
+        "new.csv",
+        &["--image-column", "path", "--out", "p2.jsonl"],
+    ));
+    assert_eq!(p["examples"], 12);
+    // the same images, the same probabilities (ids differ: file stem)
+    let probs = |name: &str| -> Vec<(String, String)> {
+        std::fs::read_to_string(f.root.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["image"].to_string(), v["probabilities"].to_string())
+            })
+            .collect()
+    };
+    assert_eq!(probs("p1.jsonl"), probs("p2.jsonl"));
+    // a missing column is named, with the flag to use
+    let o = predict("new.csv", &["--out", "p3.jsonl"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("new.csv") && err.contains("file") && err.contains("--image-column"),
+        "{err}"
+    );
+    let o = predict("new.csv", &["--image-column", "nope", "--out", "p4.jsonl"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("nope"),
+        "{}",
+        common::stderr(&o)
+    );
+}

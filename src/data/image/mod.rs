@@ -492,7 +492,7 @@ fn image_wording(error: Error) -> Error {
         m.replace("no text column", "no image column")
             .replace("missing text (column", "missing image path (column")
             .replace("the text column", "the image column")
-            .replace("--text-column", "ImageOptions::image_column")
+            .replace("--text-column", "--image-column")
     };
     match error {
         Error::Dataset { path, message } => Error::Dataset {
