@@ -223,7 +223,7 @@ fn fit_ok(o: &std::process::Output) -> serde_json::Value {
 
 /// `sherl-fit` on an image cache: linear-probe, late-layer, unipt and sherl
 /// train (the ViT blocks from the ONNX initializers) and report metrics; a
-/// seeded run is deterministic; full-ft is refused with the reason.
+/// seeded run is deterministic (full-ft: `full_ft_trains_every_vit_block`).
 #[test]
 fn four_methods_train_on_an_image_cache() {
     let f = image_fixture(10);
@@ -305,14 +305,6 @@ fn four_methods_train_on_an_image_cache() {
     };
     assert_eq!(w(&a), w(&b));
     assert_eq!(a["valid_accuracy"], b["valid_accuracy"]);
-
-    let o = fit_images(&f, &["--method", "full-ft", "--epochs", "1"]);
-    assert!(!o.status.success());
-    assert!(
-        common::stderr(&o).contains("not available on an image cache"),
-        "{}",
-        common::stderr(&o)
-    );
 }
 
 /// `sherl-fit predict` on new images (a folder of class folders): JSONL
@@ -551,5 +543,150 @@ fn predict_image_column_flag_and_default() {
         common::stderr(&o).contains("nope"),
         "{}",
         common::stderr(&o)
+    );
+}
+
+/// `full-ft` on an image cache: every ViT block trained from the cached
+/// hidden_states.0. Before any step the model's pooled features are ONNX
+/// Runtime's last hidden state, mean-pooled (within 1e-4); the training loss
+/// falls; two seeded runs write the same weights; a cache without layer 0
+/// is refused, naming it and the flag that stores it.
+#[test]
+fn full_ft_trains_every_vit_block() {
+    use candle_core::Device;
+    use sherl::backbone::BackboneDir;
+    use sherl::batching::{Encoded, PaddedBatch};
+    use sherl::fit::batcher::Batch;
+    use sherl::fit::checks::{check_backbone, model_spec};
+    use sherl::fit::config::FitConfig;
+    use sherl::fit::model::{Method, Model};
+
+    let f = image_fixture(10);
+    extract_images(&f, "c", &["--dtype", "f32", "--layers", "all"]);
+
+    // Step 0: the model is the backbone.
+    let cache = Cache::open(&f.root.join("c")).unwrap();
+    let (arch, ckpt) = check_backbone(&cache, &BackboneDir::open(&f.backbone).unwrap()).unwrap();
+    let cfg = FitConfig {
+        method: Method::FullFt,
+        ..FitConfig::default()
+    };
+    let spec = model_spec(&cfg, &cache, &arch).unwrap();
+    let dev = Device::Cpu;
+    let layers = cache.manifest().settings.layers.clone();
+    let model = Model::build(spec, &layers, &arch, &ckpt, 0, &dev).unwrap();
+    assert_eq!(model.inputs(), &[0]);
+    let images = ["a/00.png", "a/03.png", "b/07.png"];
+    let refs: Vec<Vec<Vec<f32>>> = images
+        .iter()
+        .map(|p| reference(&f.backbone, &f.data.join(p)))
+        .collect();
+    let hidden = arch.hidden();
+    let h0: Vec<f32> = refs.iter().flat_map(|r| r[0].clone()).collect();
+    let enc = Encoded {
+        ids: vec![0; TINY_TOKENS],
+        type_ids: vec![0; TINY_TOKENS],
+    };
+    let pb = PaddedBatch::new(&[&enc, &enc, &enc], None);
+    let ids = images.iter().map(|s| s.to_string()).collect();
+    let batch = Batch::from_padded(&pb, vec![h0], hidden, ids, &dev).unwrap();
+    let pooled: Vec<f32> = model
+        .inference()
+        .pooled(&batch)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<f32> = refs
+        .iter()
+        .flat_map(|r| {
+            let last = &r[2];
+            (0..hidden)
+                .map(|j| {
+                    (0..TINY_TOKENS).map(|t| last[t * hidden + j]).sum::<f32>() / TINY_TOKENS as f32
+                })
+                .collect::<Vec<f32>>()
+        })
+        .collect();
+    common::assert_close(&pooled, &want, 1e-4, 1e-4, "pooled hidden_states.2");
+
+    // Training: the loss falls; a seeded run is reproducible.
+    let train = |out: &str| {
+        fit_ok(&fit_images(
+            &f,
+            &[
+                "--method",
+                "full-ft",
+                "--epochs",
+                "4",
+                "--batch-size",
+                "4",
+                "--lr",
+                "0.003",
+                "--lr-pretrained",
+                "0.001",
+                "--seed",
+                "3",
+                "--out",
+                out,
+            ],
+        ))
+    };
+    let a = train("runs_a");
+    let b = train("runs_b");
+    assert_eq!(a["method"], "full-ft");
+    let dir = |s: &serde_json::Value| f.root.join(s["run_dir"].as_str().unwrap());
+    let losses: Vec<f64> = std::fs::read_to_string(dir(&a).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "train loss {losses:?}");
+    // Every block is trained: more trainable parameters than the late layer.
+    let late = fit_ok(&fit_images(
+        &f,
+        &["--method", "late-layer", "--epochs", "1", "--out", "runs_l"],
+    ));
+    assert!(
+        a["trainable_params"].as_u64().unwrap() > late["trainable_params"].as_u64().unwrap(),
+        "{a} {late}"
+    );
+    assert_eq!(
+        std::fs::read(dir(&a).join("weights.safetensors")).unwrap(),
+        std::fs::read(dir(&b).join("weights.safetensors")).unwrap()
+    );
+    assert_eq!(a["valid_accuracy"], b["valid_accuracy"]);
+
+    // A cache without hidden_states.0 is refused with the flag to use.
+    extract_images(&f, "c1", &["--dtype", "f32", "--layers", "1,2"]);
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "run",
+            "--cache",
+            "c1",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--method",
+            "full-ft",
+            "--out",
+            "runs_c1",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("hidden_states.0") && err.contains("--layers all"),
+        "{err}"
     );
 }

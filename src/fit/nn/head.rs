@@ -57,15 +57,19 @@ impl Head {
     /// # Shapes
     /// `y` `[B, S, d]`, `mask` `[B, S]` -> logits `[B, classes]`.
     pub fn forward(&self, y: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let pooled = match self.pool {
+        self.linear.forward(&self.pool(y, mask)?)
+    }
+
+    /// The pooling alone: `y` `[B, S, d]`, `mask` `[B, S]` -> `[B, d]`.
+    pub fn pool(&self, y: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(match self.pool {
             Pool::Cls => y.narrow(1, 0, 1)?.squeeze(1)?,
             Pool::Mean => masked_mean(y, mask)?,
             Pool::PatchMean => {
                 let n = y.dim(1)?.saturating_sub(1);
                 masked_mean(&y.narrow(1, 1, n)?, &mask.narrow(1, 1, n)?)?
             }
-        };
-        self.linear.forward(&pooled)
+        })
     }
 }
 
