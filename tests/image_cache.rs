@@ -690,3 +690,28 @@ fn full_ft_trains_every_vit_block() {
         "{err}"
     );
 }
+
+/// `sherl-cache export` of an image cache: every token of every layer, as
+/// cached, and no token-id files (image examples have no token ids).
+#[test]
+fn export_of_an_image_cache() {
+    let f = image_fixture(4);
+    extract_images(&f, "c", &["--dtype", "f16", "--layers", "all"]);
+    let o = common::run(
+        "sherl-cache",
+        &["export", "c", "--layers", "2", "--out", "x"],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let x = f.root.join("x");
+    assert!(x.join("hidden_states.2.npy").exists());
+    assert!(!x.join("input_ids.npy").exists());
+    assert!(!x.join("token_type_ids.npy").exists());
+    let bytes = std::fs::read(x.join("hidden_states.2.npy")).unwrap();
+    let header = String::from_utf8_lossy(&bytes[..128]).into_owned();
+    assert!(
+        header.contains(&format!("'shape': ({}, 8)", 8 * TINY_TOKENS)),
+        "{header}"
+    );
+}
