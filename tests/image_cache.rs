@@ -715,3 +715,94 @@ fn export_of_an_image_cache() {
         "{header}"
     );
 }
+
+/// `predict` on IDX files of a run whose cache was extracted with
+/// `--class-names`: the true labels get the same names, so the accuracy is
+/// computed over every image (before, they were the class numbers, none of
+/// the run's labels).
+#[test]
+fn predict_on_idx_uses_the_recorded_class_names() {
+    let f = image_fixture(2);
+    let n = 12u32;
+    let (rows, cols) = (6u32, 5u32);
+    let mut images = vec![0, 0, 8, 3];
+    for d in [n, rows, cols] {
+        images.extend(d.to_be_bytes());
+    }
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend(n.to_be_bytes());
+    for i in 0..n {
+        images.extend((0..rows * cols).map(|k| ((i * 37 + k * (1 + i % 2) * 11) % 256) as u8));
+        labels.push((i % 2) as u8);
+    }
+    std::fs::write(f.root.join("x-images-idx3-ubyte"), &images).unwrap();
+    std::fs::write(f.root.join("x-labels-idx1-ubyte"), &labels).unwrap();
+    std::fs::write(f.root.join("classes.txt"), "shirt\nshoe\n").unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            "x-images-idx3-ubyte",
+            "--class-names",
+            "classes.txt",
+            "--split",
+            "train=0.5,valid=0.25,test=0.25",
+            "--late-layers",
+            "1",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--out",
+            "c",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = fit_ok(&fit_images(
+        &f,
+        &[
+            "--method",
+            "linear-probe",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+    ));
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            s["run_dir"].as_str().unwrap(),
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            "x-images-idx3-ubyte",
+            "--out",
+            "p.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    let p = fit_ok(&o);
+    assert_eq!(p["examples"], 12);
+    assert_eq!(p["labelled"], 12, "{p}");
+    assert_eq!(p["unknown_labels"], 0, "{p}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(f.root.join("p.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["true_label"], "shirt", "{first}");
+}

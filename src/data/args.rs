@@ -140,6 +140,11 @@ pub struct TrainedColumns {
     /// absent for text, and in runs written before sherl recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<Column>,
+    /// IDX class names the cache was extracted with (`--class-names`,
+    /// `dataset.options.image.idx_label_names`): predict labels IDX files
+    /// with the same names. Empty for everything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idx_class_names: Vec<String>,
 }
 
 impl Default for TrainedColumns {
@@ -152,6 +157,7 @@ impl Default for TrainedColumns {
             label: read.label_column,
             has_header: read.has_header,
             image: None,
+            idx_class_names: Vec::new(),
         }
     }
 }
@@ -180,6 +186,15 @@ impl TrainedColumns {
             label: column("label_column"),
             has_header: options["has_header"].as_bool().unwrap_or(true),
             image: column_in(&options["image"], "image_column"),
+            idx_class_names: options["image"]["idx_label_names"]
+                .as_array()
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

@@ -475,6 +475,8 @@ fn predict_images(
             .clone()
             .or_else(|| trained.image.clone())
             .unwrap_or_else(|| ImageOptions::default().image_column),
+        // IDX class numbers get the names the cache was extracted with.
+        idx_label_names: trained.idx_class_names.clone(),
         ..ImageOptions::default()
     };
     let data = load_images(&dplan, &options)?;
