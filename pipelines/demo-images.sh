@@ -5,6 +5,12 @@
 #
 #   pipelines/demo-images.sh                 # defaults below
 #   N_FMNIST=300 N_EMOJI=300 SEEDS="0 1 2" EPOCHS=3 pipelines/demo-images.sh
+#   pipelines/demo-images.sh knobs           # the accuracy cost of the cost knobs
+#
+# `knobs` mode: the Fashion-MNIST subset only, extracted three times (f16,
+# int8, f16 with --patch-pool 2; --layers all each), SHERL and the linear
+# probe trained on each over SEEDS (the same settings as the demo), then one
+# table: test accuracy mean ± sample std against cache bytes per image.
 #
 # Subsets (seeded, stated): N_FMNIST images drawn with Python's
 # random.Random(SUBSET_SEED) from Fashion-MNIST's t10k file (10 classes),
@@ -71,6 +77,56 @@ extract() {  # name, dataset flags...
             --device cpu "$@"
     fi
 }
+if [ "${1:-}" = knobs ]; then
+    python3 - "$SEEDS" "$EPOCHS" > "$WORK/knobs-grid.json" <<'PY'
+import json, sys
+seeds = [int(s) for s in sys.argv[1].split()]
+runs = [dict(method=m, seed=s, **extra)
+        for m, extra in [("linear-probe", {"lr": 0.01}), ("sherl", {})] for s in seeds]
+print(json.dumps({"epochs": int(sys.argv[2]), "runs": runs}))
+PY
+    for knob in f16 int8 f16-pool2; do
+        cache="$WORK/knobs-$knob-cache"
+        case $knob in
+            f16) flags=(--dtype f16) ;;
+            int8) flags=(--dtype int8) ;;
+            f16-pool2) flags=(--dtype f16 --patch-pool 2) ;;
+        esac
+        if [ ! -f "$cache/manifest.json" ]; then
+            rm -rf "$cache"
+            "$BIN/sherl-extract" -v run --backbone "$BACKBONE" --out "$cache" --layers all \
+                --split train=0.8,valid=0.1,test=0.1 --split-seed 0 --device cpu "${flags[@]}" \
+                --data "$WORK/fmnist/sub-images-idx3-ubyte" --format idx \
+                --class-names "$ASSETS/data/fashion-mnist/classes.txt"
+        fi
+        "$BIN/sherl-cache" inspect "$cache" --json > "$WORK/knobs-$knob-inspect.json"
+        "$BIN/sherl-fit" sweep --cache "$cache" --backbone "$BACKBONE" \
+            --grid "$WORK/knobs-grid.json" --out "$WORK/knobs-$knob-runs" --jobs "$JOBS" \
+            > "$WORK/knobs-$knob-sweep.jsonl" || [ $? -eq 1 ]
+    done
+    python3 - "$WORK" <<'PY'
+import glob, json, os, statistics, sys
+work = sys.argv[1]
+print("| cache | bytes per image | method | runs | test acc (%) | valid acc (%) |")
+print("|---|---:|---|---:|---:|---:|")
+for knob, name in [("f16", "f16"), ("int8", "int8"), ("f16-pool2", "f16, `--patch-pool 2`")]:
+    d = json.load(open(f"{work}/knobs-{knob}-inspect.json"))
+    per_image = d["bytes_on_disk"] / d["examples"]
+    for method in ("linear-probe", "sherl"):
+        test, valid = [], []
+        for f in glob.glob(f"{work}/knobs-{knob}-runs/*/summary.json"):
+            s = json.load(open(f))
+            if s.get("method") == method and s.get("test_accuracy") is not None:
+                test.append(100 * s["test_accuracy"])
+                valid.append(100 * s["valid_accuracy"])
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0
+        print(f"| {name} | {per_image:,.0f} | {method} | {len(test)} | "
+              f"{statistics.mean(test):.2f} ± {sd(test):.2f} | {statistics.mean(valid):.2f} ± {sd(valid):.2f} |")
+PY
+    echo "demo-images knobs: total $(( $(date +%s) - start )) s"
+    exit 0
+fi
+
 t0=$(date +%s)
 extract fmnist --data "$WORK/fmnist/sub-images-idx3-ubyte" --format idx \
     --class-names "$ASSETS/data/fashion-mnist/classes.txt"

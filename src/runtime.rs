@@ -20,7 +20,7 @@ use std::sync::OnceLock;
 
 use ndarray::{Array3, ArrayD, ArrayView2, ArrayViewD};
 use ort::ep::ExecutionProvider;
-use ort::session::builder::GraphOptimizationLevel;
+use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
 use ort::value::TensorRef;
 
@@ -654,22 +654,7 @@ impl F32Session {
     /// Open `model` on the CPU with `cfg`'s threads and optimisation level
     /// (its device is not used).
     pub fn open(rt: &Runtime, model: &Path, cfg: &SessionConfig) -> Result<Self> {
-        let mut b = Session::builder(&rt.env)
-            .map_err(ort_err("session builder"))?
-            .with_optimization_level(cfg.opt_level.to_ort())
-            .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
-        if let Some(t) = cfg.threads {
-            b = b
-                .with_intra_threads(t)
-                .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
-        }
-        let session = b.commit_from_file(model).map_err(|e| {
-            Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
-        })?;
-        Ok(F32Session {
-            session,
-            model: model.to_owned(),
-        })
+        Self::build(rt, model, cfg, |b| b.commit_from_file(model))
     }
 
     /// Like [`F32Session::open`], from the model's bytes (`model` names it
@@ -681,6 +666,18 @@ impl F32Session {
         bytes: &[u8],
         cfg: &SessionConfig,
     ) -> Result<Self> {
+        Self::build(rt, model, cfg, |b| b.commit_from_memory(bytes))
+    }
+
+    /// The one CPU session builder behind [`F32Session::open`] and
+    /// [`F32Session::from_bytes`]: `cfg`'s optimisation level and threads,
+    /// then `commit` loads the model (`model` names it in messages).
+    fn build(
+        rt: &Runtime,
+        model: &Path,
+        cfg: &SessionConfig,
+        commit: impl FnOnce(&mut SessionBuilder) -> ort::Result<Session>,
+    ) -> Result<Self> {
         let mut b = Session::builder(&rt.env)
             .map_err(ort_err("session builder"))?
             .with_optimization_level(cfg.opt_level.to_ort())
@@ -690,7 +687,7 @@ impl F32Session {
                 .with_intra_threads(t)
                 .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
         }
-        let session = b.commit_from_memory(bytes).map_err(|e| {
+        let session = commit(&mut b).map_err(|e| {
             Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
         })?;
         Ok(F32Session {

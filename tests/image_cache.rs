@@ -223,7 +223,7 @@ fn fit_ok(o: &std::process::Output) -> serde_json::Value {
 
 /// `sherl-fit` on an image cache: linear-probe, late-layer, unipt and sherl
 /// train (the ViT blocks from the ONNX initializers) and report metrics; a
-/// seeded run is deterministic; full-ft is refused with the reason.
+/// seeded run is deterministic (full-ft: `full_ft_trains_every_vit_block`).
 #[test]
 fn four_methods_train_on_an_image_cache() {
     let f = image_fixture(10);
@@ -305,14 +305,6 @@ fn four_methods_train_on_an_image_cache() {
     };
     assert_eq!(w(&a), w(&b));
     assert_eq!(a["valid_accuracy"], b["valid_accuracy"]);
-
-    let o = fit_images(&f, &["--method", "full-ft", "--epochs", "1"]);
-    assert!(!o.status.success());
-    assert!(
-        common::stderr(&o).contains("not available on an image cache"),
-        "{}",
-        common::stderr(&o)
-    );
 }
 
 /// `sherl-fit predict` on new images (a folder of class folders): JSONL
@@ -393,4 +385,424 @@ fn predict_labels_new_images() {
         std::fs::read(f.root.join("pred.jsonl")).unwrap(),
         std::fs::read(f.root.join("pred2.jsonl")).unwrap()
     );
+}
+
+/// `--pool patch-mean` on an image cache leaves the CLS token out of the
+/// mean: recorded in the run's config, and a seeded linear probe ends with
+/// other weights than the same run with `--pool mean` (their features
+/// differ only by the CLS token). On a text cache it is refused, naming the
+/// setting.
+#[test]
+fn patch_mean_pool_on_images_refused_on_text() {
+    let f = image_fixture(6);
+    extract_images(&f, "c", &["--dtype", "f32"]);
+    let run = |pool: &str, out: &str| {
+        fit_ok(&fit_images(
+            &f,
+            &[
+                "--method",
+                "linear-probe",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "4",
+                "--seed",
+                "1",
+                "--pool",
+                pool,
+                "--out",
+                out,
+            ],
+        ))
+    };
+    let dir = |s: &serde_json::Value| f.root.join(s["run_dir"].as_str().unwrap());
+    let patch = run("patch-mean", "runs_patch");
+    let mean = run("mean", "runs_mean");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir(&patch).join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["config"]["pool"], "patch-mean", "{cfg}");
+    assert_ne!(
+        std::fs::read(dir(&patch).join("weights.safetensors")).unwrap(),
+        std::fs::read(dir(&mean).join("weights.safetensors")).unwrap()
+    );
+
+    let t = crate::fit::fit_fixture(20, 3, &[]);
+    let o = crate::fit::fit(&t.root, &["--pool", "patch-mean", "--epochs", "1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("--pool patch-mean") && err.contains("holds text"),
+        "{err}"
+    );
+}
+
+/// Image tables under `predict`: `--image-column` picks the column; without
+/// it the column the run's cache was extracted from (`--image-column file`
+/// there) is used; a table without that column is an error naming it.
+#[test]
+fn predict_image_column_flag_and_default() {
+    let f = image_fixture(6);
+    // The training images as a table whose column `file` names them.
+    let mut csv = String::from("file,label\n");
+    for class in ["a", "b"] {
+        for k in 0..6 {
+            csv.push_str(&format!("imgs/{class}/{k:02}.png,{class}\n"));
+        }
+    }
+    std::fs::write(f.root.join("train.csv"), &csv).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            "train.csv",
+            "--image-column",
+            "file",
+            "--split",
+            "train=0.5,valid=0.25,test=0.25",
+            "--late-layers",
+            "1",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--out",
+            "c",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = fit_ok(&fit_images(
+        &f,
+        &[
+            "--method",
+            "linear-probe",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+    ));
+    let run = s["run_dir"].as_str().unwrap().to_owned();
+    let predict = |data: &str, extra: &[&str]| {
+        let mut a = vec![
+            "predict",
+            "--run",
+            &run,
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            data,
+            "--device",
+            "cpu",
+        ];
+        a.extend_from_slice(extra);
+        common::run("sherl-fit", &a, &f.root, &[])
+    };
+    // the run's column by default
+    let p = fit_ok(&predict("train.csv", &["--out", "p1.jsonl"]));
+    assert_eq!(p["examples"], 12);
+    assert_eq!(p["labelled"], 12);
+    // another column named by the flag
+    std::fs::write(
+        f.root.join("new.csv"),
+        csv.replace("file,label", "path,label"),
+    )
+    .unwrap();
+    let p = fit_ok(&predict(
+        "new.csv",
+        &["--image-column", "path", "--out", "p2.jsonl"],
+    ));
+    assert_eq!(p["examples"], 12);
+    // the same images, the same probabilities (ids differ: file stem)
+    let probs = |name: &str| -> Vec<(String, String)> {
+        std::fs::read_to_string(f.root.join(name))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                (v["image"].to_string(), v["probabilities"].to_string())
+            })
+            .collect()
+    };
+    assert_eq!(probs("p1.jsonl"), probs("p2.jsonl"));
+    // a missing column is named, with the flag to use
+    let o = predict("new.csv", &["--out", "p3.jsonl"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("new.csv") && err.contains("file") && err.contains("--image-column"),
+        "{err}"
+    );
+    let o = predict("new.csv", &["--image-column", "nope", "--out", "p4.jsonl"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("nope"),
+        "{}",
+        common::stderr(&o)
+    );
+}
+
+/// `full-ft` on an image cache: every ViT block trained from the cached
+/// hidden_states.0. Before any step the model's pooled features are ONNX
+/// Runtime's last hidden state, mean-pooled (within 1e-4); the training loss
+/// falls; two seeded runs write the same weights; a cache without layer 0
+/// is refused, naming it and the flag that stores it.
+#[test]
+fn full_ft_trains_every_vit_block() {
+    use candle_core::Device;
+    use sherl::backbone::BackboneDir;
+    use sherl::batching::{Encoded, PaddedBatch};
+    use sherl::fit::batcher::Batch;
+    use sherl::fit::checks::{check_backbone, model_spec};
+    use sherl::fit::config::FitConfig;
+    use sherl::fit::model::{Method, Model};
+
+    let f = image_fixture(10);
+    extract_images(&f, "c", &["--dtype", "f32", "--layers", "all"]);
+
+    // Step 0: the model is the backbone.
+    let cache = Cache::open(&f.root.join("c")).unwrap();
+    let (arch, ckpt) = check_backbone(&cache, &BackboneDir::open(&f.backbone).unwrap()).unwrap();
+    let cfg = FitConfig {
+        method: Method::FullFt,
+        ..FitConfig::default()
+    };
+    let spec = model_spec(&cfg, &cache, &arch).unwrap();
+    let dev = Device::Cpu;
+    let layers = cache.manifest().settings.layers.clone();
+    let model = Model::build(spec, &layers, &arch, &ckpt, 0, &dev).unwrap();
+    assert_eq!(model.inputs(), &[0]);
+    let images = ["a/00.png", "a/03.png", "b/07.png"];
+    let refs: Vec<Vec<Vec<f32>>> = images
+        .iter()
+        .map(|p| reference(&f.backbone, &f.data.join(p)))
+        .collect();
+    let hidden = arch.hidden();
+    let h0: Vec<f32> = refs.iter().flat_map(|r| r[0].clone()).collect();
+    let enc = Encoded {
+        ids: vec![0; TINY_TOKENS],
+        type_ids: vec![0; TINY_TOKENS],
+    };
+    let pb = PaddedBatch::new(&[&enc, &enc, &enc], None);
+    let ids = images.iter().map(|s| s.to_string()).collect();
+    let batch = Batch::from_padded(&pb, vec![h0], hidden, ids, &dev).unwrap();
+    let pooled: Vec<f32> = model
+        .inference()
+        .pooled(&batch)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let want: Vec<f32> = refs
+        .iter()
+        .flat_map(|r| {
+            let last = &r[2];
+            (0..hidden)
+                .map(|j| {
+                    (0..TINY_TOKENS).map(|t| last[t * hidden + j]).sum::<f32>() / TINY_TOKENS as f32
+                })
+                .collect::<Vec<f32>>()
+        })
+        .collect();
+    common::assert_close(&pooled, &want, 1e-4, 1e-4, "pooled hidden_states.2");
+
+    // Training: the loss falls; a seeded run is reproducible.
+    let train = |out: &str| {
+        fit_ok(&fit_images(
+            &f,
+            &[
+                "--method",
+                "full-ft",
+                "--epochs",
+                "4",
+                "--batch-size",
+                "4",
+                "--lr",
+                "0.003",
+                "--lr-pretrained",
+                "0.001",
+                "--seed",
+                "3",
+                "--out",
+                out,
+            ],
+        ))
+    };
+    let a = train("runs_a");
+    let b = train("runs_b");
+    assert_eq!(a["method"], "full-ft");
+    let dir = |s: &serde_json::Value| f.root.join(s["run_dir"].as_str().unwrap());
+    let losses: Vec<f64> = std::fs::read_to_string(dir(&a).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["train_loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 4);
+    assert!(losses[3] < losses[0], "train loss {losses:?}");
+    // Every block is trained: more trainable parameters than the late layer.
+    let late = fit_ok(&fit_images(
+        &f,
+        &["--method", "late-layer", "--epochs", "1", "--out", "runs_l"],
+    ));
+    assert!(
+        a["trainable_params"].as_u64().unwrap() > late["trainable_params"].as_u64().unwrap(),
+        "{a} {late}"
+    );
+    assert_eq!(
+        std::fs::read(dir(&a).join("weights.safetensors")).unwrap(),
+        std::fs::read(dir(&b).join("weights.safetensors")).unwrap()
+    );
+    assert_eq!(a["valid_accuracy"], b["valid_accuracy"]);
+
+    // A cache without hidden_states.0 is refused with the flag to use.
+    extract_images(&f, "c1", &["--dtype", "f32", "--layers", "1,2"]);
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "run",
+            "--cache",
+            "c1",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--device",
+            "cpu",
+            "--method",
+            "full-ft",
+            "--out",
+            "runs_c1",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("hidden_states.0") && err.contains("--layers all"),
+        "{err}"
+    );
+}
+
+/// `sherl-cache export` of an image cache: every token of every layer, as
+/// cached, and no token-id files (image examples have no token ids).
+#[test]
+fn export_of_an_image_cache() {
+    let f = image_fixture(4);
+    extract_images(&f, "c", &["--dtype", "f16", "--layers", "all"]);
+    let o = common::run(
+        "sherl-cache",
+        &["export", "c", "--layers", "2", "--out", "x"],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let x = f.root.join("x");
+    assert!(x.join("hidden_states.2.npy").exists());
+    assert!(!x.join("input_ids.npy").exists());
+    assert!(!x.join("token_type_ids.npy").exists());
+    let bytes = std::fs::read(x.join("hidden_states.2.npy")).unwrap();
+    let header = String::from_utf8_lossy(&bytes[..128]).into_owned();
+    assert!(
+        header.contains(&format!("'shape': ({}, 8)", 8 * TINY_TOKENS)),
+        "{header}"
+    );
+}
+
+/// `predict` on IDX files of a run whose cache was extracted with
+/// `--class-names`: the true labels get the same names, so the accuracy is
+/// computed over every image (before, they were the class numbers, none of
+/// the run's labels).
+#[test]
+fn predict_on_idx_uses_the_recorded_class_names() {
+    let f = image_fixture(2);
+    let n = 12u32;
+    let (rows, cols) = (6u32, 5u32);
+    let mut images = vec![0, 0, 8, 3];
+    for d in [n, rows, cols] {
+        images.extend(d.to_be_bytes());
+    }
+    let mut labels = vec![0, 0, 8, 1];
+    labels.extend(n.to_be_bytes());
+    for i in 0..n {
+        images.extend((0..rows * cols).map(|k| ((i * 37 + k * (1 + i % 2) * 11) % 256) as u8));
+        labels.push((i % 2) as u8);
+    }
+    std::fs::write(f.root.join("x-images-idx3-ubyte"), &images).unwrap();
+    std::fs::write(f.root.join("x-labels-idx1-ubyte"), &labels).unwrap();
+    std::fs::write(f.root.join("classes.txt"), "shirt\nshoe\n").unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            "x-images-idx3-ubyte",
+            "--class-names",
+            "classes.txt",
+            "--split",
+            "train=0.5,valid=0.25,test=0.25",
+            "--late-layers",
+            "1",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--out",
+            "c",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s = fit_ok(&fit_images(
+        &f,
+        &[
+            "--method",
+            "linear-probe",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+        ],
+    ));
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            s["run_dir"].as_str().unwrap(),
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            "x-images-idx3-ubyte",
+            "--out",
+            "p.jsonl",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    let p = fit_ok(&o);
+    assert_eq!(p["examples"], 12);
+    assert_eq!(p["labelled"], 12, "{p}");
+    assert_eq!(p["unknown_labels"], 0, "{p}");
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(f.root.join("p.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(first["true_label"], "shirt", "{first}");
 }

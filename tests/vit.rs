@@ -27,6 +27,7 @@ const HEADS: usize = 2;
 const MLP: usize = 16;
 const EPS: f32 = 1e-6;
 
+#[derive(Default)]
 struct Fixture {
     nodes: Vec<NodeProto>,
     inits: Vec<TensorProto>,
@@ -181,6 +182,51 @@ impl Fixture {
         self.node("Add", &format!("{p}/Add"), &[&b, &y], vec![])
     }
 
+    fn transpose(&mut self, x: &str, name: &str, perm: &[i64]) -> String {
+        self.node("Transpose", name, &[x], vec![ints_attr("perm", perm)])
+    }
+
+    /// LayerScale `n` (1 or 2) of the layer `hf` (nodes under `p`) on `x`.
+    fn layer_scale(&mut self, x: &str, p: &str, hf: &str, n: usize, rng: &mut Rng) -> String {
+        let l = self.init(
+            &format!("{hf}.layer_scale{n}.lambda1"),
+            &[D],
+            (0..D).map(|_| 0.2 + rng.uniform()).collect(),
+        );
+        self.node("Mul", &format!("{p}/layer_scale{n}/Mul"), &[x, &l], vec![])
+    }
+
+    /// Layers `0..n` on `x`: every hidden state from `x` on.
+    fn layers(&mut self, x: &str, n: usize, rng: &mut Rng) -> Vec<String> {
+        let mut hs = vec![x.to_owned()];
+        for i in 0..n {
+            let h = self.layer(&hs[i], i, rng);
+            hs.push(h);
+        }
+        hs
+    }
+
+    /// The model of these nodes and initializers, opset 14.
+    fn model(self, name: &str, input: ValueInfoProto, output: Vec<ValueInfoProto>) -> ModelProto {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 14,
+            }],
+            producer_name: "sherl tests".into(),
+            graph: Some(GraphProto {
+                node: self.nodes,
+                name: name.into(),
+                initializer: self.inits,
+                input: vec![input],
+                output,
+                ..GraphProto::default()
+            }),
+            ..ModelProto::default()
+        }
+    }
+
     /// One Dinov2Layer `backbone.encoder.layer.{i}`, input `x`.
     fn layer(&mut self, x: &str, i: usize, rng: &mut Rng) -> String {
         let p = format!("/backbone/encoder/layer.{i}");
@@ -189,60 +235,39 @@ impl Fixture {
         let n1 = self.layer_norm(x, &format!("{p}/norm1"), &format!("{hf}.norm1"), rng);
         let a = format!("{p}/attention/attention");
         let ahf = format!("{hf}.attention.attention");
-        let k = self.linear(&n1, &format!("{a}/key"), &format!("{ahf}.key"), D, D, rng);
-        let heads_shape = self.shape(&format!("{a}/Constant_2"), &[0, 0, HEADS as i64, hd]);
-        let k = self.node(
-            "Reshape",
-            &format!("{a}/Reshape"),
-            &[&k, &heads_shape],
-            vec![],
-        );
-        let v = self.linear(
-            &n1,
-            &format!("{a}/value"),
-            &format!("{ahf}.value"),
-            D,
-            D,
-            rng,
-        );
-        let v = self.node(
-            "Reshape",
-            &format!("{a}/Reshape_1"),
-            &[&v, &heads_shape],
-            vec![],
-        );
-        let v = self.node(
-            "Transpose",
-            &format!("{a}/Transpose"),
-            &[&v],
-            vec![ints_attr("perm", &[0, 2, 1, 3])],
-        );
-        let q = self.linear(
-            &n1,
-            &format!("{a}/query"),
-            &format!("{ahf}.query"),
-            D,
-            D,
-            rng,
-        );
-        let q = self.node(
-            "Reshape",
-            &format!("{a}/Reshape_2"),
-            &[&q, &heads_shape],
-            vec![],
-        );
-        let q = self.node(
-            "Transpose",
-            &format!("{a}/Transpose_1"),
-            &[&q],
-            vec![ints_attr("perm", &[0, 2, 1, 3])],
-        );
-        let kt = self.node(
-            "Transpose",
-            &format!("{a}/Transpose_2"),
-            &[&k],
-            vec![ints_attr("perm", &[0, 2, 3, 1])],
-        );
+        // Key, value, query in torch's export order; the key's head
+        // transpose comes after the others'.
+        let mut heads = Vec::with_capacity(3);
+        let mut heads_shape = String::new();
+        for (which, reshape, transpose) in [
+            ("key", "Reshape", None),
+            ("value", "Reshape_1", Some("Transpose")),
+            ("query", "Reshape_2", Some("Transpose_1")),
+        ] {
+            let y = self.linear(
+                &n1,
+                &format!("{a}/{which}"),
+                &format!("{ahf}.{which}"),
+                D,
+                D,
+                rng,
+            );
+            if which == "key" {
+                heads_shape = self.shape(&format!("{a}/Constant_2"), &[0, 0, HEADS as i64, hd]);
+            }
+            let y = self.node(
+                "Reshape",
+                &format!("{a}/{reshape}"),
+                &[&y, &heads_shape],
+                vec![],
+            );
+            heads.push(match transpose {
+                Some(t) => self.transpose(&y, &format!("{a}/{t}"), &[0, 2, 1, 3]),
+                None => y,
+            });
+        }
+        let [k, v, q] = <[String; 3]>::try_from(heads).expect("three projections");
+        let kt = self.transpose(&k, &format!("{a}/Transpose_2"), &[0, 2, 3, 1]);
         let s = self.scalar(&format!("{a}/Constant_12"), (hd as f32).powf(-0.25));
         let q = self.node("Mul", &format!("{a}/Mul"), &[&q, &s], vec![]);
         let kt = self.node("Mul", &format!("{a}/Mul_1"), &[&kt, &s], vec![]);
@@ -254,12 +279,7 @@ impl Fixture {
             vec![int_attr("axis", -1)],
         );
         let ctx = self.node("MatMul", &format!("{a}/MatMul_1"), &[&probs, &v], vec![]);
-        let ctx = self.node(
-            "Transpose",
-            &format!("{a}/Transpose_3"),
-            &[&ctx],
-            vec![ints_attr("perm", &[0, 2, 1, 3])],
-        );
+        let ctx = self.transpose(&ctx, &format!("{a}/Transpose_3"), &[0, 2, 1, 3]);
         let flat = self.shape(&format!("{a}/Constant_16"), &[0, 0, D as i64]);
         let ctx = self.node("Reshape", &format!("{a}/Reshape_3"), &[&ctx, &flat], vec![]);
         let o = self.linear(
@@ -270,12 +290,7 @@ impl Fixture {
             D,
             rng,
         );
-        let l1 = self.init(
-            &format!("{hf}.layer_scale1.lambda1"),
-            &[D],
-            (0..D).map(|_| 0.2 + rng.uniform()).collect(),
-        );
-        let o = self.node("Mul", &format!("{p}/layer_scale1/Mul"), &[&o, &l1], vec![]);
+        let o = self.layer_scale(&o, &p, &hf, 1, rng);
         let h = self.node("Add", &format!("{p}/Add"), &[&o, x], vec![]);
         let n2 = self.layer_norm(&h, &format!("{p}/norm2"), &format!("{hf}.norm2"), rng);
         let m = self.linear(
@@ -303,51 +318,31 @@ impl Fixture {
             D,
             rng,
         );
-        let l2 = self.init(
-            &format!("{hf}.layer_scale2.lambda1"),
-            &[D],
-            (0..D).map(|_| 0.2 + rng.uniform()).collect(),
-        );
-        let m = self.node("Mul", &format!("{p}/layer_scale2/Mul"), &[&m, &l2], vec![]);
+        let m = self.layer_scale(&m, &p, &hf, 2, rng);
         self.node("Add", &format!("{p}/Add_1"), &[&m, &h], vec![])
     }
+}
+
+/// A `[batch, tokens, 8]` float graph input or output.
+fn token_io(name: &str) -> ValueInfoProto {
+    ValueInfoProto::tensor(
+        name,
+        data_type::FLOAT,
+        &[Err("batch"), Err("tokens"), Ok(D as i64)],
+    )
 }
 
 /// A two-layer tiny ViT encoder: input `x` `[batch, tokens, 8]`, outputs
 /// the two layers' outputs under torch's names.
 fn write_tiny_vit(path: &Path) {
     let mut rng = Rng::new(11);
-    let mut f = Fixture {
-        nodes: Vec::new(),
-        inits: Vec::new(),
-        anon: 0,
-    };
-    let h1 = f.layer("x", 0, &mut rng);
-    let h2 = f.layer(&h1, 1, &mut rng);
-    let io = |name: &str| {
-        ValueInfoProto::tensor(
-            name,
-            data_type::FLOAT,
-            &[Err("batch"), Err("tokens"), Ok(D as i64)],
-        )
-    };
-    let model = ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 14,
-        }],
-        producer_name: "sherl tests".into(),
-        graph: Some(GraphProto {
-            node: f.nodes,
-            name: "tiny_vit".into(),
-            initializer: f.inits,
-            input: vec![io("x")],
-            output: vec![io(&h1), io(&h2)],
-            ..GraphProto::default()
-        }),
-        ..ModelProto::default()
-    };
+    let mut f = Fixture::default();
+    let hs = f.layers("x", 2, &mut rng);
+    let model = f.model(
+        "tiny_vit",
+        token_io("x"),
+        hs[1..].iter().map(|h| token_io(h)).collect(),
+    );
     std::fs::write(path, model.encode_to_vec()).unwrap();
 }
 
@@ -366,11 +361,7 @@ pub(crate) const TINY_TOKENS: usize = 5;
 pub(crate) fn write_tiny_vit_backbone(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let mut rng = Rng::new(23);
-    let mut f = Fixture {
-        nodes: Vec::new(),
-        inits: Vec::new(),
-        anon: 0,
-    };
+    let mut f = Fixture::default();
     let e = "/backbone/embeddings";
     let w = f.init(
         "backbone.embeddings.patch_embeddings.projection.weight",
@@ -437,38 +428,18 @@ pub(crate) fn write_tiny_vit_backbone(dir: &Path) {
         (0..TINY_TOKENS * D).map(|_| rng.uniform() - 0.5).collect(),
     );
     let h0 = f.node("Add", &format!("{e}/Add"), &[&tokens, &pos], vec![]);
-    let h1 = f.layer(&h0, 0, &mut rng);
-    let h2 = f.layer(&h1, 1, &mut rng);
-    let model = ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 14,
-        }],
-        producer_name: "sherl tests".into(),
-        graph: Some(GraphProto {
-            node: f.nodes,
-            name: "tiny_vit_image".into(),
-            initializer: f.inits,
-            input: vec![ValueInfoProto::tensor(
-                "input_image",
-                data_type::FLOAT,
-                &[
-                    Err("batch"),
-                    Ok(3),
-                    Ok(TINY_IMAGE as i64),
-                    Ok(TINY_IMAGE as i64),
-                ],
-            )],
-            output: vec![ValueInfoProto::tensor(
-                &h2,
-                data_type::FLOAT,
-                &[Err("batch"), Err("tokens"), Ok(D as i64)],
-            )],
-            ..GraphProto::default()
-        }),
-        ..ModelProto::default()
-    };
+    let hs = f.layers(&h0, 2, &mut rng);
+    let input = ValueInfoProto::tensor(
+        "input_image",
+        data_type::FLOAT,
+        &[
+            Err("batch"),
+            Ok(3),
+            Ok(TINY_IMAGE as i64),
+            Ok(TINY_IMAGE as i64),
+        ],
+    );
+    let model = f.model("tiny_vit_image", input, vec![token_io(&hs[2])]);
     std::fs::write(dir.join("model.onnx"), model.encode_to_vec()).unwrap();
     let desc = serde_json::json!({
         "family": "dinov2-vit",
@@ -483,7 +454,7 @@ pub(crate) fn write_tiny_vit_backbone(dir: &Path) {
         "mlp_size": MLP,
         "activation": "gelu",
         "layer_scale": true,
-        "hidden_states": [h0, h1, h2],
+        "hidden_states": hs,
         "preprocess": {
             "size": TINY_IMAGE,
             "resize": "longest-side-pad",

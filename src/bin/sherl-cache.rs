@@ -74,7 +74,7 @@ enum Command {
     /// hidden_states.{i}.npy ([tokens, hidden], the real tokens of every
     /// example in cache order; float16 for f16 caches, else float32),
     /// offsets.npy, labels.npy (-1: none), splits.npy, input_ids.npy,
-    /// token_type_ids.npy (int64) and meta.json. Written to a temporary
+    /// token_type_ids.npy (int64; text caches only) and meta.json. Written to a temporary
     /// directory renamed to --out at the end.
     Export {
         /// Cache directory.

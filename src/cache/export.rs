@@ -10,8 +10,8 @@
 //! | `offsets.npy` | `<i8` | `[E + 1]` | example `k` is rows `offsets[k] .. offsets[k + 1]` |
 //! | `labels.npy` | `<i8` | `[E]` | index into `meta.json`'s `labels`, -1 for none |
 //! | `splits.npy` | `<i8` | `[E]` | index into `meta.json`'s `split_names` |
-//! | `input_ids.npy` | `<i8` | `[T]` | token ids |
-//! | `token_type_ids.npy` | `<i8` | `[T]` | segment ids |
+//! | `input_ids.npy` | `<i8` | `[T]` | token ids (text caches only: image examples have none) |
+//! | `token_type_ids.npy` | `<i8` | `[T]` | segment ids (text caches only) |
 //! | `meta.json` | | | labels, split names, layers, hidden, dtype, settings hash, chunk starts, ids |
 //!
 //! The `.npy` files are written here by hand (format version 1.0: magic,
@@ -297,8 +297,23 @@ fn write_all(
     let mut offsets = NpyWriter::create(dir.join("offsets.npy"), "<i8", &[examples + 1])?;
     let mut labels = NpyWriter::create(dir.join("labels.npy"), "<i8", &[examples])?;
     let mut splits = NpyWriter::create(dir.join("splits.npy"), "<i8", &[examples])?;
-    let mut input_ids = NpyWriter::create(dir.join("input_ids.npy"), "<i8", &[tokens])?;
-    let mut type_ids = NpyWriter::create(dir.join("token_type_ids.npy"), "<i8", &[tokens])?;
+    // Image examples carry no token ids (FORMAT.md §3.1.1).
+    let (mut input_ids, mut type_ids) = if m.image.is_some() {
+        (None, None)
+    } else {
+        (
+            Some(NpyWriter::create(
+                dir.join("input_ids.npy"),
+                "<i8",
+                &[tokens],
+            )?),
+            Some(NpyWriter::create(
+                dir.join("token_type_ids.npy"),
+                "<i8",
+                &[tokens],
+            )?),
+        )
+    };
     offsets.i64s([0])?;
     let mut ids = Vec::with_capacity(examples as usize);
     let mut row = 0i64;
@@ -324,25 +339,36 @@ fn write_all(
         }))?;
         labels.i64s(chunk.meta.iter().map(|e| e.label.map_or(-1, i64::from)))?;
         splits.i64s(chunk.meta.iter().map(|e| i64::from(e.split)))?;
-        input_ids.i64s(
-            chunk
-                .meta
-                .iter()
-                .flat_map(|e| e.ids.iter().map(|&t| i64::from(t))),
-        )?;
-        type_ids.i64s(
-            chunk
-                .meta
-                .iter()
-                .flat_map(|e| e.type_ids.iter().map(|&t| i64::from(t))),
-        )?;
+        if let (Some(input_ids), Some(type_ids)) = (input_ids.as_mut(), type_ids.as_mut()) {
+            input_ids.i64s(
+                chunk
+                    .meta
+                    .iter()
+                    .flat_map(|e| e.ids.iter().map(|&t| i64::from(t))),
+            )?;
+            type_ids.i64s(
+                chunk
+                    .meta
+                    .iter()
+                    .flat_map(|e| e.type_ids.iter().map(|&t| i64::from(t))),
+            )?;
+        }
         ids.extend(chunk.meta.into_iter().map(|e| e.id));
     }
     let mut bytes = 0;
     for f in layer_files {
         bytes += f.finish()?;
     }
-    for f in [offsets, labels, splits, input_ids, type_ids] {
+    for f in [
+        Some(offsets),
+        Some(labels),
+        Some(splits),
+        input_ids,
+        type_ids,
+    ]
+    .into_iter()
+    .flatten()
+    {
         bytes += f.finish()?;
     }
     let meta = ExportMeta {

@@ -112,6 +112,12 @@ pub struct PredictDataArgs {
     #[arg(long, value_name = "COL")]
     pub id_column: Option<Column>,
 
+    /// Image tables (a run trained on an image cache): the column holding
+    /// each image's path [default: the column the run's cache was extracted
+    /// from, else `image`].
+    #[arg(long, value_name = "COL")]
+    pub image_column: Option<Column>,
+
     /// How the file is read.
     #[command(flatten)]
     pub read: ReadArgs,
@@ -130,6 +136,15 @@ pub struct TrainedColumns {
     /// Whether the training files had a header row (columns given by index
     /// otherwise).
     pub has_header: bool,
+    /// An image cache's image column (`dataset.options.image.image_column`);
+    /// absent for text, and in runs written before sherl recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<Column>,
+    /// IDX class names the cache was extracted with (`--class-names`,
+    /// `dataset.options.image.idx_label_names`): predict labels IDX files
+    /// with the same names. Empty for everything else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub idx_class_names: Vec<String>,
 }
 
 impl Default for TrainedColumns {
@@ -141,6 +156,8 @@ impl Default for TrainedColumns {
             text_pair: read.text_pair_column,
             label: read.label_column,
             has_header: read.has_header,
+            image: None,
+            idx_class_names: Vec::new(),
         }
     }
 }
@@ -151,7 +168,7 @@ impl TrainedColumns {
     /// manifests changed that, as `` `name` `` / `#i`. Missing entries take
     /// the defaults.
     pub fn from_options(options: &serde_json::Value) -> TrainedColumns {
-        let column = |key: &str| -> Option<Column> {
+        let column_in = |options: &serde_json::Value, key: &str| -> Option<Column> {
             match &options[key] {
                 serde_json::Value::String(s) => Column::from_display(s).or_else(|| s.parse().ok()),
                 serde_json::Value::Number(n) => n
@@ -161,12 +178,23 @@ impl TrainedColumns {
                 _ => None,
             }
         };
+        let column = |key: &str| column_in(options, key);
         let fallback = TrainedColumns::default();
         TrainedColumns {
             text: column("text_column").unwrap_or(fallback.text),
             text_pair: column("text_pair_column"),
             label: column("label_column"),
             has_header: options["has_header"].as_bool().unwrap_or(true),
+            image: column_in(&options["image"], "image_column"),
+            idx_class_names: options["image"]["idx_label_names"]
+                .as_array()
+                .map(|names| {
+                    names
+                        .iter()
+                        .filter_map(|n| n.as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

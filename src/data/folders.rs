@@ -51,27 +51,14 @@ pub(super) fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
     Ok(entries)
 }
 
-/// Read a class-folder tree rooted at `root`.
-pub(super) fn read(
+/// Walk a class-folder tree: every regular file one level below a class
+/// folder of `root`, in name order, is given to `visit` with its class
+/// folder's name (the label). Returns the count of stray entries (files at
+/// the top, folders or devices inside a class folder), which are skipped.
+pub(super) fn walk_classes(
     root: &Path,
-    opts: &ReadOptions,
-    need_group: bool,
-    bad: &mut BadRows,
-) -> Result<FileRows> {
-    if need_group {
-        return Err(Error::setting(
-            "--group-column",
-            "a split by group needs a group column, which the folders format does not have",
-        ));
-    }
-    if !root.is_dir() {
-        return Err(Error::Dataset {
-            path: root.to_owned(),
-            message: "the folders format needs a directory holding one sub-folder per class"
-                .to_owned(),
-        });
-    }
-    let mut out = FileRows::default();
+    mut visit: impl FnMut(&str, PathBuf) -> Result<()>,
+) -> Result<usize> {
     let mut stray = 0usize;
     for (class_dir, kind) in list_dir(root)? {
         if kind != Kind::Dir {
@@ -84,41 +71,61 @@ pub(super) fn read(
                 stray += 1;
                 continue;
             }
-            out.rows_read += 1;
-            let max = opts.limits.max_line_bytes;
-            let bytes = read_at_most(&file, max)?;
-            if bytes.len() > max {
-                bad.file(
-                    &file,
-                    format!(
-                        "the file is larger than {max} bytes (the --max-line-bytes bound on \
-                         one example); raise --max-line-bytes if it really is that long"
-                    ),
-                )?;
-                continue;
-            }
-            let text = match input::decode(input::strip_bom(&bytes, opts.encoding), opts.encoding) {
-                Ok(text) => text.trim().to_owned(),
-                Err(message) => {
-                    bad.file(&file, message)?;
-                    continue;
-                }
-            };
-            let file_name = file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.rows.push(RawRow {
-                line: 0,
-                id: format!("{label}/{file_name}"),
-                explicit_id: false,
-                text,
-                text_pair: None,
-                label: opts.label_column.as_ref().map(|_| label.clone()),
-                group: None,
-            });
+            visit(&label, file)?;
         }
     }
+    Ok(stray)
+}
+
+/// Read a class-folder tree rooted at `root` in the format named `format`
+/// (for messages): one row per file, its id `<label>/<file name>`, its
+/// content from `example` (an `Err(message)` there is a bad row).
+pub(super) fn read_class_folders<T>(
+    root: &Path,
+    format: &str,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+    mut example: impl FnMut(&Path) -> Result<std::result::Result<T, String>>,
+) -> Result<FileRows<T>> {
+    if need_group {
+        return Err(Error::setting(
+            "--group-column",
+            format!(
+                "a split by group needs a group column, which the {format} format does not have"
+            ),
+        ));
+    }
+    if !root.is_dir() {
+        return Err(Error::Dataset {
+            path: root.to_owned(),
+            message: format!(
+                "the {format} format needs a directory holding one sub-folder per class"
+            ),
+        });
+    }
+    let mut out = FileRows::default();
+    let stray = walk_classes(root, |label, file| {
+        out.rows_read += 1;
+        let text = match example(&file)? {
+            Ok(text) => text,
+            Err(message) => return bad.file(&file, message),
+        };
+        let file_name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        out.rows.push(RawRow {
+            line: 0,
+            id: format!("{label}/{file_name}"),
+            explicit_id: false,
+            text,
+            text_pair: None,
+            label: opts.label_column.as_ref().map(|_| label.to_owned()),
+            group: None,
+        });
+        Ok(())
+    })?;
     if stray > 0 {
         tracing::warn!(
             "{}: ignored {stray} entries that are not <class folder>/<file>",
@@ -126,6 +133,29 @@ pub(super) fn read(
         );
     }
     Ok(out)
+}
+
+/// Read a class-folder tree of text files rooted at `root`.
+pub(super) fn read(
+    root: &Path,
+    opts: &ReadOptions,
+    need_group: bool,
+    bad: &mut BadRows,
+) -> Result<FileRows> {
+    let max = opts.limits.max_line_bytes;
+    read_class_folders(root, "folders", opts, need_group, bad, |file| {
+        let bytes = read_at_most(file, max)?;
+        if bytes.len() > max {
+            return Ok(Err(format!(
+                "the file is larger than {max} bytes (the --max-line-bytes bound on \
+                 one example); raise --max-line-bytes if it really is that long"
+            )));
+        }
+        Ok(
+            input::decode(input::strip_bom(&bytes, opts.encoding), opts.encoding)
+                .map(|text| text.trim().to_owned()),
+        )
+    })
 }
 
 /// The first `max + 1` bytes of `path` at most (more than `max` means the

@@ -20,7 +20,7 @@ use ndarray::{Array3, ArrayViewD, IxDyn};
 use super::order::{split_rank, CacheOrder};
 use super::pipeline::BatchOutput;
 use super::plan::{self, ExtractPlan};
-use super::run::{ExtractReporter, ExtractSummary};
+use super::run::{ExtractReporter, ExtractSummary, RunTally};
 use crate::backbone::{BackboneDir, ImageBackboneDesc};
 use crate::cache::manifest::{BackboneInfo, ExtractSettings, ImageInfo};
 use crate::cache::writer::CacheWriter;
@@ -352,8 +352,11 @@ pub fn vit_checkpoint(
     let path = dir.safetensors_path();
     let sha = crate::hash::sha256_hex(&w.safetensors);
     if path.exists() {
-        let have = crate::fsutil::sha256_path(&path)?;
-        if have != sha {
+        // Compared byte for byte (cheaper than hashing it again); hashed
+        // only to name the difference.
+        let same = std::fs::read(&path).map_err(|e| Error::io(&path, e))? == w.safetensors;
+        if !same {
+            let have = crate::fsutil::sha256_path(&path)?;
             return Err(Error::Backbone {
                 path: path.clone(),
                 message: format!(
@@ -395,11 +398,17 @@ pub fn run(
     let backbone = ImageBackbone::open(&dir, &plan.image)?;
     let desc = &backbone.desc;
     let layers = plan::resolve_layers(&plan.layers, plan.settings.late_layers, desc.layers)?;
+    let t_backbone = t0.elapsed().as_secs_f64();
+    let t = Instant::now();
     let (vit, checkpoint) = vit_checkpoint(&dir, &plan.model, reporter)?;
+    let t_checkpoint = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let bytes = exposed_model(&plan.model, desc, &layers)?;
+    let t_expose = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let mut session = F32Session::from_bytes(rt, &plan.model, &bytes, &plan.session)?;
     drop(bytes);
-    let t_open = t0.elapsed().as_secs_f64();
+    let t_session = t.elapsed().as_secs_f64();
 
     let t = Instant::now();
     let data = load_images(&plan.dataset, &plan.image.options)?;
@@ -453,15 +462,7 @@ pub fn run(
     );
     let t_describe = t.elapsed().as_secs_f64();
 
-    let mut writer = CacheWriter::open(&plan.out, manifest, plan.resume)?;
-    let todo = writer.resume_scan(&|m| reporter.note(m))?;
-    let resumed = writer.sealed_count();
-    if resumed > 0 {
-        reporter.note(&format!(
-            "resume: {resumed} sealed shard(s) kept, {} to compute",
-            todo.len()
-        ));
-    }
+    let (mut writer, todo, resumed) = super::run::open_writer(plan, manifest, reporter)?;
     let examples = &order.examples;
     let run_examples: u64 = todo.iter().map(|slot| slot.examples.len() as u64).sum();
     reporter.start(run_examples, run_examples * backbone.tokens as u64);
@@ -494,31 +495,31 @@ pub fn run(
     reporter.finish();
     let t = Instant::now();
     let manifest = writer.finish()?;
-    tracing::debug!(
-        "stages: open backbone and session {t_open:.2} s, read images {t_read:.2} s, \
-         provenance (file hashes) {t_describe:.2} s, decode + preprocess + backbone {:.2} s, \
-         chunking {:.2} s, waiting for compression {:.2} s, draining compression and \
-         writer {:.2} s, manifest {:.2} s; total {:.2} s",
-        times.backbone,
-        times.chunking,
-        times.queue_wait,
-        times.drain,
+    super::run::log_stage_times(
+        &[
+            ("open backbone", t_backbone),
+            ("ViT checkpoint", t_checkpoint),
+            ("expose layers", t_expose),
+            ("ONNX Runtime session", t_session),
+            ("read images", t_read),
+            ("provenance (file hashes)", t_describe),
+        ],
+        "decode + preprocess + backbone",
+        &times,
         t.elapsed().as_secs_f64(),
-        t0.elapsed().as_secs_f64()
+        t0,
     );
-    Ok(ExtractSummary {
-        cache: plan.out.clone(),
-        examples: manifest.examples,
-        tokens: manifest.tokens,
-        shards_written: todo.len(),
-        shards_resumed: resumed,
-        bytes_on_disk: manifest.shards.iter().map(|s| s.bytes).sum(),
-        raw_f32_bytes: manifest.raw_f32_bytes(),
+    Ok(ExtractSummary::new(
+        plan,
+        &manifest,
         layers,
-        tokens_run,
-        padded_tokens_run: padded_run,
-        seconds: t0.elapsed().as_secs_f64(),
-        device: "cpu".into(),
-        partial: plan.worker.is_some(),
-    })
+        RunTally {
+            shards_written: todo.len(),
+            shards_resumed: resumed,
+            tokens_run,
+            padded_tokens_run: padded_run,
+        },
+        t0,
+        "cpu".into(),
+    ))
 }

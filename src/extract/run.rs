@@ -10,13 +10,15 @@
 //! equals an uninterrupted run.
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use super::order::CacheOrder;
+use super::pipeline::StageTimes;
 use super::plan::{self, ExtractPlan, LayerChoice};
 use crate::backbone::{BackboneDir, BertConfig};
 use crate::batching::PaddedBatch;
 use crate::cache::manifest::{ExtractSettings, Manifest};
-use crate::cache::writer::CacheWriter;
+use crate::cache::writer::{CacheWriter, ShardSlot};
 use crate::data::Dataset;
 use crate::runtime::{BackboneSession, DeviceChoice, Runtime, SessionConfig};
 use crate::tokenize::{Encoded, Tokenizer};
@@ -201,7 +203,7 @@ pub fn run(
     if BackboneDir::open(&plan.backbone)?.is_image() {
         return super::image::run(rt, plan, reporter);
     }
-    let t0 = std::time::Instant::now();
+    let t0 = Instant::now();
     let s = &plan.settings;
     plan::validate(s)?;
     CacheWriter::check_target(&plan.out)?;
@@ -227,15 +229,7 @@ pub fn run(
     let t_describe = t.elapsed().as_secs_f64();
     let mut times = super::pipeline::StageTimes::default();
 
-    let mut writer = CacheWriter::open(&plan.out, manifest, plan.resume)?;
-    let todo = writer.resume_scan(&|m| reporter.note(m))?;
-    let resumed = writer.sealed_count();
-    if resumed > 0 {
-        reporter.note(&format!(
-            "resume: {resumed} sealed shard(s) kept, {} to compute",
-            todo.len()
-        ));
-    }
+    let (mut writer, todo, resumed) = open_writer(plan, manifest, reporter)?;
     let examples = &order.examples;
     let run_examples: u64 = todo.iter().map(|slot| slot.examples.len() as u64).sum();
     let run_tokens: u64 = todo
@@ -264,34 +258,133 @@ pub fn run(
     reporter.finish();
     let t = std::time::Instant::now();
     let manifest = writer.finish()?;
-    tracing::debug!(
-        "stages: open backbone and session {t_open:.2} s, read data {t_read:.2} s, tokenize \
-         {t_tokenize:.2} s, provenance (file hashes) {t_describe:.2} s, backbone {:.2} s, \
-         chunking {:.2} s, waiting for compression {:.2} s, draining compression and \
-         writer {:.2} s, manifest {:.2} s; total {:.2} s",
+    log_stage_times(
+        &[
+            ("open backbone and session", t_open),
+            ("read data", t_read),
+            ("tokenize", t_tokenize),
+            ("provenance (file hashes)", t_describe),
+        ],
+        "backbone",
+        &times,
+        t.elapsed().as_secs_f64(),
+        t0,
+    );
+    Ok(ExtractSummary::new(
+        plan,
+        &manifest,
+        session.layers,
+        RunTally {
+            shards_written: todo.len(),
+            shards_resumed: resumed,
+            tokens_run,
+            padded_tokens_run: padded_run,
+        },
+        t0,
+        session.device.device,
+    ))
+}
+
+/// Open the cache writer of `plan` with `manifest`, scan it for `--resume`
+/// (saying how many sealed shards were kept): the writer, the shards to
+/// compute and the count of those kept. Text and image runs share it.
+pub(super) fn open_writer(
+    plan: &ExtractPlan,
+    manifest: Manifest,
+    reporter: &dyn ExtractReporter,
+) -> Result<(CacheWriter, Vec<ShardSlot>, usize)> {
+    let mut writer = CacheWriter::open(&plan.out, manifest, plan.resume)?;
+    let todo = writer.resume_scan(&|m| reporter.note(m))?;
+    let resumed = writer.sealed_count();
+    if resumed > 0 {
+        reporter.note(&format!(
+            "resume: {resumed} sealed shard(s) kept, {} to compute",
+            todo.len()
+        ));
+    }
+    Ok((writer, todo, resumed))
+}
+
+/// What this process did, counted while writing shards.
+pub(super) struct RunTally {
+    /// Shards written by this process.
+    pub shards_written: usize,
+    /// Shards kept from an earlier run.
+    pub shards_resumed: usize,
+    /// Real tokens run through the backbone.
+    pub tokens_run: u64,
+    /// Token slots including padding.
+    pub padded_tokens_run: u64,
+}
+
+impl ExtractSummary {
+    /// The summary of a finished run of `plan` (text or image): totals from
+    /// the final `manifest`, the rest from `tally`, time since `t0`.
+    pub(super) fn new(
+        plan: &ExtractPlan,
+        manifest: &Manifest,
+        layers: Vec<usize>,
+        tally: RunTally,
+        t0: Instant,
+        device: String,
+    ) -> Self {
+        ExtractSummary {
+            cache: plan.out.clone(),
+            examples: manifest.examples,
+            tokens: manifest.tokens,
+            shards_written: tally.shards_written,
+            shards_resumed: tally.shards_resumed,
+            bytes_on_disk: manifest.shards.iter().map(|s| s.bytes).sum(),
+            raw_f32_bytes: manifest.raw_f32_bytes(),
+            layers,
+            tokens_run: tally.tokens_run,
+            padded_tokens_run: tally.padded_tokens_run,
+            seconds: t0.elapsed().as_secs_f64(),
+            device,
+            partial: plan.worker.is_some(),
+        }
+    }
+}
+
+/// The `-v` line of stage times: the run's own stages before the backbone
+/// (`before`, label and seconds), then the backbone stage under
+/// `backbone_label`, chunking, compression, drain, manifest and the total
+/// since `t0`.
+pub(super) fn stage_line(
+    before: &[(&str, f64)],
+    backbone_label: &str,
+    times: &StageTimes,
+    manifest_s: f64,
+    t0: Instant,
+) -> String {
+    let mut line = String::from("stages: ");
+    for (label, secs) in before {
+        line.push_str(&format!("{label} {secs:.2} s, "));
+    }
+    line.push_str(&format!(
+        "{backbone_label} {:.2} s, chunking {:.2} s, waiting for compression {:.2} s, \
+         draining compression and writer {:.2} s, manifest {manifest_s:.2} s; total {:.2} s",
         times.backbone,
         times.chunking,
         times.queue_wait,
         times.drain,
-        t.elapsed().as_secs_f64(),
         t0.elapsed().as_secs_f64()
+    ));
+    line
+}
+
+/// Log [`stage_line`] at debug level (`-v`).
+pub(super) fn log_stage_times(
+    before: &[(&str, f64)],
+    backbone_label: &str,
+    times: &StageTimes,
+    manifest_s: f64,
+    t0: Instant,
+) {
+    tracing::debug!(
+        "{}",
+        stage_line(before, backbone_label, times, manifest_s, t0)
     );
-    let layers = session.layers;
-    Ok(ExtractSummary {
-        cache: plan.out.clone(),
-        examples: manifest.examples,
-        tokens: manifest.tokens,
-        shards_written: todo.len(),
-        shards_resumed: resumed,
-        bytes_on_disk: manifest.shards.iter().map(|s| s.bytes).sum(),
-        raw_f32_bytes: manifest.raw_f32_bytes(),
-        layers,
-        tokens_run,
-        padded_tokens_run: padded_run,
-        seconds: t0.elapsed().as_secs_f64(),
-        device: session.device.device,
-        partial: plan.worker.is_some(),
-    })
 }
 
 fn probe_hidden(session: &mut BackboneSession, layers: &[usize]) -> Result<usize> {
@@ -303,4 +396,34 @@ fn probe_hidden(session: &mut BackboneSession, layers: &[usize]) -> Result<usize
     let (i, m, t) = b.views();
     let out = session.run(i, m, t, &layers[..1])?;
     Ok(out[0].shape()[2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_line_lists_the_stages_in_order() {
+        let times = StageTimes {
+            backbone: 1.0,
+            chunking: 0.25,
+            queue_wait: 0.5,
+            drain: 0.1,
+        };
+        let line = stage_line(
+            &[("open", 0.5), ("read images", 2.0)],
+            "decode + backbone",
+            &times,
+            0.0625,
+            Instant::now(),
+        );
+        let (head, total) = line.rsplit_once("; total ").unwrap();
+        assert_eq!(
+            head,
+            "stages: open 0.50 s, read images 2.00 s, decode + backbone 1.00 s, chunking \
+             0.25 s, waiting for compression 0.50 s, draining compression and writer 0.10 s, \
+             manifest 0.06 s"
+        );
+        assert!(total.ends_with(" s"), "{line}");
+    }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::config::FitConfig;
-use super::model::{Arch, ModelSpec};
+use super::model::{Arch, ModelSpec, Pool};
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
 use crate::cache::Cache;
 use crate::fit::error::FitError;
@@ -37,6 +37,25 @@ pub fn model_spec(cfg: &FitConfig, cache: &Cache, arch: &Arch) -> Result<ModelSp
             arch.hidden(),
             cfg.reduction
         )));
+    }
+    if cfg.pool == Pool::PatchMean {
+        match &m.image {
+            None => {
+                return Err(FitError::settings(format!(
+                    "--pool patch-mean averages the patch tokens of an image cache, but {} \
+                     holds text; use --pool mean or cls",
+                    cache.dir().display()
+                )))
+            }
+            Some(image) if !image.cls_token => {
+                return Err(FitError::settings(format!(
+                    "--pool patch-mean leaves out the CLS token, but the images of {} have \
+                     none; --pool mean already averages the patch tokens alone",
+                    cache.dir().display()
+                )))
+            }
+            Some(_) => {}
+        }
     }
     let early = match &cfg.early_layers {
         Some(v) => v.clone(),

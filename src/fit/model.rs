@@ -15,12 +15,14 @@
 //!   confidences, added to the anchor through Linear + LayerNorm; no
 //!   backbone layer in the backward pass. Needs hidden_states.N cached.
 //! - `full-ft`: the whole backbone in candle, every weight trained, from the
-//!   token ids stored in the cache (the memory and accuracy reference).
+//!   token ids stored in the cache (the memory and accuracy reference). On
+//!   an image cache, every ViT block from the cached hidden_states.0 (the
+//!   patch embedding's output: the patch projection, CLS and position
+//!   embeddings are not trained, every transformer block is).
 //!
 //! The backbone layers are BERT layers for a text cache and DINOv2 ViT
 //! blocks ([`super::nn::vit_layer`], weights from the ONNX initializers)
-//! for an image cache ([`Arch`]); everything else is the same. `full-ft`
-//! needs the patch embedding on images and is refused there.
+//! for an image cache ([`Arch`]); everything else is the same.
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -128,7 +130,8 @@ impl Arch {
     /// The sizes as a BERT configuration, for what only needs the sizes
     /// (the memory estimate): a ViT block has a BERT layer's tensors (four
     /// projections, two LayerNorms, an MLP) plus two LayerScale vectors;
-    /// no embeddings are used (`full-ft` is refused on images).
+    /// no embeddings are used (`full-ft` on images starts from the cached
+    /// hidden_states.0).
     pub fn sizes(&self) -> BertConfig {
         match self {
             Arch::Bert(c) => c.clone(),
@@ -188,9 +191,10 @@ enum Net {
     LinearProbe { frozen: Vec<Layer> },
     /// The UniPT side network.
     Unipt(Unipt),
-    /// Embeddings and every layer, all trained.
+    /// Embeddings and every layer, all trained; without embeddings (an
+    /// image cache) the layers start from the cached hidden_states.0.
     FullFt {
-        embeddings: Embeddings,
+        embeddings: Option<Embeddings>,
         layers: Vec<Layer>,
     },
 }
@@ -347,18 +351,26 @@ impl Model {
                 (Net::Unipt(unipt), (0..=n).collect())
             }
             Method::FullFt => {
-                let Arch::Bert(cfg) = arch else {
-                    return Err(FitError::settings(
-                        "--method full-ft is not available on an image cache: it needs the \
-                         patch embedding in candle, which is not built yet (the image-text \
-                         retrieval issue adds it); use sherl, late-layer, unipt or linear-probe"
-                            .to_string(),
-                    ));
+                let (embeddings, inputs) = match arch {
+                    Arch::Bert(cfg) => {
+                        let b = vb.pp("embeddings").pretrained_group(pretrained);
+                        (Some(Embeddings::load(b, cfg)?), Vec::new())
+                    }
+                    // Images: the patch embedding's output is cached.
+                    Arch::Vit { .. } => {
+                        if !cached.contains(&0) {
+                            return Err(FitError::cache_lacks(format!(
+                                "method full-ft on images starts from hidden_states.0 (the \
+                                 patch embedding's output), which the cache does not hold (it \
+                                 has {cached:?}); re-extract with --layers all (or a list \
+                                 including 0)"
+                            )));
+                        }
+                        (None, vec![0])
+                    }
                 };
-                let embeddings =
-                    Embeddings::load(vb.pp("embeddings").pretrained_group(pretrained), cfg)?;
                 let layers = load_layers(&mut vb, arch, 0..n, pretrained)?;
-                (Net::FullFt { embeddings, layers }, Vec::new())
+                (Net::FullFt { embeddings, layers }, inputs)
             }
         };
         let head = Head::load(&mut vb, "head", spec.pool, head_dim, spec.classes)?;
@@ -442,6 +454,13 @@ impl Inference {
     pub fn forward(&self, batch: &Batch) -> Result<Output> {
         forward(&self.net, &self.head, batch, &mut Mode::Eval)
     }
+
+    /// The pooled features `[B, d]` the head's linear layer sees, in
+    /// evaluation mode (a check that a model reproduces its backbone).
+    pub fn pooled(&self, batch: &Batch) -> Result<Tensor> {
+        let (y, _) = sequence(&self.net, batch, &mut Mode::Eval)?;
+        self.head.pool(&y, &batch.mask)
+    }
 }
 
 impl Detach for Net {
@@ -464,7 +483,7 @@ impl Detach for Net {
             },
             Net::Unipt(u) => Net::Unipt(u.detached()),
             Net::FullFt { embeddings, layers } => Net::FullFt {
-                embeddings: embeddings.detached(),
+                embeddings: embeddings.as_ref().map(Detach::detached),
                 layers: layers.detached(),
             },
         }
@@ -472,6 +491,14 @@ impl Detach for Net {
 }
 
 fn forward(net: &Net, head: &Head, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
+    let (y, alpha) = sequence(net, batch, mode)?;
+    let logits = head.forward(&y, &batch.mask)?;
+    Ok(Output { logits, alpha })
+}
+
+/// The final sequence `[B, S, d]` before the head, and SHERL's layer
+/// weights when the method has them.
+fn sequence(net: &Net, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Option<Tensor>)> {
     {
         let bias = attention_bias(&batch.mask)?;
         let mut alpha = None;
@@ -493,11 +520,13 @@ fn forward(net: &Net, head: &Head, batch: &Batch, mode: &mut Mode<'_>) -> Result
             }
             Net::Unipt(unipt) => unipt.forward(&batch.layers, &batch.mask)?,
             Net::FullFt { embeddings, layers } => {
-                let h = embeddings.forward(&batch.token_ids, &batch.type_ids, mode)?;
+                let h = match embeddings {
+                    Some(e) => e.forward(&batch.token_ids, &batch.type_ids, mode)?,
+                    None => batch.layers[0].clone(),
+                };
                 run_layers(layers, h, &bias, mode)?
             }
         };
-        let logits = head.forward(&y, &batch.mask)?;
-        Ok(Output { logits, alpha })
+        Ok((y, alpha))
     }
 }

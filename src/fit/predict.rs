@@ -173,6 +173,16 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     if let Some(image) = &rc.cache.image {
         return predict_images(rt, plan, &rc, image, &dir, &weights_path);
     }
+    if let Some(col) = &plan.data.image_column {
+        return Err(crate::Error::setting(
+            "--image-column",
+            format!(
+                "{col} names an image column, but the run {} was trained on text; use \
+                 --text-column",
+                plan.run.display()
+            ),
+        ));
+    }
     let Some(tokenizer) = &rc.cache.backbone.tokenizer else {
         return Err(FitError::BadRun {
             path: plan.run.clone(),
@@ -384,7 +394,8 @@ fn run_spec(rc: &RunConfig) -> ModelSpec {
 }
 
 /// `predict` for a run trained on an image cache: the new images (a folder
-/// of class folders, a table whose `image` column names image files, IDX)
+/// of class folders, a table whose image column names image files:
+/// `--image-column`, else the one the cache was extracted from; IDX)
 /// are decoded and preprocessed with the recipe the cache recorded (not
 /// whatever `backbone.json` says now), run through the ViT with the
 /// run's input layers exposed, pooled as the cache was, and labelled by
@@ -457,7 +468,17 @@ fn predict_images(
 
     let trained = trained_columns(&rc.cache);
     let dplan = plan.data.to_plan(&trained);
-    let options = ImageOptions::default();
+    let options = ImageOptions {
+        image_column: plan
+            .data
+            .image_column
+            .clone()
+            .or_else(|| trained.image.clone())
+            .unwrap_or_else(|| ImageOptions::default().image_column),
+        // IDX class numbers get the names the cache was extracted with.
+        idx_label_names: trained.idx_class_names.clone(),
+        ..ImageOptions::default()
+    };
     let data = load_images(&dplan, &options)?;
     let class_of: Vec<Option<usize>> = data
         .label_names

@@ -43,7 +43,7 @@ pub use decode::{decode_image, read_image, Background, Image};
 pub use idx::{labels_path, IdxImages};
 pub use preprocess::{Interpolation, Preprocess, Resize};
 
-use super::folders::{list_dir, name_of, Kind};
+use super::folders::{read_class_folders, walk_classes};
 use super::loader::{self, Assembled};
 use super::rows::{BadRows, FileRows, RawRow};
 use super::{delimited, jsonl, Column, DatasetPlan, Format, LoadReport, ReadOptions};
@@ -242,21 +242,14 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
 /// when they hold none; both kinds is an error asking for `--format`.
 pub(super) fn folder_format(root: &Path) -> Result<Format> {
     let (mut images, mut others) = (0usize, 0usize);
-    for (class_dir, kind) in list_dir(root)? {
-        if kind != Kind::Dir {
-            continue;
+    walk_classes(root, |_, file| {
+        if has_image_extension(&file) {
+            images += 1;
+        } else {
+            others += 1;
         }
-        for (file, kind) in list_dir(&class_dir)? {
-            if kind != Kind::File {
-                continue;
-            }
-            if has_image_extension(&file) {
-                images += 1;
-            } else {
-                others += 1;
-            }
-        }
-    }
+        Ok(())
+    })?;
     match (images, others) {
         (0, _) => Ok(Format::Folders),
         (_, 0) => Ok(Format::ImageFolders),
@@ -334,63 +327,13 @@ fn folders(
     need_group: bool,
     bad: &mut BadRows,
 ) -> Result<FileRows<Loaded>> {
-    if need_group {
-        return Err(no_group_column("image-folders"));
-    }
-    if !root.is_dir() {
-        return Err(Error::Dataset {
-            path: root.to_owned(),
-            message: "the image-folders format needs a directory holding one sub-folder per class"
-                .to_owned(),
-        });
-    }
-    let mut out = FileRows::default();
-    let mut stray = 0usize;
-    for (class_dir, kind) in list_dir(root)? {
-        if kind != Kind::Dir {
-            stray += 1;
-            continue;
-        }
-        let label = name_of(&class_dir)?;
-        for (file, kind) in list_dir(&class_dir)? {
-            if kind != Kind::File {
-                stray += 1;
-                continue;
-            }
-            out.rows_read += 1;
-            let image = match read_image(&file, opts) {
-                Ok(image) => image,
-                Err(message) => {
-                    bad.file(&file, message)?;
-                    continue;
-                }
-            };
-            let file_name = file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            out.rows.push(RawRow {
-                line: 0,
-                id: format!("{label}/{file_name}"),
-                explicit_id: false,
-                text: Loaded {
-                    source: ImageSource::File(file),
-                    width: image.width(),
-                    height: image.height(),
-                },
-                text_pair: None,
-                label: read.label_column.as_ref().map(|_| label.clone()),
-                group: None,
-            });
-        }
-    }
-    if stray > 0 {
-        tracing::warn!(
-            "{}: ignored {stray} entries that are not <class folder>/<file>",
-            root.display()
-        );
-    }
-    Ok(out)
+    read_class_folders(root, "image-folders", read, need_group, bad, |file| {
+        Ok(read_image(file, opts).map(|image| Loaded {
+            source: ImageSource::File(file.to_owned()),
+            width: image.width(),
+            height: image.height(),
+        }))
+    })
 }
 
 fn idx_file(
@@ -549,7 +492,7 @@ fn image_wording(error: Error) -> Error {
         m.replace("no text column", "no image column")
             .replace("missing text (column", "missing image path (column")
             .replace("the text column", "the image column")
-            .replace("--text-column", "ImageOptions::image_column")
+            .replace("--text-column", "--image-column")
     };
     match error {
         Error::Dataset { path, message } => Error::Dataset {

@@ -14,8 +14,13 @@ use crate::Result;
 pub enum Pool {
     /// The first (`[CLS]`) token.
     Cls,
-    /// Mean over real tokens.
+    /// Mean over real tokens (on an image cache: the CLS token and the
+    /// patch tokens).
     Mean,
+    /// Mean over the patch tokens alone, the CLS token left out: image
+    /// caches whose backbone has a CLS token only (refused on text caches).
+    #[serde(rename = "patch-mean")]
+    PatchMean,
 }
 
 /// Pooling and `Linear(d -> classes)`.
@@ -52,10 +57,52 @@ impl Head {
     /// # Shapes
     /// `y` `[B, S, d]`, `mask` `[B, S]` -> logits `[B, classes]`.
     pub fn forward(&self, y: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let pooled = match self.pool {
+        self.linear.forward(&self.pool(y, mask)?)
+    }
+
+    /// The pooling alone: `y` `[B, S, d]`, `mask` `[B, S]` -> `[B, d]`.
+    pub fn pool(&self, y: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        Ok(match self.pool {
             Pool::Cls => y.narrow(1, 0, 1)?.squeeze(1)?,
             Pool::Mean => masked_mean(y, mask)?,
+            Pool::PatchMean => {
+                let n = y.dim(1)?.saturating_sub(1);
+                masked_mean(&y.narrow(1, 1, n)?, &mask.narrow(1, 1, n)?)?
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Pooled features of `y` (`[1, 3, 1]`, all tokens real) through a
+    /// head whose linear layer is the identity.
+    fn pooled(pool: Pool) -> f32 {
+        let dev = Device::Cpu;
+        let head = Head {
+            pool,
+            linear: Linear {
+                weight: Tensor::new(&[[1f32]], &dev).unwrap(),
+                bias: Tensor::new(&[0f32], &dev).unwrap(),
+            },
         };
-        self.linear.forward(&pooled)
+        let y = Tensor::new(&[[[10f32], [1.0], [3.0]]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1.0, 1.0]], &dev).unwrap();
+        head.forward(&y, &mask)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()[0]
+    }
+
+    #[test]
+    fn pools_cls_mean_and_patch_mean() {
+        assert_eq!(pooled(Pool::Cls), 10.0);
+        assert!((pooled(Pool::Mean) - 14.0 / 3.0).abs() < 1e-6);
+        assert_eq!(pooled(Pool::PatchMean), 2.0);
     }
 }
