@@ -14,7 +14,9 @@
 //!   rule, padded batches), [`rng`], [`hash`], [`le`], [`fsutil`],
 //!   [`assets`], and `tokenize` (feature `extract`);
 //! - [`cache`]: the on-disk feature cache, the contract between the phases
-//!   (format, reader, writer, merge; the crate's only `unsafe`, in `mmap`);
+//!   (format, reader, writer, merge; `unsafe` in `mmap`, one of three
+//!   modules allowed it: also `fit::nn::gemm`, the BLAS loader, and
+//!   `fit::alloc_track`, the counting allocator);
 //! - phase one, feature `extract`: `onnx`, `runtime` (ONNX Runtime) and
 //!   `extract` (plan, stages, sample);
 //! - phase two, feature `fit`: `fit` (modules, models, training, run

@@ -811,6 +811,39 @@ fn every_method_trains_and_loss_falls() {
     assert_eq!(s["method"], "linear-probe");
 }
 
+/// `train_memory` in the summary: the trainable state is 12 bytes per
+/// trainable parameter, the step peak is counted by sherl-fit's allocator,
+/// and the methods order as their backward passes do: the probe keeps
+/// almost nothing, the late layer one layer's activations, full
+/// fine-tuning every layer's.
+#[test]
+fn train_memory_is_counted_and_orders_the_methods() {
+    let f = fit_fixture(60, 11, &["--layers", "all"]);
+    let mut peaks = Vec::new();
+    for method in ["linear-probe", "late-layer", "full-ft"] {
+        let s = summary(&fit(&f.root, &["--method", method, "--epochs", "1"]));
+        let tm = &s["train_memory"];
+        let state = tm["trainable_state_bytes"].as_u64().unwrap();
+        let peak = tm["step_peak_bytes"].as_u64().unwrap();
+        assert_eq!(
+            state,
+            12 * s["trainable_params"].as_u64().unwrap(),
+            "{method}"
+        );
+        assert_eq!(
+            tm["total_bytes"].as_u64().unwrap(),
+            state + peak,
+            "{method}"
+        );
+        assert!(peak > 0, "{method}: {tm}");
+        peaks.push((method, peak));
+    }
+    assert!(
+        peaks[0].1 < peaks[1].1 && peaks[1].1 < peaks[2].1,
+        "step peaks should grow probe < late layer < full-ft: {peaks:?}"
+    );
+}
+
 /// `predict` labels new texts through ONNX Runtime + the trained modules,
 /// agrees with the cache-based evaluation, and refuses another backbone.
 #[test]

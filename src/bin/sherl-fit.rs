@@ -1,8 +1,11 @@
 //! `sherl-fit`: phase two. Trains SHERL (and baselines) from a feature
 //! cache with candle, without re-running the backbone.
 
+/// mimalloc, counting the training steps' own memory
+/// (`sherl::fit::alloc_track`: `train_memory` in summary.json).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: sherl::fit::alloc_track::Tracking<mimalloc::MiMalloc> =
+    sherl::fit::alloc_track::Tracking(mimalloc::MiMalloc);
 
 use std::cell::RefCell;
 use std::path::PathBuf;
@@ -232,6 +235,7 @@ impl FitReporter for Bar {
 
 fn main() -> ExitCode {
     sherl::cli::tune_allocator();
+    GLOBAL.installed();
     main_wrapper(|| {
         let args = parse_args();
         if let Command::Run(r) = &args.command {

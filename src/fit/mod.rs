@@ -14,6 +14,7 @@
 //! - [`params`], [`metrics`]: the parameter store and the metrics (random
 //!   numbers come from [`crate::rng`]).
 
+pub mod alloc_track;
 pub mod batcher;
 pub mod checks;
 pub mod config;

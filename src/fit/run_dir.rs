@@ -211,6 +211,37 @@ pub struct Summary {
     /// kernel. Absent on other devices and in older runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matmul: Option<String>,
+    /// The training memory the method itself needs
+    /// ([`super::alloc_track`]); absent when not measured (a process
+    /// without the tracking allocator, older runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_memory: Option<TrainMemory>,
+}
+
+/// The training memory of a run, counted by the allocator
+/// ([`super::alloc_track`]), bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainMemory {
+    /// Trainable parameters and AdamW's two moments: 12 bytes each.
+    pub trainable_state_bytes: u64,
+    /// The largest count, over the run's training steps, of bytes the step
+    /// allocated and had not freed yet (activations kept for the backward
+    /// pass, gradients, temporaries).
+    pub step_peak_bytes: u64,
+    /// The sum of the two: the method's training memory.
+    pub total_bytes: u64,
+}
+
+impl TrainMemory {
+    /// From the trainable parameter count and the largest step peak.
+    pub fn new(trainable_params: usize, step_peak_bytes: u64) -> Self {
+        let trainable_state_bytes = trainable_params as u64 * 12;
+        TrainMemory {
+            trainable_state_bytes,
+            step_peak_bytes,
+            total_bytes: trainable_state_bytes + step_peak_bytes,
+        }
+    }
 }
 
 impl Summary {

@@ -108,6 +108,8 @@ pub fn forward_backward(
     let start = rng.clone();
     let run_part =
         move |model: &Shared, part: Batch, first: usize, mut g: SplitMix64| -> PartResult {
+            // Counted on whichever thread runs the part (train memory).
+            let _counted = super::alloc_track::track();
             let out = model.forward(
                 &part,
                 &mut Mode::TrainRows {
@@ -446,6 +448,7 @@ fn train_loop(
     let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
     let mut weights_sha256 = String::new();
     let mut step = 0usize;
+    let mut step_peak: Option<u64> = None;
     let mut train_seconds = 0.0;
     let mut train_tokens = 0usize;
     let batch_plan = |split: u32, shuffle: Option<(u64, u64)>| BatchPlan {
@@ -479,6 +482,10 @@ fn train_loop(
             &plan.device,
         )? {
             let batch = batch?;
+            // The step's own memory: everything allocated from here to the
+            // optimiser's update (super::alloc_track).
+            super::alloc_track::window_start();
+            let counted = super::alloc_track::track();
             let (loss_v, preds, mut grads) = forward_backward(
                 model,
                 &batch,
@@ -509,6 +516,11 @@ fn train_loop(
             if let Some(o) = opt_pre.as_mut() {
                 o.set_learning_rate(cfg.lr_pretrained * mult);
                 o.step(&mut grads, clip)?;
+            }
+            drop(grads);
+            drop(counted);
+            if let Some(p) = super::alloc_track::window_peak() {
+                step_peak = Some(step_peak.unwrap_or(0).max(p));
             }
             step += 1;
             tokens += batch.tokens;
@@ -601,5 +613,7 @@ fn train_loop(
         weights_sha256: Some(weights_sha256),
         device: Some(crate::fit::device_name(&plan.device)),
         matmul: plan.device.is_cpu().then(crate::fit::nn::gemm::kernel),
+        train_memory: step_peak
+            .map(|p| super::run_dir::TrainMemory::new(model.params.trainable_count(), p)),
     })
 }
