@@ -253,11 +253,77 @@ pub struct LayerNormOp {
 
 /// Per row: mean and `1 / sqrt(var + eps)`, with the variance computed from
 /// the centred values (two passes, as the composed version).
-fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = lane_sum(row, |x| x) / n;
+    let var = lane_sum(row, |x| (x - mean) * (x - mean)) / n;
     (mean, 1.0 / (var + eps).sqrt())
+}
+
+/// Lanes of the sums below: enough independent partial sums for the
+/// compiler to keep two AVX registers busy.
+const LANES: usize = 16;
+
+/// `sum f(v[k])` with [`LANES`] partial sums added in a fixed order: the
+/// loop vectorises (a single running sum cannot: each addition waits for
+/// the previous one), and the result is the same on every run.
+#[inline]
+pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = v.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for &x in chunks.remainder() {
+        s += f(x);
+    }
+    s
+}
+
+/// `sum a[k] b[k]` with [`LANES`] partial sums (see [`lane_sum`]).
+#[inline]
+fn lane_sum_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let n = a.len() / LANES * LANES;
+    for (ac, bc) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ac[i] * bc[i];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for k in n..a.len() {
+        s += a[k] * b[k];
+    }
+    s
+}
+
+/// `(sum a[k] g[k], sum a[k] g[k] x[k])`, the two sums of a LayerNorm
+/// backward, with [`LANES`] partial sums each (see [`lane_sum`]).
+#[inline]
+pub(crate) fn lane_sums_ln_back(a: &[f32], g: &[f32], x: &[f32]) -> (f32, f32) {
+    let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
+    let n = a.len() / LANES * LANES;
+    for ((ac, gc), xc) in a[..n]
+        .chunks_exact(LANES)
+        .zip(g[..n].chunks_exact(LANES))
+        .zip(x[..n].chunks_exact(LANES))
+    {
+        for i in 0..LANES {
+            let t = ac[i] * gc[i];
+            s1[i] += t;
+            s2[i] += t * xc[i];
+        }
+    }
+    let (mut t1, mut t2) = (s1.iter().sum::<f32>(), s2.iter().sum::<f32>());
+    for k in n..a.len() {
+        let t = a[k] * g[k];
+        t1 += t;
+        t2 += t * x[k];
+    }
+    (t1, t2)
 }
 
 /// A CPU tensor's contiguous f32 values, borrowed from its storage.
@@ -350,15 +416,13 @@ impl CustomOp3 for LayerNormOp {
             .zip(dx.chunks_exact_mut(d))
         {
             let (mean, rstd) = row_stats(xr, self.eps);
-            let (mut s1, mut s2) = (0f32, 0f32);
             for k in 0..d {
                 xhat[k] = (xr[k] - mean) * rstd;
                 dxhat[k] = gr[k] * wv[k];
-                s1 += dxhat[k];
-                s2 += dxhat[k] * xhat[k];
                 dw[k] += gr[k] * xhat[k];
                 db[k] += gr[k];
             }
+            let (s1, s2) = (lane_sum(&dxhat, |t| t), lane_sum_dot(&dxhat, &xhat));
             let (m1, m2) = (s1 / d as f32, s2 / d as f32);
             for k in 0..d {
                 dxr[k] = rstd * (dxhat[k] - m1 - xhat[k] * m2);

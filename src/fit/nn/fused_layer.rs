@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
 
-use super::fused::contiguous_f32;
+use super::fused::{contiguous_f32, lane_sums_ln_back, row_stats};
 use super::gemm::{matmul, View};
 use crate::backbone::Activation;
 
@@ -185,9 +185,7 @@ fn layer_norm_rows(
         .zip(xhat.chunks_exact_mut(d))
         .enumerate()
     {
-        let mean = vr.iter().sum::<f32>() / d as f32;
-        let var = vr.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d as f32;
-        let rs = 1.0 / (var + eps).sqrt();
+        let (mean, rs) = row_stats(vr, eps);
         rstd[r] = rs;
         for k in 0..d {
             let xh = (vr[k] - mean) * rs;
@@ -214,12 +212,7 @@ fn layer_norm_back(
                 db[k] += dr[k];
             }
         }
-        let (mut s1, mut s2) = (0f32, 0f32);
-        for k in 0..d {
-            let t = dr[k] * g[k];
-            s1 += t;
-            s2 += t * xr[k];
-        }
+        let (s1, s2) = lane_sums_ln_back(dr, g, xr);
         let (m1, m2) = (s1 / d as f32, s2 / d as f32);
         let rs = rstd[r];
         for k in 0..d {
