@@ -390,6 +390,8 @@ fn run_spec(rc: &RunConfig) -> ModelSpec {
         pool: rc.config.pool,
         dropout: rc.config.dropout,
         classes: rc.model.classes,
+        lora: rc.config.lora_spec(),
+        adapter: rc.config.adapter_spec(),
     }
 }
 

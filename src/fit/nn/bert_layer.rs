@@ -19,6 +19,38 @@ use crate::backbone::{Activation, BertConfig};
 use crate::fit::error::FitError;
 use crate::Result;
 
+/// A projection inside a BERT layer (what a LoRA update can target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// Attention query.
+    Query,
+    /// Attention key.
+    Key,
+    /// Attention value.
+    Value,
+    /// Attention output dense.
+    Output,
+    /// FFN intermediate dense (`D -> F`).
+    FfnIn,
+    /// FFN output dense (`F -> D`).
+    FfnOut,
+}
+
+/// Trained modules inside a frozen layer ([`BertLayer::forward_with`]):
+/// low-rank updates of its projections (LoRA) and modules on its
+/// sub-layers' outputs (adapters).
+pub trait LayerExtras {
+    /// Added to projection `p`'s output, computed from its input `x`;
+    /// `None` adds nothing.
+    fn delta(&self, p: Projection, x: &Tensor, mode: &mut Mode<'_>) -> Result<Option<Tensor>>;
+    /// Applied to the attention sub-layer's output (after its dropout),
+    /// before the residual and the LayerNorm.
+    fn after_attention(&self, a: Tensor, mode: &mut Mode<'_>) -> Result<Tensor>;
+    /// Applied to the FFN's output (after its dropout), before the
+    /// residual and the LayerNorm.
+    fn after_ffn(&self, o: Tensor, mode: &mut Mode<'_>) -> Result<Tensor>;
+}
+
 /// Self-attention: query, key, value and output projections.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -55,6 +87,32 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     Ok(((mask.ones_like()? - mask)? * -1e9)?.reshape((b, 1, 1, s))?)
 }
 
+/// Checkpoint names and shapes of a layer of width `d` and FFN width `f`,
+/// in the fused op's order ([`super::fused_layer::PACKED_ORDER`]).
+fn packed_names(d: usize, f: usize) -> Vec<(String, Vec<usize>)> {
+    [
+        ("attention.self.query.weight", vec![d, d]),
+        ("attention.self.key.weight", vec![d, d]),
+        ("attention.self.value.weight", vec![d, d]),
+        ("attention.self.query.bias", vec![d]),
+        ("attention.self.key.bias", vec![d]),
+        ("attention.self.value.bias", vec![d]),
+        ("attention.output.dense.weight", vec![d, d]),
+        ("attention.output.dense.bias", vec![d]),
+        ("attention.output.LayerNorm.weight", vec![d]),
+        ("attention.output.LayerNorm.bias", vec![d]),
+        ("intermediate.dense.weight", vec![f, d]),
+        ("intermediate.dense.bias", vec![f]),
+        ("output.dense.weight", vec![d, f]),
+        ("output.dense.bias", vec![d]),
+        ("output.LayerNorm.weight", vec![d]),
+        ("output.LayerNorm.bias", vec![d]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), s))
+    .collect()
+}
+
 impl super::Detach for BertLayer {
     fn detached(&self) -> Self {
         let a = &self.attention;
@@ -85,40 +143,60 @@ impl BertLayer {
     /// produces `hidden_states.{i + 1}`), trained or frozen as `vb` says,
     /// with the dropout probabilities of `cfg`.
     pub fn load(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let f = cfg.intermediate_size;
-        let eps = cfg.layer_norm_eps;
-        // checkpoint names in the fused op's order (PACKED_ORDER)
-        let names: Vec<(String, Vec<usize>)> = [
-            ("attention.self.query.weight", vec![d, d]),
-            ("attention.self.key.weight", vec![d, d]),
-            ("attention.self.value.weight", vec![d, d]),
-            ("attention.self.query.bias", vec![d]),
-            ("attention.self.key.bias", vec![d]),
-            ("attention.self.value.bias", vec![d]),
-            ("attention.output.dense.weight", vec![d, d]),
-            ("attention.output.dense.bias", vec![d]),
-            ("attention.output.LayerNorm.weight", vec![d]),
-            ("attention.output.LayerNorm.bias", vec![d]),
-            ("intermediate.dense.weight", vec![f, d]),
-            ("intermediate.dense.bias", vec![f]),
-            ("output.dense.weight", vec![d, f]),
-            ("output.dense.bias", vec![d]),
-            ("output.LayerNorm.weight", vec![d]),
-            ("output.LayerNorm.bias", vec![d]),
-        ]
-        .into_iter()
-        .map(|(n, s)| (n.to_string(), s))
-        .collect();
+        let names = packed_names(cfg.hidden_size, cfg.intermediate_size);
         let (flat, t) = vb.pretrained_packed(&names)?;
-        let mut layer = BertLayer::assemble(t, flat, cfg.num_attention_heads, eps)?;
-        layer.act = cfg.activation().map_err(FitError::backbone)?;
-        layer.attn_dropout = cfg.attention_probs_dropout_prob as f32;
-        layer.hidden_dropout = cfg.hidden_dropout_prob as f32;
+        let mut layer = BertLayer::assemble(t, flat, cfg.num_attention_heads, cfg.layer_norm_eps)?;
+        layer.configure(cfg)?;
         if !layer.trained() && super::fused::cpu_f32(&layer.attention.query.weight) {
             layer.packed = Some(Arc::new(layer.flat_weights()?.to_vec1::<f32>()?));
         }
         Ok(layer)
+    }
+
+    /// A fresh layer of `cfg`'s sizes under `vb`'s prefix, trained in
+    /// [`crate::fit::params::Group::New`] as one packed variable (the fused
+    /// op's order): every weight matrix uniform with standard deviation
+    /// 0.02 (BERT's `initializer_range`, drawn uniform in
+    /// ±0.02·sqrt(3)), biases 0, LayerNorms weight 1 and bias 0; the
+    /// matrices are drawn in [`super::fused_layer::PACKED_ORDER`].
+    pub fn fresh(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
+        let bound = 0.02 * 3f32.sqrt();
+        let dev = vb.device().clone();
+        let members = packed_names(cfg.hidden_size, cfg.intermediate_size)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let v = if shape.len() == 2 {
+                    vb.uniform(n, bound)
+                } else if name.ends_with("LayerNorm.weight") {
+                    vec![1f32; n]
+                } else {
+                    vec![0f32; n]
+                };
+                Ok((name, Tensor::from_vec(v, shape.as_slice(), &dev)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (flat, t) = vb.fresh_packed(members)?;
+        let mut layer =
+            BertLayer::assemble(t, Some(flat), cfg.num_attention_heads, cfg.layer_norm_eps)?;
+        layer.configure(cfg)?;
+        Ok(layer)
+    }
+
+    /// The activation and dropout probabilities of `cfg`.
+    fn configure(&mut self, cfg: &BertConfig) -> Result<()> {
+        self.act = cfg.activation().map_err(FitError::backbone)?;
+        self.attn_dropout = cfg.attention_probs_dropout_prob as f32;
+        self.hidden_dropout = cfg.hidden_dropout_prob as f32;
+        Ok(())
+    }
+
+    /// The layer without the frozen weights' packed copy (only the fused
+    /// op reads it): for a frozen layer that only runs composed
+    /// ([`BertLayer::forward_with`]), whose weights then live once.
+    pub fn without_packed_copy(mut self) -> Self {
+        self.packed = None;
+        self
     }
 
     /// A layer from its 16 tensors in [`super::fused_layer::PACKED_ORDER`]
@@ -255,6 +333,18 @@ impl BertLayer {
         bias: &Tensor,
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
+        self.forward_with(x, bias, mode, None)
+    }
+
+    /// [`BertLayer::forward_composed`] with `extras` (LoRA updates,
+    /// adapters) inside the layer; with `None` exactly the composed layer.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        mode: &mut Mode<'_>,
+        extras: Option<&dyn LayerExtras>,
+    ) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
         let (b, s, d) = x.dims3()?;
         let h = self.heads;
@@ -262,10 +352,22 @@ impl BertLayer {
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()?)
         };
+        // a projection, plus the extras' update of it
+        let project =
+            |lin: &Linear, p: Projection, x: &Tensor, mode: &mut Mode<'_>| -> Result<Tensor> {
+                let y = lin.forward(x)?;
+                Ok(match extras {
+                    Some(e) => match e.delta(p, x, mode)? {
+                        Some(delta) => (y + delta)?,
+                        None => y,
+                    },
+                    None => y,
+                })
+            };
         let att = &self.attention;
-        let q = split(att.query.forward(x)?)?;
-        let k = split(att.key.forward(x)?)?;
-        let v = split(att.value.forward(x)?)?;
+        let q = split(project(&att.query, Projection::Query, x, mode)?)?;
+        let k = split(project(&att.key, Projection::Key, x, mode)?)?;
+        let v = split(project(&att.value, Projection::Value, x, mode)?)?;
         let scores =
             (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
         let probs = dropout(&softmax(&scores)?, self.attn_dropout, mode)?;
@@ -274,15 +376,23 @@ impl BertLayer {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, s, d))?;
-        let a = dropout(&att.output.forward(&ctx)?, self.hidden_dropout, mode)?;
+        let a = project(&att.output, Projection::Output, &ctx, mode)?;
+        let mut a = dropout(&a, self.hidden_dropout, mode)?;
+        if let Some(e) = extras {
+            a = e.after_attention(a, mode)?;
+        }
         let h1 = att.norm.forward(&(a + x)?)?;
-        let i = self.intermediate.forward(&h1)?;
+        let i = project(&self.intermediate, Projection::FfnIn, &h1, mode)?;
         let i = match self.act {
             Activation::Gelu => i.gelu_erf()?,
             Activation::GeluTanh => i.gelu()?,
             Activation::Relu => i.relu()?,
         };
-        let o = dropout(&self.output.forward(&i)?, self.hidden_dropout, mode)?;
+        let o = project(&self.output, Projection::FfnOut, &i, mode)?;
+        let mut o = dropout(&o, self.hidden_dropout, mode)?;
+        if let Some(e) = extras {
+            o = e.after_ffn(o, mode)?;
+        }
         self.norm.forward(&(o + h1)?)
     }
 }
