@@ -37,7 +37,7 @@ pub fn side_config(cfg: &BertConfig, d: usize) -> BertConfig {
     side.intermediate_size = (cfg.intermediate_size * d / cfg.hidden_size.max(1)).max(1);
     side.num_attention_heads = (1..=cfg.num_attention_heads.max(1))
         .rev()
-        .find(|h| d % h == 0)
+        .find(|&h| d.is_multiple_of(h))
         .unwrap_or(1);
     side
 }

@@ -161,7 +161,10 @@ impl<'a> Builder<'a> {
     /// Fresh tensors `members` (names under the prefix) trained in
     /// [`Group::New`] as one packed variable (see [`Params::add_packed`]):
     /// the flat variable and each member's view of it.
-    pub fn fresh_packed(&mut self, members: Vec<(String, Tensor)>) -> Result<(Tensor, Vec<Tensor>)> {
+    pub fn fresh_packed(
+        &mut self,
+        members: Vec<(String, Tensor)>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
         let members = members
             .into_iter()
             .map(|(n, t)| (self.path(&n), t))
