@@ -466,3 +466,97 @@ fn new_methods_refuse_clearly() {
     let l = losses(&img.root, &s);
     assert!(l[3] < l[0], "lst on images: {l:?}");
 }
+
+/// A sweep grid runs the new methods with their settings (a target set as
+/// one string; an axis over target sets as a list of strings), each run's
+/// config.json recording them, the trainable counts following them.
+#[test]
+fn new_methods_sweep_with_their_settings() {
+    let f = fit_fixture(40, 13, &["--layers", "all"]);
+    std::fs::write(
+        f.root.join("grid.json"),
+        r#"{"epochs": 1, "runs": [
+            {"method": "lora", "lora_targets": "q,v"},
+            {"method": "lora", "lora_targets": "q,k,v,o,ffn-in,ffn-out", "lora_rank": 2},
+            {"method": "adapter", "adapter_placement": "pfeiffer"},
+            {"method": "adapter"},
+            {"method": "lst"}
+        ]}"#,
+    )
+    .unwrap();
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "sweep",
+            "--cache",
+            "cache",
+            "--backbone",
+            "backbone",
+            "--grid",
+            "grid.json",
+            "--out",
+            "runs",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let s: Vec<serde_json::Value> = common::stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(s.len(), 5);
+    let params = |i: usize| s[i]["trainable_params"].as_u64().unwrap();
+    let (d, ffn, head) = (32u64, 64u64, 32 * 3 + 3);
+    assert_eq!(params(0), 3 * 2 * (8 * d + d * 8) + head);
+    assert_eq!(
+        params(1),
+        3 * 2 * (4 * (d + d) + (d + ffn) + (ffn + d)) + head
+    );
+    assert_eq!(params(2), 3 * (8 * d + 8 + d * 8 + d) + head);
+    assert_eq!(params(3), 3 * 2 * (8 * d + 8 + d * 8 + d) + head);
+    assert_eq!(s[4]["method"], "lst");
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            f.root
+                .join(s[1]["run_dir"].as_str().unwrap())
+                .join("config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["config"]["lora_rank"], 2);
+    assert_eq!(
+        cfg["config"]["lora_targets"],
+        serde_json::json!(["q", "k", "v", "o", "ffn-in", "ffn-out"])
+    );
+
+    // an axis over target sets
+    std::fs::write(
+        f.root.join("grid2.json"),
+        r#"{"epochs": 1, "method": "lora", "lora_targets": ["q,v", "o"]}"#,
+    )
+    .unwrap();
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "sweep",
+            "--cache",
+            "cache",
+            "--backbone",
+            "backbone",
+            "--grid",
+            "grid2.json",
+            "--out",
+            "runs2",
+            "--dry-run",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let plan = common::stdout(&o);
+    assert_eq!(plan.lines().count(), 2, "{plan}");
+    assert!(plan.contains(r#""lora_targets":["o"]"#), "{plan}");
+    assert!(plan.contains(r#""lora_targets":["q","v"]"#), "{plan}");
+}
