@@ -461,6 +461,13 @@ fn new_methods_refuse_clearly() {
             common::stderr(&o)
         );
     }
+    let o = fit_img(&["--method", "lst", "--lst-init", "prune"]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("image cache"),
+        "{}",
+        common::stderr(&o)
+    );
     let s = summary(&fit_img(&["--method", "lst"]));
     assert_eq!(s["method"], "lst");
     let l = losses(&img.root, &s);
@@ -559,4 +566,107 @@ fn new_methods_sweep_with_their_settings() {
     assert_eq!(plan.lines().count(), 2, "{plan}");
     assert!(plan.contains(r#""lora_targets":["o"]"#), "{plan}");
     assert!(plan.contains(r#""lora_targets":["q","v"]"#), "{plan}");
+}
+
+/// `--lst-init prune`: at the backbone's width the side layers are the
+/// backbone's layers exactly (every dimension kept, in order); narrower,
+/// the pruned side network trains; a width that cannot keep the heads, an
+/// image cache, and the flag with another method are refused.
+#[test]
+fn lst_prune_init_starts_from_the_backbone() {
+    let f = fit_fixture(60, 14, &["--layers", "all"]);
+    let (cache, arch, ckpt) = open(&f.root);
+    let cfg = FitConfig {
+        method: Method::Lst,
+        side_dim: Some(32),
+        lst_init: Some(sherl::fit::nn::lst::LstInit::Prune),
+        ..FitConfig::default()
+    };
+    let model = build(&cache, &arch, &ckpt, &cfg).unwrap();
+    let snap = model.params.snapshot().unwrap();
+    let mut compared = 0;
+    for (name, t) in &snap {
+        let Some(rest) = name.strip_prefix("lst.layer.") else {
+            continue;
+        };
+        let source = format!("encoder.layer.{rest}");
+        let want = ckpt.tensor_f32_shaped(&source, t.dims()).unwrap();
+        let got: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got, want, "{name}");
+        compared += 1;
+    }
+    assert_eq!(compared, N * 16);
+
+    // half the width: the residual dimensions kept are the 16 largest
+    // sum_i |gamma_i| of the output LayerNorms, in index order
+    let half = FitConfig {
+        side_dim: Some(16),
+        ..cfg.clone()
+    };
+    let model = build(&cache, &arch, &ckpt, &half).unwrap();
+    let snap = model.params.snapshot().unwrap();
+    let gammas: Vec<Vec<f32>> = (0..N)
+        .map(|i| {
+            ckpt.tensor_f32_shaped(&format!("encoder.layer.{i}.output.LayerNorm.weight"), &[32])
+                .unwrap()
+        })
+        .collect();
+    let score: Vec<f32> = (0..32)
+        .map(|k| gammas.iter().map(|g| g[k].abs()).sum())
+        .collect();
+    let mut keep: Vec<usize> = (0..32).collect();
+    keep.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    keep.truncate(16);
+    keep.sort_unstable();
+    for (i, g) in gammas.iter().enumerate() {
+        let got: Vec<f32> = snap[&format!("lst.layer.{i}.output.LayerNorm.weight")]
+            .to_vec1()
+            .unwrap();
+        let want: Vec<f32> = keep.iter().map(|&k| g[k]).collect();
+        assert_eq!(got, want, "layer {i}");
+    }
+
+    let s = summary(&fit(
+        &f.root,
+        &[
+            "--method",
+            "lst",
+            "--lst-init",
+            "prune",
+            "--side-dim",
+            "16",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.003",
+        ],
+    ));
+    let l = losses(&f.root, &s);
+    assert!(l[3] < l[0], "{l:?}");
+    let random = summary(&fit(
+        &f.root,
+        &["--method", "lst", "--side-dim", "16", "--epochs", "1"],
+    ));
+    assert_eq!(s["trainable_params"], random["trainable_params"]);
+
+    for (args, needle) in [
+        (
+            &["--method", "lst", "--lst-init", "prune", "--side-dim", "6"][..],
+            "multiple of 4",
+        ),
+        (
+            &["--method", "sherl", "--lst-init", "prune"][..],
+            "--method lst only",
+        ),
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--epochs", "1", "--out", "refused"]);
+        let o = fit(&f.root, &a);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", common::stderr(&o));
+        assert!(
+            common::stderr(&o).contains(needle),
+            "{}",
+            common::stderr(&o)
+        );
+    }
 }

@@ -79,6 +79,7 @@ pub fn model_spec(cfg: &FitConfig, cache: &Cache, arch: &Arch) -> Result<ModelSp
         classes: m.labels.len(),
         lora: cfg.lora_spec(),
         adapter: cfg.adapter_spec(),
+        lst_init: cfg.lst_init.unwrap_or_default(),
     })
 }
 

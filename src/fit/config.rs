@@ -12,6 +12,7 @@ use super::error::FitError;
 use super::model::{Method, Pool};
 use super::nn::adapter::{AdapterActivation, AdapterSpec, Placement};
 use super::nn::lora::{LoraSpec, LoraTarget, DEFAULT_TARGETS};
+use super::nn::lst::LstInit;
 use crate::Result;
 
 /// Largest `--side-dim` accepted: far wider than any backbone in use
@@ -92,6 +93,9 @@ pub struct FitConfig {
     /// Adapter non-linearity (`None`: gelu).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter_activation: Option<AdapterActivation>,
+    /// How LST's side layers start (`None`: random).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lst_init: Option<LstInit>,
 }
 
 /// `lora_targets` from a list of names or one comma-separated string.
@@ -146,6 +150,7 @@ impl Default for FitConfig {
             lora_targets: None,
             adapter_placement: None,
             adapter_activation: None,
+            lst_init: None,
         }
     }
 }
@@ -396,6 +401,10 @@ pub struct SettingFlags {
     /// Adapter non-linearity (--method adapter; default gelu).
     #[arg(long, value_enum)]
     pub adapter_activation: Option<AdapterActivation>,
+    /// LST side layers: random, or the backbone's layers pruned by weight
+    /// magnitude (--method lst, text caches; default random).
+    #[arg(long, value_enum)]
+    pub lst_init: Option<LstInit>,
 }
 
 impl FitConfig {
@@ -461,7 +470,8 @@ impl FitConfig {
             lora_dropout,
             lora_targets,
             adapter_placement,
-            adapter_activation
+            adapter_activation,
+            lst_init
         );
         // A method's own flag given to another method would change the run
         // id and nothing else: refused (a config file or sweep grid may
@@ -492,6 +502,7 @@ impl FitConfig {
                 ("--adapter-activation", flags.adapter_activation.is_some()),
             ],
         )?;
+        given(Method::Lst, &[("--lst-init", flags.lst_init.is_some())])?;
         c.validate().map_err(FitError::Settings)?;
         Ok(c)
     }
@@ -539,6 +550,7 @@ mod tests {
             "lora_targets",
             "adapter_placement",
             "adapter_activation",
+            "lst_init",
         ] {
             assert!(json.get(k).is_none(), "{k}");
         }

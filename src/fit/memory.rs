@@ -251,6 +251,7 @@ mod tests {
             classes: 2,
             lora: FitConfig::default().lora_spec(),
             adapter: FitConfig::default().adapter_spec(),
+            lst_init: crate::fit::nn::lst::LstInit::Random,
         }
     }
 

@@ -48,7 +48,7 @@ use super::nn::consolidation::Consolidation;
 use super::nn::embeddings::Embeddings;
 use super::nn::head::Head;
 use super::nn::lora::{LoraLayer, LoraSpec};
-use super::nn::lst::Lst;
+use super::nn::lst::{Lst, LstInit};
 use super::nn::restore_gate::RestoreGate;
 use super::nn::unipt::Unipt;
 use super::nn::vit_layer::{VitLayer, VitLayerConfig};
@@ -124,6 +124,8 @@ pub struct ModelSpec {
     pub lora: LoraSpec,
     /// Adapter settings (`adapter`; their width is `side_dim`).
     pub adapter: AdapterSpec,
+    /// How LST's side layers start (`lst`).
+    pub lst_init: LstInit,
 }
 
 /// The backbone whose layers the model runs.
@@ -475,7 +477,13 @@ impl Model {
                 for i in 0..=n {
                     need(i)?;
                 }
-                let lst = Lst::load(vb.pp("lst"), &arch.sizes(), spec.side_dim)?;
+                if spec.lst_init == LstInit::Prune && matches!(arch, Arch::Vit { .. }) {
+                    return Err(FitError::settings(
+                        "--lst-init prune prunes BERT layers and is not implemented for an \
+                         image cache; use --lst-init random",
+                    ));
+                }
+                let lst = Lst::load(vb.pp("lst"), &arch.sizes(), spec.side_dim, spec.lst_init)?;
                 (Net::Lst(lst), (0..=n).collect())
             }
         };

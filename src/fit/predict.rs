@@ -392,6 +392,7 @@ fn run_spec(rc: &RunConfig) -> ModelSpec {
         classes: rc.model.classes,
         lora: rc.config.lora_spec(),
         adapter: rc.config.adapter_spec(),
+        lst_init: rc.config.lst_init.unwrap_or_default(),
     }
 }
 

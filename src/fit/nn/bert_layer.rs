@@ -183,6 +183,111 @@ impl BertLayer {
         Ok(layer)
     }
 
+    /// A fresh, trained layer of `side`'s sizes whose weights are the
+    /// backbone layer `source` (`encoder.layer.{i}`, sizes `cfg`)
+    /// structurally pruned (LST's pruned initialisation, by weight
+    /// magnitude): the residual dimensions `hidden` (of `D`, in order);
+    /// in every head, the query/key dimensions with the largest
+    /// `|W_q row|^2 + |W_k row|^2` and the value dimensions with the
+    /// largest `|W_v row|^2` (the side layer keeps the backbone's head
+    /// count); the FFN units with the largest `|W_1 row|^2`. Registered
+    /// in [`crate::fit::params::Group::New`] as [`BertLayer::fresh`] does.
+    pub fn pruned(
+        mut vb: Builder,
+        cfg: &BertConfig,
+        side: &BertConfig,
+        source: &str,
+        hidden: &[usize],
+    ) -> Result<Self> {
+        let (d, f, h) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+        );
+        let (ds, fs) = (side.hidden_size, side.intermediate_size);
+        if side.num_attention_heads != h || hidden.len() != ds || ds % h != 0 {
+            return Err(FitError::settings(format!(
+                "--lst-init prune keeps the backbone's {h} heads, but a side width of {ds} \
+                 cannot hold them; choose --side-dim (or --reduction) so that the width is a \
+                 multiple of {h}, or --lst-init random"
+            )));
+        }
+        let read =
+            |name: &str, shape: &[usize]| vb.read_checkpoint(&format!("{source}.{name}"), shape);
+        let row_norms = |w: &[f32], cols: usize| -> Vec<f32> {
+            w.chunks_exact(cols)
+                .map(|r| r.iter().map(|v| v * v).sum())
+                .collect()
+        };
+        // the `keep` largest scores among `candidates`, in index order
+        let top = |scores: &[f32], candidates: std::ops::Range<usize>, keep: usize| {
+            let mut idx: Vec<usize> = candidates.collect();
+            idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            idx.truncate(keep);
+            idx.sort_unstable();
+            idx
+        };
+        // rows `rows` and columns `cols` of a row-major matrix `w` of `n` columns
+        let take = |w: &[f32], n: usize, rows: &[usize], cols: &[usize]| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&r| cols.iter().map(move |&c| w[r * n + c]))
+                .collect()
+        };
+        let pick = |v: &[f32], idx: &[usize]| -> Vec<f32> { idx.iter().map(|&i| v[i]).collect() };
+        let wq = read("attention.self.query.weight", &[d, d])?;
+        let wk = read("attention.self.key.weight", &[d, d])?;
+        let wv = read("attention.self.value.weight", &[d, d])?;
+        let (hd, hds) = (d / h, ds / h);
+        let qk: Vec<f32> = row_norms(&wq, d)
+            .iter()
+            .zip(row_norms(&wk, d))
+            .map(|(a, b)| a + b)
+            .collect();
+        let vn = row_norms(&wv, d);
+        let (mut qk_keep, mut v_keep) = (Vec::new(), Vec::new());
+        for head in 0..h {
+            qk_keep.extend(top(&qk, head * hd..(head + 1) * hd, hds));
+            v_keep.extend(top(&vn, head * hd..(head + 1) * hd, hds));
+        }
+        let w1 = read("intermediate.dense.weight", &[f, d])?;
+        let ffn_keep = top(&row_norms(&w1, d), 0..f, fs);
+        let mut values: Vec<Vec<f32>> = Vec::with_capacity(16);
+        values.push(take(&wq, d, &qk_keep, hidden));
+        values.push(take(&wk, d, &qk_keep, hidden));
+        values.push(take(&wv, d, &v_keep, hidden));
+        values.push(pick(&read("attention.self.query.bias", &[d])?, &qk_keep));
+        values.push(pick(&read("attention.self.key.bias", &[d])?, &qk_keep));
+        values.push(pick(&read("attention.self.value.bias", &[d])?, &v_keep));
+        let wo = read("attention.output.dense.weight", &[d, d])?;
+        values.push(take(&wo, d, hidden, &v_keep));
+        values.push(pick(&read("attention.output.dense.bias", &[d])?, hidden));
+        values.push(pick(
+            &read("attention.output.LayerNorm.weight", &[d])?,
+            hidden,
+        ));
+        values.push(pick(
+            &read("attention.output.LayerNorm.bias", &[d])?,
+            hidden,
+        ));
+        values.push(take(&w1, d, &ffn_keep, hidden));
+        values.push(pick(&read("intermediate.dense.bias", &[f])?, &ffn_keep));
+        let w2 = read("output.dense.weight", &[d, f])?;
+        values.push(take(&w2, f, hidden, &ffn_keep));
+        values.push(pick(&read("output.dense.bias", &[d])?, hidden));
+        values.push(pick(&read("output.LayerNorm.weight", &[d])?, hidden));
+        values.push(pick(&read("output.LayerNorm.bias", &[d])?, hidden));
+        let dev = vb.device().clone();
+        let members = packed_names(ds, fs)
+            .into_iter()
+            .zip(values)
+            .map(|((name, shape), v)| Ok((name, Tensor::from_vec(v, shape.as_slice(), &dev)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let (flat, t) = vb.fresh_packed(members)?;
+        let mut layer = BertLayer::assemble(t, Some(flat), h, side.layer_norm_eps)?;
+        layer.configure(side)?;
+        Ok(layer)
+    }
+
     /// The activation and dropout probabilities of `cfg`.
     fn configure(&mut self, cfg: &BertConfig) -> Result<()> {
         self.act = cfg.activation().map_err(FitError::backbone)?;

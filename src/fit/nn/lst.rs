@@ -18,12 +18,44 @@
 //! the backbone and nothing of it runs while training.
 
 use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
 
 use super::bert_layer::BertLayer;
 use super::ops::Mode;
 use super::{Builder, Detach, Linear};
 use crate::backbone::BertConfig;
 use crate::Result;
+
+/// How the side layers start (`--lst-init`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LstInit {
+    /// Fresh random weights (std 0.02).
+    #[default]
+    Random,
+    /// The backbone's layers, structurally pruned by weight magnitude
+    /// ([`BertLayer::pruned`]; text caches only).
+    Prune,
+}
+
+/// The `d` residual dimensions the pruned side layers keep: the largest
+/// `sum_i |gamma_i[k]|` over the output LayerNorm weights of the backbone's
+/// layers, in index order.
+fn residual_keep(vb: &Builder, cfg: &BertConfig, d: usize) -> Result<Vec<usize>> {
+    let dm = cfg.hidden_size;
+    let mut score = vec![0f32; dm];
+    for i in 0..cfg.num_hidden_layers {
+        let g = vb.read_checkpoint(&format!("encoder.layer.{i}.output.LayerNorm.weight"), &[dm])?;
+        for (s, v) in score.iter_mut().zip(g) {
+            *s += v.abs();
+        }
+    }
+    let mut idx: Vec<usize> = (0..dm).collect();
+    idx.sort_by(|&a, &b| score[b].total_cmp(&score[a]).then(a.cmp(&b)));
+    idx.truncate(d);
+    idx.sort_unstable();
+    Ok(idx)
+}
 
 /// The gate temperature T (the paper's value).
 pub const GATE_TEMPERATURE: f64 = 0.1;
@@ -69,9 +101,9 @@ impl Detach for Lst {
 impl Lst {
     /// Fresh modules under `vb`'s prefix (`lst`) for a backbone of `cfg`'s
     /// sizes and `cfg.num_hidden_layers` layers, side width `d`, drawn in
-    /// the order: down projections, side layers, up projection (the gates
-    /// are 0).
-    pub fn load(mut vb: Builder, cfg: &BertConfig, d: usize) -> Result<Self> {
+    /// the order: down projections, side layers (none drawn when pruned
+    /// from the backbone's layers), up projection (the gates are 0).
+    pub fn load(mut vb: Builder, cfg: &BertConfig, d: usize, init: LstInit) -> Result<Self> {
         let n = cfg.num_hidden_layers;
         let dm = cfg.hidden_size;
         let downs = (0..=n)
@@ -80,9 +112,25 @@ impl Lst {
         let dev = vb.device().clone();
         let gates = vb.fresh("gate", Tensor::zeros(n, DType::F32, &dev)?)?;
         let side_cfg = side_config(cfg, d);
-        let side = (0..n)
-            .map(|i| BertLayer::fresh(vb.pp(&format!("layer.{i}")), &side_cfg))
-            .collect::<Result<Vec<_>>>()?;
+        let side = match init {
+            LstInit::Random => (0..n)
+                .map(|i| BertLayer::fresh(vb.pp(&format!("layer.{i}")), &side_cfg))
+                .collect::<Result<Vec<_>>>()?,
+            LstInit::Prune => {
+                let hidden = residual_keep(&vb, cfg, d)?;
+                (0..n)
+                    .map(|i| {
+                        BertLayer::pruned(
+                            vb.pp(&format!("layer.{i}")),
+                            cfg,
+                            &side_cfg,
+                            &format!("encoder.layer.{i}"),
+                            &hidden,
+                        )
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+        };
         let up = vb.fresh_linear("up", d, dm)?;
         Ok(Lst {
             downs,

@@ -235,6 +235,13 @@ impl<'a> Builder<'a> {
         Ok((Some(flat), views))
     }
 
+    /// The checkpoint tensor `name` (the full name, not under the prefix)
+    /// checked to have `shape`, read without registering a parameter (to
+    /// derive fresh weights from it).
+    pub fn read_checkpoint(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.ckpt.tensor_f32_shaped(name, shape)
+    }
+
     /// A pre-trained `Linear(d_in -> d_out)`.
     pub fn pretrained_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
         Ok(Linear {
