@@ -126,6 +126,16 @@ fn lora_and_adapter_start_as_the_frozen_backbone() {
             N * 2 * (4 * (d + d) + (d + ffn) + (ffn + d)) + head,
         ),
         (
+            // without dropout the updates merge into the weights (fused op)
+            FitConfig {
+                method: Method::Lora,
+                lora_dropout: Some(0.0),
+                lora_targets: Some(vec![LoraTarget::V, LoraTarget::FfnOut]),
+                ..FitConfig::default()
+            },
+            N * (8 * (d + d) + 8 * (ffn + d)) + head,
+        ),
+        (
             FitConfig {
                 method: Method::Adapter,
                 ..FitConfig::default()
@@ -250,8 +260,9 @@ fn new_methods_train_and_loss_falls() {
     let f = fit_fixture(90, 9, &["--layers", "all"]);
     let full = summary(&fit(&f.root, &["--method", "full-ft", "--epochs", "1"]));
     let full_params = full["trainable_params"].as_u64().unwrap();
-    let runs: [&[&str]; 5] = [
+    let runs: [&[&str]; 6] = [
         &["--method", "lora"],
+        &["--method", "lora", "--lora-dropout", "0"],
         &[
             "--method",
             "lora",
@@ -308,24 +319,28 @@ fn new_methods_are_deterministic_per_seed() {
             .collect()
     };
     let dir = |s: &serde_json::Value| f.root.join(s["run_dir"].as_str().unwrap());
-    for method in ["lora", "adapter", "lst"] {
+    // lora with dropout runs composed, without it merged into the fused op
+    for (method, lora_dropout) in [("lora", "0.1"), ("lora", "0"), ("adapter", ""), ("lst", "")] {
         let run = |out: &str, threads: &str, seed: &str| {
-            summary(&fit(
-                &f.root,
-                &[
-                    "--method",
-                    method,
-                    "--epochs",
-                    "2",
-                    "--out",
-                    out,
-                    "--threads",
-                    threads,
-                    "--seed",
-                    seed,
-                ],
-            ))
+            let mut a = vec![
+                "--method",
+                method,
+                "--epochs",
+                "2",
+                "--out",
+                out,
+                "--threads",
+                threads,
+                "--seed",
+                seed,
+            ];
+            if !lora_dropout.is_empty() {
+                a.extend(["--lora-dropout", lora_dropout]);
+            }
+            summary(&fit(&f.root, &a))
         };
+        let method = format!("{method}{lora_dropout}");
+        let method = method.as_str();
         let a = run(&format!("{method}-a"), "1", "0");
         let b = run(&format!("{method}-b"), "2", "0");
         assert_eq!(a["run_id"], b["run_id"]);

@@ -657,7 +657,16 @@ fn sequence(net: &Net, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Op
             } => {
                 let mut h = embeddings.forward(&batch.token_ids, &batch.type_ids, mode)?;
                 for (l, e) in layers.iter().zip(extras) {
-                    h = l.forward_with(&h, &bias, mode, Some(e.get()))?;
+                    // LoRA without dropout merges into the weights and runs
+                    // as a trained layer (the fused op on the CPU)
+                    let merged = match e {
+                        Extras::Lora(lora) => lora.merged_deltas()?,
+                        Extras::Adapter(_) => None,
+                    };
+                    h = match merged {
+                        Some(deltas) => l.merged(&deltas)?.forward(&h, &bias, mode)?,
+                        None => l.forward_with(&h, &bias, mode, Some(e.get()))?,
+                    };
                 }
                 h
             }

@@ -132,6 +132,22 @@ impl Detach for LoraUpdate {
 }
 
 impl LoraUpdate {
+    /// From explicit tensors: `a` `[r, in]`, `b` `[out, r]`, the scale
+    /// alpha / r and the dropout on the input.
+    pub fn from_parts(a: Tensor, b: Tensor, scale: f64, dropout: f32) -> Self {
+        LoraUpdate {
+            a,
+            b,
+            scale,
+            dropout,
+        }
+    }
+
+    /// The update as a weight delta `(alpha / r) B A` `[out, in]`.
+    pub fn delta_weight(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+
     /// Fresh `lora_a` (Kaiming-uniform, drawn) and `lora_b` (zero) under
     /// `vb`'s prefix.
     pub fn load(vb: &mut Builder, spec: &LoraSpec, d_in: usize, d_out: usize) -> Result<Self> {
@@ -188,6 +204,27 @@ impl Detach for LoraLayer {
 }
 
 impl LoraLayer {
+    /// From explicit updates.
+    pub fn from_updates(updates: Vec<(Projection, LoraUpdate)>) -> Self {
+        LoraLayer { updates }
+    }
+
+    /// Without dropout on the updates, each as a weight delta to merge
+    /// into its projection ([`super::bert_layer::BertLayer::merged`]): the
+    /// same function as the updates beside the projections. `None` when an
+    /// update has dropout (which acts on the update's input alone, so it
+    /// cannot be merged).
+    pub fn merged_deltas(&self) -> Result<Option<Vec<(Projection, Tensor)>>> {
+        if self.updates.iter().any(|(_, u)| u.dropout > 0.0) {
+            return Ok(None);
+        }
+        self.updates
+            .iter()
+            .map(|(p, u)| Ok((*p, u.delta_weight()?)))
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
     /// Fresh updates for `spec.targets` of a layer of width `d` and FFN
     /// width `f` under `vb`'s prefix (`encoder.layer.{i}`), named
     /// `{projection}.lora_a` / `.lora_b`, drawn in target order.
