@@ -77,6 +77,9 @@ pub fn model_spec(cfg: &FitConfig, cache: &Cache, arch: &Arch) -> Result<ModelSp
         pool: cfg.pool,
         dropout: cfg.dropout,
         classes: m.labels.len(),
+        lora: cfg.lora_spec(),
+        adapter: cfg.adapter_spec(),
+        lst_init: cfg.lst_init.unwrap_or_default(),
     })
 }
 

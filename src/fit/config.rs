@@ -10,6 +10,9 @@ use sha2::{Digest, Sha256};
 
 use super::error::FitError;
 use super::model::{Method, Pool};
+use super::nn::adapter::{AdapterActivation, AdapterSpec, Placement};
+use super::nn::lora::{LoraSpec, LoraTarget, DEFAULT_TARGETS};
+use super::nn::lst::LstInit;
 use crate::Result;
 
 /// Largest `--side-dim` accepted: far wider than any backbone in use
@@ -66,6 +69,56 @@ pub struct FitConfig {
     /// Train on a seeded subset of about this many training examples
     /// (whole cache chunks, the same subset every epoch); `None` = all.
     pub train_examples: Option<usize>,
+    // The settings of lora and adapter are left out of the JSON while not
+    // set, so the run ids of every other run stay as they were.
+    /// LoRA rank r (`None`: 8).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha; the update is scaled by alpha / r (`None`: 16).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA update's input (`None`: 0.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_dropout: Option<f32>,
+    /// Projections LoRA adapts (`None`: q and v). In JSON a list or one
+    /// comma-separated string (`"q,v"`, what a sweep grid axis holds).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lora_targets_de"
+    )]
+    pub lora_targets: Option<Vec<LoraTarget>>,
+    /// Adapter placement (`None`: houlsby).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_placement: Option<Placement>,
+    /// Adapter non-linearity (`None`: gelu).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter_activation: Option<AdapterActivation>,
+    /// How LST's side layers start (`None`: random).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lst_init: Option<LstInit>,
+}
+
+/// `lora_targets` from a list of names or one comma-separated string.
+fn lora_targets_de<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<Vec<LoraTarget>>, D::Error> {
+    use serde::de::Error as _;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        One(String),
+        Many(Vec<String>),
+    }
+    let names: Vec<String> = match Option::<Form>::deserialize(d)? {
+        None => return Ok(None),
+        Some(Form::One(s)) => s.split(',').map(str::to_owned).collect(),
+        Some(Form::Many(v)) => v,
+    };
+    names
+        .iter()
+        .map(|n| LoraTarget::parse(n).map_err(D::Error::custom))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 impl Default for FitConfig {
@@ -91,6 +144,13 @@ impl Default for FitConfig {
             dropout: 0.1,
             shuffle_chunks: 8,
             train_examples: None,
+            lora_rank: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            lora_targets: None,
+            adapter_placement: None,
+            adapter_activation: None,
+            lst_init: None,
         }
     }
 }
@@ -189,6 +249,30 @@ impl FitConfig {
         if self.shuffle_chunks == 0 {
             return Err("shuffle_chunks must be at least 1".into());
         }
+        let lora = self.lora_spec();
+        if lora.rank == 0 || lora.rank > MAX_SIDE_DIM {
+            return Err(format!(
+                "--lora-rank {}: must be between 1 and {MAX_SIDE_DIM}",
+                lora.rank
+            ));
+        }
+        if !lora.alpha.is_finite() || lora.alpha <= 0.0 {
+            return Err(format!(
+                "--lora-alpha {}: must be a positive finite number",
+                lora.alpha
+            ));
+        }
+        if !(0.0..1.0).contains(&lora.dropout) {
+            return Err(format!(
+                "--lora-dropout {}: must be in [0, 1)",
+                lora.dropout
+            ));
+        }
+        if lora.targets.is_empty() {
+            return Err(
+                "--lora-targets is empty; name at least one of q, k, v, o, ffn-in, ffn-out".into(),
+            );
+        }
         if self.train_examples == Some(0) {
             return Err(
                 "--train-examples 0 would train on nothing; give a positive count or leave it out for all training examples"
@@ -196,6 +280,31 @@ impl FitConfig {
             );
         }
         Ok(())
+    }
+
+    /// The LoRA settings, defaults filled in (targets sorted, without
+    /// repeats).
+    pub fn lora_spec(&self) -> LoraSpec {
+        let mut targets = self
+            .lora_targets
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TARGETS.to_vec());
+        targets.sort();
+        targets.dedup();
+        LoraSpec {
+            rank: self.lora_rank.unwrap_or(8),
+            alpha: self.lora_alpha.unwrap_or(16.0),
+            dropout: self.lora_dropout.unwrap_or(0.1),
+            targets,
+        }
+    }
+
+    /// The adapter settings, defaults filled in.
+    pub fn adapter_spec(&self) -> AdapterSpec {
+        AdapterSpec {
+            placement: self.adapter_placement.unwrap_or(Placement::Houlsby),
+            activation: self.adapter_activation.unwrap_or(AdapterActivation::Gelu),
+        }
     }
 
     /// Learning-rate multiplier at `step` of `total`: linear warm-up, then
@@ -273,6 +382,29 @@ pub struct SettingFlags {
     /// Train on a seeded subset of about N training examples (whole chunks).
     #[arg(long)]
     pub train_examples: Option<usize>,
+    /// LoRA rank r (--method lora; default 8).
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha: the update is scaled by alpha / r (--method lora; default 16).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Dropout on the LoRA update's input (--method lora; default 0.1).
+    #[arg(long)]
+    pub lora_dropout: Option<f32>,
+    /// Projections LoRA adapts, e.g. q,k,v,o,ffn-in,ffn-out (--method lora; default q,v).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub lora_targets: Option<Vec<LoraTarget>>,
+    /// Adapter placement: houlsby (after attention and FFN) or pfeiffer
+    /// (after FFN) (--method adapter; default houlsby). Width: --reduction / --side-dim.
+    #[arg(long, value_enum)]
+    pub adapter_placement: Option<Placement>,
+    /// Adapter non-linearity (--method adapter; default gelu).
+    #[arg(long, value_enum)]
+    pub adapter_activation: Option<AdapterActivation>,
+    /// LST side layers: random, or the backbone's layers pruned by weight
+    /// magnitude (--method lst, text caches; default random).
+    #[arg(long, value_enum)]
+    pub lst_init: Option<LstInit>,
 }
 
 impl FitConfig {
@@ -329,6 +461,48 @@ impl FitConfig {
         if flags.late_trainable {
             c.late_trainable = true;
         }
+        macro_rules! set_opt {
+            ($($f:ident),*) => { $( if flags.$f.is_some() { c.$f = flags.$f.clone(); } )* };
+        }
+        set_opt!(
+            lora_rank,
+            lora_alpha,
+            lora_dropout,
+            lora_targets,
+            adapter_placement,
+            adapter_activation,
+            lst_init
+        );
+        // A method's own flag given to another method would change the run
+        // id and nothing else: refused (a config file or sweep grid may
+        // carry them for every run; they are ignored where unused).
+        let given = |method: Method, names: &[(&str, bool)]| -> Result<()> {
+            match names.iter().find(|(_, set)| *set) {
+                Some((name, _)) if c.method != method => Err(FitError::settings(format!(
+                    "{name} applies to --method {} only, not {}",
+                    method.name(),
+                    c.method.name()
+                ))),
+                _ => Ok(()),
+            }
+        };
+        given(
+            Method::Lora,
+            &[
+                ("--lora-rank", flags.lora_rank.is_some()),
+                ("--lora-alpha", flags.lora_alpha.is_some()),
+                ("--lora-dropout", flags.lora_dropout.is_some()),
+                ("--lora-targets", flags.lora_targets.is_some()),
+            ],
+        )?;
+        given(
+            Method::Adapter,
+            &[
+                ("--adapter-placement", flags.adapter_placement.is_some()),
+                ("--adapter-activation", flags.adapter_activation.is_some()),
+            ],
+        )?;
+        given(Method::Lst, &[("--lst-init", flags.lst_init.is_some())])?;
         c.validate().map_err(FitError::Settings)?;
         Ok(c)
     }
@@ -360,6 +534,56 @@ mod tests {
         assert!((c.schedule(10, 100) - 1.0).abs() < 1e-12);
         assert!(c.schedule(99, 100) < 0.02);
         assert!(c.schedule(55, 100) < c.schedule(20, 100));
+    }
+
+    /// The LoRA and adapter settings are left out of the JSON while unset
+    /// (every earlier run keeps its id); `lora_targets` reads a list or one
+    /// comma-separated string (a sweep grid's axis value), sorted and
+    /// without repeats in the spec; a bad name is refused, naming it.
+    #[test]
+    fn peft_settings_keep_run_ids_and_parse_targets() {
+        let json = serde_json::to_value(FitConfig::default()).unwrap();
+        for k in [
+            "lora_rank",
+            "lora_alpha",
+            "lora_dropout",
+            "lora_targets",
+            "adapter_placement",
+            "adapter_activation",
+            "lst_init",
+        ] {
+            assert!(json.get(k).is_none(), "{k}");
+        }
+        let spec = FitConfig::default().lora_spec();
+        assert_eq!((spec.rank, spec.alpha, spec.dropout), (8, 16.0, 0.1));
+        assert_eq!(spec.targets, vec![LoraTarget::Q, LoraTarget::V]);
+        let a: FitConfig =
+            serde_json::from_str(r#"{"method": "lora", "lora_targets": "v,q,ffn-in,q"}"#).unwrap();
+        let b: FitConfig =
+            serde_json::from_str(r#"{"method": "lora", "lora_targets": ["ffn-in", "v", "q"]}"#)
+                .unwrap();
+        assert_eq!(
+            a.lora_spec().targets,
+            vec![LoraTarget::Q, LoraTarget::V, LoraTarget::FfnIn]
+        );
+        assert_eq!(a.lora_spec(), b.lora_spec());
+        let e = serde_json::from_str::<FitConfig>(r#"{"lora_targets": "q,query"}"#).unwrap_err();
+        assert!(e.to_string().contains("\"query\""), "{e}");
+        // set, they are recorded and change the id
+        let c = FitConfig {
+            lora_rank: Some(4),
+            ..FitConfig::default()
+        };
+        assert_ne!(c.run_id("x"), FitConfig::default().run_id("x"));
+        let back: FitConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(
+            FitConfig::default().adapter_spec(),
+            AdapterSpec {
+                placement: Placement::Houlsby,
+                activation: AdapterActivation::Gelu
+            }
+        );
     }
 
     #[test]

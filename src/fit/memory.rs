@@ -111,6 +111,61 @@ pub fn memory_estimate(
                     * dm;
             (emb + n * layer + dm * classes, 0.0, n * layer_act, 2.0)
         }
+        // The frozen backbone counts once; every layer's activations are
+        // kept (the backward pass runs through all of them), plus each
+        // update's dropped-out input, low-rank product and output.
+        Method::Lora => {
+            let emb =
+                (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
+                    * dm;
+            let r = f(spec.lora.rank);
+            let (mut upd, mut upd_act) = (0.0, 0.0);
+            for t in &spec.lora.targets {
+                let (i, o) = t.dims(bert.hidden_size, bert.intermediate_size);
+                upd += r * f(i + o);
+                upd_act += f(i) + r + f(o);
+            }
+            (
+                n * upd + dm * classes + classes,
+                emb + 5.0 * dm + n * layer,
+                n * (layer_act + upd_act),
+                2.0,
+            )
+        }
+        // Adapters of width d: down, activation, up and the sum per adapter.
+        Method::Adapter => {
+            let emb =
+                (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
+                    * dm;
+            let a = f(spec.adapter.per_layer());
+            (
+                n * a * (2.0 * dm * d + d + dm) + dm * classes + classes,
+                emb + 5.0 * dm + n * layer,
+                n * (layer_act + a * (2.0 * d + 2.0 * dm)),
+                2.0,
+            )
+        }
+        // N + 1 down projections, N gates, N side layers of width d, the
+        // up projection; the cached inputs and their projections, and each
+        // side layer's activations.
+        Method::Lst => {
+            let side = super::nn::lst::side_config(bert, spec.side_dim);
+            let fs = f(side.intermediate_size);
+            let side_layer = 4.0 * d * d + 2.0 * d * fs + 9.0 * d + fs;
+            let side_act = 16.0 * d + 4.0 * fs + 4.0 * f(side.num_attention_heads) * s;
+            (
+                (n + 1.0) * (dm * d + d)
+                    + n
+                    + n * side_layer
+                    + d * dm
+                    + dm
+                    + dm * classes
+                    + classes,
+                0.0,
+                2.0 * (n + 1.0) * dm + 3.0 * (n + 1.0) * d + n * side_act + 2.0 * dm,
+                2.0,
+            )
+        }
     };
     let train_tokens = f(cfg.max_tokens_per_batch).min(f(cfg.batch_size) * s);
     let eval_tokens = f(cfg.max_tokens_per_batch).min(f(cfg.batch_size.max(64)) * s);
@@ -194,6 +249,9 @@ mod tests {
             pool: Pool::Mean,
             dropout: 0.1,
             classes: 2,
+            lora: FitConfig::default().lora_spec(),
+            adapter: FitConfig::default().adapter_spec(),
+            lst_init: crate::fit::nn::lst::LstInit::Random,
         }
     }
 
@@ -214,6 +272,19 @@ mod tests {
             let est = mib(m);
             assert!(est >= measured && est < 4.0 * measured, "{m:?}: {est} MiB");
         }
+        // LoRA and adapters keep every layer's activations (at least as
+        // many as full fine-tuning) but train few weights; LST keeps only
+        // the narrow side network's and the cached inputs
+        let est = |m: Method| memory_estimate(&spec(m, 96), &minilm(), &cfg, 128, &all);
+        let full = est(Method::FullFt);
+        for m in [Method::Lora, Method::Adapter] {
+            let e = est(m);
+            assert!(e.params_bytes < full.params_bytes / 3.0, "{m:?}");
+            assert!(e.activation_bytes >= full.activation_bytes, "{m:?}");
+        }
+        let lst = est(Method::Lst);
+        assert!(lst.total() < est(Method::Lora).total(), "{}", lst.total());
+        assert!(lst.activation_bytes < full.activation_bytes);
         // the absurd side width of the attack: terabytes, refused
         let huge = memory_estimate(
             &spec(Method::Sherl, 100_000_000),

@@ -20,6 +20,20 @@
 //!   patch embedding's output: the patch projection, CLS and position
 //!   embeddings are not trained, every transformer block is).
 //!
+//! - `lora`: the whole backbone from the token ids as `full-ft`, every
+//!   pre-trained weight frozen, a trained low-rank update on the targeted
+//!   projections of every layer ([`super::nn::lora`]).
+//! - `adapter`: the same, with bottleneck adapters after the attention
+//!   and FFN sub-layers (Houlsby) or after the FFN only (Pfeiffer)
+//!   ([`super::nn::adapter`]); the backbone's LayerNorms stay frozen.
+//! - `lst`: Ladder Side Tuning ([`super::nn::lst`]): a narrow side
+//!   network fed, layer by layer, by gated down-projections of the cached
+//!   hidden_states.0..=N; no backbone layer runs. Needs every layer
+//!   cached.
+//!
+//! `lora` and `adapter` run BERT layers only: on an image cache they are
+//! refused (`lst` runs on either).
+//!
 //! The backbone layers are BERT layers for a text cache and DINOv2 ViT
 //! blocks ([`super::nn::vit_layer`], weights from the ONNX initializers)
 //! for an image cache ([`Arch`]); everything else is the same.
@@ -28,10 +42,13 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::batcher::Batch;
-use super::nn::bert_layer::{attention_bias, BertLayer};
+use super::nn::adapter::{AdapterLayer, AdapterSpec};
+use super::nn::bert_layer::{attention_bias, BertLayer, LayerExtras};
 use super::nn::consolidation::Consolidation;
 use super::nn::embeddings::Embeddings;
 use super::nn::head::Head;
+use super::nn::lora::{LoraLayer, LoraSpec};
+use super::nn::lst::{Lst, LstInit};
 use super::nn::restore_gate::RestoreGate;
 use super::nn::unipt::Unipt;
 use super::nn::vit_layer::{VitLayer, VitLayerConfig};
@@ -58,6 +75,12 @@ pub enum Method {
     Unipt,
     /// Full fine-tuning of the whole backbone from token ids.
     FullFt,
+    /// LoRA on the frozen backbone, from token ids.
+    Lora,
+    /// Bottleneck adapters in the frozen backbone, from token ids.
+    Adapter,
+    /// Ladder Side Tuning over all cached layers.
+    Lst,
 }
 
 impl Method {
@@ -69,6 +92,9 @@ impl Method {
             Method::LateLayer => "late-layer",
             Method::Unipt => "unipt",
             Method::FullFt => "full-ft",
+            Method::Lora => "lora",
+            Method::Adapter => "adapter",
+            Method::Lst => "lst",
         }
     }
 }
@@ -94,6 +120,12 @@ pub struct ModelSpec {
     pub dropout: f32,
     /// Classes.
     pub classes: usize,
+    /// LoRA settings (`lora`).
+    pub lora: LoraSpec,
+    /// Adapter settings (`adapter`; their width is `side_dim`).
+    pub adapter: AdapterSpec,
+    /// How LST's side layers start (`lst`).
+    pub lst_init: LstInit,
 }
 
 /// The backbone whose layers the model runs.
@@ -197,6 +229,40 @@ enum Net {
         embeddings: Option<Embeddings>,
         layers: Vec<Layer>,
     },
+    /// Frozen embeddings and layers with trained modules inside every
+    /// layer (LoRA updates or adapters).
+    Tuned {
+        embeddings: Embeddings,
+        layers: Vec<BertLayer>,
+        extras: Vec<Extras>,
+    },
+    /// The LST side network.
+    Lst(Lst),
+}
+
+/// The trained modules inside one frozen layer.
+#[derive(Debug, Clone)]
+enum Extras {
+    Lora(LoraLayer),
+    Adapter(AdapterLayer),
+}
+
+impl Extras {
+    fn get(&self) -> &dyn LayerExtras {
+        match self {
+            Extras::Lora(l) => l,
+            Extras::Adapter(a) => a,
+        }
+    }
+}
+
+impl Detach for Extras {
+    fn detached(&self) -> Self {
+        match self {
+            Extras::Lora(l) => Extras::Lora(l.detached()),
+            Extras::Adapter(a) => Extras::Adapter(a.detached()),
+        }
+    }
 }
 
 /// A model ready to train or predict.
@@ -372,6 +438,54 @@ impl Model {
                 let layers = load_layers(&mut vb, arch, 0..n, pretrained)?;
                 (Net::FullFt { embeddings, layers }, inputs)
             }
+            Method::Lora | Method::Adapter => {
+                let Arch::Bert(cfg) = arch else {
+                    return Err(FitError::settings(format!(
+                        "method {} runs BERT layers from token ids and is not implemented for                          an image cache; use lst, full-ft or another method there",
+                        spec.method.name()
+                    )));
+                };
+                let embeddings = Embeddings::load(vb.pp("embeddings"), cfg)?;
+                let mut layers = Vec::with_capacity(n);
+                let mut extras = Vec::with_capacity(n);
+                for li in 0..n {
+                    let mut b = vb.pp(&format!("encoder.layer.{li}"));
+                    layers.push(BertLayer::load(b.reborrow(), cfg)?.without_packed_copy());
+                    extras.push(match spec.method {
+                        Method::Lora => Extras::Lora(LoraLayer::load(
+                            &mut b,
+                            &spec.lora,
+                            d_model,
+                            cfg.intermediate_size,
+                        )?),
+                        _ => Extras::Adapter(AdapterLayer::load(
+                            &mut b,
+                            &spec.adapter,
+                            d_model,
+                            spec.side_dim,
+                        )?),
+                    });
+                }
+                let net = Net::Tuned {
+                    embeddings,
+                    layers,
+                    extras,
+                };
+                (net, Vec::new())
+            }
+            Method::Lst => {
+                for i in 0..=n {
+                    need(i)?;
+                }
+                if spec.lst_init == LstInit::Prune && matches!(arch, Arch::Vit { .. }) {
+                    return Err(FitError::settings(
+                        "--lst-init prune prunes BERT layers and is not implemented for an \
+                         image cache; use --lst-init random",
+                    ));
+                }
+                let lst = Lst::load(vb.pp("lst"), &arch.sizes(), spec.side_dim, spec.lst_init)?;
+                (Net::Lst(lst), (0..=n).collect())
+            }
         };
         let head = Head::load(&mut vb, "head", spec.pool, head_dim, spec.classes)?;
         Ok(Model {
@@ -486,6 +600,16 @@ impl Detach for Net {
                 embeddings: embeddings.as_ref().map(Detach::detached),
                 layers: layers.detached(),
             },
+            Net::Tuned {
+                embeddings,
+                layers,
+                extras,
+            } => Net::Tuned {
+                embeddings: embeddings.detached(),
+                layers: layers.detached(),
+                extras: extras.detached(),
+            },
+            Net::Lst(l) => Net::Lst(l.detached()),
         }
     }
 }
@@ -526,6 +650,27 @@ fn sequence(net: &Net, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Op
                 };
                 run_layers(layers, h, &bias, mode)?
             }
+            Net::Tuned {
+                embeddings,
+                layers,
+                extras,
+            } => {
+                let mut h = embeddings.forward(&batch.token_ids, &batch.type_ids, mode)?;
+                for (l, e) in layers.iter().zip(extras) {
+                    // LoRA without dropout merges into the weights and runs
+                    // as a trained layer (the fused op on the CPU)
+                    let merged = match e {
+                        Extras::Lora(lora) => lora.merged_deltas()?,
+                        Extras::Adapter(_) => None,
+                    };
+                    h = match merged {
+                        Some(deltas) => l.merged(&deltas)?.forward(&h, &bias, mode)?,
+                        None => l.forward_with(&h, &bias, mode, Some(e.get()))?,
+                    };
+                }
+                h
+            }
+            Net::Lst(lst) => lst.forward(&batch.layers, &bias, mode)?,
         };
         Ok((y, alpha))
     }

@@ -390,6 +390,9 @@ fn run_spec(rc: &RunConfig) -> ModelSpec {
         pool: rc.config.pool,
         dropout: rc.config.dropout,
         classes: rc.model.classes,
+        lora: rc.config.lora_spec(),
+        adapter: rc.config.adapter_spec(),
+        lst_init: rc.config.lst_init.unwrap_or_default(),
     }
 }
 

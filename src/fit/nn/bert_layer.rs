@@ -19,6 +19,38 @@ use crate::backbone::{Activation, BertConfig};
 use crate::fit::error::FitError;
 use crate::Result;
 
+/// A projection inside a BERT layer (what a LoRA update can target).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// Attention query.
+    Query,
+    /// Attention key.
+    Key,
+    /// Attention value.
+    Value,
+    /// Attention output dense.
+    Output,
+    /// FFN intermediate dense (`D -> F`).
+    FfnIn,
+    /// FFN output dense (`F -> D`).
+    FfnOut,
+}
+
+/// Trained modules inside a frozen layer ([`BertLayer::forward_with`]):
+/// low-rank updates of its projections (LoRA) and modules on its
+/// sub-layers' outputs (adapters).
+pub trait LayerExtras {
+    /// Added to projection `p`'s output, computed from its input `x`;
+    /// `None` adds nothing.
+    fn delta(&self, p: Projection, x: &Tensor, mode: &mut Mode<'_>) -> Result<Option<Tensor>>;
+    /// Applied to the attention sub-layer's output (after its dropout),
+    /// before the residual and the LayerNorm.
+    fn after_attention(&self, a: Tensor, mode: &mut Mode<'_>) -> Result<Tensor>;
+    /// Applied to the FFN's output (after its dropout), before the
+    /// residual and the LayerNorm.
+    fn after_ffn(&self, o: Tensor, mode: &mut Mode<'_>) -> Result<Tensor>;
+}
+
 /// Self-attention: query, key, value and output projections.
 #[derive(Debug, Clone)]
 struct Attention {
@@ -55,6 +87,32 @@ pub fn attention_bias(mask: &Tensor) -> Result<Tensor> {
     Ok(((mask.ones_like()? - mask)? * -1e9)?.reshape((b, 1, 1, s))?)
 }
 
+/// Checkpoint names and shapes of a layer of width `d` and FFN width `f`,
+/// in the fused op's order ([`super::fused_layer::PACKED_ORDER`]).
+fn packed_names(d: usize, f: usize) -> Vec<(String, Vec<usize>)> {
+    [
+        ("attention.self.query.weight", vec![d, d]),
+        ("attention.self.key.weight", vec![d, d]),
+        ("attention.self.value.weight", vec![d, d]),
+        ("attention.self.query.bias", vec![d]),
+        ("attention.self.key.bias", vec![d]),
+        ("attention.self.value.bias", vec![d]),
+        ("attention.output.dense.weight", vec![d, d]),
+        ("attention.output.dense.bias", vec![d]),
+        ("attention.output.LayerNorm.weight", vec![d]),
+        ("attention.output.LayerNorm.bias", vec![d]),
+        ("intermediate.dense.weight", vec![f, d]),
+        ("intermediate.dense.bias", vec![f]),
+        ("output.dense.weight", vec![d, f]),
+        ("output.dense.bias", vec![d]),
+        ("output.LayerNorm.weight", vec![d]),
+        ("output.LayerNorm.bias", vec![d]),
+    ]
+    .into_iter()
+    .map(|(n, s)| (n.to_string(), s))
+    .collect()
+}
+
 impl super::Detach for BertLayer {
     fn detached(&self) -> Self {
         let a = &self.attention;
@@ -85,40 +143,210 @@ impl BertLayer {
     /// produces `hidden_states.{i + 1}`), trained or frozen as `vb` says,
     /// with the dropout probabilities of `cfg`.
     pub fn load(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let f = cfg.intermediate_size;
-        let eps = cfg.layer_norm_eps;
-        // checkpoint names in the fused op's order (PACKED_ORDER)
-        let names: Vec<(String, Vec<usize>)> = [
-            ("attention.self.query.weight", vec![d, d]),
-            ("attention.self.key.weight", vec![d, d]),
-            ("attention.self.value.weight", vec![d, d]),
-            ("attention.self.query.bias", vec![d]),
-            ("attention.self.key.bias", vec![d]),
-            ("attention.self.value.bias", vec![d]),
-            ("attention.output.dense.weight", vec![d, d]),
-            ("attention.output.dense.bias", vec![d]),
-            ("attention.output.LayerNorm.weight", vec![d]),
-            ("attention.output.LayerNorm.bias", vec![d]),
-            ("intermediate.dense.weight", vec![f, d]),
-            ("intermediate.dense.bias", vec![f]),
-            ("output.dense.weight", vec![d, f]),
-            ("output.dense.bias", vec![d]),
-            ("output.LayerNorm.weight", vec![d]),
-            ("output.LayerNorm.bias", vec![d]),
-        ]
-        .into_iter()
-        .map(|(n, s)| (n.to_string(), s))
-        .collect();
+        let names = packed_names(cfg.hidden_size, cfg.intermediate_size);
         let (flat, t) = vb.pretrained_packed(&names)?;
-        let mut layer = BertLayer::assemble(t, flat, cfg.num_attention_heads, eps)?;
-        layer.act = cfg.activation().map_err(FitError::backbone)?;
-        layer.attn_dropout = cfg.attention_probs_dropout_prob as f32;
-        layer.hidden_dropout = cfg.hidden_dropout_prob as f32;
+        let mut layer = BertLayer::assemble(t, flat, cfg.num_attention_heads, cfg.layer_norm_eps)?;
+        layer.configure(cfg)?;
         if !layer.trained() && super::fused::cpu_f32(&layer.attention.query.weight) {
             layer.packed = Some(Arc::new(layer.flat_weights()?.to_vec1::<f32>()?));
         }
         Ok(layer)
+    }
+
+    /// A fresh layer of `cfg`'s sizes under `vb`'s prefix, trained in
+    /// [`crate::fit::params::Group::New`] as one packed variable (the fused
+    /// op's order): every weight matrix uniform with standard deviation
+    /// 0.02 (BERT's `initializer_range`, drawn uniform in
+    /// ±0.02·sqrt(3)), biases 0, LayerNorms weight 1 and bias 0; the
+    /// matrices are drawn in [`super::fused_layer::PACKED_ORDER`].
+    pub fn fresh(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
+        let bound = 0.02 * 3f32.sqrt();
+        let dev = vb.device().clone();
+        let members = packed_names(cfg.hidden_size, cfg.intermediate_size)
+            .into_iter()
+            .map(|(name, shape)| {
+                let n: usize = shape.iter().product();
+                let v = if shape.len() == 2 {
+                    vb.uniform(n, bound)
+                } else if name.ends_with("LayerNorm.weight") {
+                    vec![1f32; n]
+                } else {
+                    vec![0f32; n]
+                };
+                Ok((name, Tensor::from_vec(v, shape.as_slice(), &dev)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (flat, t) = vb.fresh_packed(members)?;
+        let mut layer =
+            BertLayer::assemble(t, Some(flat), cfg.num_attention_heads, cfg.layer_norm_eps)?;
+        layer.configure(cfg)?;
+        Ok(layer)
+    }
+
+    /// A fresh, trained layer of `side`'s sizes whose weights are the
+    /// backbone layer `source` (`encoder.layer.{i}`, sizes `cfg`)
+    /// structurally pruned (LST's pruned initialisation, by weight
+    /// magnitude): the residual dimensions `hidden` (of `D`, in order);
+    /// in every head, the query/key dimensions with the largest
+    /// `|W_q row|^2 + |W_k row|^2` and the value dimensions with the
+    /// largest `|W_v row|^2` (the side layer keeps the backbone's head
+    /// count); the FFN units with the largest `|W_1 row|^2`. Registered
+    /// in [`crate::fit::params::Group::New`] as [`BertLayer::fresh`] does.
+    pub fn pruned(
+        mut vb: Builder,
+        cfg: &BertConfig,
+        side: &BertConfig,
+        source: &str,
+        hidden: &[usize],
+    ) -> Result<Self> {
+        let (d, f, h) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+        );
+        let (ds, fs) = (side.hidden_size, side.intermediate_size);
+        if side.num_attention_heads != h || hidden.len() != ds || ds % h != 0 {
+            return Err(FitError::settings(format!(
+                "--lst-init prune keeps the backbone's {h} heads, but a side width of {ds} \
+                 cannot hold them; choose --side-dim (or --reduction) so that the width is a \
+                 multiple of {h}, or --lst-init random"
+            )));
+        }
+        let read =
+            |name: &str, shape: &[usize]| vb.read_checkpoint(&format!("{source}.{name}"), shape);
+        let row_norms = |w: &[f32], cols: usize| -> Vec<f32> {
+            w.chunks_exact(cols)
+                .map(|r| r.iter().map(|v| v * v).sum())
+                .collect()
+        };
+        // the `keep` largest scores among `candidates`, in index order
+        let top = |scores: &[f32], candidates: std::ops::Range<usize>, keep: usize| {
+            let mut idx: Vec<usize> = candidates.collect();
+            idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+            idx.truncate(keep);
+            idx.sort_unstable();
+            idx
+        };
+        // rows `rows` and columns `cols` of a row-major matrix `w` of `n` columns
+        let take = |w: &[f32], n: usize, rows: &[usize], cols: &[usize]| -> Vec<f32> {
+            rows.iter()
+                .flat_map(|&r| cols.iter().map(move |&c| w[r * n + c]))
+                .collect()
+        };
+        let pick = |v: &[f32], idx: &[usize]| -> Vec<f32> { idx.iter().map(|&i| v[i]).collect() };
+        let wq = read("attention.self.query.weight", &[d, d])?;
+        let wk = read("attention.self.key.weight", &[d, d])?;
+        let wv = read("attention.self.value.weight", &[d, d])?;
+        let (hd, hds) = (d / h, ds / h);
+        let qk: Vec<f32> = row_norms(&wq, d)
+            .iter()
+            .zip(row_norms(&wk, d))
+            .map(|(a, b)| a + b)
+            .collect();
+        let vn = row_norms(&wv, d);
+        let (mut qk_keep, mut v_keep) = (Vec::new(), Vec::new());
+        for head in 0..h {
+            qk_keep.extend(top(&qk, head * hd..(head + 1) * hd, hds));
+            v_keep.extend(top(&vn, head * hd..(head + 1) * hd, hds));
+        }
+        let w1 = read("intermediate.dense.weight", &[f, d])?;
+        let ffn_keep = top(&row_norms(&w1, d), 0..f, fs);
+        let mut values: Vec<Vec<f32>> = Vec::with_capacity(16);
+        values.push(take(&wq, d, &qk_keep, hidden));
+        values.push(take(&wk, d, &qk_keep, hidden));
+        values.push(take(&wv, d, &v_keep, hidden));
+        values.push(pick(&read("attention.self.query.bias", &[d])?, &qk_keep));
+        values.push(pick(&read("attention.self.key.bias", &[d])?, &qk_keep));
+        values.push(pick(&read("attention.self.value.bias", &[d])?, &v_keep));
+        let wo = read("attention.output.dense.weight", &[d, d])?;
+        values.push(take(&wo, d, hidden, &v_keep));
+        values.push(pick(&read("attention.output.dense.bias", &[d])?, hidden));
+        values.push(pick(
+            &read("attention.output.LayerNorm.weight", &[d])?,
+            hidden,
+        ));
+        values.push(pick(
+            &read("attention.output.LayerNorm.bias", &[d])?,
+            hidden,
+        ));
+        values.push(take(&w1, d, &ffn_keep, hidden));
+        values.push(pick(&read("intermediate.dense.bias", &[f])?, &ffn_keep));
+        let w2 = read("output.dense.weight", &[d, f])?;
+        values.push(take(&w2, f, hidden, &ffn_keep));
+        values.push(pick(&read("output.dense.bias", &[d])?, hidden));
+        values.push(pick(&read("output.LayerNorm.weight", &[d])?, hidden));
+        values.push(pick(&read("output.LayerNorm.bias", &[d])?, hidden));
+        let dev = vb.device().clone();
+        let members = packed_names(ds, fs)
+            .into_iter()
+            .zip(values)
+            .map(|((name, shape), v)| Ok((name, Tensor::from_vec(v, shape.as_slice(), &dev)?)))
+            .collect::<Result<Vec<_>>>()?;
+        let (flat, t) = vb.fresh_packed(members)?;
+        let mut layer = BertLayer::assemble(t, Some(flat), h, side.layer_norm_eps)?;
+        layer.configure(side)?;
+        Ok(layer)
+    }
+
+    /// This layer with `deltas` added to some of its weight matrices
+    /// (`W + delta`, LoRA merged), all 16 tensors as one flat tensor in
+    /// [`super::fused_layer::PACKED_ORDER`] through which the deltas'
+    /// gradients flow: [`BertLayer::forward`] then runs it as a trained
+    /// layer (on the CPU the fused op, whose saved activations are fewer
+    /// than the composed layer's).
+    pub fn merged(&self, deltas: &[(Projection, Tensor)]) -> Result<Self> {
+        let slot = |p: Projection| match p {
+            Projection::Query => 0,
+            Projection::Key => 1,
+            Projection::Value => 2,
+            Projection::Output => 6,
+            Projection::FfnIn => 10,
+            Projection::FfnOut => 12,
+        };
+        let parts = self.parts();
+        let flat = parts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let t = match deltas.iter().find(|(p, _)| slot(*p) == i) {
+                    Some((_, delta)) => (*t + delta)?,
+                    None => (*t).clone(),
+                };
+                Ok(t.flatten_all()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let flat = Tensor::cat(&flat, 0)?;
+        let mut offset = 0;
+        let views = parts
+            .iter()
+            .map(|t| {
+                let n = t.elem_count();
+                let v = flat.narrow(0, offset, n)?.reshape(t.shape())?;
+                offset += n;
+                Ok(v)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut layer = BertLayer::assemble(views, Some(flat), self.heads, self.eps)?;
+        layer.act = self.act;
+        layer.attn_dropout = self.attn_dropout;
+        layer.hidden_dropout = self.hidden_dropout;
+        Ok(layer)
+    }
+
+    /// The activation and dropout probabilities of `cfg`.
+    fn configure(&mut self, cfg: &BertConfig) -> Result<()> {
+        self.act = cfg.activation().map_err(FitError::backbone)?;
+        self.attn_dropout = cfg.attention_probs_dropout_prob as f32;
+        self.hidden_dropout = cfg.hidden_dropout_prob as f32;
+        Ok(())
+    }
+
+    /// The layer without the frozen weights' packed copy (only the fused
+    /// op reads it): for a frozen layer that only runs composed
+    /// ([`BertLayer::forward_with`]), whose weights then live once.
+    pub fn without_packed_copy(mut self) -> Self {
+        self.packed = None;
+        self
     }
 
     /// A layer from its 16 tensors in [`super::fused_layer::PACKED_ORDER`]
@@ -255,6 +483,18 @@ impl BertLayer {
         bias: &Tensor,
         mode: &mut Mode<'_>,
     ) -> Result<Tensor> {
+        self.forward_with(x, bias, mode, None)
+    }
+
+    /// [`BertLayer::forward_composed`] with `extras` (LoRA updates,
+    /// adapters) inside the layer; with `None` exactly the composed layer.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        bias: &Tensor,
+        mode: &mut Mode<'_>,
+        extras: Option<&dyn LayerExtras>,
+    ) -> Result<Tensor> {
         let _span = tracing::trace_span!("bert_layer").entered();
         let (b, s, d) = x.dims3()?;
         let h = self.heads;
@@ -262,10 +502,22 @@ impl BertLayer {
         let split = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, s, h, hd))?.transpose(1, 2)?.contiguous()?)
         };
+        // a projection, plus the extras' update of it
+        let project =
+            |lin: &Linear, p: Projection, x: &Tensor, mode: &mut Mode<'_>| -> Result<Tensor> {
+                let y = lin.forward(x)?;
+                Ok(match extras {
+                    Some(e) => match e.delta(p, x, mode)? {
+                        Some(delta) => (y + delta)?,
+                        None => y,
+                    },
+                    None => y,
+                })
+            };
         let att = &self.attention;
-        let q = split(att.query.forward(x)?)?;
-        let k = split(att.key.forward(x)?)?;
-        let v = split(att.value.forward(x)?)?;
+        let q = split(project(&att.query, Projection::Query, x, mode)?)?;
+        let k = split(project(&att.key, Projection::Key, x, mode)?)?;
+        let v = split(project(&att.value, Projection::Value, x, mode)?)?;
         let scores =
             (q.matmul(&k.t()?.contiguous()?)? / (hd as f64).sqrt())?.broadcast_add(bias)?;
         let probs = dropout(&softmax(&scores)?, self.attn_dropout, mode)?;
@@ -274,15 +526,23 @@ impl BertLayer {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((b, s, d))?;
-        let a = dropout(&att.output.forward(&ctx)?, self.hidden_dropout, mode)?;
+        let a = project(&att.output, Projection::Output, &ctx, mode)?;
+        let mut a = dropout(&a, self.hidden_dropout, mode)?;
+        if let Some(e) = extras {
+            a = e.after_attention(a, mode)?;
+        }
         let h1 = att.norm.forward(&(a + x)?)?;
-        let i = self.intermediate.forward(&h1)?;
+        let i = project(&self.intermediate, Projection::FfnIn, &h1, mode)?;
         let i = match self.act {
             Activation::Gelu => i.gelu_erf()?,
             Activation::GeluTanh => i.gelu()?,
             Activation::Relu => i.relu()?,
         };
-        let o = dropout(&self.output.forward(&i)?, self.hidden_dropout, mode)?;
+        let o = project(&self.output, Projection::FfnOut, &i, mode)?;
+        let mut o = dropout(&o, self.hidden_dropout, mode)?;
+        if let Some(e) = extras {
+            o = e.after_ffn(o, mode)?;
+        }
         self.norm.forward(&(o + h1)?)
     }
 }
@@ -416,6 +676,105 @@ mod tests {
             .collect();
         assert_eq!(flat(gp.get(&flat_var).unwrap()), want);
         assert_eq!(flat(g.get(&x).unwrap()), flat(gp.get(&x).unwrap()));
+    }
+
+    /// A frozen layer with LoRA updates (no dropout) merged into its
+    /// weights and run fused computes what the updates beside the
+    /// projections compute composed: outputs, the generator's state, and
+    /// the gradients of the inputs and of every `A` and `B` (1e-5
+    /// relative); in evaluation too.
+    #[test]
+    fn merged_lora_layer_matches_the_composed_updates() {
+        use crate::fit::nn::lora::{LoraLayer, LoraUpdate};
+        let (l, _) = layer(Activation::Gelu, false, 6);
+        let mut rng = SplitMix64::new(21);
+        let mut var = |shape: &[usize]| {
+            let n: usize = shape.iter().product();
+            let v: Vec<f32> = (0..n).map(|_| rng.symmetric_f32(0.3)).collect();
+            Var::from_vec(v, shape, &Device::Cpu).unwrap()
+        };
+        let r = 2;
+        let vars = [
+            var(&[r, D]),
+            var(&[D, r]),
+            var(&[r, D]),
+            var(&[F, r]),
+            var(&[r, F]),
+            var(&[D, r]),
+        ];
+        let up = |a: &Var, b: &Var| {
+            LoraUpdate::from_parts(a.as_tensor().clone(), b.as_tensor().clone(), 4.0, 0.0)
+        };
+        let lora = LoraLayer::from_updates(vec![
+            (Projection::Query, up(&vars[0], &vars[1])),
+            (Projection::FfnIn, up(&vars[2], &vars[3])),
+            (Projection::FfnOut, up(&vars[4], &vars[5])),
+        ]);
+        let deltas = lora
+            .merged_deltas()
+            .unwrap()
+            .expect("no dropout: mergeable");
+        let merged = l.merged(&deltas).unwrap();
+        let (x, bias, probe) = inputs();
+        let (mut g1, mut g2) = (SplitMix64::new(3), SplitMix64::new(3));
+        let yc = l
+            .forward_with(x.as_tensor(), &bias, &mut Mode::Train(&mut g1), Some(&lora))
+            .unwrap();
+        let ym = merged
+            .forward(x.as_tensor(), &bias, &mut Mode::Train(&mut g2))
+            .unwrap();
+        close(&flat(&ym), &flat(&yc), 1e-5, "y");
+        assert_eq!(g1.next_u64(), g2.next_u64(), "generator state");
+        let gc = (yc * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gm = (ym * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        close(
+            &flat(gm.get(&x).unwrap()),
+            &flat(gc.get(&x).unwrap()),
+            1e-5,
+            "dx",
+        );
+        for (i, v) in vars.iter().enumerate() {
+            close(
+                &flat(gm.get(v).unwrap()),
+                &flat(gc.get(v).unwrap()),
+                1e-5,
+                &format!("lora var {i}"),
+            );
+        }
+        let ec = l
+            .forward_with(
+                x.as_tensor(),
+                &bias,
+                &mut Mode::Eval,
+                Some(&lora.detached()),
+            )
+            .unwrap();
+        let dm = l
+            .merged(&lora.detached().merged_deltas().unwrap().unwrap())
+            .unwrap();
+        let em = dm.forward(x.as_tensor(), &bias, &mut Mode::Eval).unwrap();
+        close(&flat(&em), &flat(&ec), 1e-5, "eval");
+        // with dropout on an update, nothing is merged
+        let drop = LoraLayer::from_updates(vec![(
+            Projection::Value,
+            LoraUpdate::from_parts(
+                vars[0].as_tensor().clone(),
+                vars[1].as_tensor().clone(),
+                4.0,
+                0.1,
+            ),
+        )]);
+        assert!(drop.merged_deltas().unwrap().is_none());
     }
 
     #[test]

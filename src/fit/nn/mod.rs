@@ -12,8 +12,12 @@
 //! - [`consolidation`], [`restore_gate`]: SHERL's early route and its join
 //!   with the late route;
 //! - [`unipt`]: the UniPT side network;
+//! - [`lora`], [`adapter`]: LoRA updates and bottleneck adapters inside
+//!   the frozen backbone's layers; [`lst`]: the Ladder Side Tuning side
+//!   network over the cached hidden states;
 //! - [`head`]: pooling and the classification layer.
 
+pub mod adapter;
 pub mod bert_layer;
 pub mod consolidation;
 pub mod embeddings;
@@ -22,6 +26,8 @@ pub mod fused_layer;
 pub mod gemm;
 pub mod head;
 pub mod linear;
+pub mod lora;
+pub mod lst;
 pub mod ops;
 pub mod restore_gate;
 #[cfg(test)]
@@ -108,6 +114,19 @@ impl<'a> Builder<'a> {
         }
     }
 
+    /// A builder at the same prefix (for a module that takes its builder
+    /// by value, when this one is still needed afterwards).
+    pub fn reborrow(&mut self) -> Builder<'_> {
+        Builder {
+            params: self.params,
+            rng: self.rng,
+            ckpt: self.ckpt,
+            dev: self.dev,
+            prefix: self.prefix.clone(),
+            group: self.group,
+        }
+    }
+
     /// Pre-trained weights loaded from here on are trained in `group`, or
     /// frozen for `None`.
     pub fn pretrained_group(mut self, group: Option<Group>) -> Self {
@@ -132,6 +151,25 @@ impl<'a> Builder<'a> {
     pub fn fresh(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
         let path = self.path(name);
         self.params.add(&path, t, Some(Group::New))
+    }
+
+    /// `n` values drawn uniform in ±`bound` from the init generator.
+    pub fn uniform(&mut self, n: usize, bound: f32) -> Vec<f32> {
+        (0..n).map(|_| self.rng.symmetric_f32(bound)).collect()
+    }
+
+    /// Fresh tensors `members` (names under the prefix) trained in
+    /// [`Group::New`] as one packed variable (see [`Params::add_packed`]):
+    /// the flat variable and each member's view of it.
+    pub fn fresh_packed(
+        &mut self,
+        members: Vec<(String, Tensor)>,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let members = members
+            .into_iter()
+            .map(|(n, t)| (self.path(&n), t))
+            .collect();
+        self.params.add_packed(members, Group::New)
     }
 
     /// A fresh `Linear(d_in -> d_out)`, Kaiming-uniform as PyTorch's
@@ -195,6 +233,13 @@ impl<'a> Builder<'a> {
             .collect::<Result<Vec<_>>>()?;
         let (flat, views) = self.params.add_packed(members, group)?;
         Ok((Some(flat), views))
+    }
+
+    /// The checkpoint tensor `name` (the full name, not under the prefix)
+    /// checked to have `shape`, read without registering a parameter (to
+    /// derive fresh weights from it).
+    pub fn read_checkpoint(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        self.ckpt.tensor_f32_shaped(name, shape)
     }
 
     /// A pre-trained `Linear(d_in -> d_out)`.
