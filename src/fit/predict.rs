@@ -67,7 +67,7 @@ pub struct PredictSummary {
     pub out: Option<PathBuf>,
 }
 
-fn same(what: &str, path: &Path, want: &str) -> Result<()> {
+pub(crate) fn same(what: &str, path: &Path, want: &str) -> Result<()> {
     let got = crate::fsutil::sha256_file(path)?;
     if got != want {
         return Err(Error::Backbone {
@@ -87,7 +87,7 @@ fn same(what: &str, path: &Path, want: &str) -> Result<()> {
 /// flipped bits in a weight file must not turn into confident wrong
 /// answers. A run still in progress (or killed) has no record: its weights
 /// are used with a warning.
-fn check_weights(run: &Path, weights: &Path) -> Result<()> {
+pub(crate) fn check_weights(run: &Path, weights: &Path) -> Result<()> {
     let recorded = run_dir::recorded_weights_sha256(run)?;
     match recorded {
         Some((from, Some(want))) => {
