@@ -669,7 +669,12 @@ fn retrieval_image_tower_full_ft_trains_every_vit_block() {
     let s = run("full-ft", "full-ft", "runs");
     assert_eq!(s["method"], "full-ft+full-ft");
     let cfg: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(f.root.join(s["run_dir"].as_str().unwrap()).join("config.json")).unwrap(),
+        &std::fs::read(
+            f.root
+                .join(s["run_dir"].as_str().unwrap())
+                .join("config.json"),
+        )
+        .unwrap(),
     )
     .unwrap();
     assert_eq!(cfg["image_cache"]["inputs"], serde_json::json!([0]));
@@ -680,7 +685,10 @@ fn retrieval_image_tower_full_ft_trains_every_vit_block() {
         .unwrap();
     let block = late - head;
     assert!(block > 0);
-    assert_eq!(s["image_trainable_params"].as_u64().unwrap(), head + 2 * block);
+    assert_eq!(
+        s["image_trainable_params"].as_u64().unwrap(),
+        head + 2 * block
+    );
     let m = metrics(&f, &s);
     let loss = |i: usize| m[i]["train_loss"].as_f64().unwrap();
     assert!(loss(3) < loss(0), "the loss falls: {m:?}");
@@ -954,7 +962,8 @@ fn search_ranks_a_split_with_the_trained_towers() {
     // and "w15 w50".
     let h = hits(&search(&f, &["--run", &run, "--text", "w15 w50"]));
     assert_eq!(h.len(), 4, "k 5, but only 4 test images: {h:?}");
-    let ids: std::collections::BTreeSet<&str> = h.iter().map(|x| x["id"].as_str().unwrap()).collect();
+    let ids: std::collections::BTreeSet<&str> =
+        h.iter().map(|x| x["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["p11", "p17", "p23", "p5"].into_iter().collect());
     for (i, x) in h.iter().enumerate() {
         assert_eq!(x["rank"], i + 1);
@@ -966,18 +975,27 @@ fn search_ranks_a_split_with_the_trained_towers() {
         // the image file from the table the cache was extracted from
         let n = x["id"].as_str().unwrap().trim_start_matches('p');
         assert!(
-            x["image"].as_str().unwrap().ends_with(&format!("png/{n}.png")),
+            x["image"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("png/{n}.png")),
             "{x}"
         );
         assert!(x.get("caption").is_none());
     }
     // Deterministic, and --k cuts the same list.
     assert_eq!(hits(&search(&f, &["--run", &run, "--text", "w15 w50"])), h);
-    let h2 = hits(&search(&f, &["--run", &run, "--text", "w15 w50", "--k", "2"]));
+    let h2 = hits(&search(
+        &f,
+        &["--run", &run, "--text", "w15 w50", "--k", "2"],
+    ));
     assert_eq!(h2[..], h[..2]);
 
     // An image query: the test split's 8 captions.
-    let hi = hits(&search(&f, &["--run", &run, "--image", "png/5.png", "--k", "20"]));
+    let hi = hits(&search(
+        &f,
+        &["--run", &run, "--image", "png/5.png", "--k", "20"],
+    ));
     assert_eq!(hi.len(), 8);
     for x in &hi {
         let id = x["id"].as_str().unwrap();
@@ -1006,7 +1024,16 @@ fn search_ranks_a_split_with_the_trained_towers() {
     // summary line to stdout.
     let o = search(
         &f,
-        &["--run", &run, "--text", "w14", "--split", "valid", "--out", "hits.jsonl"],
+        &[
+            "--run",
+            &run,
+            "--text",
+            "w14",
+            "--split",
+            "valid",
+            "--out",
+            "hits.jsonl",
+        ],
     );
     assert!(o.status.success(), "{}", common::stderr(&o));
     let summary: serde_json::Value =
@@ -1015,26 +1042,55 @@ fn search_ranks_a_split_with_the_trained_towers() {
     let written = std::fs::read_to_string(f.root.join("hits.jsonl")).unwrap();
     let valid_ids: std::collections::BTreeSet<String> = written
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(
         valid_ids,
-        ["p10", "p16", "p22", "p4"].map(String::from).into_iter().collect()
+        ["p10", "p16", "p22", "p4"]
+            .map(String::from)
+            .into_iter()
+            .collect()
     );
 
     // Refusals, each naming what is wrong.
-    search_fails(&f, &["--run", &run, "--text", "x", "--split", "nope"], &["--split nope", "test, train, valid"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x", "--split", "nope"],
+        &["--split nope", "test, train, valid"],
+    );
     search_fails(&f, &["--run", &run, "--text", "x", "--k", "0"], &["--k 0"]);
     search_fails(&f, &["--run", &run, "--text", "  "], &["empty"]);
-    search_fails(&f, &["--run", &run, "--image", "png/none.png"], &["png/none.png", "not found"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--image", "png/none.png"],
+        &["png/none.png", "not found"],
+    );
     search_fails(&f, &["--run", &run], &["--text"]);
-    search_fails(&f, &["--run", &run, "--text", "x", "--image", "png/5.png"], &["cannot be used with"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x", "--image", "png/5.png"],
+        &["cannot be used with"],
+    );
     // backbones swapped
     let o = common::run(
         "sherl-fit",
         &[
-            "search", "--run", &run, "--text", "x", "--image-backbone", "bert",
-            "--text-backbone", "vit", "--device", "cpu",
+            "search",
+            "--run",
+            &run,
+            "--text",
+            "x",
+            "--image-backbone",
+            "bert",
+            "--text-backbone",
+            "vit",
+            "--device",
+            "cpu",
         ],
         &f.root,
         &[],
@@ -1042,16 +1098,32 @@ fn search_ranks_a_split_with_the_trained_towers() {
     assert!(!o.status.success());
     // not a retrieval run
     std::fs::create_dir_all(f.root.join("cls")).unwrap();
-    std::fs::write(f.root.join("cls/config.json"), r#"{"run_id": "x", "config": {}}"#).unwrap();
-    search_fails(&f, &["--run", "cls", "--text", "x"], &["not a retrieval run", "sherl-fit predict"]);
+    std::fs::write(
+        f.root.join("cls/config.json"),
+        r#"{"run_id": "x", "config": {}}"#,
+    )
+    .unwrap();
+    search_fails(
+        &f,
+        &["--run", "cls", "--text", "x"],
+        &["not a retrieval run", "sherl-fit predict"],
+    );
     // the caption cache moved
     std::fs::rename(f.root.join("txt"), f.root.join("txt-moved")).unwrap();
-    search_fails(&f, &["--run", &run, "--text", "x"], &["caption cache txt", "cannot be opened"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x"],
+        &["caption cache txt", "cannot be opened"],
+    );
     std::fs::rename(f.root.join("txt-moved"), f.root.join("txt")).unwrap();
     // another cache in the image cache's place
     std::fs::rename(f.root.join("img"), f.root.join("img-moved")).unwrap();
     std::os::unix::fs::symlink(f.root.join("txt"), f.root.join("img")).unwrap();
-    search_fails(&f, &["--run", &run, "--text", "x"], &["img is not the image cache the run was trained on"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x"],
+        &["img is not the image cache the run was trained on"],
+    );
     std::fs::remove_file(f.root.join("img")).unwrap();
     std::fs::rename(f.root.join("img-moved"), f.root.join("img")).unwrap();
     // changed weights
@@ -1060,5 +1132,9 @@ fn search_ranks_a_split_with_the_trained_towers() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&w, bytes).unwrap();
-    search_fails(&f, &["--run", &run, "--text", "x"], &["weights.safetensors", "differs"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x"],
+        &["weights.safetensors", "differs"],
+    );
 }

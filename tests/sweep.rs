@@ -257,8 +257,14 @@ fn retrieval_sweep_varies_the_towers_and_the_report_ranks_them() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(summaries.len(), 8);
-    let ids: BTreeSet<&str> = summaries.iter().map(|s| s["run_id"].as_str().unwrap()).collect();
-    let want: BTreeSet<&str> = planned.iter().map(|p| p["run_id"].as_str().unwrap()).collect();
+    let ids: BTreeSet<&str> = summaries
+        .iter()
+        .map(|s| s["run_id"].as_str().unwrap())
+        .collect();
+    let want: BTreeSet<&str> = planned
+        .iter()
+        .map(|p| p["run_id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, want, "each run has the id the plan gave it");
     for s in &summaries {
         assert_eq!(s["task"], "retrieval");
@@ -266,11 +272,19 @@ fn retrieval_sweep_varies_the_towers_and_the_report_ranks_them() {
         assert_eq!(s["text_method"], "linear-probe");
     }
     // The sweep's report went to stderr.
-    assert!(common::stderr(&o).contains("## Retrieval"), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("## Retrieval"),
+        "{}",
+        common::stderr(&o)
+    );
     // Nothing left to run.
     let o = common::run("sherl-fit", &run, &f.root, &[]);
     assert!(o.status.success());
-    assert!(common::stdout(&o).trim().is_empty(), "{}", common::stdout(&o));
+    assert!(
+        common::stdout(&o).trim().is_empty(),
+        "{}",
+        common::stdout(&o)
+    );
 
     let r = sherl::report::report(&sherl::report::ReportOptions::new(f.root.join("runs"))).unwrap();
     assert!(r.groups.is_empty());
@@ -289,8 +303,14 @@ fn retrieval_sweep_varies_the_towers_and_the_report_ranks_them() {
         assert_eq!(mine.len(), 2);
         let mean = |f: &dyn Fn(&serde_json::Value) -> f64| (f(mine[0]) + f(mine[1])) / 2.0;
         let close = |a: f64, b: f64| assert!((a - b).abs() < 1e-9, "{a} vs {b}");
-        close(g.valid_rsum.mean, mean(&|s| s["valid_rsum"].as_f64().unwrap()));
-        close(g.test_rsum.as_ref().unwrap().mean, mean(&|s| s["test_rsum"].as_f64().unwrap()));
+        close(
+            g.valid_rsum.mean,
+            mean(&|s| s["valid_rsum"].as_f64().unwrap()),
+        );
+        close(
+            g.test_rsum.as_ref().unwrap().mean,
+            mean(&|s| s["test_rsum"].as_f64().unwrap()),
+        );
         for k in 0..3 {
             close(
                 g.test_i2t[k].as_ref().unwrap().mean,
@@ -317,8 +337,14 @@ fn retrieval_sweep_varies_the_towers_and_the_report_ranks_them() {
         .unwrap();
     assert!(full.trainable_params > probe.trainable_params);
     let md = std::fs::read_to_string(f.root.join("runs/report/report.md")).unwrap();
-    assert!(md.contains("## Retrieval") && md.contains("test t2i R@1"), "{md}");
-    assert!(md.contains("| full-ft+linear-probe | loss=hinge | 2 |"), "{md}");
+    assert!(
+        md.contains("## Retrieval") && md.contains("test t2i R@1"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| full-ft+linear-probe | loss=hinge | 2 |"),
+        "{md}"
+    );
     let csv = std::fs::read_to_string(f.root.join("runs/report/retrieval.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5);
     assert!(csv.lines().next().unwrap().contains("test_i2t_r1_mean"));
@@ -344,24 +370,47 @@ fn retrieval_sweep_varies_the_towers_and_the_report_ranks_them() {
     }
     let pic = f.root.join("runs/report/retrieval_examples.png");
     let img = image::open(&pic).unwrap().to_rgb8();
-    assert!(img.width() > 500 && img.height() > 400, "{:?}", img.dimensions());
+    assert!(
+        img.width() > 500 && img.height() > 400,
+        "{:?}",
+        img.dimensions()
+    );
     // the green frame of a right image is drawn somewhere (the fixture's
     // images are not that green)
     assert!(img.pixels().any(|p| p.0 == [44, 160, 44]));
     let svg = std::fs::read_to_string(f.root.join("runs/report/retrieval_examples.svg")).unwrap();
     assert_eq!(svg.matches("data:image/png;base64,").count(), 16);
-    assert!(svg.contains(&r.retrieval_groups[0].label), "the best group's picture");
+    assert!(
+        svg.contains(&r.retrieval_groups[0].label),
+        "the best group's picture"
+    );
     assert!(md.contains("(retrieval_examples.png)"), "{md}");
 
     // The inputs of one task only.
     let o = common::run(
         "sherl-fit",
-        &["sweep", "--task", "retrieval", "--cache", "img", "--backbone", "vit", "--grid", "grid.json", "--out", "r2"],
+        &[
+            "sweep",
+            "--task",
+            "retrieval",
+            "--cache",
+            "img",
+            "--backbone",
+            "vit",
+            "--grid",
+            "grid.json",
+            "--out",
+            "r2",
+        ],
         &f.root,
         &[],
     );
     assert!(!o.status.success());
-    assert!(common::stderr(&o).contains("not --cache and --backbone"), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("not --cache and --backbone"),
+        "{}",
+        common::stderr(&o)
+    );
     // A retrieval grid with `method`.
     std::fs::write(f.root.join("bad.json"), r#"{"method": ["sherl"]}"#).unwrap();
     let mut bad = args.to_vec();
@@ -369,5 +418,9 @@ fn retrieval_sweep_varies_the_towers_and_the_report_ranks_them() {
     bad.push("--dry-run");
     let o = common::run("sherl-fit", &bad, &f.root, &[]);
     assert!(!o.status.success());
-    assert!(common::stderr(&o).contains("not method"), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("not method"),
+        "{}",
+        common::stderr(&o)
+    );
 }

@@ -515,9 +515,11 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
                 std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
             );
             for h in &hits {
-                writeln!(f, "{}", hit_line(h)).with_context(|| format!("writing {}", p.display()))?;
+                writeln!(f, "{}", hit_line(h))
+                    .with_context(|| format!("writing {}", p.display()))?;
             }
-            f.flush().with_context(|| format!("writing {}", p.display()))?;
+            f.flush()
+                .with_context(|| format!("writing {}", p.display()))?;
             print_line(&summary(&plan, &hits).to_string())?;
         }
         None => {

@@ -366,7 +366,10 @@ pub fn plan_runs(plan: &SweepPlan) -> Result<Vec<PlannedRun>> {
         other => other,
     };
     let hash = |cache: &std::path::Path| -> Result<String> {
-        Ok(crate::cache::Manifest::read(&cache.join(crate::cache::manifest::MANIFEST))?.settings_hash)
+        Ok(
+            crate::cache::Manifest::read(&cache.join(crate::cache::manifest::MANIFEST))?
+                .settings_hash,
+        )
     };
     let (wi, wm) = plan.worker;
     match &plan.inputs {

@@ -133,13 +133,14 @@ fn read_run(run: &Path) -> Result<RunRecord> {
     }
     let fit: FitConfig = serde_json::from_value(v["config"].clone())
         .map_err(|e| bad(format!("`config` is not a run's settings: {e}")))?;
-    let retrieval: RetrievalConfig = serde_json::from_value(v["retrieval"].clone())
-        .map_err(|e| bad(format!("`retrieval` is not a retrieval run's settings: {e}")))?;
+    let retrieval: RetrievalConfig =
+        serde_json::from_value(v["retrieval"].clone()).map_err(|e| {
+            bad(format!(
+                "`retrieval` is not a retrieval run's settings: {e}"
+            ))
+        })?;
     let cache = |key: &str| -> Result<(PathBuf, String)> {
-        match (
-            v[key]["path"].as_str(),
-            v[key]["settings_hash"].as_str(),
-        ) {
+        match (v[key]["path"].as_str(), v[key]["settings_hash"].as_str()) {
             (Some(p), Some(h)) => Ok((PathBuf::from(p), h.to_owned())),
             _ => Err(bad(format!("`{key}` records no path and settings_hash"))),
         }

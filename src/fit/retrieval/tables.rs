@@ -67,4 +67,3 @@ fn read_column(path: &Path, id: &str, column: &str) -> Option<Vec<(String, Strin
         })
         .collect()
 }
-

@@ -127,7 +127,9 @@ fn thumbnail(path: &str) -> Option<Vec<u8>> {
             .pixels()
             .flat_map(|p| {
                 let [r, g, b, a] = p.0;
-                let over = |c: u8| ((u32::from(c) * u32::from(a) + 255 * (255 - u32::from(a))) / 255) as u8;
+                let over = |c: u8| {
+                    ((u32::from(c) * u32::from(a) + 255 * (255 - u32::from(a))) / 255) as u8
+                };
                 [over(r), over(g), over(b)]
             })
             .collect(),
@@ -165,13 +167,9 @@ fn draw_png(out: &Path, size: (u32, u32), title: &str, rows: &[Row]) -> Result<P
             for (k, c) in row.cells.iter().enumerate() {
                 let (x, ty) = thumb_at(r, k);
                 let t = THUMB as i32;
-                match c
-                    .pixels
-                    .clone()
-                    .and_then(|p| {
-                        BitMapElement::<_, RGBPixel>::with_owned_buffer((x, ty), (THUMB, THUMB), p)
-                    })
-                {
+                match c.pixels.clone().and_then(|p| {
+                    BitMapElement::<_, RGBPixel>::with_owned_buffer((x, ty), (THUMB, THUMB), p)
+                }) {
                     Some(bitmap) => root.draw(&bitmap).map_err(e)?,
                     None => root
                         .draw(&Rectangle::new(
@@ -185,8 +183,11 @@ fn draw_png(out: &Path, size: (u32, u32), title: &str, rows: &[Row]) -> Result<P
                 } else {
                     RGBColor(200, 200, 200).stroke_width(1)
                 };
-                root.draw(&Rectangle::new([(x - 3, ty - 3), (x + t + 3, ty + t + 3)], frame))
-                    .map_err(e)?;
+                root.draw(&Rectangle::new(
+                    [(x - 3, ty - 3), (x + t + 3, ty + t + 3)],
+                    frame,
+                ))
+                .map_err(e)?;
                 root.draw(&Text::new(
                     c.label.clone(),
                     (x - 14, ty + t + 20),

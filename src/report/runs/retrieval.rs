@@ -184,7 +184,8 @@ pub(super) fn build(runs: Vec<RetrievalRun>) -> Vec<RetrievalGroupRow> {
         })
         .collect();
     rows.sort_by(|a, b| {
-        let test = |r: &RetrievalGroupRow| r.test_rsum.as_ref().map_or(f64::NEG_INFINITY, |s| s.mean);
+        let test =
+            |r: &RetrievalGroupRow| r.test_rsum.as_ref().map_or(f64::NEG_INFINITY, |s| s.mean);
         b.valid_rsum
             .mean
             .total_cmp(&a.valid_rsum.mean)
@@ -196,7 +197,9 @@ pub(super) fn build(runs: Vec<RetrievalRun>) -> Vec<RetrievalGroupRow> {
 
 fn row(g: &[RetrievalRun], label: String, settings_label: String) -> RetrievalGroupRow {
     let first = &g[0];
-    let stat = |f: &dyn Fn(&Value) -> Option<f64>| Stat::of(&g.iter().filter_map(|r| f(&r.summary)).collect::<Vec<_>>());
+    let stat = |f: &dyn Fn(&Value) -> Option<f64>| {
+        Stat::of(&g.iter().filter_map(|r| f(&r.summary)).collect::<Vec<_>>())
+    };
     let at = |dir: &'static str, k: usize| stat(&move |s: &Value| s["test"][dir][k].as_f64());
     let peak = g
         .iter()
@@ -344,7 +347,9 @@ pub(super) fn to_csv(rows: &[RetrievalGroupRow], path: &Path) -> Result<Vec<u8>>
             rec.push(std(s.as_ref()));
         }
         rec.extend([
-            g.trainable_params.map(|p| p.to_string()).unwrap_or_default(),
+            g.trainable_params
+                .map(|p| p.to_string())
+                .unwrap_or_default(),
             opt(g.peak_memory_mib),
             opt(g.seconds_per_epoch),
             g.caches.clone(),
