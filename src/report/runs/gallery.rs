@@ -45,7 +45,7 @@ pub(super) fn draw(
             let p = runs.join(id).join(EXAMPLES_FILE);
             let bytes = std::fs::read(&p).ok()?;
             let ex: Vec<QueryExample> = serde_json::from_slice(&bytes).ok()?;
-            (!ex.is_empty()).then(|| (g, seed, ex))
+            (!ex.is_empty()).then_some((g, seed, ex))
         })
     });
     let Some((group, seed, examples)) = found else {
