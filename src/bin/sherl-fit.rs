@@ -490,7 +490,8 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "extract")]
 fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
-    use sherl::fit::retrieval::search::{hit_line, search, summary, Query, SearchPlan};
+    use sherl::fit::predict::search;
+    use sherl::fit::retrieval::search::{hit_line, summary, Query, SearchPlan};
     use std::io::Write;
     init_blas(&a.blas)?;
     let rt = sherl::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
@@ -506,9 +507,8 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
         query,
         k: a.k,
         split: a.split.clone(),
-        session: a.runtime.session_config(),
     };
-    let hits = search(rt, &plan)?;
+    let hits = search(rt, &plan, &a.runtime.session_config())?;
     match &a.out {
         Some(p) => {
             let mut f = std::io::BufWriter::new(

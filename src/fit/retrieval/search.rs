@@ -5,9 +5,11 @@
 //! with, as `sherl-fit predict` runs it (text: the tokenizer and the text
 //! backbone's ONNX model through ONNX Runtime; an image: the recipe the
 //! cache recorded and the ViT's ONNX model), then through the trained
-//! tower of its kind; the gallery is the split's cached examples of the
-//! other kind, embedded by the other trained tower exactly as the run's
-//! evaluation embeds them. Scores are cosine similarities in the joint
+//! tower of its kind: that part is [`crate::fit::predict::search`], the
+//! one place that composes both phases. Here: the run opened and checked
+//! ([`Searcher::open`]) and the ranking ([`Searcher::rank`]): the gallery
+//! is the split's cached examples of the other kind, embedded by the other
+//! trained tower exactly as the run's evaluation embeds them. Scores are cosine similarities in the joint
 //! space (both sides L2-normalised), highest first; ties keep cache order.
 //!
 //! Everything the run depends on is checked first: `config.json` is a
@@ -28,18 +30,14 @@ use super::join::{entries, join_caches};
 use super::loss::{l2_normalize, INIT_LOG_SCALE};
 use super::tables::table_column;
 use super::train::{embed, restore, tower, Tower};
-use crate::backbone::BackboneDir;
-use crate::batching::{real_rows, PaddedBatch};
 use crate::cache::Cache;
-use crate::fit::batcher::Batch;
 use crate::fit::config::FitConfig;
 use crate::fit::error::FitError;
+use crate::fit::model::Model;
 use crate::fit::params::Params;
-use crate::fit::predict::{check_weights, same};
+use crate::fit::predict::check_weights;
 use crate::fit::run_dir;
 use crate::rng::SplitMix64;
-use crate::runtime::{BackboneSession, Runtime, SessionConfig};
-use crate::tokenize::{Encoded, Tokenizer};
 use crate::{Error, Result};
 
 /// What to search for.
@@ -66,8 +64,6 @@ pub struct SearchPlan {
     pub k: usize,
     /// The split whose examples are the gallery.
     pub split: String,
-    /// ONNX Runtime session.
-    pub session: SessionConfig,
 }
 
 /// One hit (a JSONL line of `sherl-fit search`).
@@ -181,265 +177,168 @@ fn open_cache(kind: &str, (path, hash): &(PathBuf, String), run: &Path) -> Resul
     Ok(Arc::new(cache))
 }
 
-/// Search the run of `plan`: the hits, best first.
-pub fn search(rt: &Runtime, plan: &SearchPlan) -> Result<Vec<Hit>> {
-    if plan.k == 0 {
-        return Err(Error::setting("--k", "--k 0: must be at least 1"));
-    }
-    if let Query::Text(t) = &plan.query {
-        if t.trim().is_empty() {
-            return Err(Error::setting("--text", "the query text is empty"));
-        }
-    }
-    let rec = read_run(&plan.run)?;
-    let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
-    if !weights_path.exists() {
-        return Err(FitError::BadRun {
-            path: plan.run.clone(),
-            message: "no weights.safetensors (the run has not finished an epoch)".into(),
-        }
-        .into());
-    }
-    check_weights(&plan.run, &weights_path)?;
-    let image_cache = open_cache("image", &rec.image_cache, &plan.run)?;
-    let text_cache = open_cache("caption", &rec.text_cache, &plan.run)?;
-    let joined = join_caches(&image_cache, &text_cache)?;
-    let Some(split) = joined.split(&plan.split).cloned() else {
-        let have: Vec<&str> = joined.splits.keys().map(String::as_str).collect();
-        return Err(Error::setting(
-            "--split",
-            format!(
-                "--split {}: the run's caches have no pairs in it (they have {})",
-                plan.split,
-                have.join(", ")
-            ),
-        ));
-    };
-    let dev = Device::Cpu;
-    let (cfg, rc) = (&rec.fit, &rec.retrieval);
-    let text_seed = SplitMix64::new(cfg.seed).next_u64();
-    let image = tower(
-        Arc::clone(&image_cache),
-        &plan.image_backbone,
-        cfg,
-        rc.image_method,
-        rc.joint_dim,
-        cfg.seed,
-        &dev,
-    )?;
-    let text = tower(
-        Arc::clone(&text_cache),
-        &plan.text_backbone,
-        cfg,
-        rc.text_method,
-        rc.joint_dim,
-        text_seed,
-        &dev,
-    )?;
-    let log_scale = Var::from_tensor(&Tensor::new(INIT_LOG_SCALE as f32, &dev)?)?;
-    let weights: BTreeMap<String, Tensor> = Params::load_file(&weights_path, &dev)?;
-    if !weights.contains_key("log_scale") {
-        return Err(FitError::BadRun {
-            path: weights_path,
-            message: "not a retrieval run's weights (no log_scale)".into(),
-        }
-        .into());
-    }
-    restore(&image, &text, &log_scale, &weights, &weights_path)?;
-
-    let (query, gallery, ids): (Tensor, Tensor, Vec<String>) = match &plan.query {
-        Query::Text(t) => {
-            let q = text_query(rt, plan, &text, t, &dev)?;
-            let g = embed(&image, &split.images, cfg, &dev, 1)?;
-            (q, g, split.image_ids.clone())
-        }
-        Query::Image(file) => {
-            let q = image_query(rt, plan, &image, file, &dev)?;
-            let g = embed(&text, &split.captions, cfg, &dev, 1)?;
-            let by_position: HashMap<u64, String> = entries(&text_cache)?
-                .into_iter()
-                .map(|e| (e.position, e.id))
-                .collect();
-            let ids = split
-                .captions
-                .iter()
-                .map(|p| by_position[p].clone())
-                .collect();
-            (q, g, ids)
-        }
-    };
-    let scores: Vec<f32> = gallery.matmul(&query.t()?)?.flatten_all()?.to_vec1()?;
-    let mut order: Vec<usize> = (0..scores.len()).collect();
-    // Highest first; a stable sort keeps cache order among equal scores.
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    order.truncate(plan.k);
-    let hits = match &plan.query {
-        Query::Text(_) => {
-            let files = table_column(&image_cache, "image");
-            order
-                .iter()
-                .enumerate()
-                .map(|(r, &i)| Hit {
-                    rank: r + 1,
-                    id: ids[i].clone(),
-                    score: f64::from(scores[i]),
-                    image: Some(files.get(&ids[i]).cloned()),
-                    pair: None,
-                    caption: None,
-                })
-                .collect()
-        }
-        Query::Image(_) => {
-            let captions = table_column(&text_cache, "caption");
-            order
-                .iter()
-                .enumerate()
-                .map(|(r, &i)| Hit {
-                    rank: r + 1,
-                    id: ids[i].clone(),
-                    score: f64::from(scores[i]),
-                    image: None,
-                    pair: crate::data::paired::pair_of_caption(&ids[i]).map(str::to_owned),
-                    caption: Some(captions.get(&ids[i]).cloned()),
-                })
-                .collect()
-        }
-    };
-    Ok(hits)
+/// A retrieval run opened for search: both towers with the run's weights
+/// and the split's pairs.
+pub struct Searcher {
+    image: Tower,
+    text: Tower,
+    split: super::join::SplitPairs,
+    cfg: FitConfig,
+    dev: Device,
 }
 
-/// The text query through the tokenizer and the text backbone's ONNX
-/// model (the caption cache's `max_len`), then the trained text tower.
-fn text_query(
-    rt: &Runtime,
-    plan: &SearchPlan,
-    t: &Tower,
-    text: &str,
-    dev: &Device,
-) -> Result<Tensor> {
-    let dir = BackboneDir::open(&plan.text_backbone)?;
-    let m = t.cache.manifest();
-    let Some(tok) = &m.backbone.tokenizer else {
-        return Err(FitError::BadRun {
-            path: t.cache.dir().to_path_buf(),
-            message: "the caption cache records no tokenizer".into(),
+impl Searcher {
+    /// Check the run, its weights and caches and the backbones, build both
+    /// towers and restore the run's weights.
+    pub fn open(plan: &SearchPlan) -> Result<Searcher> {
+        if plan.k == 0 {
+            return Err(Error::setting("--k", "--k 0: must be at least 1"));
         }
-        .into());
-    };
-    same("tokenizer", &dir.tokenizer_path(), &tok.sha256)?;
-    let onnx = dir.onnx_path();
-    same("ONNX model", &onnx, &m.backbone.onnx.sha256)?;
-    let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), m.settings.max_len)?;
-    let enc = tokenizer.encode(text, None)?;
-    let (mut session, _) = BackboneSession::open(rt, &onnx, &plan.session)?;
-    let inputs = t.model.inputs().to_vec();
-    session.check_layers(&inputs)?;
-    let refs = [&enc];
-    let pb = PaddedBatch::new(&refs, None);
-    let (ids, mask, types) = pb.views();
-    let outs = session.run(ids, mask, types, &inputs)?;
-    let layers = outs.iter().map(|h| real_rows(h, 0, enc.len())).collect();
-    let batch = Batch::from_padded(&pb, layers, t.hidden, vec!["query".into()], dev)?;
-    l2_normalize(&t.model.inference().forward(&batch)?.logits)
-}
-
-/// The image query decoded and preprocessed with the recipe the image
-/// cache recorded, through the ViT's ONNX model with the tower's input
-/// layers exposed (pooled as the cache was), then the trained image tower.
-fn image_query(
-    rt: &Runtime,
-    plan: &SearchPlan,
-    t: &Tower,
-    file: &Path,
-    dev: &Device,
-) -> Result<Tensor> {
-    use crate::cache::{ExampleMeta, ImageMeta};
-    use crate::data::image::{ImageExample, ImageOptions, ImageSource, Preprocess};
-    use crate::extract::image::{exposed_model, ImageBackbone, ImageRunner};
-
-    if !file.is_file() {
-        return Err(Error::io(
-            file,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "query image not found"),
-        ));
-    }
-    let dir = BackboneDir::open(&plan.image_backbone)?;
-    let m = t.cache.manifest();
-    let Some(info) = &m.image else {
-        return Err(FitError::BadRun {
-            path: t.cache.dir().to_path_buf(),
-            message: "the image cache records no image recipe".into(),
+        if let Query::Text(t) = &plan.query {
+            if t.trim().is_empty() {
+                return Err(Error::setting("--text", "the query text is empty"));
+            }
         }
-        .into());
-    };
-    let desc_path = dir.description_path();
-    same("backbone.json", &desc_path, &info.description.sha256)?;
-    let onnx = dir.onnx_path();
-    same("ONNX model", &onnx, &m.backbone.onnx.sha256)?;
-    let recipe: Preprocess =
-        serde_json::from_value(info.preprocess.clone()).map_err(|e| FitError::BadRun {
-            path: t.cache.dir().to_path_buf(),
-            message: format!("image.preprocess is not a recipe: {e}"),
-        })?;
-    let backbone = ImageBackbone {
-        desc: crate::backbone::ImageBackboneDesc::read(&desc_path)?,
-        desc_path,
-        recipe,
-        patch_pool: info.patch_pool,
-        tokens: info.tokens,
-    };
-    let inputs = t.model.inputs().to_vec();
-    let bytes = exposed_model(&onnx, &backbone.desc, &inputs)?;
-    let mut session = crate::runtime::F32Session::from_bytes(rt, &onnx, &bytes, &plan.session)?;
-    drop(bytes);
-    let mut options = ImageOptions::default();
-    if let Ok(b) = serde_json::from_value(m.dataset.options["image"]["background"].clone()) {
-        options.background = b;
+        let rec = read_run(&plan.run)?;
+        let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
+        if !weights_path.exists() {
+            return Err(FitError::BadRun {
+                path: plan.run.clone(),
+                message: "no weights.safetensors (the run has not finished an epoch)".into(),
+            }
+            .into());
+        }
+        check_weights(&plan.run, &weights_path)?;
+        let image_cache = open_cache("image", &rec.image_cache, &plan.run)?;
+        let text_cache = open_cache("caption", &rec.text_cache, &plan.run)?;
+        let joined = join_caches(&image_cache, &text_cache)?;
+        let Some(split) = joined.split(&plan.split).cloned() else {
+            let have: Vec<&str> = joined.splits.keys().map(String::as_str).collect();
+            return Err(Error::setting(
+                "--split",
+                format!(
+                    "--split {}: the run's caches have no pairs in it (they have {})",
+                    plan.split,
+                    have.join(", ")
+                ),
+            ));
+        };
+        let dev = Device::Cpu;
+        let (cfg, rc) = (&rec.fit, &rec.retrieval);
+        let text_seed = SplitMix64::new(cfg.seed).next_u64();
+        let image = tower(
+            Arc::clone(&image_cache),
+            &plan.image_backbone,
+            cfg,
+            rc.image_method,
+            rc.joint_dim,
+            cfg.seed,
+            &dev,
+        )?;
+        let text = tower(
+            Arc::clone(&text_cache),
+            &plan.text_backbone,
+            cfg,
+            rc.text_method,
+            rc.joint_dim,
+            text_seed,
+            &dev,
+        )?;
+        let log_scale = Var::from_tensor(&Tensor::new(INIT_LOG_SCALE as f32, &dev)?)?;
+        let weights: BTreeMap<String, Tensor> = Params::load_file(&weights_path, &dev)?;
+        if !weights.contains_key("log_scale") {
+            return Err(FitError::BadRun {
+                path: weights_path,
+                message: "not a retrieval run's weights (no log_scale)".into(),
+            }
+            .into());
+        }
+        restore(&image, &text, &log_scale, &weights, &weights_path)?;
+        Ok(Searcher {
+            image,
+            text,
+            split,
+            cfg: cfg.clone(),
+            dev,
+        })
     }
-    let examples = [ImageExample {
-        id: "query".into(),
-        split: String::new(),
-        source: ImageSource::File(file.to_path_buf()),
-        label: None,
-        group: None,
-        source_line: 0,
-        width: 0,
-        height: 0,
-    }];
-    let tokens = backbone.tokens;
-    let mut runner = ImageRunner {
-        session: &mut session,
-        backbone: &backbone,
-        options: &options,
-        layers: &inputs,
-        examples: &examples,
-        order: &[0],
-    };
-    let out = runner.run(&[ExampleMeta {
-        position: 0,
-        id: "query".into(),
-        split: 0,
-        label: None,
-        ids: Vec::new(),
-        type_ids: Vec::new(),
-        image: Some(ImageMeta {
-            tokens: tokens as u32,
-            digest: [0; 32],
-        }),
-    }])?;
-    let layers = out
-        .outs
-        .into_iter()
-        .map(|a| a.into_raw_vec_and_offset().0)
-        .collect();
-    // Every image token is real: an all-ones mask.
-    let enc = Encoded {
-        ids: vec![0; tokens],
-        type_ids: vec![0; tokens],
-    };
-    let pb = PaddedBatch::new(&[&enc], None);
-    let batch = Batch::from_padded(&pb, layers, t.hidden, vec!["query".into()], dev)?;
-    l2_normalize(&t.model.inference().forward(&batch)?.logits)
+
+    /// The tower a query of this kind goes through: its cache (whose
+    /// backbone must run the query), model and hidden width.
+    pub fn query_tower(&self, query: &Query) -> (&Cache, &Model, usize) {
+        let t = match query {
+            Query::Text(_) => &self.text,
+            Query::Image(_) => &self.image,
+        };
+        (&t.cache, &t.model, t.hidden)
+    }
+
+    /// Rank the split's examples of the other kind against the query's
+    /// tower output `z` (`[1, J]`, normalised here): the best `plan.k`.
+    pub fn rank(&self, plan: &SearchPlan, z: &Tensor) -> Result<Vec<Hit>> {
+        let query = l2_normalize(z)?;
+        let (cfg, dev, split) = (&self.cfg, &self.dev, &self.split);
+        let (image, text) = (&self.image, &self.text);
+        let (image_cache, text_cache) = (&image.cache, &text.cache);
+
+        let (query, gallery, ids): (Tensor, Tensor, Vec<String>) = match &plan.query {
+            Query::Text(_) => {
+                let g = embed(image, &split.images, cfg, dev, 1)?;
+                (query, g, split.image_ids.clone())
+            }
+            Query::Image(_) => {
+                let g = embed(text, &split.captions, cfg, dev, 1)?;
+                let by_position: HashMap<u64, String> = entries(text_cache)?
+                    .into_iter()
+                    .map(|e| (e.position, e.id))
+                    .collect();
+                let ids = split
+                    .captions
+                    .iter()
+                    .map(|p| by_position[p].clone())
+                    .collect();
+                (query, g, ids)
+            }
+        };
+        let scores: Vec<f32> = gallery.matmul(&query.t()?)?.flatten_all()?.to_vec1()?;
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        // Highest first; a stable sort keeps cache order among equal scores.
+        order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+        order.truncate(plan.k);
+        let hits = match &plan.query {
+            Query::Text(_) => {
+                let files = table_column(image_cache, "image");
+                order
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &i)| Hit {
+                        rank: r + 1,
+                        id: ids[i].clone(),
+                        score: f64::from(scores[i]),
+                        image: Some(files.get(&ids[i]).cloned()),
+                        pair: None,
+                        caption: None,
+                    })
+                    .collect()
+            }
+            Query::Image(_) => {
+                let captions = table_column(text_cache, "caption");
+                order
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &i)| Hit {
+                        rank: r + 1,
+                        id: ids[i].clone(),
+                        score: f64::from(scores[i]),
+                        image: None,
+                        pair: crate::data::paired::pair_of_caption(&ids[i]).map(str::to_owned),
+                        caption: Some(captions.get(&ids[i]).cloned()),
+                    })
+                    .collect()
+            }
+        };
+        Ok(hits)
+    }
 }
 
 /// The JSONL line of a hit.
