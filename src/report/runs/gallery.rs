@@ -26,11 +26,13 @@ pub(super) const STEM: &str = "retrieval_examples";
 /// Thumbnail side, cell width, row height, caption column width, title band.
 const THUMB: u32 = 72;
 const CELL: u32 = 110;
-const ROW: u32 = 118;
+const ROW: u32 = 134;
 const LEFT: u32 = 300;
 const TOP: u32 = 56;
 /// Characters of a caption shown (an ellipsis marks a cut).
 const CAPTION_CHARS: usize = 34;
+/// Characters of an image id shown under its thumbnail.
+const ID_CHARS: usize = 13;
 const GREEN: (u8, u8, u8) = (44, 160, 44);
 
 /// Draw the picture for the best group (the first run with
@@ -87,7 +89,9 @@ struct Row {
 }
 
 struct Cell {
+    /// `rank. id` (a long id cut).
     label: String,
+    score: String,
     own: bool,
     /// `THUMB x THUMB` RGB, composited on white; `None`: no readable file.
     pixels: Option<Vec<u8>>,
@@ -96,12 +100,7 @@ struct Cell {
 impl Row {
     fn new(q: &QueryExample) -> Row {
         let text = q.caption.clone().unwrap_or_else(|| q.caption_id.clone());
-        let caption = if text.chars().count() > CAPTION_CHARS {
-            let head: String = text.chars().take(CAPTION_CHARS - 1).collect();
-            format!("\"{head}…\"")
-        } else {
-            format!("\"{text}\"")
-        };
+        let caption = format!("\"{}\"", cut(&text, CAPTION_CHARS));
         Row {
             caption,
             note: format!("own image {}: rank {}", q.image_id, q.rank),
@@ -109,12 +108,23 @@ impl Row {
                 .top
                 .iter()
                 .map(|h| Cell {
-                    label: format!("{}. {} {:.2}", h.rank, h.id, h.score),
+                    label: format!("{}. {}", h.rank, cut(&h.id, ID_CHARS)),
+                    score: format!("{:.3}", h.score),
                     own: h.id == q.image_id,
                     pixels: h.image.as_deref().and_then(thumbnail),
                 })
                 .collect(),
         }
+    }
+}
+
+/// `text` cut to `n` characters, an ellipsis marking a cut.
+fn cut(text: &str, n: usize) -> String {
+    if text.chars().count() > n {
+        let head: String = text.chars().take(n - 1).collect();
+        format!("{head}…")
+    } else {
+        text.to_string()
     }
 }
 
@@ -190,8 +200,14 @@ fn draw_png(out: &Path, size: (u32, u32), title: &str, rows: &[Row]) -> Result<P
                 .map_err(e)?;
                 root.draw(&Text::new(
                     c.label.clone(),
-                    (x - 14, ty + t + 20),
+                    (x - 14, ty + t + 8),
                     font(12.0),
+                ))
+                .map_err(e)?;
+                root.draw(&Text::new(
+                    c.score.clone(),
+                    (x - 14, ty + t + 24),
+                    font(12.0).color(&RGBColor(90, 90, 90)),
                 ))
                 .map_err(e)?;
             }
@@ -273,8 +289,15 @@ fn svg_text((w, h): (u32, u32), title: &str, rows: &[Row]) -> String {
                 s,
                 r#"<text x="{}" y="{}" font-size="12">{}</text>"#,
                 x - 14,
-                ty + THUMB as i32 + 24,
+                ty + THUMB as i32 + 20,
                 xml(&c.label)
+            );
+            let _ = writeln!(
+                s,
+                r##"<text x="{}" y="{}" font-size="12" fill="#5a5a5a">{}</text>"##,
+                x - 14,
+                ty + THUMB as i32 + 36,
+                xml(&c.score)
             );
         }
     }
