@@ -3,4 +3,4 @@
 //! and pictures (learning curves, SHERL layer weights).
 
 pub mod runs;
-pub use runs::{report, setting_text, GroupRow, Report, ReportOptions, Stat};
+pub use runs::{report, setting_text, GroupRow, Report, ReportOptions, RetrievalGroupRow, Stat};

@@ -391,15 +391,15 @@ use crate::common::tiny::{tiny_backbone, Rng, TinyConfig};
 use crate::vit::write_tiny_vit_backbone;
 use sherl::data::paired::Pair;
 
-struct RetrievalFixture {
+pub(crate) struct RetrievalFixture {
     _tmp: tempfile::TempDir,
-    root: std::path::PathBuf,
+    pub(crate) root: std::path::PathBuf,
 }
 
 /// 24 pairs (16 train, 4 valid, 4 test): image i is a seeded noisy PNG
 /// whose colour depends on i; its two captions name word i (and a second
 /// word). Both caches are extracted with every layer.
-fn retrieval_fixture() -> RetrievalFixture {
+pub(crate) fn retrieval_fixture() -> RetrievalFixture {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     write_tiny_vit_backbone(&root.join("vit"));
@@ -639,6 +639,63 @@ fn retrieval_towers_take_other_methods_and_the_hinge() {
     assert_eq!(s["text_trainable_params"], (32 + 1) * 16);
 }
 
+/// `--image-method full-ft`: every ViT block trained from the cached
+/// hidden_states.0 (nothing of the image backbone frozen), the projection
+/// on top; one block more than `late-layer` (K = 1) trains, so
+/// full-ft = head + 2 blocks and late-layer = head + 1 block. The loss
+/// falls and a seeded run repeats its weights.
+#[test]
+fn retrieval_image_tower_full_ft_trains_every_vit_block() {
+    let f = retrieval_fixture();
+    let run = |im: &str, tm: &str, out: &str| {
+        last_json(&fit_retrieval(
+            &f,
+            &[
+                "--epochs",
+                "4",
+                "--lr",
+                "0.003",
+                "--warmup",
+                "0",
+                "--image-method",
+                im,
+                "--text-method",
+                tm,
+                "--out",
+                out,
+            ],
+        ))
+    };
+    let s = run("full-ft", "full-ft", "runs");
+    assert_eq!(s["method"], "full-ft+full-ft");
+    let cfg: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            f.root
+                .join(s["run_dir"].as_str().unwrap())
+                .join("config.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["image_cache"]["inputs"], serde_json::json!([0]));
+    assert_eq!(cfg["image_cache"]["frozen_params"], 0);
+    let head = (8 + 1) * 16;
+    let late = run("late-layer", "linear-probe", "runs")["image_trainable_params"]
+        .as_u64()
+        .unwrap();
+    let block = late - head;
+    assert!(block > 0);
+    assert_eq!(
+        s["image_trainable_params"].as_u64().unwrap(),
+        head + 2 * block
+    );
+    let m = metrics(&f, &s);
+    let loss = |i: usize| m[i]["train_loss"].as_f64().unwrap();
+    assert!(loss(3) < loss(0), "the loss falls: {m:?}");
+    let again = run("full-ft", "full-ft", "runs2");
+    assert_eq!(again["weights_sha256"], s["weights_sha256"]);
+}
+
 #[test]
 fn retrieval_run_refuses_bad_input_before_writing() {
     let f = retrieval_fixture();
@@ -843,5 +900,241 @@ fn cross_style_test_split_gets_rasterised_openmoji_drawings() {
     assert!(
         e.contains(&format!("{}.svg", test_ids[1])) && e.contains("not a usable SVG"),
         "{e}"
+    );
+}
+
+// ---- sherl-fit search ----
+
+fn search(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "search",
+        "--image-backbone",
+        "vit",
+        "--text-backbone",
+        "bert",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+    ];
+    a.extend_from_slice(extra);
+    common::run("sherl-fit", &a, &f.root, &[])
+}
+
+fn hits(o: &std::process::Output) -> Vec<serde_json::Value> {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        common::stderr(o)
+    );
+    common::stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+fn search_fails(f: &RetrievalFixture, extra: &[&str], want: &[&str]) {
+    let o = search(f, extra);
+    assert!(!o.status.success(), "{extra:?} succeeded");
+    let e = common::stderr(&o);
+    for w in want {
+        assert!(e.contains(w), "{extra:?}: {w:?} not in {e}");
+    }
+}
+
+/// A text query ranks the split's images, an image query its captions,
+/// both through the backbones' ONNX models and the trained towers. The
+/// query side is computed from the raw input and the gallery side from the
+/// cache, so the score of (caption c, image i) from `--text c` equals the
+/// score of the same pair from `--image i`: the two paths agree only if
+/// both reproduce the cached features. Output shape, order, `--k`,
+/// `--split`, `--out` and determinism.
+#[test]
+fn search_ranks_a_split_with_the_trained_towers() {
+    let f = retrieval_fixture();
+    let s = last_json(&fit_retrieval(
+        &f,
+        &["--epochs", "3", "--lr", "0.01", "--warmup", "0"],
+    ));
+    let run = s["run_dir"].as_str().unwrap().to_string();
+    // The test split holds pairs 5, 11, 17, 23; p5's captions are "w15"
+    // and "w15 w50".
+    let h = hits(&search(&f, &["--run", &run, "--text", "w15 w50"]));
+    assert_eq!(h.len(), 4, "k 5, but only 4 test images: {h:?}");
+    let ids: std::collections::BTreeSet<&str> =
+        h.iter().map(|x| x["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["p11", "p17", "p23", "p5"].into_iter().collect());
+    for (i, x) in h.iter().enumerate() {
+        assert_eq!(x["rank"], i + 1);
+        let score = x["score"].as_f64().unwrap();
+        assert!((-1.0001..=1.0001).contains(&score), "{x}");
+        if i > 0 {
+            assert!(h[i - 1]["score"].as_f64().unwrap() >= score, "{h:?}");
+        }
+        // the image file from the table the cache was extracted from
+        let n = x["id"].as_str().unwrap().trim_start_matches('p');
+        assert!(
+            x["image"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("png/{n}.png")),
+            "{x}"
+        );
+        assert!(x.get("caption").is_none());
+    }
+    // Deterministic, and --k cuts the same list.
+    assert_eq!(hits(&search(&f, &["--run", &run, "--text", "w15 w50"])), h);
+    let h2 = hits(&search(
+        &f,
+        &["--run", &run, "--text", "w15 w50", "--k", "2"],
+    ));
+    assert_eq!(h2[..], h[..2]);
+
+    // An image query: the test split's 8 captions.
+    let hi = hits(&search(
+        &f,
+        &["--run", &run, "--image", "png/5.png", "--k", "20"],
+    ));
+    assert_eq!(hi.len(), 8);
+    for x in &hi {
+        let id = x["id"].as_str().unwrap();
+        let (pair, k) = id.split_once('#').unwrap();
+        assert_eq!(x["pair"], pair);
+        let n: usize = pair[1..].parse().unwrap();
+        let want = if k == "0" {
+            format!("w{}", 10 + n)
+        } else {
+            format!("w{} w{}", 10 + n, 50 + n % 5)
+        };
+        assert_eq!(x["caption"], want.as_str(), "{x}");
+    }
+    // The pair (p5#1 = "w15 w50", image p5) scored both ways.
+    let by_text = h.iter().find(|x| x["id"] == "p5").unwrap()["score"]
+        .as_f64()
+        .unwrap();
+    let by_image = hi.iter().find(|x| x["id"] == "p5#1").unwrap()["score"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        (by_text - by_image).abs() < 1e-4,
+        "text query {by_text} vs image query {by_image}"
+    );
+    // --split valid: its 4 images; --out writes the JSONL there and a
+    // summary line to stdout.
+    let o = search(
+        &f,
+        &[
+            "--run",
+            &run,
+            "--text",
+            "w14",
+            "--split",
+            "valid",
+            "--out",
+            "hits.jsonl",
+        ],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let summary: serde_json::Value =
+        serde_json::from_str(common::stdout(&o).lines().last().unwrap()).unwrap();
+    assert_eq!(summary["hits"], 4);
+    let written = std::fs::read_to_string(f.root.join("hits.jsonl")).unwrap();
+    let valid_ids: std::collections::BTreeSet<String> = written
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        valid_ids,
+        ["p10", "p16", "p22", "p4"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+
+    // Refusals, each naming what is wrong.
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x", "--split", "nope"],
+        &["--split nope", "test, train, valid"],
+    );
+    search_fails(&f, &["--run", &run, "--text", "x", "--k", "0"], &["--k 0"]);
+    search_fails(&f, &["--run", &run, "--text", "  "], &["empty"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--image", "png/none.png"],
+        &["png/none.png", "not found"],
+    );
+    search_fails(&f, &["--run", &run], &["--text"]);
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x", "--image", "png/5.png"],
+        &["cannot be used with"],
+    );
+    // backbones swapped
+    let o = common::run(
+        "sherl-fit",
+        &[
+            "search",
+            "--run",
+            &run,
+            "--text",
+            "x",
+            "--image-backbone",
+            "bert",
+            "--text-backbone",
+            "vit",
+            "--device",
+            "cpu",
+        ],
+        &f.root,
+        &[],
+    );
+    assert!(!o.status.success());
+    // not a retrieval run
+    std::fs::create_dir_all(f.root.join("cls")).unwrap();
+    std::fs::write(
+        f.root.join("cls/config.json"),
+        r#"{"run_id": "x", "config": {}}"#,
+    )
+    .unwrap();
+    search_fails(
+        &f,
+        &["--run", "cls", "--text", "x"],
+        &["not a retrieval run", "sherl-fit predict"],
+    );
+    // the caption cache moved
+    std::fs::rename(f.root.join("txt"), f.root.join("txt-moved")).unwrap();
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x"],
+        &["caption cache txt", "cannot be opened"],
+    );
+    std::fs::rename(f.root.join("txt-moved"), f.root.join("txt")).unwrap();
+    // another cache in the image cache's place
+    std::fs::rename(f.root.join("img"), f.root.join("img-moved")).unwrap();
+    std::os::unix::fs::symlink(f.root.join("txt"), f.root.join("img")).unwrap();
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x"],
+        &["img is not the image cache the run was trained on"],
+    );
+    std::fs::remove_file(f.root.join("img")).unwrap();
+    std::fs::rename(f.root.join("img-moved"), f.root.join("img")).unwrap();
+    // changed weights
+    let w = f.root.join(&run).join("weights.safetensors");
+    let mut bytes = std::fs::read(&w).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&w, bytes).unwrap();
+    search_fails(
+        &f,
+        &["--run", &run, "--text", "x"],
+        &["weights.safetensors", "differs"],
     );
 }

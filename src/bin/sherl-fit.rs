@@ -77,16 +77,74 @@ enum Command {
     /// Runtime, then the trained modules); writes JSONL.
     #[cfg(feature = "extract")]
     Predict(Box<PredictArgs>),
+    /// Query a trained retrieval run: the top K images of a split for
+    /// --text, or the top K captions for --image; one JSON line per hit
+    /// (rank, id, score, image file or caption).
+    #[cfg(feature = "extract")]
+    Search(Box<SearchArgs>),
+}
+
+#[cfg(feature = "extract")]
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("query").required(true).args(["text", "image"])))]
+struct SearchArgs {
+    /// Retrieval run directory (RUNS/<run id>); its caches must be where
+    /// the run recorded them.
+    #[arg(long)]
+    run: PathBuf,
+    /// A text query: the hits are the split's images.
+    #[arg(long)]
+    text: Option<String>,
+    /// An image file as the query: the hits are the split's captions.
+    #[arg(long, value_name = "FILE")]
+    image: Option<PathBuf>,
+    /// Hits to return.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    /// The split whose cached examples are searched.
+    #[arg(long, default_value = "test")]
+    split: String,
+    /// Image backbone directory the run's image cache was made from.
+    #[arg(long)]
+    image_backbone: PathBuf,
+    /// Text backbone directory the run's caption cache was made from.
+    #[arg(long)]
+    text_backbone: PathBuf,
+    /// Write the hits (JSONL) here instead of stdout.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Matrix kernel of the fused CPU ops (as for `run`).
+    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
+    blas: String,
+    #[command(flatten)]
+    runtime: sherl::cli::RuntimeArgs,
 }
 
 #[derive(Debug, clap::Args)]
 struct SweepArgs {
-    /// Feature cache.
+    /// Feature cache (classification).
     #[arg(long)]
-    cache: PathBuf,
-    /// Backbone directory the cache was made from.
+    cache: Option<PathBuf>,
+    /// Backbone directory the cache was made from (classification).
     #[arg(long)]
-    backbone: PathBuf,
+    backbone: Option<PathBuf>,
+    /// classification (--cache, --backbone) or retrieval (--image-cache,
+    /// --text-cache, --image-backbone, --text-backbone; the grid may also
+    /// set image_method, text_method, joint_dim, loss, margin).
+    #[arg(long, value_enum, default_value_t = Task::Classification)]
+    task: Task,
+    /// Retrieval: the image cache.
+    #[arg(long)]
+    image_cache: Option<PathBuf>,
+    /// Retrieval: the caption cache.
+    #[arg(long)]
+    text_cache: Option<PathBuf>,
+    /// Retrieval: the image backbone the image cache was made from.
+    #[arg(long)]
+    image_backbone: Option<PathBuf>,
+    /// Retrieval: the text backbone the caption cache was made from.
+    #[arg(long)]
+    text_backbone: Option<PathBuf>,
     /// Grid file (JSON): option names -> lists of values, or {"runs": [...]}.
     #[arg(long)]
     grid: PathBuf,
@@ -258,6 +316,8 @@ fn main() -> ExitCode {
             Command::Run(a) => run(*a, &args.output),
             #[cfg(feature = "extract")]
             Command::Predict(a) => predict(*a),
+            #[cfg(feature = "extract")]
+            Command::Search(a) => search(*a),
             Command::Sweep(a) => sweep(*a),
             Command::Report { runs, out } => report(runs, out),
             Command::Pairs {
@@ -432,6 +492,50 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+#[cfg(feature = "extract")]
+fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
+    use sherl::fit::predict::search;
+    use sherl::fit::retrieval::search::{hit_line, summary, Query, SearchPlan};
+    use std::io::Write;
+    init_blas(&a.blas)?;
+    let rt = sherl::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
+    let query = match (a.text.clone(), a.image.clone()) {
+        (Some(t), None) => Query::Text(t),
+        (None, Some(i)) => Query::Image(i),
+        _ => anyhow::bail!("give exactly one of --text and --image"),
+    };
+    let plan = SearchPlan {
+        run: a.run.clone(),
+        image_backbone: a.image_backbone.clone(),
+        text_backbone: a.text_backbone.clone(),
+        query,
+        k: a.k,
+        split: a.split.clone(),
+    };
+    let hits = search(rt, &plan, &a.runtime.session_config())?;
+    match &a.out {
+        Some(p) => {
+            let mut f = std::io::BufWriter::new(
+                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+            );
+            for h in &hits {
+                writeln!(f, "{}", hit_line(h))
+                    .with_context(|| format!("writing {}", p.display()))?;
+            }
+            f.flush()
+                .with_context(|| format!("writing {}", p.display()))?;
+            print_line(&summary(&plan, &hits).to_string())?;
+        }
+        None => {
+            for h in &hits {
+                print_line(&hit_line(h))?;
+            }
+            tracing::info!("{}", summary(&plan, &hits));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Sweep progress on stderr, results on stdout (one JSON line per run).
 struct SweepLines;
 
@@ -483,9 +587,43 @@ impl sherl::fit::sweep::SweepReporter for SweepLines {
 }
 
 fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
+    use sherl::fit::sweep::SweepInputs;
+    let retrieval_given = a.image_cache.is_some()
+        || a.text_cache.is_some()
+        || a.image_backbone.is_some()
+        || a.text_backbone.is_some();
+    let inputs = match a.task {
+        Task::Classification => {
+            if retrieval_given {
+                anyhow::bail!("--image-cache, --text-cache, --image-backbone and --text-backbone belong to --task retrieval");
+            }
+            let (Some(cache), Some(backbone)) = (a.cache.clone(), a.backbone.clone()) else {
+                anyhow::bail!("sherl-fit sweep needs --cache and --backbone (or --task retrieval with --image-cache, --text-cache, --image-backbone and --text-backbone)");
+            };
+            SweepInputs::Classification { cache, backbone }
+        }
+        Task::Retrieval => {
+            if a.cache.is_some() || a.backbone.is_some() {
+                anyhow::bail!("--task retrieval reads --image-cache and --text-cache (with --image-backbone and --text-backbone), not --cache and --backbone");
+            }
+            let (Some(image_cache), Some(text_cache), Some(image_backbone), Some(text_backbone)) = (
+                a.image_cache.clone(),
+                a.text_cache.clone(),
+                a.image_backbone.clone(),
+                a.text_backbone.clone(),
+            ) else {
+                anyhow::bail!("--task retrieval needs --image-cache, --text-cache, --image-backbone and --text-backbone");
+            };
+            SweepInputs::Retrieval {
+                image_cache,
+                text_cache,
+                image_backbone,
+                text_backbone,
+            }
+        }
+    };
     let plan = sherl::fit::sweep::SweepPlan {
-        cache: a.cache.clone(),
-        backbone: a.backbone.clone(),
+        inputs,
         grid: a.grid.clone(),
         out: a.out.clone(),
         jobs: a.jobs,

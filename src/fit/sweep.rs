@@ -9,6 +9,10 @@
 //! numbered in a deterministic order (axes sorted by name, last axis
 //! fastest), so `--worker I/M` partitions are stable across machines.
 //!
+//! A retrieval sweep (`--task retrieval`, two caches) takes the same grid
+//! plus each tower's `image_method`/`text_method`, `joint_dim`, `loss` and
+//! `margin` ([`expand_retrieval`]).
+//!
 //! About 490 lines of code plus the grid-expansion tests: the grid, the
 //! worker partition and the process pool that runs it.
 
@@ -16,6 +20,7 @@ use serde_json::{Map, Value};
 
 use super::config::FitConfig;
 use super::error::FitError;
+use super::retrieval::config::RetrievalConfig;
 use crate::{Error, Result};
 
 fn normalise(key: &str) -> String {
@@ -59,6 +64,56 @@ fn to_config(settings: &Map<String, Value>) -> Result<FitConfig> {
 
 /// Expand a grid into run settings, in a deterministic order.
 pub fn expand(grid: &Value) -> Result<Vec<FitConfig>> {
+    let mut out: Vec<FitConfig> = Vec::new();
+    for s in &expand_settings(grid)? {
+        let c = to_config(s)?;
+        if !out.contains(&c) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// The settings of a retrieval run that are not [`FitConfig`]'s: each
+/// tower's method, the joint width, the loss and its margin.
+const RETRIEVAL_KEYS: [&str; 5] = ["image_method", "text_method", "joint_dim", "loss", "margin"];
+
+/// Expand a grid of retrieval runs (`sherl-fit sweep --task retrieval`):
+/// as [`expand`], and each run's `image_method`, `text_method`,
+/// `joint_dim`, `loss` and `margin` (defaults of `sherl-fit run --task
+/// retrieval` where not set) go to its [`RetrievalConfig`]. `method` is
+/// refused: each tower has its own.
+pub fn expand_retrieval(grid: &Value) -> Result<Vec<(FitConfig, RetrievalConfig)>> {
+    let mut out: Vec<(FitConfig, RetrievalConfig)> = Vec::new();
+    for s in &expand_settings(grid)? {
+        if s.contains_key("method") {
+            return Err(FitError::grid(
+                "a retrieval grid sets image_method and text_method (one per tower), not method",
+            ));
+        }
+        let (mut fit, mut retrieval) = (Map::new(), Map::new());
+        for (k, v) in s {
+            if RETRIEVAL_KEYS.contains(&k.as_str()) {
+                retrieval.insert(k.clone(), v.clone());
+            } else {
+                fit.insert(k.clone(), v.clone());
+            }
+        }
+        let shown = || Value::Object(s.clone());
+        let rc: RetrievalConfig = serde_json::from_value(Value::Object(retrieval))
+            .map_err(|e| FitError::grid(format!("{e} (settings {})", shown())))?;
+        rc.validate()
+            .map_err(|m| FitError::grid(format!("{m} (settings {})", shown())))?;
+        let pair = (to_config(&fit)?, rc);
+        if !out.contains(&pair) {
+            out.push(pair);
+        }
+    }
+    Ok(out)
+}
+
+/// The grid's settings objects (keys normalised), in a deterministic order.
+fn expand_settings(grid: &Value) -> Result<Vec<Map<String, Value>>> {
     let obj = grid
         .as_object()
         .ok_or_else(|| FitError::grid("the file must hold a JSON object"))?;
@@ -128,14 +183,7 @@ pub fn expand(grid: &Value) -> Result<Vec<FitConfig>> {
     if settings.is_empty() {
         return Err(FitError::grid("no runs"));
     }
-    let mut out: Vec<FitConfig> = Vec::with_capacity(settings.len());
-    for s in &settings {
-        let c = to_config(s)?;
-        if !out.contains(&c) {
-            out.push(c);
-        }
-    }
-    Ok(out)
+    Ok(settings)
 }
 
 /// Indices of the runs worker `index` of `count` takes: every `count`-th
@@ -196,10 +244,8 @@ pub fn exit_with_parent() {
 /// What a sweep does.
 #[derive(Debug, Clone)]
 pub struct SweepPlan {
-    /// Feature cache.
-    pub cache: std::path::PathBuf,
-    /// Backbone directory.
-    pub backbone: std::path::PathBuf,
+    /// The cache(s) every run trains on.
+    pub inputs: SweepInputs,
     /// Grid file.
     pub grid: std::path::PathBuf,
     /// Directory of run directories.
@@ -218,6 +264,57 @@ pub struct SweepPlan {
     pub exe: std::path::PathBuf,
 }
 
+/// What every run of a sweep trains on.
+#[derive(Debug, Clone)]
+pub enum SweepInputs {
+    /// One cache and its backbone (`--task classification`).
+    Classification {
+        /// Feature cache.
+        cache: std::path::PathBuf,
+        /// Backbone directory.
+        backbone: std::path::PathBuf,
+    },
+    /// An image cache and a caption cache with their backbones (`--task
+    /// retrieval`).
+    Retrieval {
+        /// Image cache.
+        image_cache: std::path::PathBuf,
+        /// Caption cache.
+        text_cache: std::path::PathBuf,
+        /// Image backbone directory.
+        image_backbone: std::path::PathBuf,
+        /// Text backbone directory.
+        text_backbone: std::path::PathBuf,
+    },
+}
+
+impl SweepInputs {
+    /// The `sherl-fit run` arguments naming the inputs.
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        let pairs: Vec<(&str, &std::path::Path)> = match self {
+            SweepInputs::Classification { cache, backbone } => {
+                vec![("--cache", cache), ("--backbone", backbone)]
+            }
+            SweepInputs::Retrieval {
+                image_cache,
+                text_cache,
+                image_backbone,
+                text_backbone,
+            } => vec![
+                ("--task", std::path::Path::new("retrieval")),
+                ("--image-cache", image_cache),
+                ("--text-cache", text_cache),
+                ("--image-backbone", image_backbone),
+                ("--text-backbone", text_backbone),
+            ],
+        };
+        pairs
+            .into_iter()
+            .flat_map(|(flag, path)| [flag.into(), path.as_os_str().to_owned()])
+            .collect()
+    }
+}
+
 /// One run of the grid, as planned.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PlannedRun {
@@ -225,8 +322,32 @@ pub struct PlannedRun {
     pub index: usize,
     /// Run id (directory name under `out`).
     pub run_id: String,
-    /// Settings.
+    /// Settings (of a retrieval run: the shared ones; its `method` unused).
     pub config: FitConfig,
+    /// A retrieval run's towers, joint width and loss.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrieval: Option<RetrievalConfig>,
+}
+
+impl PlannedRun {
+    /// The `sherl-fit run` flags of a retrieval run's own settings.
+    fn retrieval_args(&self) -> Vec<String> {
+        let Some(rc) = &self.retrieval else {
+            return Vec::new();
+        };
+        vec![
+            "--image-method".into(),
+            rc.image_method.name().into(),
+            "--text-method".into(),
+            rc.text_method.name().into(),
+            "--joint-dim".into(),
+            rc.joint_dim.to_string(),
+            "--loss".into(),
+            rc.loss.name().into(),
+            "--margin".into(),
+            rc.margin.to_string(),
+        ]
+    }
 }
 
 /// Expand the grid file for this worker (nothing is written).
@@ -236,25 +357,56 @@ pub fn plan_runs(plan: &SweepPlan) -> Result<Vec<PlannedRun>> {
         path: plan.grid.clone(),
         source: e,
     })?;
-    let runs = expand(&grid).map_err(|e| match e {
+    let in_file = |e: Error| match e {
         Error::Fit(source) => FitError::GridFile {
             path: plan.grid.clone(),
             source: Box::new(source),
         }
         .into(),
         other => other,
-    })?;
-    let manifest =
-        crate::cache::Manifest::read(&plan.cache.join(crate::cache::manifest::MANIFEST))?;
+    };
+    let hash = |cache: &std::path::Path| -> Result<String> {
+        Ok(
+            crate::cache::Manifest::read(&cache.join(crate::cache::manifest::MANIFEST))?
+                .settings_hash,
+        )
+    };
     let (wi, wm) = plan.worker;
-    Ok(partition(runs.len(), wi, wm)
-        .into_iter()
-        .map(|k| PlannedRun {
-            index: k,
-            run_id: runs[k].run_id(&manifest.settings_hash),
-            config: runs[k].clone(),
-        })
-        .collect())
+    match &plan.inputs {
+        SweepInputs::Classification { cache, .. } => {
+            let runs = expand(&grid).map_err(in_file)?;
+            let h = hash(cache)?;
+            Ok(partition(runs.len(), wi, wm)
+                .into_iter()
+                .map(|k| PlannedRun {
+                    index: k,
+                    run_id: runs[k].run_id(&h),
+                    config: runs[k].clone(),
+                    retrieval: None,
+                })
+                .collect())
+        }
+        SweepInputs::Retrieval {
+            image_cache,
+            text_cache,
+            ..
+        } => {
+            let runs = expand_retrieval(&grid).map_err(in_file)?;
+            let (ih, th) = (hash(image_cache)?, hash(text_cache)?);
+            Ok(partition(runs.len(), wi, wm)
+                .into_iter()
+                .map(|k| {
+                    let (cfg, rc) = &runs[k];
+                    PlannedRun {
+                        index: k,
+                        run_id: rc.run_id(cfg, &ih, &th),
+                        config: cfg.clone(),
+                        retrieval: Some(rc.clone()),
+                    }
+                })
+                .collect())
+        }
+    }
 }
 
 /// What happened in a sweep.
@@ -358,8 +510,8 @@ pub fn run_sweep(
             std::process::Command::new(&plan.exe)
                 .arg("--no-progress")
                 .arg("run")
-                .args(["--cache".as_ref(), plan.cache.as_os_str()])
-                .args(["--backbone".as_ref(), plan.backbone.as_os_str()])
+                .args(plan.inputs.args())
+                .args(r.retrieval_args())
                 .args(["--out".as_ref(), plan.out.as_os_str()])
                 .args(["--config".as_ref(), file.as_os_str()])
                 .args(["--device", &plan.device])
@@ -556,6 +708,44 @@ mod tests {
         let runs =
             expand(&serde_json::json!({"grad-clip": 1.0, "runs": [{"grad_clip": 0.5}]})).unwrap();
         assert_eq!(runs[0].grad_clip, 0.5);
+    }
+
+    #[test]
+    fn retrieval_grid_splits_tower_settings_from_shared_ones() {
+        use crate::fit::retrieval::loss::Loss;
+        let g = serde_json::json!({
+            "image-method": ["sherl", "full-ft"],
+            "text_method": "linear-probe",
+            "loss": ["infonce", "hinge"],
+            "joint-dim": 32,
+            "lr": 0.01,
+            "seed": [0, 1]
+        });
+        let runs = expand_retrieval(&g).unwrap();
+        assert_eq!(runs.len(), 8);
+        // axes sorted by name (image_method, loss, seed), last fastest
+        assert_eq!(runs[0].1.image_method, Method::Sherl);
+        assert_eq!((runs[0].1.loss, runs[0].0.seed), (Loss::Infonce, 0));
+        assert_eq!((runs[3].1.loss, runs[3].0.seed), (Loss::Hinge, 1));
+        assert_eq!(runs[4].1.image_method, Method::FullFt);
+        assert!(runs.iter().all(|(c, r)| c.lr == 0.01
+            && r.joint_dim == 32
+            && r.text_method == Method::LinearProbe
+            && r.margin == RetrievalConfig::default().margin));
+        let e = expand_retrieval(&serde_json::json!({"method": ["sherl"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not method"), "{e}");
+        let e = expand_retrieval(&serde_json::json!({"joint_dim": [0]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--joint-dim 0"), "{e}");
+        let e = expand_retrieval(&serde_json::json!({"image_method": ["nope"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope"), "{e}");
+        // A classification grid does not know the towers.
+        assert!(expand(&serde_json::json!({"image_method": ["sherl"]})).is_err());
     }
 
     #[test]

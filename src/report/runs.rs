@@ -17,6 +17,12 @@
 //!   bar per `sherl` group with ± sample std error bars; only when some run
 //!   has them.
 //!
+//! Retrieval runs (`--task retrieval`) get their own table in `report.md`
+//! (Recall@1/5/10 both ways, rsum, trainable parameters, peak memory,
+//! seconds per epoch; best first by mean valid rsum) and `retrieval.csv`,
+//! and `retrieval_examples.{png,svg}` shows the best group's text queries
+//! with their top 5 test images (`gallery`).
+//!
 //! Run directories without `summary.json` (running, killed, or failed with
 //! an `error.json`) are listed in [`Report::skipped`] with the reason.
 //! Unknown JSON fields are ignored and missing optional ones are tolerated,
@@ -25,9 +31,13 @@
 //! Here: the report's types, grouping and statistics; `read` reads run
 //! directories, `table` writes the CSV and Markdown, `plot` the pictures.
 
+mod gallery;
 mod plot;
 mod read;
+mod retrieval;
 mod table;
+
+pub use retrieval::RetrievalGroupRow;
 
 use read::{load_run, Run};
 use table::{to_csv, to_markdown};
@@ -163,6 +173,8 @@ pub struct GroupRow {
 pub struct Report {
     /// Groups, best first (mean valid accuracy, ties by test accuracy).
     pub groups: Vec<GroupRow>,
+    /// Retrieval groups, best first (mean valid rsum, ties by test rsum).
+    pub retrieval_groups: Vec<RetrievalGroupRow>,
     /// The Markdown report (also written as `report.md`).
     pub markdown: String,
     /// Files written, in the order written.
@@ -201,14 +213,22 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
     dirs.sort();
 
     let mut runs = Vec::new();
+    let mut retrieval_runs = Vec::new();
     let mut skipped = Vec::new();
     for dir in dirs {
+        if retrieval::is_retrieval(&dir) {
+            match retrieval::load(&dir) {
+                Ok(run) => retrieval_runs.push(run),
+                Err(reason) => skipped.push((dir, reason)),
+            }
+            continue;
+        }
         match load_run(&dir) {
             Ok(run) => runs.push(run),
             Err(reason) => skipped.push((dir, reason)),
         }
     }
-    if runs.is_empty() {
+    if runs.is_empty() && retrieval_runs.is_empty() {
         let first = skipped
             .first()
             .map(|(d, r)| format!(": {}: {r}", d.display()))
@@ -234,8 +254,24 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         })
         .collect();
     let groups = build_groups(runs);
+    let retrieval_groups = retrieval::build(retrieval_runs);
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let mut files = Vec::new();
+
+    let retrieval_csv = opts.out.join("retrieval.csv");
+    let retrieval_md = if retrieval_groups.is_empty() {
+        if retrieval_csv.exists() {
+            std::fs::remove_file(&retrieval_csv).map_err(|e| Error::io(&retrieval_csv, e))?;
+        }
+        String::new()
+    } else {
+        crate::fsutil::write_atomic(
+            &retrieval_csv,
+            &retrieval::to_csv(&retrieval_groups, &retrieval_csv)?,
+        )?;
+        files.push(retrieval_csv);
+        retrieval::markdown(&retrieval_groups)
+    };
 
     let csv_path = opts.out.join("report.csv");
     crate::fsutil::write_atomic(&csv_path, &to_csv(&groups, &csv_path)?)?;
@@ -246,6 +282,7 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         "runs": opts.runs,
         "note": SELECTION_NOTE,
         "groups": groups,
+        "retrieval_groups": retrieval_groups,
         "skipped": skipped
             .iter()
             .map(|(d, r)| json!({ "dir": d, "reason": r }))
@@ -258,8 +295,9 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
     crate::fsutil::write_atomic(&json_path, &bytes)?;
     files.push(json_path);
 
-    let pictures = plot::draw_all(&groups, &opts.out)?;
-    let markdown = to_markdown(opts, &groups, &skipped, &pictures);
+    let mut pictures = plot::draw_all(&groups, &opts.out)?;
+    pictures.extend(gallery::draw(&retrieval_groups, &opts.runs, &opts.out)?);
+    let markdown = to_markdown(opts, &groups, &retrieval_md, &skipped, &pictures);
     let md_path = opts.out.join("report.md");
     crate::fsutil::write_atomic(&md_path, markdown.as_bytes())?;
     files.push(md_path);
@@ -267,6 +305,7 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
 
     Ok(Report {
         groups,
+        retrieval_groups,
         markdown,
         files,
         skipped,

@@ -160,16 +160,108 @@ pub struct RetrievalSummary {
     pub matmul: Option<String>,
 }
 
+/// `examples.json`: a few text queries of the test split, each with its top
+/// images (`sherl-fit report` draws them).
+pub const EXAMPLES_FILE: &str = "examples.json";
+/// Queries in `examples.json`.
+pub const EXAMPLE_QUERIES: usize = 4;
+/// Images listed per query in `examples.json`.
+pub const EXAMPLE_TOP: usize = 5;
+
+/// One image of a query's top list in `examples.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExampleHit {
+    /// 1-based place in the list (ties in cache order).
+    pub rank: usize,
+    /// Image (pair) id.
+    pub id: String,
+    /// Cosine similarity with the query.
+    pub score: f64,
+    /// The image file, when the table the image cache was extracted from
+    /// is still readable and unchanged.
+    pub image: Option<String>,
+}
+
+/// One text query of `examples.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueryExample {
+    /// Caption id `<pair>#<k>`.
+    pub caption_id: String,
+    /// The caption (from its table, as the image files).
+    pub caption: Option<String>,
+    /// The caption's own image.
+    pub image_id: String,
+    /// Rank of the own image among the split's images, 1-based, counted
+    /// as Recall@K counts it (a tie ranks against it).
+    pub rank: usize,
+    /// The best [`EXAMPLE_TOP`] images.
+    pub top: Vec<ExampleHit>,
+}
+
+/// The first caption of [`EXAMPLE_QUERIES`] images spread evenly over
+/// `pairs`, each with its top images, with the current weights.
+fn query_examples(
+    image: &Tower,
+    text: &Tower,
+    pairs: &SplitPairs,
+    cfg: &FitConfig,
+    dev: &Device,
+    workers: usize,
+) -> Result<Vec<QueryExample>> {
+    let n = pairs.images.len();
+    let q = EXAMPLE_QUERIES.min(n);
+    let owners: Vec<usize> = (0..q).map(|j| j * n / q.max(1)).collect();
+    let caps: Vec<u64> = owners
+        .iter()
+        .map(|&i| pairs.captions[pairs.captions_of[i][0]])
+        .collect();
+    let zi = embed(image, &pairs.images, cfg, dev, workers)?;
+    let zt = embed(text, &caps, cfg, dev, workers)?;
+    let sim: Vec<Vec<f32>> = zt.matmul(&zi.t()?)?.to_vec2()?;
+    let files = super::tables::table_column(&image.cache, "image");
+    let texts = super::tables::table_column(&text.cache, "caption");
+    let cap_ids: HashMap<u64, String> = super::join::entries(&text.cache)?
+        .into_iter()
+        .map(|e| (e.position, e.id))
+        .collect();
+    let mut out = Vec::with_capacity(q);
+    for (j, row) in sim.iter().enumerate() {
+        let own = owners[j];
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let rank = 1 + (0..n).filter(|&i| i != own && row[i] >= row[own]).count();
+        let caption_id = cap_ids.get(&caps[j]).cloned().unwrap_or_default();
+        out.push(QueryExample {
+            caption: texts.get(&caption_id).cloned(),
+            caption_id,
+            image_id: pairs.image_ids[own].clone(),
+            rank,
+            top: order
+                .iter()
+                .take(EXAMPLE_TOP)
+                .enumerate()
+                .map(|(r, &i)| ExampleHit {
+                    rank: r + 1,
+                    id: pairs.image_ids[i].clone(),
+                    score: f64::from(row[i]),
+                    image: files.get(&pairs.image_ids[i]).cloned(),
+                })
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
 /// One tower: its cache, model and the cache positions of its inputs.
-struct Tower {
-    cache: Arc<Cache>,
-    model: Model,
+pub(super) struct Tower {
+    pub(super) cache: Arc<Cache>,
+    pub(super) model: Model,
     positions: Vec<usize>,
-    hidden: usize,
+    pub(super) hidden: usize,
 }
 
 /// Open a cache, check its backbone, build the tower's model.
-fn tower(
+pub(super) fn tower(
     cache: Arc<Cache>,
     backbone: &Path,
     cfg: &FitConfig,
@@ -320,7 +412,7 @@ fn fit_batch(cfg: &FitConfig, len: usize, n: usize) -> usize {
 
 /// The L2-normalised embeddings `[n, J]` of the examples at `positions`
 /// (in that order), evaluation mode.
-fn embed(
+pub(super) fn embed(
     t: &Tower,
     positions: &[u64],
     cfg: &FitConfig,
@@ -376,7 +468,8 @@ fn snapshot(image: &Tower, text: &Tower, log_scale: &Var) -> Result<BTreeMap<Str
     Ok(all)
 }
 
-fn restore(
+/// Put `all` (as [`snapshot`] made it) back into both towers and the log-scale.
+pub(super) fn restore(
     image: &Tower,
     text: &Tower,
     log_scale: &Var,
@@ -464,7 +557,7 @@ pub fn run(plan: &RetrievalPlan, reporter: &dyn FitReporter) -> Result<Retrieval
     if let Some(s) = read_summary(&run_dir)? {
         return Ok(s);
     }
-    for stale in [METRICS_FILE, ERROR_FILE, WEIGHTS_FILE] {
+    for stale in [METRICS_FILE, ERROR_FILE, WEIGHTS_FILE, EXAMPLES_FILE] {
         let p = run_dir.join(stale);
         if p.exists() {
             std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
@@ -745,7 +838,15 @@ fn train_loop(
     restore(image, text, &log_scale, &snap, &weights_path)?;
     let v = evaluate(image, text, valid, cfg, dev, plan.workers)?;
     let t = match test {
-        Some(s) => Some(evaluate(image, text, s, cfg, dev, plan.workers)?),
+        Some(s) => {
+            let r = evaluate(image, text, s, cfg, dev, plan.workers)?;
+            let examples = query_examples(image, text, s, cfg, dev, plan.workers)?;
+            crate::fsutil::write_atomic(
+                &run_dir.join(EXAMPLES_FILE),
+                &serde_json::to_vec_pretty(&examples).expect("examples serialise"),
+            )?;
+            Some(r)
+        }
         None => None,
     };
     let (it, tt) = (

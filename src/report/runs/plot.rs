@@ -63,7 +63,7 @@ pub(super) struct Picture {
 }
 
 /// Register the embedded font under the families plotters asks for (once).
-fn ensure_font() -> Result<()> {
+pub(super) fn ensure_font() -> Result<()> {
     static OK: OnceLock<bool> = OnceLock::new();
     let ok = *OK.get_or_init(|| {
         ["sans-serif", "serif", "monospace"]
@@ -110,7 +110,7 @@ fn truncate_label(label: &str) -> String {
     }
 }
 
-fn draw_error(path: &Path, e: impl std::fmt::Display) -> Error {
+pub(super) fn draw_error(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::io(
         path,
         std::io::Error::other(format!("drawing the picture failed: {e}")),

@@ -49,7 +49,7 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::result::Result
 }
 
 /// Why a directory without `summary.json` is not in the report.
-fn incomplete_reason(dir: &Path) -> String {
+pub(super) fn incomplete_reason(dir: &Path) -> String {
     let error_path = dir.join(ERROR_FILE);
     if error_path.exists() {
         return match read_json::<Value>(&error_path) {

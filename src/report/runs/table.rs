@@ -85,7 +85,7 @@ fn pct(s: Option<&Stat>, seeds: usize) -> String {
 }
 
 /// 1234567 -> `1,234,567`.
-fn thousands(n: u64) -> String {
+pub(super) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -98,7 +98,7 @@ fn thousands(n: u64) -> String {
 }
 
 /// Text safe inside a Markdown table cell.
-fn cell(s: &str) -> String {
+pub(super) fn cell(s: &str) -> String {
     let s = s.replace(['\n', '\r'], " ").replace('|', "\\|");
     if s.is_empty() {
         "-".to_string()
@@ -110,6 +110,7 @@ fn cell(s: &str) -> String {
 pub(super) fn to_markdown(
     opts: &ReportOptions,
     groups: &[GroupRow],
+    retrieval: &str,
     skipped: &[(PathBuf, String)],
     pictures: &[plot::Picture],
 ) -> String {
@@ -117,6 +118,50 @@ pub(super) fn to_markdown(
     let runs: usize = groups.iter().map(|g| g.seeds.len()).sum();
     let mut md = String::new();
     let _ = writeln!(md, "# sherl runs: {}\n", opts.runs.display());
+    if groups.is_empty() {
+        // Retrieval runs only: their own section, below.
+        let _ = writeln!(
+            md,
+            "No classification run; {} run director{} skipped.\n",
+            skipped.len(),
+            if skipped.len() == 1 { "y" } else { "ies" }
+        );
+    } else {
+        classification_tables(&mut md, groups, skipped, runs);
+    }
+    md.push_str(retrieval);
+    if !pictures.is_empty() {
+        md.push_str("## Pictures\n\n");
+        for p in pictures {
+            let _ = writeln!(
+                md,
+                "![{}]({}.png)\n\nSVG: [{}.svg]({}.svg)\n",
+                p.title, p.stem, p.stem, p.stem
+            );
+        }
+    }
+    if !skipped.is_empty() {
+        md.push_str("## Skipped run directories\n\n");
+        for (dir, reason) in skipped {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| dir.display().to_string());
+            let _ = writeln!(md, "- `{name}`: {}", reason.replace(['\n', '\r'], " "));
+        }
+        md.push('\n');
+    }
+    md
+}
+
+/// The classification table and its settings list.
+fn classification_tables(
+    md: &mut String,
+    groups: &[GroupRow],
+    skipped: &[(PathBuf, String)],
+    runs: usize,
+) {
+    use std::fmt::Write as _;
     let _ = writeln!(
         md,
         "{runs} complete run(s) in {} group(s); {} run director{} skipped.\n",
@@ -179,27 +224,4 @@ pub(super) fn to_markdown(
         );
     }
     md.push('\n');
-
-    if !pictures.is_empty() {
-        md.push_str("## Pictures\n\n");
-        for p in pictures {
-            let _ = writeln!(
-                md,
-                "![{}]({}.png)\n\nSVG: [{}.svg]({}.svg)\n",
-                p.title, p.stem, p.stem, p.stem
-            );
-        }
-    }
-    if !skipped.is_empty() {
-        md.push_str("## Skipped run directories\n\n");
-        for (dir, reason) in skipped {
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_else(|| dir.display().to_string());
-            let _ = writeln!(md, "- `{name}`: {}", reason.replace(['\n', '\r'], " "));
-        }
-        md.push('\n');
-    }
-    md
 }
