@@ -551,6 +551,13 @@ fn retrieval_run_learns_is_seeded_and_writes_metrics() {
     assert_eq!(s["method"], "sherl+sherl");
     assert_eq!(s["pairs"]["train"], serde_json::json!([16, 32]));
     assert_eq!(s["pairs"]["test"], serde_json::json!([4, 8]));
+    // Both towers' training memory, counted by sherl-fit's allocator.
+    let tm = &s["train_memory"];
+    let state = tm["trainable_state_bytes"].as_u64().unwrap();
+    let peak = tm["step_peak_bytes"].as_u64().unwrap();
+    assert_eq!(state, 12 * s["trainable_params"].as_u64().unwrap());
+    assert!(peak > 0, "{tm}");
+    assert_eq!(tm["total_bytes"].as_u64().unwrap(), state + peak);
     let m = metrics(&f, &s);
     assert_eq!(m.len(), 4);
     for line in &m {

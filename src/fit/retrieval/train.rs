@@ -158,6 +158,10 @@ pub struct RetrievalSummary {
     /// The fused CPU ops' matrix kernel (CPU only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub matmul: Option<String>,
+    /// Both towers' training memory, counted as for classification
+    /// ([`crate::fit::run_dir::TrainMemory`]); absent when not measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_memory: Option<crate::fit::run_dir::TrainMemory>,
 }
 
 /// `examples.json`: a few text queries of the test split, each with its top
@@ -728,6 +732,7 @@ fn train_loop(
     let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
     let mut weights_sha256 = String::new();
     let mut step = 0usize;
+    let mut step_peak: Option<u64> = None;
     let mut train_seconds = 0.0;
     let mut train_pairs = 0usize;
     let mut image_reader = Reader::new(image, cfg.shuffle_chunks);
@@ -753,6 +758,10 @@ fn train_loop(
                     .collect();
                 let ib = image_reader.batch(&img_pos, image.hidden, dev)?;
                 let tb = text_reader.batch(&cap_pos, text.hidden, dev)?;
+                // The step's own memory, as for classification
+                // (crate::fit::alloc_track).
+                crate::fit::alloc_track::window_start();
+                let counted = crate::fit::alloc_track::track();
                 let zi = image
                     .model
                     .forward(&ib, &mut Mode::Train(&mut dropout_rng))?
@@ -792,6 +801,11 @@ fn train_loop(
                 if let Some(o) = opt_pre.as_mut() {
                     o.set_learning_rate(cfg.lr_pretrained * mult);
                     o.step(&mut grads, clip)?;
+                }
+                drop(grads);
+                drop(counted);
+                if let Some(p) = crate::fit::alloc_track::window_peak() {
+                    step_peak = Some(step_peak.unwrap_or(0).max(p));
                 }
                 step += 1;
                 batches += 1;
@@ -883,5 +897,7 @@ fn train_loop(
         weights_sha256,
         device: crate::fit::device_name(dev),
         matmul: dev.is_cpu().then(crate::fit::nn::gemm::kernel),
+        train_memory: step_peak
+            .map(|p| crate::fit::run_dir::TrainMemory::new(it + tt + usize::from(learn_scale), p)),
     })
 }
