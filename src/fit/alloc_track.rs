@@ -149,6 +149,31 @@ pub fn window_peak() -> Option<u64> {
         .then(|| PEAK.load(Ordering::Relaxed).max(0) as u64)
 }
 
+/// One training step's count, from [`StepWindow::start`] (a new window,
+/// counting on this thread) to [`StepWindow::finish`], which folds the
+/// window's peak into the run's largest; both training loops use it.
+#[derive(Debug)]
+pub struct StepWindow {
+    guard: TrackGuard,
+}
+
+impl StepWindow {
+    /// Start counting the step on this thread.
+    pub fn start() -> Self {
+        window_start();
+        StepWindow { guard: track() }
+    }
+
+    /// Stop counting and raise `largest` to this step's peak (left as it
+    /// is when the tracking allocator is not installed).
+    pub fn finish(self, largest: &mut Option<u64>) {
+        drop(self.guard);
+        if let Some(p) = window_peak() {
+            *largest = Some(largest.unwrap_or(0).max(p));
+        }
+    }
+}
+
 /// Whether the tracking allocator is installed in this process.
 pub fn is_installed() -> bool {
     INSTALLED.load(Ordering::Relaxed)

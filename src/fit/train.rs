@@ -484,8 +484,7 @@ fn train_loop(
             let batch = batch?;
             // The step's own memory: everything allocated from here to the
             // optimiser's update (super::alloc_track).
-            super::alloc_track::window_start();
-            let counted = super::alloc_track::track();
+            let counted = super::alloc_track::StepWindow::start();
             let (loss_v, preds, mut grads) = forward_backward(
                 model,
                 &batch,
@@ -518,10 +517,7 @@ fn train_loop(
                 o.step(&mut grads, clip)?;
             }
             drop(grads);
-            drop(counted);
-            if let Some(p) = super::alloc_track::window_peak() {
-                step_peak = Some(step_peak.unwrap_or(0).max(p));
-            }
+            counted.finish(&mut step_peak);
             step += 1;
             tokens += batch.tokens;
             tally.add(f64::from(loss_v), &preds, &batch.label_vec);

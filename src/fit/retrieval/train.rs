@@ -760,8 +760,7 @@ fn train_loop(
                 let tb = text_reader.batch(&cap_pos, text.hidden, dev)?;
                 // The step's own memory, as for classification
                 // (crate::fit::alloc_track).
-                crate::fit::alloc_track::window_start();
-                let counted = crate::fit::alloc_track::track();
+                let counted = crate::fit::alloc_track::StepWindow::start();
                 let zi = image
                     .model
                     .forward(&ib, &mut Mode::Train(&mut dropout_rng))?
@@ -803,10 +802,7 @@ fn train_loop(
                     o.step(&mut grads, clip)?;
                 }
                 drop(grads);
-                drop(counted);
-                if let Some(p) = crate::fit::alloc_track::window_peak() {
-                    step_peak = Some(step_peak.unwrap_or(0).max(p));
-                }
+                counted.finish(&mut step_peak);
                 step += 1;
                 batches += 1;
                 loss_sum += f64::from(loss_v);
