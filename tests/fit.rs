@@ -211,10 +211,20 @@ pub struct FitFixture {
 
 /// A tiny backbone and a cache made from `csv` (train/valid/test split).
 pub fn fit_fixture(rows: usize, seed: u64, extra_extract: &[&str]) -> FitFixture {
+    fit_fixture_with(&tiny::TinyConfig::default(), rows, seed, extra_extract)
+}
+
+/// [`fit_fixture`] with the tiny backbone `cfg` (e.g. a tiny MPNet).
+pub fn fit_fixture_with(
+    cfg: &tiny::TinyConfig,
+    rows: usize,
+    seed: u64,
+    extra_extract: &[&str],
+) -> FitFixture {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let backbone = root.join("backbone");
-    tiny::tiny_backbone(&backbone, &tiny::TinyConfig::default(), 42);
+    tiny::tiny_backbone(&backbone, cfg, 42);
     tiny::write_dataset(&root.join("data.csv"), rows, 12, 100, seed);
     let mut args = vec![
         "run",

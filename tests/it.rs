@@ -13,6 +13,7 @@ mod hardening;
 mod image_cache;
 mod images;
 mod layers;
+mod mpnet;
 mod peft;
 mod predict;
 mod report;

@@ -26,7 +26,7 @@ const N: usize = 3;
 /// The first `count` cached examples as one padded batch: token ids, and
 /// the hidden states `layers` (cache positions) as the model reads them;
 /// also each example's cached `hidden_states.N` mean over its tokens.
-fn batch(cache: &Cache, count: u64, layers: &[usize]) -> (Batch, Vec<f32>) {
+pub fn batch(cache: &Cache, count: u64, layers: &[usize]) -> (Batch, Vec<f32>) {
     let hidden = cache.manifest().backbone.hidden;
     let last = cache
         .layer_position(N)
@@ -67,14 +67,14 @@ fn batch(cache: &Cache, count: u64, layers: &[usize]) -> (Batch, Vec<f32>) {
     (b, want)
 }
 
-fn open(root: &Path) -> (Cache, sherl::fit::model::Arch, sherl::backbone::Checkpoint) {
+pub fn open(root: &Path) -> (Cache, sherl::fit::model::Arch, sherl::backbone::Checkpoint) {
     let cache = Cache::open(&root.join("cache")).unwrap();
     let (arch, ckpt) =
         check_backbone(&cache, &BackboneDir::open(root.join("backbone")).unwrap()).unwrap();
     (cache, arch, ckpt)
 }
 
-fn build(
+pub fn build(
     cache: &Cache,
     arch: &sherl::fit::model::Arch,
     ckpt: &sherl::backbone::Checkpoint,
@@ -237,7 +237,7 @@ fn lst_reads_every_cached_layer_with_gates_at_one_half() {
     );
 }
 
-fn losses(root: &Path, s: &serde_json::Value) -> Vec<f64> {
+pub fn losses(root: &Path, s: &serde_json::Value) -> Vec<f64> {
     std::fs::read_to_string(
         root.join(s["run_dir"].as_str().unwrap())
             .join("metrics.jsonl"),

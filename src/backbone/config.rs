@@ -19,6 +19,81 @@ pub enum Activation {
     Relu,
 }
 
+/// Which encoder family a `config.json` describes.
+///
+/// Both run the same post-LayerNorm layer (attention, residual, LayerNorm,
+/// FFN, residual, LayerNorm); they differ in names and position handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// BERT: learned absolute positions from 0, token types, attention
+    /// weights under `attention.self.{query,key,value}`.
+    Bert,
+    /// MPNet (`model_type` "mpnet", e.g. all-mpnet-base-v2): learned
+    /// absolute positions from `pad_token_id + 1`, no token types, and a
+    /// relative-position bias added to every layer's attention scores from
+    /// one table `encoder.relative_attention_bias.weight` `[buckets, heads]`
+    /// shared by all layers (see [`super::relative`]); attention weights
+    /// under `attention.attn.{q,k,v,o}`, its LayerNorm `attention.LayerNorm`.
+    Mpnet,
+}
+
+/// Where a family keeps a layer's attention weights (under
+/// `encoder.layer.{i}.`); the FFN (`intermediate.dense`, `output.dense`,
+/// `output.LayerNorm`) is named alike in both.
+pub struct LayerNames {
+    /// Query projection.
+    pub query: &'static str,
+    /// Key projection.
+    pub key: &'static str,
+    /// Value projection.
+    pub value: &'static str,
+    /// Attention output projection.
+    pub attn_out: &'static str,
+    /// LayerNorm after attention.
+    pub attn_norm: &'static str,
+}
+
+impl LayerNames {
+    /// The names of `family`.
+    pub fn of(family: Family) -> Self {
+        match family {
+            Family::Bert => LayerNames {
+                query: "attention.self.query",
+                key: "attention.self.key",
+                value: "attention.self.value",
+                attn_out: "attention.output.dense",
+                attn_norm: "attention.output.LayerNorm",
+            },
+            Family::Mpnet => LayerNames {
+                query: "attention.attn.q",
+                key: "attention.attn.k",
+                value: "attention.attn.v",
+                attn_out: "attention.attn.o",
+                attn_norm: "attention.LayerNorm",
+            },
+        }
+    }
+
+    /// The checkpoint name (under the layer's prefix) of the BERT-named
+    /// tensor `bert` (e.g. `attention.self.query.weight`) in this family.
+    pub fn map(&self, bert: &str) -> String {
+        let b = LayerNames::of(Family::Bert);
+        for (from, to) in [
+            (b.query, self.query),
+            (b.key, self.key),
+            (b.value, self.value),
+            (b.attn_out, self.attn_out),
+            (b.attn_norm, self.attn_norm),
+        ] {
+            if let Some(rest) = bert.strip_prefix(from) {
+                return format!("{to}{rest}");
+            }
+        }
+        bert.to_string()
+    }
+}
+
 /// The fields of a Hugging Face BERT `config.json` that define the network.
 ///
 /// Unknown fields are accepted (Hugging Face configs carry many unrelated
@@ -68,6 +143,15 @@ pub struct BertConfig {
     /// ALBERT/ELECTRA-style factorised embeddings are not supported.
     #[serde(default)]
     pub embedding_size: Option<usize>,
+    /// MPNet: number of relative-position buckets (32 in every released
+    /// MPNet); `None` for BERT (cleared when read, so that a BERT
+    /// config's recorded form is what it was before MPNet was supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relative_attention_num_buckets: Option<usize>,
+    /// MPNet: the padding id, whose successor is the first position;
+    /// `None` for BERT (cleared when read, as above).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<usize>,
 }
 
 fn default_act() -> String {
@@ -90,10 +174,20 @@ impl BertConfig {
     /// Read `config.json` and [`validate`](Self::validate) it.
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let cfg: BertConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+        let mut cfg: BertConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             source: e,
         })?;
+        match cfg.family() {
+            // MPNet has no token-type table (the key is absent from its
+            // config; serde's BERT default would claim two)
+            Family::Mpnet => cfg.type_vocab_size = 0,
+            // what BERT does not use is not part of its identity
+            Family::Bert => {
+                cfg.relative_attention_num_buckets = None;
+                cfg.pad_token_id = None;
+            }
+        }
         cfg.validate().map_err(|msg| Error::Backbone {
             path: path.to_path_buf(),
             message: format!("unsupported backbone: {msg}"),
@@ -101,8 +195,56 @@ impl BertConfig {
         Ok(cfg)
     }
 
-    /// Check that this is a plain BERT-shaped encoder sherl computes exactly.
+    /// The encoder family (from `model_type`; BERT when absent).
+    pub fn family(&self) -> Family {
+        match self.model_type.as_deref() {
+            Some(t) if t.eq_ignore_ascii_case("mpnet") => Family::Mpnet,
+            _ => Family::Bert,
+        }
+    }
+
+    /// The position-table row of a sequence's first token: 0 for BERT,
+    /// `pad_token_id + 1` for MPNet (whose position ids count from there).
+    pub fn position_offset(&self) -> usize {
+        match self.family() {
+            Family::Bert => 0,
+            Family::Mpnet => self.pad_token_id.unwrap_or(1) + 1,
+        }
+    }
+
+    /// The longest sequence the position table covers.
+    pub fn max_tokens(&self) -> usize {
+        self.max_position_embeddings
+            .saturating_sub(self.position_offset())
+    }
+
+    /// MPNet's relative-position bucket count (`None` for BERT).
+    pub fn relative_buckets(&self) -> Option<usize> {
+        match self.family() {
+            Family::Bert => None,
+            Family::Mpnet => Some(self.relative_attention_num_buckets.unwrap_or(32)),
+        }
+    }
+
+    /// Check that this is an encoder sherl computes exactly (BERT-shaped,
+    /// or MPNet).
     pub fn validate(&self) -> std::result::Result<(), String> {
+        if let Some(b) = self.relative_buckets() {
+            // HF's bucketing halves the count per direction and then halves
+            // it again for the exact range: fewer than 4 leaves no room
+            if b < 4 || b % 2 != 0 {
+                return Err(format!(
+                    "relative_attention_num_buckets {b} is not supported (MPNet's bucketing needs an even count of at least 4; released MPNets use 32)"
+                ));
+            }
+            if self.max_tokens() == 0 {
+                return Err(format!(
+                    "max_position_embeddings {} leaves no position after the padding offset {}",
+                    self.max_position_embeddings,
+                    self.position_offset()
+                ));
+            }
+        }
         if let Some(t) = &self.model_type {
             let t = t.to_ascii_lowercase();
             if matches!(
@@ -213,5 +355,56 @@ mod tests {
         let mut c = minilm();
         c.num_attention_heads = 7;
         assert!(c.validate().unwrap_err().contains("multiple"));
+    }
+
+    fn mpnet() -> BertConfig {
+        serde_json::from_str(
+            r#"{"architectures":["MPNetForMaskedLM"],"hidden_act":"gelu","hidden_size":768,
+            "intermediate_size":3072,"layer_norm_eps":1e-05,"max_position_embeddings":514,
+            "model_type":"mpnet","num_attention_heads":12,"num_hidden_layers":12,"pad_token_id":1,
+            "relative_attention_num_buckets":32,"vocab_size":30527}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn mpnet_config_is_supported_with_its_positions() {
+        let c = mpnet();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.family(), Family::Mpnet);
+        assert_eq!(c.position_offset(), 2);
+        assert_eq!(c.max_tokens(), 512);
+        assert_eq!(c.relative_buckets(), Some(32));
+        assert_eq!(minilm().family(), Family::Bert);
+        assert_eq!(minilm().max_tokens(), 512);
+        assert_eq!(minilm().relative_buckets(), None);
+        let mut c = mpnet();
+        c.relative_attention_num_buckets = Some(7);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("relative_attention_num_buckets 7"));
+        let mut c = mpnet();
+        c.max_position_embeddings = 2;
+        assert!(c.validate().unwrap_err().contains("no position"));
+    }
+
+    /// A BERT config reads and records as before MPNet's fields existed
+    /// (caches compare the recorded form), and an MPNet's has no token
+    /// types.
+    #[test]
+    fn read_configs_record_only_what_their_family_uses() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        let mut v = serde_json::to_value(minilm()).unwrap();
+        v["pad_token_id"] = serde_json::json!(0);
+        std::fs::write(&p, v.to_string()).unwrap();
+        let read = serde_json::to_value(BertConfig::from_file(&p).unwrap()).unwrap();
+        assert!(read.get("pad_token_id").is_none(), "{read}");
+        assert!(read.get("relative_attention_num_buckets").is_none());
+        std::fs::write(&p, serde_json::to_string(&mpnet()).unwrap()).unwrap();
+        let m = BertConfig::from_file(&p).unwrap();
+        assert_eq!(m.type_vocab_size, 0);
+        assert_eq!(m.pad_token_id, Some(1));
     }
 }

@@ -1,4 +1,4 @@
-//! BERT-family backbones: the on-disk *backbone directory*, its
+//! BERT-family backbones (BERT and MPNet): the on-disk *backbone directory*, its
 //! `config.json`, and its `model.safetensors` checkpoint.
 //!
 //! A backbone directory holds `config.json`, `model.safetensors` and
@@ -11,9 +11,10 @@
 mod checkpoint;
 mod config;
 mod image;
+pub mod relative;
 
 pub use checkpoint::{Checkpoint, VIT_ANCHOR};
-pub use config::{Activation, BertConfig};
+pub use config::{Activation, BertConfig, Family, LayerNames};
 pub use image::ImageBackboneDesc;
 
 use std::path::{Path, PathBuf};

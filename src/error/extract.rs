@@ -17,11 +17,11 @@ pub enum ExtractError {
     #[error("--zstd-level {0} is outside -7..=22")]
     ZstdLevel(i32),
     /// `--max-len` beyond the backbone's position embeddings.
-    #[error("--max-len {max_len} exceeds the backbone's max_position_embeddings {limit}")]
+    #[error("--max-len {max_len} exceeds the {limit} tokens the backbone's position table covers (max_position_embeddings less MPNet's padding offset)")]
     MaxLen {
         /// `--max-len`.
         max_len: usize,
-        /// The backbone's `max_position_embeddings`.
+        /// The longest sequence the backbone's position table covers.
         limit: usize,
     },
     /// `--late-layers` is 0 or more than the backbone has.

@@ -144,12 +144,13 @@ pub fn validate(s: &ExtractSettings) -> Result<()> {
     Ok(())
 }
 
-/// `--max-len` against the backbone's position embeddings.
-pub fn check_max_len(s: &ExtractSettings, max_position_embeddings: usize) -> Result<()> {
-    if s.max_len > max_position_embeddings {
+/// `--max-len` against the longest sequence the backbone's position
+/// embeddings cover ([`crate::backbone::BertConfig::max_tokens`]).
+pub fn check_max_len(s: &ExtractSettings, max_tokens: usize) -> Result<()> {
+    if s.max_len > max_tokens {
         return Err(ExtractError::MaxLen {
             max_len: s.max_len,
-            limit: max_position_embeddings,
+            limit: max_tokens,
         }
         .into());
     }

@@ -101,7 +101,7 @@ pub fn open_backbone(path: &Path, s: &ExtractSettings) -> Result<Backbone> {
         None
     };
     if let Some(c) = &config {
-        plan::check_max_len(s, c.max_position_embeddings)?;
+        plan::check_max_len(s, c.max_tokens())?;
     }
     let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), s.max_len)?;
     Ok(Backbone {

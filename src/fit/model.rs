@@ -49,6 +49,7 @@ use super::nn::embeddings::Embeddings;
 use super::nn::head::Head;
 use super::nn::lora::{LoraLayer, LoraSpec};
 use super::nn::lst::{Lst, LstInit};
+use super::nn::relative::RelativeBias;
 use super::nn::restore_gate::RestoreGate;
 use super::nn::unipt::Unipt;
 use super::nn::vit_layer::{VitLayer, VitLayerConfig};
@@ -273,6 +274,8 @@ pub struct Model {
     inputs: Vec<usize>,
     net: Net,
     head: Head,
+    /// MPNet's relative-position bias (frozen), for the backbone layers.
+    rel: Option<RelativeBias>,
     /// All parameters.
     pub params: Params,
 }
@@ -488,11 +491,16 @@ impl Model {
             }
         };
         let head = Head::load(&mut vb, "head", spec.pool, head_dim, spec.classes)?;
+        let rel = match arch {
+            Arch::Bert(cfg) => RelativeBias::load(ckpt, cfg)?,
+            Arch::Vit { .. } => None,
+        };
         Ok(Model {
             spec,
             inputs,
             net,
             head,
+            rel,
             params,
         })
     }
@@ -518,7 +526,7 @@ impl Model {
     /// # Shapes
     /// `batch.layers` as [`Model::inputs`], each `[B, S, D]` -> logits `[B, classes]`.
     pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
-        forward(&self.net, &self.head, batch, mode)
+        forward(&self.net, &self.head, self.rel.as_ref(), batch, mode)
     }
 
     /// The modules with the same tensors (the same variables: gradients of
@@ -528,6 +536,7 @@ impl Model {
         Shared {
             net: self.net.clone(),
             head: self.head.clone(),
+            rel: self.rel.clone(),
         }
     }
 
@@ -538,6 +547,7 @@ impl Model {
         Inference {
             net: self.net.detached(),
             head: self.head.detached(),
+            rel: self.rel.clone(),
         }
     }
 }
@@ -547,12 +557,13 @@ impl Model {
 pub struct Shared {
     net: Net,
     head: Head,
+    rel: Option<RelativeBias>,
 }
 
 impl Shared {
     /// As [`Model::forward`].
     pub fn forward(&self, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
-        forward(&self.net, &self.head, batch, mode)
+        forward(&self.net, &self.head, self.rel.as_ref(), batch, mode)
     }
 }
 
@@ -561,18 +572,25 @@ impl Shared {
 pub struct Inference {
     net: Net,
     head: Head,
+    rel: Option<RelativeBias>,
 }
 
 impl Inference {
     /// As [`Model::forward`] in evaluation mode.
     pub fn forward(&self, batch: &Batch) -> Result<Output> {
-        forward(&self.net, &self.head, batch, &mut Mode::Eval)
+        forward(
+            &self.net,
+            &self.head,
+            self.rel.as_ref(),
+            batch,
+            &mut Mode::Eval,
+        )
     }
 
     /// The pooled features `[B, d]` the head's linear layer sees, in
     /// evaluation mode (a check that a model reproduces its backbone).
     pub fn pooled(&self, batch: &Batch) -> Result<Tensor> {
-        let (y, _) = sequence(&self.net, batch, &mut Mode::Eval)?;
+        let (y, _) = sequence(&self.net, self.rel.as_ref(), batch, &mut Mode::Eval)?;
         self.head.pool(&y, &batch.mask)
     }
 }
@@ -614,17 +632,39 @@ impl Detach for Net {
     }
 }
 
-fn forward(net: &Net, head: &Head, batch: &Batch, mode: &mut Mode<'_>) -> Result<Output> {
-    let (y, alpha) = sequence(net, batch, mode)?;
+fn forward(
+    net: &Net,
+    head: &Head,
+    rel: Option<&RelativeBias>,
+    batch: &Batch,
+    mode: &mut Mode<'_>,
+) -> Result<Output> {
+    let (y, alpha) = sequence(net, rel, batch, mode)?;
     let logits = head.forward(&y, &batch.mask)?;
     Ok(Output { logits, alpha })
 }
 
 /// The final sequence `[B, S, d]` before the head, and SHERL's layer
-/// weights when the method has them.
-fn sequence(net: &Net, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Option<Tensor>)> {
+/// weights when the method has them. The backbone's layers get MPNet's
+/// relative-position bias when `rel` holds it; LST's side layers only the
+/// key mask (their heads need not be the backbone's, and the cached states
+/// they read already carry positions).
+fn sequence(
+    net: &Net,
+    rel: Option<&RelativeBias>,
+    batch: &Batch,
+    mode: &mut Mode<'_>,
+) -> Result<(Tensor, Option<Tensor>)> {
     {
-        let bias = attention_bias(&batch.mask)?;
+        let keys = attention_bias(&batch.mask)?;
+        let bias = match (rel, net) {
+            (Some(r), Net::Sherl { .. })
+            | (Some(r), Net::LateLayer { .. })
+            | (Some(r), Net::LinearProbe { .. })
+            | (Some(r), Net::FullFt { .. })
+            | (Some(r), Net::Tuned { .. }) => r.add_to(&keys)?,
+            _ => keys.clone(),
+        };
         let mut alpha = None;
         let y = match net {
             Net::Sherl {
@@ -670,7 +710,7 @@ fn sequence(net: &Net, batch: &Batch, mode: &mut Mode<'_>) -> Result<(Tensor, Op
                 }
                 h
             }
-            Net::Lst(lst) => lst.forward(&batch.layers, &bias, mode)?,
+            Net::Lst(lst) => lst.forward(&batch.layers, &keys, mode)?,
         };
         Ok((y, alpha))
     }

@@ -1,11 +1,11 @@
-//! Export a Hugging Face BERT-family checkpoint to an ONNX graph that
-//! exposes every layer's hidden state.
+//! Export a Hugging Face BERT-family checkpoint (BERT or MPNet) to an ONNX
+//! graph that exposes every layer's hidden state.
 //!
-//! Inputs: `input_ids`, `attention_mask`, `token_type_ids` (int64,
-//! `[batch, seq]`, both dynamic). Outputs: `hidden_states.0` (embedding
-//! output, after its LayerNorm) to `hidden_states.N` (after layer N), float32
-//! `[batch, seq, hidden]`, exactly what `transformers`' `BertModel` returns as
-//! `hidden_states` in eval mode.
+//! Inputs: `input_ids`, `attention_mask` and, for BERT, `token_type_ids`
+//! (int64, `[batch, seq]`, both dynamic). Outputs: `hidden_states.0`
+//! (embedding output, after its LayerNorm) to `hidden_states.N` (after layer
+//! N), float32 `[batch, seq, hidden]`, what `transformers`' `BertModel` /
+//! `MPNetModel` return as `hidden_states` in eval mode, at every real token.
 //!
 //! The graph follows `modeling_bert.py` (huggingface/transformers v4.8.2,
 //! `BertEmbeddings`, `BertSelfAttention`, `BertSelfOutput`,
@@ -15,6 +15,18 @@
 //! is masked with a large negative additive bias (the most negative f32, as
 //! `transformers` does), so padded-batch outputs equal unpadded ones at real
 //! tokens.
+//!
+//! MPNet (`modeling_mpnet.py`) has the same layer under other names, no
+//! token types, positions counted from `pad_token_id + 1`, and a
+//! relative-position bias added to the attention scores of every layer. The
+//! graph gathers that bias from the shared `[buckets, heads]` table with a
+//! bucket-index table (`[L, L]` for the longest sequence L, computed by
+//! [`crate::backbone::relative`]) sliced to the batch's length, once per
+//! batch. One stated difference: `transformers` gives padding tokens the
+//! padding position and real tokens the positions after it; sherl pads on
+//! the right and slices the position table from the first real position for
+//! every token, so real tokens get the same positions and only the (masked,
+//! never read) padding rows differ.
 
 use std::path::Path;
 
@@ -24,7 +36,7 @@ use super::proto::{
     attr_type, data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
     StringStringEntryProto, TensorProto, ValueInfoProto,
 };
-use crate::backbone::{Activation, BertConfig, Checkpoint};
+use crate::backbone::{relative, Activation, BertConfig, Checkpoint, Family, LayerNames};
 use crate::{Error, Result};
 
 /// ONNX IR version written (ONNX 1.13+; read by ONNX Runtime >= 1.14).
@@ -57,8 +69,14 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
     let eps = cfg.layer_norm_eps as f32;
     let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
 
+    let family = cfg.family();
+    let names = LayerNames::of(family);
     let dims: [Result<i64, &str>; 2] = [Err("batch"), Err("seq")];
-    for name in ["input_ids", "attention_mask", "token_type_ids"] {
+    let inputs: &[&str] = match family {
+        Family::Bert => &["input_ids", "attention_mask", "token_type_ids"],
+        Family::Mpnet => &["input_ids", "attention_mask"],
+    };
+    for name in inputs {
         g.inputs
             .push(ValueInfoProto::tensor(name, data_type::INT64, &dims));
     }
@@ -76,25 +94,37 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         &[cfg.max_position_embeddings, d],
         false,
     )?;
-    let typ = g.weight(
-        ckpt,
-        "embeddings.token_type_embeddings.weight",
-        &[cfg.type_vocab_size, d],
-        false,
-    )?;
     let we = g.node("Gather", &[&word, "input_ids"], vec![]);
-    let te = g.node("Gather", &[&typ, "token_type_ids"], vec![]);
     // seq length as a 1-element tensor: Shape(input_ids)[1:2]
     let seq = g.node(
         "Shape",
         &["input_ids"],
         vec![attr_int("start", 1), attr_int("end", 2)],
     );
-    let zero = g.const_i64("zero1", &[0], &[1]);
     let axis0 = g.const_i64("axis0", &[0], &[1]);
-    let pe = g.node("Slice", &[&pos, &zero, &seq, &axis0], vec![]); // [seq, D]
-    let s1 = g.node("Add", &[&we, &te], vec![]);
-    let s2 = g.node("Add", &[&s1, &pe], vec![]);
+    let s2 = match family {
+        Family::Bert => {
+            let typ = g.weight(
+                ckpt,
+                "embeddings.token_type_embeddings.weight",
+                &[cfg.type_vocab_size, d],
+                false,
+            )?;
+            let te = g.node("Gather", &[&typ, "token_type_ids"], vec![]);
+            let zero = g.const_i64("zero1", &[0], &[1]);
+            let pe = g.node("Slice", &[&pos, &zero, &seq, &axis0], vec![]); // [seq, D]
+            let s1 = g.node("Add", &[&we, &te], vec![]);
+            g.node("Add", &[&s1, &pe], vec![])
+        }
+        Family::Mpnet => {
+            // rows offset .. offset + seq of the position table
+            let off = cfg.position_offset() as i64;
+            let start = g.const_i64("pos_start", &[off], &[1]);
+            let end = g.node("Add", &[&seq, &start], vec![]);
+            let pe = g.node("Slice", &[&pos, &start, &end, &axis0], vec![]); // [seq, D]
+            g.node("Add", &[&we, &pe], vec![])
+        }
+    };
     let mut x = g.layer_norm(
         ckpt,
         "embeddings.LayerNorm",
@@ -115,7 +145,31 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
     let minv = g.const_f32("mask_min", &[f32::MIN], &[]);
     let bias = g.node("Mul", &[&inv, &minv], vec![]);
     let ax12 = g.const_i64("axes12", &[1, 2], &[2]);
-    let bias4 = g.node("Unsqueeze", &[&bias, &ax12], vec![]);
+    let mut bias4 = g.node("Unsqueeze", &[&bias, &ax12], vec![]);
+    if let Some(buckets) = cfg.relative_buckets() {
+        // MPNet: + table[bucket(j - i)][h], [1, H, S, S], shared by all layers
+        let len = cfg.max_tokens();
+        let idx: Vec<i64> = relative::bucket_table(len, buckets)
+            .into_iter()
+            .map(|b| b as i64)
+            .collect();
+        let idx = g.const_i64("relative_buckets", &idx, &[len as i64, len as i64]);
+        let table = g.weight(
+            ckpt,
+            "encoder.relative_attention_bias.weight",
+            &[buckets, heads],
+            false,
+        )?;
+        let zeros = g.const_i64("zero2", &[0, 0], &[2]);
+        let ends = g.node("Concat", &[&seq, &seq], vec![attr_int("axis", 0)]);
+        let axes01 = g.const_i64("axes01", &[0, 1], &[2]);
+        let idx = g.node("Slice", &[&idx, &zeros, &ends, &axes01], vec![]); // [S, S]
+        let rel = g.node("Gather", &[&table, &idx], vec![]); // [S, S, H]
+        let rel = g.node("Transpose", &[&rel], vec![attr_ints("perm", &[2, 0, 1])]);
+        let ax0 = g.const_i64("axes0", &[0], &[1]);
+        let rel = g.node("Unsqueeze", &[&rel, &ax0], vec![]); // [1, H, S, S]
+        bias4 = g.node("Add", &[&bias4, &rel], vec![]); // [B, H, S, S]
+    }
 
     let split_shape = g.const_i64("split_heads", &[0, 0, heads as i64, hd as i64], &[4]);
     let merge_shape = g.const_i64("merge_heads", &[0, 0, d as i64], &[3]);
@@ -125,9 +179,9 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
 
     for i in 0..cfg.num_hidden_layers {
         let p = format!("encoder.layer.{i}");
-        let q = g.linear(ckpt, &format!("{p}.attention.self.query"), d, d, &x)?;
-        let k = g.linear(ckpt, &format!("{p}.attention.self.key"), d, d, &x)?;
-        let v = g.linear(ckpt, &format!("{p}.attention.self.value"), d, d, &x)?;
+        let q = g.linear(ckpt, &format!("{p}.{}", names.query), d, d, &x)?;
+        let k = g.linear(ckpt, &format!("{p}.{}", names.key), d, d, &x)?;
+        let v = g.linear(ckpt, &format!("{p}.{}", names.value), d, d, &x)?;
         let q = g.node("Reshape", &[&q, &split_shape], vec![]);
         let q = g.node("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
         let k = g.node("Reshape", &[&k, &split_shape], vec![]);
@@ -141,16 +195,9 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         let ctx = g.node("MatMul", &[&probs, &v], vec![]);
         let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
         let ctx = g.node("Reshape", &[&ctx, &merge_shape], vec![]);
-        let ao = g.linear(ckpt, &format!("{p}.attention.output.dense"), d, d, &ctx)?;
+        let ao = g.linear(ckpt, &format!("{p}.{}", names.attn_out), d, d, &ctx)?;
         let r1 = g.node("Add", &[&ao, &x], vec![]);
-        let h1 = g.layer_norm(
-            ckpt,
-            &format!("{p}.attention.output.LayerNorm"),
-            d,
-            eps,
-            &r1,
-            None,
-        )?;
+        let h1 = g.layer_norm(ckpt, &format!("{p}.{}", names.attn_norm), d, eps, &r1, None)?;
         let inter = g.linear(
             ckpt,
             &format!("{p}.intermediate.dense"),
@@ -184,7 +231,11 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
 
     let graph = GraphProto {
         node: g.nodes,
-        name: "sherl_bert".into(),
+        name: match family {
+            Family::Bert => "sherl_bert",
+            Family::Mpnet => "sherl_mpnet",
+        }
+        .into(),
         initializer: g.inits,
         doc_string: String::new(),
         input: g.inputs,
@@ -202,11 +253,19 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         domain: String::new(),
         model_version: 1,
         doc_string:
-            "BERT-family encoder exported by sherl-extract export-onnx; outputs hidden_states.0..N"
+            "BERT-family encoder (BERT or MPNet) exported by sherl-extract export-onnx; outputs hidden_states.0..N"
                 .into(),
         graph: Some(graph),
         metadata_props: vec![
             meta("sherl.layers", cfg.num_hidden_layers.to_string()),
+            meta(
+                "sherl.family",
+                match family {
+                    Family::Bert => "bert",
+                    Family::Mpnet => "mpnet",
+                }
+                .into(),
+            ),
             meta("sherl.hidden", d.to_string()),
             meta("sherl.checkpoint_prefix", ckpt.prefix().to_string()),
             meta("sherl.safetensors_sha256", ckpt.sha256()),

@@ -73,19 +73,43 @@ fn act(name: &str, x: f64) -> f64 {
     }
 }
 
-/// All hidden states (`cfg.layers + 1`) of one sequence, each `[len * hidden]`.
+/// MPNet's relative-position bucket of key offset `rel = j - i` (the
+/// `transformers` formula, max distance 128, in f64).
+fn mpnet_bucket(rel: i64, buckets: usize) -> usize {
+    let half = buckets / 2;
+    let n = -rel;
+    let side = if n < 0 { half } else { 0 };
+    let n = n.unsigned_abs() as usize;
+    let exact = half / 2;
+    if n < exact {
+        return side + n;
+    }
+    let large = exact
+        + ((n as f64 / exact as f64).ln() / (128.0 / exact as f64).ln() * (half - exact) as f64)
+            as usize;
+    side + large.min(half - 1)
+}
+
+/// All hidden states (`cfg.layers + 1`) of one sequence, each `[len * hidden]`
+/// (BERT, or MPNet when `cfg.family` says so: `types` then unused).
 pub fn forward(cfg: &TinyConfig, w: &Weights, ids: &[u32], types: &[u32]) -> Vec<Vec<f32>> {
     let d = cfg.hidden;
     let n = ids.len();
+    let mpnet = cfg.family == "mpnet";
     let we = get(w, "embeddings.word_embeddings.weight");
     let pe = get(w, "embeddings.position_embeddings.weight");
-    let te = get(w, "embeddings.token_type_embeddings.weight");
+    let off = cfg.position_offset();
     let mut x = vec![0f64; n * d];
     for t in 0..n {
         for i in 0..d {
-            x[t * d + i] = f64::from(we[ids[t] as usize * d + i])
-                + f64::from(pe[t * d + i])
-                + f64::from(te[types[t] as usize * d + i]);
+            let typ = if mpnet {
+                0.0
+            } else {
+                let te = get(w, "embeddings.token_type_embeddings.weight");
+                f64::from(te[types[t] as usize * d + i])
+            };
+            x[t * d + i] =
+                f64::from(we[ids[t] as usize * d + i]) + f64::from(pe[(off + t) * d + i]) + typ;
         }
     }
     layer_norm(
@@ -105,8 +129,8 @@ pub fn forward(cfg: &TinyConfig, w: &Weights, ids: &[u32], types: &[u32]) -> Vec
                 x,
                 n,
                 din,
-                get(w, &format!("{p}.{name}.weight")),
-                get(w, &format!("{p}.{name}.bias")),
+                get(w, &format!("{p}.{}.weight", cfg.layer_name(name))),
+                get(w, &format!("{p}.{}.bias", cfg.layer_name(name))),
             )
         };
         let q = lin(&x, d, "attention.self.query");
@@ -122,6 +146,11 @@ pub fn forward(cfg: &TinyConfig, w: &Weights, ids: &[u32], types: &[u32]) -> Vec
                         s += q[i * d + head * hd + c] * k[j * d + head * hd + c];
                     }
                     scores[j] = s / (hd as f64).sqrt();
+                    if mpnet {
+                        let table = get(w, "encoder.relative_attention_bias.weight");
+                        let b = mpnet_bucket(j as i64 - i as i64, cfg.buckets);
+                        scores[j] += f64::from(table[b * h + head]);
+                    }
                 }
                 let m = scores.iter().cloned().fold(f64::MIN, f64::max);
                 let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
@@ -140,8 +169,17 @@ pub fn forward(cfg: &TinyConfig, w: &Weights, ids: &[u32], types: &[u32]) -> Vec
         layer_norm(
             &mut a,
             d,
-            get(w, &format!("{p}.attention.output.LayerNorm.weight")),
-            get(w, &format!("{p}.attention.output.LayerNorm.bias")),
+            get(
+                w,
+                &format!(
+                    "{p}.{}.weight",
+                    cfg.layer_name("attention.output.LayerNorm")
+                ),
+            ),
+            get(
+                w,
+                &format!("{p}.{}.bias", cfg.layer_name("attention.output.LayerNorm")),
+            ),
             cfg.eps,
         );
         let mut inter = lin(&a, d, "intermediate.dense");

@@ -41,6 +41,51 @@ pub struct TinyConfig {
     pub types: usize,
     pub act: &'static str,
     pub eps: f64,
+    /// "bert" or "mpnet" (MPNet names, no token types, positions from 2,
+    /// a relative-position table of `buckets` rows).
+    pub family: &'static str,
+    pub buckets: usize,
+}
+
+impl TinyConfig {
+    /// A tiny MPNet: position table of `max_pos` rows (2 + 16 tokens).
+    pub fn mpnet() -> Self {
+        TinyConfig {
+            family: "mpnet",
+            max_pos: 18,
+            eps: 1e-5,
+            ..Default::default()
+        }
+    }
+
+    /// The row of the first token's position.
+    pub fn position_offset(&self) -> usize {
+        if self.family == "mpnet" {
+            2
+        } else {
+            0
+        }
+    }
+
+    /// The checkpoint name of the BERT-named layer tensor `name` (under
+    /// `encoder.layer.{i}.`).
+    pub fn layer_name(&self, name: &str) -> String {
+        if self.family != "mpnet" {
+            return name.to_string();
+        }
+        for (from, to) in [
+            ("attention.self.query", "attention.attn.q"),
+            ("attention.self.key", "attention.attn.k"),
+            ("attention.self.value", "attention.attn.v"),
+            ("attention.output.dense", "attention.attn.o"),
+            ("attention.output.LayerNorm", "attention.LayerNorm"),
+        ] {
+            if let Some(rest) = name.strip_prefix(from) {
+                return format!("{to}{rest}");
+            }
+        }
+        name.to_string()
+    }
 }
 
 impl Default for TinyConfig {
@@ -55,6 +100,8 @@ impl Default for TinyConfig {
             types: 2,
             act: "gelu",
             eps: 1e-12,
+            family: "bert",
+            buckets: 32,
         }
     }
 }
@@ -198,6 +245,27 @@ pub fn weights(cfg: &TinyConfig, seed: u64) -> Weights {
             &mut rng,
         );
     }
+    if cfg.family == "mpnet" {
+        w.remove("embeddings.token_type_embeddings.weight");
+        let renamed: Weights = std::mem::take(&mut w)
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix("encoder.layer.") {
+                Some(rest) => {
+                    let (i, name) = rest.split_once('.').unwrap();
+                    (format!("encoder.layer.{i}.{}", cfg.layer_name(name)), v)
+                }
+                None => (k, v),
+            })
+            .collect();
+        w = renamed;
+        // large enough that the bias visibly changes attention
+        let n = cfg.buckets * cfg.heads;
+        let table = (0..n).map(|_| 2.0 * rng.uniform()).collect();
+        w.insert(
+            "encoder.relative_attention_bias.weight".into(),
+            (vec![cfg.buckets, cfg.heads], table),
+        );
+    }
     w
 }
 
@@ -205,9 +273,9 @@ pub fn weights(cfg: &TinyConfig, seed: u64) -> Weights {
 /// and `w`, names prefixed by `prefix` (e.g. "bert.").
 pub fn write_backbone(dir: &Path, cfg: &TinyConfig, w: &Weights, prefix: &str) {
     std::fs::create_dir_all(dir).unwrap();
-    let config = serde_json::json!({
+    let mut config = serde_json::json!({
         "architectures": ["BertModel"],
-        "model_type": "bert",
+        "model_type": cfg.family,
         "vocab_size": cfg.vocab,
         "hidden_size": cfg.hidden,
         "num_hidden_layers": cfg.layers,
@@ -220,6 +288,17 @@ pub fn write_backbone(dir: &Path, cfg: &TinyConfig, w: &Weights, prefix: &str) {
         "position_embedding_type": "absolute",
         "hidden_dropout_prob": 0.1,
     });
+    if cfg.family == "mpnet" {
+        let c = config.as_object_mut().unwrap();
+        c.remove("type_vocab_size");
+        c.remove("position_embedding_type");
+        c.insert("architectures".into(), serde_json::json!(["MPNetModel"]));
+        c.insert("pad_token_id".into(), serde_json::json!(1));
+        c.insert(
+            "relative_attention_num_buckets".into(),
+            serde_json::json!(cfg.buckets),
+        );
+    }
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_vec_pretty(&config).unwrap(),

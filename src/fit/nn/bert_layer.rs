@@ -15,7 +15,7 @@ use candle_core::Tensor;
 use super::fused_layer::{BertLayerOp, Masks};
 use super::ops::{dropout, dropout_mask, softmax, Mode};
 use super::{Builder, LayerNorm, Linear};
-use crate::backbone::{Activation, BertConfig};
+use crate::backbone::{Activation, BertConfig, LayerNames};
 use crate::fit::error::FitError;
 use crate::Result;
 
@@ -141,9 +141,17 @@ impl super::Detach for BertLayer {
 impl BertLayer {
     /// Load the layer under `vb`'s prefix (`encoder.layer.{i}`, which
     /// produces `hidden_states.{i + 1}`), trained or frozen as `vb` says,
-    /// with the dropout probabilities of `cfg`.
+    /// with the dropout probabilities of `cfg`. An MPNet layer is read
+    /// under MPNet's names; its relative-position bias is not part of the
+    /// layer but of the `bias` its forward pass gets
+    /// ([`super::relative::RelativeBias`]).
     pub fn load(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
-        let names = packed_names(cfg.hidden_size, cfg.intermediate_size);
+        // the checkpoint's own names (MPNet names its attention differently)
+        let family = LayerNames::of(cfg.family());
+        let names: Vec<(String, Vec<usize>)> = packed_names(cfg.hidden_size, cfg.intermediate_size)
+            .into_iter()
+            .map(|(n, s)| (family.map(&n), s))
+            .collect();
         let (flat, t) = vb.pretrained_packed(&names)?;
         let mut layer = BertLayer::assemble(t, flat, cfg.num_attention_heads, cfg.layer_norm_eps)?;
         layer.configure(cfg)?;
@@ -212,8 +220,10 @@ impl BertLayer {
                  multiple of {h}, or --lst-init random"
             )));
         }
-        let read =
-            |name: &str, shape: &[usize]| vb.read_checkpoint(&format!("{source}.{name}"), shape);
+        let family = LayerNames::of(cfg.family());
+        let read = |name: &str, shape: &[usize]| {
+            vb.read_checkpoint(&format!("{source}.{}", family.map(name)), shape)
+        };
         let row_norms = |w: &[f32], cols: usize| -> Vec<f32> {
             w.chunks_exact(cols)
                 .map(|r| r.iter().map(|v| v * v).sum())
@@ -422,7 +432,8 @@ impl BertLayer {
     }
 
     /// # Shapes
-    /// `x` `[B, S, D]`, `bias` `[B, 1, 1, S]` (see [`attention_bias`]) ->
+    /// `x` `[B, S, D]`, `bias` `[B, 1, 1, S]` (see [`attention_bias`]) or,
+    /// with MPNet's relative-position bias added, `[B, H, S, S]` ->
     /// `[B, S, D]`.
     ///
     /// On the CPU with f32 tensors, one fused op ([`BertLayerOp`]); else

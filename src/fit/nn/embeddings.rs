@@ -1,11 +1,12 @@
 //! BERT embeddings (word + position + token type, LayerNorm, dropout),
-//! pre-trained and trainable, for full fine-tuning.
+//! pre-trained and trainable, for full fine-tuning; MPNet's have no token
+//! types and count positions from `pad_token_id + 1`.
 
 use candle_core::Tensor;
 
 use super::ops::{dropout, Mode};
 use super::{Builder, LayerNorm};
-use crate::backbone::BertConfig;
+use crate::backbone::{BertConfig, Family};
 use crate::Result;
 
 /// The embedding tables and their LayerNorm.
@@ -13,7 +14,10 @@ use crate::Result;
 pub struct Embeddings {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    /// `None` for MPNet.
+    token_type: Option<Tensor>,
+    /// Row of the first token's position.
+    position_offset: usize,
     norm: LayerNorm,
     dropout: f32,
 }
@@ -23,7 +27,8 @@ impl super::Detach for Embeddings {
         Embeddings {
             word: self.word.detach(),
             position: self.position.detach(),
-            token_type: self.token_type.detach(),
+            token_type: self.token_type.as_ref().map(Tensor::detach),
+            position_offset: self.position_offset,
             norm: self.norm.detached(),
             dropout: self.dropout,
         }
@@ -32,17 +37,26 @@ impl super::Detach for Embeddings {
 
 impl Embeddings {
     /// Load `word_embeddings`, `position_embeddings`,
-    /// `token_type_embeddings` and `LayerNorm` under `vb`'s prefix
-    /// (`embeddings`).
+    /// `token_type_embeddings` (BERT only) and `LayerNorm` under `vb`'s
+    /// prefix (`embeddings`).
     pub fn load(mut vb: Builder, cfg: &BertConfig) -> Result<Self> {
         let d = cfg.hidden_size;
+        let word = vb.pretrained("word_embeddings.weight", &[cfg.vocab_size, d])?;
+        let position = vb.pretrained(
+            "position_embeddings.weight",
+            &[cfg.max_position_embeddings, d],
+        )?;
+        let token_type = match cfg.family() {
+            Family::Bert => {
+                Some(vb.pretrained("token_type_embeddings.weight", &[cfg.type_vocab_size, d])?)
+            }
+            Family::Mpnet => None,
+        };
         Ok(Embeddings {
-            word: vb.pretrained("word_embeddings.weight", &[cfg.vocab_size, d])?,
-            position: vb.pretrained(
-                "position_embeddings.weight",
-                &[cfg.max_position_embeddings, d],
-            )?,
-            token_type: vb.pretrained("token_type_embeddings.weight", &[cfg.type_vocab_size, d])?,
+            word,
+            position,
+            token_type,
+            position_offset: cfg.position_offset(),
             norm: vb.pretrained_layer_norm("LayerNorm", d, cfg.layer_norm_eps)?,
             dropout: cfg.hidden_dropout_prob as f32,
         })
@@ -57,12 +71,16 @@ impl Embeddings {
             .word
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, s, d))?;
-        let t = self
-            .token_type
-            .index_select(&types.flatten_all()?, 0)?
-            .reshape((b, s, d))?;
-        let p = self.position.narrow(0, 0, s)?;
-        let x = (w + t)?.broadcast_add(&p)?;
+        let w = match &self.token_type {
+            Some(tt) => {
+                (w + tt
+                    .index_select(&types.flatten_all()?, 0)?
+                    .reshape((b, s, d))?)?
+            }
+            None => w,
+        };
+        let p = self.position.narrow(0, self.position_offset, s)?;
+        let x = w.broadcast_add(&p)?;
         dropout(&self.norm.forward(&x)?, self.dropout, mode)
     }
 }

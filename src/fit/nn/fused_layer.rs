@@ -146,7 +146,9 @@ pub struct BertLayerOp {
     pub act: Activation,
     /// LayerNorm epsilon.
     pub eps: f32,
-    /// Additive attention bias per key, `[B, S]` (0 real, -1e9 padding).
+    /// Additive attention bias per key, `[B, S]` (0 real, -1e9 padding),
+    /// or per head, query and key, `[B, H, S, S]` (MPNet's relative
+    /// positions added); a constant: no gradient flows to it.
     pub key_bias: Vec<f32>,
     /// Dropout masks.
     pub masks: Masks,
@@ -352,8 +354,8 @@ impl BertLayerOp {
                 packed_len(d, self.ffn)
             )));
         }
-        if self.key_bias.len() != b * s {
-            return Err(err("key bias is not [B, S]"));
+        if self.key_bias.len() != b * s && self.key_bias.len() != b * h * s * s {
+            return Err(err("attention bias is neither [B, S] nor [B, H, S, S]"));
         }
         let n = b * s;
         for (m, len, what) in [
@@ -408,8 +410,13 @@ impl BertLayerOp {
                 };
                 let p = &mut probs[blk..blk + s * s];
                 matmul(p, View::dense(s, s), &qkv, q, &qkv, k.t(), scale, false, 1)?;
-                let kb = &self.key_bias[bi * s..(bi + 1) * s];
-                for row in p.chunks_exact_mut(s) {
+                let full = self.key_bias.len() == b * h * s * s;
+                for (r, row) in p.chunks_exact_mut(s).enumerate() {
+                    let kb = if full {
+                        &self.key_bias[blk + r * s..blk + (r + 1) * s]
+                    } else {
+                        &self.key_bias[bi * s..(bi + 1) * s]
+                    };
                     let mut max = f32::NEG_INFINITY;
                     for (x, bb) in row.iter_mut().zip(kb) {
                         *x += bb;

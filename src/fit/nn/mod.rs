@@ -29,6 +29,7 @@ pub mod linear;
 pub mod lora;
 pub mod lst;
 pub mod ops;
+pub mod relative;
 pub mod restore_gate;
 #[cfg(test)]
 pub(crate) mod test_util;
