@@ -411,3 +411,70 @@ fn expose_layers_on_a_user_graph() {
     assert_eq!(out.status.code(), Some(2));
     assert!(common::stderr(&out).contains("nope"));
 }
+
+/// `sherl-extract run` on a checkpoint directory without `model.onnx`
+/// exports it first, says so, and writes the same file an explicit
+/// `export-onnx` does (a tiny MPNet here); with `--model` elsewhere it
+/// does not, and the missing file is named.
+#[test]
+fn run_exports_a_missing_model_on_first_use() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let cfg = tiny::TinyConfig::mpnet();
+    let w = tiny::weights(&cfg, 21);
+    tiny::write_backbone(&root.join("backbone"), &cfg, &w, "");
+    tiny::write_tokenizer(&root.join("backbone"), cfg.vocab);
+    tiny::write_dataset(&root.join("data.csv"), 12, 8, cfg.vocab, 1);
+    let args = |out: &'static str| {
+        vec![
+            "run",
+            "--backbone",
+            "backbone",
+            "--data",
+            "data.csv",
+            "--max-len",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ]
+    };
+    let mut with_model = args("c0");
+    with_model.extend(["--model", "elsewhere.onnx"]);
+    let o = common::run("sherl-extract", &with_model, root, &[]);
+    assert!(!o.status.success());
+    assert!(
+        common::stderr(&o).contains("elsewhere.onnx"),
+        "{}",
+        common::stderr(&o)
+    );
+    assert!(!root.join("backbone/model.onnx").exists());
+
+    let o = common::run("sherl-extract", &args("c1"), root, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("has no model.onnx: exporting"),
+        "{}",
+        common::stderr(&o)
+    );
+    let first = std::fs::read(root.join("backbone/model.onnx")).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "export-onnx",
+            "--backbone",
+            "backbone",
+            "--out",
+            "again.onnx",
+        ],
+        root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(first == std::fs::read(root.join("again.onnx")).unwrap());
+    // the second run finds it and says nothing about exporting
+    let o = common::run("sherl-extract", &args("c2"), root, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(!common::stderr(&o).contains("exporting"));
+}

@@ -270,3 +270,132 @@ fn every_method_trains_on_mpnet_and_predicts() {
     let lines = std::fs::read_to_string(f.root.join("pred.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 90);
 }
+
+/// The real all-mpnet-base-v2 (`pipelines/check-mpnet.sh` fetches it and
+/// runs this): on an f32 cache of every layer of six reviews (one cut at
+/// 128 tokens), candle's layer 12 on the cached hidden_states.11 gives ONNX
+/// Runtime's hidden_states.12 within 1e-4 (padded batch, fused op), and
+/// full fine-tuning at step 0 (embeddings and all 12 layers in candle from
+/// the token ids) gives its mean-pooled hidden_states.12 within 1e-4.
+#[test]
+#[ignore = "needs pipelines/fetch-assets.sh mpnet; run by pipelines/check-mpnet.sh"]
+fn real_mpnet_in_candle_matches_onnx_runtime() {
+    let src = sherl::assets::assets_dir().join("backbones/all-mpnet-base-v2");
+    assert!(
+        src.join("model.safetensors").is_file(),
+        "{} is not there: run pipelines/fetch-assets.sh mpnet",
+        src.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let backbone = root.join("backbone");
+    std::fs::create_dir_all(&backbone).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(src.join(f), backbone.join(f)).unwrap();
+    }
+    let texts = [
+        "a gripping, beautifully shot film",
+        "dull.",
+        "the plot wanders, but the performances are worth the ticket price and then some",
+        "neither funny nor moving, it just sits there for two hours",
+        "an instant classic",
+        &"the harbour at dawn, the fishermen mending their nets, and two brothers who talk at last; "
+            .repeat(8),
+    ];
+    let mut csv = String::from("text,label\n");
+    for (i, t) in texts.iter().enumerate() {
+        csv.push_str(&format!("\"{t}\",{}\n", i % 2));
+    }
+    std::fs::write(root.join("cache.csv"), csv).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "run",
+            "--backbone",
+            "backbone",
+            "--data",
+            "cache.csv",
+            "--layers",
+            "all",
+            "--dtype",
+            "f32",
+            "--device",
+            "cpu",
+            "--out",
+            "cache",
+        ],
+        root,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let (cache, arch, ckpt) = peft::open(root);
+    let Arch::Bert(cfg) = &arch else {
+        panic!("MPNet is a text backbone")
+    };
+    assert_eq!(
+        (cfg.family(), cfg.num_hidden_layers, cfg.hidden_size),
+        (Family::Mpnet, 12, 768)
+    );
+    let rel = RelativeBias::load(&ckpt, cfg).unwrap().unwrap();
+    let positions = [
+        cache.layer_position(11).unwrap(),
+        cache.layer_position(12).unwrap(),
+    ];
+    let (b, want) = peft::batch(&cache, texts.len() as u64, &positions);
+    let lens: Vec<usize> = b
+        .mask
+        .sum(1)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|&n| n as usize)
+        .collect();
+    assert_eq!(
+        *lens.iter().max().unwrap(),
+        128,
+        "one review is cut at 128 tokens"
+    );
+    let bias = rel.add_to(&attention_bias(&b.mask).unwrap()).unwrap();
+    let mut params = sherl::fit::params::Params::new();
+    let mut rng = sherl::rng::SplitMix64::new(0);
+    let mut vb = Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
+    let layer = BertLayer::load(vb.pp("encoder.layer.11"), cfg).unwrap();
+    let got = layer
+        .forward(&b.layers[0], &bias, &mut Mode::Eval)
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let cached = b.layers[1].to_vec3::<f32>().unwrap();
+    for (i, &n) in lens.iter().enumerate() {
+        let g: Vec<f32> = got[i][..n].iter().flatten().copied().collect();
+        let w: Vec<f32> = cached[i][..n].iter().flatten().copied().collect();
+        common::assert_close(&g, &w, 1e-4, 1e-4, &format!("layer 12, review {i}"));
+    }
+    let model = peft::build(
+        &cache,
+        &arch,
+        &ckpt,
+        &FitConfig {
+            method: Method::FullFt,
+            ..FitConfig::default()
+        },
+    )
+    .unwrap();
+    let (ids_only, _) = peft::batch(&cache, texts.len() as u64, &[]);
+    let pooled: Vec<f32> = model
+        .inference()
+        .pooled(&ids_only)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    common::assert_close(
+        &pooled,
+        &want,
+        1e-4,
+        1e-4,
+        "full-ft at step 0, mean-pooled hidden_states.12",
+    );
+}

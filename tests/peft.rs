@@ -25,11 +25,12 @@ const N: usize = 3;
 
 /// The first `count` cached examples as one padded batch: token ids, and
 /// the hidden states `layers` (cache positions) as the model reads them;
-/// also each example's cached `hidden_states.N` mean over its tokens.
+/// also each example's cached `hidden_states.N` (the backbone's last)
+/// mean over its tokens.
 pub fn batch(cache: &Cache, count: u64, layers: &[usize]) -> (Batch, Vec<f32>) {
     let hidden = cache.manifest().backbone.hidden;
     let last = cache
-        .layer_position(N)
+        .layer_position(cache.manifest().backbone.num_layers)
         .expect("the fixture caches every layer");
     let mut encs = Vec::new();
     let mut rows: Vec<Vec<Vec<f32>>> = Vec::new();

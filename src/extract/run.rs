@@ -111,6 +111,41 @@ pub fn open_backbone(path: &Path, s: &ExtractSettings) -> Result<Backbone> {
     })
 }
 
+/// A Hugging Face checkpoint directory (config.json + model.safetensors)
+/// without its `model.onnx`, run with the default model path: export it
+/// there first, saying so, as `sherl-extract export-onnx` would (the export
+/// is deterministic, so every machine writes the same file). Anything else
+/// (a `--model` elsewhere, or a folder without a checkpoint) is left to the
+/// session's own "not found" message.
+pub fn export_on_first_use(
+    backbone: &Backbone,
+    model: &Path,
+    reporter: &dyn ExtractReporter,
+) -> Result<()> {
+    let dir = &backbone.dir;
+    let (Some(cfg), true) = (&backbone.config, model == dir.onnx_path()) else {
+        return Ok(());
+    };
+    if model.exists() || !dir.safetensors_path().is_file() {
+        return Ok(());
+    }
+    reporter.note(&format!(
+        "{} has no model.onnx: exporting its checkpoint there first (once; as `sherl-extract export-onnx`)",
+        dir.root().display()
+    ));
+    let t = Instant::now();
+    let ckpt = crate::backbone::Checkpoint::open(&dir.safetensors_path())?;
+    let s = crate::onnx::export_backbone(cfg, &ckpt, model)?;
+    reporter.note(&format!(
+        "exported {} layers to {} ({:.0} MB) in {:.1} s",
+        s.layers,
+        model.display(),
+        s.bytes as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
 /// An open ONNX Runtime session and what it will store.
 pub struct Session {
     /// The session.
@@ -208,6 +243,7 @@ pub fn run(
     plan::validate(s)?;
     CacheWriter::check_target(&plan.out)?;
     let backbone = open_backbone(&plan.backbone, s)?;
+    export_on_first_use(&backbone, &plan.model, reporter)?;
     let mut session = open_session(
         rt,
         &plan.model,
