@@ -111,6 +111,8 @@ fn lora_and_adapter_start_as_the_frozen_backbone() {
         (
             FitConfig {
                 method: Method::Lora,
+                // with dropout: composed updates
+                lora_dropout: Some(0.1),
                 ..FitConfig::default()
             },
             // rank 8 on q and v: A [8, 32] and B [32, 8] each
@@ -262,8 +264,8 @@ fn new_methods_train_and_loss_falls() {
     let full = summary(&fit(&f.root, &["--method", "full-ft", "--epochs", "1"]));
     let full_params = full["trainable_params"].as_u64().unwrap();
     let runs: [&[&str]; 6] = [
+        &["--method", "lora", "--lora-dropout", "0.1"],
         &["--method", "lora"],
-        &["--method", "lora", "--lora-dropout", "0"],
         &[
             "--method",
             "lora",

@@ -77,7 +77,8 @@ pub struct FitConfig {
     /// LoRA alpha; the update is scaled by alpha / r (`None`: 16).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_alpha: Option<f64>,
-    /// Dropout on the LoRA update's input (`None`: 0.1).
+    /// Dropout on the LoRA update's input (`None`: 0, as PEFT; 0.1 before
+    /// 2026-12-05, see [`FitConfig::run_id`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub lora_dropout: Option<f32>,
     /// Projections LoRA adapts (`None`: q and v). In JSON a list or one
@@ -159,7 +160,14 @@ impl FitConfig {
     /// Short id: sha256 over the canonical config JSON and the cache's
     /// settings hash, first 12 hex digits, prefixed by the method.
     pub fn run_id(&self, cache_settings_hash: &str) -> String {
-        let canon = serde_json::json!({ "config": self, "cache": cache_settings_hash });
+        let mut config = serde_json::to_value(self).expect("config serializes");
+        if self.method == Method::Lora && self.lora_dropout.is_none() {
+            // LoRA's default dropout was 0.1 before 2026-12-05 and is 0 now:
+            // hashing the value keeps a run made under the old default from
+            // passing for one under the new (every other id is unchanged)
+            config["lora_dropout"] = serde_json::json!(0.0);
+        }
+        let canon = serde_json::json!({ "config": config, "cache": cache_settings_hash });
         let h = Sha256::digest(canon.to_string().as_bytes());
         format!(
             "{}-{}",
@@ -294,7 +302,7 @@ impl FitConfig {
         LoraSpec {
             rank: self.lora_rank.unwrap_or(8),
             alpha: self.lora_alpha.unwrap_or(16.0),
-            dropout: self.lora_dropout.unwrap_or(0.1),
+            dropout: self.lora_dropout.unwrap_or(0.0),
             targets,
         }
     }
@@ -388,7 +396,8 @@ pub struct SettingFlags {
     /// LoRA alpha: the update is scaled by alpha / r (--method lora; default 16).
     #[arg(long)]
     pub lora_alpha: Option<f64>,
-    /// Dropout on the LoRA update's input (--method lora; default 0.1).
+    /// Dropout on the LoRA update's input (--method lora; default 0, as
+    /// Hugging Face PEFT: the updates then merge into the fused layer op).
     #[arg(long)]
     pub lora_dropout: Option<f32>,
     /// Projections LoRA adapts, e.g. q,k,v,o,ffn-in,ffn-out (--method lora; default q,v).
@@ -555,7 +564,24 @@ mod tests {
             assert!(json.get(k).is_none(), "{k}");
         }
         let spec = FitConfig::default().lora_spec();
-        assert_eq!((spec.rank, spec.alpha, spec.dropout), (8, 16.0, 0.1));
+        assert_eq!((spec.rank, spec.alpha, spec.dropout), (8, 16.0, 0.0));
+        // a default LoRA run's id is not the one the 0.1 default gave
+        let lora = FitConfig {
+            method: Method::Lora,
+            ..FitConfig::default()
+        };
+        let old = serde_json::json!({ "config": lora, "cache": "x" });
+        let old_hex = crate::hash::hex(&Sha256::digest(old.to_string().as_bytes()));
+        let old = crate::hash::abbrev(&old_hex);
+        assert_ne!(lora.run_id("x"), format!("lora-{old}"));
+        assert_eq!(
+            lora.run_id("x"),
+            FitConfig {
+                lora_dropout: Some(0.0),
+                ..lora.clone()
+            }
+            .run_id("x")
+        );
         assert_eq!(spec.targets, vec![LoraTarget::Q, LoraTarget::V]);
         let a: FitConfig =
             serde_json::from_str(r#"{"method": "lora", "lora_targets": "v,q,ffn-in,q"}"#).unwrap();
