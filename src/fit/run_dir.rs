@@ -314,6 +314,31 @@ impl RunError {
     pub fn write(&self, run_dir: &Path) -> Result<()> {
         write_sorted(&run_dir.join(ERROR_FILE), self)
     }
+
+    /// Record that run `run_id` stopped with `err`: `error.json` with the
+    /// message and the checksum of the best weights written before it
+    /// stopped (so predict can use them safely). Recording must not hide
+    /// the failure: if it fails too (the disk that stopped training is
+    /// full), that is logged and the caller returns the original error.
+    pub fn record(run_dir: &Path, run_id: &str, err: &dyn std::fmt::Display) {
+        let weights = run_dir.join(WEIGHTS_FILE);
+        let record = (|| {
+            let weights_sha256 = if weights.exists() {
+                Some(crate::fsutil::sha256_file(&weights)?)
+            } else {
+                None
+            };
+            RunError {
+                error: err.to_string(),
+                run_id: run_id.to_string(),
+                weights_sha256,
+            }
+            .write(run_dir)
+        })();
+        if let Err(also) = record {
+            tracing::warn!("could not record the failure in error.json: {also}");
+        }
+    }
 }
 
 /// The weights checksum a run recorded: `Some((file, sha))` from

@@ -338,27 +338,8 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
         }
         Err(e) => {
             // Keep what was written (metrics, best weights) and say why it
-            // stopped; the weights' checksum lets predict use them safely.
-            // Recording the failure must not hide it: if that fails too
-            // (the disk that stopped training is full), say so and return
-            // the original error.
-            let weights = run_dir.join(WEIGHTS_FILE);
-            let record = (|| {
-                let weights_sha256 = if weights.exists() {
-                    Some(crate::fsutil::sha256_file(&weights)?)
-                } else {
-                    None
-                };
-                RunError {
-                    error: e.to_string(),
-                    run_id: run_id.clone(),
-                    weights_sha256,
-                }
-                .write(&run_dir)
-            })();
-            if let Err(also) = record {
-                tracing::warn!("could not record the failure in error.json: {also}");
-            }
+            // stopped.
+            RunError::record(&run_dir, &run_id, &e);
             Err(e)
         }
     }

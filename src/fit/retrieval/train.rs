@@ -620,23 +620,7 @@ pub fn run(plan: &RetrievalPlan, reporter: &dyn FitReporter) -> Result<Retrieval
             Ok(s)
         }
         Err(e) => {
-            let weights = run_dir.join(WEIGHTS_FILE);
-            let record = (|| {
-                let weights_sha256 = if weights.exists() {
-                    Some(crate::fsutil::sha256_file(&weights)?)
-                } else {
-                    None
-                };
-                RunError {
-                    error: e.to_string(),
-                    run_id: run_id.clone(),
-                    weights_sha256,
-                }
-                .write(&run_dir)
-            })();
-            if let Err(also) = record {
-                tracing::warn!("could not record the failure in error.json: {also}");
-            }
+            RunError::record(&run_dir, &run_id, &e);
             Err(e)
         }
     }
