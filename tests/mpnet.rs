@@ -23,6 +23,21 @@ use crate::common::{self, reference, tiny};
 use crate::fit::{fit, fit_fixture_with, summary};
 use crate::peft;
 
+/// Real tokens per example of a `[B, S]` mask.
+fn lengths(mask: &candle_core::Tensor) -> Vec<usize> {
+    let n = mask.sum(1).unwrap().to_vec1::<f32>().unwrap();
+    n.iter().map(|&n| n as usize).collect()
+}
+
+/// The real rows of each example of `t` `[B, S, D]`, flattened.
+fn real(t: &candle_core::Tensor, lens: &[usize]) -> Vec<Vec<f32>> {
+    let v = t.to_vec3::<f32>().unwrap();
+    v.iter()
+        .zip(lens)
+        .map(|(rows, &n)| rows[..n].iter().flatten().copied().collect())
+        .collect()
+}
+
 /// Exported tiny MPNet == the plain-Rust reference at every layer, for a
 /// padded batch and each example alone; one example of 140 tokens reaches
 /// offsets beyond 128 (the last bucket). The reference with the relative
@@ -141,25 +156,11 @@ fn mpnet_layers_in_candle_match_onnx_runtime() {
         .expect("an MPNet has a relative-position table");
     let positions: Vec<usize> = (0..=3).map(|l| cache.layer_position(l).unwrap()).collect();
     let (b, _) = peft::batch(&cache, 8, &positions);
-    let lens: Vec<usize> = b
-        .mask
-        .sum(1)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&n| n as usize)
-        .collect();
+    let lens = lengths(&b.mask);
     assert!(lens.iter().min() < lens.iter().max(), "a padded batch");
     let keys = attention_bias(&b.mask).unwrap();
     let bias = rel.add_to(&keys).unwrap();
-    let real = |t: &candle_core::Tensor| -> Vec<Vec<f32>> {
-        let v = t.to_vec3::<f32>().unwrap();
-        v.iter()
-            .zip(&lens)
-            .map(|(rows, &n)| rows[..n].iter().flatten().copied().collect())
-            .collect()
-    };
+    let real = |t: &candle_core::Tensor| real(t, &lens);
     for l in 1..=3 {
         let mut params = sherl::fit::params::Params::new();
         let mut rng = sherl::rng::SplitMix64::new(0);
@@ -342,15 +343,7 @@ fn real_mpnet_in_candle_matches_onnx_runtime() {
         cache.layer_position(12).unwrap(),
     ];
     let (b, want) = peft::batch(&cache, texts.len() as u64, &positions);
-    let lens: Vec<usize> = b
-        .mask
-        .sum(1)
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
-        .iter()
-        .map(|&n| n as usize)
-        .collect();
+    let lens = lengths(&b.mask);
     assert_eq!(
         *lens.iter().max().unwrap(),
         128,
@@ -361,16 +354,13 @@ fn real_mpnet_in_candle_matches_onnx_runtime() {
     let mut rng = sherl::rng::SplitMix64::new(0);
     let mut vb = Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
     let layer = BertLayer::load(vb.pp("encoder.layer.11"), cfg).unwrap();
-    let got = layer
-        .forward(&b.layers[0], &bias, &mut Mode::Eval)
-        .unwrap()
-        .to_vec3::<f32>()
-        .unwrap();
-    let cached = b.layers[1].to_vec3::<f32>().unwrap();
-    for (i, &n) in lens.iter().enumerate() {
-        let g: Vec<f32> = got[i][..n].iter().flatten().copied().collect();
-        let w: Vec<f32> = cached[i][..n].iter().flatten().copied().collect();
-        common::assert_close(&g, &w, 1e-4, 1e-4, &format!("layer 12, review {i}"));
+    let got = layer.forward(&b.layers[0], &bias, &mut Mode::Eval).unwrap();
+    for (i, (g, w)) in real(&got, &lens)
+        .iter()
+        .zip(real(&b.layers[1], &lens))
+        .enumerate()
+    {
+        common::assert_close(g, &w, 1e-4, 1e-4, &format!("layer 12, review {i}"));
     }
     let model = peft::build(
         &cache,
