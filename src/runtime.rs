@@ -386,6 +386,119 @@ pub struct DeviceChoice {
     pub fallback_reason: Option<String>,
 }
 
+/// Build a session for `cfg` on the device it asks for (`cfg.device`):
+/// its optimisation level and threads, the CUDA execution provider for
+/// `cuda:N` (full f32, strict SkipLayerNorm) and for `auto` when the loaded
+/// ONNX Runtime has one (falling back to the CPU, with the reason, when it
+/// does not start); `commit` loads the model (`model` names it in
+/// messages). The one place both session kinds choose their device.
+fn build_on_device(
+    rt: &Runtime,
+    model: &Path,
+    cfg: &SessionConfig,
+    commit: &dyn Fn(&mut SessionBuilder) -> ort::Result<Session>,
+) -> Result<(Session, DeviceChoice)> {
+    let try_build = |cuda: Option<i32>| -> Result<Session> {
+        let mut b = Session::builder(&rt.env)
+            .map_err(ort_err("session builder"))?
+            .with_optimization_level(cfg.opt_level.to_ort())
+            .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
+        if let Some(t) = cfg.threads {
+            b = b
+                .with_intra_threads(t)
+                .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
+        }
+        if let Some(id) = cuda {
+            b = b
+                // Full f32 matrix products (no TF32) and strict
+                // SkipLayerNorm: a GPU cache then equals a CPU one up to
+                // the storage rounding (`sherl-cache compare`).
+                .with_execution_providers([ort::ep::CUDA::default()
+                    .with_device_id(id)
+                    .with_tf32(false)
+                    .with_skip_layer_norm_strict_mode(true)
+                    .build()
+                    .error_on_failure()])
+                .map_err(|e| {
+                    Error::Runtime(format!(
+                        "CUDA execution provider failed to start on GPU {id}: {e}"
+                    ))
+                })?;
+        }
+        commit(&mut b).map_err(|e| {
+            Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
+        })
+    };
+    let no_cuda_build = || {
+        format!(
+            "the ONNX Runtime library {} has no CUDA execution provider (CPU-only build); \
+             for --device cuda fetch the CUDA build with `pipelines/fetch-assets.sh ort-gpu` \
+             (PyPI onnxruntime-gpu 1.31.1, found by --device cuda/auto in the asset folder) \
+             or pass --ort-lib with a CUDA build of ONNX Runtime 1.24 or later, or use \
+             --device cpu",
+            rt.library.display()
+        )
+    };
+    Ok(match cfg.device {
+        Device::Cpu => (
+            try_build(None)?,
+            DeviceChoice {
+                device: "cpu".into(),
+                fallback_reason: None,
+            },
+        ),
+        Device::Cuda(id) => {
+            if !rt.has_cuda() {
+                return Err(Error::Runtime(no_cuda_build()));
+            }
+            let s = try_build(Some(id)).map_err(|e| with_cuda_hint(e, &rt.library, id))?;
+            (
+                s,
+                DeviceChoice {
+                    device: format!("cuda:{id}"),
+                    fallback_reason: None,
+                },
+            )
+        }
+        Device::Auto => {
+            if rt.has_cuda() {
+                match try_build(Some(0)) {
+                    Ok(s) => (
+                        s,
+                        DeviceChoice {
+                            device: "cuda:0".into(),
+                            fallback_reason: None,
+                        },
+                    ),
+                    Err(e) => (
+                        try_build(None)?,
+                        DeviceChoice {
+                            device: "cpu".into(),
+                            fallback_reason: Some(
+                                with_cuda_hint(e, &rt.library, 0)
+                                    .to_string()
+                                    .trim_start_matches("ONNX Runtime: ")
+                                    .to_string(),
+                            ),
+                        },
+                    ),
+                }
+            } else {
+                (
+                    try_build(None)?,
+                    DeviceChoice {
+                        device: "cpu".into(),
+                        fallback_reason: Some(format!(
+                            "{} is a CPU-only build of ONNX Runtime; `pipelines/fetch-assets.sh ort-gpu` fetches the CUDA one",
+                            rt.library.display()
+                        )),
+                    },
+                )
+            }
+        }
+    })
+}
+
 impl BackboneSession {
     /// Open `model` with `cfg`. Checks the model's inputs and outputs follow
     /// sherl's naming (see [`crate::onnx`]).
@@ -399,105 +512,8 @@ impl BackboneSession {
                 ),
             ));
         }
-        let try_build = |cuda: Option<i32>| -> Result<Session> {
-            let mut b = Session::builder(&rt.env)
-                .map_err(ort_err("session builder"))?
-                .with_optimization_level(cfg.opt_level.to_ort())
-                .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
-            if let Some(t) = cfg.threads {
-                b = b
-                    .with_intra_threads(t)
-                    .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
-            }
-            if let Some(id) = cuda {
-                b = b
-                    // Full f32 matrix products (no TF32) and strict
-                    // SkipLayerNorm: a GPU cache then equals a CPU one up to
-                    // the storage rounding (`sherl-cache compare`).
-                    .with_execution_providers([ort::ep::CUDA::default()
-                        .with_device_id(id)
-                        .with_tf32(false)
-                        .with_skip_layer_norm_strict_mode(true)
-                        .build()
-                        .error_on_failure()])
-                    .map_err(|e| {
-                        Error::Runtime(format!(
-                            "CUDA execution provider failed to start on GPU {id}: {e}"
-                        ))
-                    })?;
-            }
-            b.commit_from_file(model).map_err(|e| {
-                Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
-            })
-        };
-        let no_cuda_build = || {
-            format!(
-                "the ONNX Runtime library {} has no CUDA execution provider (CPU-only build); \
-                 for --device cuda fetch the CUDA build with `pipelines/fetch-assets.sh ort-gpu` \
-                 (PyPI onnxruntime-gpu 1.31.1, found by --device cuda/auto in the asset folder) \
-                 or pass --ort-lib with a CUDA build of ONNX Runtime 1.24 or later, or use \
-                 --device cpu",
-                rt.library.display()
-            )
-        };
-        let (session, choice) = match cfg.device {
-            Device::Cpu => (
-                try_build(None)?,
-                DeviceChoice {
-                    device: "cpu".into(),
-                    fallback_reason: None,
-                },
-            ),
-            Device::Cuda(id) => {
-                if !rt.has_cuda() {
-                    return Err(Error::Runtime(no_cuda_build()));
-                }
-                let s = try_build(Some(id)).map_err(|e| with_cuda_hint(e, &rt.library, id))?;
-                (
-                    s,
-                    DeviceChoice {
-                        device: format!("cuda:{id}"),
-                        fallback_reason: None,
-                    },
-                )
-            }
-            Device::Auto => {
-                if rt.has_cuda() {
-                    match try_build(Some(0)) {
-                        Ok(s) => (
-                            s,
-                            DeviceChoice {
-                                device: "cuda:0".into(),
-                                fallback_reason: None,
-                            },
-                        ),
-                        Err(e) => (
-                            try_build(None)?,
-                            DeviceChoice {
-                                device: "cpu".into(),
-                                fallback_reason: Some(
-                                    with_cuda_hint(e, &rt.library, 0)
-                                        .to_string()
-                                        .trim_start_matches("ONNX Runtime: ")
-                                        .to_string(),
-                                ),
-                            },
-                        ),
-                    }
-                } else {
-                    (
-                        try_build(None)?,
-                        DeviceChoice {
-                            device: "cpu".into(),
-                            fallback_reason: Some(format!(
-                                "{} is a CPU-only build of ONNX Runtime; `pipelines/fetch-assets.sh ort-gpu` fetches the CUDA one",
-                                rt.library.display()
-                            )),
-                        },
-                    )
-                }
-            }
-        };
+        let (session, choice) =
+            build_on_device(rt, model, cfg, &|b| b.commit_from_file(model))?;
         let input_names: Vec<String> = session
             .inputs()
             .iter()
@@ -634,25 +650,27 @@ impl BackboneSession {
     }
 }
 
-/// A model whose inputs and chosen outputs are float32 tensors of any shape,
-/// run on the CPU: an image backbone's `[batch, 3, H, W]` input, or a test
-/// fixture. Outputs are asked for by name.
+/// A model whose inputs and chosen outputs are float32 tensors of any shape:
+/// an image backbone's `[batch, 3, H, W]` input, or a test fixture, on the
+/// device `cfg` asks for (as [`BackboneSession`]). Outputs are asked for by
+/// name.
 pub struct F32Session {
     session: Session,
     model: PathBuf,
+    device: DeviceChoice,
 }
 
 impl std::fmt::Debug for F32Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("F32Session")
             .field("model", &self.model)
+            .field("device", &self.device.device)
             .finish()
     }
 }
 
 impl F32Session {
-    /// Open `model` on the CPU with `cfg`'s threads and optimisation level
-    /// (its device is not used).
+    /// Open `model` with `cfg`'s device, threads and optimisation level.
     pub fn open(rt: &Runtime, model: &Path, cfg: &SessionConfig) -> Result<Self> {
         Self::build(rt, model, cfg, |b| b.commit_from_file(model))
     }
@@ -669,31 +687,26 @@ impl F32Session {
         Self::build(rt, model, cfg, |b| b.commit_from_memory(bytes))
     }
 
-    /// The one CPU session builder behind [`F32Session::open`] and
-    /// [`F32Session::from_bytes`]: `cfg`'s optimisation level and threads,
-    /// then `commit` loads the model (`model` names it in messages).
+    /// The one builder behind [`F32Session::open`] and
+    /// [`F32Session::from_bytes`]: [`build_on_device`] with `commit` loading
+    /// the model (`model` names it in messages).
     fn build(
         rt: &Runtime,
         model: &Path,
         cfg: &SessionConfig,
-        commit: impl FnOnce(&mut SessionBuilder) -> ort::Result<Session>,
+        commit: impl Fn(&mut SessionBuilder) -> ort::Result<Session>,
     ) -> Result<Self> {
-        let mut b = Session::builder(&rt.env)
-            .map_err(ort_err("session builder"))?
-            .with_optimization_level(cfg.opt_level.to_ort())
-            .map_err(|e| Error::Runtime(format!("optimisation level: {e}")))?;
-        if let Some(t) = cfg.threads {
-            b = b
-                .with_intra_threads(t)
-                .map_err(|e| Error::Runtime(format!("threads: {e}")))?;
-        }
-        let session = commit(&mut b).map_err(|e| {
-            Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
-        })?;
+        let (session, device) = build_on_device(rt, model, cfg, &commit)?;
         Ok(F32Session {
             session,
             model: model.to_owned(),
+            device,
         })
+    }
+
+    /// The device the session runs on (and why `auto` fell back, if it did).
+    pub fn device(&self) -> &DeviceChoice {
+        &self.device
     }
 
     /// Run with the named `inputs`; returns the named `outputs`, in order.

@@ -894,3 +894,49 @@ fn vit_checkpoint_stamp_skips_the_rebuild_only_while_the_hashes_match() {
         "{err}"
     );
 }
+
+/// The image route honours `--device` as text does: `cuda` on a CPU-only
+/// ONNX Runtime exits 2 naming the cause (it used to run on the CPU
+/// silently); `auto` falls back to the CPU with one line saying why, and the
+/// summary says `cpu`.
+#[test]
+fn image_extraction_honours_the_device() {
+    let f = image_fixture(4);
+    let cpu_lib = common::runtime().library().to_str().unwrap().to_owned();
+    let env = [("ORT_DYLIB_PATH", cpu_lib.as_str())];
+    let run = |device: &str, out: &str| {
+        common::run(
+            "sherl-extract",
+            &[
+                "run",
+                "--backbone",
+                f.backbone.to_str().unwrap(),
+                "--data",
+                f.data.to_str().unwrap(),
+                "--device",
+                device,
+                "--out",
+                out,
+            ],
+            &f.root,
+            &env,
+        )
+    };
+    let o = run("cuda", "c-cuda");
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("no CUDA execution provider"),
+        "{}",
+        common::stderr(&o)
+    );
+    let o = run("auto", "c-auto");
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let notes = common::stderr(&o);
+    assert_eq!(
+        notes.lines().filter(|l| l.contains("running on CPU")).count(),
+        1,
+        "{notes}"
+    );
+    let s: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
+    assert_eq!(s["device"], "cpu");
+}

@@ -456,6 +456,10 @@ pub fn run(
     let mut session = F32Session::from_bytes(rt, &plan.model, &bytes, &plan.session)?;
     drop(bytes);
     let t_session = t.elapsed().as_secs_f64();
+    let device = session.device().clone();
+    if let Some(reason) = &device.fallback_reason {
+        reporter.note(&format!("device auto: running on CPU ({reason})"));
+    }
 
     let t = Instant::now();
     let data = load_images(&plan.dataset, &plan.image.options)?;
@@ -567,6 +571,6 @@ pub fn run(
             padded_tokens_run: padded_run,
         },
         t0,
-        "cpu".into(),
+        device.device,
     ))
 }
