@@ -425,9 +425,8 @@ fn build_on_device(
                     ))
                 })?;
         }
-        commit(&mut b).map_err(|e| {
-            Error::Runtime(format!("{}: cannot load the model: {e}", model.display()))
-        })
+        commit(&mut b)
+            .map_err(|e| Error::Runtime(format!("{}: cannot load the model: {e}", model.display())))
     };
     let no_cuda_build = || {
         format!(
@@ -512,8 +511,7 @@ impl BackboneSession {
                 ),
             ));
         }
-        let (session, choice) =
-            build_on_device(rt, model, cfg, &|b| b.commit_from_file(model))?;
+        let (session, choice) = build_on_device(rt, model, cfg, &|b| b.commit_from_file(model))?;
         let input_names: Vec<String> = session
             .inputs()
             .iter()

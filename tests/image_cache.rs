@@ -933,7 +933,10 @@ fn image_extraction_honours_the_device() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let notes = common::stderr(&o);
     assert_eq!(
-        notes.lines().filter(|l| l.contains("running on CPU")).count(),
+        notes
+            .lines()
+            .filter(|l| l.contains("running on CPU"))
+            .count(),
         1,
         "{notes}"
     );
