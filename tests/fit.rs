@@ -256,6 +256,29 @@ pub fn fit(root: &Path, args: &[&str]) -> std::process::Output {
     common::run("sherl-fit", &a, root, &[])
 }
 
+/// `sherl-fit predict` of run `run` on the fixture's `data.csv` into
+/// `pred.jsonl` (CPU).
+pub fn predict_data(root: &Path, run: &str) -> std::process::Output {
+    common::run(
+        "sherl-fit",
+        &[
+            "predict",
+            "--run",
+            run,
+            "--backbone",
+            "backbone",
+            "--data",
+            "data.csv",
+            "--out",
+            "pred.jsonl",
+            "--device",
+            "cpu",
+        ],
+        root,
+        &[],
+    )
+}
+
 pub fn summary(o: &std::process::Output) -> serde_json::Value {
     assert!(
         o.status.success(),
@@ -862,24 +885,7 @@ fn predict_labels_new_texts_and_refuses_other_backbones() {
     let s = summary(&fit(&f.root, &["--epochs", "2"]));
     let run = f.root.join(s["run_dir"].as_str().unwrap());
     let run_s = run.to_str().unwrap();
-    let o = common::run(
-        "sherl-fit",
-        &[
-            "predict",
-            "--run",
-            run_s,
-            "--backbone",
-            "backbone",
-            "--data",
-            "data.csv",
-            "--out",
-            "pred.jsonl",
-            "--device",
-            "cpu",
-        ],
-        &f.root,
-        &[],
-    );
+    let o = predict_data(&f.root, run_s);
     assert!(o.status.success(), "{}", common::stderr(&o));
     let p: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
     assert_eq!(p["examples"], 60);

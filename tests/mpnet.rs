@@ -20,7 +20,7 @@ use sherl::runtime::BackboneSession;
 use sherl::tokenize::Encoded;
 
 use crate::common::{self, reference, tiny};
-use crate::fit::{fit, fit_fixture_with, summary};
+use crate::fit::{fit, fit_fixture_with, predict_data, summary};
 use crate::peft;
 
 /// Real tokens per example of a `[B, S]` mask.
@@ -247,24 +247,7 @@ fn every_method_trains_on_mpnet_and_predicts() {
         assert!(l[3] < l[0], "{method}: train loss {l:?}");
     }
     let s = summary(&fit(&f.root, &["--method", "sherl", "--epochs", "1"]));
-    let o = common::run(
-        "sherl-fit",
-        &[
-            "predict",
-            "--run",
-            s["run_dir"].as_str().unwrap(),
-            "--backbone",
-            "backbone",
-            "--data",
-            "data.csv",
-            "--out",
-            "pred.jsonl",
-            "--device",
-            "cpu",
-        ],
-        &f.root,
-        &[],
-    );
+    let o = predict_data(&f.root, s["run_dir"].as_str().unwrap());
     assert!(o.status.success(), "{}", common::stderr(&o));
     let p: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
     assert_eq!(p["examples"], 90);
