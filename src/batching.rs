@@ -5,7 +5,7 @@
 //! runs on (from [`Encoded`] token ids), and the inverse, per-example rows at real tokens only
 //! ([`real_rows`], [`real_rows_slice`]).
 
-use ndarray::{Array2, Array3, ArrayView2};
+use ndarray::{Array2, ArrayView2, ArrayView3};
 
 /// One tokenized example (no padding).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,7 +118,7 @@ pub fn batch_ranges(
 
 /// Rows `[0, len)` of example `b` of a `[batch, seq, hidden]` output, as a
 /// contiguous row-major `len x hidden` vector.
-pub fn real_rows(h: &Array3<f32>, b: usize, len: usize) -> Vec<f32> {
+pub fn real_rows(h: ArrayView3<'_, f32>, b: usize, len: usize) -> Vec<f32> {
     real_rows_slice(h, b, len).map_or_else(
         || {
             let hidden = h.shape()[2];
@@ -134,9 +134,9 @@ pub fn real_rows(h: &Array3<f32>, b: usize, len: usize) -> Vec<f32> {
 
 /// The same rows borrowed without copying, when `h` is in standard
 /// (row-major, contiguous) layout, as ONNX Runtime's outputs are.
-pub fn real_rows_slice(h: &Array3<f32>, b: usize, len: usize) -> Option<&[f32]> {
+pub fn real_rows_slice(h: ArrayView3<'_, f32>, b: usize, len: usize) -> Option<&[f32]> {
     let (s, d) = (h.shape()[1], h.shape()[2]);
-    h.as_slice().map(|all| &all[b * s * d..(b * s + len) * d])
+    h.to_slice().map(|all| &all[b * s * d..(b * s + len) * d])
 }
 
 #[cfg(test)]
@@ -175,7 +175,8 @@ mod tests {
 
     #[test]
     fn real_rows_strip_padding() {
-        let h = Array3::from_shape_fn((2, 3, 2), |(b, t, d)| (b * 100 + t * 10 + d) as f32);
-        assert_eq!(real_rows(&h, 1, 2), vec![100.0, 101.0, 110.0, 111.0]);
+        let h =
+            ndarray::Array3::from_shape_fn((2, 3, 2), |(b, t, d)| (b * 100 + t * 10 + d) as f32);
+        assert_eq!(real_rows(h.view(), 1, 2), vec![100.0, 101.0, 110.0, 111.0]);
     }
 }

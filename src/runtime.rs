@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use ndarray::{Array3, ArrayD, ArrayView2, ArrayViewD};
+use ndarray::{Array3, ArrayD, ArrayView2, ArrayView3, ArrayViewD};
 use ort::ep::ExecutionProvider;
 use ort::session::builder::{GraphOptimizationLevel, SessionBuilder};
 use ort::session::Session;
-use ort::value::TensorRef;
+use ort::value::{DynValue, TensorRef};
 
 use crate::backbone::{hidden_state_index, hidden_state_name};
 use crate::{Error, Result};
@@ -606,11 +606,28 @@ impl BackboneSession {
         types: ArrayView2<'_, i64>,
         layers: &[usize],
     ) -> Result<Vec<Array3<f32>>> {
+        Ok(self
+            .run_hidden(ids, mask, types, layers)?
+            .into_iter()
+            .map(HiddenStates::into_array)
+            .collect())
+    }
+
+    /// [`BackboneSession::run`] leaving each hidden state where ONNX Runtime
+    /// wrote it (extraction reads them once, into its chunks: no copy of
+    /// every output in between).
+    pub fn run_hidden(
+        &mut self,
+        ids: ArrayView2<'_, i64>,
+        mask: ArrayView2<'_, i64>,
+        types: ArrayView2<'_, i64>,
+        layers: &[usize],
+    ) -> Result<Vec<HiddenStates>> {
         self.check_layers(layers)?;
         let t_ids = TensorRef::from_array_view(ids).map_err(ort_err("input_ids"))?;
         let t_mask = TensorRef::from_array_view(mask).map_err(ort_err("attention_mask"))?;
         let t_types = TensorRef::from_array_view(types).map_err(ort_err("token_type_ids"))?;
-        let outputs = if self.uses_token_types {
+        let mut outputs = if self.uses_token_types {
             self.session.run(ort::inputs![
                 "input_ids" => t_ids,
                 "attention_mask" => t_mask,
@@ -627,24 +644,94 @@ impl BackboneSession {
         for &i in layers {
             let name = hidden_state_name(i);
             let value = outputs
-                .get(&name)
+                .remove(&name)
                 .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
-            let (shape, data) = value
-                .try_extract_tensor::<f32>()
-                .map_err(|e| Error::Runtime(format!("{name}: expected a float32 tensor: {e}")))?;
-            let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
-            if dims.len() != 3 || dims[0] != ids.nrows() || dims[1] != ids.ncols() {
+            let h = HiddenStates::from_value(&name, value, None)?;
+            let (b, s, _) = h.dims();
+            if b != ids.nrows() || s != ids.ncols() {
                 return Err(Error::Runtime(format!(
-                    "{name} has shape {dims:?}, expected [{}, {}, hidden]",
+                    "{name} has shape {:?}, expected [{}, {}, hidden]",
+                    h.dims(),
                     ids.nrows(),
                     ids.ncols()
                 )));
             }
-            let arr = Array3::from_shape_vec((dims[0], dims[1], dims[2]), data.to_vec())
-                .map_err(|e| Error::Runtime(format!("{name}: {e}")))?;
-            result.push(arr);
+            result.push(h);
         }
         Ok(result)
+    }
+}
+
+/// One `[batch, seq, hidden]` float32 hidden state of a batch: the tensor
+/// ONNX Runtime returned, read in place, or an array computed here (pooled
+/// image patches, a test's input).
+#[derive(Debug)]
+pub enum HiddenStates {
+    /// ONNX Runtime's output value and its checked dimensions.
+    Runtime {
+        /// The output (f32, `dims` elements; checked when it was wrapped).
+        value: DynValue,
+        /// `[batch, seq, hidden]`.
+        dims: (usize, usize, usize),
+    },
+    /// An owned array.
+    Owned(Array3<f32>),
+}
+
+impl HiddenStates {
+    /// Wrap output `name`, checking it is a 3-D float32 tensor (and, when
+    /// `tokens` is given, that it has that many tokens per example).
+    pub fn from_value(name: &str, value: DynValue, tokens: Option<usize>) -> Result<Self> {
+        let (shape, data) = value
+            .try_extract_tensor::<f32>()
+            .map_err(|e| Error::Runtime(format!("{name}: expected a float32 tensor: {e}")))?;
+        let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+        let &[b, s, d] = dims.as_slice() else {
+            return Err(Error::Runtime(format!(
+                "{name} has shape {dims:?}, expected [batch, tokens, hidden]"
+            )));
+        };
+        if b * s * d != data.len() || tokens.is_some_and(|t| t != s) {
+            return Err(Error::Runtime(format!(
+                "{name} has shape {dims:?}, expected [batch, {}, hidden]",
+                tokens.map_or("tokens".to_string(), |t| t.to_string())
+            )));
+        }
+        Ok(HiddenStates::Runtime {
+            value,
+            dims: (b, s, d),
+        })
+    }
+
+    /// `[batch, seq, hidden]`.
+    pub fn dims(&self) -> (usize, usize, usize) {
+        match self {
+            HiddenStates::Runtime { dims, .. } => *dims,
+            HiddenStates::Owned(a) => a.dim(),
+        }
+    }
+
+    /// The values, without copying them.
+    pub fn view(&self) -> ArrayView3<'_, f32> {
+        match self {
+            HiddenStates::Runtime { value, dims } => {
+                // Both checked in `from_value`: a float32 tensor of
+                // exactly `dims` elements.
+                let (_, data) = value
+                    .try_extract_tensor::<f32>()
+                    .expect("a float32 tensor, checked when it was wrapped");
+                ArrayView3::from_shape(*dims, data).expect("dims checked when it was wrapped")
+            }
+            HiddenStates::Owned(a) => a.view(),
+        }
+    }
+
+    /// An owned array (a copy of a runtime output).
+    pub fn into_array(self) -> Array3<f32> {
+        match self {
+            HiddenStates::Owned(a) => a,
+            h => h.view().to_owned(),
+        }
     }
 }
 
@@ -707,18 +794,47 @@ impl F32Session {
         &self.device
     }
 
-    /// Run with the named `inputs`; returns the named `outputs`, in order.
-    pub fn run(
+    /// Run with the named `inputs`; returns the named `outputs`, each a
+    /// `[batch, tokens, hidden]` tensor with `tokens` tokens, in order, where
+    /// ONNX Runtime wrote them (no copy).
+    pub fn run_hidden(
         &mut self,
         inputs: &[(&str, ArrayViewD<'_, f32>)],
         outputs: &[&str],
-    ) -> Result<Vec<ArrayD<f32>>> {
+        tokens: usize,
+    ) -> Result<Vec<HiddenStates>> {
+        let values = Self::inputs(inputs)?;
+        let mut out = self.session.run(values).map_err(ort_err("run"))?;
+        outputs
+            .iter()
+            .map(|&name| {
+                let value = out
+                    .remove(name)
+                    .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
+                HiddenStates::from_value(name, value, Some(tokens))
+            })
+            .collect()
+    }
+
+    fn inputs<'v>(
+        inputs: &'v [(&str, ArrayViewD<'_, f32>)],
+    ) -> Result<Vec<(String, TensorRef<'v, f32>)>> {
         let mut values = Vec::with_capacity(inputs.len());
         for (name, view) in inputs {
             let t = TensorRef::from_array_view(view.view())
                 .map_err(|e| Error::Runtime(format!("input {name}: {e}")))?;
             values.push((name.to_string(), t));
         }
+        Ok(values)
+    }
+
+    /// Run with the named `inputs`; returns the named `outputs`, in order.
+    pub fn run(
+        &mut self,
+        inputs: &[(&str, ArrayViewD<'_, f32>)],
+        outputs: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let values = Self::inputs(inputs)?;
         let out = self.session.run(values).map_err(ort_err("run"))?;
         outputs
             .iter()

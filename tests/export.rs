@@ -79,14 +79,14 @@ fn tiny_bert_matches_independent_forward_at_every_layer() {
             for l in 0..=cfg.layers {
                 let what = format!("seed {seed} act {act} example {b} hidden_states.{l}");
                 common::assert_close(
-                    &real_rows(&padded[l], b, e.len()),
+                    &real_rows(padded[l].view(), b, e.len()),
                     &want[l],
                     1e-4,
                     1e-4,
                     &format!("{what} (padded)"),
                 );
                 common::assert_close(
-                    &real_rows(&alone[l], 0, e.len()),
+                    &real_rows(alone[l].view(), 0, e.len()),
                     &want[l],
                     1e-4,
                     1e-4,
@@ -137,8 +137,8 @@ fn padded_batch_equals_single_examples() {
             let alone = s.run(i1, m1, t1, &layers).unwrap();
             for (li, l) in layers.iter().enumerate() {
                 common::assert_close(
-                    &real_rows(&padded[li], b, e.len()),
-                    &real_rows(&alone[li], 0, e.len()),
+                    &real_rows(padded[li].view(), b, e.len()),
+                    &real_rows(alone[li].view(), 0, e.len()),
                     1e-5,
                     1e-5,
                     &format!("{} example {b} hidden_states.{l}", model.display()),

@@ -148,7 +148,7 @@ fn cached_values_equal_onnx_runtime() {
         for l in 0..4 {
             common::assert_close(
                 &layers[l],
-                &real_rows(&want[l], 0, e.len()),
+                &real_rows(want[l].view(), 0, e.len()),
                 1e-5,
                 1e-5,
                 &format!("example {pos} layer {l}"),

@@ -118,6 +118,7 @@ fn image_cache_equals_onnx_runtime() {
     assert_eq!(m.labels, vec!["a", "b"]);
     assert_eq!(m.settings.layers, vec![0, 1, 2]);
     assert_eq!(m.settings.max_len, TINY_TOKENS);
+    assert_eq!(m.settings.chunk_size, 2, "--chunk-size is used as given");
     assert!(m.backbone.tokenizer.is_none());
     let info = m.image.as_ref().expect("an image cache records its images");
     let desc = ImageBackboneDesc::read(&f.backbone.join("backbone.json")).unwrap();
@@ -228,6 +229,18 @@ fn fit_ok(o: &std::process::Output) -> serde_json::Value {
 fn four_methods_train_on_an_image_cache() {
     let f = image_fixture(10);
     extract_images(&f, "c", &["--dtype", "f32", "--layers", "all"]);
+    // Without --chunk-size an image cache gets the image default (text's 32
+    // would make chunks of thousands of tokens).
+    let chunk_size = Cache::open(&f.root.join("c"))
+        .unwrap()
+        .manifest()
+        .settings
+        .chunk_size;
+    assert_eq!(chunk_size, sherl::extract::image::IMAGE_CHUNK_SIZE);
+    assert_ne!(
+        chunk_size,
+        sherl::cache::manifest::ExtractSettings::default().chunk_size
+    );
     let mut params = Vec::new();
     for method in ["linear-probe", "late-layer", "unipt", "sherl"] {
         let s = fit_ok(&fit_images(

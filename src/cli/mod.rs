@@ -154,8 +154,8 @@ pub fn print_line(line: &str) -> std::io::Result<()> {
 }
 
 /// Keep freed memory in the allocator instead of returning it to the
-/// kernel: training allocates and frees the same large tensors every step,
-/// and mimalloc's default (purge freed pages after 10 ms) makes every step
+/// kernel: training allocates and frees the same large tensors every step
+/// (extraction, the backbone's outputs every batch), and mimalloc's default (purge freed pages after 10 ms) makes every step
 /// page-fault them back in (measured with `perf stat -e page-faults` on a
 /// 2,402-example cache: 258k faults per epoch by default, 209k with a 1 s
 /// delay, 5.5k with purging off; the epoch ran up to 1.4x faster).

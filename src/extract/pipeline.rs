@@ -12,15 +12,13 @@ use std::ops::Range;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use ndarray::Array3;
-
 use super::error::ExtractError;
 use super::run::ExtractReporter;
 use crate::batching::{batch_ranges, real_rows, real_rows_slice, PaddedBatch};
 use crate::cache::manifest::ExtractSettings;
 use crate::cache::shard::{compress_chunk, CompressedChunk, SealedShard, ShardWriter};
 use crate::cache::ExampleMeta;
-use crate::runtime::BackboneSession;
+use crate::runtime::{BackboneSession, HiddenStates};
 use crate::tokenize::Encoded;
 use crate::{Error, Result};
 
@@ -76,8 +74,9 @@ impl ChunkBuilder {
     /// Append example `b` of the batch the outputs `outs` (one
     /// `[batch, seq, hidden]` array per stored layer) came from; returns the
     /// chunk it completes, if any.
-    pub fn push(&mut self, outs: &[Array3<f32>], b: usize, meta: &ExampleMeta) -> Option<Chunk> {
+    pub fn push(&mut self, outs: &[HiddenStates], b: usize, meta: &ExampleMeta) -> Option<Chunk> {
         for (l, h) in outs.iter().enumerate() {
+            let h = h.view();
             // One copy straight into the chunk buffer; the compression
             // thread checks the values are finite.
             match real_rows_slice(h, b, meta.len()) {
@@ -151,7 +150,7 @@ pub fn write_shard(
     let mut run = |batch_examples: &[ExampleMeta]| -> Result<BatchOutput> {
         let batch = padded_batch(batch_examples);
         let (ids, mask, types) = batch.views();
-        let outs = session.run(ids, mask, types, layers)?;
+        let outs = session.run_hidden(ids, mask, types, layers)?;
         Ok(BatchOutput {
             outs,
             padded_tokens: batch.padded_tokens() as u64,
@@ -166,7 +165,7 @@ pub fn write_shard(
 #[derive(Debug)]
 pub struct BatchOutput {
     /// One `[batch, seq, hidden]` array per stored layer.
-    pub outs: Vec<Array3<f32>>,
+    pub outs: Vec<HiddenStates>,
     /// Token slots run, padding included.
     pub padded_tokens: u64,
     /// The batch's examples as they are to be recorded, when running them
@@ -280,10 +279,10 @@ pub fn write_shard_with(
                 let batch_examples = metas.as_deref().unwrap_or(batch_examples);
                 let real_tokens: u64 = batch_examples.iter().map(|e| e.len() as u64).sum();
                 if let Some(o) = outs.first() {
-                    if o.shape()[2] != hidden {
+                    if o.dims().2 != hidden {
                         return Err(Error::Runtime(format!(
                             "the model returned hidden size {}, expected {hidden}",
-                            o.shape()[2]
+                            o.dims().2
                         )));
                     }
                 }

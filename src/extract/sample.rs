@@ -115,7 +115,7 @@ pub fn sample(rt: &Runtime, plan: &SamplePlan) -> Result<SampleReport> {
         for (li, h) in outs.iter().enumerate() {
             hidden = h.shape()[2];
             for (b, &len) in batch.lengths.iter().enumerate() {
-                let rows = real_rows(h, b, len);
+                let rows = real_rows(h.view(), b, len);
                 if bi == 0 && b == 0 {
                     first_cls[li] = rows[..hidden.min(3)].to_vec();
                 }

@@ -315,7 +315,7 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
             let mut v = vec![0f32; b * s * hidden];
             for (r, e) in encs.iter().enumerate() {
                 v[r * s * hidden..(r * s + e.len()) * hidden].copy_from_slice(&real_rows(
-                    h,
+                    h.view(),
                     r,
                     e.len(),
                 ));
@@ -537,7 +537,7 @@ fn predict_images(
         let layers: Vec<Vec<f32>> = out
             .outs
             .into_iter()
-            .map(|a| a.into_raw_vec_and_offset().0)
+            .map(|a| a.into_array().into_raw_vec_and_offset().0)
             .collect();
         // Every image has `tokens` real tokens: an all-ones mask.
         let encs: Vec<Encoded> = chunk
@@ -638,7 +638,10 @@ fn text_query(
     let pb = PaddedBatch::new(&refs, None);
     let (ids, mask, types) = pb.views();
     let outs = session.run(ids, mask, types, &inputs)?;
-    let layers = outs.iter().map(|h| real_rows(h, 0, enc.len())).collect();
+    let layers = outs
+        .iter()
+        .map(|h| real_rows(h.view(), 0, enc.len()))
+        .collect();
     let batch = Batch::from_padded(&pb, layers, hidden, vec!["query".into()], dev)?;
     Ok(model.inference().forward(&batch)?.logits)
 }
@@ -732,7 +735,7 @@ fn image_query(
     let layers = out
         .outs
         .into_iter()
-        .map(|a| a.into_raw_vec_and_offset().0)
+        .map(|a| a.into_array().into_raw_vec_and_offset().0)
         .collect();
     // Every image token is real: an all-ones mask.
     let enc = Encoded {

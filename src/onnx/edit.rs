@@ -9,12 +9,14 @@
 //! (field 7) that holds only new `Identity` nodes (field 1) and new outputs
 //! (field 12) adds exactly those, leaving every original byte untouched.
 
+use std::ops::Range;
 use std::path::Path;
 
 use prost::Message;
 
-use super::inspect::decode_model;
-use super::proto::{GraphProto, NodeProto, TypeProto, TypeProtoTensor, ValueInfoProto};
+use super::proto::{
+    GraphOutline, GraphProto, ModelOutline, NodeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
+};
 use crate::backbone::{hidden_state_index, hidden_state_name};
 use crate::{Error, Result};
 
@@ -26,11 +28,7 @@ pub fn expose_layers(
     tensors: &[String],
     first: usize,
 ) -> Result<Vec<u8>> {
-    let model = decode_model(path, bytes)?;
-    let g = model
-        .graph
-        .as_ref()
-        .expect("decode_model guarantees a graph");
+    let g = decode_outline(path, bytes)?;
     let err = |message: String| Error::Onnx {
         path: path.to_path_buf(),
         message,
@@ -107,14 +105,211 @@ pub fn expose_layers(
             doc_string: String::new(),
         });
     }
-    let mut out = bytes.to_vec();
     if extra.node.is_empty() {
-        return Ok(out);
+        return Ok(bytes.to_vec());
     }
     // ModelProto field 7 (graph), wire type 2 (length-delimited).
     let body = extra.encode_to_vec();
+    let mut out = Vec::with_capacity(bytes.len() + body.len() + 16);
+    out.extend_from_slice(bytes);
     prost::encoding::encode_key(7, prost::encoding::WireType::LengthDelimited, &mut out);
     prost::encoding::encode_varint(body.len() as u64, &mut out);
     out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// The graph of the ONNX model `bytes` (graphs appended by
+/// [`expose_layers`] merged in), initializers by name only: no weight is
+/// copied. `path` names the model in messages.
+fn decode_outline(path: &Path, bytes: &[u8]) -> Result<GraphOutline> {
+    let model = ModelOutline::decode(bytes).map_err(|e| Error::Onnx {
+        path: path.to_path_buf(),
+        message: format!("not an ONNX model (protobuf decode failed: {e})"),
+    })?;
+    model.graph.ok_or_else(|| Error::Onnx {
+        path: path.to_path_buf(),
+        message: "not an ONNX model (no graph)".into(),
+    })
+}
+
+/// One protobuf field of a serialized message: its tag, the whole field's
+/// byte range (key included) and its payload's range (for length-delimited
+/// fields, without the length prefix).
+struct WireField {
+    tag: u32,
+    whole: Range<usize>,
+    payload: Range<usize>,
+}
+
+/// The top-level fields of the serialized message `buf`, in order.
+fn wire_fields(buf: &[u8]) -> std::result::Result<Vec<WireField>, String> {
+    use prost::encoding::{decode_key, decode_varint, WireType};
+    let mut fields = Vec::new();
+    let mut pos = 0;
+    while pos < buf.len() {
+        let mut rest = &buf[pos..];
+        let start = pos;
+        let (tag, wire) = decode_key(&mut rest).map_err(|e| format!("at byte {pos}: {e}"))?;
+        let after_key = buf.len() - rest.len();
+        let (payload, end) = match wire {
+            WireType::Varint => {
+                decode_varint(&mut rest).map_err(|e| format!("at byte {pos}: {e}"))?;
+                let end = buf.len() - rest.len();
+                (after_key..end, end)
+            }
+            WireType::SixtyFourBit => (after_key..after_key + 8, after_key + 8),
+            WireType::ThirtyTwoBit => (after_key..after_key + 4, after_key + 4),
+            WireType::LengthDelimited => {
+                let len = decode_varint(&mut rest).map_err(|e| format!("at byte {pos}: {e}"))?;
+                let body = buf.len() - rest.len();
+                let end = usize::try_from(len)
+                    .ok()
+                    .and_then(|l| body.checked_add(l))
+                    .ok_or_else(|| format!("at byte {pos}: length {len} out of range"))?;
+                (body..end, end)
+            }
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(format!("at byte {pos}: protobuf groups are not supported"))
+            }
+        };
+        if end > buf.len() {
+            return Err(format!("at byte {pos}: field {tag} runs past the end"));
+        }
+        fields.push(WireField {
+            tag,
+            whole: start..end,
+            payload,
+        });
+        pos = end;
+    }
+    Ok(fields)
+}
+
+/// ONNX `AttributeProto.type` values of graph-valued attributes (`If`,
+/// `Loop`, `Scan` bodies), whose outer-scope inputs are not listed on
+/// the node.
+const ATTRIBUTE_GRAPH: i32 = 5;
+const ATTRIBUTE_GRAPHS: i32 = 10;
+
+/// `bytes` (a model, possibly with graphs appended by [`expose_layers`])
+/// reduced to what computes the graph outputs named in `keep`: the other
+/// outputs are dropped with every node, initializer and value-info entry
+/// only they needed (an image backbone's task head, say, which ONNX Runtime
+/// would otherwise compute on every run although nobody reads it). Inputs
+/// are kept as they are. Like [`expose_layers`], it never re-encodes what it
+/// keeps: the kept fields are copied byte for byte.
+///
+/// Returns `Ok(None)` when it cannot tell what a kept node reads (a node
+/// with a subgraph attribute): the model is then best run whole.
+pub fn prune_to_outputs(path: &Path, bytes: &[u8], keep: &[String]) -> Result<Option<Vec<u8>>> {
+    let err = |message: String| Error::Onnx {
+        path: path.to_path_buf(),
+        message,
+    };
+    let g = decode_outline(path, bytes)?;
+    for k in keep {
+        if !g.output.iter().any(|o| &o.name == k) {
+            return Err(err(format!("the model has no output '{k}' to keep")));
+        }
+    }
+    // Walk back from the kept outputs: a node is needed when it produces a
+    // needed tensor; its inputs are then needed too.
+    let mut producer: std::collections::HashMap<&str, usize> = Default::default();
+    for (i, n) in g.node.iter().enumerate() {
+        for o in &n.output {
+            producer.insert(o.as_str(), i);
+        }
+    }
+    let mut needed_node = vec![false; g.node.len()];
+    let mut needed: std::collections::HashSet<&str> = keep.iter().map(String::as_str).collect();
+    let mut stack: Vec<&str> = needed.iter().copied().collect();
+    while let Some(t) = stack.pop() {
+        let Some(&i) = producer.get(t) else { continue };
+        if needed_node[i] {
+            continue;
+        }
+        needed_node[i] = true;
+        let n = &g.node[i];
+        if n.attribute
+            .iter()
+            .any(|a| a.r#type == ATTRIBUTE_GRAPH || a.r#type == ATTRIBUTE_GRAPHS)
+        {
+            return Ok(None);
+        }
+        for input in n.input.iter().filter(|s| !s.is_empty()) {
+            if needed.insert(input.as_str()) {
+                stack.push(input.as_str());
+            }
+        }
+    }
+    let produced: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .zip(&needed_node)
+        .filter(|(_, &k)| k)
+        .flat_map(|(n, _)| n.output.iter().map(String::as_str))
+        .chain(g.input.iter().map(|v| v.name.as_str()))
+        .collect();
+    let keep_output: Vec<bool> = g.output.iter().map(|o| keep.contains(&o.name)).collect();
+    let keep_init: Vec<bool> = g
+        .initializer
+        .iter()
+        .map(|t| needed.contains(t.name.as_str()))
+        .collect();
+    let keep_info: Vec<bool> = g
+        .value_info
+        .iter()
+        .map(|v| produced.contains(v.name.as_str()))
+        .collect();
+
+    // Rewrite: every occurrence of ModelProto.graph (field 7) keeps its
+    // fields but the dropped nodes (1), initializers (5), outputs (12) and
+    // value infos (13); the merged message numbers each repeated field's
+    // entries across occurrences in order, as `decode_outline` saw them.
+    let (mut n_node, mut n_init, mut n_out, mut n_info) = (0, 0, 0, 0);
+    let mut out = Vec::with_capacity(bytes.len());
+    for f in wire_fields(bytes).map_err(|e| err(format!("model: {e}")))? {
+        if f.tag != 7 {
+            out.extend_from_slice(&bytes[f.whole]);
+            continue;
+        }
+        let graph = &bytes[f.payload.clone()];
+        let mut body = Vec::with_capacity(graph.len());
+        for gf in wire_fields(graph).map_err(|e| err(format!("graph: {e}")))? {
+            let counter = match gf.tag {
+                1 => Some((&mut n_node, &needed_node)),
+                5 => Some((&mut n_init, &keep_init)),
+                12 => Some((&mut n_out, &keep_output)),
+                13 => Some((&mut n_info, &keep_info)),
+                _ => None,
+            };
+            let kept = match counter {
+                Some((n, flags)) => {
+                    let k = flags.get(*n).copied().unwrap_or(true);
+                    *n += 1;
+                    k
+                }
+                None => true,
+            };
+            if kept {
+                body.extend_from_slice(&graph[gf.whole]);
+            }
+        }
+        prost::encoding::encode_key(7, prost::encoding::WireType::LengthDelimited, &mut out);
+        prost::encoding::encode_varint(body.len() as u64, &mut out);
+        out.extend_from_slice(&body);
+    }
+    if (n_node, n_init, n_out, n_info)
+        != (
+            g.node.len(),
+            g.initializer.len(),
+            g.output.len(),
+            g.value_info.len(),
+        )
+    {
+        // The wire walk and the decoded model disagree (which a valid
+        // model does not do): run it whole rather than guess.
+        return Ok(None);
+    }
+    Ok(Some(out))
 }

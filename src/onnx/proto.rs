@@ -70,6 +70,38 @@ pub struct ModelProto {
     pub metadata_props: Vec<StringStringEntryProto>,
 }
 
+/// A model's graph without the initializers' contents: what rewriting a
+/// graph needs to know, decoded without copying the weights
+/// ([`super::edit`]).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelOutline {
+    #[prost(message, optional, tag = "7")]
+    pub graph: Option<GraphOutline>,
+}
+
+/// [`GraphProto`]'s fields as [`ModelOutline`] reads them: initializers by
+/// name only.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GraphOutline {
+    #[prost(message, repeated, tag = "1")]
+    pub node: Vec<NodeProto>,
+    #[prost(message, repeated, tag = "5")]
+    pub initializer: Vec<TensorName>,
+    #[prost(message, repeated, tag = "11")]
+    pub input: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "12")]
+    pub output: Vec<ValueInfoProto>,
+    #[prost(message, repeated, tag = "13")]
+    pub value_info: Vec<ValueInfoProto>,
+}
+
+/// A [`TensorProto`]'s name alone (its data is skipped when decoding).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TensorName {
+    #[prost(string, tag = "8")]
+    pub name: String,
+}
+
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct OperatorSetIdProto {
     #[prost(string, tag = "1")]

@@ -176,24 +176,33 @@ pub fn shuffle_width(dtype: Dtype) -> usize {
 }
 
 /// f16 or bf16 values as two byte planes (low bytes, then high bytes).
+/// Converted a block at a time through a stack buffer into the one output
+/// allocation (a whole-layer f16 copy and a bits copy per frame before).
 pub fn encode_half_planes(values: &[f32], dtype: Dtype) -> Vec<u8> {
-    use half::slice::HalfFloatSliceExt;
+    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+    const BLOCK: usize = 4096;
     let n = values.len();
-    let bits: Vec<u16> = if dtype == Dtype::F16 {
-        let mut h = vec![half::f16::ZERO; n];
-        h.convert_from_f32_slice(values);
-        h.iter().map(|x| x.to_bits()).collect()
-    } else {
-        let mut h = vec![half::bf16::ZERO; n];
-        h.convert_from_f32_slice(values);
-        h.iter().map(|x| x.to_bits()).collect()
-    };
     let mut out = vec![0u8; 2 * n];
     let (lo, hi) = out.split_at_mut(n);
-    for ((l, h), b) in lo.iter_mut().zip(hi.iter_mut()).zip(&bits) {
-        let [a, c] = b.to_le_bytes();
-        *l = a;
-        *h = c;
+    let mut buf = [0u16; BLOCK];
+    for ((v, l), h) in values
+        .chunks(BLOCK)
+        .zip(lo.chunks_mut(BLOCK))
+        .zip(hi.chunks_mut(BLOCK))
+    {
+        let bits = &mut buf[..v.len()];
+        if dtype == Dtype::F16 {
+            bits.reinterpret_cast_mut::<half::f16>()
+                .convert_from_f32_slice(v);
+        } else {
+            bits.reinterpret_cast_mut::<half::bf16>()
+                .convert_from_f32_slice(v);
+        }
+        for ((b, l), h) in bits.iter().zip(l.iter_mut()).zip(h.iter_mut()) {
+            let [a, c] = b.to_le_bytes();
+            *l = a;
+            *h = c;
+        }
     }
     out
 }

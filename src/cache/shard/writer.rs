@@ -104,14 +104,24 @@ pub fn compress_chunk(
     ));
     for (l, values) in layers.iter().enumerate() {
         debug_assert_eq!(values.len() as u64, n_tokens * u64::from(spec.hidden));
-        if let Some(v) = values.iter().find(|v| !v.is_finite()) {
-            return Err(CacheError::NonFinite {
-                value: *v,
-                layer: l,
-            });
-        }
-        if spec.dtype == Dtype::F16 {
-            if let Some(v) = values.iter().find(|v| v.abs() > 65504.0) {
+        // One vectorised pass says whether every value is finite (and fits
+        // f16); only a failing layer is searched for the value to report.
+        let limit = if spec.dtype == Dtype::F16 {
+            65504.0
+        } else {
+            f32::MAX
+        };
+        let fits = values
+            .chunks(256)
+            .all(|c| c.iter().fold(true, |ok, v| ok & (v.abs() <= limit)));
+        if !fits {
+            if let Some(v) = values.iter().find(|v| !v.is_finite()) {
+                return Err(CacheError::NonFinite {
+                    value: *v,
+                    layer: l,
+                });
+            }
+            if let Some(v) = values.iter().find(|v| v.abs() > limit) {
                 return Err(CacheError::F16Overflow {
                     value: *v,
                     layer: l,
