@@ -640,13 +640,21 @@ impl BackboneSession {
             ])
         }
         .map_err(ort_err("run"))?;
-        let mut result = Vec::with_capacity(layers.len());
-        for &i in layers {
+        let mut result: Vec<HiddenStates> = Vec::with_capacity(layers.len());
+        for (k, &i) in layers.iter().enumerate() {
             let name = hidden_state_name(i);
-            let value = outputs
-                .remove(&name)
-                .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
-            let h = HiddenStates::from_value(&name, value, None)?;
+            let h = match outputs.remove(&name) {
+                Some(value) => HiddenStates::from_value(&name, value, None)?,
+                // Asked for twice: a copy of the one taken before.
+                None => match layers[..k].iter().position(|&j| j == i) {
+                    Some(p) => HiddenStates::Owned(result[p].view().to_owned()),
+                    None => {
+                        return Err(Error::Runtime(format!(
+                            "output {name} missing from the run"
+                        )))
+                    }
+                },
+            };
             let (b, s, _) = h.dims();
             if b != ids.nrows() || s != ids.ncols() {
                 return Err(Error::Runtime(format!(
@@ -805,15 +813,23 @@ impl F32Session {
     ) -> Result<Vec<HiddenStates>> {
         let values = Self::inputs(inputs)?;
         let mut out = self.session.run(values).map_err(ort_err("run"))?;
-        outputs
-            .iter()
-            .map(|&name| {
-                let value = out
-                    .remove(name)
-                    .ok_or_else(|| Error::Runtime(format!("output {name} missing from the run")))?;
-                HiddenStates::from_value(name, value, Some(tokens))
-            })
-            .collect()
+        let mut result: Vec<HiddenStates> = Vec::with_capacity(outputs.len());
+        for (k, &name) in outputs.iter().enumerate() {
+            let h = match out.remove(name) {
+                Some(value) => HiddenStates::from_value(name, value, Some(tokens))?,
+                // Asked for twice: a copy of the one taken before.
+                None => match outputs[..k].iter().position(|&n| n == name) {
+                    Some(p) => HiddenStates::Owned(result[p].view().to_owned()),
+                    None => {
+                        return Err(Error::Runtime(format!(
+                            "output {name} missing from the run"
+                        )))
+                    }
+                },
+            };
+            result.push(h);
+        }
+        Ok(result)
     }
 
     fn inputs<'v>(

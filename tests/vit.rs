@@ -841,6 +841,35 @@ fn pruning_refuses_unknown_outputs_and_subgraphs() {
         None
     );
 
+    // A model that also lists its initializers as graph inputs (as IR < 4
+    // models do) keeps them all, unused ones included: dropping one would
+    // turn it into an input the caller must feed.
+    let mut m = ModelProto::decode(std::fs::read(&model).unwrap().as_slice()).unwrap();
+    let g = m.graph.as_mut().unwrap();
+    let listed: Vec<ValueInfoProto> = g
+        .initializer
+        .iter()
+        .map(|t| ValueInfoProto::tensor(&t.name, data_type::FLOAT, &[]))
+        .collect();
+    g.input.extend(listed);
+    let bytes = m.encode_to_vec();
+    let exposed = expose_layers(
+        &model,
+        &bytes,
+        &["/backbone/embeddings/Add_output_0".into()],
+        0,
+    )
+    .unwrap();
+    let pruned = prune_to_outputs(&model, &exposed, &["hidden_states.0".to_string()])
+        .unwrap()
+        .unwrap();
+    let p = ModelProto::decode(pruned.as_slice())
+        .unwrap()
+        .graph
+        .unwrap();
+    assert!(p.initializer.iter().any(|t| t.name == TINY_HEAD_WEIGHT));
+    assert!(!p.node.iter().any(|n| n.name == TINY_HEAD_NODE));
+
     let desc = sherl::backbone::ImageBackboneDesc::read(&dir.join("backbone.json")).unwrap();
     let o = common::run(
         "sherl-extract",

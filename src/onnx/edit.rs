@@ -251,10 +251,13 @@ pub fn prune_to_outputs(path: &Path, bytes: &[u8], keep: &[String]) -> Result<Op
         .chain(g.input.iter().map(|v| v.name.as_str()))
         .collect();
     let keep_output: Vec<bool> = g.output.iter().map(|o| keep.contains(&o.name)).collect();
+    // An initializer also listed as a graph input (IR < 4 lists them all)
+    // stays: without it the input would become one the caller must feed.
+    let inputs: std::collections::HashSet<&str> = g.input.iter().map(|v| v.name.as_str()).collect();
     let keep_init: Vec<bool> = g
         .initializer
         .iter()
-        .map(|t| needed.contains(t.name.as_str()))
+        .map(|t| needed.contains(t.name.as_str()) || inputs.contains(t.name.as_str()))
         .collect();
     let keep_info: Vec<bool> = g
         .value_info
