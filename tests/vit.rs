@@ -805,12 +805,22 @@ fn exposed_image_model_is_pruned_to_the_hidden_states() {
     );
 }
 
+/// `m` with its embedding output exposed as hidden_states.0 and pruned to
+/// it (`None`: left whole).
+fn embeddings_only(model: &Path, m: &ModelProto) -> Option<Vec<u8>> {
+    use sherl::onnx::edit::{expose_layers, prune_to_outputs};
+    let bytes = m.encode_to_vec();
+    let tensor = "/backbone/embeddings/Add_output_0".to_string();
+    let exposed = expose_layers(model, &bytes, &[tensor], 0).unwrap();
+    prune_to_outputs(model, &exposed, &["hidden_states.0".to_string()]).unwrap()
+}
+
 /// Pruning refuses an output the model does not have, and leaves a model
 /// alone (`None`) when a node it needs has a subgraph (whose outer-scope
 /// inputs it cannot see); `expose-layers --only-exposed` prunes and says so.
 #[test]
 fn pruning_refuses_unknown_outputs_and_subgraphs() {
-    use sherl::onnx::edit::{expose_layers, prune_to_outputs};
+    use sherl::onnx::edit::prune_to_outputs;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (full, _) = tiny_models(dir, &[0, 1, 2]);
@@ -828,18 +838,7 @@ fn pruning_refuses_unknown_outputs_and_subgraphs() {
         r#type: 5, // GRAPH
         ..AttributeProto::default()
     });
-    let bytes = m.encode_to_vec();
-    let exposed = expose_layers(
-        &model,
-        &bytes,
-        &["/backbone/embeddings/Add_output_0".into()],
-        0,
-    )
-    .unwrap();
-    assert_eq!(
-        prune_to_outputs(&model, &exposed, &["hidden_states.0".to_string()]).unwrap(),
-        None
-    );
+    assert_eq!(embeddings_only(&model, &m), None);
 
     // A model that also lists its initializers as graph inputs (as IR < 4
     // models do) keeps them all, unused ones included: dropping one would
@@ -852,17 +851,7 @@ fn pruning_refuses_unknown_outputs_and_subgraphs() {
         .map(|t| ValueInfoProto::tensor(&t.name, data_type::FLOAT, &[]))
         .collect();
     g.input.extend(listed);
-    let bytes = m.encode_to_vec();
-    let exposed = expose_layers(
-        &model,
-        &bytes,
-        &["/backbone/embeddings/Add_output_0".into()],
-        0,
-    )
-    .unwrap();
-    let pruned = prune_to_outputs(&model, &exposed, &["hidden_states.0".to_string()])
-        .unwrap()
-        .unwrap();
+    let pruned = embeddings_only(&model, &m).expect("pruned");
     let p = ModelProto::decode(pruned.as_slice())
         .unwrap()
         .graph
