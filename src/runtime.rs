@@ -640,21 +640,10 @@ impl BackboneSession {
             ])
         }
         .map_err(ort_err("run"))?;
-        let mut result: Vec<HiddenStates> = Vec::with_capacity(layers.len());
-        for (k, &i) in layers.iter().enumerate() {
-            let name = hidden_state_name(i);
-            let h = match outputs.remove(&name) {
-                Some(value) => HiddenStates::from_value(&name, value, None)?,
-                // Asked for twice: a copy of the one taken before.
-                None => match layers[..k].iter().position(|&j| j == i) {
-                    Some(p) => HiddenStates::Owned(result[p].view().to_owned()),
-                    None => {
-                        return Err(Error::Runtime(format!(
-                            "output {name} missing from the run"
-                        )))
-                    }
-                },
-            };
+        let names: Vec<String> = layers.iter().map(|&i| hidden_state_name(i)).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let result = take_hidden(&mut outputs, &refs, None)?;
+        for (h, name) in result.iter().zip(&names) {
             let (b, s, _) = h.dims();
             if b != ids.nrows() || s != ids.ncols() {
                 return Err(Error::Runtime(format!(
@@ -664,10 +653,35 @@ impl BackboneSession {
                     ids.ncols()
                 )));
             }
-            result.push(h);
         }
         Ok(result)
     }
+}
+
+/// The outputs `names` of a run, each taken out of `out` where ONNX Runtime
+/// wrote it and checked by [`HiddenStates::from_value`] (`tokens` as
+/// there); a name asked for twice gets a copy of the first.
+fn take_hidden(
+    out: &mut ort::session::SessionOutputs<'_>,
+    names: &[&str],
+    tokens: Option<usize>,
+) -> Result<Vec<HiddenStates>> {
+    let mut result: Vec<HiddenStates> = Vec::with_capacity(names.len());
+    for (k, &name) in names.iter().enumerate() {
+        let h = match out.remove(name) {
+            Some(value) => HiddenStates::from_value(name, value, tokens)?,
+            None => match names[..k].iter().position(|&n| n == name) {
+                Some(p) => HiddenStates::Owned(result[p].view().to_owned()),
+                None => {
+                    return Err(Error::Runtime(format!(
+                        "output {name} missing from the run"
+                    )))
+                }
+            },
+        };
+        result.push(h);
+    }
+    Ok(result)
 }
 
 /// One `[batch, seq, hidden]` float32 hidden state of a batch: the tensor
@@ -813,23 +827,7 @@ impl F32Session {
     ) -> Result<Vec<HiddenStates>> {
         let values = Self::inputs(inputs)?;
         let mut out = self.session.run(values).map_err(ort_err("run"))?;
-        let mut result: Vec<HiddenStates> = Vec::with_capacity(outputs.len());
-        for (k, &name) in outputs.iter().enumerate() {
-            let h = match out.remove(name) {
-                Some(value) => HiddenStates::from_value(name, value, Some(tokens))?,
-                // Asked for twice: a copy of the one taken before.
-                None => match outputs[..k].iter().position(|&n| n == name) {
-                    Some(p) => HiddenStates::Owned(result[p].view().to_owned()),
-                    None => {
-                        return Err(Error::Runtime(format!(
-                            "output {name} missing from the run"
-                        )))
-                    }
-                },
-            };
-            result.push(h);
-        }
-        Ok(result)
+        take_hidden(&mut out, outputs, Some(tokens))
     }
 
     fn inputs<'v>(

@@ -259,24 +259,7 @@ pub fn fit(root: &Path, args: &[&str]) -> std::process::Output {
 /// `sherl-fit predict` of run `run` on the fixture's `data.csv` into
 /// `pred.jsonl` (CPU).
 pub fn predict_data(root: &Path, run: &str) -> std::process::Output {
-    common::run(
-        "sherl-fit",
-        &[
-            "predict",
-            "--run",
-            run,
-            "--backbone",
-            "backbone",
-            "--data",
-            "data.csv",
-            "--out",
-            "pred.jsonl",
-            "--device",
-            "cpu",
-        ],
-        root,
-        &[],
-    )
+    common::fit_predict(root, run, "data.csv", &["--out", "pred.jsonl"])
 }
 
 pub fn summary(o: &std::process::Output) -> serde_json::Value {

@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use crate::common;
+use crate::common::fit_predict as predict;
 use crate::fit::{fit, fit_fixture, summary};
 
 /// Files and directories under `dir`, relative, sorted (empty if absent).
@@ -34,22 +35,6 @@ fn refused(o: &std::process::Output, needle: &str) -> String {
     assert!(err.contains(needle), "expected '{needle}' in: {err}");
     assert!(!err.contains("panicked"), "{err}");
     err
-}
-
-fn predict(root: &Path, run: &str, data: &str, extra: &[&str]) -> std::process::Output {
-    let mut a = vec![
-        "predict",
-        "--run",
-        run,
-        "--backbone",
-        "backbone",
-        "--data",
-        data,
-        "--device",
-        "cpu",
-    ];
-    a.extend_from_slice(extra);
-    common::run("sherl-fit", &a, root, &[])
 }
 
 /// Items 7, 8, 11, 21: bad numbers, absurd sizes and impossible layers are

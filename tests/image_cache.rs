@@ -3,6 +3,7 @@
 //! against ONNX Runtime's own outputs, and `--patch-pool`.
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use ndarray::{ArrayD, IxDyn};
 use sherl::backbone::ImageBackboneDesc;
@@ -35,7 +36,9 @@ pub(crate) fn image_fixture(per_class: usize) -> ImageFixture {
     }
 }
 
-pub(crate) fn extract_images(f: &ImageFixture, out: &str, extra: &[&str]) -> serde_json::Value {
+/// `sherl-extract run` on the fixture's images into `out` (the fixture's
+/// split), with `extra` flags and `env`; the process's output as it is.
+fn run_extract(f: &ImageFixture, out: &str, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut args = vec![
         "run",
         "--backbone",
@@ -44,17 +47,17 @@ pub(crate) fn extract_images(f: &ImageFixture, out: &str, extra: &[&str]) -> ser
         f.data.to_str().unwrap(),
         "--split",
         "train=0.5,valid=0.25,test=0.25",
-        "--late-layers",
-        "1",
-        "--device",
-        "cpu",
-        "--threads",
-        "2",
         "--out",
         out,
     ];
     args.extend_from_slice(extra);
-    let o = common::run("sherl-extract", &args, &f.root, &[]);
+    common::run("sherl-extract", &args, &f.root, env)
+}
+
+pub(crate) fn extract_images(f: &ImageFixture, out: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["--late-layers", "1", "--device", "cpu", "--threads", "2"];
+    args.extend_from_slice(extra);
+    let o = run_extract(f, out, &args, &[]);
     assert!(
         o.status.success(),
         "exit {:?}: {}",
@@ -882,24 +885,7 @@ fn vit_checkpoint_stamp_skips_the_rebuild_only_while_the_hashes_match() {
     let last = bytes.len() - 1;
     bytes[last] ^= 1;
     std::fs::write(&ckpt, &bytes).unwrap();
-    let o = common::run(
-        "sherl-extract",
-        &[
-            "run",
-            "--backbone",
-            f.backbone.to_str().unwrap(),
-            "--data",
-            f.data.to_str().unwrap(),
-            "--split",
-            "train=0.5,valid=0.25,test=0.25",
-            "--device",
-            "cpu",
-            "--out",
-            "c4",
-        ],
-        &f.root,
-        &[],
-    );
+    let o = run_extract(&f, "c4", &["--device", "cpu"], &[]);
     assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
     let err = common::stderr(&o);
     assert!(
@@ -917,24 +903,7 @@ fn image_extraction_honours_the_device() {
     let f = image_fixture(4);
     let cpu_lib = common::runtime().library().to_str().unwrap().to_owned();
     let env = [("ORT_DYLIB_PATH", cpu_lib.as_str())];
-    let run = |device: &str, out: &str| {
-        common::run(
-            "sherl-extract",
-            &[
-                "run",
-                "--backbone",
-                f.backbone.to_str().unwrap(),
-                "--data",
-                f.data.to_str().unwrap(),
-                "--device",
-                device,
-                "--out",
-                out,
-            ],
-            &f.root,
-            &env,
-        )
-    };
+    let run = |device: &str, out: &str| run_extract(&f, out, &["--device", device], &env);
     let o = run("cuda", "c-cuda");
     assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
     assert!(

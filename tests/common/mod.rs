@@ -68,6 +68,24 @@ pub fn run(name: &str, args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Outpu
     c.output().expect("spawn binary")
 }
 
+/// `sherl-fit predict` of run `run` with the fixture's `backbone` on
+/// `data`, on the CPU, plus `extra` flags, in `root`.
+pub fn fit_predict(root: &Path, run: &str, data: &str, extra: &[&str]) -> Output {
+    let mut a = vec![
+        "predict",
+        "--run",
+        run,
+        "--backbone",
+        "backbone",
+        "--data",
+        data,
+        "--device",
+        "cpu",
+    ];
+    a.extend_from_slice(extra);
+    self::run("sherl-fit", &a, root, &[])
+}
+
 /// stderr as text.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
