@@ -869,6 +869,42 @@ mod tests {
         }
     }
 
+    /// A trained layer on a constant input (the late-layer baseline reads
+    /// cached hidden states) skips the input's gradient and gives the same
+    /// weight gradients, bit for bit, as on a variable input.
+    #[test]
+    fn constant_input_gets_no_gradient_and_the_same_weight_gradients() {
+        let (l, vars) = layer(Activation::Gelu, true, 6);
+        let (x, bias, probe) = inputs();
+        let constant = x.as_tensor().detach();
+        assert!(!constant.track_op());
+        let (mut g1, mut g2) = (SplitMix64::new(7), SplitMix64::new(7));
+        let yv = l
+            .forward_fused(x.as_tensor(), &bias, &mut Mode::Train(&mut g1))
+            .unwrap();
+        let yc = l
+            .forward_fused(&constant, &bias, &mut Mode::Train(&mut g2))
+            .unwrap();
+        assert_eq!(flat(&yv), flat(&yc));
+        let gv = (yv * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gc = (yc * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(gv.get(&x).is_some());
+        assert!(gc.get(&constant).is_none());
+        for (i, v) in vars.iter().enumerate() {
+            assert_eq!(flat(gv.get(v).unwrap()), flat(gc.get(v).unwrap()), "dW{i}");
+        }
+    }
+
     /// The fused backward pass against central finite differences of the
     /// fused forward pass (evaluation mode, f64 loss accumulation).
     #[test]

@@ -23,9 +23,10 @@
 //! parameters, so candle routes each slice of the flat gradient back to its
 //! parameter); a frozen layer's op holds them.
 
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
 use super::fused::{contiguous_f32, lane_sums_ln_back, row_stats};
 use super::gemm::{matmul, View};
@@ -121,14 +122,17 @@ struct Saved {
     trained: Option<TrainedSaved>,
 }
 
-/// The inputs of the weight products and the weights, for a trained layer.
+/// The inputs of the weight products that only the forward pass computes,
+/// for a trained layer (the layer's input and weights are read from the
+/// op's arguments in the backward pass, not copied).
 struct TrainedSaved {
-    x: Vec<f32>,
     ctx: Vec<f32>,
     h1: Vec<f32>,
     act: Vec<f32>,
-    weights: Vec<f32>,
 }
+
+/// The input's gradient and the flat weight gradient, each where asked for.
+type Grads = (Option<Vec<f32>>, Option<Vec<f32>>);
 
 /// One BERT layer forward (and backward) on `x` `[B * S, D]`.
 pub struct BertLayerOp {
@@ -333,6 +337,14 @@ fn col_sums(v: &[f32], acc: &mut [f32]) {
         for (a, x) in acc.iter_mut().zip(row) {
             *a += x;
         }
+    }
+}
+
+/// `v` times the dropout mask when there is one (a new buffer), else `v`.
+fn masked<'a>(v: &'a [f32], mask: &Option<Vec<f32>>) -> Cow<'a, [f32]> {
+    match mask {
+        Some(m) => Cow::Owned(v.iter().zip(m).map(|(x, k)| x * k).collect()),
+        None => Cow::Borrowed(v),
     }
 }
 
@@ -601,25 +613,23 @@ impl BertLayerOp {
                 kept,
                 xhat2,
                 rstd2,
-                trained: trained.then(|| TrainedSaved {
-                    x: x.to_vec(),
-                    ctx,
-                    h1,
-                    act,
-                    weights: w.to_vec(),
-                }),
+                trained: trained.then_some(TrainedSaved { ctx, h1, act }),
             };
             *self.saved.lock().map_err(|_| err("saved state poisoned"))? = Some(saved);
         }
         Ok(y)
     }
 
-    /// `dL/dx` and, when `want_dw`, `dL/dweights` (flat, [`PACKED_ORDER`]).
+    /// `dL/dx` when `want_dx` and `dL/dweights` (flat, [`PACKED_ORDER`])
+    /// when `x` (the layer's input, needed for the first product's weight
+    /// gradient) is given; `w` the weights of the forward pass.
     fn backward(
         &self,
         dy: &[f32],
-        want_dw: bool,
-    ) -> candle_core::Result<(Vec<f32>, Option<Vec<f32>>)> {
+        w: &[f32],
+        x: Option<&[f32]>,
+        want_dx: bool,
+    ) -> candle_core::Result<Grads> {
         let sv = self
             .saved
             .lock()
@@ -630,33 +640,31 @@ impl BertLayerOp {
         let (n, hd, t) = (b * s, d / h, threads());
         let o = Offsets::new(d, f);
         let scale = 1.0 / (hd as f32).sqrt();
-        let w: &[f32] = match (&self.frozen, &sv.trained) {
-            (Some(wf), _) => wf,
-            (None, Some(tr)) => &tr.weights,
-            (None, None) => return Err(err("no weights kept for the backward pass")),
-        };
-        if dy.len() != n * d {
-            return Err(err("gradient of the wrong size"));
+        if dy.len() != n * d || w.len() != o.len || x.is_some_and(|x| x.len() != n * d) {
+            return Err(err("gradient, weights or input of the wrong size"));
         }
         // Weight gradients need the kept inputs of the products.
-        let mut dw = match (&sv.trained, want_dw) {
-            (Some(tr), true) => Some((vec![0f32; o.len], tr)),
+        let mut dw = match (&sv.trained, x) {
+            (Some(tr), Some(x)) => Some((vec![0f32; o.len], tr, x)),
+            (None, Some(_)) => return Err(err("weight gradients of a frozen layer")),
             _ => None,
         };
+        if dw.is_none() && !want_dx {
+            return Ok((None, None));
+        }
 
-        // output LayerNorm
-        let mut dz = dy.to_vec();
+        // output LayerNorm; its input's gradient flows on into h1 through
+        // the residual and, through the dropout, into the output projection
+        let mut dh1 = dy.to_vec();
         {
-            let dgb = dw.as_mut().map(|(dw, _)| {
+            let dgb = dw.as_mut().map(|(dw, _, _)| {
                 let (head, tail) = dw.split_at_mut(o.be2);
                 (&mut head[o.g2..o.g2 + d], &mut tail[..d])
             });
-            layer_norm_back(&mut dz, d, &sv.xhat2, &sv.rstd2, &w[o.g2..o.g2 + d], dgb);
+            layer_norm_back(&mut dh1, d, &sv.xhat2, &sv.rstd2, &w[o.g2..o.g2 + d], dgb);
         }
-        // residual into h1; dropout; output projection
-        let mut dh1 = dz.clone();
-        mul_mask(&mut dz, &self.masks.out);
-        if let Some((dw, tr)) = dw.as_mut() {
+        let dz = masked(&dh1, &self.masks.out);
+        if let Some((dw, tr, _)) = dw.as_mut() {
             col_sums(&dz, &mut dw[o.b2..o.b2 + d]);
             // dW2 [D, F] = dz^T act
             matmul(
@@ -694,7 +702,7 @@ impl BertLayerOp {
                 *g *= activate_grad(self.act, p, sv.kept.get(i).copied().unwrap_or(0.0));
             }
         }
-        if let Some((dw, tr)) = dw.as_mut() {
+        if let Some((dw, tr, _)) = dw.as_mut() {
             col_sums(&dpre, &mut dw[o.b1..o.b1 + f]);
             matmul(
                 &mut dw[o.w1..o.w1 + f * d],
@@ -723,16 +731,14 @@ impl BertLayerOp {
 
         // attention LayerNorm
         {
-            let dgb = dw.as_mut().map(|(dw, _)| {
+            let dgb = dw.as_mut().map(|(dw, _, _)| {
                 let (head, tail) = dw.split_at_mut(o.be1);
                 (&mut head[o.g1..o.g1 + d], &mut tail[..d])
             });
             layer_norm_back(&mut dh1, d, &sv.xhat1, &sv.rstd1, &w[o.g1..o.g1 + d], dgb);
         }
-        let mut dx = dh1.clone();
-        let mut da = dh1;
-        mul_mask(&mut da, &self.masks.attn_out);
-        if let Some((dw, tr)) = dw.as_mut() {
+        let da = masked(&dh1, &self.masks.attn_out);
+        if let Some((dw, tr, _)) = dw.as_mut() {
             col_sums(&da, &mut dw[o.bo..o.bo + d]);
             matmul(
                 &mut dw[o.wo..o.wo + d * d],
@@ -759,6 +765,8 @@ impl BertLayerOp {
             t,
         )?;
         drop(da);
+        // dx is dh1 (the residual) plus what flows back through q, k, v
+        let mut dx = want_dx.then_some(dh1);
 
         // attention
         let mut dqkv = vec![0f32; n * 3 * d];
@@ -850,36 +858,51 @@ impl BertLayerOp {
             }
         }
         drop(dctx);
-        if let Some((dw, tr)) = dw.as_mut() {
+        if let Some((dw, _, x)) = dw.as_mut() {
             col_sums(&dqkv, &mut dw[o.bqkv..o.bqkv + 3 * d]);
             matmul(
                 &mut dw[o.wqkv..o.wqkv + 3 * d * d],
                 View::dense(3 * d, d),
                 &dqkv,
                 View::dense(n, 3 * d).t(),
-                &tr.x,
+                x,
                 View::dense(n, d),
                 1.0,
                 false,
                 t,
             )?;
         }
-        matmul(
-            &mut dx,
-            View::dense(n, d),
-            &dqkv,
-            View::dense(n, 3 * d),
-            w,
-            View::rows(o.wqkv, 3 * d, d, d),
-            1.0,
-            true,
-            t,
-        )?;
-        Ok((dx, dw.map(|(dw, _)| dw)))
+        if let Some(dx) = dx.as_mut() {
+            matmul(
+                dx,
+                View::dense(n, d),
+                &dqkv,
+                View::dense(n, 3 * d),
+                w,
+                View::rows(o.wqkv, 3 * d, d, d),
+                1.0,
+                true,
+                t,
+            )?;
+        }
+        Ok((dx, dw.map(|(dw, _, _)| dw)))
     }
 
     fn out_shape(&self) -> Shape {
         Shape::from((self.batch * self.seq, self.hidden))
+    }
+}
+
+/// `f` on the values of a contiguous f32 CPU tensor, in place.
+fn with_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous_f32(cpu, layout, what)?),
+        _ => Err(err(format!("{what} is not on the CPU"))),
     }
 }
 
@@ -899,9 +922,17 @@ impl CustomOp1 for BertLayerOp {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let dy = g.flatten_all()?.to_vec1::<f32>()?;
-        let (dx, _) = self.backward(&dy, false)?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let w = self
+            .frozen
+            .as_ref()
+            .ok_or_else(|| err("a frozen-layer op without its weights"))?;
+        // A constant input (cached hidden states) needs no gradient.
+        let g = g.contiguous()?;
+        let (dx, _) = with_f32(&g, "gradient", |dy| {
+            self.backward(dy, w, None, x.track_op())
+        })?;
+        dx.map(|dx| Tensor::from_vec(dx, x.shape(), x.device()))
+            .transpose()
     }
 }
 
@@ -930,13 +961,24 @@ impl CustomOp2 for BertLayerOp {
         _y: &Tensor,
         g: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = g.flatten_all()?.to_vec1::<f32>()?;
-        let (dx, dw) = self.backward(&dy, true)?;
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        // The input and the weights are read where they are (nothing
+        // writes them between the forward and the backward pass); a
+        // constant input (cached hidden states) needs no gradient.
+        let g = g.contiguous()?;
+        let (dx, dw) = with_f32(&g, "gradient", |dy| {
+            with_f32(w, "weights", |wv| {
+                with_f32(x, "input", |xv| {
+                    self.backward(dy, wv, w.track_op().then_some(xv), x.track_op())
+                })
+            })
+        })?;
+        let dx = dx
+            .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
+            .transpose()?;
         let dw = dw
             .map(|v| Tensor::from_vec(v, w.shape(), w.device()))
             .transpose()?;
-        Ok((Some(dx), dw))
+        Ok((dx, dw))
     }
 }
 
