@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use candle_nn::optim::ParamsAdamW;
 
@@ -29,6 +30,7 @@ use super::eval::{argmax, evaluate};
 use super::memory::{check_memory, memory_estimate, peak_rss_bytes};
 use super::metrics::Tally;
 use super::model::{Method, Model, Shared};
+use super::nn::direct_grads::{Collected, Collector};
 use super::nn::Mode;
 use super::params::{Group, Params};
 use super::run_dir::{
@@ -96,15 +98,17 @@ pub fn forward_backward(
     parts: usize,
     workers: usize,
     vars: &[candle_core::Var],
-) -> Result<(f32, Vec<u32>, candle_core::backprop::GradStore)> {
+) -> Result<(f32, Vec<u32>, GradStore)> {
     let n = batch.len();
     let ranges = part_ranges(n, parts);
     if ranges.len() <= 1 {
         let out = model.forward(batch, &mut Mode::Train(rng))?;
         let loss = candle_nn::loss::cross_entropy(&out.logits, &batch.labels)?;
-        return Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?));
+        let (mut grads, direct) = backward(&loss)?;
+        direct.merge_into(&mut grads)?;
+        return Ok((loss.to_scalar::<f32>()?, argmax(&out)?, grads));
     }
-    type PartResult = Result<(f32, Vec<u32>, candle_core::backprop::GradStore, SplitMix64)>;
+    type PartResult = Result<(f32, Vec<u32>, GradStore, Collected, SplitMix64)>;
     let start = rng.clone();
     let run_part =
         move |model: &Shared, part: Batch, first: usize, mut g: SplitMix64| -> PartResult {
@@ -120,7 +124,8 @@ pub fn forward_backward(
             )?;
             let share = part.len() as f64 / n as f64;
             let loss = (candle_nn::loss::cross_entropy(&out.logits, &part.labels)? * share)?;
-            Ok((loss.to_scalar::<f32>()?, argmax(&out)?, loss.backward()?, g))
+            let (grads, direct) = backward(&loss)?;
+            Ok((loss.to_scalar::<f32>()?, argmax(&out)?, grads, direct, g))
         };
     let shared = model.shared();
     let results: Vec<PartResult> = super::worker::map_parts(&ranges, workers >= 2, |r| {
@@ -134,12 +139,14 @@ pub fn forward_backward(
     });
     let mut loss = 0f32;
     let mut preds = Vec::with_capacity(n);
-    let mut grads: Option<candle_core::backprop::GradStore> = None;
+    let mut grads: Option<GradStore> = None;
+    let mut direct = Collected::default();
     for r in results {
-        let (l, p, g, end) = r?;
+        let (l, p, g, d, end) = r?;
         loss += l;
         preds.extend(p);
         *rng = end;
+        direct.add(d)?;
         grads = Some(match grads {
             None => g,
             Some(mut acc) => {
@@ -156,7 +163,18 @@ pub fn forward_backward(
             }
         });
     }
-    Ok((loss, preds, grads.expect("at least one part")))
+    let mut grads = grads.expect("at least one part");
+    direct.merge_into(&mut grads)?;
+    Ok((loss, preds, grads))
+}
+
+/// `loss.backward()`, the fused layers' weight gradients collected apart
+/// from candle's store (see [`crate::fit::nn::direct_grads`]): the caller
+/// adds them in.
+fn backward(loss: &Tensor) -> Result<(GradStore, Collected)> {
+    let collector = Collector::start();
+    let grads = loss.backward()?;
+    Ok((grads, collector.finish()?))
 }
 
 /// Progress callbacks (drawn by the binary).

@@ -715,6 +715,59 @@ mod tests {
         assert_eq!(flat(g.get(&x).unwrap()), flat(gp.get(&x).unwrap()));
     }
 
+    /// With a gradient collector on the thread, a packed trained layer's
+    /// weight gradient bypasses candle's store and, merged in, equals the
+    /// store's own bit for bit; two parts' collections add up to the sum of
+    /// their stores' gradients; without a collector nothing changes.
+    #[test]
+    fn collected_weight_gradients_equal_the_stores() {
+        use crate::fit::nn::direct_grads::{Collected, Collector};
+        use crate::fit::params::{Group, Params};
+        let (l, _) = layer(Activation::Gelu, true, 12);
+        let mut params = Params::new();
+        let members = l
+            .parts()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("w{i}"), t.detach().copy().unwrap()))
+            .collect();
+        let (flat_var, views) = params.add_packed(members, Group::Pretrained).unwrap();
+        let mut lp = BertLayer::assemble(views, Some(flat_var.clone()), H, 1e-12).unwrap();
+        lp.act = l.act;
+        let (x, bias, probe) = inputs();
+        let run = |seed: u64, collect: bool| {
+            let mut g = SplitMix64::new(seed);
+            let y = lp
+                .forward_fused(x.as_tensor(), &bias, &mut Mode::Train(&mut g))
+                .unwrap();
+            let loss = (y * &probe).unwrap().sum_all().unwrap();
+            if collect {
+                let c = Collector::start();
+                let grads = loss.backward().unwrap();
+                (grads, c.finish().unwrap())
+            } else {
+                (loss.backward().unwrap(), Collected::default())
+            }
+        };
+        let (plain, none) = run(5, false);
+        assert!(none.is_empty());
+        let (mut store, collected) = run(5, true);
+        assert!(store.get(&flat_var).is_none(), "bypassed the store");
+        assert!(!collected.is_empty());
+        assert_eq!(flat(store.get(&x).unwrap()), flat(plain.get(&x).unwrap()));
+        collected.merge_into(&mut store).unwrap();
+        let want = flat(plain.get(&flat_var).unwrap());
+        assert_eq!(flat(store.get(&flat_var).unwrap()), want);
+        // two parts: in-place sum against the stores' sum
+        let (other_plain, _) = run(6, false);
+        let (mut summed, mut first) = run(5, true);
+        let (_, second) = run(6, true);
+        first.add(second).unwrap();
+        first.merge_into(&mut summed).unwrap();
+        let want = (plain.get(&flat_var).unwrap() + other_plain.get(&flat_var).unwrap()).unwrap();
+        assert_eq!(flat(summed.get(&flat_var).unwrap()), flat(&want));
+    }
+
     /// A frozen layer with LoRA updates (no dropout) merged into its
     /// weights and run fused computes what the updates beside the
     /// projections compute composed: outputs, the generator's state, and

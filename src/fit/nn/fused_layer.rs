@@ -975,6 +975,12 @@ impl CustomOp2 for BertLayerOp {
         let dx = dx
             .map(|v| Tensor::from_vec(v, x.shape(), x.device()))
             .transpose()?;
+        // The weights' gradient goes straight to the training step when it
+        // collects them (super::direct_grads), else to candle's store.
+        let dw = match dw {
+            Some(v) => super::direct_grads::offer(w, v)?,
+            None => None,
+        };
         let dw = dw
             .map(|v| Tensor::from_vec(v, w.shape(), w.device()))
             .transpose()?;

@@ -20,6 +20,7 @@
 pub mod adapter;
 pub mod bert_layer;
 pub mod consolidation;
+pub mod direct_grads;
 pub mod embeddings;
 pub mod fused;
 pub mod fused_layer;
