@@ -18,6 +18,10 @@
 //! to float rounding; tests compare values and gradients with the composed
 //! layer and finite differences.
 //!
+//! Products into freshly zeroed buffers are asked to accumulate: the same
+//! values (`0 + x`), but OpenBLAS, told to overwrite (beta = 0), clears the
+//! destination itself first, a second pass over memory already zero.
+//!
 //! The weights travel as one flat vector in [`PACKED_ORDER`]: a trained
 //! layer passes them as the op's second input (the concatenation of its
 //! parameters, so candle routes each slice of the flat gradient back to its
@@ -463,7 +467,7 @@ impl BertLayerOp {
                     ..q
                 };
                 let p = &mut probs[blk..blk + s * s];
-                matmul(p, View::dense(s, s), &qkv, q, &qkv, k.t(), scale, false, 1)?;
+                matmul(p, View::dense(s, s), &qkv, q, &qkv, k.t(), scale, true, 1)?;
                 let full = self.key_bias.len() == b * h * s * s;
                 for (r, row) in p.chunks_exact_mut(s).enumerate() {
                     let kb = if full {
@@ -507,7 +511,7 @@ impl BertLayerOp {
                     &qkv,
                     v,
                     1.0,
-                    false,
+                    true,
                     1,
                 )?;
             }
@@ -675,7 +679,7 @@ impl BertLayerOp {
                 &tr.act,
                 View::dense(n, f),
                 1.0,
-                false,
+                true,
                 t,
             )?;
         }
@@ -688,7 +692,7 @@ impl BertLayerOp {
             w,
             View::rows(o.w2, d, f, f),
             1.0,
-            false,
+            true,
             t,
         )?;
         drop(dz);
@@ -712,7 +716,7 @@ impl BertLayerOp {
                 &tr.h1,
                 View::dense(n, d),
                 1.0,
-                false,
+                true,
                 t,
             )?;
         }
@@ -748,7 +752,7 @@ impl BertLayerOp {
                 &tr.ctx,
                 View::dense(n, d),
                 1.0,
-                false,
+                true,
                 t,
             )?;
         }
@@ -761,7 +765,7 @@ impl BertLayerOp {
             w,
             View::rows(o.wo, d, d, d),
             1.0,
-            false,
+            true,
             t,
         )?;
         drop(da);
@@ -805,7 +809,7 @@ impl BertLayerOp {
                     &dctx,
                     dc,
                     1.0,
-                    false,
+                    true,
                     1,
                 )?;
                 // d(pd) = dctx v^T, then through the dropout mask
@@ -841,7 +845,7 @@ impl BertLayerOp {
                     &sv.qkv,
                     k,
                     1.0,
-                    false,
+                    true,
                     1,
                 )?;
                 matmul(
@@ -852,7 +856,7 @@ impl BertLayerOp {
                     &sv.qkv,
                     q,
                     1.0,
-                    false,
+                    true,
                     1,
                 )?;
             }
@@ -868,7 +872,7 @@ impl BertLayerOp {
                 x,
                 View::dense(n, d),
                 1.0,
-                false,
+                true,
                 t,
             )?;
         }
