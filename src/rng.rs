@@ -48,6 +48,18 @@ impl Stream {
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
 
+/// What the state moves by per output.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// The output for a state.
+#[inline(always)]
+fn mix(state: u64) -> u64 {
+    let mut z = state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 impl SplitMix64 {
     /// A generator whose state starts at `state` (the first output is
     /// `mix(state + golden gamma)`).
@@ -66,16 +78,13 @@ impl SplitMix64 {
 
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0 = self.0.wrapping_add(GAMMA);
+        mix(self.0)
     }
 
     /// Skip `n` outputs in O(1): the state moves by a constant per output.
     pub fn skip(&mut self, n: u64) {
-        self.0 = self.0.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        self.0 = self.0.wrapping_add(n.wrapping_mul(GAMMA));
     }
 
     /// Uniform in [0, 1), from the top 24 bits.
@@ -134,11 +143,22 @@ impl SplitMix64 {
 
     /// Inverted-dropout mask: each entry is 0 with probability `p`, else
     /// `1 / (1 - p)`.
+    ///
+    /// The values of `n` calls of [`SplitMix64::unit_f32`], computed from
+    /// the state each call would see (the state only moves by a constant),
+    /// so that the loop has no chain from one value to the next and
+    /// vectorises.
     pub fn dropout_mask(&mut self, n: usize, p: f32) -> Vec<f32> {
         let keep = 1.0 / (1.0 - p);
-        (0..n)
-            .map(|_| if self.unit_f32() < p { 0.0 } else { keep })
-            .collect()
+        let start = self.0;
+        let mut mask = vec![0f32; n];
+        for (k, m) in mask.iter_mut().enumerate() {
+            let state = start.wrapping_add((k as u64).wrapping_add(1).wrapping_mul(GAMMA));
+            let unit = (mix(state) >> 40) as f32 / (1u64 << 24) as f32;
+            *m = if unit < p { 0.0 } else { keep };
+        }
+        self.skip(n as u64);
+        mask
     }
 }
 
@@ -236,6 +256,26 @@ mod tests {
         }
         b.skip(1234);
         assert_eq!(take(a, 5), take(b, 5));
+    }
+
+    /// The mask is what `n` calls of `unit_f32` give, and leaves the
+    /// generator where they would.
+    #[test]
+    fn dropout_mask_is_the_sequential_draws() {
+        for (seed, n, p) in [(3u64, 1000usize, 0.1f32), (u64::MAX, 37, 0.5), (0, 0, 0.2)] {
+            let (mut a, mut b) = (SplitMix64::new(seed), SplitMix64::new(seed));
+            let want: Vec<f32> = (0..n)
+                .map(|_| {
+                    if b.unit_f32() < p {
+                        0.0
+                    } else {
+                        1.0 / (1.0 - p)
+                    }
+                })
+                .collect();
+            assert_eq!(a.dropout_mask(n, p), want);
+            assert_eq!(a.next_u64(), b.next_u64());
+        }
     }
 
     #[test]

@@ -253,6 +253,7 @@ pub struct LayerNormOp {
 
 /// Per row: mean and `1 / sqrt(var + eps)`, with the variance computed from
 /// the centred values (two passes, as the composed version).
+#[inline(always)]
 pub(crate) fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = lane_sum(row, |x| x) / n;
@@ -267,7 +268,7 @@ const LANES: usize = 16;
 /// `sum f(v[k])` with [`LANES`] partial sums added in a fixed order: the
 /// loop vectorises (a single running sum cannot: each addition waits for
 /// the previous one), and the result is the same on every run.
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0f32; LANES];
     let mut chunks = v.chunks_exact(LANES);
@@ -284,7 +285,7 @@ pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 }
 
 /// `sum a[k] b[k]` with [`LANES`] partial sums (see [`lane_sum`]).
-#[inline]
+#[inline(always)]
 fn lane_sum_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let n = a.len() / LANES * LANES;
@@ -302,7 +303,7 @@ fn lane_sum_dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `(sum a[k] g[k], sum a[k] g[k] x[k])`, the two sums of a LayerNorm
 /// backward, with [`LANES`] partial sums each (see [`lane_sum`]).
-#[inline]
+#[inline(always)]
 pub(crate) fn lane_sums_ln_back(a: &[f32], g: &[f32], x: &[f32]) -> (f32, f32) {
     let (mut s1, mut s2) = ([0f32; LANES], [0f32; LANES]);
     let n = a.len() / LANES * LANES;

@@ -32,6 +32,7 @@ pub mod lst;
 pub mod ops;
 pub mod relative;
 pub mod restore_gate;
+pub mod simd;
 #[cfg(test)]
 pub(crate) mod test_util;
 pub mod unipt;
