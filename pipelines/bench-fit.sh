@@ -23,7 +23,9 @@
 # threads), alternating sherl, torch, sherl, torch, ... REPEATS times, and
 # the best and median seconds per epoch of each are printed with their
 # ratio (torch / sherl: >= 1 means sherl is at least as fast), the
-# accuracies, and the load average before and after. Last, the peer
+# accuracies, the whole processes' seconds (sherl-fit from its start, the
+# peer from the interpreter's start and by its own clock after importing
+# torch), and the load average before and after. Last, the peer
 # evaluates each method's sherl-fit weights (the same function check: the
 # same valid loss and accuracy up to float rounding).
 #
@@ -125,11 +127,15 @@ echo "$(cut -d' ' -f1-3 /proc/loadavg), $(cpu_busy)" > "$R/load-before"
 echo "load average before: $(cat "$R/load-before")"
 for m in $METHODS; do
     for r in $(seq 1 "$REPEATS"); do
+        t0=$(date +%s.%N)
         "$BIN/sherl-fit" -q run --cache "$S/cache-$ROWS" --backbone "$S/minilm" --out "$S/runs/$m-$r" \
             --method "$m" --epochs "$EPOCHS" --threads "$THREADS" > "$R/sherl-$m-$r.json"
+        t1=$(date +%s.%N)
         "$PY" benches/fit_torch.py --export "$S/export-$ROWS" --backbone "$S/minilm" --method "$m" \
             --epochs "$EPOCHS" --threads "$THREADS" --attention "${TORCH_ATTENTION:-eager}" \
             > "$R/torch-$m-$r.json" 2> "$R/torch-$m-$r.log"
+        t2=$(date +%s.%N)
+        echo "$t0 $t1 $t2" > "$R/wall-$m-$r"
         echo "  $m, repeat $r: sherl $(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["seconds_per_epoch"], 2))' "$R/sherl-$m-$r.json") s/epoch, torch $(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["seconds_per_epoch"], 2))' "$R/torch-$m-$r.json") s/epoch (load $(cut -d' ' -f1 /proc/loadavg))"
     done
     # The same function: the peer evaluates sherl-fit's best weights.
@@ -154,6 +160,20 @@ for m in methods:
           f"{min(ts) / min(ss):.2f} | {statistics.median(ts) / statistics.median(ss):.2f} | "
           f"{max(x['train_tokens_per_second'] for x in s):.0f} | {max(x['train_tokens_per_second'] for x in t):.0f} | "
           f"{acc(s, 'valid_accuracy')} vs {acc(t, 'valid_accuracy')} | {acc(s, 'test_accuracy')} vs {acc(t, 'test_accuracy')} |")
+print()
+# Whole processes, as a user waits for them: sherl-fit from its start (reading
+# the cache, every epoch with its evaluation, the test split, writing the run);
+# the peer from the interpreter's start (importing torch, loading the exported
+# arrays, the same epochs and evaluations), and by its own clock, which starts
+# after the imports.
+print("| method | sherl-fit process s (best, median) | PyTorch process s, wall (best, median) | ratio (best, median) | PyTorch after its imports s (best, median) |")
+print("|---|---:|---:|---:|---:|")
+for m in methods:
+    w = [[float(x) for x in open(f"{r}/wall-{m}-{k}").read().split()] for k in range(1, repeats + 1)]
+    sw, tw = [b - a for a, b, _ in w], [c - b for _, b, c in w]
+    to = [j(f"torch-{m}-{k}")["process_seconds"] for k in range(1, repeats + 1)]
+    print(f"| {m} | {min(sw):.2f}, {statistics.median(sw):.2f} | {min(tw):.2f}, {statistics.median(tw):.2f} | "
+          f"{min(tw) / min(sw):.2f}, {statistics.median(tw) / statistics.median(sw):.2f} | {min(to):.2f}, {statistics.median(to):.2f} |")
 print()
 print(f"PyTorch {t[0]['torch']} ({t[0]['attention']} attention), {t[0]['threads']} threads; accuracies per repeat.")
 for m in methods:
