@@ -648,6 +648,23 @@ mod tests {
         (l, vars)
     }
 
+    /// A copy of the trained layer `l` with its weights packed into one
+    /// variable (as `load` builds a trained layer), and that variable.
+    fn packed_copy(l: &BertLayer) -> (BertLayer, Tensor) {
+        use crate::fit::params::{Group, Params};
+        let mut params = Params::new();
+        let members = l
+            .parts()
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("w{i}"), t.detach().copy().unwrap()))
+            .collect();
+        let (flat_var, views) = params.add_packed(members, Group::Pretrained).unwrap();
+        let mut lp = BertLayer::assemble(views, Some(flat_var.clone()), H, 1e-12).unwrap();
+        lp.act = l.act;
+        (lp, flat_var)
+    }
+
     /// Inputs: `x` (a variable) `[3, 5, D]`, the attention bias of a mask
     /// with padding, and a probe for the loss `sum(probe * y)`.
     fn inputs() -> (Var, Tensor, Tensor) {
@@ -678,18 +695,8 @@ mod tests {
     /// packed variable's gradient is their gradients in PACKED_ORDER.
     #[test]
     fn packed_trained_layer_equals_the_unpacked_one() {
-        use crate::fit::params::{Group, Params};
         let (l, _) = layer(Activation::Gelu, true, 9);
-        let mut params = Params::new();
-        let members = l
-            .parts()
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (format!("w{i}"), t.detach().copy().unwrap()))
-            .collect();
-        let (flat_var, views) = params.add_packed(members, Group::Pretrained).unwrap();
-        let mut lp = BertLayer::assemble(views, Some(flat_var.clone()), H, 1e-12).unwrap();
-        lp.act = l.act;
+        let (lp, flat_var) = packed_copy(&l);
         let (x, bias, probe) = inputs();
         let (mut g1, mut g2) = (SplitMix64::new(4), SplitMix64::new(4));
         let y = l
@@ -722,18 +729,8 @@ mod tests {
     #[test]
     fn collected_weight_gradients_equal_the_stores() {
         use crate::fit::nn::direct_grads::{Collected, Collector};
-        use crate::fit::params::{Group, Params};
         let (l, _) = layer(Activation::Gelu, true, 12);
-        let mut params = Params::new();
-        let members = l
-            .parts()
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (format!("w{i}"), t.detach().copy().unwrap()))
-            .collect();
-        let (flat_var, views) = params.add_packed(members, Group::Pretrained).unwrap();
-        let mut lp = BertLayer::assemble(views, Some(flat_var.clone()), H, 1e-12).unwrap();
-        lp.act = l.act;
+        let (lp, flat_var) = packed_copy(&l);
         let (x, bias, probe) = inputs();
         let run = |seed: u64, collect: bool| {
             let mut g = SplitMix64::new(seed);
