@@ -648,6 +648,11 @@ mod tests {
         (l, vars)
     }
 
+    /// The gradients of the loss `sum(probe * y)`.
+    fn probe_grads(y: Tensor, probe: &Tensor) -> candle_core::backprop::GradStore {
+        (y * probe).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// A copy of the trained layer `l` with its weights packed into one
     /// variable (as `load` builds a trained layer), and that variable.
     fn packed_copy(l: &BertLayer) -> (BertLayer, Tensor) {
@@ -706,13 +711,8 @@ mod tests {
             .forward_fused(x.as_tensor(), &bias, &mut Mode::Train(&mut g2))
             .unwrap();
         assert_eq!(flat(&y), flat(&yp));
-        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let gp = (yp * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = probe_grads(y, &probe);
+        let gp = probe_grads(yp, &probe);
         let want: Vec<f32> = l
             .parts()
             .iter()
@@ -812,18 +812,8 @@ mod tests {
             .unwrap();
         close(&flat(&ym), &flat(&yc), 1e-5, "y");
         assert_eq!(g1.next_u64(), g2.next_u64(), "generator state");
-        let gc = (yc * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gm = (ym * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gc = probe_grads(yc, &probe);
+        let gm = probe_grads(ym, &probe);
         close(
             &flat(gm.get(&x).unwrap()),
             &flat(gc.get(&x).unwrap()),
@@ -880,18 +870,8 @@ mod tests {
                 let what = format!("{act:?} trained={trained}");
                 close(&flat(&yf), &flat(&yc), 1e-5, &format!("{what} y"));
                 assert_eq!(g1.next_u64(), g2.next_u64(), "{what}: generator state");
-                let gf = (yf * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let gc = (yc * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
+                let gf = probe_grads(yf, &probe);
+                let gc = probe_grads(yc, &probe);
                 close(
                     &flat(gf.get(&x).unwrap()),
                     &flat(gc.get(&x).unwrap()),
@@ -936,18 +916,8 @@ mod tests {
             .forward_fused(&constant, &bias, &mut Mode::Train(&mut g2))
             .unwrap();
         assert_eq!(flat(&yv), flat(&yc));
-        let gv = (yv * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let gc = (yc * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gv = probe_grads(yv, &probe);
+        let gc = probe_grads(yc, &probe);
         assert!(gv.get(&x).is_some());
         assert!(gc.get(&constant).is_none());
         for (i, v) in vars.iter().enumerate() {
@@ -975,7 +945,7 @@ mod tests {
         let y = l
             .forward_fused(x.as_tensor(), &bias, &mut Mode::Eval)
             .unwrap();
-        let g = (y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = probe_grads(y, &probe);
         let dx = flat(g.get(&x).unwrap());
         let x0 = flat(x.as_tensor());
         let h = 1e-2f32;
