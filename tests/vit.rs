@@ -751,6 +751,11 @@ fn run_model(dir: &Path, bytes: &[u8], outputs: &[&str]) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// The graph of a serialised model.
+fn graph_of(model: &[u8]) -> GraphProto {
+    ModelProto::decode(model).unwrap().graph.unwrap()
+}
+
 /// What extraction runs of an image backbone is pruned to the exposed
 /// layers: the task head's node, weight and output are gone (and, when only
 /// layer 1 is asked for, layer 2's nodes too), every other byte of what is
@@ -761,11 +766,8 @@ fn exposed_image_model_is_pruned_to_the_hidden_states() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (full, pruned) = tiny_models(dir, &[0, 1, 2]);
-    let f = ModelProto::decode(full.as_slice()).unwrap().graph.unwrap();
-    let p = ModelProto::decode(pruned.as_slice())
-        .unwrap()
-        .graph
-        .unwrap();
+    let f = graph_of(&full);
+    let p = graph_of(&pruned);
     assert!(f.node.iter().any(|n| n.name == TINY_HEAD_NODE));
     assert!(!p.node.iter().any(|n| n.name == TINY_HEAD_NODE));
     assert_eq!(p.node.len(), f.node.len() - 1);
@@ -791,7 +793,7 @@ fn exposed_image_model_is_pruned_to_the_hidden_states() {
 
     // Only layer 1: layer 2 and the head go.
     let (_, one) = tiny_models(dir, &[1]);
-    let o = ModelProto::decode(one.as_slice()).unwrap().graph.unwrap();
+    let o = graph_of(&one);
     assert!(o.node.len() < p.node.len());
     assert!(!o.node.iter().any(|n| n.name.contains("layer.1/")));
     assert!(o.node.iter().any(|n| n.name.contains("layer.0/")));
@@ -852,10 +854,7 @@ fn pruning_refuses_unknown_outputs_and_subgraphs() {
         .collect();
     g.input.extend(listed);
     let pruned = embeddings_only(&model, &m).expect("pruned");
-    let p = ModelProto::decode(pruned.as_slice())
-        .unwrap()
-        .graph
-        .unwrap();
+    let p = graph_of(&pruned);
     assert!(p.initializer.iter().any(|t| t.name == TINY_HEAD_WEIGHT));
     assert!(!p.node.iter().any(|n| n.name == TINY_HEAD_NODE));
 
@@ -877,9 +876,6 @@ fn pruning_refuses_unknown_outputs_and_subgraphs() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let line: serde_json::Value = serde_json::from_str(common::stdout(&o).trim()).unwrap();
     assert_eq!(line["pruned"], true);
-    let p = ModelProto::decode(std::fs::read(dir.join("pruned.onnx")).unwrap().as_slice())
-        .unwrap()
-        .graph
-        .unwrap();
+    let p = graph_of(&std::fs::read(dir.join("pruned.onnx")).unwrap());
     assert!(!p.node.iter().any(|n| n.name == TINY_HEAD_NODE));
 }
