@@ -665,7 +665,9 @@ fn measure(a: &MeasureArgs) -> AnyResult<()> {
         a.stream_threads,
         depth,
     ) {
-        let c = c?;
+        // widened here, as a consumer would (the stream leaves 16-bit
+        // frames in their stored form)
+        let c = c?.into_f32();
         check += c.layers.iter().map(Vec::len).sum::<usize>();
         std::hint::black_box(&c);
     }

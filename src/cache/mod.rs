@@ -45,6 +45,7 @@ pub mod writer;
 use std::path::{Component, Path, PathBuf};
 
 pub use error::CacheError;
+pub use format::values::LayerValues;
 pub use format::{Dtype, FORMAT_VERSION, OLDEST_READABLE_VERSION};
 pub use manifest::Manifest;
 pub use reader::{open_shard, open_shard_checked, Cache, ChunkRef, ChunkStream, DecodedChunk};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use super::check::{check_manifest, check_shard_against_manifest};
 use super::error::CacheError;
+use super::format::values::LayerValues;
 use super::mmap::MappedFile;
 use super::shard::{ExampleMeta, MetaBounds, ShardReader};
 use super::{checked_shard_path, format, manifest, Manifest};
@@ -30,18 +31,31 @@ pub struct ChunkRef {
 }
 
 /// A decoded chunk: metadata and the requested layers (`tokens x hidden`
-/// f32 each, examples concatenated in order).
+/// each, examples concatenated in order): f32 values from
+/// [`Cache::read_chunk`], [`LayerValues`] (16-bit frames not yet widened)
+/// from [`Cache::read_chunk_values`] and [`Cache::stream`].
 #[derive(Debug, Clone)]
-pub struct DecodedChunk {
+pub struct DecodedChunk<L = Vec<f32>> {
     /// Global chunk number.
     pub id: usize,
     /// Examples.
     pub meta: Vec<ExampleMeta>,
     /// Requested layers, in the order asked.
-    pub layers: Vec<Vec<f32>>,
+    pub layers: Vec<L>,
 }
 
-impl DecodedChunk {
+impl DecodedChunk<LayerValues> {
+    /// Every layer widened to f32.
+    pub fn into_f32(self) -> DecodedChunk {
+        DecodedChunk {
+            id: self.id,
+            meta: self.meta,
+            layers: self.layers.into_iter().map(LayerValues::into_f32).collect(),
+        }
+    }
+}
+
+impl<L> DecodedChunk<L> {
     /// Row offset of each example in the layer buffers, plus the total.
     pub fn offsets(&self) -> Vec<usize> {
         let mut o = Vec::with_capacity(self.meta.len() + 1);
@@ -195,6 +209,17 @@ impl Cache {
 
     /// Decode chunk `id`: its metadata and the stored layers at `positions`.
     pub fn read_chunk(&self, id: usize, positions: &[usize]) -> Result<DecodedChunk> {
+        Ok(self.read_chunk_values(id, positions)?.into_f32())
+    }
+
+    /// [`Cache::read_chunk`] with the layers as [`LayerValues`]: every
+    /// check made, 16-bit values not yet widened (half the memory until a
+    /// batch takes them).
+    pub fn read_chunk_values(
+        &self,
+        id: usize,
+        positions: &[usize],
+    ) -> Result<DecodedChunk<LayerValues>> {
         let c = *self.chunks.get(id).ok_or_else(|| Error::Cache {
             path: self.dir.clone(),
             source: CacheError::NoSuchChunk {
@@ -206,7 +231,11 @@ impl Cache {
         let meta = shard.chunk_meta(c.chunk).map_err(self.wrap(c.shard))?;
         let mut layers = Vec::with_capacity(positions.len());
         for &p in positions {
-            layers.push(shard.chunk_layer(c.chunk, p).map_err(self.wrap(c.shard))?);
+            layers.push(
+                shard
+                    .chunk_layer_values(c.chunk, p)
+                    .map_err(self.wrap(c.shard))?,
+            );
         }
         Ok(DecodedChunk { id, meta, layers })
     }
@@ -295,7 +324,8 @@ impl Cache {
 
     /// Decode `chunk_ids` in order on `threads` background threads, keeping
     /// at most `depth` decoded chunks ahead of the consumer (so memory is
-    /// bounded by the settings, not by the cache size).
+    /// bounded by the settings, not by the cache size). Chunks come as
+    /// [`Cache::read_chunk_values`] gives them.
     pub fn stream(
         self: &Arc<Self>,
         chunk_ids: Vec<usize>,
@@ -307,7 +337,7 @@ impl Cache {
         let depth = depth.max(threads);
         let ids = Arc::new(chunk_ids);
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (tx, rx) = mpsc::sync_channel::<(usize, Result<DecodedChunk>)>(depth);
+        let (tx, rx) = mpsc::sync_channel::<(usize, Result<DecodedChunk<LayerValues>>)>(depth);
         let mut handles = Vec::with_capacity(threads);
         for _ in 0..threads {
             let (cache, ids, next, tx, positions) = (
@@ -320,7 +350,7 @@ impl Cache {
             handles.push(std::thread::spawn(move || loop {
                 let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(&id) = ids.get(k) else { break };
-                let r = cache.read_chunk(id, &positions);
+                let r = cache.read_chunk_values(id, &positions);
                 if tx.send((k, r)).is_err() {
                     break; // consumer dropped the stream
                 }
@@ -339,8 +369,8 @@ impl Cache {
 
 /// Iterator over chunks decoded in the background, in the requested order.
 pub struct ChunkStream {
-    rx: mpsc::Receiver<(usize, Result<DecodedChunk>)>,
-    pending: std::collections::BTreeMap<usize, Result<DecodedChunk>>,
+    rx: mpsc::Receiver<(usize, Result<DecodedChunk<LayerValues>>)>,
+    pending: std::collections::BTreeMap<usize, Result<DecodedChunk<LayerValues>>>,
     next: usize,
     total: usize,
     dir: PathBuf,
@@ -348,7 +378,7 @@ pub struct ChunkStream {
 }
 
 impl Iterator for ChunkStream {
-    type Item = Result<DecodedChunk>;
+    type Item = Result<DecodedChunk<LayerValues>>;
     fn next(&mut self) -> Option<Self::Item> {
         if self.next >= self.total {
             return None;

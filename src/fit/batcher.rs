@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 
 use crate::batching::{batch_ranges, PaddedBatch};
-use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta};
+use crate::cache::{Cache, ChunkStream, DecodedChunk, ExampleMeta, LayerValues};
 use crate::fit::error::FitError;
 use crate::rng::{SplitMix64, Stream};
 use crate::Result;
@@ -203,9 +203,15 @@ pub fn split_len(cache: &Cache, split: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// One example waiting in the shuffle buffer: its metadata and where its
+/// rows are in its decoded chunk, shared with the chunk's other examples
+/// (the values are widened to f32 only when its batch is built, straight
+/// into the batch).
 struct Item {
     meta: ExampleMeta,
-    rows: Vec<Vec<f32>>,
+    layers: Arc<Vec<LayerValues>>,
+    /// The example's first row in the chunk's layers.
+    row: usize,
 }
 
 /// Iterator over batches of one split.
@@ -262,19 +268,18 @@ impl Batches {
         })
     }
 
-    fn absorb(&mut self, c: DecodedChunk) {
+    fn absorb(&mut self, c: DecodedChunk<LayerValues>) {
         let offsets = c.offsets();
-        let h = self.hidden;
+        let layers = Arc::new(c.layers);
         for (k, meta) in c.meta.into_iter().enumerate() {
             if meta.split != self.plan.split {
                 continue;
             }
-            let rows = c
-                .layers
-                .iter()
-                .map(|l| l[offsets[k] * h..offsets[k + 1] * h].to_vec())
-                .collect();
-            self.buffer.push(Item { meta, rows });
+            self.buffer.push(Item {
+                meta,
+                layers: Arc::clone(&layers),
+                row: offsets[k],
+            });
         }
     }
 
@@ -354,8 +359,9 @@ impl Batches {
         for (r, it) in items.into_iter().enumerate() {
             let len = it.meta.len();
             tokens += len;
-            for (out, rows) in layers.iter_mut().zip(&it.rows) {
-                out.extend_from_slice(rows);
+            let values = it.row * h..(it.row + len) * h;
+            for (out, stored) in layers.iter_mut().zip(it.layers.iter()) {
+                stored.append_f32(values.clone(), out);
                 out.resize((r + 1) * s * h, 0.0);
             }
             for t in 0..len {

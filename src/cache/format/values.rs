@@ -106,63 +106,164 @@ pub fn decode_values(
     })
 }
 
-/// The 16-bit values (`F16` or `Bf16`) of a byte-shuffled layer frame
-/// (low bytes, then high bytes: FORMAT.md §3.2), widened to f32 in one pass,
-/// without the intermediate unshuffled copy that [`unshuffle_payload`] +
-/// [`decode_values`] make; values identical to that path's. `Ok(Err(i))`:
-/// value `i` is infinite or NaN (the reader refuses such a frame).
-pub fn decode_shuffled_16(
-    raw: &[u8],
-    tokens: usize,
-    hidden: usize,
+/// One decoded layer frame of a chunk (`tokens x hidden` values,
+/// row-major): byte-shuffled 16-bit frames stay in their stored form until
+/// a caller widens the values it needs ([`LayerValues::append_f32`]); every
+/// other encoding is decoded to f32 at once.
+#[derive(Debug, Clone)]
+pub enum LayerValues {
+    /// Values already widened.
+    F32(Vec<f32>),
+    /// A shuffled f16 or bf16 frame.
+    Planes16(Planes16),
+}
+
+impl LayerValues {
+    /// Append values `range` as f32 to `out`.
+    pub fn append_f32(&self, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        match self {
+            LayerValues::F32(v) => out.extend_from_slice(&v[range]),
+            LayerValues::Planes16(p) => p.append_f32(range, out),
+        }
+    }
+
+    /// All values as f32.
+    pub fn into_f32(self) -> Vec<f32> {
+        match self {
+            LayerValues::F32(v) => v,
+            LayerValues::Planes16(p) => {
+                let mut out = Vec::with_capacity(p.len());
+                p.append_f32(0..p.len(), &mut out);
+                out
+            }
+        }
+    }
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            LayerValues::F32(v) => v.len(),
+            LayerValues::Planes16(p) => p.len(),
+        }
+    }
+
+    /// Whether there is no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A decompressed, byte-shuffled 16-bit layer frame (`F16` or `Bf16`, low
+/// bytes then high bytes: FORMAT.md §3.2), checked (size, every value
+/// finite) but kept in its stored form, half the size of its f32 values:
+/// [`Planes16::append_f32`] widens any range of values straight into a
+/// caller's buffer (a training batch), so no f32 copy of the whole frame
+/// is made.
+#[derive(Debug, Clone)]
+pub struct Planes16 {
+    raw: Vec<u8>,
     dtype: Dtype,
-) -> Result<Result<Vec<f32>, usize>, CacheError> {
-    use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
-    let expect = dtype
-        .raw_len(tokens as u64, hidden as u64)
-        .ok_or(CacheError::Overflow)?;
-    if raw.len() as u64 != expect || !matches!(dtype, Dtype::F16 | Dtype::Bf16) {
-        return Err(CacheError::Corrupt(format!(
-            "layer frame holds {} bytes, expected {expect} for {tokens} tokens x {hidden} ({})",
-            raw.len(),
-            dtype.name()
-        )));
+}
+
+impl Planes16 {
+    /// Check `raw` as the frame of `tokens x hidden` values in `dtype`.
+    /// `Ok(Err(i))`: value `i` is infinite or NaN.
+    pub fn new(
+        raw: Vec<u8>,
+        tokens: usize,
+        hidden: usize,
+        dtype: Dtype,
+    ) -> Result<Result<Self, usize>, CacheError> {
+        let expect = dtype
+            .raw_len(tokens as u64, hidden as u64)
+            .ok_or(CacheError::Overflow)?;
+        if raw.len() as u64 != expect || !matches!(dtype, Dtype::F16 | Dtype::Bf16) {
+            return Err(CacheError::Corrupt(format!(
+                "layer frame holds {} bytes, expected {expect} for {tokens} tokens x {hidden} ({})",
+                raw.len(),
+                dtype.name()
+            )));
+        }
+        let planes = Planes16 { raw, dtype };
+        Ok(match planes.first_non_finite() {
+            Some(i) => Err(i),
+            None => Ok(planes),
+        })
     }
-    let n = raw.len() / 2;
-    let (lo, hi) = raw.split_at(n);
-    // exponent bits all ones: infinity or NaN
-    let inf_mask: u16 = if dtype == Dtype::F16 { 0x7c00 } else { 0x7f80 };
-    // filled block by block (no zero-fill of the whole output first)
-    let mut out = Vec::with_capacity(n);
-    let mut bits = [0u16; 512];
-    let mut wide = [0f32; 512];
-    for at in (0..n).step_by(bits.len()) {
-        let m = (n - at).min(bits.len());
-        let dst = &mut wide[..m];
-        let mut bad = false;
-        for (i, b) in bits[..m].iter_mut().enumerate() {
-            *b = u16::from(lo[at + i]) | (u16::from(hi[at + i]) << 8);
-            bad |= *b & inf_mask == inf_mask;
-        }
-        if bad {
-            let i = bits[..m]
-                .iter()
-                .position(|b| b & inf_mask == inf_mask)
-                .unwrap_or(0);
-            return Ok(Err(at + i));
-        }
-        if dtype == Dtype::F16 {
-            bits[..m]
-                .reinterpret_cast::<half::f16>()
-                .convert_to_f32_slice(dst);
-        } else {
-            bits[..m]
-                .reinterpret_cast::<half::bf16>()
-                .convert_to_f32_slice(dst);
-        }
-        out.extend_from_slice(dst);
+
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        self.raw.len() / 2
     }
-    Ok(Ok(out))
+
+    /// Whether the frame holds no value.
+    pub fn is_empty(&self) -> bool {
+        self.raw.is_empty()
+    }
+
+    /// Index of the first infinite or NaN value (all exponent bits set).
+    /// For f16 those bits (0x7c00) all sit in the high byte; for bf16
+    /// (0x7f80) seven in the high byte and one in the low byte. Whole blocks
+    /// are tested branch-free first, so a clean frame costs one pass over
+    /// its bytes.
+    fn first_non_finite(&self) -> Option<usize> {
+        let n = self.len();
+        let (lo, hi) = self.raw.split_at(n);
+        let bad = |i: usize| match self.dtype {
+            Dtype::F16 => hi[i] & 0x7c == 0x7c,
+            _ => hi[i] & 0x7f == 0x7f && lo[i] & 0x80 == 0x80,
+        };
+        const BLOCK: usize = 1024;
+        (0..n).step_by(BLOCK).find_map(|at| {
+            let end = (at + BLOCK).min(n);
+            let any = match self.dtype {
+                Dtype::F16 => hi[at..end]
+                    .iter()
+                    .fold(false, |a, &h| a | (h & 0x7c == 0x7c)),
+                _ => hi[at..end]
+                    .iter()
+                    .zip(&lo[at..end])
+                    .fold(false, |a, (&h, &l)| {
+                        a | (h & 0x7f == 0x7f && l & 0x80 == 0x80)
+                    }),
+            };
+            if any {
+                (at..end).find(|&i| bad(i))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Append values `range` (indices into the frame's row-major values),
+    /// widened to f32, to `out`. Panics if `range` is out of bounds (a
+    /// caller's bug: ranges come from the chunk's own metadata).
+    pub fn append_f32(&self, range: std::ops::Range<usize>, out: &mut Vec<f32>) {
+        use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+        let n = self.len();
+        let (lo, hi) = self.raw.split_at(n);
+        let (lo, hi) = (&lo[range.clone()], &hi[range]);
+        out.reserve(lo.len());
+        let mut bits = [0u16; 512];
+        let mut wide = [0f32; 512];
+        for (l, h) in lo.chunks(bits.len()).zip(hi.chunks(bits.len())) {
+            let m = l.len();
+            for ((b, &l), &h) in bits[..m].iter_mut().zip(l).zip(h) {
+                *b = u16::from(l) | (u16::from(h) << 8);
+            }
+            let dst = &mut wide[..m];
+            if self.dtype == Dtype::F16 {
+                bits[..m]
+                    .reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(dst);
+            } else {
+                bits[..m]
+                    .reinterpret_cast::<half::bf16>()
+                    .convert_to_f32_slice(dst);
+            }
+            out.extend_from_slice(dst);
+        }
+    }
 }
 
 /// Width in bytes of the planes the shuffle filter uses for `dtype` (1 = no
@@ -250,8 +351,9 @@ pub fn unshuffle_payload(raw: &[u8], tokens: usize, dtype: Dtype) -> Result<Vec<
 mod tests {
     use super::*;
 
-    /// The one-pass decoder of shuffled 16-bit frames gives exactly the
-    /// values of unshuffle + decode, and finds the first non-finite value.
+    /// Shuffled 16-bit frames widened from their planes (whole, or any
+    /// range) give exactly the values of unshuffle + decode, and the check
+    /// finds the first non-finite value.
     #[test]
     fn one_pass_16_bit_decode_equals_the_two_pass_one() {
         for dtype in [Dtype::F16, Dtype::Bf16] {
@@ -267,17 +369,35 @@ mod tests {
                 dtype,
             )
             .unwrap();
-            let got = decode_shuffled_16(&shuffled, tokens, hidden, dtype)
+            let planes = Planes16::new(shuffled.clone(), tokens, hidden, dtype)
                 .unwrap()
                 .unwrap();
+            let got = LayerValues::Planes16(planes.clone()).into_f32();
             assert_eq!(got, want, "{dtype:?}");
-            let mut bad = v.clone();
-            bad[700] = f32::INFINITY;
-            bad[900] = f32::NAN;
-            let shuffled = shuffle_bytes(&encode_values(&bad, hidden, dtype), 2);
-            let r = decode_shuffled_16(&shuffled, tokens, hidden, dtype).unwrap();
-            assert_eq!(r, Err(700), "{dtype:?}");
-            assert!(decode_shuffled_16(&shuffled[1..], tokens, hidden, dtype).is_err());
+            for range in [0..0, 3..4, 140..700, 511..1050] {
+                let mut part = vec![-1.0];
+                planes.append_f32(range.clone(), &mut part);
+                assert_eq!(part[1..], want[range.clone()], "{dtype:?} {range:?}");
+                assert_eq!(part[0], -1.0);
+            }
+            // Infinity, NaN, and the largest finite value (exponent one below
+            // all ones) next to them, which must pass.
+            for (at, x) in [
+                (700, f32::INFINITY),
+                (1049, f32::NEG_INFINITY),
+                (0, f32::NAN),
+            ] {
+                let mut bad = v.clone();
+                bad[at] = x;
+                bad[900] = f32::NAN;
+                let max = if dtype == Dtype::F16 { 65504.0 } else { 3.0e38 };
+                bad[at.saturating_sub(1).max(1)] = max;
+                bad[at.min(1000) + 3] = -max;
+                let shuffled = shuffle_bytes(&encode_values(&bad, hidden, dtype), 2);
+                let r = Planes16::new(shuffled, tokens, hidden, dtype).unwrap();
+                assert_eq!(r.err(), Some(at.min(900)), "{dtype:?} {x}");
+            }
+            assert!(Planes16::new(shuffled[1..].to_vec(), tokens, hidden, dtype).is_err());
         }
     }
 

@@ -3,7 +3,7 @@
 //! CRC-checked and decoded on demand.
 
 use crate::cache::error::CacheError;
-use crate::cache::format::values::{decode_shuffled_16, unshuffle_payload};
+use crate::cache::format::values::{unshuffle_payload, LayerValues, Planes16};
 use crate::cache::format::{
     check_frame_size, decode_meta, decode_values, header_crc, ExampleMeta, FrameKind, Header,
     IndexEntry, HEADER_LEN, IMAGE_SHARD_FORMAT_VERSION, INDEX_ENTRY_LEN, MAX_FRAME_RAW,
@@ -409,6 +409,13 @@ impl<B: ByteSource> ShardReader<B> {
 
     /// Stored layer `pos` of chunk `c` as f32, `tokens x hidden` row-major.
     pub fn chunk_layer(&self, c: usize, pos: usize) -> Result<Vec<f32>, CacheError> {
+        Ok(self.chunk_layer_values(c, pos)?.into_f32())
+    }
+
+    /// Stored layer `pos` of chunk `c`, CRC-checked, decompressed and
+    /// checked (every value finite), shuffled 16-bit frames left in their
+    /// stored form ([`LayerValues`]).
+    pub fn chunk_layer_values(&self, c: usize, pos: usize) -> Result<LayerValues, CacheError> {
         let ch = self
             .chunks
             .get(c)
@@ -418,16 +425,18 @@ impl<B: ByteSource> ShardReader<B> {
             .get(pos)
             .ok_or_else(|| CacheError::Corrupt(format!("no layer position {pos}")))?;
         let mut raw = self.frame(i)?;
+        let non_finite = |bad: usize| {
+            CacheError::Corrupt(format!("{}: non-finite value at {bad}", self.frame_name(i)))
+        };
         if self.header.shuffle && matches!(self.header.dtype, Dtype::F16 | Dtype::Bf16) {
-            return decode_shuffled_16(
-                &raw,
+            return Planes16::new(
+                raw,
                 ch.n_tokens as usize,
                 self.header.hidden as usize,
                 self.header.dtype,
             )?
-            .map_err(|bad| {
-                CacheError::Corrupt(format!("{}: non-finite value at {bad}", self.frame_name(i)))
-            });
+            .map(LayerValues::Planes16)
+            .map_err(non_finite);
         }
         if self.header.shuffle {
             raw = unshuffle_payload(&raw, ch.n_tokens as usize, self.header.dtype)?;
@@ -439,12 +448,9 @@ impl<B: ByteSource> ShardReader<B> {
             self.header.dtype,
         )?;
         if let Some(bad) = values.iter().position(|v| !v.is_finite()) {
-            return Err(CacheError::Corrupt(format!(
-                "{}: non-finite value at {bad}",
-                self.frame_name(i)
-            )));
+            return Err(non_finite(bad));
         }
-        Ok(values)
+        Ok(LayerValues::F32(values))
     }
 
     /// Decode every frame and check every checksum and invariant. Returns
@@ -473,7 +479,7 @@ impl<B: ByteSource> ShardReader<B> {
                 expect_pos += 1;
             }
             for l in 0..self.chunks[c].layers.len() {
-                self.chunk_layer(c, l)?;
+                self.chunk_layer_values(c, l)?;
             }
         }
         Ok(self.entries.len())
