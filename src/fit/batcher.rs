@@ -243,12 +243,18 @@ impl Batches {
             r.shuffle_scaled(&mut chunks);
         }
         let chunk_size = cache.manifest().settings.chunk_size as usize;
-        let stream = cache.stream(
-            chunks,
-            plan.positions.clone(),
-            plan.threads,
-            plan.threads * 2,
-        );
+        // Decoded chunks kept ready: training refills its shuffle buffer
+        // (`buffer_chunks` chunks) all at once, so the decoders may run that
+        // far ahead; with only `2 x threads` ready, every refill waited for
+        // the decoders (a tenth of a UniPT epoch). Still bounded by the
+        // settings, in stored 16-bit form.
+        let ahead = plan.threads * 2
+            + if plan.shuffle.is_some() {
+                plan.buffer_chunks
+            } else {
+                0
+            };
+        let stream = cache.stream(chunks, plan.positions.clone(), plan.threads, ahead);
         let buffer_target = if rng.is_some() {
             plan.buffer_chunks.max(1) * chunk_size
         } else {

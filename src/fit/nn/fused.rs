@@ -328,7 +328,11 @@ pub(crate) fn lane_sums_ln_back(a: &[f32], g: &[f32], x: &[f32]) -> (f32, f32) {
 }
 
 /// A CPU tensor's contiguous f32 values, borrowed from its storage.
-fn cpu_slice<'a>(s: &'a Storage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
+pub(crate) fn cpu_slice<'a>(
+    s: &'a Storage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [f32]> {
     match s {
         Storage::Cpu(cs) => contiguous_f32(cs, l, what),
         _ => Err(candle_core::Error::Msg(format!(
