@@ -12,6 +12,28 @@ use crate::cache::format::{
 use crate::cache::mmap::ByteSource;
 use crate::cache::Dtype;
 
+thread_local! {
+    /// This thread's zstd decompression context, made on first use: a
+    /// context per frame (`zstd::bulk::decompress`) cost as much as a tenth
+    /// of the decoding itself (its setup and tables), for frames of a few
+    /// hundred kilobytes.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Decompress one zstd frame of at most `capacity` bytes with this thread's
+/// context.
+fn decompress(frame: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let dctx = match d.as_mut() {
+            Some(dctx) => dctx,
+            None => d.insert(zstd::bulk::Decompressor::new()?),
+        };
+        dctx.decompress(frame, capacity)
+    })
+}
+
 /// Location of one chunk inside a shard.
 #[derive(Debug, Clone)]
 pub struct ChunkEntry {
@@ -101,7 +123,7 @@ impl<B: ByteSource> ShardReader<B> {
         check(&header)?;
         let raw_len = Self::check_header_claims(&header)?;
         check_frame_size(index, raw_len, MAX_INDEX_RAW, "the index frame")?;
-        let raw = zstd::bulk::decompress(index, raw_len as usize)
+        let raw = decompress(index, raw_len as usize)
             .map_err(|e| CacheError::Corrupt(format!("index frame: {e}")))?;
         if raw.len() as u64 != raw_len {
             return Err(CacheError::Corrupt(
@@ -352,7 +374,7 @@ impl<B: ByteSource> ShardReader<B> {
             });
         }
         check_frame_size(bytes, e.raw_len, MAX_FRAME_RAW, &self.frame_name(i))?;
-        let raw = zstd::bulk::decompress(bytes, e.raw_len as usize)
+        let raw = decompress(bytes, e.raw_len as usize)
             .map_err(|err| CacheError::Corrupt(format!("{}: {err}", self.frame_name(i))))?;
         self.bytes.release(e.offset as usize, e.len as usize);
         if raw.len() as u64 != e.raw_len {

@@ -251,6 +251,46 @@ pub struct LayerNormOp {
     pub eps: f32,
 }
 
+/// One row of [`LayerNormOp`]: `y = (x - mean) / sqrt(var + eps) * w + b`.
+#[inline(always)]
+pub(crate) fn ln_row(x: &[f32], w: &[f32], b: &[f32], eps: f32, y: &mut [f32]) {
+    let (mean, rstd) = row_stats(x, eps);
+    for k in 0..x.len() {
+        y[k] = (x[k] - mean) * rstd * w[k] + b[k];
+    }
+}
+
+/// One row of [`LayerNormOp`]'s backward: writes `dx` for the row's
+/// gradient `g`, adds to the weight's and bias's gradients `dw`, `db`;
+/// `scratch` holds `2 d` values.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(crate) fn ln_row_backward(
+    x: &[f32],
+    w: &[f32],
+    g: &[f32],
+    eps: f32,
+    dx: &mut [f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let d = x.len();
+    let (xhat, dxhat) = scratch.split_at_mut(d);
+    let (mean, rstd) = row_stats(x, eps);
+    for k in 0..d {
+        xhat[k] = (x[k] - mean) * rstd;
+        dxhat[k] = g[k] * w[k];
+        dw[k] += g[k] * xhat[k];
+        db[k] += g[k];
+    }
+    let (s1, s2) = (lane_sum(dxhat, |t| t), lane_sum_dot(dxhat, xhat));
+    let (m1, m2) = (s1 / d as f32, s2 / d as f32);
+    for k in 0..d {
+        dx[k] = rstd * (dxhat[k] - m1 - xhat[k] * m2);
+    }
+}
+
 /// Per row: mean and `1 / sqrt(var + eps)`, with the variance computed from
 /// the centred values (two passes, as the composed version).
 #[inline(always)]
@@ -286,7 +326,7 @@ pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
 
 /// `sum a[k] b[k]` with [`LANES`] partial sums (see [`lane_sum`]).
 #[inline(always)]
-fn lane_sum_dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn lane_sum_dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let n = a.len() / LANES * LANES;
     for (ac, bc) in a[..n].chunks_exact(LANES).zip(b[..n].chunks_exact(LANES)) {
@@ -384,10 +424,7 @@ impl CustomOp3 for LayerNormOp {
         }
         let mut y = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)) {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            for k in 0..d {
-                yr[k] = (xr[k] - mean) * rstd * w[k] + b[k];
-            }
+            ln_row(xr, w, b, self.eps, yr);
         }
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
@@ -413,25 +450,13 @@ impl CustomOp3 for LayerNormOp {
         let mut dx = vec![0f32; xv.len()];
         let mut dw = vec![0f32; d];
         let mut db = vec![0f32; d];
-        let mut xhat = vec![0f32; d];
-        let mut dxhat = vec![0f32; d];
+        let mut scratch = vec![0f32; 2 * d];
         for ((xr, gr), dxr) in xv
             .chunks_exact(d)
             .zip(gv.chunks_exact(d))
             .zip(dx.chunks_exact_mut(d))
         {
-            let (mean, rstd) = row_stats(xr, self.eps);
-            for k in 0..d {
-                xhat[k] = (xr[k] - mean) * rstd;
-                dxhat[k] = gr[k] * wv[k];
-                dw[k] += gr[k] * xhat[k];
-                db[k] += gr[k];
-            }
-            let (s1, s2) = (lane_sum(&dxhat, |t| t), lane_sum_dot(&dxhat, &xhat));
-            let (m1, m2) = (s1 / d as f32, s2 / d as f32);
-            for k in 0..d {
-                dxr[k] = rstd * (dxhat[k] - m1 - xhat[k] * m2);
-            }
+            ln_row_backward(xr, wv, gr, self.eps, dxr, &mut dw, &mut db, &mut scratch);
         }
         let dev = x.device();
         Ok((

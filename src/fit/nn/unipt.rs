@@ -7,7 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::fused::{contiguous_f32, cpu_slice};
+use super::fused::{contiguous_f32, cpu_slice, lane_sum_dot, ln_row, ln_row_backward};
 use super::gemm::{matmul, View};
 use super::ops::{masked_mean, softmax};
 use super::{Builder, LayerNorm, Linear, Projector};
@@ -70,29 +70,50 @@ impl Unipt {
 
     fn forward_with(&self, layers: &[Tensor], mask: &Tensor, fused: bool) -> Result<Tensor> {
         let _span = tracing::trace_span!("unipt").entered();
-        let a = Projector::forward_all(&self.proj, layers)?;
-        let n = a.len() - 1;
-        let anchor = &a[n];
+        let cpu = |t: &Tensor| super::fused::cpu_f32(t);
         let fused = fused
-            && n >= 1
-            && super::fused::cpu_f32(anchor)
-            && super::fused::cpu_f32(mask)
-            && super::fused::cpu_f32(&self.confidence.weight)
-            && super::fused::cpu_f32(&self.confidence.bias);
-        let agg = if fused {
-            // [M, B, S, d], the anchor last; the confidence's weight and
-            // bias as one [d + 1] vector
-            let stacked = Tensor::stack(&a, 0)?;
-            let conf = Tensor::cat(
-                &[
-                    self.confidence.weight.flatten_all()?,
-                    self.confidence.bias.flatten_all()?,
-                ],
-                0,
+            && self.proj.len() >= 2
+            && cpu(mask)
+            && cpu(&self.confidence.weight)
+            && cpu(&self.confidence.bias)
+            && self
+                .proj
+                .iter()
+                .all(|p| cpu(&p.norm.weight) && cpu(&p.norm.bias));
+        let (anchor, agg) = if fused {
+            // the linear outputs [M, B, S, d], the anchor's last; the
+            // confidence head and the LayerNorms as one vector
+            let y: Vec<Tensor> = layers
+                .iter()
+                .zip(&self.proj)
+                .map(|(x, p)| p.linear.forward(x))
+                .collect::<Result<_>>()?;
+            let last = self.proj.len() - 1;
+            let anchor = self.proj[last].norm.forward(&y[last])?;
+            let mut params = vec![
+                self.confidence.weight.flatten_all()?,
+                self.confidence.bias.flatten_all()?,
+            ];
+            for p in &self.proj {
+                params.push(p.norm.weight.clone());
+                params.push(p.norm.bias.clone());
+            }
+            let eps = self.proj[last].norm.eps as f32;
+            if self.proj.iter().any(|p| p.norm.eps as f32 != eps) {
+                return Err(crate::fit::error::FitError::model(
+                    "the projectors' LayerNorms differ in epsilon".to_string(),
+                ));
+            }
+            let agg = Tensor::stack(&y, 0)?.apply_op3(
+                &mask.contiguous()?,
+                &Tensor::cat(&params, 0)?,
+                MixOp { eps },
             )?;
-            stacked.apply_op3(&mask.contiguous()?, &conf, MixOp)?
+            (anchor, agg)
         } else {
-            self.mix_composed(&a, mask)?
+            let a = Projector::forward_all(&self.proj, layers)?;
+            let agg = self.mix_composed(&a, mask)?;
+            (a[a.len() - 1].clone(), agg)
         };
         let o = self.out_norm.forward(&self.out.forward(&agg)?)?;
         Ok((anchor + o)?)
@@ -129,60 +150,80 @@ impl Unipt {
 }
 
 /// UniPT's aggregation of all projected layers as one CPU op with a
-/// hand-written backward. Inputs: the projected layers stacked `[M, B, S,
-/// d]` (the anchor `A` last), the mask `[B, S]` (no gradient), and the
-/// confidence head's weight and bias as one `[d + 1]` vector. Per sequence:
-/// the masked means `m_j`; the confidences `e_j = w . (m_A * m_j) + b` and
-/// their softmax `p`; for every shallower layer `X_j`,
-/// `N_j = rownorm(relu(A X_j^T) * keymask)` and `N_j X_j + X_j`; the output
-/// is `sum_j p_j (N_j X_j + X_j)` `[B, S, d]`.
+/// hand-written backward. Inputs: the projectors' linear outputs stacked
+/// `[M, B, S, d]` (the anchor's last), the mask `[B, S]` (no gradient), and
+/// one vector of the confidence head's weight and bias and the projectors'
+/// LayerNorm weights and biases (`[d + 1 + 2 M d]`: `w, b, g_0, beta_0,
+/// ..`). Per sequence: the projected layers `X_j = LayerNorm_j(Y_j)` (the
+/// anchor `A = X_{M-1}`), their masked means `m_j`; the confidences
+/// `e_j = w . (m_A * m_j) + b` and their softmax `p`; for every shallower
+/// layer `N_j = rownorm(relu(A X_j^T) * keymask)` and `N_j X_j + X_j`; the
+/// output is `sum_j p_j (N_j X_j + X_j)` `[B, S, d]`.
 ///
-/// Composed ([`Unipt::forward_composed`]) this is about 40 candle ops per
-/// batch whose gradients candle sums into zero-filled tensors; here two
-/// products per layer and sequence forward, four backward (the `A X^T`
-/// similarity recomputed, nothing stored), and one gradient tensor.
-struct MixOp;
+/// Composed ([`Unipt::forward_composed`]) this is about 50 candle ops per
+/// batch whose gradients candle sums into zero-filled tensors one by one;
+/// here two products per layer and sequence forward, four backward (`A X^T`
+/// and the LayerNorms recomputed, nothing stored), and one gradient tensor.
+struct MixOp {
+    /// The projectors' LayerNorm epsilon.
+    eps: f32,
+}
 
 fn mix_err(msg: &str) -> candle_core::Error {
     candle_core::Error::Msg(format!("sherl fused UniPT aggregation: {msg}"))
 }
 
-/// One sequence's masked means of the `m` stacked layers (`means[j * d..]`)
-/// and the softmax weights of the `m - 1` shallower ones (`weights`), as
-/// the composed ops compute them.
-#[allow(clippy::too_many_arguments)]
+/// One sequence's projected layers: `x` (`[M, S, d]`) from the linear
+/// outputs `y` (`[M, B, S, d]`, sequence `bi`) and the LayerNorm parameters
+/// `ln` (`g_0, beta_0, ..`).
+fn project_sequence(y: &[f32], ln: &[f32], (m, b, s, d): Dims, bi: usize, eps: f32, x: &mut [f32]) {
+    let (t, sd) = (b * s * d, s * d);
+    for j in 0..m {
+        let (g, beta) = ln[2 * j * d..2 * (j + 1) * d].split_at(d);
+        let yj = &y[j * t + bi * sd..j * t + (bi + 1) * sd];
+        for (yr, xr) in yj
+            .chunks_exact(d)
+            .zip(x[j * sd..(j + 1) * sd].chunks_exact_mut(d))
+        {
+            ln_row(yr, g, beta, eps, xr);
+        }
+    }
+}
+
+/// `(M, B, S, d)`.
+type Dims = (usize, usize, usize, usize);
+
+/// One sequence's masked means of its `m` projected layers `x` (`[M, S,
+/// d]`) into `means` (`[M, d]`) and the softmax weights of the `m - 1`
+/// shallower ones into `weights`; `prod` is scratch of `d` values.
 fn mix_weights(
-    p: &[f32],
+    x: &[f32],
     keys: &[f32],
     conf: &[f32],
-    (m, b, s, d): (usize, usize, usize, usize),
-    bi: usize,
     means: &mut [f32],
     weights: &mut [f32],
+    prod: &mut [f32],
 ) {
+    let d = prod.len();
+    let sd = keys.len() * d;
     let count = keys.iter().sum::<f32>().max(1.0);
-    let t = b * s * d;
-    for (j, mean) in means.chunks_exact_mut(d).enumerate().take(m) {
-        let x = &p[j * t + bi * s * d..j * t + (bi + 1) * s * d];
+    for (xj, mean) in x.chunks_exact(sd).zip(means.chunks_exact_mut(d)) {
         mean.iter_mut().for_each(|v| *v = 0.0);
-        for (row, &k) in x.chunks_exact(d).zip(keys) {
+        for (row, &k) in xj.chunks_exact(d).zip(keys) {
             for (a, v) in mean.iter_mut().zip(row) {
                 *a += v * k;
             }
         }
         mean.iter_mut().for_each(|v| *v /= count);
     }
-    let n = m - 1;
+    let n = weights.len();
     let (shallow, anchor) = means.split_at(n * d);
     let (w, bias) = conf.split_at(d);
     for (e, mj) in weights.iter_mut().zip(shallow.chunks_exact(d)) {
-        *e = anchor
-            .iter()
-            .zip(mj)
-            .zip(w)
-            .map(|((a, x), w)| (a * x) * w)
-            .sum::<f32>()
-            + bias[0];
+        prod.iter_mut()
+            .zip(anchor.iter().zip(mj))
+            .for_each(|(p, (a, x))| *p = a * x);
+        *e = lane_sum_dot(prod, w) + bias[0];
     }
     let max = weights.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     weights.iter_mut().for_each(|e| *e = (*e - max).exp());
@@ -221,6 +262,17 @@ fn similarity(
     Ok((r, sums))
 }
 
+impl MixOp {
+    /// Check the shapes; the dimensions.
+    fn dims(&self, layers: &Shape, mask: &Shape, params: &Shape) -> candle_core::Result<Dims> {
+        let (m, b, s, d) = layers.dims4()?;
+        if m < 2 || mask.dims() != [b, s] || params.dims() != [d + 1 + 2 * m * d] {
+            return Err(mix_err("shapes do not match"));
+        }
+        Ok((m, b, s, d))
+    }
+}
+
 impl CustomOp3 for MixOp {
     fn name(&self) -> &'static str {
         "sherl-unipt-mix"
@@ -235,28 +287,28 @@ impl CustomOp3 for MixOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, b, s, d) = l1.shape().dims4()?;
-        if m < 2 || l2.shape().dims() != [b, s] || l3.shape().dims() != [d + 1] {
-            return Err(mix_err("shapes do not match"));
-        }
-        let (p, mk, conf) = (
+        let (m, b, s, d) = self.dims(l1.shape(), l2.shape(), l3.shape())?;
+        let (y, mk, params) = (
             contiguous_f32(s1, l1, "layers")?,
             contiguous_f32(s2, l2, "mask")?,
-            contiguous_f32(s3, l3, "confidence")?,
+            contiguous_f32(s3, l3, "parameters")?,
         );
-        let (n, t, sd) = (m - 1, b * s * d, s * d);
-        let mut out = vec![0f32; t];
+        let (conf, ln) = params.split_at(d + 1);
+        let (n, sd) = (m - 1, s * d);
+        let mut out = vec![0f32; b * sd];
+        let mut x = vec![0f32; m * sd];
         let mut means = vec![0f32; m * d];
         let mut weights = vec![0f32; n];
+        let mut prod = vec![0f32; d];
         let mut mj = vec![0f32; sd];
         for bi in 0..b {
             let keys = &mk[bi * s..(bi + 1) * s];
-            mix_weights(p, keys, conf, (m, b, s, d), bi, &mut means, &mut weights);
-            let at = bi * sd..(bi + 1) * sd;
-            let ab = &p[n * t..][at.clone()];
-            let ob = &mut out[at.clone()];
+            project_sequence(y, ln, (m, b, s, d), bi, self.eps, &mut x);
+            mix_weights(&x, keys, conf, &mut means, &mut weights, &mut prod);
+            let ab = &x[n * sd..];
+            let ob = &mut out[bi * sd..(bi + 1) * sd];
             for (j, &wj) in weights.iter().enumerate() {
-                let xb = &p[j * t..][at.clone()];
+                let xb = &x[j * sd..(j + 1) * sd];
                 let (mut r, sums) = similarity(ab, xb, keys, s, d)?;
                 for (row, sum) in r.chunks_exact_mut(s).zip(&sums) {
                     row.iter_mut().for_each(|v| *v /= sum);
@@ -289,47 +341,53 @@ impl CustomOp3 for MixOp {
         &self,
         layers: &Tensor,
         mask: &Tensor,
-        conf: &Tensor,
+        params: &Tensor,
         _out: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (m, b, s, d) = layers.dims4()?;
-        let (layers, mask, conf, grad) = (
+        let (m, b, s, d) = self.dims(layers.shape(), mask.shape(), params.shape())?;
+        let (layers, mask, params, grad) = (
             layers.contiguous()?,
             mask.contiguous()?,
-            conf.contiguous()?,
+            params.contiguous()?,
             grad.contiguous()?,
         );
-        let (ps, pl) = layers.storage_and_layout();
+        let (ys, yl) = layers.storage_and_layout();
         let (ms, ml) = mask.storage_and_layout();
-        let (cs, cl) = conf.storage_and_layout();
+        let (ps, pl) = params.storage_and_layout();
         let (gs, gl) = grad.storage_and_layout();
-        let p = cpu_slice(&ps, pl, "layers")?;
+        let y = cpu_slice(&ys, yl, "layers")?;
         let mk = cpu_slice(&ms, ml, "mask")?;
-        let cf = cpu_slice(&cs, cl, "confidence")?;
+        let pv = cpu_slice(&ps, pl, "parameters")?;
         let g = cpu_slice(&gs, gl, "gradient")?;
+        let (conf, ln) = pv.split_at(d + 1);
         let (n, t, sd) = (m - 1, b * s * d, s * d);
-        let mut dp = vec![0f32; m * t];
-        let mut dconf = vec![0f32; d + 1];
+        let mut dy = vec![0f32; m * t];
+        let mut dparams = vec![0f32; pv.len()];
+        let mut x = vec![0f32; m * sd];
+        let mut dx = vec![0f32; m * sd];
         let mut means = vec![0f32; m * d];
         let mut weights = vec![0f32; n];
         let mut dweights = vec![0f32; n];
         let mut gx = vec![0f32; s * s];
+        let mut norm = vec![0f32; s * s];
         let mut dmean = vec![0f32; m * d];
+        let mut prod = vec![0f32; d];
+        let mut scratch = vec![0f32; 2 * d];
         for bi in 0..b {
             let keys = &mk[bi * s..(bi + 1) * s];
-            mix_weights(p, keys, cf, (m, b, s, d), bi, &mut means, &mut weights);
-            let at = bi * sd..(bi + 1) * sd;
-            let ab = &p[n * t..][at.clone()];
-            let gb = &g[at.clone()];
+            project_sequence(y, ln, (m, b, s, d), bi, self.eps, &mut x);
+            mix_weights(&x, keys, conf, &mut means, &mut weights, &mut prod);
+            dx.iter_mut().for_each(|v| *v = 0.0);
+            let ab = &x[n * sd..];
+            let gb = &g[bi * sd..(bi + 1) * sd];
             for (j, &wj) in weights.iter().enumerate() {
-                let xb = &p[j * t..][at.clone()];
+                let xb = &x[j * sd..(j + 1) * sd];
                 let (r, sums) = similarity(ab, xb, keys, s, d)?;
-                let norm: Vec<f32> = r
-                    .chunks_exact(s)
-                    .zip(&sums)
-                    .flat_map(|(row, sum)| row.iter().map(move |v| v / sum))
-                    .collect();
+                for ((nrow, row), sum) in norm.chunks_exact_mut(s).zip(r.chunks_exact(s)).zip(&sums)
+                {
+                    nrow.iter_mut().zip(row).for_each(|(n, v)| *n = v / sum);
+                }
                 // G X^T: gives dN and the weight's gradient
                 gx.iter_mut().for_each(|v| *v = 0.0);
                 matmul(
@@ -344,16 +402,15 @@ impl CustomOp3 for MixOp {
                     1,
                 )?;
                 // d p_j = sum G . (N X + X) = sum N . (G X^T) + sum G . X
-                dweights[j] = norm.iter().zip(&gx).map(|(a, b)| a * b).sum::<f32>()
-                    + gb.iter().zip(xb).map(|(a, b)| a * b).sum::<f32>();
-                let (dpj, dpa) = {
-                    let (lo, hi) = dp.split_at_mut(n * t);
-                    (&mut lo[j * t..][at.clone()], &mut hi[at.clone()])
+                dweights[j] = lane_sum_dot(&norm, &gx) + lane_sum_dot(gb, xb);
+                let (dxj, dxa) = {
+                    let (lo, hi) = dx.split_at_mut(n * sd);
+                    (&mut lo[j * sd..(j + 1) * sd], hi)
                 };
                 // dX = p_j (G + N^T G)
-                dpj.iter_mut().zip(gb).for_each(|(o, v)| *o += wj * v);
+                dxj.iter_mut().zip(gb).for_each(|(o, v)| *o += wj * v);
                 matmul(
-                    dpj,
+                    dxj,
                     View::dense(s, d),
                     &norm,
                     View::dense(s, s).t(),
@@ -368,11 +425,7 @@ impl CustomOp3 for MixOp {
                 for i in 0..s {
                     let sum = sums[i];
                     let row = i * s..(i + 1) * s;
-                    let dot: f32 = gx[row.clone()]
-                        .iter()
-                        .zip(&r[row.clone()])
-                        .map(|(g, v)| wj * g * v)
-                        .sum();
+                    let dot = wj * lane_sum_dot(&gx[row.clone()], &r[row.clone()]);
                     let dsum = -dot / (sum * sum);
                     for c in 0..s {
                         let dr = wj * gx[i * s + c] / sum + dsum;
@@ -385,7 +438,7 @@ impl CustomOp3 for MixOp {
                 }
                 // dA += dR X ; dX += dR^T A
                 matmul(
-                    dpa,
+                    dxa,
                     View::dense(s, d),
                     &gx,
                     View::dense(s, s),
@@ -396,7 +449,7 @@ impl CustomOp3 for MixOp {
                     1,
                 )?;
                 matmul(
-                    dpj,
+                    dxj,
                     View::dense(s, d),
                     &gx,
                     View::dense(s, s).t(),
@@ -417,28 +470,42 @@ impl CustomOp3 for MixOp {
                 let mj = &shallow[j * d..(j + 1) * d];
                 let dmj = &mut dshallow[j * d..(j + 1) * d];
                 for c in 0..d {
-                    dconf[c] += de * (anchor[c] * mj[c]);
-                    dmj[c] = de * cf[c] * anchor[c];
-                    danchor[c] += de * cf[c] * mj[c];
+                    dparams[c] += de * (anchor[c] * mj[c]);
+                    dmj[c] = de * conf[c] * anchor[c];
+                    danchor[c] += de * conf[c] * mj[c];
                 }
-                dconf[d] += de;
+                dparams[d] += de;
             }
             // the masked means' gradients, spread over the real tokens
             let count = keys.iter().sum::<f32>().max(1.0);
-            for (j, dm) in dmean.chunks_exact(d).enumerate() {
-                let dpj = &mut dp[j * t..][at.clone()];
-                for (row, &k) in dpj.chunks_exact_mut(d).zip(keys) {
+            for (dxj, dm) in dx.chunks_exact_mut(sd).zip(dmean.chunks_exact(d)) {
+                for (row, &k) in dxj.chunks_exact_mut(d).zip(keys) {
                     for (o, v) in row.iter_mut().zip(dm) {
                         *o += v / count * k;
                     }
                 }
             }
+            // through the LayerNorms to the linear outputs
+            let (_, dln) = dparams.split_at_mut(d + 1);
+            for j in 0..m {
+                let g_j = &ln[2 * j * d..(2 * j + 1) * d];
+                let (dg, dbeta) = dln[2 * j * d..2 * (j + 1) * d].split_at_mut(d);
+                let yj = &y[j * t + bi * sd..j * t + (bi + 1) * sd];
+                let dyj = &mut dy[j * t + bi * sd..j * t + (bi + 1) * sd];
+                for ((yr, dxr), dyr) in yj
+                    .chunks_exact(d)
+                    .zip(dx[j * sd..(j + 1) * sd].chunks_exact(d))
+                    .zip(dyj.chunks_exact_mut(d))
+                {
+                    ln_row_backward(yr, g_j, dxr, self.eps, dyr, dg, dbeta, &mut scratch);
+                }
+            }
         }
         let dev = layers.device();
         Ok((
-            Some(Tensor::from_vec(dp, (m, b, s, d), dev)?),
+            Some(Tensor::from_vec(dy, (m, b, s, d), dev)?),
             None,
-            Some(Tensor::from_vec(dconf, d + 1, dev)?),
+            Some(Tensor::from_vec(dparams, pv.len(), dev)?),
         ))
     }
 }
