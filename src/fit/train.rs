@@ -276,6 +276,8 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
         cfg.seed,
         &plan.device,
     )?;
+    // The model holds copies of the weights it uses: unmap the checkpoint.
+    drop(ckpt);
     let inputs = model.inputs().to_vec();
     let positions: Vec<usize> = inputs
         .iter()
