@@ -231,6 +231,35 @@ fn mix_weights(
     weights.iter_mut().for_each(|e| *e /= sum);
 }
 
+/// `dst += alpha R X` for one sequence: `R` `[s, s]` (`R^T` with `rt`),
+/// `X` and `dst` `[s, d]`.
+fn add_rx(
+    dst: &mut [f32],
+    r: &[f32],
+    rt: bool,
+    x: &[f32],
+    alpha: f32,
+    s: usize,
+    d: usize,
+) -> candle_core::Result<()> {
+    let rv = if rt {
+        View::dense(s, s).t()
+    } else {
+        View::dense(s, s)
+    };
+    matmul(
+        dst,
+        View::dense(s, d),
+        r,
+        rv,
+        x,
+        View::dense(s, d),
+        alpha,
+        true,
+        1,
+    )
+}
+
 /// `R = relu(A X^T) * keymask` and its row sums plus 1e-8, for one
 /// sequence (`a`, `x` `[s, d]`, `keys` `[s]`).
 fn similarity(
@@ -316,17 +345,7 @@ impl CustomOp3 for MixOp {
                 // M_j = N X + X, then added with its weight, in the
                 // composed order (agg = M_0 p_0, agg += M_j p_j)
                 mj.copy_from_slice(xb);
-                matmul(
-                    &mut mj,
-                    View::dense(s, d),
-                    &r,
-                    View::dense(s, s),
-                    xb,
-                    View::dense(s, d),
-                    1.0,
-                    true,
-                    1,
-                )?;
+                add_rx(&mut mj, &r, false, xb, 1.0, s, d)?;
                 if j == 0 {
                     ob.iter_mut().zip(&mj).for_each(|(o, v)| *o = v * wj);
                 } else {
@@ -409,17 +428,7 @@ impl CustomOp3 for MixOp {
                 };
                 // dX = p_j (G + N^T G)
                 dxj.iter_mut().zip(gb).for_each(|(o, v)| *o += wj * v);
-                matmul(
-                    dxj,
-                    View::dense(s, d),
-                    &norm,
-                    View::dense(s, s).t(),
-                    gb,
-                    View::dense(s, d),
-                    wj,
-                    true,
-                    1,
-                )?;
+                add_rx(dxj, &norm, true, gb, wj, s, d)?;
                 // dN = p_j G X^T, through the row normalisation, relu and
                 // key mask (R > 0 exactly where relu passed a real key)
                 for i in 0..s {
@@ -437,28 +446,8 @@ impl CustomOp3 for MixOp {
                     }
                 }
                 // dA += dR X ; dX += dR^T A
-                matmul(
-                    dxa,
-                    View::dense(s, d),
-                    &gx,
-                    View::dense(s, s),
-                    xb,
-                    View::dense(s, d),
-                    1.0,
-                    true,
-                    1,
-                )?;
-                matmul(
-                    dxj,
-                    View::dense(s, d),
-                    &gx,
-                    View::dense(s, s).t(),
-                    ab,
-                    View::dense(s, d),
-                    1.0,
-                    true,
-                    1,
-                )?;
+                add_rx(dxa, &gx, false, xb, 1.0, s, d)?;
+                add_rx(dxj, &gx, true, ab, 1.0, s, d)?;
             }
             // softmax, then the confidence head e_j = w . (m_A * m_j) + b
             let sdot: f32 = weights.iter().zip(&dweights).map(|(w, g)| w * g).sum();
