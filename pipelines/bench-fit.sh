@@ -161,6 +161,19 @@ for m in methods:
           f"{max(x['train_tokens_per_second'] for x in s):.0f} | {max(x['train_tokens_per_second'] for x in t):.0f} | "
           f"{acc(s, 'valid_accuracy')} vs {acc(t, 'valid_accuracy')} | {acc(s, 'test_accuracy')} vs {acc(t, 'test_accuracy')} |")
 print()
+# Each run's epochs, and the ratio over the epochs after the first: sherl-fit's
+# first epoch is the one that touches its memory for the first time (the peer
+# touches its memory while loading its arrays, before its clock starts).
+print("| method | run | sherl-fit s per epoch | PyTorch s per epoch | torch/sherl, epochs after the first |")
+print("|---|---:|---|---|---:|")
+for m in methods:
+    for k in range(1, repeats + 1):
+        run_dir = j(f"sherl-{m}-{k}")["run_dir"]
+        se = [json.loads(l)["seconds"] for l in open(f"{run_dir}/metrics.jsonl") if l.strip()]
+        te = j(f"torch-{m}-{k}")["epoch_seconds"]
+        later = f"{sum(te[1:]) / sum(se[1:]):.2f}" if len(se) > 1 and len(te) > 1 else "-"
+        print(f"| {m} | {k} | {', '.join(f'{x:.2f}' for x in se)} | {', '.join(f'{x:.2f}' for x in te)} | {later} |")
+print()
 # Whole processes, as a user waits for them: sherl-fit from its start (reading
 # the cache, every epoch with its evaluation, the test split, writing the run);
 # the peer from the interpreter's start (importing torch, loading the exported
