@@ -106,6 +106,25 @@ pub fn decode_values(
     })
 }
 
+/// The first `i` where `bad(lo[i], hi[i])`: whole blocks are tested
+/// branch-free first (one pass over a clean frame), then the block that has
+/// a hit is searched.
+fn first_where(lo: &[u8], hi: &[u8], bad: impl Fn(u8, u8) -> bool) -> Option<usize> {
+    const BLOCK: usize = 1024;
+    (0..lo.len()).step_by(BLOCK).find_map(|at| {
+        let end = (at + BLOCK).min(lo.len());
+        let (l, h) = (&lo[at..end], &hi[at..end]);
+        if l.iter().zip(h).fold(false, |a, (&l, &h)| a | bad(l, h)) {
+            l.iter()
+                .zip(h)
+                .position(|(&l, &h)| bad(l, h))
+                .map(|i| at + i)
+        } else {
+            None
+        }
+    })
+}
+
 /// One decoded layer frame of a chunk (`tokens x hidden` values,
 /// row-major): byte-shuffled 16-bit frames stay in their stored form until
 /// a caller widens the values it needs ([`LayerValues::append_f32`]); every
@@ -137,19 +156,6 @@ impl LayerValues {
                 out
             }
         }
-    }
-
-    /// Number of values.
-    pub fn len(&self) -> usize {
-        match self {
-            LayerValues::F32(v) => v.len(),
-            LayerValues::Planes16(p) => p.len(),
-        }
-    }
-
-    /// Whether there is no value.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -203,36 +209,13 @@ impl Planes16 {
 
     /// Index of the first infinite or NaN value (all exponent bits set).
     /// For f16 those bits (0x7c00) all sit in the high byte; for bf16
-    /// (0x7f80) seven in the high byte and one in the low byte. Whole blocks
-    /// are tested branch-free first, so a clean frame costs one pass over
-    /// its bytes.
+    /// (0x7f80) seven in the high byte and one in the low byte.
     fn first_non_finite(&self) -> Option<usize> {
-        let n = self.len();
-        let (lo, hi) = self.raw.split_at(n);
-        let bad = |i: usize| match self.dtype {
-            Dtype::F16 => hi[i] & 0x7c == 0x7c,
-            _ => hi[i] & 0x7f == 0x7f && lo[i] & 0x80 == 0x80,
-        };
-        const BLOCK: usize = 1024;
-        (0..n).step_by(BLOCK).find_map(|at| {
-            let end = (at + BLOCK).min(n);
-            let any = match self.dtype {
-                Dtype::F16 => hi[at..end]
-                    .iter()
-                    .fold(false, |a, &h| a | (h & 0x7c == 0x7c)),
-                _ => hi[at..end]
-                    .iter()
-                    .zip(&lo[at..end])
-                    .fold(false, |a, (&h, &l)| {
-                        a | (h & 0x7f == 0x7f && l & 0x80 == 0x80)
-                    }),
-            };
-            if any {
-                (at..end).find(|&i| bad(i))
-            } else {
-                None
-            }
-        })
+        let (lo, hi) = self.raw.split_at(self.len());
+        match self.dtype {
+            Dtype::F16 => first_where(lo, hi, |_, h| h & 0x7c == 0x7c),
+            _ => first_where(lo, hi, |l, h| h & 0x7f == 0x7f && l & 0x80 == 0x80),
+        }
     }
 
     /// Append values `range` (indices into the frame's row-major values),

@@ -260,18 +260,20 @@ fn add_rx(
     )
 }
 
-/// `R = relu(A X^T) * keymask` and its row sums plus 1e-8, for one
-/// sequence (`a`, `x` `[s, d]`, `keys` `[s]`).
+/// `R = relu(A X^T) * keymask` into `r` (`[s, s]`) and its row sums plus
+/// 1e-8 into `sums` (`[s]`), for one sequence (`a`, `x` `[s, d]`, `keys`
+/// `[s]`); the buffers are the caller's, reused from sequence to sequence.
 fn similarity(
     a: &[f32],
     x: &[f32],
     keys: &[f32],
-    s: usize,
     d: usize,
-) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-    let mut r = vec![0f32; s * s];
+    r: &mut [f32],
+    sums: &mut [f32],
+) -> candle_core::Result<()> {
+    let s = keys.len();
     matmul(
-        &mut r,
+        r,
         View::dense(s, s),
         a,
         View::dense(s, d),
@@ -281,14 +283,13 @@ fn similarity(
         false,
         1,
     )?;
-    let mut sums = vec![0f32; s];
     for (row, sum) in r.chunks_exact_mut(s).zip(sums.iter_mut()) {
         for (v, k) in row.iter_mut().zip(keys) {
             *v = v.max(0.0) * k;
         }
         *sum = row.iter().sum::<f32>() + 1e-8;
     }
-    Ok((r, sums))
+    Ok(())
 }
 
 impl MixOp {
@@ -330,6 +331,7 @@ impl CustomOp3 for MixOp {
         let mut weights = vec![0f32; n];
         let mut prod = vec![0f32; d];
         let mut mj = vec![0f32; sd];
+        let (mut r, mut sums) = (vec![0f32; s * s], vec![0f32; s]);
         for bi in 0..b {
             let keys = &mk[bi * s..(bi + 1) * s];
             project_sequence(y, ln, (m, b, s, d), bi, self.eps, &mut x);
@@ -338,7 +340,7 @@ impl CustomOp3 for MixOp {
             let ob = &mut out[bi * sd..(bi + 1) * sd];
             for (j, &wj) in weights.iter().enumerate() {
                 let xb = &x[j * sd..(j + 1) * sd];
-                let (mut r, sums) = similarity(ab, xb, keys, s, d)?;
+                similarity(ab, xb, keys, d, &mut r, &mut sums)?;
                 for (row, sum) in r.chunks_exact_mut(s).zip(&sums) {
                     row.iter_mut().for_each(|v| *v /= sum);
                 }
@@ -393,6 +395,7 @@ impl CustomOp3 for MixOp {
         let mut dmean = vec![0f32; m * d];
         let mut prod = vec![0f32; d];
         let mut scratch = vec![0f32; 2 * d];
+        let (mut r, mut sums) = (vec![0f32; s * s], vec![0f32; s]);
         for bi in 0..b {
             let keys = &mk[bi * s..(bi + 1) * s];
             project_sequence(y, ln, (m, b, s, d), bi, self.eps, &mut x);
@@ -402,7 +405,7 @@ impl CustomOp3 for MixOp {
             let gb = &g[bi * sd..(bi + 1) * sd];
             for (j, &wj) in weights.iter().enumerate() {
                 let xb = &x[j * sd..(j + 1) * sd];
-                let (r, sums) = similarity(ab, xb, keys, s, d)?;
+                similarity(ab, xb, keys, d, &mut r, &mut sums)?;
                 for ((nrow, row), sum) in norm.chunks_exact_mut(s).zip(r.chunks_exact(s)).zip(&sums)
                 {
                     nrow.iter_mut().zip(row).for_each(|(n, v)| *n = v / sum);
