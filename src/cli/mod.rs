@@ -153,26 +153,52 @@ pub fn print_line(line: &str) -> std::io::Result<()> {
     out.flush()
 }
 
-/// Keep freed memory in the allocator instead of returning it to the
-/// kernel: training allocates and frees the same large tensors every step
-/// (extraction, the backbone's outputs every batch), and mimalloc's default (purge freed pages after 10 ms) makes every step
-/// page-fault them back in (measured with `perf stat -e page-faults` on a
-/// 2,402-example cache: 258k faults per epoch by default, 209k with a 1 s
-/// delay, 5.5k with purging off; the epoch ran up to 1.4x faster).
-/// mimalloc reads its options when the process starts, so when
-/// `MIMALLOC_PURGE_DELAY` is unset this re-executes the program with it set
-/// to -1 (safe Rust; on failure the program simply continues). An explicit
-/// value in the environment is respected.
+/// Allocator settings for the training and extraction processes, applied
+/// before any work starts. Both are mimalloc options, which it reads once
+/// when the process starts, so when either variable is unset this
+/// re-executes the program with the missing ones set (safe Rust; on failure
+/// the program simply continues). A value already in the environment is
+/// respected, so either can be switched back.
+///
+/// - `MIMALLOC_PURGE_DELAY=-1`: keep freed memory in the allocator instead
+///   of returning it to the kernel. Training allocates and frees the same
+///   large tensors every step (extraction, the backbone's outputs every
+///   batch), and mimalloc's default (purge freed pages after 10 ms) makes
+///   every step page-fault them back in (measured with `perf stat -e
+///   page-faults` on a 2,402-example cache: 258k faults per epoch by
+///   default, 209k with a 1 s delay, 5.5k with purging off; the epoch ran
+///   up to 1.4x faster).
+/// - `MIMALLOC_ALLOW_THP=0`: no transparent huge pages for this process.
+///   mimalloc asks for 2 MiB pages by default, and the kernel must clear
+///   each one when it is first touched. Right after another process freed
+///   gigabytes (a PyTorch job, an extraction, the peer in the benchmark)
+///   that clearing is slow on a virtual machine: `perf record` put 47 % of
+///   a 1-epoch UniPT run in the kernel's `clear_page_erms`; in more than half
+///   of the runs the first epoch took 2.5-2.9 s instead of 1.5-1.7 and the
+///   process spent 2.6-3.1 s in the kernel instead of 0.4-0.5 (4 KiB pages:
+///   4x the page faults, each cheap). Later epochs were as fast either way,
+///   and full fine-tuning and extraction a little faster without.
 pub fn tune_allocator() {
     #[cfg(unix)]
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    {
+        const SETTINGS: [(&str, &str); 2] =
+            [("MIMALLOC_PURGE_DELAY", "-1"), ("MIMALLOC_ALLOW_THP", "0")];
+        let missing: Vec<_> = SETTINGS
+            .iter()
+            .filter(|(name, _)| std::env::var_os(name).is_none())
+            .collect();
+        if missing.is_empty() {
+            return;
+        }
         use std::os::unix::process::CommandExt;
         if let Ok(exe) = std::env::current_exe() {
+            let mut command = std::process::Command::new(exe);
+            command.args(std::env::args_os().skip(1));
+            for (name, value) in missing {
+                command.env(name, value);
+            }
             // `exec` only returns if it failed; then run as we are.
-            let _exec_error = std::process::Command::new(exe)
-                .args(std::env::args_os().skip(1))
-                .env("MIMALLOC_PURGE_DELAY", "-1")
-                .exec();
+            let _exec_error = command.exec();
         }
     }
 }
