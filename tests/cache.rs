@@ -167,6 +167,92 @@ fn round_trip_every_dtype_both_backends_lengths_1_and_max() {
     }
 }
 
+/// A byte source that records what the reader releases.
+struct Recording {
+    bytes: Vec<u8>,
+    released: Released,
+}
+
+type Released = std::sync::Arc<std::sync::Mutex<Vec<(usize, usize)>>>;
+
+impl AsRef<[u8]> for Recording {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl sherl::cache::mmap::ByteSource for Recording {
+    fn release(&self, offset: usize, len: usize) {
+        self.released.lock().unwrap().push((offset, len));
+    }
+}
+
+fn recording(bytes: Vec<u8>) -> (ShardReader<Recording>, Released) {
+    let released = Released::default();
+    let source = Recording {
+        bytes,
+        released: released.clone(),
+    };
+    (ShardReader::new(source).unwrap(), released)
+}
+
+fn take(released: &Released) -> Vec<(usize, usize)> {
+    std::mem::take(&mut *released.lock().unwrap())
+}
+
+/// Is every range of `needles` inside the union of `ranges`?
+fn covered(ranges: &[(usize, usize)], needles: &[(usize, usize)]) -> bool {
+    let mut bytes = std::collections::BTreeSet::new();
+    for &(o, l) in ranges {
+        bytes.extend(o..o + l);
+    }
+    needles
+        .iter()
+        .all(|&(o, l)| (o..o + l).all(|b| bytes.contains(&b)))
+}
+
+/// Reading a chunk with only some of its layers, then `release_chunk`,
+/// releases the frames nobody decoded too (a memory map's fault-around maps
+/// their pages, which would otherwise stay resident for the whole run), and
+/// nothing outside the chunks' frames.
+#[test]
+fn release_chunk_covers_frames_that_were_not_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = synth(&[3, 5, 2, 4, 1, 6, 2], 3, 16, 4);
+    let bytes = write(tmp.path(), spec(Dtype::F16, true, 3, 16, 6, 3), &s);
+    // Every frame's exact range, from a reader that decodes all of them.
+    let (all, all_log) = recording(bytes.clone());
+    for c in 0..all.chunks().len() {
+        all.chunk_meta(c).unwrap();
+        for l in 0..3 {
+            all.chunk_layer_values(c, l).unwrap();
+        }
+    }
+    let frames = take(&all_log);
+    assert_eq!(frames.len(), all.frames());
+    let lo = frames.iter().map(|f| f.0).min().unwrap();
+    let hi = frames.iter().map(|f| f.0 + f.1).max().unwrap();
+    // A reader that needs layer 1 only.
+    let (r, log) = recording(bytes);
+    for c in 0..r.chunks().len() {
+        r.chunk_meta(c).unwrap();
+        r.chunk_layer_values(c, 1).unwrap();
+    }
+    let read_only = take(&log);
+    assert!(
+        !covered(&read_only, &frames),
+        "the unread layers' frames are not released by reading"
+    );
+    for c in 0..r.chunks().len() {
+        r.release_chunk(c);
+    }
+    r.release_chunk(r.chunks().len()); // no such chunk: nothing
+    let by_chunk = take(&log);
+    assert_eq!(by_chunk.len(), r.chunks().len());
+    assert!(covered(&by_chunk, &frames));
+    assert!(by_chunk.iter().all(|&(o, l)| o >= lo && o + l <= hi));
+}
+
 /// Bounded property test: random dtype, shapes, lengths and chunkings
 /// (seeded, so a failure is reproducible from the printed case number).
 #[test]

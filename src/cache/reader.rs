@@ -237,6 +237,7 @@ impl Cache {
                     .map_err(self.wrap(c.shard))?,
             );
         }
+        shard.release_chunk(c.chunk);
         Ok(DecodedChunk { id, meta, layers })
     }
 

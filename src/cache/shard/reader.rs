@@ -386,6 +386,27 @@ impl<B: ByteSource> ShardReader<B> {
         Ok(raw)
     }
 
+    /// Tell the byte source that chunk `c` has been read: its whole span,
+    /// the frames this reader did not decode included. A memory map's page
+    /// faults also map neighbouring pages that are already in the page cache
+    /// (the kernel's fault-around), so pages of frames nobody reads (layers
+    /// a method does not need) would otherwise stay resident and the
+    /// process's resident memory would grow with every epoch.
+    pub fn release_chunk(&self, c: usize) {
+        let Some(ch) = self.chunks.get(c) else {
+            return;
+        };
+        let frames = std::iter::once(ch.meta).chain(ch.layers.iter().copied());
+        let (mut start, mut end) = (u64::MAX, 0u64);
+        for e in frames.filter_map(|i| self.entries.get(i)) {
+            start = start.min(e.offset);
+            end = end.max(e.offset + e.len);
+        }
+        if start < end {
+            self.bytes.release(start as usize, (end - start) as usize);
+        }
+    }
+
     /// Metadata of chunk `c`.
     pub fn chunk_meta(&self, c: usize) -> Result<Vec<ExampleMeta>, CacheError> {
         let ch = self
