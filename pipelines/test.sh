@@ -19,4 +19,6 @@ cargo clippy --release --no-default-features --features cli --bin sherl-cache --
 # from PyPI, pipelines/fetch-cuda-build.sh) still builds and lints. Nothing
 # of it runs here: CI has no GPU (pipelines/gpu-check.sh is the GPU check).
 CUDA_CARGO=clippy pipelines/build-cuda.sh --bins -- -D warnings
+# The API docs build without a warning (Cargo.toml denies broken links).
+RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
 cargo test --release

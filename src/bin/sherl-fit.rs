@@ -1,5 +1,8 @@
 //! `sherl-fit`: phase two. Trains SHERL (and baselines) from a feature
 //! cache with candle, without re-running the backbone.
+// The argument structs' doc comments are `--help` text read in a terminal,
+// where `RUNS/<run id>` is plain text, not an HTML tag.
+#![allow(rustdoc::invalid_html_tags)]
 
 /// mimalloc, counting the training steps' own memory
 /// (`sherl::fit::alloc_track`: `train_memory` in summary.json).

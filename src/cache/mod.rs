@@ -20,7 +20,7 @@
 //! decodes chunks, on background threads when asked ([`Cache::stream`]).
 //! [`CacheWriter`] ([`writer`]) is the other side: the directory protocol
 //! every writer follows (lock, pending manifest, resume, manifest last).
-//! The byte layout is [`format`]'s, one shard's reading and writing
+//! The byte layout is [`mod@format`]'s, one shard's reading and writing
 //! [`shard`]'s.
 //!
 //! Every path and size read from a file is checked before it is used: shard

@@ -1,5 +1,5 @@
 //! `sherl-extract run` on an image backbone (a backbone directory with
-//! `backbone.json` and `model.onnx`): the stages of [`super::run`] for
+//! `backbone.json` and `model.onnx`): the stages of [`super::run()`] for
 //! images. The images are read and checked once ([`load_images`]), put in
 //! cache order (by split, then dataset order: every image has the same
 //! token count), and each batch is decoded, preprocessed with the recipe

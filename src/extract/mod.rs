@@ -9,7 +9,7 @@
 //!   settings hash;
 //! - [`pipeline`]: one shard, from examples through the backbone to a sealed
 //!   file;
-//! - [`run`]: the stages composed, with the cache directory protocol of
+//! - [`mod@run`]: the stages composed, with the cache directory protocol of
 //!   [`crate::cache::writer::CacheWriter`];
 //! - [`sample`]: a quick look at what the backbone produces;
 //! - [`image`]: the same stages for an image backbone (`backbone.json`):

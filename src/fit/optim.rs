@@ -1,7 +1,7 @@
 //! AdamW and gradient-norm clipping.
 //!
 //! On the CPU with `f32` parameters the update is one in-place pass per
-//! parameter ([`AdamStep`], a candle in-place custom op): the clipping
+//! parameter (`AdamStep`, a candle in-place custom op): the clipping
 //! scale, both moments, the bias corrections, the decoupled weight decay
 //! and the step, with the moments kept as plain vectors. candle-nn's
 //! `AdamW` composes the same update from about a dozen tensor ops, each

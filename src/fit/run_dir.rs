@@ -11,8 +11,8 @@
 //!   lock file [`RUN_LOCK`].
 //!
 //! Readers: [`RunConfig::read`] and [`recorded_weights_sha256`] (predict),
-//! [`Summary::read`] (a finished run is not re-run), [`SummaryView::read`]
-//! (the report, tolerant of older and hand-written runs).
+//! [`Summary::read`] (a finished run is not re-run), [`SummaryView`] (the
+//! report reads it with serde, tolerant of older and hand-written runs).
 //!
 //! Bytes: `config.json` and `error.json` are written through a
 //! `serde_json::Value`, whose objects sort their keys, so their keys are

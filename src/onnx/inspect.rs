@@ -128,7 +128,7 @@ fn pre_ln_vit_candidates(g: &super::proto::GraphProto) -> Option<Vec<Candidate>>
 ///
 /// A pre-LayerNorm ViT exported by torch (Hugging Face ViT/Dinov2 names)
 /// gets its embedding output and each layer's closing residual `Add`
-/// ([`pre_ln_vit_candidates`]). Otherwise, candidates are the outputs of LayerNormalization nodes (fused, or the
+/// (`pre_ln_vit_candidates`). Otherwise, candidates are the outputs of LayerNormalization nodes (fused, or the
 /// last node of a decomposed LayerNorm whose node names contain
 /// `LayerNorm`), excluding those inside attention blocks, in graph order:
 /// for BERT-family exports these are the embedding output followed by each

@@ -75,7 +75,7 @@ impl Consolidation {
     /// `[B, S]` -> `g` `[B, S, d]` (0 at padding), `alpha` `[B, S, M-1]`.
     ///
     /// On the CPU with f32 tensors the per-token part is one fused op
-    /// ([`ConsolidateOp`]); elsewhere it is composed from candle ops
+    /// (`ConsolidateOp`); elsewhere it is composed from candle ops
     /// ([`Consolidation::forward_composed`]).
     pub fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Consolidated> {
         self.forward_with(layers, mask, true)

@@ -57,7 +57,7 @@ impl Unipt {
     /// `layers`: hidden_states.0..=N, each `[B, S, D]`; `mask` `[B, S]` -> `[B, S, d]`.
     ///
     /// On the CPU with f32 tensors everything between the projectors'
-    /// linear products and the output block is one fused op ([`MixOp`]);
+    /// linear products and the output block is one fused op (`MixOp`);
     /// elsewhere (and in [`Unipt::forward_composed`]) candle ops.
     pub fn forward(&self, layers: &[Tensor], mask: &Tensor) -> Result<Tensor> {
         self.forward_with(layers, mask, true)
