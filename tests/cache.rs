@@ -220,20 +220,17 @@ fn release_chunk_covers_frames_that_were_not_read() {
     let tmp = tempfile::tempdir().unwrap();
     let s = synth(&[3, 5, 2, 4, 1, 6, 2], 3, 16, 4);
     let bytes = write(tmp.path(), spec(Dtype::F16, true, 3, 16, 6, 3), &s);
-    // Every frame's exact range, from a reader that decodes all of them.
-    let (all, all_log) = recording(bytes.clone());
-    for c in 0..all.chunks().len() {
-        all.chunk_meta(c).unwrap();
-        for l in 0..3 {
-            all.chunk_layer_values(c, l).unwrap();
-        }
-    }
-    let frames = take(&all_log);
-    assert_eq!(frames.len(), all.frames());
+    // Every frame's exact range, from the index.
+    let (_, entries) = index_entries(&bytes);
+    let frames: Vec<(usize, usize)> = entries
+        .iter()
+        .map(|e| (e.offset as usize, e.len as usize))
+        .collect();
     let lo = frames.iter().map(|f| f.0).min().unwrap();
     let hi = frames.iter().map(|f| f.0 + f.1).max().unwrap();
     // A reader that needs layer 1 only.
     let (r, log) = recording(bytes);
+    assert_eq!(frames.len(), r.frames());
     for c in 0..r.chunks().len() {
         r.chunk_meta(c).unwrap();
         r.chunk_layer_values(c, 1).unwrap();
@@ -471,16 +468,21 @@ pub(crate) fn write_json(path: &Path, v: &Value) {
     std::fs::write(path, serde_json::to_vec_pretty(v).unwrap()).unwrap();
 }
 
+/// A shard's header and index entries, decoded without a reader's checks.
+fn index_entries(bytes: &[u8]) -> (Header, Vec<IndexEntry>) {
+    let (h, _) = Header::decode(bytes).unwrap();
+    let raw = zstd::stream::decode_all(&bytes[h.index_offset as usize..]).unwrap();
+    let entries = (0..raw.len() / INDEX_ENTRY_LEN)
+        .map(|i| IndexEntry::decode(&raw, i).unwrap())
+        .collect();
+    (h, entries)
+}
+
 /// Rewrite a shard's header and index entries, then recompute the index
 /// frame, the header CRC and everything else a reader checksums: the forged
 /// claims themselves are what the reader has to catch.
 pub(crate) fn forge(bytes: &[u8], f: impl FnOnce(&mut Header, &mut Vec<IndexEntry>)) -> Vec<u8> {
-    let (mut h, _) = Header::decode(bytes).unwrap();
-    let index = &bytes[h.index_offset as usize..];
-    let raw = zstd::stream::decode_all(index).unwrap();
-    let mut entries: Vec<IndexEntry> = (0..raw.len() / INDEX_ENTRY_LEN)
-        .map(|i| IndexEntry::decode(&raw, i).unwrap())
-        .collect();
+    let (mut h, mut entries) = index_entries(bytes);
     let body = bytes[HEADER_LEN..h.index_offset as usize].to_vec();
     f(&mut h, &mut entries);
     let mut raw = Vec::new();
@@ -844,9 +846,8 @@ fn forged_frame_size_is_refused_before_allocation() {
     use sherl::cache::format::FrameKind;
     let dir = golden("v1");
     let good = std::fs::read(dir.join("shards/shard-00000.shrd")).unwrap();
-    let (h0, _) = Header::decode(&good).unwrap();
-    let raw = zstd::stream::decode_all(&good[h0.index_offset as usize..]).unwrap();
-    let e0 = IndexEntry::decode(&raw, 0).unwrap();
+    let (_, index) = index_entries(&good);
+    let e0 = &index[0];
     // chunk 0 holds 5 tokens: a hidden width giving its layer frames 12.9 GB
     assert_eq!(e0.n_tokens, 5);
     let wide = forge(&good, |h, entries| {

@@ -376,7 +376,6 @@ impl<B: ByteSource> ShardReader<B> {
         check_frame_size(bytes, e.raw_len, MAX_FRAME_RAW, &self.frame_name(i))?;
         let raw = decompress(bytes, e.raw_len as usize)
             .map_err(|err| CacheError::Corrupt(format!("{}: {err}", self.frame_name(i))))?;
-        self.bytes.release(e.offset as usize, e.len as usize);
         if raw.len() as u64 != e.raw_len {
             return Err(CacheError::Corrupt(format!(
                 "{}: decoded length differs from the index",
@@ -387,11 +386,14 @@ impl<B: ByteSource> ShardReader<B> {
     }
 
     /// Tell the byte source that chunk `c` has been read: its whole span,
-    /// the frames this reader did not decode included. A memory map's page
-    /// faults also map neighbouring pages that are already in the page cache
-    /// (the kernel's fault-around), so pages of frames nobody reads (layers
-    /// a method does not need) would otherwise stay resident and the
-    /// process's resident memory would grow with every epoch.
+    /// the frames this reader did not decode included. This is where pages
+    /// are released ([`crate::cache::Cache::read_chunk_values`] and
+    /// [`ShardReader::verify_each`] call it after each chunk), not per
+    /// frame: a memory map's page faults also map neighbouring pages that
+    /// are already in the page cache (the kernel's fault-around), so pages
+    /// of frames nobody reads (layers a method does not need) would
+    /// otherwise stay resident and the process's resident memory would grow
+    /// with every epoch.
     pub fn release_chunk(&self, c: usize) {
         let Some(ch) = self.chunks.get(c) else {
             return;
@@ -524,6 +526,7 @@ impl<B: ByteSource> ShardReader<B> {
             for l in 0..self.chunks[c].layers.len() {
                 self.chunk_layer_values(c, l)?;
             }
+            self.release_chunk(c);
         }
         Ok(self.entries.len())
     }
