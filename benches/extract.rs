@@ -36,9 +36,9 @@ use sherl::cache::writer::shard_ranges;
 use sherl::cache::{Cache, ExampleMeta};
 use sherl::data::args::DatasetArgs;
 use sherl::extract::pipeline::{padded_batch, shard_batches, ChunkBuilder};
+use sherl::extract::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
+use sherl::extract::tokenize::{Encoded, Tokenizer};
 use sherl::extract::{ExtractPlan, ExtractReporter, LayerChoice};
-use sherl::runtime::{BackboneSession, Device, OptLevel, SessionConfig};
-use sherl::tokenize::{Encoded, Tokenizer};
 
 type AnyResult<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -213,7 +213,7 @@ struct BareRun {
 
 /// Open a fresh session and time `BackboneSession::run` alone over `batches`.
 fn bare_ort(
-    rt: &sherl::runtime::Runtime,
+    rt: &sherl::extract::runtime::Runtime,
     model: &Path,
     cfg: &SessionConfig,
     batches: &[PaddedBatch],
@@ -314,7 +314,7 @@ fn strip_cost(
         let (rows, seq) = b.ids.dim();
         let h = ndarray::Array3::<f32>::from_elem((rows, seq, hidden), 0.5);
         let outs: Vec<_> = (0..n_layers)
-            .map(|_| sherl::runtime::HiddenStates::Owned(h.clone()))
+            .map(|_| sherl::extract::runtime::HiddenStates::Owned(h.clone()))
             .collect();
         let (t, c) = (Instant::now(), cpu_seconds());
         for (i, &len) in b.lengths.iter().enumerate() {
@@ -365,7 +365,7 @@ fn fsync_probe(path: &Path, bytes: u64) -> AnyResult<(f64, f64)> {
 
 fn measure(a: &MeasureArgs) -> AnyResult<()> {
     let load_start = loadavg();
-    let rt = sherl::runtime::init(None)?;
+    let rt = sherl::extract::runtime::init(None)?;
     let cfg = SessionConfig {
         device: Device::Cpu,
         threads: a.threads,

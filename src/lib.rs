@@ -5,26 +5,29 @@
 //! and caches the hidden states the method needs; `sherl-fit` trains from that
 //! cache, as many times as a sweep wants, without re-running the backbone.
 //!
-//! The library is layered; a module imports only from its own layer or
-//! the ones listed before it (checked by `tests/layers.rs`):
-//! - core: [`error`] (one [`Error`], each area's typed errors), [`data`]
-//!   (datasets: CSV/TSV/JSONL/Parquet/plain text/folders, labels, seeded
-//!   splits; image datasets and preprocessing in [`data::image`]),
-//!   [`backbone`] (BERT-family checkpoints), [`batching`] (the one batching
-//!   rule, padded batches), [`rng`], [`hash`], [`le`], [`fsutil`],
-//!   [`assets`], and `tokenize` (feature `extract`);
+//! The library is layered, one folder a layer; a module imports only from
+//! its own layer or the ones listed before it, never sideways into another
+//! module of its layer, and no two files import each other (checked by
+//! `tests/layers.rs`):
+//! - core, [`base`]: [`error`] (one [`Error`], each area's typed errors),
+//!   [`data`] (datasets: CSV/TSV/JSONL/Parquet/plain text/folders, labels,
+//!   seeded splits; images in [`data::image`]), [`backbone`] (checkpoints),
+//!   [`batching`] (the one batching rule, padded batches), [`rng`],
+//!   [`hash`], [`le`], [`fsutil`], [`assets`]; re-exported at the root;
 //! - [`cache`]: the on-disk feature cache, the contract between the phases
-//!   (format, reader, writer, merge; `unsafe` in `mmap`, one of three
-//!   modules allowed it: also `fit::nn::gemm`, the BLAS loader, and
-//!   `fit::alloc_track`, the counting allocator);
-//! - phase one, feature `extract`: `onnx`, `runtime` (ONNX Runtime) and
-//!   `extract` (plan, stages, sample);
-//! - phase two, feature `fit`: `fit` (modules, models, training, run
-//!   directory, sweeps; `fit::retrieval`: image-text retrieval from an
-//!   image cache and a caption cache; `fit::predict` when `extract` is on
-//!   too) and
-//!   `report` (tables and pictures over runs);
+//!   (format, reader, writer, merge);
+//! - phase one, feature `extract`: `extract` (the ONNX Runtime sessions,
+//!   the ONNX exporter, the tokenizer, and the stages of an extraction);
+//! - phase two, feature `fit`: `fit` (modules, models, the trainer, run
+//!   directory, sweeps; image-text retrieval in `fit::retrieval`);
+//! - above both: `predict` (a trained run on new inputs: `sherl-fit
+//!   predict` and `search`; features `extract` and `fit`) and `report`
+//!   (tables and pictures over runs; feature `fit`);
 //! - feature `cli`: `cli`, what only the binaries need.
+//!
+//! `unsafe` is denied crate-wide; the modules that allow it say why at
+//! their top (`cache::mmap`, the mapping of shard files, and the CPU
+//! kernels' BLAS loader and counting allocator in `fit`).
 //!
 //! Layer indices follow Hugging Face's `hidden_states` convention everywhere:
 //! 0 is the embedding output, `i` the output of transformer layer `i`.
@@ -34,30 +37,19 @@
 #[cfg(target_endian = "big")]
 compile_error!("sherl's on-disk formats are little-endian; big-endian targets are not supported");
 
-pub mod assets;
-pub mod backbone;
-pub mod batching;
+pub mod base;
+pub use base::{assets, backbone, batching, data, error, fsutil, hash, le, rng};
 pub mod cache;
 #[cfg(feature = "cli")]
 pub mod cli;
-pub mod data;
-pub mod error;
 #[cfg(feature = "extract")]
 pub mod extract;
 #[cfg(feature = "fit")]
 pub mod fit;
-pub mod fsutil;
-pub mod hash;
-pub mod le;
-#[cfg(feature = "extract")]
-pub mod onnx;
+#[cfg(all(feature = "extract", feature = "fit"))]
+pub mod predict;
 #[cfg(feature = "fit")]
 pub mod report;
-pub mod rng;
-#[cfg(feature = "extract")]
-pub mod runtime;
-#[cfg(feature = "extract")]
-pub mod tokenize;
 
 /// Exit code of a command refused because another process holds the lock
 /// of the run or cache it would write (README, "Exit codes").

@@ -7,8 +7,8 @@ use ndarray::Array2;
 use crate::common::{self, reference, tiny};
 use sherl::backbone::{BackboneDir, Checkpoint};
 use sherl::batching::{real_rows, PaddedBatch};
-use sherl::runtime::BackboneSession;
-use sherl::tokenize::Encoded;
+use sherl::extract::runtime::BackboneSession;
+use sherl::extract::tokenize::Encoded;
 
 fn export_tiny(
     dir: &std::path::Path,
@@ -22,7 +22,7 @@ fn export_tiny(
     let config = b.config().unwrap();
     let ckpt = Checkpoint::open(&b.safetensors_path()).unwrap();
     assert_eq!(ckpt.prefix(), prefix);
-    sherl::onnx::export_backbone(&config, &ckpt, &b.onnx_path()).unwrap();
+    sherl::extract::onnx::export_backbone(&config, &ckpt, &b.onnx_path()).unwrap();
     w
 }
 
@@ -106,9 +106,11 @@ fn padded_batch_equals_single_examples() {
     let cfg = tiny::TinyConfig::default();
     export_tiny(tmp.path(), &cfg, 3, "");
     let minilm_onnx = minilm_onnx();
-    let tok =
-        sherl::tokenize::Tokenizer::from_file(&common::minilm_dir().join("tokenizer.json"), 128)
-            .unwrap();
+    let tok = sherl::extract::tokenize::Tokenizer::from_file(
+        &common::minilm_dir().join("tokenizer.json"),
+        128,
+    )
+    .unwrap();
     let texts = [
         "a gripping, beautifully shot film",
         "dull.",
@@ -164,7 +166,7 @@ fn minilm_onnx() -> std::path::PathBuf {
         let cfg = b.config().unwrap();
         let ckpt = Checkpoint::open(&b.safetensors_path()).unwrap();
         let out = dir.join("model.onnx");
-        sherl::onnx::export_backbone(&cfg, &ckpt, &out).unwrap();
+        sherl::extract::onnx::export_backbone(&cfg, &ckpt, &out).unwrap();
         out
     })
     .clone()
@@ -293,10 +295,10 @@ fn expose_layers_on_a_user_graph() {
     let ours = tmp.path().join("model.onnx");
     // Make a "user" model: rename internal hidden-state tensors as a PyTorch
     // export would name them and keep only the last layer as output.
-    let mut m = sherl::onnx::inspect::read_model(&ours).unwrap();
+    let mut m = sherl::extract::onnx::inspect::read_model(&ours).unwrap();
     let g = m.graph.as_mut().unwrap();
     let rename = |s: &mut String| {
-        if let Some(i) = sherl::onnx::inspect::hidden_state_index(s) {
+        if let Some(i) = sherl::extract::onnx::inspect::hidden_state_index(s) {
             *s = if i == 0 {
                 "/embeddings/LayerNorm/output_0".to_string()
             } else {
@@ -320,11 +322,12 @@ fn expose_layers_on_a_user_graph() {
         }
     }
     g.output.truncate(0);
-    g.output.push(sherl::onnx::proto::ValueInfoProto::tensor(
-        "/encoder/layer.2/output/LayerNorm/output_0",
-        1,
-        &[Err("b"), Err("s"), Ok(32)],
-    ));
+    g.output
+        .push(sherl::extract::onnx::proto::ValueInfoProto::tensor(
+            "/encoder/layer.2/output/LayerNorm/output_0",
+            1,
+            &[Err("b"), Err("s"), Ok(32)],
+        ));
     let user = tmp.path().join("user.onnx");
     std::fs::write(&user, m.encode_to_vec()).unwrap();
 

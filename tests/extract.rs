@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use crate::common::{self, tiny};
 use sherl::batching::{real_rows, PaddedBatch};
 use sherl::cache::Cache;
-use sherl::runtime::BackboneSession;
-use sherl::tokenize::Encoded;
+use sherl::extract::runtime::BackboneSession;
+use sherl::extract::tokenize::Encoded;
 
 struct Fixture {
     _tmp: tempfile::TempDir,
@@ -124,7 +124,8 @@ fn cached_values_equal_onnx_runtime() {
     let (mut sess, _) =
         BackboneSession::open(rt, &f.backbone.join("model.onnx"), &common::cpu()).unwrap();
     let tok =
-        sherl::tokenize::Tokenizer::from_file(&f.backbone.join("tokenizer.json"), 16).unwrap();
+        sherl::extract::tokenize::Tokenizer::from_file(&f.backbone.join("tokenizer.json"), 16)
+            .unwrap();
     let csv = std::fs::read_to_string(&f.data).unwrap();
     let rows: Vec<&str> = csv.lines().skip(1).collect();
     let mut seen_max = false;

@@ -9,7 +9,7 @@ use ndarray::{ArrayD, IxDyn};
 use sherl::backbone::ImageBackboneDesc;
 use sherl::cache::Cache;
 use sherl::data::image::{read_image, ImageOptions};
-use sherl::runtime::F32Session;
+use sherl::extract::runtime::F32Session;
 
 use crate::common;
 use crate::vit::{write_image_folders, write_tiny_vit_backbone, TINY_TOKENS};
@@ -187,8 +187,8 @@ fn inspect_onnx_finds_the_vit_layers() {
     let tmp = tempfile::tempdir().unwrap();
     write_tiny_vit_backbone(tmp.path());
     let desc = ImageBackboneDesc::read(&tmp.path().join("backbone.json")).unwrap();
-    let model = sherl::onnx::inspect::read_model(&tmp.path().join("model.onnx")).unwrap();
-    let i = sherl::onnx::inspect::interface(&model);
+    let model = sherl::extract::onnx::inspect::read_model(&tmp.path().join("model.onnx")).unwrap();
+    let i = sherl::extract::onnx::inspect::interface(&model);
     let found: Vec<(String, usize)> = i
         .candidates
         .iter()
@@ -239,7 +239,7 @@ fn four_methods_train_on_an_image_cache() {
         .manifest()
         .settings
         .chunk_size;
-    assert_eq!(chunk_size, sherl::extract::image::IMAGE_CHUNK_SIZE);
+    assert_eq!(chunk_size, sherl::extract::plan::IMAGE_CHUNK_SIZE);
     assert_ne!(
         chunk_size,
         sherl::cache::manifest::ExtractSettings::default().chunk_size

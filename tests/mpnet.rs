@@ -11,13 +11,13 @@
 use candle_core::Device;
 use sherl::backbone::{BackboneDir, Checkpoint, Family};
 use sherl::batching::{real_rows, PaddedBatch};
+use sherl::extract::runtime::BackboneSession;
+use sherl::extract::tokenize::Encoded;
 use sherl::fit::config::FitConfig;
 use sherl::fit::model::{Arch, Method};
 use sherl::fit::nn::bert_layer::{attention_bias, BertLayer};
 use sherl::fit::nn::relative::RelativeBias;
 use sherl::fit::nn::{Builder, Mode};
-use sherl::runtime::BackboneSession;
-use sherl::tokenize::Encoded;
 
 use crate::common::{self, reference, tiny};
 use crate::fit::{fit, fit_fixture_with, predict_data, summary};
@@ -58,7 +58,7 @@ fn tiny_mpnet_export_matches_independent_forward_at_every_layer() {
     assert_eq!(config.family(), Family::Mpnet);
     assert_eq!((config.max_tokens(), config.type_vocab_size), (140, 0));
     let ckpt = Checkpoint::open(&dir.safetensors_path()).unwrap();
-    sherl::onnx::export_backbone(&config, &ckpt, &dir.onnx_path()).unwrap();
+    sherl::extract::onnx::export_backbone(&config, &ckpt, &dir.onnx_path()).unwrap();
     let (mut s, _) = BackboneSession::open(rt, &dir.onnx_path(), &common::cpu()).unwrap();
     let layers: Vec<usize> = (0..=cfg.layers).collect();
     assert_eq!(s.layers(), &layers[..]);

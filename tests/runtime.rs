@@ -88,14 +88,15 @@ fn missing_library_is_a_clear_error() {
 /// The library is found through ORT_DYLIB_PATH and through the asset dir.
 #[test]
 fn library_lookup_order() {
-    let lib = sherl::runtime::locate_library(None)
+    let lib = sherl::extract::runtime::locate_library(None)
         .expect("asset library (run pipelines/fetch-assets.sh)");
     assert!(lib.to_string_lossy().contains("libonnxruntime.so"));
-    let explicit = sherl::runtime::locate_library(Some(lib.parent().unwrap())).unwrap();
+    let explicit = sherl::extract::runtime::locate_library(Some(lib.parent().unwrap())).unwrap();
     assert_eq!(explicit, lib);
-    let err = sherl::runtime::locate_library(Some(std::path::Path::new("/nonexistent/x.so")))
-        .unwrap_err()
-        .to_string();
+    let err =
+        sherl::extract::runtime::locate_library(Some(std::path::Path::new("/nonexistent/x.so")))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("--ort-lib /nonexistent/x.so"), "{err}");
 }
 
@@ -154,7 +155,7 @@ fn cuda_on_cpu_only_library() {
 #[test]
 fn cuda_build_without_cuda_libraries() {
     assert!(
-        !sherl::runtime::nvidia_gpu_present(),
+        !sherl::extract::runtime::nvidia_gpu_present(),
         "this test checks the no-GPU path; run it on a machine without an NVIDIA GPU"
     );
     let gpu_lib = common::asset("onnxruntime-gpu/1.31.1/libonnxruntime.so.1.31.1");

@@ -2,7 +2,7 @@
 //! truncation at max-len, single texts and pairs.
 
 use crate::common;
-use sherl::tokenize::Tokenizer;
+use sherl::extract::tokenize::Tokenizer;
 
 fn minilm(max_len: usize) -> Tokenizer {
     Tokenizer::from_file(&common::minilm_dir().join("tokenizer.json"), max_len).unwrap()

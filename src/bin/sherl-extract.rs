@@ -19,13 +19,13 @@ use sherl::cache::Dtype;
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
 use sherl::data::args::DatasetArgs;
 use sherl::data::image::ImageOptions;
-use sherl::extract::image::ImagePlan;
+use sherl::extract::onnx::inspect;
 use sherl::extract::plan::DEFAULT_COMPRESS_THREADS;
+use sherl::extract::runtime;
 use sherl::extract::sample::{SamplePlan, DEFAULT_BATCH_SIZE, DEFAULT_LIMIT};
+use sherl::extract::tokenize::DEFAULT_MAX_LEN;
+use sherl::extract::ImagePlan;
 use sherl::extract::{ExtractPlan, LayerChoice};
-use sherl::onnx::inspect;
-use sherl::runtime;
-use sherl::tokenize::DEFAULT_MAX_LEN;
 
 /// Phase one of sherl: run a frozen backbone once and keep what SHERL needs.
 #[derive(Debug, Parser)]
@@ -222,7 +222,7 @@ fn export_onnx(backbone: PathBuf, out: Option<PathBuf>) -> anyhow::Result<ExitCo
     let ckpt = Checkpoint::open(&dir.safetensors_path())?;
     let out = out.unwrap_or_else(|| dir.onnx_path());
     let t = Instant::now();
-    let s = sherl::onnx::export_backbone(&cfg, &ckpt, &out)?;
+    let s = sherl::extract::onnx::export_backbone(&cfg, &ckpt, &out)?;
     tracing::info!(
         "exported {} layers (hidden {}, checkpoint prefix '{}') to {} ({:.1} MB) in {:.1}s",
         s.layers,
@@ -237,7 +237,7 @@ fn export_onnx(backbone: PathBuf, out: Option<PathBuf>) -> anyhow::Result<ExitCo
             "onnx": out,
             "layers": s.layers,
             "hidden": s.hidden,
-            "outputs": (0..=s.layers).map(sherl::onnx::hidden_state_name).collect::<Vec<_>>(),
+            "outputs": (0..=s.layers).map(sherl::extract::onnx::hidden_state_name).collect::<Vec<_>>(),
             "checkpoint_prefix": s.prefix,
             "bytes": s.bytes,
         })
@@ -319,13 +319,13 @@ fn expose_layers(
         bail!("--out must differ from the input model (the input is never modified)");
     }
     let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
-    let mut new = sherl::onnx::edit::expose_layers(&file, &bytes, &tensors, first)?;
+    let mut new = sherl::extract::onnx::edit::expose_layers(&file, &bytes, &tensors, first)?;
     let names: Vec<String> = (first..first + tensors.len())
-        .map(sherl::onnx::hidden_state_name)
+        .map(sherl::extract::onnx::hidden_state_name)
         .collect();
     let mut pruned = false;
     if only_exposed {
-        match sherl::onnx::edit::prune_to_outputs(&file, &new, &names)? {
+        match sherl::extract::onnx::edit::prune_to_outputs(&file, &new, &names)? {
             Some(p) => {
                 new = p;
                 pruned = true;

@@ -472,8 +472,8 @@ fn init_blas(flag: &str) -> anyhow::Result<()> {
 #[cfg(feature = "extract")]
 fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
     init_blas(&a.blas)?;
-    let rt = sherl::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
-    let plan = sherl::fit::predict::PredictPlan {
+    let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
+    let plan = sherl::predict::PredictPlan {
         run: a.run.clone(),
         model: a
             .model
@@ -486,7 +486,7 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
         session: a.runtime.session_config(),
         batch_size: a.batch_size,
     };
-    let s = sherl::fit::predict::predict(rt, &plan)?;
+    let s = sherl::predict::predict(rt, &plan)?;
     if a.out.is_some() {
         print_line(&serde_json::to_string(&s)?)?;
     } else {
@@ -497,11 +497,11 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(feature = "extract")]
 fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
-    use sherl::fit::predict::search;
-    use sherl::fit::retrieval::search::{hit_line, summary, Query, SearchPlan};
+    use sherl::predict::query::search;
+    use sherl::predict::search::{hit_line, summary, Query, SearchPlan};
     use std::io::Write;
     init_blas(&a.blas)?;
-    let rt = sherl::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
+    let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let query = match (a.text.clone(), a.image.clone()) {
         (Some(t), None) => Query::Text(t),
         (None, Some(i)) => Query::Image(i),

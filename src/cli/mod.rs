@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 use std::path::PathBuf;
 
 #[cfg(feature = "extract")]
-use crate::runtime::{Device, OptLevel, SessionConfig};
+use crate::extract::runtime::{Device, OptLevel, SessionConfig};
 
 #[cfg(feature = "extract")]
 pub mod progress;

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::extract::run::ExtractReporter;
+use crate::extract::ExtractReporter;
 
 /// Progress bar for extraction: examples, tokens/s, ETA.
 pub struct ExtractBar {

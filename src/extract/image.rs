@@ -17,51 +17,19 @@ use std::time::Instant;
 
 use ndarray::{Array3, ArrayView3, ArrayViewD, IxDyn};
 
+use super::common::{
+    log_stage_times, open_writer, ExtractReporter, ExtractSummary, RunTally, StageTimes,
+};
 use super::order::{split_rank, CacheOrder};
 use super::pipeline::BatchOutput;
-use super::plan::{self, ExtractPlan};
-use super::run::{ExtractReporter, ExtractSummary, RunTally};
+use super::plan::{self, ExtractPlan, ImagePlan, IMAGE_CHUNK_SIZE};
 use crate::backbone::{BackboneDir, ImageBackboneDesc};
 use crate::cache::manifest::{BackboneInfo, ExtractSettings, ImageInfo};
 use crate::cache::writer::CacheWriter;
 use crate::cache::{ExampleMeta, ImageMeta};
 use crate::data::image::{load_images, ImageExample, ImageOptions, Preprocess};
-use crate::runtime::{F32Session, HiddenStates, Runtime};
+use crate::extract::runtime::{F32Session, HiddenStates, Runtime};
 use crate::{Error, Result};
-
-/// How an image dataset is read, preprocessed and cached.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ImagePlan {
-    /// Reading options (image column, background, limits, IDX class names).
-    pub options: ImageOptions,
-    /// A preprocessing recipe (JSON) to use instead of the backbone's.
-    pub preprocess: Option<PathBuf>,
-    /// Average-pool the patch tokens `p x p` before caching (1: none).
-    pub patch_pool: u32,
-    /// Examples per chunk for an image cache; `None`:
-    /// [`IMAGE_CHUNK_SIZE`] (the plan's `settings.chunk_size` is text's).
-    pub chunk_size: Option<u32>,
-}
-
-/// Images per chunk when not told otherwise. An image is a few hundred
-/// tokens (257 for a ViT-S/14 at 224 px), so text's 32 examples would make
-/// chunks of 8,224 tokens, 164 MB of f32 per chunk for 13 layers; chunks
-/// that large were allocated fresh from the kernel every time (4-6 s of
-/// system time for 200 images, against 0.5 s with 8 per chunk; 200 images,
-/// `sherl-extract run`: 15-16 s at 32, 15 s at 16, 12.1-12.3 s at 8,
-/// 12.4 s at 4). 8 images are 2,056 tokens, about what 32 reviews are.
-pub const IMAGE_CHUNK_SIZE: u32 = 8;
-
-impl Default for ImagePlan {
-    fn default() -> Self {
-        ImagePlan {
-            options: ImageOptions::default(),
-            preprocess: None,
-            patch_pool: 1,
-            chunk_size: None,
-        }
-    }
-}
 
 /// An opened image backbone: its description, the recipe in force, and
 /// the token layout of the cache.
@@ -174,7 +142,7 @@ pub fn pool_patches(h: ArrayView3<'_, f32>, grid: usize, p: usize, cls: bool) ->
 /// `model`'s bytes with the graph tensors of `layers` exposed as outputs
 /// `hidden_states.i` (one appended graph per run of consecutive indices),
 /// and everything else the model computes pruned away
-/// ([`crate::onnx::edit::prune_to_outputs`]).
+/// ([`crate::extract::onnx::edit::prune_to_outputs`]).
 pub fn exposed_model(model: &Path, desc: &ImageBackboneDesc, layers: &[usize]) -> Result<Vec<u8>> {
     let mut bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
     let mut sorted = layers.to_vec();
@@ -188,7 +156,7 @@ pub fn exposed_model(model: &Path, desc: &ImageBackboneDesc, layers: &[usize]) -
         }
     }
     for r in runs {
-        bytes = crate::onnx::edit::expose_layers(
+        bytes = crate::extract::onnx::edit::expose_layers(
             model,
             &bytes,
             &desc.hidden_states[r.clone()],
@@ -201,7 +169,7 @@ pub fn exposed_model(model: &Path, desc: &ImageBackboneDesc, layers: &[usize]) -
         .iter()
         .map(|&l| crate::backbone::hidden_state_name(l))
         .collect();
-    Ok(crate::onnx::edit::prune_to_outputs(model, &bytes, &keep)?.unwrap_or(bytes))
+    Ok(crate::extract::onnx::edit::prune_to_outputs(model, &bytes, &keep)?.unwrap_or(bytes))
 }
 
 /// The image examples in cache order (split rank, then dataset order) and
@@ -353,7 +321,7 @@ impl VitSizes {
 /// The ViT's weights as a checkpoint next to the model: `sherl-fit` builds
 /// the late layers from `BACKBONE/model.safetensors` (Hugging Face names,
 /// anonymous `MatMul` weights resolved through their nodes,
-/// [`crate::onnx::vit`]), so training never parses ONNX. Written on first
+/// [`crate::extract::onnx::vit`]), so training never parses ONNX. Written on first
 /// use (saying so); an existing file must hold exactly these weights.
 ///
 /// Rebuilding the weights from the graph to compare them takes 1-2 s per
@@ -386,7 +354,7 @@ pub fn vit_checkpoint(
             }
         }
     }
-    let w = crate::onnx::vit::read_vit_weights(model)?;
+    let w = crate::extract::onnx::vit::read_vit_weights(model)?;
     let sizes = VitSizes {
         prefix: w.prefix.clone(),
         layers: w.layers,
@@ -534,11 +502,11 @@ pub fn run(
     );
     let t_describe = t.elapsed().as_secs_f64();
 
-    let (mut writer, todo, resumed) = super::run::open_writer(plan, manifest, reporter)?;
+    let (mut writer, todo, resumed) = open_writer(plan, manifest, reporter)?;
     let examples = &order.examples;
     let run_examples: u64 = todo.iter().map(|slot| slot.examples.len() as u64).sum();
     reporter.start(run_examples, run_examples * backbone.tokens as u64);
-    let mut times = super::pipeline::StageTimes::default();
+    let mut times = StageTimes::default();
     let (mut padded_run, mut tokens_run) = (0u64, 0u64);
     let mut runner = ImageRunner {
         session: &mut session,
@@ -567,7 +535,7 @@ pub fn run(
     reporter.finish();
     let t = Instant::now();
     let manifest = writer.finish()?;
-    super::run::log_stage_times(
+    log_stage_times(
         &[
             ("open backbone", t_backbone),
             ("ViT checkpoint", t_checkpoint),

@@ -6,7 +6,7 @@
 use super::error::ExtractError;
 use crate::cache::ExampleMeta;
 use crate::data::Dataset;
-use crate::tokenize::Tokenizer;
+use crate::extract::tokenize::Tokenizer;
 use crate::Result;
 
 /// Canonical split order: train, valid/validation/dev, test, then others

@@ -12,14 +12,14 @@ use std::ops::Range;
 use std::sync::mpsc;
 use std::time::Instant;
 
+use super::common::{ExtractReporter, StageTimes};
 use super::error::ExtractError;
-use super::run::ExtractReporter;
 use crate::batching::{batch_ranges, real_rows, real_rows_slice, PaddedBatch};
 use crate::cache::manifest::ExtractSettings;
 use crate::cache::shard::{compress_chunk, CompressedChunk, SealedShard, ShardWriter};
 use crate::cache::ExampleMeta;
-use crate::runtime::{BackboneSession, HiddenStates};
-use crate::tokenize::Encoded;
+use crate::extract::runtime::{BackboneSession, HiddenStates};
+use crate::extract::tokenize::Encoded;
 use crate::{Error, Result};
 
 /// The batches one shard's examples are run in: consecutive examples under
@@ -106,31 +106,6 @@ impl ChunkBuilder {
             meta: std::mem::replace(&mut self.meta, Vec::with_capacity(self.chunk_size)),
             layers: std::mem::replace(&mut self.layers, fresh),
         }
-    }
-}
-
-/// Where the calling thread's time went in [`write_shard`] (printed by
-/// `sherl-extract -v run`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct StageTimes {
-    /// In ONNX Runtime.
-    pub backbone: f64,
-    /// Cutting outputs into chunks (f32 rows of the real tokens).
-    pub chunking: f64,
-    /// Waiting for a compression thread to take a chunk (compression
-    /// slower than the backbone).
-    pub queue_wait: f64,
-    /// After the last batch, waiting for compression and the writer.
-    pub drain: f64,
-}
-
-impl StageTimes {
-    /// Add `o` to these.
-    pub fn add(&mut self, o: &StageTimes) {
-        self.backbone += o.backbone;
-        self.chunking += o.chunking;
-        self.queue_wait += o.queue_wait;
-        self.drain += o.drain;
     }
 }
 

@@ -9,8 +9,8 @@ use super::error::ExtractError;
 use crate::backbone::BackboneDir;
 use crate::batching::{real_rows, PaddedBatch};
 use crate::data::{Dataset, DatasetPlan};
-use crate::runtime::{BackboneSession, Runtime, SessionConfig};
-use crate::tokenize::Tokenizer;
+use crate::extract::runtime::{BackboneSession, Runtime, SessionConfig};
+use crate::extract::tokenize::Tokenizer;
 use crate::Result;
 
 /// Examples `sample` runs when not told otherwise.

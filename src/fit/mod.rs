@@ -26,8 +26,6 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
-#[cfg(feature = "extract")]
-pub mod predict;
 pub mod retrieval;
 pub mod run_dir;
 pub mod sweep;

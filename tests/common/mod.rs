@@ -33,17 +33,17 @@ pub fn minilm_dir() -> PathBuf {
 }
 
 /// Load ONNX Runtime from the assets (once per test process).
-pub fn runtime() -> &'static sherl::runtime::Runtime {
-    sherl::runtime::init(None)
+pub fn runtime() -> &'static sherl::extract::runtime::Runtime {
+    sherl::extract::runtime::init(None)
         .expect("ONNX Runtime from the asset directory (run pipelines/fetch-assets.sh)")
 }
 
 /// A CPU session config.
-pub fn cpu() -> sherl::runtime::SessionConfig {
-    sherl::runtime::SessionConfig {
-        device: sherl::runtime::Device::Cpu,
+pub fn cpu() -> sherl::extract::runtime::SessionConfig {
+    sherl::extract::runtime::SessionConfig {
+        device: sherl::extract::runtime::Device::Cpu,
         threads: Some(2),
-        opt_level: sherl::runtime::OptLevel::All,
+        opt_level: sherl::extract::runtime::OptLevel::All,
     }
 }
 

@@ -395,7 +395,7 @@ pub fn tiny_backbone(dir: &Path, cfg: &TinyConfig, seed: u64) -> Weights {
     let b = sherl::backbone::BackboneDir::open(dir).unwrap();
     let config = b.config().unwrap();
     let ckpt = sherl::backbone::Checkpoint::open(&b.safetensors_path()).unwrap();
-    sherl::onnx::export_backbone(&config, &ckpt, &b.onnx_path()).unwrap();
+    sherl::extract::onnx::export_backbone(&config, &ckpt, &b.onnx_path()).unwrap();
     w
 }
 

@@ -13,7 +13,7 @@
 //! (`norm1`, `attention.attention.{query,key,value}`,
 //! `attention.output.dense`, `layer_scale1.lambda1`, `norm2`,
 //! `mlp.fc1`, `mlp.fc2`, `layer_scale2.lambda1`); from an ONNX export they
-//! come through `crate::onnx::vit` (feature `extract`). Checked against
+//! come through `crate::extract::onnx::vit` (feature `extract`). Checked against
 //! ONNX Runtime's next hidden state in `tests/vit.rs`.
 
 use candle_core::Tensor;

@@ -15,14 +15,10 @@
 //!   every epoch, the best epoch by valid rsum scored on test.
 //! - [`tables`]: image files and captions by id, from the tables the
 //!   caches were extracted from.
-//! - [`search`]: `sherl-fit search`, a text or image query against a
-//!   split of a trained run's caches.
 
 pub mod config;
 pub mod join;
 pub mod loss;
 pub mod recall;
-#[cfg(feature = "extract")]
-pub mod search;
 pub mod tables;
 pub mod train;

@@ -257,15 +257,15 @@ fn query_examples(
 }
 
 /// One tower: its cache, model and the cache positions of its inputs.
-pub(super) struct Tower {
-    pub(super) cache: Arc<Cache>,
-    pub(super) model: Model,
+pub(crate) struct Tower {
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) model: Model,
     positions: Vec<usize>,
-    pub(super) hidden: usize,
+    pub(crate) hidden: usize,
 }
 
 /// Open a cache, check its backbone, build the tower's model.
-pub(super) fn tower(
+pub(crate) fn tower(
     cache: Arc<Cache>,
     backbone: &Path,
     cfg: &FitConfig,
@@ -416,7 +416,7 @@ fn fit_batch(cfg: &FitConfig, len: usize, n: usize) -> usize {
 
 /// The L2-normalised embeddings `[n, J]` of the examples at `positions`
 /// (in that order), evaluation mode.
-pub(super) fn embed(
+pub(crate) fn embed(
     t: &Tower,
     positions: &[u64],
     cfg: &FitConfig,
@@ -473,7 +473,7 @@ fn snapshot(image: &Tower, text: &Tower, log_scale: &Var) -> Result<BTreeMap<Str
 }
 
 /// Put `all` (as [`snapshot`] made it) back into both towers and the log-scale.
-pub(super) fn restore(
+pub(crate) fn restore(
     image: &Tower,
     text: &Tower,
     log_scale: &Var,

@@ -500,7 +500,7 @@ fn build_on_device(
 
 impl BackboneSession {
     /// Open `model` with `cfg`. Checks the model's inputs and outputs follow
-    /// sherl's naming (see [`crate::onnx`]).
+    /// sherl's naming (see [`crate::extract::onnx`]).
     pub fn open(rt: &Runtime, model: &Path, cfg: &SessionConfig) -> Result<(Self, DeviceChoice)> {
         if !model.is_file() {
             return Err(Error::io(
@@ -784,7 +784,7 @@ impl F32Session {
 
     /// Like [`F32Session::open`], from the model's bytes (`model` names it
     /// in messages): an image backbone whose per-layer tensors were exposed
-    /// in memory ([`crate::onnx::edit::expose_layers`]).
+    /// in memory ([`crate::extract::onnx::edit::expose_layers`]).
     pub fn from_bytes(
         rt: &Runtime,
         model: &Path,

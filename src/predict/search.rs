@@ -5,7 +5,7 @@
 //! with, as `sherl-fit predict` runs it (text: the tokenizer and the text
 //! backbone's ONNX model through ONNX Runtime; an image: the recipe the
 //! cache recorded and the ViT's ONNX model), then through the trained
-//! tower of its kind: that part is [`crate::fit::predict::search`], the
+//! tower of its kind: that part is [`crate::predict::search`], the
 //! one place that composes both phases. Here: the run opened and checked
 //! ([`Searcher::open`]) and the ranking ([`Searcher::rank`]): the gallery
 //! is the split's cached examples of the other kind, embedded by the other
@@ -25,17 +25,17 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
-use super::config::RetrievalConfig;
-use super::join::{entries, join_caches};
-use super::loss::{l2_normalize, INIT_LOG_SCALE};
-use super::tables::table_column;
-use super::train::{embed, restore, tower, Tower};
+use super::checks::check_weights;
 use crate::cache::Cache;
 use crate::fit::config::FitConfig;
 use crate::fit::error::FitError;
 use crate::fit::model::Model;
 use crate::fit::params::Params;
-use crate::fit::predict::check_weights;
+use crate::fit::retrieval::config::RetrievalConfig;
+use crate::fit::retrieval::join::{entries, join_caches};
+use crate::fit::retrieval::loss::{l2_normalize, INIT_LOG_SCALE};
+use crate::fit::retrieval::tables::table_column;
+use crate::fit::retrieval::train::{embed, restore, tower, Tower};
 use crate::fit::run_dir;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
@@ -182,7 +182,7 @@ fn open_cache(kind: &str, (path, hash): &(PathBuf, String), run: &Path) -> Resul
 pub struct Searcher {
     image: Tower,
     text: Tower,
-    split: super::join::SplitPairs,
+    split: crate::fit::retrieval::join::SplitPairs,
     cfg: FitConfig,
     dev: Device,
 }

@@ -1,0 +1,108 @@
+//! What a run must match before predict or search uses it.
+
+use std::path::Path;
+
+use crate::data::args::TrainedColumns;
+use crate::fit::model::ModelSpec;
+use crate::fit::run_dir::{self, RunCache, RunConfig};
+use crate::{Error, Result};
+
+/// Refuse `path` unless its sha256 is `want` (a backbone file the run's
+/// cache was extracted with).
+pub(crate) fn same(what: &str, path: &Path, want: &str) -> Result<()> {
+    let got = crate::fsutil::sha256_file(path)?;
+    if got != want {
+        return Err(Error::Backbone {
+            path: path.to_path_buf(),
+            message: format!(
+                "sha256 {} differs from the {what} the run's cache was extracted with ({}); predict with the same backbone",
+                crate::hash::abbrev(&got),
+                crate::hash::abbrev(want)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Check `weights.safetensors` against the sha256 the run recorded when it
+/// wrote them (`summary.json`, or `error.json` for a run that stopped):
+/// flipped bits in a weight file must not turn into confident wrong
+/// answers. A run still in progress (or killed) has no record: its weights
+/// are used with a warning.
+pub(crate) fn check_weights(run: &Path, weights: &Path) -> Result<()> {
+    let recorded = run_dir::recorded_weights_sha256(run)?;
+    match recorded {
+        Some((from, Some(want))) => {
+            let got = crate::fsutil::sha256_file(weights)?;
+            if got != want {
+                return Err(Error::Checkpoint {
+                    path: weights.to_path_buf(),
+                    message: format!(
+                        "sha256 {} differs from the {} recorded in {} when the run wrote it: the file was changed or is corrupt",
+                        &got[..12],
+                        &want[..12.min(want.len())],
+                        from.display()
+                    ),
+                });
+            }
+        }
+        Some((from, None)) => tracing::warn!(
+            "{}: written by an older sherl without a weights checksum; {} is used unchecked",
+            from.display(),
+            weights.display()
+        ),
+        None => tracing::warn!(
+            "{}: the run has not finished (no summary.json); using its best weights so far, unchecked",
+            run.display()
+        ),
+    }
+    Ok(())
+}
+
+/// The columns the run was trained on: recorded in its `config.json`, or,
+/// for runs written before that, read from the cache's manifest (when it
+/// is still where the run recorded it and is the cache the run was trained
+
+pub(crate) fn trained_columns(cache: &RunCache) -> TrainedColumns {
+    if let Some(columns) = &cache.columns {
+        return columns.clone();
+    }
+    let path = cache.path.join("manifest.json");
+    let manifest: Option<serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    match manifest {
+        Some(m)
+            if !cache.settings_hash.is_empty()
+                && m["settings_hash"].as_str() == Some(cache.settings_hash.as_str()) =>
+        {
+            TrainedColumns::from_options(&m["dataset"]["options"])
+        }
+        _ => {
+            tracing::warn!(
+                "{}: not readable, or not the cache this run was trained on; reading \
+                 the texts from column `text` (labels: `label`) unless --text-column says otherwise",
+                path.display()
+            );
+            TrainedColumns::default()
+        }
+    }
+}
+
+/// The model spec a run was trained with.
+pub(crate) fn run_spec(rc: &RunConfig) -> ModelSpec {
+    ModelSpec {
+        method: rc.config.method,
+        late_layers: rc.config.late_layers,
+        late_trainable: rc.config.late_trainable,
+        side_dim: rc.model.side_dim,
+        early_layers: rc.model.early_layers.clone(),
+        probe_layer: rc.model.probe_layer,
+        pool: rc.config.pool,
+        dropout: rc.config.dropout,
+        classes: rc.model.classes,
+        lora: rc.config.lora_spec(),
+        adapter: rc.config.adapter_spec(),
+        lst_init: rc.config.lst_init.unwrap_or_default(),
+    }
+}

@@ -1,0 +1,55 @@
+//! The layer above both phases: a trained run applied to new inputs. The
+//! backbone's layers the run reads are computed by ONNX Runtime (new inputs
+//! have no cache), then the trained modules run in candle exactly as in
+//! training (dropout off).
+//!
+//! - [`predict()`]: `sherl-fit predict`, a classification run labelling new
+//!   texts ([`text`]) or images ([`image`]);
+//! - [`search`]: `sherl-fit search`, a retrieval run's text or image query
+//!   ranked against a split of its caches ([`query`] embeds the query);
+//! - [`checks`]: what a run must match before it is used (weights, backbone
+//!   files, the columns it was trained on); [`output`]: the prediction
+//!   lines and their accuracy.
+//!
+//! The backbone must be the one the run's cache was extracted with: the
+//! ONNX model, checkpoint and tokenizer hashes are compared with the cache
+//! manifest recorded in the run's `config.json`, and any difference is
+//! refused (the trained modules would read different features).
+
+pub mod checks;
+pub mod image;
+pub mod output;
+pub mod plan;
+pub mod query;
+pub mod search;
+pub mod text;
+
+pub use plan::{PredictPlan, PredictSummary};
+
+use crate::backbone::BackboneDir;
+use crate::extract::runtime::Runtime;
+use crate::fit::error::FitError;
+use crate::fit::run_dir::{self, RunConfig};
+use crate::Result;
+
+/// Label `plan.data` with the run in `plan.run`: its weights checked
+/// against the sha256 the run recorded, the ONNX model against the one its
+/// cache was extracted with, then the texts or images labelled.
+pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
+    let rc = RunConfig::read(&plan.run)?;
+    let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
+    if !weights_path.exists() {
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "no weights.safetensors (the run has not finished an epoch)".into(),
+        }
+        .into());
+    }
+    checks::check_weights(&plan.run, &weights_path)?;
+    let dir = BackboneDir::open(&plan.backbone)?;
+    checks::same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
+    match &rc.cache.image {
+        Some(info) => image::predict_images(rt, plan, &rc, info, &dir, &weights_path),
+        None => text::predict_texts(rt, plan, &rc, &dir, &weights_path),
+    }
+}
