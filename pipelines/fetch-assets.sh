@@ -476,7 +476,7 @@ PY
 # OpenMoji 17.0.0 (graphics CC-BY-SA-4.0) from the npm package openmoji:
 # the 4,495 colour SVGs (72x72 view box), data/openmoji.csv (hexcode,
 # annotation, tags, group, subgroups, ...) and the licence. The same emoji as
-# the Google set in another style, matched by code points (sherl-fit pairs
+# the Google set in another style, matched by code points (sherl-extract pairs
 # --openmoji, for the cross-style retrieval test); sherl rasterises the SVGs.
 fetch_openmoji() {
     local dir="$ASSETS/data/openmoji-17"

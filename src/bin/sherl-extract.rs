@@ -82,6 +82,31 @@ enum Command {
     /// Run the backbone over the first examples of a dataset and print what
     /// it found (counts, token lengths, per-layer statistics).
     Sample(Box<SampleArgs>),
+    /// Prepare data: write paired image/caption tables for --task retrieval from the
+    /// emoji package (fetch-assets.sh emoji): images-<split>.csv and
+    /// captions-<split>.csv per split, split by emoji; prints one JSON line.
+    Pairs {
+        /// The emoji package directory (emoji.json, img/google/64/).
+        #[arg(long)]
+        emoji: PathBuf,
+        /// Where to write the tables.
+        #[arg(long)]
+        out: PathBuf,
+        /// Split fractions, by group (one emoji = one group).
+        #[arg(long, default_value = "train=0.8,valid=0.1,test=0.1")]
+        split: String,
+        /// Seed of the split.
+        #[arg(long, default_value_t = 0)]
+        split_seed: u64,
+        /// Keep a seeded subset of N pairs (before splitting).
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Cross-style test: the test split's images are these OpenMoji
+        /// drawings (fetch-assets.sh openmoji), rasterised to
+        /// OUT/openmoji-64/; train and valid keep Google's.
+        #[arg(long, value_name = "DIR")]
+        openmoji: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -200,6 +225,25 @@ fn main() -> ExitCode {
                 out,
             } => expose_layers(file, tensors, first_index, only_exposed, out),
             Command::Run(run) => run_extract(*run, &args.output),
+            Command::Pairs {
+                emoji,
+                out,
+                split,
+                split_seed,
+                limit,
+                openmoji,
+            } => {
+                let line = sherl::data::paired::prepare_emoji_tables(
+                    &emoji,
+                    &out,
+                    &split,
+                    split_seed,
+                    limit,
+                    openmoji.as_deref(),
+                )?;
+                print_line(&line.to_string())?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Sample(a) => {
                 let a = *a;
                 sample(

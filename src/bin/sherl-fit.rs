@@ -51,31 +51,6 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Write paired image/caption tables for --task retrieval from the
-    /// emoji package (fetch-assets.sh emoji): images-<split>.csv and
-    /// captions-<split>.csv per split, split by emoji; prints one JSON line.
-    Pairs {
-        /// The emoji package directory (emoji.json, img/google/64/).
-        #[arg(long)]
-        emoji: PathBuf,
-        /// Where to write the tables.
-        #[arg(long)]
-        out: PathBuf,
-        /// Split fractions, by group (one emoji = one group).
-        #[arg(long, default_value = "train=0.8,valid=0.1,test=0.1")]
-        split: String,
-        /// Seed of the split.
-        #[arg(long, default_value_t = 0)]
-        split_seed: u64,
-        /// Keep a seeded subset of N pairs (before splitting).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Cross-style test: the test split's images are these OpenMoji
-        /// drawings (fetch-assets.sh openmoji), rasterised to
-        /// OUT/openmoji-64/; train and valid keep Google's.
-        #[arg(long, value_name = "DIR")]
-        openmoji: Option<PathBuf>,
-    },
     /// Label new texts with a trained run (runs the backbone through ONNX
     /// Runtime, then the trained modules); writes JSONL.
     #[cfg(feature = "extract")]
@@ -323,14 +298,6 @@ fn main() -> ExitCode {
             Command::Search(a) => search(*a),
             Command::Sweep(a) => sweep(*a),
             Command::Report { runs, out } => report(runs, out),
-            Command::Pairs {
-                emoji,
-                out,
-                split,
-                split_seed,
-                limit,
-                openmoji,
-            } => pairs(emoji, out, &split, split_seed, limit, openmoji),
         }
     })
 }
@@ -666,47 +633,6 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(1));
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn pairs(
-    emoji: PathBuf,
-    out: PathBuf,
-    split: &str,
-    seed: u64,
-    limit: Option<usize>,
-    openmoji: Option<PathBuf>,
-) -> anyhow::Result<ExitCode> {
-    use sherl::data::paired;
-    let spec = sherl::data::SplitSpec::parse(split, seed)?;
-    let mut all = paired::emoji_pairs(&emoji)?;
-    let total = all.len();
-    if let Some(n) = limit {
-        all = paired::subset(all, n, seed);
-    }
-    let mut splits = paired::split_pairs(&all, &spec)?;
-    let order: Vec<String> = spec.fractions.iter().map(|(n, _)| n.clone()).collect();
-    let cross = match &openmoji {
-        Some(dir) => {
-            let test = order.last().cloned().unwrap_or_default();
-            let (replaced, dropped) =
-                paired::cross_style(&mut all, &mut splits, &test, dir, &out, 64)?;
-            Some(
-                serde_json::json!({"split": test, "openmoji_images": replaced, "dropped": dropped}),
-            )
-        }
-        None => None,
-    };
-    let written = paired::write_tables(&all, &splits, &order, &out)?;
-    let line = serde_json::json!({
-        "cross_style": cross,
-        "emoji": emoji,
-        "pairs": all.len(),
-        "of": total,
-        "captions": all.iter().map(|p| p.captions.len()).sum::<usize>(),
-        "splits": written,
-    });
-    print_line(&line.to_string())?;
     Ok(ExitCode::SUCCESS)
 }
 

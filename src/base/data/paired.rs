@@ -346,3 +346,47 @@ pub fn cross_style(
     *splits = kept_splits;
     Ok((replaced, dropped))
 }
+/// `sherl-extract pairs`: the paired image/caption tables of the emoji
+/// package in `emoji` written to `out` (`images-<split>.csv` and
+/// `captions-<split>.csv` per split, split by emoji with `split` and
+/// `seed`), optionally a seeded subset of `limit` emoji, and with
+/// `openmoji` the test split's images replaced by OpenMoji's drawings
+/// (rasterised to `out/openmoji-64/`). Returns the one-line JSON summary.
+#[cfg(feature = "svg")]
+pub fn prepare_emoji_tables(
+    emoji: &Path,
+    out: &Path,
+    split: &str,
+    seed: u64,
+    limit: Option<usize>,
+    openmoji: Option<&Path>,
+) -> Result<serde_json::Value> {
+    let spec = crate::data::SplitSpec::parse(split, seed)?;
+    let mut all = emoji_pairs(emoji)?;
+    let total = all.len();
+    if let Some(n) = limit {
+        all = subset(all, n, seed);
+    }
+    let mut splits = split_pairs(&all, &spec)?;
+    let order: Vec<String> = spec.fractions.iter().map(|(n, _)| n.clone()).collect();
+    let cross = match openmoji {
+        Some(dir) => {
+            let test = order.last().cloned().unwrap_or_default();
+            let (replaced, dropped) = cross_style(&mut all, &mut splits, &test, dir, out, 64)?;
+            Some(
+                serde_json::json!({"split": test, "openmoji_images": replaced, "dropped": dropped}),
+            )
+        }
+        None => None,
+    };
+    let written = write_tables(&all, &splits, &order, out)?;
+    let line = serde_json::json!({
+        "cross_style": cross,
+        "emoji": emoji,
+        "pairs": all.len(),
+        "of": total,
+        "captions": all.iter().map(|p| p.captions.len()).sum::<usize>(),
+        "splits": written,
+    });
+    Ok(line)
+}

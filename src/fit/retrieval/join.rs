@@ -92,7 +92,7 @@ pub fn join(
         let Some(pair) = pair_of_caption(&c.id) else {
             return refuse(format!(
                 "caption id {} (position {} of the text cache {tc}) is not <pair id>#<k>; \
-                 write the caption table with `sherl-fit pairs` or give captions such ids",
+                 write the caption table with `sherl-extract pairs` or give captions such ids",
                 c.id, c.position
             ));
         };
@@ -107,7 +107,7 @@ pub fn join(
             return refuse(format!(
                 "caption {} is in split {} of the text cache {tc}, but its image {pair} \
                  (position {ipos}) is in split {split} of the image cache {ic}; extract both \
-                 from the per-split tables `sherl-fit pairs` writes",
+                 from the per-split tables `sherl-extract pairs` writes",
                 c.id, c.split
             ));
         }
