@@ -1,5 +1,6 @@
-//! Unit tests of `src/runtime.rs` (kept apart so the module stays readable).
+//! Unit tests of `src/extract/runtime/` (kept apart so the module stays readable).
 
+use super::library::newest_library_in;
 use super::*;
 
 #[test]
