@@ -14,9 +14,11 @@
 //!   rule, padded batches), [`rng`], [`hash`], [`le`], [`fsutil`],
 //!   [`assets`], and `tokenize` (feature `extract`);
 //! - [`cache`]: the on-disk feature cache, the contract between the phases
-//!   (format, reader, writer, merge; `unsafe` in `mmap`, one of three
-//!   modules allowed it: also `fit::nn::gemm`, the BLAS loader, and
-//!   `fit::alloc_track`, the counting allocator);
+//!   (format, reader, writer, merge; `unsafe` in `mmap`, one of four
+//!   modules allowed it: also `fit::kernels::gemm`, the matrix products on
+//!   strided views and the BLAS loader, `fit::alloc_track`, the counting
+//!   allocator, and two calls in `fit::kernels::fused_layer`, into its
+//!   AVX2 builds after the run-time CPU check);
 //! - phase one, feature `extract`: `onnx`, `runtime` (ONNX Runtime) and
 //!   `extract` (plan, stages, sample);
 //! - phase two, feature `fit`: `fit` (modules, models, training, run

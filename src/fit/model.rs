@@ -43,10 +43,11 @@ use serde::{Deserialize, Serialize};
 
 use super::batcher::Batch;
 use super::nn::adapter::{AdapterLayer, AdapterSpec};
-use super::nn::bert_layer::{attention_bias, BertLayer, LayerExtras};
+use super::nn::bert_layer::{attention_bias, BertLayer};
 use super::nn::consolidation::Consolidation;
 use super::nn::embeddings::Embeddings;
 use super::nn::head::Head;
+use super::nn::layer_extras::LayerExtras;
 use super::nn::lora::{LoraLayer, LoraSpec};
 use super::nn::lst::{Lst, LstInit};
 use super::nn::relative::RelativeBias;

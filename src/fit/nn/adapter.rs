@@ -19,7 +19,7 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::bert_layer::{LayerExtras, Projection};
+use super::layer_extras::{LayerExtras, Projection};
 use super::ops::Mode;
 use super::{Builder, Detach, Linear};
 use crate::Result;

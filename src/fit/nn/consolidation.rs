@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
-use super::fused::contiguous_f32;
 use super::{Builder, Linear, Projector};
 use crate::fit::error::FitError;
+use crate::fit::kernels::fused::{contiguous_f32, cpu_f32};
 use crate::Result;
 
 pub use super::linear::PROJ_LN_EPS;
@@ -101,7 +101,7 @@ impl Consolidation {
         let f = Projector::forward_all(&self.proj, layers)?;
         let d = f[0].dim(D::Minus1)?;
         let n = b * s;
-        if fused && super::fused::cpu_f32(&f[0]) && super::fused::cpu_f32(&self.score.weight) {
+        if fused && cpu_f32(&f[0]) && cpu_f32(&self.score.weight) {
             let stacked = Tensor::stack(&f, 2)?.reshape((n, m, d))?;
             let alpha_slot = Arc::new(Mutex::new(None));
             let op = ConsolidateOp {

@@ -6,6 +6,7 @@ use candle_core::Tensor;
 
 use super::ops::layer_norm;
 use super::Builder;
+use crate::fit::kernels::fused::{cpu_f32, LinearOp};
 use crate::Result;
 
 /// `x W^T + b`, `W` `[out, in]`, `b` `[out]`.
@@ -39,14 +40,11 @@ impl Linear {
         let d_in = *dims.last().expect("linear input has a last dimension");
         let rows = x.elem_count() / d_in.max(1);
         let x2 = x.reshape((rows, d_in))?;
-        // On the CPU one op (super::fused::LinearOp): OpenBLAS, bias folded
+        // On the CPU one op (LinearOp): OpenBLAS, bias folded
         // in, and only the gradients some variable needs.
-        let y = if super::fused::cpu_f32(&x2)
-            && super::fused::cpu_f32(&self.weight)
-            && super::fused::cpu_f32(&self.bias)
-        {
+        let y = if cpu_f32(&x2) && cpu_f32(&self.weight) && cpu_f32(&self.bias) {
             let x2 = x2.contiguous()?;
-            let op = super::fused::LinearOp::for_operands(&x2, &self.weight, &self.bias);
+            let op = LinearOp::for_operands(&x2, &self.weight, &self.bias);
             x2.apply_op3(&self.weight.contiguous()?, &self.bias.contiguous()?, op)?
         } else {
             x2.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?

@@ -15,7 +15,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::bert_layer::{LayerExtras, Projection};
+use super::layer_extras::{LayerExtras, Projection};
 use super::ops::{dropout, Mode};
 use super::{Builder, Detach};
 use crate::Result;

@@ -8,31 +8,27 @@
 //! - [`linear`]: [`Linear`], [`LayerNorm`] and the [`Projector`] of both
 //!   side networks;
 //! - [`bert_layer`], [`embeddings`]: pre-trained BERT modules (on the CPU a
-//!   BERT layer is one fused op, [`fused_layer`]);
+//!   BERT layer is one fused op, [`crate::fit::kernels::fused_layer`]);
 //! - [`consolidation`], [`restore_gate`]: SHERL's early route and its join
 //!   with the late route;
 //! - [`unipt`]: the UniPT side network;
 //! - [`lora`], [`adapter`]: LoRA updates and bottleneck adapters inside
-//!   the frozen backbone's layers; [`lst`]: the Ladder Side Tuning side
+//!   the frozen backbone's layers, through the hooks of [`layer_extras`]; [`lst`]: the Ladder Side Tuning side
 //!   network over the cached hidden states;
 //! - [`head`]: pooling and the classification layer.
 
 pub mod adapter;
 pub mod bert_layer;
 pub mod consolidation;
-pub mod direct_grads;
 pub mod embeddings;
-pub mod fused;
-pub mod fused_layer;
-pub mod gemm;
 pub mod head;
+pub mod layer_extras;
 pub mod linear;
 pub mod lora;
 pub mod lst;
 pub mod ops;
 pub mod relative;
 pub mod restore_gate;
-pub mod simd;
 #[cfg(test)]
 pub(crate) mod test_util;
 pub mod unipt;
@@ -52,7 +48,7 @@ use crate::Result;
 /// (`Tensor::detach`: same storage, no variable, no op), for evaluation
 /// and prediction: candle then records no graph and keeps no activations
 /// for a backward pass, and the CPU custom ops that only exist to skip
-/// gradients ([`fused`]) give way to plain products.
+/// gradients ([`crate::fit::kernels::fused`]) give way to plain products.
 pub trait Detach {
     /// The detached copy.
     fn detached(&self) -> Self;

@@ -7,10 +7,12 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::fused::{contiguous_f32, cpu_slice, lane_sum_dot, ln_row, ln_row_backward};
-use super::gemm::{matmul, View};
 use super::ops::{masked_mean, softmax};
 use super::{Builder, LayerNorm, Linear, Projector};
+use crate::fit::kernels::fused::{
+    contiguous_f32, cpu_f32, cpu_slice, lane_sum_dot, ln_row, ln_row_backward,
+};
+use crate::fit::kernels::gemm::{matmul, View};
 use crate::Result;
 
 /// LayerNorm epsilon of the output block.
@@ -70,7 +72,7 @@ impl Unipt {
 
     fn forward_with(&self, layers: &[Tensor], mask: &Tensor, fused: bool) -> Result<Tensor> {
         let _span = tracing::trace_span!("unipt").entered();
-        let cpu = |t: &Tensor| super::fused::cpu_f32(t);
+        let cpu = |t: &Tensor| cpu_f32(t);
         let fused = fused
             && self.proj.len() >= 2
             && cpu(mask)

@@ -12,7 +12,7 @@
 //! go. Frozen layers (SHERL's late layer, the linear probe's) never compute
 //! a weight gradient.
 //!
-//! The formulas are those of [`super::bert_layer::BertLayer::forward_composed`]
+//! The formulas are those of [`crate::fit::nn::bert_layer::BertLayer::forward_composed`]
 //! (post-LayerNorm BERT, `modeling_bert.py`), dropout masks drawn in the same
 //! order from the same generator, so a seeded run gives the same numbers up
 //! to float rounding; tests compare values and gradients with the composed
