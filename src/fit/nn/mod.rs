@@ -1,7 +1,12 @@
 //! The trainable modules, written the way candle's models are: one struct
-//! per module, built by `load(vb, ..)` from a [`Builder`] (which names,
+//! per module, built by `load(vb, &Config)` from a [`Builder`] (which names,
 //! initialises or loads and registers every parameter) and applied by
-//! `forward`.
+//! `forward`. Every `load` takes its builder by value, at the module's own
+//! prefix (`Module::load(vb.pp("name"), &cfg)`, as candle's `VarBuilder`),
+//! and its sizes and settings as one config struct ([`BertConfig`](crate::backbone::BertConfig)
+//! for the backbone's modules, a small struct of the module's own
+//! otherwise); [`Builder::reborrow`] lends a builder that is still needed
+//! afterwards.
 //!
 //! - [`ops`]: differentiable functions (LayerNorm, softmax, dropout with its
 //!   [`Mode`], masked mean, attention bias);
@@ -36,7 +41,7 @@ pub mod vit_layer;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use linear::{LayerNorm, Linear, Projector};
+pub use linear::{LayerNorm, Linear, Projector, SideConfig};
 pub use ops::Mode;
 
 use super::params::{Group, Params};
@@ -171,20 +176,9 @@ impl<'a> Builder<'a> {
         self.params.add_packed(members, Group::New)
     }
 
-    /// A fresh `Linear(d_in -> d_out)`, Kaiming-uniform as PyTorch's
-    /// `nn.Linear`: weight, then bias, uniform in ±1/sqrt(d_in).
+    /// A fresh `Linear(d_in -> d_out)` named `name` ([`Linear::fresh`]).
     pub fn fresh_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let w: Vec<f32> = (0..d_in * d_out)
-            .map(|_| self.rng.symmetric_f32(bound))
-            .collect();
-        let b: Vec<f32> = (0..d_out).map(|_| self.rng.symmetric_f32(bound)).collect();
-        let weight = Tensor::from_vec(w, (d_out, d_in), self.dev)?;
-        let bias = Tensor::from_vec(b, d_out, self.dev)?;
-        Ok(Linear {
-            weight: self.fresh(&format!("{name}.weight"), weight)?,
-            bias: self.fresh(&format!("{name}.bias"), bias)?,
-        })
+        Linear::fresh(self.pp(name), d_in, d_out)
     }
 
     /// A fresh LayerNorm of width `d`: weight 1, bias 0.
