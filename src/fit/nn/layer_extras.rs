@@ -26,7 +26,8 @@ pub enum Projection {
     FfnOut,
 }
 
-/// Trained modules inside a frozen layer ([`BertLayer::forward_with`]):
+/// Trained modules inside a frozen layer
+/// ([`BertLayer::forward_with`](super::bert_layer::BertLayer::forward_with)):
 /// low-rank updates of its projections (LoRA) and modules on its
 /// sub-layers' outputs (adapters).
 pub trait LayerExtras {
