@@ -15,8 +15,8 @@
 //! and backward maths stays in one file, next to the tests that check it
 //! against the composed candle ops and finite differences, so a change to
 //! a formula and to its gradient is read and reviewed in one place.
-//! `gemm` is the one module here allowed `unsafe` (see its docs), and
-//! `fused_layer` the AVX2 entry points into its passes.
+//! `unsafe` is allowed in `gemm` (see its docs) and, in `fused_layer`,
+//! at the two calls into the AVX2 builds of its passes.
 
 pub mod direct_grads;
 pub mod fused;
