@@ -25,9 +25,11 @@
 //!   (tables and pictures over runs; feature `fit`);
 //! - feature `cli`: `cli`, what only the binaries need.
 //!
-//! `unsafe` is denied crate-wide; the modules that allow it say why at
-//! their top (`cache::mmap`, the mapping of shard files, and the CPU
-//! kernels' BLAS loader and counting allocator in `fit`).
+//! `unsafe` is denied crate-wide; four places allow it and say why:
+//! `cache::mmap` (the mapping of shard files), `fit::kernels::gemm` (matrix
+//! products on strided views and the BLAS loader), two calls in
+//! `fit::kernels::fused_layer` (into its AVX2 builds after the run-time CPU
+//! check) and `fit::alloc_track` (the counting allocator).
 //!
 //! Layer indices follow Hugging Face's `hidden_states` convention everywhere:
 //! 0 is the embedding output, `i` the output of transformer layer `i`.

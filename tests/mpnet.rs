@@ -151,7 +151,10 @@ fn mpnet_layers_in_candle_match_onnx_runtime() {
         panic!("a text cache gives a BERT-family backbone")
     };
     assert_eq!(cfg.family(), Family::Mpnet);
-    let rel = RelativeBias::load(&ckpt, cfg)
+    let mut params = sherl::fit::params::Params::new();
+    let mut rng = sherl::rng::SplitMix64::new(0);
+    let vb = Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
+    let rel = RelativeBias::load(vb, cfg)
         .unwrap()
         .expect("an MPNet has a relative-position table");
     let positions: Vec<usize> = (0..=3).map(|l| cache.layer_position(l).unwrap()).collect();
@@ -320,7 +323,10 @@ fn real_mpnet_in_candle_matches_onnx_runtime() {
         (cfg.family(), cfg.num_hidden_layers, cfg.hidden_size),
         (Family::Mpnet, 12, 768)
     );
-    let rel = RelativeBias::load(&ckpt, cfg).unwrap().unwrap();
+    let mut params = sherl::fit::params::Params::new();
+    let mut rng = sherl::rng::SplitMix64::new(0);
+    let mut vb = Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
+    let rel = RelativeBias::load(vb.reborrow(), cfg).unwrap().unwrap();
     let positions = [
         cache.layer_position(11).unwrap(),
         cache.layer_position(12).unwrap(),
@@ -333,9 +339,6 @@ fn real_mpnet_in_candle_matches_onnx_runtime() {
         "one review is cut at 128 tokens"
     );
     let bias = rel.add_to(&attention_bias(&b.mask).unwrap()).unwrap();
-    let mut params = sherl::fit::params::Params::new();
-    let mut rng = sherl::rng::SplitMix64::new(0);
-    let mut vb = Builder::new(&mut params, &mut rng, &ckpt, &Device::Cpu);
     let layer = BertLayer::load(vb.pp("encoder.layer.11"), cfg).unwrap();
     let got = layer.forward(&b.layers[0], &bias, &mut Mode::Eval).unwrap();
     for (i, (g, w)) in real(&got, &lens)

@@ -424,13 +424,13 @@ fn run_retrieval(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
 
 /// Picks the fused CPU ops' matrix kernel from `--blas`.
 fn init_blas(flag: &str) -> anyhow::Result<()> {
-    use sherl::fit::nn::gemm::BlasChoice;
+    use sherl::fit::kernels::gemm::BlasChoice;
     let choice = match flag {
         "auto" | "" => BlasChoice::Auto,
         "off" | "gemm" => BlasChoice::Off,
         path => BlasChoice::Path(PathBuf::from(path)),
     };
-    let kernel = sherl::fit::nn::gemm::init_blas(&choice)
+    let kernel = sherl::fit::kernels::gemm::init_blas(&choice)
         .map_err(|e| anyhow::anyhow!("--blas {flag}: {e}"))?;
     tracing::debug!("matrix kernel: {kernel}");
     Ok(())

@@ -23,7 +23,7 @@
 //! zero and the summary says "not measured" (`None`).
 //!
 //! Why a third module with `unsafe` (besides `cache/mmap.rs` and
-//! `fit/nn/gemm.rs`): a global allocator is an `unsafe impl GlobalAlloc`
+//! `fit/kernels/gemm.rs`): a global allocator is an `unsafe impl GlobalAlloc`
 //! by definition. The implementation only forwards every call to the
 //! wrapped allocator unchanged and adds to two atomic counters.
 #![allow(unsafe_code)]

@@ -6,6 +6,8 @@
 //! - [`batcher`]: batches streamed from the mapped cache.
 //! - [`nn`]: the modules (BERT layer, embeddings, SHERL's consolidation and
 //!   restore gate, UniPT, head), each `load` + `forward` as in candle.
+//! - [`kernels`]: the hand-written CPU ops under [`nn`] (fused layers,
+//!   matrix products), exempt from the file and function size limits.
 //! - [`model`]: the model of each `--method`, composed from [`nn`].
 //! - [`train`]: the training loop; [`checks`] and [`memory`]: what is
 //!   refused before a run starts; [`eval`]: evaluation on one split.
@@ -20,6 +22,7 @@ pub mod checks;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod kernels;
 pub mod memory;
 pub mod metrics;
 pub mod model;

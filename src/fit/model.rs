@@ -42,18 +42,19 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::batcher::Batch;
-use super::nn::adapter::{AdapterLayer, AdapterSpec};
-use super::nn::bert_layer::{attention_bias, BertLayer, LayerExtras};
+use super::nn::adapter::{AdapterConfig, AdapterLayer, AdapterSpec};
+use super::nn::bert_layer::{attention_bias, BertLayer};
 use super::nn::consolidation::Consolidation;
 use super::nn::embeddings::Embeddings;
-use super::nn::head::Head;
-use super::nn::lora::{LoraLayer, LoraSpec};
-use super::nn::lst::{Lst, LstInit};
+use super::nn::head::{Head, HeadConfig};
+use super::nn::layer_extras::LayerExtras;
+use super::nn::lora::{LoraConfig, LoraLayer, LoraSpec};
+use super::nn::lst::{Lst, LstConfig, LstInit};
 use super::nn::relative::RelativeBias;
-use super::nn::restore_gate::RestoreGate;
+use super::nn::restore_gate::{RestoreGate, RestoreGateConfig};
 use super::nn::unipt::Unipt;
 use super::nn::vit_layer::{VitLayer, VitLayerConfig};
-use super::nn::{Builder, Detach, Mode};
+use super::nn::{Builder, Detach, Mode, SideConfig};
 use super::params::{Group, Params};
 use crate::backbone::{BertConfig, Checkpoint};
 use crate::fit::error::FitError;
@@ -373,9 +374,18 @@ impl Model {
                     need(i)?;
                 }
                 let m = spec.early_layers.len();
-                let consolidation = Consolidation::load(vb.pp("early"), m, d_model, spec.side_dim)?;
-                let restore =
-                    RestoreGate::load(vb.pp("late"), spec.side_dim, d_model, spec.dropout)?;
+                let side = SideConfig {
+                    layers: m,
+                    d_model,
+                    d: spec.side_dim,
+                };
+                let consolidation = Consolidation::load(vb.pp("early"), &side)?;
+                let gate = RestoreGateConfig {
+                    d: spec.side_dim,
+                    d_model,
+                    dropout: spec.dropout,
+                };
+                let restore = RestoreGate::load(vb.pp("late"), &gate)?;
                 let group = spec.late_trainable.then_some(Group::Pretrained);
                 let late = load_layers(&mut vb, arch, last..n, group)?;
                 let net = Net::Sherl {
@@ -415,7 +425,12 @@ impl Model {
                 for i in 0..=n {
                     need(i)?;
                 }
-                let unipt = Unipt::load(vb.pp("unipt"), n + 1, d_model, spec.side_dim)?;
+                let side = SideConfig {
+                    layers: n + 1,
+                    d_model,
+                    d: spec.side_dim,
+                };
+                let unipt = Unipt::load(vb.pp("unipt"), &side)?;
                 head_dim = spec.side_dim;
                 (Net::Unipt(unipt), (0..=n).collect())
             }
@@ -456,16 +471,20 @@ impl Model {
                     layers.push(BertLayer::load(b.reborrow(), cfg)?.without_packed_copy());
                     extras.push(match spec.method {
                         Method::Lora => Extras::Lora(LoraLayer::load(
-                            &mut b,
-                            &spec.lora,
-                            d_model,
-                            cfg.intermediate_size,
+                            b,
+                            &LoraConfig {
+                                spec: spec.lora.clone(),
+                                d: d_model,
+                                f: cfg.intermediate_size,
+                            },
                         )?),
                         _ => Extras::Adapter(AdapterLayer::load(
-                            &mut b,
-                            &spec.adapter,
-                            d_model,
-                            spec.side_dim,
+                            b,
+                            &AdapterConfig {
+                                spec: spec.adapter,
+                                d: d_model,
+                                m: spec.side_dim,
+                            },
                         )?),
                     });
                 }
@@ -486,13 +505,23 @@ impl Model {
                          image cache; use --lst-init random",
                     ));
                 }
-                let lst = Lst::load(vb.pp("lst"), &arch.sizes(), spec.side_dim, spec.lst_init)?;
+                let lst_cfg = LstConfig {
+                    backbone: arch.sizes(),
+                    d: spec.side_dim,
+                    init: spec.lst_init,
+                };
+                let lst = Lst::load(vb.pp("lst"), &lst_cfg)?;
                 (Net::Lst(lst), (0..=n).collect())
             }
         };
-        let head = Head::load(&mut vb, "head", spec.pool, head_dim, spec.classes)?;
+        let head_cfg = HeadConfig {
+            pool: spec.pool,
+            d: head_dim,
+            classes: spec.classes,
+        };
+        let head = Head::load(vb.pp("head"), &head_cfg)?;
         let rel = match arch {
-            Arch::Bert(cfg) => RelativeBias::load(ckpt, cfg)?,
+            Arch::Bert(cfg) => RelativeBias::load(vb, cfg)?,
             Arch::Vit { .. } => None,
         };
         Ok(Model {

@@ -17,7 +17,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Tensor, Var};
 use candle_nn::optim::{AdamW as CandleAdamW, Optimizer, ParamsAdamW};
 
-use super::nn::fused::contiguous_f32;
+use super::kernels::fused::contiguous_f32;
 use crate::Result;
 
 /// The two moments of one parameter.

@@ -27,10 +27,10 @@ use super::batcher::{split_len, Batch, BatchPlan, Batches};
 use super::checks::{check_backbone, model_spec, split_id};
 use super::config::FitConfig;
 use super::eval::{argmax, evaluate};
+use super::kernels::direct_grads::{Collected, Collector};
 use super::memory::{check_memory, memory_estimate, peak_rss_bytes};
 use super::metrics::Tally;
 use super::model::{Method, Model, Shared};
-use super::nn::direct_grads::{Collected, Collector};
 use super::nn::Mode;
 use super::params::{Group, Params};
 use super::run_dir::{
@@ -169,7 +169,7 @@ pub fn forward_backward(
 }
 
 /// `loss.backward()`, the fused layers' weight gradients collected apart
-/// from candle's store (see [`crate::fit::nn::direct_grads`]): the caller
+/// from candle's store (see [`crate::fit::kernels::direct_grads`]): the caller
 /// adds them in.
 fn backward(loss: &Tensor) -> Result<(GradStore, Collected)> {
     let collector = Collector::start();
@@ -609,7 +609,7 @@ fn train_loop(
         cache: String::new(),
         weights_sha256: Some(weights_sha256),
         device: Some(crate::fit::device_name(&plan.device)),
-        matmul: plan.device.is_cpu().then(crate::fit::nn::gemm::kernel),
+        matmul: plan.device.is_cpu().then(crate::fit::kernels::gemm::kernel),
         train_memory: step_peak
             .map(|p| super::run_dir::TrainMemory::new(model.params.trainable_count(), p)),
     })

@@ -19,7 +19,7 @@
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::bert_layer::{LayerExtras, Projection};
+use super::layer_extras::{LayerExtras, Projection};
 use super::ops::Mode;
 use super::{Builder, Detach, Linear};
 use crate::Result;
@@ -63,6 +63,17 @@ impl AdapterSpec {
     }
 }
 
+/// The settings and sizes of the adapters of a layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdapterConfig {
+    /// Placement and non-linearity.
+    pub spec: AdapterSpec,
+    /// The layer's width `D`.
+    pub d: usize,
+    /// The bottleneck width `m`.
+    pub m: usize,
+}
+
 /// One bottleneck adapter.
 #[derive(Debug, Clone)]
 pub struct Adapter {
@@ -83,14 +94,19 @@ impl Detach for Adapter {
 
 impl Adapter {
     /// Fresh `down` (drawn) and `up` (zero) under `vb`'s prefix.
-    pub fn load(vb: &mut Builder, d: usize, m: usize, act: AdapterActivation) -> Result<Self> {
+    pub fn load(mut vb: Builder, cfg: &AdapterConfig) -> Result<Self> {
+        let (d, m) = (cfg.d, cfg.m);
         let down = vb.fresh_linear("down", d, m)?;
         let dev = vb.device().clone();
         let up = Linear::from_parts(
             vb.fresh("up.weight", Tensor::zeros((d, m), DType::F32, &dev)?)?,
             vb.fresh("up.bias", Tensor::zeros(d, DType::F32, &dev)?)?,
         );
-        Ok(Adapter { down, up, act })
+        Ok(Adapter {
+            down,
+            up,
+            act: cfg.spec.activation,
+        })
     }
 
     /// # Shapes
@@ -122,20 +138,15 @@ impl Detach for AdapterLayer {
 }
 
 impl AdapterLayer {
-    /// Fresh adapters of width `m` for a layer of width `d` under `vb`'s
-    /// prefix (`encoder.layer.{i}`): `attention.output.adapter` (Houlsby
-    /// only), then `output.adapter`.
-    pub fn load(vb: &mut Builder, spec: &AdapterSpec, d: usize, m: usize) -> Result<Self> {
-        let attention = match spec.placement {
-            Placement::Houlsby => Some(Adapter::load(
-                &mut vb.pp("attention.output.adapter"),
-                d,
-                m,
-                spec.activation,
-            )?),
+    /// Fresh adapters of width `cfg.m` for a layer of width `cfg.d` under
+    /// `vb`'s prefix (`encoder.layer.{i}`): `attention.output.adapter`
+    /// (Houlsby only), then `output.adapter`.
+    pub fn load(mut vb: Builder, cfg: &AdapterConfig) -> Result<Self> {
+        let attention = match cfg.spec.placement {
+            Placement::Houlsby => Some(Adapter::load(vb.pp("attention.output.adapter"), cfg)?),
             Placement::Pfeiffer => None,
         };
-        let ffn = Adapter::load(&mut vb.pp("output.adapter"), d, m, spec.activation)?;
+        let ffn = Adapter::load(vb.pp("output.adapter"), cfg)?;
         Ok(AdapterLayer { attention, ffn })
     }
 }

@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
-use super::fused::contiguous_f32;
-use super::{Builder, Linear, Projector};
+use super::{Builder, Linear, Projector, SideConfig};
 use crate::fit::error::FitError;
+use crate::fit::kernels::fused::{contiguous_f32, cpu_f32};
 use crate::Result;
 
 pub use super::linear::PROJ_LN_EPS;
@@ -51,16 +51,17 @@ impl super::Detach for Consolidation {
 }
 
 impl Consolidation {
-    /// Fresh parameters under `vb`'s prefix (`early`) for `m` entries of
-    /// width `d_model`, side width `d`: the projectors, then `score`.
-    pub fn load(mut vb: Builder, m: usize, d_model: usize, d: usize) -> Result<Self> {
+    /// Fresh parameters under `vb`'s prefix (`early`) for `cfg.layers`
+    /// cached early layers: the projectors, then `score`.
+    pub fn load(mut vb: Builder, cfg: &SideConfig) -> Result<Self> {
+        let m = cfg.layers;
         if m < 2 {
             return Err(FitError::settings(format!(
                 "SHERL's early route needs at least 2 cached layers (got {m}): re-extract with more layers"
             )));
         }
-        let proj = Projector::load_all(&mut vb, m, d_model, d)?;
-        let score = vb.fresh_linear("score", d, 1)?;
+        let proj = Projector::load_all(vb.reborrow(), cfg)?;
+        let score = vb.fresh_linear("score", cfg.d, 1)?;
         Ok(Consolidation { proj, score })
     }
 
@@ -101,7 +102,7 @@ impl Consolidation {
         let f = Projector::forward_all(&self.proj, layers)?;
         let d = f[0].dim(D::Minus1)?;
         let n = b * s;
-        if fused && super::fused::cpu_f32(&f[0]) && super::fused::cpu_f32(&self.score.weight) {
+        if fused && cpu_f32(&f[0]) && cpu_f32(&self.score.weight) {
             let stacked = Tensor::stack(&f, 2)?.reshape((n, m, d))?;
             let alpha_slot = Arc::new(Mutex::new(None));
             let op = ConsolidateOp {

@@ -23,6 +23,17 @@ pub enum Pool {
     PatchMean,
 }
 
+/// The pooling and sizes of a [`Head`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadConfig {
+    /// Pooling of the final sequence.
+    pub pool: Pool,
+    /// Width `d` of the final sequence.
+    pub d: usize,
+    /// Number of classes.
+    pub classes: usize,
+}
+
 /// Pooling and `Linear(d -> classes)`.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -40,17 +51,12 @@ impl super::Detach for Head {
 }
 
 impl Head {
-    /// A fresh head named `name` (`head`) from width `d` to `classes`.
-    pub fn load(
-        vb: &mut Builder,
-        name: &str,
-        pool: Pool,
-        d: usize,
-        classes: usize,
-    ) -> Result<Self> {
+    /// A fresh head under `vb`'s prefix (`head`), its linear layer's
+    /// `weight` and `bias` directly there.
+    pub fn load(vb: Builder, cfg: &HeadConfig) -> Result<Self> {
         Ok(Head {
-            pool,
-            linear: vb.fresh_linear(name, d, classes)?,
+            pool: cfg.pool,
+            linear: Linear::fresh(vb, cfg.d, cfg.classes)?,
         })
     }
 

@@ -15,7 +15,7 @@
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use super::bert_layer::{LayerExtras, Projection};
+use super::layer_extras::{LayerExtras, Projection};
 use super::ops::{dropout, Mode};
 use super::{Builder, Detach};
 use crate::Result;
@@ -109,6 +109,33 @@ pub struct LoraSpec {
     pub targets: Vec<LoraTarget>,
 }
 
+/// The settings of the LoRA updates of a layer of width `d` and FFN width
+/// `f`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// Rank, alpha, dropout and targets.
+    pub spec: LoraSpec,
+    /// The layer's width `D`.
+    pub d: usize,
+    /// The layer's FFN width `F`.
+    pub f: usize,
+}
+
+/// The settings and sizes of one update.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraUpdateConfig {
+    /// Rank r.
+    pub rank: usize,
+    /// alpha (the update is scaled by alpha / r).
+    pub alpha: f64,
+    /// Dropout on the update's input.
+    pub dropout: f32,
+    /// Width of the projection's input.
+    pub d_in: usize,
+    /// Width of the projection's output.
+    pub d_out: usize,
+}
+
 /// One low-rank update `(alpha / r) * B A dropout(x)`.
 #[derive(Debug, Clone)]
 pub struct LoraUpdate {
@@ -150,8 +177,8 @@ impl LoraUpdate {
 
     /// Fresh `lora_a` (Kaiming-uniform, drawn) and `lora_b` (zero) under
     /// `vb`'s prefix.
-    pub fn load(vb: &mut Builder, spec: &LoraSpec, d_in: usize, d_out: usize) -> Result<Self> {
-        let r = spec.rank;
+    pub fn load(mut vb: Builder, cfg: &LoraUpdateConfig) -> Result<Self> {
+        let (r, d_in, d_out) = (cfg.rank, cfg.d_in, cfg.d_out);
         let bound = 1.0 / (d_in as f32).sqrt();
         let a = vb.uniform(r * d_in, bound);
         let dev = vb.device().clone();
@@ -163,8 +190,8 @@ impl LoraUpdate {
         Ok(LoraUpdate {
             a,
             b,
-            scale: spec.alpha / r as f64,
-            dropout: spec.dropout,
+            scale: cfg.alpha / r as f64,
+            dropout: cfg.dropout,
         })
     }
 
@@ -225,19 +252,24 @@ impl LoraLayer {
             .map(Some)
     }
 
-    /// Fresh updates for `spec.targets` of a layer of width `d` and FFN
-    /// width `f` under `vb`'s prefix (`encoder.layer.{i}`), named
-    /// `{projection}.lora_a` / `.lora_b`, drawn in target order.
-    pub fn load(vb: &mut Builder, spec: &LoraSpec, d: usize, f: usize) -> Result<Self> {
+    /// Fresh updates for `cfg.spec.targets` under `vb`'s prefix
+    /// (`encoder.layer.{i}`), named `{projection}.lora_a` / `.lora_b`,
+    /// drawn in target order.
+    pub fn load(mut vb: Builder, cfg: &LoraConfig) -> Result<Self> {
+        let spec = &cfg.spec;
         let updates = spec
             .targets
             .iter()
             .map(|&t| {
-                let (d_in, d_out) = t.dims(d, f);
-                Ok((
-                    t.projection(),
-                    LoraUpdate::load(&mut vb.pp(t.path()), spec, d_in, d_out)?,
-                ))
+                let (d_in, d_out) = t.dims(cfg.d, cfg.f);
+                let update = LoraUpdateConfig {
+                    rank: spec.rank,
+                    alpha: spec.alpha,
+                    dropout: spec.dropout,
+                    d_in,
+                    d_out,
+                };
+                Ok((t.projection(), LoraUpdate::load(vb.pp(t.path()), &update)?))
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(LoraLayer { updates })

@@ -74,6 +74,17 @@ pub fn side_config(cfg: &BertConfig, d: usize) -> BertConfig {
     side
 }
 
+/// The sizes and start of a side network.
+#[derive(Debug, Clone)]
+pub struct LstConfig {
+    /// The backbone's sizes (`N` layers of width `D`).
+    pub backbone: BertConfig,
+    /// The side width `d`.
+    pub d: usize,
+    /// How the side layers start.
+    pub init: LstInit,
+}
+
 /// The side network.
 #[derive(Debug, Clone)]
 pub struct Lst {
@@ -99,11 +110,14 @@ impl Detach for Lst {
 }
 
 impl Lst {
-    /// Fresh modules under `vb`'s prefix (`lst`) for a backbone of `cfg`'s
-    /// sizes and `cfg.num_hidden_layers` layers, side width `d`, drawn in
-    /// the order: down projections, side layers (none drawn when pruned
-    /// from the backbone's layers), up projection (the gates are 0).
-    pub fn load(mut vb: Builder, cfg: &BertConfig, d: usize, init: LstInit) -> Result<Self> {
+    /// Fresh modules under `vb`'s prefix (`lst`) for a backbone of
+    /// `cfg.backbone`'s sizes and `num_hidden_layers` layers, side width
+    /// `cfg.d`, drawn in the order: down projections, side layers (none
+    /// drawn when pruned from the backbone's layers), up projection (the
+    /// gates are 0).
+    pub fn load(mut vb: Builder, cfg: &LstConfig) -> Result<Self> {
+        let (d, init) = (cfg.d, cfg.init);
+        let cfg = &cfg.backbone;
         let n = cfg.num_hidden_layers;
         let dm = cfg.hidden_size;
         let downs = (0..=n)

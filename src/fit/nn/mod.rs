@@ -1,38 +1,39 @@
 //! The trainable modules, written the way candle's models are: one struct
-//! per module, built by `load(vb, ..)` from a [`Builder`] (which names,
+//! per module, built by `load(vb, &Config)` from a [`Builder`] (which names,
 //! initialises or loads and registers every parameter) and applied by
-//! `forward`.
+//! `forward`. Every `load` takes its builder by value, at the module's own
+//! prefix (`Module::load(vb.pp("name"), &cfg)`, as candle's `VarBuilder`),
+//! and its sizes and settings as one config struct ([`BertConfig`](crate::backbone::BertConfig)
+//! for the backbone's modules, a small struct of the module's own
+//! otherwise); [`Builder::reborrow`] lends a builder that is still needed
+//! afterwards.
 //!
 //! - [`ops`]: differentiable functions (LayerNorm, softmax, dropout with its
 //!   [`Mode`], masked mean, attention bias);
 //! - [`linear`]: [`Linear`], [`LayerNorm`] and the [`Projector`] of both
 //!   side networks;
 //! - [`bert_layer`], [`embeddings`]: pre-trained BERT modules (on the CPU a
-//!   BERT layer is one fused op, [`fused_layer`]);
+//!   BERT layer is one fused op, [`crate::fit::kernels::fused_layer`]);
 //! - [`consolidation`], [`restore_gate`]: SHERL's early route and its join
 //!   with the late route;
 //! - [`unipt`]: the UniPT side network;
 //! - [`lora`], [`adapter`]: LoRA updates and bottleneck adapters inside
-//!   the frozen backbone's layers; [`lst`]: the Ladder Side Tuning side
+//!   the frozen backbone's layers, through the hooks of [`layer_extras`]; [`lst`]: the Ladder Side Tuning side
 //!   network over the cached hidden states;
 //! - [`head`]: pooling and the classification layer.
 
 pub mod adapter;
 pub mod bert_layer;
 pub mod consolidation;
-pub mod direct_grads;
 pub mod embeddings;
-pub mod fused;
-pub mod fused_layer;
-pub mod gemm;
 pub mod head;
+pub mod layer_extras;
 pub mod linear;
 pub mod lora;
 pub mod lst;
 pub mod ops;
 pub mod relative;
 pub mod restore_gate;
-pub mod simd;
 #[cfg(test)]
 pub(crate) mod test_util;
 pub mod unipt;
@@ -40,7 +41,7 @@ pub mod vit_layer;
 
 use candle_core::{DType, Device, Tensor};
 
-pub use linear::{LayerNorm, Linear, Projector};
+pub use linear::{LayerNorm, Linear, Projector, SideConfig};
 pub use ops::Mode;
 
 use super::params::{Group, Params};
@@ -52,7 +53,7 @@ use crate::Result;
 /// (`Tensor::detach`: same storage, no variable, no op), for evaluation
 /// and prediction: candle then records no graph and keeps no activations
 /// for a backward pass, and the CPU custom ops that only exist to skip
-/// gradients ([`fused`]) give way to plain products.
+/// gradients ([`crate::fit::kernels::fused`]) give way to plain products.
 pub trait Detach {
     /// The detached copy.
     fn detached(&self) -> Self;
@@ -175,20 +176,9 @@ impl<'a> Builder<'a> {
         self.params.add_packed(members, Group::New)
     }
 
-    /// A fresh `Linear(d_in -> d_out)`, Kaiming-uniform as PyTorch's
-    /// `nn.Linear`: weight, then bias, uniform in ±1/sqrt(d_in).
+    /// A fresh `Linear(d_in -> d_out)` named `name` ([`Linear::fresh`]).
     pub fn fresh_linear(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear> {
-        let bound = 1.0 / (d_in as f32).sqrt();
-        let w: Vec<f32> = (0..d_in * d_out)
-            .map(|_| self.rng.symmetric_f32(bound))
-            .collect();
-        let b: Vec<f32> = (0..d_out).map(|_| self.rng.symmetric_f32(bound)).collect();
-        let weight = Tensor::from_vec(w, (d_out, d_in), self.dev)?;
-        let bias = Tensor::from_vec(b, d_out, self.dev)?;
-        Ok(Linear {
-            weight: self.fresh(&format!("{name}.weight"), weight)?,
-            bias: self.fresh(&format!("{name}.bias"), bias)?,
-        })
+        Linear::fresh(self.pp(name), d_in, d_out)
     }
 
     /// A fresh LayerNorm of width `d`: weight 1, bias 0.

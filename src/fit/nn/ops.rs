@@ -7,20 +7,21 @@
 
 use candle_core::{Tensor, D};
 
+use crate::fit::kernels::fused::{cpu_f32, LayerNormOp, MaskedMeanOp};
 use crate::rng::SplitMix64;
 use crate::Result;
 
 /// LayerNorm over the last dimension (biased variance, as PyTorch): one
-/// fused op on the CPU ([`super::fused::LayerNormOp`]), composed elsewhere.
+/// fused op on the CPU ([`LayerNormOp`]), composed elsewhere.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
-    if super::fused::cpu_f32(x) && super::fused::cpu_f32(w) && super::fused::cpu_f32(b) {
+    if cpu_f32(x) && cpu_f32(w) && cpu_f32(b) {
         let shape = x.shape().clone();
         let d = x.dim(D::Minus1)?;
         let rows = x.elem_count() / d.max(1);
         let y = x.contiguous()?.reshape((rows, d))?.apply_op3(
             &w.contiguous()?,
             &b.contiguous()?,
-            super::fused::LayerNormOp { eps: eps as f32 },
+            LayerNormOp { eps: eps as f32 },
         )?;
         return Ok(y.reshape(shape)?);
     }
@@ -98,9 +99,9 @@ pub fn dropout(x: &Tensor, p: f32, mode: &mut Mode<'_>) -> Result<Tensor> {
 /// Masked mean over the sequence: `x` `[B, S, D]`, `mask` `[B, S]` (1 real,
 /// 0 padding) -> `[B, D]`.
 pub fn masked_mean(x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    if super::fused::cpu_f32(x) && super::fused::cpu_f32(mask) {
+    if cpu_f32(x) && cpu_f32(mask) {
         let (x, mask) = (x.contiguous()?, mask.contiguous()?);
-        return Ok(x.apply_op2(&mask, super::fused::MaskedMeanOp)?);
+        return Ok(x.apply_op2(&mask, MaskedMeanOp)?);
     }
     let m = mask.unsqueeze(2)?; // [B, S, 1]
     let sum = x.broadcast_mul(&m)?.sum(1)?; // [B, D]
@@ -157,6 +158,43 @@ mod tests {
             assert_eq!(flat(&a), flat(&whole.narrow(0, first, rows).unwrap()));
             assert_eq!(flat(&b), flat(&whole2.narrow(0, first, rows).unwrap()));
             assert_eq!(g.next_u64(), whole_rng.clone().next_u64());
+        }
+    }
+
+    /// The fused LayerNorm op against [`layer_norm_composed`]: values and
+    /// the gradients of its input (through a product with a trained
+    /// weight), weight and bias, 1e-5 relative.
+    #[test]
+    fn fused_layer_norm_matches_the_composed_one() {
+        use crate::fit::nn::test_util::close_t as close;
+        use candle_core::Var;
+        let rand = |n: usize, seed: u64| -> Vec<f32> {
+            let mut r = SplitMix64::new(seed);
+            (0..n).map(|_| r.symmetric_f32(1.0)).collect()
+        };
+        let dev = Device::Cpu;
+        let (rows, d_in, d_out) = (7, 12, 5);
+        let xv = Var::from_vec(rand(rows * d_in, 1), (rows, d_in), &dev).unwrap();
+        let wv = Var::from_vec(rand(d_out * d_in, 2), (d_out, d_in), &dev).unwrap();
+        let lnw = Var::from_vec(rand(d_out, 3), d_out, &dev).unwrap();
+        let lnb = Var::from_vec(rand(d_out, 4), d_out, &dev).unwrap();
+        let probe = Tensor::from_vec(rand(rows * d_out, 5), (rows, d_out), &dev).unwrap();
+        let pre = xv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        let fused = pre
+            .apply_op3(lnw.as_tensor(), lnb.as_tensor(), LayerNormOp { eps: 1e-5 })
+            .unwrap();
+        let plain = layer_norm_composed(&pre, lnw.as_tensor(), lnb.as_tensor(), 1e-5).unwrap();
+        close(&fused, &plain, 1e-5, "ln fwd");
+        let loss = |y: Tensor| (y.sqr().unwrap() * &probe).unwrap().sum_all().unwrap();
+        let gf = loss(fused).backward().unwrap();
+        let gp = loss(plain).backward().unwrap();
+        for (v, what) in [
+            (&xv, "ln dx"),
+            (&wv, "ln dW"),
+            (&lnw, "ln dw"),
+            (&lnb, "ln db"),
+        ] {
+            close(gf.get(v).unwrap(), gp.get(v).unwrap(), 1e-5, what);
         }
     }
 

@@ -10,7 +10,8 @@
 
 use candle_core::Tensor;
 
-use crate::backbone::{relative, BertConfig, Checkpoint};
+use super::Builder;
+use crate::backbone::{relative, BertConfig};
 use crate::Result;
 
 /// The shared table of an MPNet backbone.
@@ -22,15 +23,16 @@ pub struct RelativeBias {
 }
 
 impl RelativeBias {
-    /// The table of `cfg`'s backbone from `ckpt`, or `None` for a backbone
+    /// The table of `cfg`'s backbone, read from `vb`'s checkpoint (by its
+    /// full name, registered as no parameter), or `None` for a backbone
     /// without relative positions (BERT).
-    pub fn load(ckpt: &Checkpoint, cfg: &BertConfig) -> Result<Option<Self>> {
+    pub fn load(vb: Builder, cfg: &BertConfig) -> Result<Option<Self>> {
         let Some(buckets) = cfg.relative_buckets() else {
             return Ok(None);
         };
         let heads = cfg.num_attention_heads;
         let table =
-            ckpt.tensor_f32_shaped("encoder.relative_attention_bias.weight", &[buckets, heads])?;
+            vb.read_checkpoint("encoder.relative_attention_bias.weight", &[buckets, heads])?;
         Ok(Some(RelativeBias {
             table,
             buckets,

@@ -13,6 +13,17 @@ pub const RESTORE_LN_EPS: f64 = 1e-12;
 /// Temperature of the gate: `tanh(gamma / 0.1)`.
 pub const GATE_TEMPERATURE: f64 = 0.1;
 
+/// The sizes and dropout of a [`RestoreGate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RestoreGateConfig {
+    /// The side width `d` (of the consolidated state).
+    pub d: usize,
+    /// The backbone's width `D`.
+    pub d_model: usize,
+    /// Dropout after the restore block's LayerNorm.
+    pub dropout: f32,
+}
+
 /// Restore (`Dropout(LayerNorm_D(W_up relu(g) + b_up))`) and gate
 /// (`H = Z + tanh(gamma / 0.1) * X`).
 #[derive(Debug, Clone)]
@@ -37,16 +48,16 @@ impl super::Detach for RestoreGate {
 impl RestoreGate {
     /// Fresh parameters under `vb`'s prefix (`late`): `up`, `up_ln`, and
     /// `gate` (gamma), which starts at 0, so layer N first sees only Z.
-    pub fn load(mut vb: Builder, d: usize, d_model: usize, dropout: f32) -> Result<Self> {
-        let up = vb.fresh_linear("up", d, d_model)?;
-        let norm = vb.fresh_layer_norm("up_ln", d_model, RESTORE_LN_EPS)?;
+    pub fn load(mut vb: Builder, cfg: &RestoreGateConfig) -> Result<Self> {
+        let up = vb.fresh_linear("up", cfg.d, cfg.d_model)?;
+        let norm = vb.fresh_layer_norm("up_ln", cfg.d_model, RESTORE_LN_EPS)?;
         let zero = Tensor::zeros(1, DType::F32, vb.device())?;
         let gamma = vb.fresh("gate", zero)?;
         Ok(RestoreGate {
             up,
             norm,
             gamma,
-            dropout,
+            dropout: cfg.dropout,
         })
     }
 

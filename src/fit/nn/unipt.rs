@@ -7,10 +7,12 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
-use super::fused::{contiguous_f32, cpu_slice, lane_sum_dot, ln_row, ln_row_backward};
-use super::gemm::{matmul, View};
 use super::ops::{masked_mean, softmax};
-use super::{Builder, LayerNorm, Linear, Projector};
+use super::{Builder, LayerNorm, Linear, Projector, SideConfig};
+use crate::fit::kernels::fused::{
+    contiguous_f32, cpu_f32, cpu_slice, lane_sum_dot, ln_row, ln_row_backward,
+};
+use crate::fit::kernels::gemm::{matmul, View};
 use crate::Result;
 
 /// LayerNorm epsilon of the output block.
@@ -37,11 +39,12 @@ impl super::Detach for Unipt {
 }
 
 impl Unipt {
-    /// Fresh parameters under `vb`'s prefix (`unipt`) for `m` entries of
-    /// width `d_model`, side width `d`: projectors, `confidence`, `out`,
+    /// Fresh parameters under `vb`'s prefix (`unipt`) for `cfg.layers`
+    /// entries (hidden_states.0..=N): projectors, `confidence`, `out`,
     /// `out_ln`.
-    pub fn load(mut vb: Builder, m: usize, d_model: usize, d: usize) -> Result<Self> {
-        let proj = Projector::load_all(&mut vb, m, d_model, d)?;
+    pub fn load(mut vb: Builder, cfg: &SideConfig) -> Result<Self> {
+        let d = cfg.d;
+        let proj = Projector::load_all(vb.reborrow(), cfg)?;
         let confidence = vb.fresh_linear("confidence", d, 1)?;
         let out = vb.fresh_linear("out", d, d)?;
         let out_norm = vb.fresh_layer_norm("out_ln", d, OUT_LN_EPS)?;
@@ -70,7 +73,7 @@ impl Unipt {
 
     fn forward_with(&self, layers: &[Tensor], mask: &Tensor, fused: bool) -> Result<Tensor> {
         let _span = tracing::trace_span!("unipt").entered();
-        let cpu = |t: &Tensor| super::fused::cpu_f32(t);
+        let cpu = |t: &Tensor| cpu_f32(t);
         let fused = fused
             && self.proj.len() >= 2
             && cpu(mask)

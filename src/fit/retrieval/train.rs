@@ -876,7 +876,7 @@ fn train_loop(
         text_cache: String::new(),
         weights_sha256,
         device: crate::fit::device_name(dev),
-        matmul: dev.is_cpu().then(crate::fit::nn::gemm::kernel),
+        matmul: dev.is_cpu().then(crate::fit::kernels::gemm::kernel),
         train_memory: step_peak
             .map(|p| crate::fit::run_dir::TrainMemory::new(it + tt + usize::from(learn_scale), p)),
     })

@@ -12,7 +12,7 @@
 //! go. Frozen layers (SHERL's late layer, the linear probe's) never compute
 //! a weight gradient.
 //!
-//! The formulas are those of [`super::bert_layer::BertLayer::forward_composed`]
+//! The formulas are those of [`crate::fit::nn::bert_layer::BertLayer::forward_composed`]
 //! (post-LayerNorm BERT, `modeling_bert.py`), dropout masks drawn in the same
 //! order from the same generator, so a seeded run gives the same numbers up
 //! to float rounding; tests compare values and gradients with the composed
@@ -46,6 +46,8 @@ pub const PACKED_ORDER: &str = "wq wk wv bq bk bv wo bo ln1.w ln1.b w1 b1 w2 b2 
 /// Offsets of each weight in the flat vector.
 #[derive(Debug, Clone, Copy)]
 struct Offsets {
+    d: usize,
+    f: usize,
     wqkv: usize,
     bqkv: usize,
     wo: usize,
@@ -76,6 +78,8 @@ impl Offsets {
         let g2 = b2 + d;
         let be2 = g2 + d;
         Offsets {
+            d,
+            f,
             wqkv,
             bqkv,
             wo,
@@ -91,6 +95,154 @@ impl Offsets {
             len: be2 + d,
         }
     }
+
+    /// The query, key and value projections, `D -> 3D`.
+    fn qkv(&self) -> Dense {
+        Dense {
+            w: self.wqkv,
+            b: self.bqkv,
+            out: 3 * self.d,
+            inp: self.d,
+        }
+    }
+
+    /// The attention sub-layer's tail: output projection `D -> D`, LN1.
+    fn attention_tail(&self) -> Tail {
+        Tail {
+            dense: Dense {
+                w: self.wo,
+                b: self.bo,
+                out: self.d,
+                inp: self.d,
+            },
+            g: self.g1,
+            be: self.be1,
+        }
+    }
+
+    /// The intermediate projection, `D -> F`.
+    fn ffn_in(&self) -> Dense {
+        Dense {
+            w: self.w1,
+            b: self.b1,
+            out: self.f,
+            inp: self.d,
+        }
+    }
+
+    /// The FFN sub-layer's tail: output projection `F -> D`, LN2.
+    fn output_tail(&self) -> Tail {
+        Tail {
+            dense: Dense {
+                w: self.w2,
+                b: self.b2,
+                out: self.d,
+                inp: self.f,
+            },
+            g: self.g2,
+            be: self.be2,
+        }
+    }
+}
+
+/// A dense map `y = x W^T + b` in the flat weights: `W` `[out, in]` at
+/// offset `w`, `b` `[out]` at offset `b`.
+#[derive(Debug, Clone, Copy)]
+struct Dense {
+    w: usize,
+    b: usize,
+    out: usize,
+    inp: usize,
+}
+
+impl Dense {
+    /// `x W^T + b` for the `n` rows of `x` (`[n, in]`): `[n, out]`,
+    /// starting from the bias.
+    #[inline(always)]
+    fn forward(
+        self,
+        x: &[f32],
+        n: usize,
+        weights: &[f32],
+        t: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let mut y = bias_rows(&weights[self.b..self.b + self.out], n);
+        matmul(
+            &mut y,
+            View::dense(n, self.out),
+            x,
+            View::dense(n, self.inp),
+            weights,
+            View::rows(self.w, self.out, self.inp, self.inp).t(),
+            1.0,
+            true,
+            t,
+        )?;
+        Ok(y)
+    }
+
+    /// The backward pass for `n` rows from `dy` (`[n, out]`): with `dw`
+    /// (the flat weight gradients and the kept input `x` of the forward
+    /// product), `db += column sums of dy` and `dW += dy^T x`; then, with
+    /// `dx`, `dx += dy W` (`[n, in]`).
+    #[inline(always)]
+    fn backward(
+        self,
+        dy: &[f32],
+        n: usize,
+        weights: &[f32],
+        dw: Option<(&mut [f32], &[f32])>,
+        dx: Option<&mut [f32]>,
+        t: usize,
+    ) -> candle_core::Result<()> {
+        if let Some((dw, x)) = dw {
+            col_sums(dy, &mut dw[self.b..self.b + self.out]);
+            matmul(
+                &mut dw[self.w..self.w + self.out * self.inp],
+                View::dense(self.out, self.inp),
+                dy,
+                View::dense(n, self.out).t(),
+                x,
+                View::dense(n, self.inp),
+                1.0,
+                true,
+                t,
+            )?;
+        }
+        if let Some(dx) = dx {
+            matmul(
+                dx,
+                View::dense(n, self.inp),
+                dy,
+                View::dense(n, self.out),
+                weights,
+                View::rows(self.w, self.out, self.inp, self.inp),
+                1.0,
+                true,
+                t,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The tail of a sub-layer, `LN(dropout(x W^T + b) + r)` with the
+/// residual `r`: its dense map, and the offsets of its LayerNorm's weight
+/// and bias.
+#[derive(Debug, Clone, Copy)]
+struct Tail {
+    dense: Dense,
+    g: usize,
+    be: usize,
+}
+
+/// What the backward pass of a [`Tail`] reads: its dropout mask, and its
+/// LayerNorm's normalised input and reciprocal standard deviations kept
+/// by the forward pass.
+struct TailKept<'a> {
+    mask: &'a Option<Vec<f32>>,
+    xhat: &'a [f32],
+    rstd: &'a [f32],
 }
 
 /// Number of values in the flat weight vector of a layer of width `d` and
@@ -478,26 +630,48 @@ impl BertLayerOp {
     #[inline(always)]
     fn forward_impl(&self, x: &[f32], w: &[f32], trained: bool) -> candle_core::Result<Vec<f32>> {
         self.check(x, w)?;
-        let (b, s, d, h, f) = (self.batch, self.seq, self.hidden, self.heads, self.ffn);
-        let (n, hd, t) = (b * s, d / h, threads());
-        let o = Offsets::new(d, f);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (n, t) = (self.batch * self.seq, threads());
+        let o = Offsets::new(self.hidden, self.ffn);
 
         // qkv = x Wqkv^T + bqkv, [N, 3D]
-        let mut qkv = bias_rows(&w[o.bqkv..o.bqkv + 3 * d], n);
-        matmul(
-            &mut qkv,
-            View::dense(n, 3 * d),
-            x,
-            View::dense(n, d),
-            w,
-            View::rows(o.wqkv, 3 * d, d, d).t(),
-            1.0,
-            true,
-            t,
-        )?;
-
+        let qkv = o.qkv().forward(x, n, w, t)?;
         // per sequence and head: softmax(q k^T * scale + bias) (dropped) v
+        let (probs, ctx) = self.attention_forward(&qkv)?;
+        // h1 = LN(dropout(ctx Wo^T + bo) + x)
+        let attention = o.attention_tail();
+        let (h1, xhat1, rstd1) =
+            self.tail_forward(attention, &ctx, x, &self.masks.attn_out, w, t)?;
+        // intermediate: act(h1 W1^T + b1), [N, F]
+        let pre = o.ffn_in().forward(&h1, n, w, t)?;
+        let (act, kept) = self.activation_forward(&pre);
+        // y = LN(dropout(act W2^T + b2) + h1)
+        let (y, xhat2, rstd2) =
+            self.tail_forward(o.output_tail(), &act, &h1, &self.masks.out, w, t)?;
+
+        if self.keep {
+            let saved = Saved {
+                qkv,
+                probs,
+                xhat1,
+                rstd1,
+                pre,
+                kept,
+                xhat2,
+                rstd2,
+                trained: trained.then_some(TrainedSaved { ctx, h1, act }),
+            };
+            *self.saved.lock().map_err(|_| err("saved state poisoned"))? = Some(saved);
+        }
+        Ok(y)
+    }
+
+    /// The attention probabilities `[B, H, S, S]` (before their dropout)
+    /// and the context `[N, D]` from the packed `qkv` `[N, 3D]`.
+    #[inline(always)]
+    fn attention_forward(&self, qkv: &[f32]) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+        let (b, s, d, h) = (self.batch, self.seq, self.hidden, self.heads);
+        let (n, hd) = (b * s, d / h);
+        let scale = 1.0 / (hd as f32).sqrt();
         let mut probs = vec![0f32; b * h * s * s];
         let mut dropped = vec![0f32; s * s];
         let mut ctx = vec![0f32; n * d];
@@ -514,7 +688,7 @@ impl BertLayerOp {
                     ..q
                 };
                 let p = &mut probs[blk..blk + s * s];
-                matmul(p, View::dense(s, s), &qkv, q, &qkv, k.t(), scale, true, 1)?;
+                matmul(p, View::dense(s, s), qkv, q, qkv, k.t(), scale, true, 1)?;
                 let full = self.key_bias.len() == b * h * s * s;
                 for (r, row) in p.chunks_exact_mut(s).enumerate() {
                     let kb = if full {
@@ -554,7 +728,7 @@ impl BertLayerOp {
                     View::rows(bi * s * d + hi * hd, s, hd, d),
                     pd,
                     View::dense(s, s),
-                    &qkv,
+                    qkv,
                     v,
                     1.0,
                     true,
@@ -562,52 +736,48 @@ impl BertLayerOp {
                 )?;
             }
         }
+        Ok((probs, ctx))
+    }
 
-        // h1 = LN(dropout(ctx Wo^T + bo) + x)
-        let mut a = bias_rows(&w[o.bo..o.bo + d], n);
-        matmul(
-            &mut a,
-            View::dense(n, d),
-            &ctx,
-            View::dense(n, d),
-            w,
-            View::rows(o.wo, d, d, d).t(),
-            1.0,
-            true,
-            t,
-        )?;
-        mul_mask(&mut a, &self.masks.attn_out);
-        for (y, xv) in a.iter_mut().zip(x) {
-            *y += xv;
+    /// `LN(dropout(x W^T + b) + r)` of `tail` for the rows of `x`, dropout
+    /// by `mask`: the output, and the LayerNorm's normalised input and
+    /// reciprocal standard deviations (for the backward pass).
+    #[inline(always)]
+    fn tail_forward(
+        &self,
+        tail: Tail,
+        x: &[f32],
+        r: &[f32],
+        mask: &Option<Vec<f32>>,
+        w: &[f32],
+        t: usize,
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (n, d) = (self.batch * self.seq, tail.dense.out);
+        let mut a = tail.dense.forward(x, n, w, t)?;
+        mul_mask(&mut a, mask);
+        for (y, rv) in a.iter_mut().zip(r) {
+            *y += rv;
         }
-        let mut h1 = vec![0f32; n * d];
-        let mut xhat1 = vec![0f32; n * d];
-        let mut rstd1 = vec![0f32; n];
+        let mut y = vec![0f32; n * d];
+        let mut xhat = vec![0f32; n * d];
+        let mut rstd = vec![0f32; n];
         layer_norm_rows(
             &a,
             d,
-            &w[o.g1..o.g1 + d],
-            &w[o.be1..o.be1 + d],
+            &w[tail.g..tail.g + d],
+            &w[tail.be..tail.be + d],
             self.eps,
-            &mut h1,
-            &mut xhat1,
-            &mut rstd1,
+            &mut y,
+            &mut xhat,
+            &mut rstd,
         );
-        drop(a);
+        Ok((y, xhat, rstd))
+    }
 
-        // intermediate: act(h1 W1^T + b1), [N, F]
-        let mut pre = bias_rows(&w[o.b1..o.b1 + f], n);
-        matmul(
-            &mut pre,
-            View::dense(n, f),
-            &h1,
-            View::dense(n, d),
-            w,
-            View::rows(o.w1, f, d, d).t(),
-            1.0,
-            true,
-            t,
-        )?;
+    /// The activation of the intermediate layer's `pre`, and what its
+    /// derivative needs ([`activate`]; empty for ReLU).
+    #[inline(always)]
+    fn activation_forward(&self, pre: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let kind = self.act;
         let act: Vec<f32>;
         let kept: Vec<f32>;
@@ -625,53 +795,7 @@ impl BertLayerOp {
         } else {
             (act, kept) = pre.iter().map(|&p| activate(kind, p)).unzip();
         }
-
-        // y = LN(dropout(act W2^T + b2) + h1)
-        let mut z = bias_rows(&w[o.b2..o.b2 + d], n);
-        matmul(
-            &mut z,
-            View::dense(n, d),
-            &act,
-            View::dense(n, f),
-            w,
-            View::rows(o.w2, d, f, f).t(),
-            1.0,
-            true,
-            t,
-        )?;
-        mul_mask(&mut z, &self.masks.out);
-        for (y, hv) in z.iter_mut().zip(&h1) {
-            *y += hv;
-        }
-        let mut y = vec![0f32; n * d];
-        let mut xhat2 = vec![0f32; n * d];
-        let mut rstd2 = vec![0f32; n];
-        layer_norm_rows(
-            &z,
-            d,
-            &w[o.g2..o.g2 + d],
-            &w[o.be2..o.be2 + d],
-            self.eps,
-            &mut y,
-            &mut xhat2,
-            &mut rstd2,
-        );
-
-        if self.keep {
-            let saved = Saved {
-                qkv,
-                probs,
-                xhat1,
-                rstd1,
-                pre,
-                kept,
-                xhat2,
-                rstd2,
-                trained: trained.then_some(TrainedSaved { ctx, h1, act }),
-            };
-            *self.saved.lock().map_err(|_| err("saved state poisoned"))? = Some(saved);
-        }
-        Ok(y)
+        (act, kept)
     }
 
     /// `dL/dx` when `want_dx` and `dL/dweights` (flat, [`PACKED_ORDER`])
@@ -720,10 +844,8 @@ impl BertLayerOp {
             .map_err(|_| err("saved state poisoned"))?
             .take()
             .ok_or_else(|| err("backward without a kept forward pass (or twice)"))?;
-        let (b, s, d, h, f) = (self.batch, self.seq, self.hidden, self.heads, self.ffn);
-        let (n, hd, t) = (b * s, d / h, threads());
-        let o = Offsets::new(d, f);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let (n, d, t) = (self.batch * self.seq, self.hidden, threads());
+        let o = Offsets::new(d, self.ffn);
         if dy.len() != n * d || w.len() != o.len || x.is_some_and(|x| x.len() != n * d) {
             return Err(err("gradient, weights or input of the wrong size"));
         }
@@ -740,119 +862,95 @@ impl BertLayerOp {
         // output LayerNorm; its input's gradient flows on into h1 through
         // the residual and, through the dropout, into the output projection
         let mut dh1 = dy.to_vec();
-        {
-            let dgb = dw.as_mut().map(|(dw, _, _)| {
-                let (head, tail) = dw.split_at_mut(o.be2);
-                (&mut head[o.g2..o.g2 + d], &mut tail[..d])
-            });
-            layer_norm_back(&mut dh1, d, &sv.xhat2, &sv.rstd2, &w[o.g2..o.g2 + d], dgb);
-        }
-        let dz = masked(&dh1, &self.masks.out);
-        if let Some((dw, tr, _)) = dw.as_mut() {
-            col_sums(&dz, &mut dw[o.b2..o.b2 + d]);
-            // dW2 [D, F] = dz^T act
-            matmul(
-                &mut dw[o.w2..o.w2 + d * f],
-                View::dense(d, f),
-                &dz,
-                View::dense(n, d).t(),
-                &tr.act,
-                View::dense(n, f),
-                1.0,
-                true,
-                t,
-            )?;
-        }
-        let mut dpre = vec![0f32; n * f];
-        matmul(
-            &mut dpre,
-            View::dense(n, f),
-            &dz,
-            View::dense(n, d),
-            w,
-            View::rows(o.w2, d, f, f),
-            1.0,
-            true,
-            t,
-        )?;
-        drop(dz);
-        if self.act == Activation::Gelu && sv.kept.len() == dpre.len() {
-            // The same values as below, in a loop that vectorises.
-            for ((g, &p), &k) in dpre.iter_mut().zip(&sv.pre).zip(&sv.kept) {
-                *g *= activate_grad(Activation::Gelu, p, k);
-            }
-        } else {
-            for (i, (g, &p)) in dpre.iter_mut().zip(&sv.pre).enumerate() {
-                *g *= activate_grad(self.act, p, sv.kept.get(i).copied().unwrap_or(0.0));
-            }
-        }
-        if let Some((dw, tr, _)) = dw.as_mut() {
-            col_sums(&dpre, &mut dw[o.b1..o.b1 + f]);
-            matmul(
-                &mut dw[o.w1..o.w1 + f * d],
-                View::dense(f, d),
-                &dpre,
-                View::dense(n, f).t(),
-                &tr.h1,
-                View::dense(n, d),
-                1.0,
-                true,
-                t,
-            )?;
-        }
-        matmul(
-            &mut dh1,
-            View::dense(n, d),
-            &dpre,
-            View::dense(n, f),
-            w,
-            View::rows(o.w1, f, d, d),
-            1.0,
-            true,
-            t,
-        )?;
+        let kept = TailKept {
+            mask: &self.masks.out,
+            xhat: &sv.xhat2,
+            rstd: &sv.rstd2,
+        };
+        let grads = dw
+            .as_mut()
+            .map(|(g, tr, _)| (g.as_mut_slice(), tr.act.as_slice()));
+        let mut dpre = self.tail_backward(o.output_tail(), &mut dh1, kept, w, grads, t)?;
+        self.activation_backward(&mut dpre, &sv.pre, &sv.kept);
+        let grads = dw
+            .as_mut()
+            .map(|(g, tr, _)| (g.as_mut_slice(), tr.h1.as_slice()));
+        o.ffn_in().backward(&dpre, n, w, grads, Some(&mut dh1), t)?;
         drop(dpre);
 
-        // attention LayerNorm
-        {
-            let dgb = dw.as_mut().map(|(dw, _, _)| {
-                let (head, tail) = dw.split_at_mut(o.be1);
-                (&mut head[o.g1..o.g1 + d], &mut tail[..d])
-            });
-            layer_norm_back(&mut dh1, d, &sv.xhat1, &sv.rstd1, &w[o.g1..o.g1 + d], dgb);
-        }
-        let da = masked(&dh1, &self.masks.attn_out);
-        if let Some((dw, tr, _)) = dw.as_mut() {
-            col_sums(&da, &mut dw[o.bo..o.bo + d]);
-            matmul(
-                &mut dw[o.wo..o.wo + d * d],
-                View::dense(d, d),
-                &da,
-                View::dense(n, d).t(),
-                &tr.ctx,
-                View::dense(n, d),
-                1.0,
-                true,
-                t,
-            )?;
-        }
-        let mut dctx = vec![0f32; n * d];
-        matmul(
-            &mut dctx,
-            View::dense(n, d),
-            &da,
-            View::dense(n, d),
-            w,
-            View::rows(o.wo, d, d, d),
-            1.0,
-            true,
-            t,
-        )?;
-        drop(da);
+        // attention LayerNorm and output projection
+        let kept = TailKept {
+            mask: &self.masks.attn_out,
+            xhat: &sv.xhat1,
+            rstd: &sv.rstd1,
+        };
+        let grads = dw
+            .as_mut()
+            .map(|(g, tr, _)| (g.as_mut_slice(), tr.ctx.as_slice()));
+        let dctx = self.tail_backward(o.attention_tail(), &mut dh1, kept, w, grads, t)?;
         // dx is dh1 (the residual) plus what flows back through q, k, v
         let mut dx = want_dx.then_some(dh1);
 
         // attention
+        let dqkv = self.attention_backward(&sv, &dctx)?;
+        drop(dctx);
+        let grads = dw.as_mut().map(|(g, _, x)| (g.as_mut_slice(), *x));
+        o.qkv().backward(&dqkv, n, w, grads, dx.as_deref_mut(), t)?;
+        Ok((dx, dw.map(|(dw, _, _)| dw)))
+    }
+
+    /// Backward through `tail`, `LN(dropout(x W^T + b) + r)`: `g` holds
+    /// the gradient of its output and becomes, through the LayerNorm, the
+    /// gradient of the residual `r`; returned is the gradient of `x`. With
+    /// `dw`, the LayerNorm's and the dense map's weight gradients are
+    /// added (see [`Dense::backward`]).
+    #[inline(always)]
+    fn tail_backward(
+        &self,
+        tail: Tail,
+        g: &mut [f32],
+        kept: TailKept<'_>,
+        w: &[f32],
+        mut dw: Option<(&mut [f32], &[f32])>,
+        t: usize,
+    ) -> candle_core::Result<Vec<f32>> {
+        let (n, d) = (self.batch * self.seq, tail.dense.out);
+        {
+            let dgb = dw.as_mut().map(|(dw, _)| {
+                let (head, rest) = dw.split_at_mut(tail.be);
+                (&mut head[tail.g..tail.g + d], &mut rest[..d])
+            });
+            layer_norm_back(g, d, kept.xhat, kept.rstd, &w[tail.g..tail.g + d], dgb);
+        }
+        let dz = masked(g, kept.mask);
+        let mut dx = vec![0f32; n * tail.dense.inp];
+        tail.dense.backward(&dz, n, w, dw, Some(&mut dx), t)?;
+        Ok(dx)
+    }
+
+    /// `dpre` (the gradient of the activation's output) times the
+    /// activation's derivative at `pre` (`kept`: see [`activate`]).
+    #[inline(always)]
+    fn activation_backward(&self, dpre: &mut [f32], pre: &[f32], kept: &[f32]) {
+        if self.act == Activation::Gelu && kept.len() == dpre.len() {
+            // The same values as below, in a loop that vectorises.
+            for ((g, &p), &k) in dpre.iter_mut().zip(pre).zip(kept) {
+                *g *= activate_grad(Activation::Gelu, p, k);
+            }
+        } else {
+            for (i, (g, &p)) in dpre.iter_mut().zip(pre).enumerate() {
+                *g *= activate_grad(self.act, p, kept.get(i).copied().unwrap_or(0.0));
+            }
+        }
+    }
+
+    /// The gradient of the packed `qkv` `[N, 3D]` from the context's
+    /// `dctx` `[N, D]`, through the attention of every sequence and head.
+    #[inline(always)]
+    fn attention_backward(&self, sv: &Saved, dctx: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (b, s, d, h) = (self.batch, self.seq, self.hidden, self.heads);
+        let (n, hd) = (b * s, d / h);
+        let scale = 1.0 / (hd as f32).sqrt();
         let mut dqkv = vec![0f32; n * 3 * d];
         let mut dp = vec![0f32; s * s];
         let mut pd = vec![0f32; s * s];
@@ -886,7 +984,7 @@ impl BertLayerOp {
                     v,
                     pdv,
                     View::dense(s, s).t(),
-                    &dctx,
+                    dctx,
                     dc,
                     1.0,
                     true,
@@ -896,7 +994,7 @@ impl BertLayerOp {
                 matmul(
                     &mut dp,
                     View::dense(s, s),
-                    &dctx,
+                    dctx,
                     dc,
                     &sv.qkv,
                     v.t(),
@@ -941,35 +1039,7 @@ impl BertLayerOp {
                 )?;
             }
         }
-        drop(dctx);
-        if let Some((dw, _, x)) = dw.as_mut() {
-            col_sums(&dqkv, &mut dw[o.bqkv..o.bqkv + 3 * d]);
-            matmul(
-                &mut dw[o.wqkv..o.wqkv + 3 * d * d],
-                View::dense(3 * d, d),
-                &dqkv,
-                View::dense(n, 3 * d).t(),
-                x,
-                View::dense(n, d),
-                1.0,
-                true,
-                t,
-            )?;
-        }
-        if let Some(dx) = dx.as_mut() {
-            matmul(
-                dx,
-                View::dense(n, d),
-                &dqkv,
-                View::dense(n, 3 * d),
-                w,
-                View::rows(o.wqkv, 3 * d, d, d),
-                1.0,
-                true,
-                t,
-            )?;
-        }
-        Ok((dx, dw.map(|(dw, _, _)| dw)))
+        Ok(dqkv)
     }
 
     fn out_shape(&self) -> Shape {
