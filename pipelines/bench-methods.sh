@@ -10,15 +10,16 @@
 #   pipelines/bench-methods.sh [CACHE]     # default: the Rotten Tomatoes cache of bench-fit.sh
 #   METHODS="full-ft lora adapter lst unipt sherl late-layer linear-probe"
 #   SEEDS="0 1 2" EPOCHS=3 THREADS=2 TRAIN_EXAMPLES= (all) BACKBONE=DIR OUT=target/bench/methods
-#   BIN=DIR (prebuilt sherl binaries; default: build target/release)
+#   BIN=DIR (prebuilt sherl binaries; default: build them, in target/release or CARGO_TARGET_DIR)
 #
 # Runs already finished in OUT/runs are not re-run (sherl-fit skips them),
 # so an interrupted comparison resumes where it stopped.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 ASSETS="$(pipelines/fetch-assets.sh)"
 [ -n "${BIN:-}" ] || cargo build --release --bins --quiet
-BIN="${BIN:-target/release}"   # prebuilt binaries elsewhere (a build in progress must not swap them mid-run)
+BIN="${BIN:-$(sherl_release_dir)}"   # prebuilt binaries elsewhere (a build in progress must not swap them mid-run)
 BACKBONE="${BACKBONE:-$ASSETS/backbones/all-MiniLM-L6-v2}"
 CACHE="${1:-target/demo/rt-cache}"
 METHODS="${METHODS:-full-ft lora adapter lst unipt sherl late-layer linear-probe}"

@@ -13,11 +13,11 @@
 # with BACKBONE=all-mpnet-base-v2: the table and accuracy-vs-memory.svg
 # land in OUT. Finished runs are kept, so an interrupted run resumes.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 ASSETS="$(pipelines/fetch-assets.sh all mpnet)"
 export BACKBONE="$ASSETS/backbones/all-mpnet-base-v2"
-BIN="${BIN:-target/release}"
-[ "$BIN" != target/release ] || cargo build --release --bins --quiet
+[ -n "${BIN:-}" ] || { cargo build --release --bins --quiet; BIN="$(sherl_release_dir)"; }
 ROWS="${ROWS:-2000}"
 SPLIT="${SPLIT:-train=0.5,valid=0.1,test=0.4}"
 S=target/bench/mpnet

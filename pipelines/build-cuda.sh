@@ -16,7 +16,7 @@
 # The binaries need, at start, the NVIDIA driver (libcuda.so.1) and the CUDA
 # 13 libraries libcudart.so.13, libcublas.so.13, libcublasLt.so.13,
 # libcurand.so.10 and libnvrtc.so.13 on the loader path (a CUDA 13 toolkit's
-# lib64, or PyTorch's pip packages: see README "GPU").
+# lib64, or PyTorch's pip packages: see docs/gpu.md).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CUDA="$("$HERE/fetch-cuda-build.sh")"

@@ -18,10 +18,12 @@
 # The Python packages go into the PyTorch peer's venv (benches/torch-venv.sh,
 # target/bench/venv) plus transformers, pinned.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 ASSETS="$(pipelines/fetch-assets.sh all mpnet)"
 DIR="$ASSETS/backbones/all-mpnet-base-v2"
 cargo build --release --bins --quiet
+BIN="$(sherl_release_dir)"
 cargo test --release --test it -- --ignored mpnet::real_mpnet_in_candle_matches_onnx_runtime
 
 PY="$(benches/torch-venv.sh)"
@@ -44,7 +46,7 @@ with open(sys.argv[1], "w", newline="") as f:
     for i, t in enumerate(texts):
         w.writerow([t, i % 2])
 PY
-target/release/sherl-extract -q run --backbone "$DIR" --data "$OUT/reviews.csv" \
+"$BIN"/sherl-extract -q run --backbone "$DIR" --data "$OUT/reviews.csv" \
     --layers all --dtype f32 --device cpu --out "$OUT/cache"
-target/release/sherl-cache -q export "$OUT/cache" --out "$OUT/npy"
+"$BIN"/sherl-cache -q export "$OUT/cache" --out "$OUT/npy"
 "$PY" benches/mpnet_transformers.py "$DIR" "$OUT/npy" "$OUT/reviews.csv"

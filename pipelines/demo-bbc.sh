@@ -7,13 +7,14 @@
 #
 #   pipelines/demo-bbc.sh        (WORK defaults to target/demo-bbc)
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 WORK="${WORK:-target/demo-bbc}"
 JOBS="${JOBS:-2}"
 start=$(date +%s)
 ASSETS="$(pipelines/fetch-assets.sh)"
 cargo build --release --bins --quiet
-BIN=target/release
+BIN="$(sherl_release_dir)"
 BACKBONE="$ASSETS/backbones/all-MiniLM-L6-v2"
 mkdir -p "$WORK"
 "$BIN/sherl-extract" export-onnx --backbone "$BACKBONE" >/dev/null

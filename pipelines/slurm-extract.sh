@@ -37,8 +37,8 @@
 #                 "--dtype f16 --late-layers 1 --examples-per-shard 2048"      [default none]
 #   MODEL         ONNX model, if not $BACKBONE/model.onnx                      [optional]
 #   DEVICE        --device of every worker: cpu, cuda, cuda:N or auto         [default auto]
-#   SHERL_BIN     directory holding sherl-extract and sherl-cache             [default <repo>/target/release]
-#   ORT_DYLIB_PATH / SHERL_ASSETS   where the binaries find ONNX Runtime (README "Assets")
+#   SHERL_BIN     directory holding sherl-extract and sherl-cache             [default <repo>/target/release, or CARGO_TARGET_DIR/release]
+#   ORT_DYLIB_PATH / SHERL_ASSETS   where the binaries find ONNX Runtime (docs/usage.md, "Assets")
 # Slurm's own input variables choose resources without editing this file
 # (they override the #SBATCH lines below; command-line options override both):
 #   SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_GRES (e.g. gpu:1), ...
@@ -91,7 +91,8 @@ submit() {
     # Inside a job, $0 is Slurm's spooled copy of this script: resolve the
     # repository's binaries now and pass them on.
     if [ -z "$SHERL_BIN" ]; then
-        SHERL_BIN="$(cd "$(dirname "$0")/.." && pwd)/target/release"
+        . "$(dirname "$0")/target-dir.sh"
+        SHERL_BIN="$(cd "$(dirname "$0")/.." && sherl_release_dir)"
     fi
     check_env
     local model="${MODEL:-$BACKBONE/model.onnx}"

@@ -57,7 +57,7 @@
 #   DEVICE      --device of every run: cpu, cuda, cuda:N or auto          [default: sherl-fit's]
 #   SWEEP_ARGS  more `sherl-fit sweep` flags, split on whitespace, e.g.
 #               "--retry-failed" or "-v"                                   [default none]
-#   SHERL_BIN   directory holding sherl-fit                               [default <repo>/target/release]
+#   SHERL_BIN   directory holding sherl-fit                               [default <repo>/target/release, or CARGO_TARGET_DIR/release]
 # Slurm's own input variables choose resources without editing this file
 # (they override the #SBATCH lines below; command-line options override both):
 #   SBATCH_PARTITION, SBATCH_ACCOUNT, SBATCH_TIMELIMIT, SBATCH_GRES (e.g. gpu:1), ...
@@ -117,7 +117,8 @@ submit() {
     # Inside a job, $0 is Slurm's spooled copy of this script: resolve the
     # repository's binaries now and pass them on.
     if [ -z "$SHERL_BIN" ]; then
-        SHERL_BIN="$(cd "$(dirname "$0")/.." && pwd)/target/release"
+        . "$(dirname "$0")/target-dir.sh"
+        SHERL_BIN="$(cd "$(dirname "$0")/.." && sherl_release_dir)"
     fi
     check_env
     [ -f "$CACHE/manifest.json" ] || die "$CACHE is not a finished cache (no manifest.json)"

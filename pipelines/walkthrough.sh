@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's "From clone to a prediction" walk-through, timed step by step:
+# The README's "From a clone to predictions" walk-through, timed step by step:
 # a fresh clone, an empty asset directory, `cargo install`, a cache of your
 # own CSV, one SHERL run, and predictions. Each step prints its wall time.
 #

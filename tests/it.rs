@@ -4,6 +4,7 @@ mod cache;
 mod cli;
 mod common;
 mod data;
+mod docs;
 mod export;
 mod extract;
 mod fit;
