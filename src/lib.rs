@@ -54,7 +54,7 @@ pub mod predict;
 pub mod report;
 
 /// Exit code of a command refused because another process holds the lock
-/// of the run or cache it would write (README, "Exit codes").
+/// of the run or cache it would write (docs/usage.md, "Output conventions").
 pub const EXIT_BUSY: u8 = 3;
 
 pub use error::{Error, Result};

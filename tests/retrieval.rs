@@ -186,10 +186,10 @@ fn infonce_by_hand_with_the_scale_cap() {
 }
 
 /// Not a timed test: prints how long evaluating 1,000 images x 1,000
-/// captions takes (README, "Retrieval"); checks the result. Run with
+/// captions takes (docs/results.md); checks the result. Run with
 /// `cargo test --release --test it -- --ignored retrieval_eval_1000 --nocapture`.
 #[test]
-#[ignore = "a measurement for the README, not a check; run with --ignored --nocapture"]
+#[ignore = "a measurement for docs/results.md, not a check; run with --ignored --nocapture"]
 fn retrieval_eval_1000_measured() {
     use sherl::fit::retrieval::loss::l2_normalize;
     use sherl::fit::retrieval::recall::similarity;

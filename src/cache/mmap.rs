@@ -28,7 +28,7 @@ impl MappedFile {
         // and never modifies, truncates or rewrites a sealed file (FORMAT.md
         // §7). The mapping is read-only. Another process editing or
         // truncating the file while it is mapped is documented as
-        // unsupported (README, FORMAT.md); it could raise SIGBUS but cannot
+        // unsupported (docs/architecture.md, FORMAT.md); it could raise SIGBUS but cannot
         // make safe Rust observe a data race through `&[u8]` under the
         // write-once rule.
         let map =

@@ -3,7 +3,7 @@
 //! codes. The library proper does not depend on this module, nor on the
 //! crates it brings (anyhow, tracing-subscriber, indicatif, mimalloc).
 //!
-//! Conventions (see README): results go to stdout (one JSON line per run),
+//! Conventions (docs/usage.md, "Output conventions"): results go to stdout (one JSON line per run),
 //! logs and progress to stderr. Exit codes: 0 ok, 1 finished but some runs
 //! failed, 2 error. A broken pipe on stdout exits 0.
 

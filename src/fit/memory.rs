@@ -255,7 +255,7 @@ mod tests {
         }
     }
 
-    /// The estimate bounds the peaks measured in the README's demo table
+    /// The estimate bounds the peaks measured in docs/results.md's demo table
     /// (MiniLM, batch 32, max_len 128: full-ft 3,178 MiB, sherl 980 MiB,
     /// linear probe 224 MiB) without being absurdly above them.
     #[test]

@@ -53,7 +53,7 @@ pub const DEFAULT_DEVICE: &str = if cfg!(feature = "cuda") {
 fn no_cuda_build() -> Option<&'static str> {
     (!candle_core::utils::cuda_is_available()).then_some(
         "this sherl-fit was built without the `cuda` feature; build it with \
-         `pipelines/build-cuda.sh` (README, \"GPU\")",
+         `pipelines/build-cuda.sh` (docs/gpu.md)",
     )
 }
 

@@ -67,7 +67,7 @@ fn cuda_hint(library: &Path, gpu: i32) -> String {
         format!(
             "Not on the loader path: {}. Put the folders holding them on LD_LIBRARY_PATH before \
              starting sherl: a CUDA 13 toolkit's lib64, or the folders of PyTorch's pip packages \
-             (`eval \"$(pipelines/cuda-env.sh)\"` finds them; README, \"GPU\"); libcuda.so.1 \
+             (`eval \"$(pipelines/cuda-env.sh)\"` finds them; docs/gpu.md); libcuda.so.1 \
              comes with the NVIDIA driver",
             missing.join(", ")
         )
