@@ -12,7 +12,7 @@
 
 use serde::Serialize;
 
-use super::{Cache, Dtype};
+use super::{Cache, DecodedChunk, Dtype, ExampleMeta};
 use crate::{Error, Result};
 
 /// Tolerance of [`compare`].
@@ -121,10 +121,82 @@ fn step(d: Dtype, x: f32, row_max: f32) -> f32 {
 /// Compare caches `a` and `b` (see the module docs).
 pub fn compare(a: &Cache, b: &Cache, tol: Tolerance) -> Result<CompareReport> {
     let (ma, mb) = (a.manifest(), b.manifest());
-    let refuse = |message: String| Error::Setting {
+    let layers = shared_layers(a, b)?;
+    let pos_a: Vec<usize> = layers.iter().filter_map(|&l| a.layer_position(l)).collect();
+    let pos_b: Vec<usize> = layers.iter().filter_map(|&l| b.layer_position(l)).collect();
+    let (da, db) = (ma.settings.dtype, mb.settings.dtype);
+    let coarse = if coarseness(da) >= coarseness(db) {
+        da
+    } else {
+        db
+    };
+    let hidden = ma.backbone.hidden;
+    let mut tally = Tally {
+        r: CompareReport {
+            examples: 0,
+            tokens: 0,
+            layers: layers.clone(),
+            values: 0,
+            equal: 0,
+            within_one_step: 0,
+            outside: 0,
+            max_abs_diff: 0.0,
+            mean_abs_diff: 0.0,
+            step_dtype: coarse.name().to_string(),
+            steps: tol.steps,
+            atol: tol.atol,
+            worst: None,
+        },
+        sum_abs: 0.0,
+        coarse,
+        tol,
+    };
+    // Walk both caches chunk by chunk; their chunkings may differ, so keep
+    // a decoded chunk of each and move through examples one at a time.
+    let mut cur_a = Cursor::new(a, &pos_a)?;
+    let mut cur_b = Cursor::new(b, &pos_b)?;
+    for position in 0..ma.examples {
+        cur_a.load_next_example()?;
+        cur_b.load_next_example()?;
+        let (ea, eb) = (cur_a.example(), cur_b.example());
+        if let Some(d) = example_difference(a, b, ea, eb) {
+            return Err(refuse(format!(
+                "the caches hold different examples: at position {position}, {d}"
+            )));
+        }
+        let n = ea.len();
+        for (li, &layer) in layers.iter().enumerate() {
+            let (va, vb) = (cur_a.values(li, hidden), cur_b.values(li, hidden));
+            for t in 0..n {
+                let (ra, rb) = (
+                    &va[t * hidden..(t + 1) * hidden],
+                    &vb[t * hidden..(t + 1) * hidden],
+                );
+                tally.token(&ea.id, layer, t, ra, rb);
+            }
+        }
+        tally.r.examples += 1;
+        tally.r.tokens += n as u64;
+        cur_a.k += 1;
+        cur_b.k += 1;
+    }
+    let mut r = tally.r;
+    r.mean_abs_diff = tally.sum_abs / r.values.max(1) as f64;
+    Ok(r)
+}
+
+/// A refusal of `sherl-cache compare`.
+fn refuse(message: String) -> Error {
+    Error::Setting {
         setting: "sherl-cache compare".into(),
         message,
-    };
+    }
+}
+
+/// The `hidden_states` indices both caches store, after checking that they
+/// hold as many examples of the same width.
+fn shared_layers(a: &Cache, b: &Cache) -> Result<Vec<usize>> {
+    let (ma, mb) = (a.manifest(), b.manifest());
     if ma.examples != mb.examples {
         return Err(refuse(format!(
             "{} holds {} examples, {} holds {}",
@@ -153,134 +225,139 @@ pub fn compare(a: &Cache, b: &Cache, tol: Tolerance) -> Result<CompareReport> {
             ma.settings.layers, mb.settings.layers
         )));
     }
-    let pos_a: Vec<usize> = layers.iter().filter_map(|&l| a.layer_position(l)).collect();
-    let pos_b: Vec<usize> = layers.iter().filter_map(|&l| b.layer_position(l)).collect();
-    let (da, db) = (ma.settings.dtype, mb.settings.dtype);
-    let coarse = if coarseness(da) >= coarseness(db) {
-        da
+    Ok(layers)
+}
+
+/// How example `ea` of cache `a` differs from `eb` of `b` (id, split, label
+/// or token ids), if it does.
+fn example_difference(a: &Cache, b: &Cache, ea: &ExampleMeta, eb: &ExampleMeta) -> Option<String> {
+    let (ma, mb) = (a.manifest(), b.manifest());
+    let split_a = ma.split_names.get(ea.split as usize);
+    let split_b = mb.split_names.get(eb.split as usize);
+    let label_a = ea.label.and_then(|l| ma.labels.get(l as usize));
+    let label_b = eb.label.and_then(|l| mb.labels.get(l as usize));
+    if ea.id != eb.id {
+        Some(format!("ids '{}' vs '{}'", ea.id, eb.id))
+    } else if split_a != split_b {
+        Some(format!("splits {split_a:?} vs {split_b:?}"))
+    } else if label_a != label_b {
+        Some(format!("labels {label_a:?} vs {label_b:?}"))
+    } else if ea.ids != eb.ids {
+        Some(format!(
+            "token ids differ ({} vs {} tokens)",
+            ea.ids.len(),
+            eb.ids.len()
+        ))
     } else {
-        db
-    };
-    let hidden = ma.backbone.hidden;
-    let mut r = CompareReport {
-        examples: 0,
-        tokens: 0,
-        layers: layers.clone(),
-        values: 0,
-        equal: 0,
-        within_one_step: 0,
-        outside: 0,
-        max_abs_diff: 0.0,
-        mean_abs_diff: 0.0,
-        step_dtype: coarse.name().to_string(),
-        steps: tol.steps,
-        atol: tol.atol,
-        worst: None,
-    };
-    let mut sum_abs = 0f64;
-    // Walk both caches chunk by chunk; their chunkings may differ, so keep
-    // a decoded chunk of each and move through examples one at a time.
-    let (mut ca, mut cb) = (0usize, 0usize);
-    let (mut chunk_a, mut chunk_b) = (a.read_chunk(0, &pos_a)?, b.read_chunk(0, &pos_b)?);
-    let (mut ka, mut kb) = (0usize, 0usize);
-    let (mut off_a, mut off_b) = (chunk_a.offsets(), chunk_b.offsets());
-    for position in 0..ma.examples {
-        while ka >= chunk_a.meta.len() {
-            ca += 1;
-            chunk_a = a.read_chunk(ca, &pos_a)?;
-            off_a = chunk_a.offsets();
-            ka = 0;
+        None
+    }
+}
+
+/// A walk through one cache's examples, one decoded chunk at a time.
+struct Cursor<'a> {
+    cache: &'a Cache,
+    positions: &'a [usize],
+    /// Number of the decoded chunk.
+    c: usize,
+    chunk: DecodedChunk,
+    /// Current example within the chunk.
+    k: usize,
+    /// The chunk's token offsets.
+    offsets: Vec<usize>,
+}
+
+impl<'a> Cursor<'a> {
+    /// Decode `cache`'s first chunk (stored layers `positions`).
+    fn new(cache: &'a Cache, positions: &'a [usize]) -> Result<Self> {
+        let chunk = cache.read_chunk(0, positions)?;
+        let offsets = chunk.offsets();
+        Ok(Cursor {
+            cache,
+            positions,
+            c: 0,
+            chunk,
+            k: 0,
+            offsets,
+        })
+    }
+
+    /// Decode the following chunks until one holds the current example.
+    fn load_next_example(&mut self) -> Result<()> {
+        while self.k >= self.chunk.meta.len() {
+            self.c += 1;
+            self.chunk = self.cache.read_chunk(self.c, self.positions)?;
+            self.offsets = self.chunk.offsets();
+            self.k = 0;
         }
-        while kb >= chunk_b.meta.len() {
-            cb += 1;
-            chunk_b = b.read_chunk(cb, &pos_b)?;
-            off_b = chunk_b.offsets();
-            kb = 0;
-        }
-        let (ea, eb) = (&chunk_a.meta[ka], &chunk_b.meta[kb]);
-        let split_a = ma.split_names.get(ea.split as usize);
-        let split_b = mb.split_names.get(eb.split as usize);
-        let label_a = ea.label.and_then(|l| ma.labels.get(l as usize));
-        let label_b = eb.label.and_then(|l| mb.labels.get(l as usize));
-        let differs = if ea.id != eb.id {
-            Some(format!("ids '{}' vs '{}'", ea.id, eb.id))
-        } else if split_a != split_b {
-            Some(format!("splits {split_a:?} vs {split_b:?}"))
-        } else if label_a != label_b {
-            Some(format!("labels {label_a:?} vs {label_b:?}"))
-        } else if ea.ids != eb.ids {
-            Some(format!(
-                "token ids differ ({} vs {} tokens)",
-                ea.ids.len(),
-                eb.ids.len()
-            ))
-        } else {
-            None
-        };
-        if let Some(d) = differs {
-            return Err(refuse(format!(
-                "the caches hold different examples: at position {position}, {d}"
-            )));
-        }
-        let n = ea.len();
-        for (li, &layer) in layers.iter().enumerate() {
-            let va = &chunk_a.layers[li][off_a[ka] * hidden..off_a[ka + 1] * hidden];
-            let vb = &chunk_b.layers[li][off_b[kb] * hidden..off_b[kb + 1] * hidden];
-            for t in 0..n {
-                let (ra, rb) = (
-                    &va[t * hidden..(t + 1) * hidden],
-                    &vb[t * hidden..(t + 1) * hidden],
-                );
-                let row_max = ra
-                    .iter()
-                    .chain(rb)
-                    .fold(0f32, |m, &x| if x.abs() > m { x.abs() } else { m });
-                for (dim, (&x, &y)) in ra.iter().zip(rb).enumerate() {
-                    let d = (x - y).abs();
-                    let s = step(coarse, x.abs().max(y.abs()), row_max);
-                    let bound = tol.steps * s + tol.atol;
-                    r.values += 1;
-                    sum_abs += f64::from(d);
-                    if x == y || x.to_bits() == y.to_bits() {
-                        r.equal += 1;
-                    }
-                    if d <= s {
-                        r.within_one_step += 1;
-                    }
-                    // NaN compares false: count it outside.
-                    let inside = d <= bound;
-                    if !inside {
-                        r.outside += 1;
-                    }
-                    if d > r.max_abs_diff || d.is_nan() {
-                        r.max_abs_diff = d;
-                    }
-                    let ratio = if d.is_nan() {
-                        f32::MAX
-                    } else {
-                        (d / bound.max(f32::MIN_POSITIVE)).min(f32::MAX)
-                    };
-                    if r.worst.as_ref().is_none_or(|w| ratio > w.ratio) {
-                        r.worst = Some(Worst {
-                            id: ea.id.clone(),
-                            layer,
-                            token: t,
-                            dim,
-                            a: x,
-                            b: y,
-                            ratio,
-                        });
-                    }
-                }
+        Ok(())
+    }
+
+    /// The current example.
+    fn example(&self) -> &ExampleMeta {
+        &self.chunk.meta[self.k]
+    }
+
+    /// The current example's values of compared layer `li`, `hidden` per token.
+    fn values(&self, li: usize, hidden: usize) -> &[f32] {
+        let (from, to) = (self.offsets[self.k], self.offsets[self.k + 1]);
+        &self.chunk.layers[li][from * hidden..to * hidden]
+    }
+}
+
+/// The report being built, with the running sum of `|a - b|`.
+struct Tally {
+    r: CompareReport,
+    sum_abs: f64,
+    coarse: Dtype,
+    tol: Tolerance,
+}
+
+impl Tally {
+    /// Count token `t` of example `id` at `layer`: its rows `ra` and `rb`.
+    fn token(&mut self, id: &str, layer: usize, t: usize, ra: &[f32], rb: &[f32]) {
+        let (r, tol) = (&mut self.r, self.tol);
+        let row_max = ra
+            .iter()
+            .chain(rb)
+            .fold(0f32, |m, &x| if x.abs() > m { x.abs() } else { m });
+        for (dim, (&x, &y)) in ra.iter().zip(rb).enumerate() {
+            let d = (x - y).abs();
+            let s = step(self.coarse, x.abs().max(y.abs()), row_max);
+            let bound = tol.steps * s + tol.atol;
+            r.values += 1;
+            self.sum_abs += f64::from(d);
+            if x == y || x.to_bits() == y.to_bits() {
+                r.equal += 1;
+            }
+            if d <= s {
+                r.within_one_step += 1;
+            }
+            // NaN compares false: count it outside.
+            let inside = d <= bound;
+            if !inside {
+                r.outside += 1;
+            }
+            if d > r.max_abs_diff || d.is_nan() {
+                r.max_abs_diff = d;
+            }
+            let ratio = if d.is_nan() {
+                f32::MAX
+            } else {
+                (d / bound.max(f32::MIN_POSITIVE)).min(f32::MAX)
+            };
+            if r.worst.as_ref().is_none_or(|w| ratio > w.ratio) {
+                r.worst = Some(Worst {
+                    id: id.to_owned(),
+                    layer,
+                    token: t,
+                    dim,
+                    a: x,
+                    b: y,
+                    ratio,
+                });
             }
         }
-        r.examples += 1;
-        r.tokens += n as u64;
-        ka += 1;
-        kb += 1;
     }
-    r.mean_abs_diff = sum_abs / r.values.max(1) as f64;
-    Ok(r)
 }
 
 #[cfg(test)]

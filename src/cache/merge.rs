@@ -91,6 +91,42 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     for p in parts {
         manifests.push(read_part(p)?);
     }
+    let by_index = index_shards(parts, &manifests, out)?;
+    let first = &manifests[0];
+    check_coverage(first_dir, first, &by_index, out)?;
+
+    // --- The merged manifest, checked against every shard -----------------
+    let m = merged_manifest(first, &by_index);
+    let sources: Vec<PathBuf> = by_index
+        .values()
+        .map(|(dir, s)| dir.join(shard_file_name(s.index)))
+        .collect();
+    Cache::assemble(out, &first_dir.join(PART_MANIFEST), m.clone(), |k, _| {
+        Ok(sources[k].clone())
+    })?;
+
+    let (shards, examples, tokens) = write_out(out, &m, &sources)?;
+    Ok(MergeSummary {
+        cache: out.to_path_buf(),
+        parts: parts.len(),
+        shards,
+        examples,
+        tokens,
+    })
+}
+
+/// Shard index -> (part directory, shard).
+type ShardIndex<'a> = BTreeMap<u32, (&'a PathBuf, &'a ShardInfo)>;
+
+/// Check that the parts (`manifests`, read from `parts`) belong together,
+/// each worker once and each shard once in its own worker's part, and
+/// index their shards.
+fn index_shards<'a>(
+    parts: &'a [PathBuf],
+    manifests: &'a [Manifest],
+    out: &Path,
+) -> Result<ShardIndex<'a>> {
+    let first_dir = &parts[0];
     let first = &manifests[0];
     let w0 = first.worker.expect("read_part checked it");
     if w0.count == 0 {
@@ -98,39 +134,9 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
     }
     let first_value = serde_json::to_value(first).expect("a manifest serializes");
     let mut seen_workers: BTreeMap<u32, &PathBuf> = BTreeMap::new();
-    // shard index -> (part directory, shard)
-    let mut by_index: BTreeMap<u32, (&PathBuf, &ShardInfo)> = BTreeMap::new();
-    for (dir, m) in parts.iter().zip(&manifests) {
-        if m.settings_hash != first.settings_hash {
-            return Err(refused(
-                dir,
-                MergeError::DifferentSettings {
-                    first: first_dir.clone(),
-                    hash: abbrev(&m.settings_hash).to_string(),
-                    first_hash: abbrev(&first.settings_hash).to_string(),
-                },
-            ));
-        }
-        // The fields that describe the whole cache must agree too.
-        let v = serde_json::to_value(m).expect("a manifest serializes");
-        for key in [
-            "settings",
-            "backbone",
-            "dataset",
-            "labels",
-            "split_names",
-            "splits",
-        ] {
-            if v.get(key) != first_value.get(key) {
-                return Err(refused(
-                    dir,
-                    MergeError::Disagree {
-                        first: first_dir.clone(),
-                        key,
-                    },
-                ));
-            }
-        }
+    let mut by_index = ShardIndex::new();
+    for (dir, m) in parts.iter().zip(manifests) {
+        check_agrees(dir, m, first_dir, first, &first_value)?;
         let w = m.worker.expect("read_part checked it");
         if w.count != w0.count {
             return Err(refused(
@@ -197,6 +203,59 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             },
         ));
     }
+    Ok(by_index)
+}
+
+/// Check that the part at `dir` has the first part's settings hash and the
+/// same whole-cache fields (`first_value` is the first manifest as JSON).
+fn check_agrees(
+    dir: &Path,
+    m: &Manifest,
+    first_dir: &Path,
+    first: &Manifest,
+    first_value: &serde_json::Value,
+) -> Result<()> {
+    if m.settings_hash != first.settings_hash {
+        return Err(refused(
+            dir,
+            MergeError::DifferentSettings {
+                first: first_dir.to_path_buf(),
+                hash: abbrev(&m.settings_hash).to_string(),
+                first_hash: abbrev(&first.settings_hash).to_string(),
+            },
+        ));
+    }
+    // The fields that describe the whole cache must agree too.
+    let v = serde_json::to_value(m).expect("a manifest serializes");
+    for key in [
+        "settings",
+        "backbone",
+        "dataset",
+        "labels",
+        "split_names",
+        "splits",
+    ] {
+        if v.get(key) != first_value.get(key) {
+            return Err(refused(
+                dir,
+                MergeError::Disagree {
+                    first: first_dir.to_path_buf(),
+                    key,
+                },
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Check that the shards in `by_index` are exactly those of the whole cache
+/// (its size from the split counts of `first`, the part at `first_dir`).
+fn check_coverage(
+    first_dir: &Path,
+    first: &Manifest,
+    by_index: &ShardIndex,
+    out: &Path,
+) -> Result<()> {
     // The whole cache's size, from the split counts every part carries
     // (each part's own `examples` covers only its shards).
     let total = first
@@ -226,8 +285,12 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             },
         ));
     }
+    Ok(())
+}
 
-    // --- The merged manifest, checked against every shard -----------------
+/// The whole cache's manifest: `first`'s, with every part's shards and
+/// their totals, no worker and a new creation time.
+fn merged_manifest(first: &Manifest, by_index: &ShardIndex) -> Manifest {
     let mut m = first.clone();
     m.format_version = FORMAT_VERSION;
     m.manifest_sha256 = None;
@@ -242,15 +305,13 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         .iter()
         .fold(0u64, |a, s| a.saturating_add(s.tokens));
     m.created_at = super::manifest::now_rfc3339();
-    let sources: Vec<PathBuf> = by_index
-        .values()
-        .map(|(dir, s)| dir.join(shard_file_name(s.index)))
-        .collect();
-    Cache::assemble(out, &first_dir.join(PART_MANIFEST), m.clone(), |k, _| {
-        Ok(sources[k].clone())
-    })?;
+    m
+}
 
-    // --- --out, then the new cache in a temporary directory ---------------
+/// Check `--out`, then build the cache in a temporary directory next to it
+/// and rename it there ([`build`]); on error remove the temporary directory
+/// and the parent directories made for it. Returns (shards, examples, tokens).
+fn write_out(out: &Path, m: &Manifest, sources: &[PathBuf]) -> Result<(usize, u64, u64)> {
     check_out(out)?;
     let name = out
         .file_name()
@@ -267,7 +328,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let result = build(&tmp, out, &m, &sources);
+    let result = build(&tmp, out, m, sources);
     if result.is_err() {
         // Best effort: the error being returned is the one that matters.
         for dir in std::iter::once(&tmp).chain(created.as_ref()) {
@@ -278,16 +339,10 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<MergeSummary> {
             }
         }
     }
-    let (shards, examples, tokens) = result?;
-    Ok(MergeSummary {
-        cache: out.to_path_buf(),
-        parts: parts.len(),
-        shards,
-        examples,
-        tokens,
-    })
+    result
 }
 
+/// A manifest error about the part at `dir`.
 fn part_error(dir: &Path, why: String) -> Error {
     Error::Cache {
         path: dir.join(PART_MANIFEST),

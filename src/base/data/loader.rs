@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 
 use super::rows::{BadRows, FileRows};
 use super::{delimited, folders, jsonl, split, text};
-use super::{Dataset, DatasetPlan, Example, Format, LoadReport, ReadOptions, SplitSource};
+use super::{
+    Dataset, DatasetPlan, Example, Format, LoadReport, ReadOptions, SplitSource, SplitSpec,
+};
 use crate::{Error, Result};
 
 /// Split name of every example of a [`SplitSource::Single`] without a spec.
@@ -91,12 +93,57 @@ pub(super) fn assemble<T>(
     let labels = checked_labels(plan)?;
     let read = &plan.read;
     let mut bad = BadRows::new(read.skip_bad_rows);
+    let (parts, spec) = read_parts(plan, read_file, &mut bad)?;
+    if bad.count > 0 {
+        tracing::warn!("skipped {} bad rows", bad.count);
+    }
+    check_unique_ids(&parts)?;
+
+    let label_names = label_names(plan, labels, &parts);
+    let label_ids: HashMap<&str, u32> = label_names
+        .iter()
+        .enumerate()
+        .map(|(i, l)| u32::try_from(i).map(|i| (l.as_str(), i)))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::setting("labels", "more than 2^32 labels"))?;
+
+    let mut report = LoadReport {
+        rows_read: parts.iter().map(|p| p.rows.rows_read).sum(),
+        skipped_bad_rows: bad.count,
+        multi_line_rows: parts.iter().map(|p| p.rows.multi_line_rows).sum(),
+        literal_quote_rows: parts.iter().map(|p| p.rows.literal_quote_rows).sum(),
+        ..LoadReport::default()
+    };
+    let (mut examples, first_path) = labelled_items(plan, parts, &label_ids, &mut report)?;
+    if let Some(spec) = spec {
+        assign_splits(plan, spec, &mut examples, first_path)?;
+    }
+    for example in &examples {
+        *report
+            .split_counts
+            .entry(example.split.clone())
+            .or_default() += 1;
+    }
+    Ok(Assembled {
+        items: examples,
+        label_names,
+        report,
+    })
+}
+
+/// Read the files of `plan` (none of them empty) with `read_file`; returns
+/// them with the split spec that decides their examples' splits, if any.
+fn read_parts<'p, T>(
+    plan: &'p DatasetPlan,
+    read_file: &mut ReadFile<'_, T>,
+    bad: &mut BadRows,
+) -> Result<(Vec<Part<T>>, Option<&'p SplitSpec>)> {
     let mut parts = Vec::new();
     let spec = match &plan.source {
         SplitSource::Files(files) => {
             check_split_names(files)?;
             for (name, path) in files {
-                let rows = read_file(path, false, &mut bad)?;
+                let rows = read_file(path, false, bad)?;
                 if rows.rows.is_empty() {
                     return Err(empty_file(path, Some(name), &rows));
                 }
@@ -112,8 +159,8 @@ pub(super) fn assemble<T>(
             if let Some(spec) = split {
                 spec.validate()?;
             }
-            let by_group = split.is_some() && read.group_column.is_some();
-            let rows = read_file(path, by_group, &mut bad)?;
+            let by_group = split.is_some() && plan.read.group_column.is_some();
+            let rows = read_file(path, by_group, bad)?;
             if rows.rows.is_empty() {
                 return Err(empty_file(path, None, &rows));
             }
@@ -125,12 +172,17 @@ pub(super) fn assemble<T>(
             split.as_ref()
         }
     };
-    if bad.count > 0 {
-        tracing::warn!("skipped {} bad rows", bad.count);
-    }
-    check_unique_ids(&parts)?;
+    Ok((parts, spec))
+}
 
-    let label_names = match (&read.label_column, labels) {
+/// The label names: none without a label column, else the user's list
+/// (`labels`) or the sorted labels seen in `parts`.
+fn label_names<T>(
+    plan: &DatasetPlan,
+    labels: Option<Vec<String>>,
+    parts: &[Part<T>],
+) -> Vec<String> {
+    match (&plan.read.label_column, labels) {
         (None, _) => Vec::new(),
         (Some(_), Some(list)) => list,
         (Some(_), None) => {
@@ -141,21 +193,18 @@ pub(super) fn assemble<T>(
                 .collect();
             seen.into_iter().map(str::to_owned).collect()
         }
-    };
-    let label_ids: HashMap<&str, u32> = label_names
-        .iter()
-        .enumerate()
-        .map(|(i, l)| u32::try_from(i).map(|i| (l.as_str(), i)))
-        .collect::<std::result::Result<_, _>>()
-        .map_err(|_| Error::setting("labels", "more than 2^32 labels"))?;
+    }
+}
 
-    let mut report = LoadReport {
-        rows_read: parts.iter().map(|p| p.rows.rows_read).sum(),
-        skipped_bad_rows: bad.count,
-        multi_line_rows: parts.iter().map(|p| p.rows.multi_line_rows).sum(),
-        literal_quote_rows: parts.iter().map(|p| p.rows.literal_quote_rows).sum(),
-        ..LoadReport::default()
-    };
+/// The examples of `parts` with their label ids, dropping (and counting in
+/// `report`) rows whose label has none; a part left without rows is an
+/// error. Returns them with the first part's path.
+fn labelled_items<T>(
+    plan: &DatasetPlan,
+    parts: Vec<Part<T>>,
+    label_ids: &HashMap<&str, u32>,
+    report: &mut LoadReport,
+) -> Result<(Vec<Item<T>>, Option<PathBuf>)> {
     let mut examples = Vec::with_capacity(parts.iter().map(|p| p.rows.rows.len()).sum());
     let mut first_path = None;
     for part in parts {
@@ -208,35 +257,33 @@ pub(super) fn assemble<T>(
             counts_list(&report.dropped_labels)
         );
     }
+    Ok((examples, first_path))
+}
 
-    if let Some(spec) = spec {
-        let groups: Option<Vec<&str>> = read.group_column.as_ref().map(|_| {
-            examples
-                .iter()
-                .map(|e| e.group.as_deref().unwrap_or_default())
-                .collect()
-        });
-        let splits = split::assign(spec, groups.as_deref(), examples.len()).map_err(|message| {
-            Error::Dataset {
-                path: first_path.clone().unwrap_or_default(),
-                message,
-            }
-        })?;
-        for (example, s) in examples.iter_mut().zip(splits) {
-            example.split.clone_from(&spec.fractions[s].0);
+/// Give each example its split from `spec` (by group when the plan has a
+/// group column); `first_path` names the dataset in errors.
+fn assign_splits<T>(
+    plan: &DatasetPlan,
+    spec: &SplitSpec,
+    examples: &mut [Item<T>],
+    first_path: Option<PathBuf>,
+) -> Result<()> {
+    let groups: Option<Vec<&str>> = plan.read.group_column.as_ref().map(|_| {
+        examples
+            .iter()
+            .map(|e| e.group.as_deref().unwrap_or_default())
+            .collect()
+    });
+    let splits = split::assign(spec, groups.as_deref(), examples.len()).map_err(|message| {
+        Error::Dataset {
+            path: first_path.unwrap_or_default(),
+            message,
         }
+    })?;
+    for (example, s) in examples.iter_mut().zip(splits) {
+        example.split.clone_from(&spec.fractions[s].0);
     }
-    for example in &examples {
-        *report
-            .split_counts
-            .entry(example.split.clone())
-            .or_default() += 1;
-    }
-    Ok(Assembled {
-        items: examples,
-        label_names,
-        report,
-    })
+    Ok(())
 }
 
 /// Read every row of `path`. `need_group`: the split is by group, so a row

@@ -63,14 +63,21 @@ pub struct ExportSummary {
 pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
     cfg.validate().map_err(Error::UnsupportedBackbone)?;
     let mut g = Graph::default();
-    let d = cfg.hidden_size;
-    let heads = cfg.num_attention_heads;
-    let hd = cfg.head_dim();
-    let eps = cfg.layer_norm_eps as f32;
     let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
-
     let family = cfg.family();
-    let names = LayerNames::of(family);
+    declare_inputs(&mut g, family);
+
+    let (mut x, seq) = embeddings(&mut g, cfg, ckpt)?;
+    let bias = attention_bias(&mut g, cfg, ckpt, &seq)?;
+    let shared = LayerShared::new(&mut g, cfg, act, bias);
+    for i in 0..cfg.num_hidden_layers {
+        x = encoder_layer(&mut g, cfg, ckpt, &shared, i, &x)?;
+    }
+    Ok(model_proto(cfg, ckpt, g))
+}
+
+/// Declare the graph's int64 `[batch, seq]` inputs for `family`.
+fn declare_inputs(g: &mut Graph, family: Family) {
     let dims: [Result<i64, &str>; 2] = [Err("batch"), Err("seq")];
     let inputs: &[&str] = match family {
         Family::Bert => &["input_ids", "attention_mask", "token_type_ids"],
@@ -80,8 +87,12 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         g.inputs
             .push(ValueInfoProto::tensor(name, data_type::INT64, &dims));
     }
+}
 
-    // --- Embeddings -------------------------------------------------------
+/// The embedding block: returns its output (`hidden_states.0`) and the
+/// 1-element sequence-length tensor the attention bias slices with.
+fn embeddings(g: &mut Graph, cfg: &BertConfig, ckpt: &Checkpoint) -> Result<(String, String)> {
+    let d = cfg.hidden_size;
     let word = g.weight(
         ckpt,
         "embeddings.word_embeddings.weight",
@@ -96,7 +107,7 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
     )?;
     // BERT's graph is written exactly as before MPNet existed (same
     // initializers, nodes and order, so the same bytes and sha256)
-    let typ = match family {
+    let typ = match cfg.family() {
         Family::Bert => Some(g.weight(
             ckpt,
             "embeddings.token_type_embeddings.weight",
@@ -131,16 +142,20 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
             g.node("Add", &[&we, &pe], vec![])
         }
     };
-    let mut x = g.layer_norm(
+    let x = g.layer_norm(
         ckpt,
         "embeddings.LayerNorm",
         d,
-        eps,
+        cfg.layer_norm_eps as f32,
         &s2,
         Some(hidden_state_name(0)),
     )?;
+    Ok((x, seq))
+}
 
-    // --- Attention bias from the mask: (1 - mask) * f32::MIN, [B, 1, 1, S] ---
+/// The additive attention bias from the mask, `(1 - mask) * f32::MIN` as
+/// `[B, 1, 1, S]`, plus MPNet's relative-position bias (`[B, H, S, S]`).
+fn attention_bias(g: &mut Graph, cfg: &BertConfig, ckpt: &Checkpoint, seq: &str) -> Result<String> {
     let mask_f = g.node(
         "Cast",
         &["attention_mask"],
@@ -163,11 +178,11 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         let table = g.weight(
             ckpt,
             "encoder.relative_attention_bias.weight",
-            &[buckets, heads],
+            &[buckets, cfg.num_attention_heads],
             false,
         )?;
         let zeros = g.const_i64("zero2", &[0, 0], &[2]);
-        let ends = g.node("Concat", &[&seq, &seq], vec![attr_int("axis", 0)]);
+        let ends = g.node("Concat", &[seq, seq], vec![attr_int("axis", 0)]);
         let axes01 = g.const_i64("axes01", &[0, 1], &[2]);
         let idx = g.node("Slice", &[&idx, &zeros, &ends, &axes01], vec![]); // [S, S]
         let rel = g.node("Gather", &[&table, &idx], vec![]); // [S, S, H]
@@ -176,60 +191,103 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         let rel = g.node("Unsqueeze", &[&rel, &ax0], vec![]); // [1, H, S, S]
         bias4 = g.node("Add", &[&bias4, &rel], vec![]); // [B, H, S, S]
     }
+    Ok(bias4)
+}
 
-    let split_shape = g.const_i64("split_heads", &[0, 0, heads as i64, hd as i64], &[4]);
-    let merge_shape = g.const_i64("merge_heads", &[0, 0, d as i64], &[3]);
-    let scale = g.const_f32("attn_scale", &[1.0 / (hd as f32).sqrt()], &[]);
-    let sqrt2 = g.const_f32("sqrt2", &[std::f32::consts::SQRT_2], &[]);
-    let half = g.const_f32("half", &[0.5], &[]);
+/// What every encoder layer shares: module names, activation, the
+/// attention bias and the names of the constant initializers it reads.
+struct LayerShared {
+    names: LayerNames,
+    act: Activation,
+    bias4: String,
+    split_shape: String,
+    merge_shape: String,
+    scale: String,
+    sqrt2: String,
+    half: String,
+}
 
-    for i in 0..cfg.num_hidden_layers {
-        let p = format!("encoder.layer.{i}");
-        let q = g.linear(ckpt, &format!("{p}.{}", names.query), d, d, &x)?;
-        let k = g.linear(ckpt, &format!("{p}.{}", names.key), d, d, &x)?;
-        let v = g.linear(ckpt, &format!("{p}.{}", names.value), d, d, &x)?;
-        let q = g.node("Reshape", &[&q, &split_shape], vec![]);
-        let q = g.node("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
-        let k = g.node("Reshape", &[&k, &split_shape], vec![]);
-        let k = g.node("Transpose", &[&k], vec![attr_ints("perm", &[0, 2, 3, 1])]); // [B,H,hd,S]
-        let v = g.node("Reshape", &[&v, &split_shape], vec![]);
-        let v = g.node("Transpose", &[&v], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
-        let scores = g.node("MatMul", &[&q, &k], vec![]);
-        let scores = g.node("Mul", &[&scores, &scale], vec![]);
-        let scores = g.node("Add", &[&scores, &bias4], vec![]);
-        let probs = g.node("Softmax", &[&scores], vec![attr_int("axis", -1)]);
-        let ctx = g.node("MatMul", &[&probs, &v], vec![]);
-        let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
-        let ctx = g.node("Reshape", &[&ctx, &merge_shape], vec![]);
-        let ao = g.linear(ckpt, &format!("{p}.{}", names.attn_out), d, d, &ctx)?;
-        let r1 = g.node("Add", &[&ao, &x], vec![]);
-        let h1 = g.layer_norm(ckpt, &format!("{p}.{}", names.attn_norm), d, eps, &r1, None)?;
-        let inter = g.linear(
-            ckpt,
-            &format!("{p}.intermediate.dense"),
-            d,
-            cfg.intermediate_size,
-            &h1,
-        )?;
-        let a = g.activation(act, &inter, &sqrt2, &half);
-        let o = g.linear(
-            ckpt,
-            &format!("{p}.output.dense"),
-            cfg.intermediate_size,
-            d,
-            &a,
-        )?;
-        let r2 = g.node("Add", &[&o, &h1], vec![]);
-        x = g.layer_norm(
-            ckpt,
-            &format!("{p}.output.LayerNorm"),
-            d,
-            eps,
-            &r2,
-            Some(hidden_state_name(i + 1)),
-        )?;
+impl LayerShared {
+    /// Add the shared constants to `g` (in the order the exporter always
+    /// wrote them) next to `act` and the attention bias `bias4`.
+    fn new(g: &mut Graph, cfg: &BertConfig, act: Activation, bias4: String) -> Self {
+        let (heads, hd, d) = (cfg.num_attention_heads, cfg.head_dim(), cfg.hidden_size);
+        LayerShared {
+            names: LayerNames::of(cfg.family()),
+            act,
+            bias4,
+            split_shape: g.const_i64("split_heads", &[0, 0, heads as i64, hd as i64], &[4]),
+            merge_shape: g.const_i64("merge_heads", &[0, 0, d as i64], &[3]),
+            scale: g.const_f32("attn_scale", &[1.0 / (hd as f32).sqrt()], &[]),
+            sqrt2: g.const_f32("sqrt2", &[std::f32::consts::SQRT_2], &[]),
+            half: g.const_f32("half", &[0.5], &[]),
+        }
     }
+}
 
+/// Transformer layer `i` on `x` (attention, then the MLP, each with its
+/// residual LayerNorm); returns its output, `hidden_states.{i + 1}`.
+fn encoder_layer(
+    g: &mut Graph,
+    cfg: &BertConfig,
+    ckpt: &Checkpoint,
+    c: &LayerShared,
+    i: usize,
+    x: &str,
+) -> Result<String> {
+    let names = &c.names;
+    let d = cfg.hidden_size;
+    let eps = cfg.layer_norm_eps as f32;
+    let p = format!("encoder.layer.{i}");
+    let q = g.linear(ckpt, &format!("{p}.{}", names.query), d, d, x)?;
+    let k = g.linear(ckpt, &format!("{p}.{}", names.key), d, d, x)?;
+    let v = g.linear(ckpt, &format!("{p}.{}", names.value), d, d, x)?;
+    let q = g.node("Reshape", &[&q, &c.split_shape], vec![]);
+    let q = g.node("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
+    let k = g.node("Reshape", &[&k, &c.split_shape], vec![]);
+    let k = g.node("Transpose", &[&k], vec![attr_ints("perm", &[0, 2, 3, 1])]); // [B,H,hd,S]
+    let v = g.node("Reshape", &[&v, &c.split_shape], vec![]);
+    let v = g.node("Transpose", &[&v], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
+    let scores = g.node("MatMul", &[&q, &k], vec![]);
+    let scores = g.node("Mul", &[&scores, &c.scale], vec![]);
+    let scores = g.node("Add", &[&scores, &c.bias4], vec![]);
+    let probs = g.node("Softmax", &[&scores], vec![attr_int("axis", -1)]);
+    let ctx = g.node("MatMul", &[&probs, &v], vec![]);
+    let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+    let ctx = g.node("Reshape", &[&ctx, &c.merge_shape], vec![]);
+    let ao = g.linear(ckpt, &format!("{p}.{}", names.attn_out), d, d, &ctx)?;
+    let r1 = g.node("Add", &[&ao, x], vec![]);
+    let h1 = g.layer_norm(ckpt, &format!("{p}.{}", names.attn_norm), d, eps, &r1, None)?;
+    let inter = g.linear(
+        ckpt,
+        &format!("{p}.intermediate.dense"),
+        d,
+        cfg.intermediate_size,
+        &h1,
+    )?;
+    let a = g.activation(c.act, &inter, &c.sqrt2, &c.half);
+    let o = g.linear(
+        ckpt,
+        &format!("{p}.output.dense"),
+        cfg.intermediate_size,
+        d,
+        &a,
+    )?;
+    let r2 = g.node("Add", &[&o, &h1], vec![]);
+    g.layer_norm(
+        ckpt,
+        &format!("{p}.output.LayerNorm"),
+        d,
+        eps,
+        &r2,
+        Some(hidden_state_name(i + 1)),
+    )
+}
+
+/// Wrap the finished graph `g` in a model: outputs, opset and metadata.
+fn model_proto(cfg: &BertConfig, ckpt: &Checkpoint, g: Graph) -> ModelProto {
+    let d = cfg.hidden_size;
+    let family = cfg.family();
     let out_dims: [Result<i64, &str>; 3] = [Err("batch"), Err("seq"), Ok(d as i64)];
     let outputs = (0..=cfg.num_hidden_layers)
         .map(|i| ValueInfoProto::tensor(&hidden_state_name(i), data_type::FLOAT, &out_dims))
@@ -248,7 +306,7 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         output: outputs,
         value_info: vec![],
     };
-    Ok(ModelProto {
+    ModelProto {
         ir_version: IR_VERSION,
         opset_import: vec![OperatorSetIdProto {
             domain: String::new(),
@@ -272,7 +330,7 @@ pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
         // only an MPNet says its family (a BERT export keeps its bytes)
         .chain((family == Family::Mpnet).then(|| meta("sherl.family", "mpnet".into())))
         .collect(),
-    })
+    }
 }
 
 /// Export the checkpoint in `backbone` (config.json + model.safetensors) to

@@ -26,7 +26,7 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, TensorView};
 
 use super::inspect::read_model;
-use super::proto::{data_type, ModelProto, NodeProto, TensorProto};
+use super::proto::{data_type, GraphProto, ModelProto, NodeProto, TensorProto};
 use crate::backbone::Checkpoint;
 use crate::{Error, Result};
 
@@ -94,6 +94,7 @@ fn floats(t: &TensorProto) -> Option<Vec<f32>> {
     }
 }
 
+/// An int64 tensor's values.
 fn ints(t: &TensorProto) -> Option<Vec<i64>> {
     if t.data_type != data_type::INT64 {
         return None;
@@ -112,10 +113,7 @@ fn ints(t: &TensorProto) -> Option<Vec<i64>> {
 
 /// Take the ViT weights of a decoded model; `path` names it in messages.
 pub fn vit_weights(path: &Path, model: &ModelProto) -> Result<VitWeights> {
-    let err = |message: String| Error::Onnx {
-        path: path.to_owned(),
-        message,
-    };
+    let err = |message: String| onnx_error(path, message);
     let graph = model
         .graph
         .as_ref()
@@ -126,34 +124,86 @@ pub fn vit_weights(path: &Path, model: &ModelProto) -> Result<VitWeights> {
             t.name
         )));
     }
-    let inits: HashMap<&str, &TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    // Constants: Constant nodes' `value` tensors, and initializers.
-    let mut constants: HashMap<&str, &TensorProto> = inits.clone();
-    for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
-        if let (Some(out), Some(t)) = (
-            node.output.first(),
-            node.attribute
-                .iter()
-                .find(|a| a.name == "value")
-                .and_then(|a| a.t.as_ref()),
-        ) {
-            constants.insert(out.as_str(), t);
-        }
+    let index = GraphIndex::new(graph);
+    let (tensors, renamed) = named_tensors(path, graph, &index)?;
+    let sizes = vit_sizes(path, graph, &index, &tensors)?;
+    let safetensors = to_safetensors(path, tensors)?;
+    Ok(VitWeights {
+        safetensors,
+        prefix: sizes.prefix,
+        layers: sizes.layers,
+        hidden_size: sizes.hidden_size,
+        heads: sizes.heads,
+        mlp_size: sizes.mlp_size,
+        layer_norm_eps: sizes.layer_norm_eps,
+        renamed,
+    })
+}
+
+/// An [`Error::Onnx`] about the model at `path`.
+fn onnx_error(path: &Path, message: String) -> Error {
+    Error::Onnx {
+        path: path.to_owned(),
+        message,
     }
-    let mut consumers: HashMap<&str, Vec<(&NodeProto, usize)>> = HashMap::new();
-    for node in &graph.node {
-        for (i, input) in node.input.iter().enumerate() {
-            if inits.contains_key(input.as_str()) {
-                consumers.entry(input.as_str()).or_default().push((node, i));
+}
+
+/// Float tensors by name, each with its shape and row-major values.
+type Tensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// Lookups into a graph: its constants and the users of its initializers.
+struct GraphIndex<'a> {
+    /// Constant nodes' `value` tensors, and initializers, by output name.
+    constants: HashMap<&'a str, &'a TensorProto>,
+    /// The nodes (and input positions) reading each initializer.
+    consumers: HashMap<&'a str, Vec<(&'a NodeProto, usize)>>,
+}
+
+impl<'a> GraphIndex<'a> {
+    /// Index the constants and initializer users of `graph`.
+    fn new(graph: &'a GraphProto) -> Self {
+        let inits: HashMap<&str, &TensorProto> = graph
+            .initializer
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        // Constants: Constant nodes' `value` tensors, and initializers.
+        let mut constants: HashMap<&str, &TensorProto> = inits.clone();
+        for node in graph.node.iter().filter(|n| n.op_type == "Constant") {
+            if let (Some(out), Some(t)) = (
+                node.output.first(),
+                node.attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref()),
+            ) {
+                constants.insert(out.as_str(), t);
             }
         }
+        let mut consumers: HashMap<&str, Vec<(&NodeProto, usize)>> = HashMap::new();
+        for node in &graph.node {
+            for (i, input) in node.input.iter().enumerate() {
+                if inits.contains_key(input.as_str()) {
+                    consumers.entry(input.as_str()).or_default().push((node, i));
+                }
+            }
+        }
+        GraphIndex {
+            constants,
+            consumers,
+        }
     }
+}
 
-    let mut tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
+/// The named float initializers, and the anonymous `MatMul` weights renamed
+/// after their node and transposed to `[out, in]`; with the renames made.
+fn named_tensors(
+    path: &Path,
+    graph: &GraphProto,
+    index: &GraphIndex,
+) -> Result<(Tensors, Vec<(String, String)>)> {
+    let err = |message: String| onnx_error(path, message);
+    let mut tensors = Tensors::new();
     let mut renamed = Vec::new();
     for t in &graph.initializer {
         let Some(values) = floats(t) else { continue };
@@ -169,7 +219,8 @@ pub fn vit_weights(path: &Path, model: &ModelProto) -> Result<VitWeights> {
             tensors.insert(t.name.clone(), (dims, values));
             continue;
         }
-        let users = consumers
+        let users = index
+            .consumers
             .get(t.name.as_str())
             .map(Vec::as_slice)
             .unwrap_or(&[]);
@@ -205,7 +256,29 @@ pub fn vit_weights(path: &Path, model: &ModelProto) -> Result<VitWeights> {
         }
         renamed.push((t.name.clone(), name));
     }
+    Ok((tensors, renamed))
+}
 
+/// The prefix and block sizes of a ViT, read from its tensors and graph.
+struct VitSizes {
+    prefix: String,
+    layers: usize,
+    hidden_size: usize,
+    heads: usize,
+    mlp_size: usize,
+    layer_norm_eps: f64,
+}
+
+/// Find the prefix, width, MLP size and layer count in `tensors`, and the
+/// LayerNorm epsilon and head count in layer 0's nodes.
+fn vit_sizes(
+    path: &Path,
+    graph: &GraphProto,
+    index: &GraphIndex,
+    tensors: &Tensors,
+) -> Result<VitSizes> {
+    let err = |message: String| onnx_error(path, message);
+    let constants = &index.constants;
     let prefix = tensors
         .keys()
         .filter_map(|n| n.strip_suffix(VIT_ANCHOR))
@@ -270,7 +343,19 @@ pub fn vit_weights(path: &Path, model: &ModelProto) -> Result<VitWeights> {
                  [batch, tokens, heads, head size] with a constant head count dividing {hidden_size}"
             ))
         })?;
+    Ok(VitSizes {
+        prefix,
+        layers,
+        hidden_size,
+        heads,
+        mlp_size,
+        layer_norm_eps,
+    })
+}
 
+/// Serialise `tensors` as f32 safetensors bytes.
+fn to_safetensors(path: &Path, tensors: Tensors) -> Result<Vec<u8>> {
+    let err = |message: String| onnx_error(path, message);
     let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
         .into_iter()
         .map(|(name, (dims, values))| {
@@ -291,16 +376,6 @@ pub fn vit_weights(path: &Path, model: &ModelProto) -> Result<VitWeights> {
                 .map_err(|e| err(format!("`{name}`: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let safetensors = safetensors::tensor::serialize(views, None)
-        .map_err(|e| err(format!("cannot write the weights as safetensors: {e}")))?;
-    Ok(VitWeights {
-        safetensors,
-        prefix,
-        layers,
-        hidden_size,
-        heads,
-        mlp_size,
-        layer_norm_eps,
-        renamed,
-    })
+    safetensors::tensor::serialize(views, None)
+        .map_err(|e| err(format!("cannot write the weights as safetensors: {e}")))
 }
