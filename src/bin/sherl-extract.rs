@@ -83,8 +83,8 @@ enum Command {
     /// it found (counts, token lengths, per-layer statistics).
     Sample(Box<SampleArgs>),
     /// Prepare data: write paired image/caption tables for --task retrieval from the
-    /// emoji package (fetch-assets.sh emoji): images-<split>.csv and
-    /// captions-<split>.csv per split, split by emoji; prints one JSON line.
+    /// emoji package (fetch-assets.sh emoji): images-SPLIT.csv and
+    /// captions-SPLIT.csv per split, split by emoji; prints one JSON line.
     Pairs {
         /// The emoji package directory (emoji.json, img/google/64/).
         #[arg(long)]
