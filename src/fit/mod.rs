@@ -7,8 +7,11 @@
 //! - [`nn`]: the modules (BERT layer, embeddings, SHERL's consolidation and
 //!   restore gate, UniPT, head), each `load` + `forward` as in candle.
 //! - [`model`]: the model of each `--method`, composed from [`nn`].
-//! - [`train`]: the training loop; [`checks`] and [`memory`]: what is
-//!   refused before a run starts; [`eval`]: evaluation on one split.
+//! - [`trainer`]: the training loop both tasks share (epochs, optimisers,
+//!   schedule, clipping, best checkpoint, metrics, memory); [`train`]:
+//!   classification as its task ([`retrieval`] is the other); [`checks`]
+//!   and [`memory`]: what is refused before a run starts; [`eval`]:
+//!   evaluation on one split.
 //! - [`run_dir`]: the run directory's files (config.json, metrics.jsonl,
 //!   summary.json, error.json), one type each.
 //! - [`params`], [`metrics`]: the parameter store and the metrics (random
@@ -30,6 +33,7 @@ pub mod retrieval;
 pub mod run_dir;
 pub mod sweep;
 pub mod train;
+pub mod trainer;
 pub mod worker;
 
 use candle_core::Device;

@@ -62,7 +62,7 @@ pub(crate) fn check_weights(run: &Path, weights: &Path) -> Result<()> {
 /// The columns the run was trained on: recorded in its `config.json`, or,
 /// for runs written before that, read from the cache's manifest (when it
 /// is still where the run recorded it and is the cache the run was trained
-
+/// on), else the reader's defaults (`text`, `label`).
 pub(crate) fn trained_columns(cache: &RunCache) -> TrainedColumns {
     if let Some(columns) = &cache.columns {
         return columns.clone();
