@@ -377,13 +377,13 @@ pub struct SummaryView {
     pub method: Option<String>,
     /// [`Summary::seed`].
     pub seed: Option<u64>,
-    /// [`Summary::valid_accuracy`].
+    /// `valid_accuracy` of [`SummaryTask::Classification`].
     pub valid_accuracy: Option<f64>,
-    /// [`Summary::test_accuracy`].
+    /// `test_accuracy` of [`SummaryTask::Classification`].
     pub test_accuracy: Option<f64>,
-    /// [`Summary::valid_macro_f1`].
+    /// `valid_macro_f1` of [`SummaryTask::Classification`].
     pub valid_macro_f1: Option<f64>,
-    /// [`Summary::test_macro_f1`].
+    /// `test_macro_f1` of [`SummaryTask::Classification`].
     pub test_macro_f1: Option<f64>,
     /// [`Summary::trainable_params`].
     pub trainable_params: Option<u64>,
@@ -391,11 +391,11 @@ pub struct SummaryView {
     pub peak_rss_bytes: Option<u64>,
     /// [`Summary::seconds_per_epoch`].
     pub seconds_per_epoch: Option<f64>,
-    /// [`Summary::layer_weights`].
+    /// `layer_weights` of [`SummaryTask::Classification`].
     pub layer_weights: Option<Vec<f64>>,
-    /// [`Summary::layer_weight_layers`].
+    /// `layer_weight_layers` of [`SummaryTask::Classification`].
     pub layer_weight_layers: Option<Vec<usize>>,
-    /// [`Summary::cache`].
+    /// `cache` of [`SummaryTask::Classification`].
     pub cache: Option<String>,
 }
 
