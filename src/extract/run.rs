@@ -4,7 +4,7 @@
 //! same stages: the plan checked ([`super::plan`]), the backbone and its
 //! session opened, the inputs put in cache order ([`super::order`]),
 //! provenance recorded ([`super::provenance`]), the cache directory opened
-//! and scanned for `--resume` (`super::common::open_writer`), each
+//! and scanned for `--resume` (`common::open_writer`), each
 //! remaining shard written ([`super::pipeline`]) and sealed by rename,
 //! `manifest.json` last.
 

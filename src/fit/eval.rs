@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use super::batcher::{Batch, BatchPlan, Batches};
 use super::metrics::Tally;
 use super::model::{Inference, Model, Output};
-use super::train::{part_ranges, step_parts};
+use super::worker::{part_ranges, step_parts};
 use crate::cache::Cache;
 use crate::Result;
 

@@ -9,8 +9,11 @@
 //! - [`kernels`]: the hand-written CPU ops under [`nn`] (fused layers,
 //!   matrix products), exempt from the file and function size limits.
 //! - [`model`]: the model of each `--method`, composed from [`nn`].
-//! - [`train`]: the training loop; [`checks`] and [`memory`]: what is
-//!   refused before a run starts; [`eval`]: evaluation on one split.
+//! - [`trainer`]: the training loop both tasks share (epochs, optimisers,
+//!   schedule, clipping, best checkpoint, metrics, memory); [`train`]:
+//!   classification as its task ([`retrieval`] is the other); [`checks`]
+//!   and [`memory`]: what is refused before a run starts; [`eval`]:
+//!   evaluation on one split.
 //! - [`run_dir`]: the run directory's files (config.json, metrics.jsonl,
 //!   summary.json, error.json), one type each.
 //! - [`params`], [`metrics`]: the parameter store and the metrics (random
@@ -33,6 +36,7 @@ pub mod retrieval;
 pub mod run_dir;
 pub mod sweep;
 pub mod train;
+pub mod trainer;
 pub mod worker;
 
 use candle_core::Device;

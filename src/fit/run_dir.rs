@@ -2,13 +2,20 @@
 //! and read by this module:
 //!
 //! - [`RunConfig`]: `config.json`, written before training (the settings,
-//!   the model's shape, the labels, the cache it trains on);
+//!   the model's shape, the labels, the cache it trains on; a retrieval
+//!   run writes its own, see [`super::retrieval::train`]);
 //! - [`EpochMetrics`]: one line of `metrics.jsonl` per finished epoch;
 //! - [`Summary`]: `summary.json`, written when the run finished (also the
 //!   last stdout line of `sherl-fit run`);
 //! - [`RunError`]: `error.json`, written instead when the run stopped;
 //! - `weights.safetensors` (see [`super::params::Params::save`]) and the
 //!   lock file [`RUN_LOCK`].
+//!
+//! Both tasks, classification and retrieval, write the same
+//! [`EpochMetrics`] and [`Summary`]: the fields they share, and the task's
+//! own ([`EpochTask`], [`SummaryTask`]) flattened into the same JSON
+//! object, so the keys are those each task wrote when it had types of its
+//! own.
 //!
 //! Readers: [`RunConfig::read`] and [`recorded_weights_sha256`] (predict),
 //! [`Summary::read`] (a finished run is not re-run), [`SummaryView`] (the
@@ -19,14 +26,16 @@
 //! sorted at every level and single-precision settings are widened to f64
 //! (`dropout` 0.1 is stored as 0.10000000149011612), exactly as the files
 //! written by earlier versions; `summary.json` and `metrics.jsonl` keep the
-//! fields in declaration order.
+//! fields in declaration order, the task's section where it is flattened.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::data::args::TrainedColumns;
 use serde::{Deserialize, Serialize};
 
 use super::config::FitConfig;
+use super::retrieval::recall::Recall;
 use crate::cache::manifest::BackboneInfo;
 use crate::{Error, Result};
 
@@ -122,31 +131,67 @@ impl RunConfig {
     }
 }
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`: the fields both tasks write, and the
+/// task's own in [`EpochTask`] (flattened into the same JSON object, so a
+/// line reads as the lines written before the two tasks shared one type).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EpochMetrics {
     /// 1-based epoch.
     pub epoch: usize,
-    /// Mean training loss.
+    /// Mean training loss (per example for classification, per batch for
+    /// retrieval).
     pub train_loss: f64,
-    /// Training accuracy (with dropout on).
-    pub train_accuracy: f64,
-    /// Valid loss.
-    pub valid_loss: f64,
-    /// Valid accuracy.
-    pub valid_accuracy: f64,
-    /// Valid macro-F1.
-    pub valid_macro_f1: f64,
+    /// The task's scores and rates.
+    #[serde(flatten)]
+    pub task: EpochTask,
     /// Training seconds of this epoch (excluding evaluation).
     pub seconds: f64,
     /// Evaluation seconds.
     pub eval_seconds: f64,
-    /// Real training tokens per second.
-    pub tokens_per_second: f64,
     /// Learning rate (new modules) at the end of the epoch.
     pub lr: f64,
-    /// SHERL gate tanh(gamma / 0.1) at the end of the epoch.
-    pub gate: Option<f32>,
+}
+
+/// The task's part of an [`EpochMetrics`] line.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum EpochTask {
+    /// `sherl-fit run` (classification).
+    Classification {
+        /// Training accuracy (with dropout on).
+        train_accuracy: f64,
+        /// Valid loss.
+        valid_loss: f64,
+        /// Valid accuracy.
+        valid_accuracy: f64,
+        /// Valid macro-F1.
+        valid_macro_f1: f64,
+        /// Real training tokens per second.
+        tokens_per_second: f64,
+        /// SHERL gate tanh(gamma / 0.1) at the end of the epoch.
+        gate: Option<f32>,
+    },
+    /// `sherl-fit run --task retrieval`.
+    Retrieval {
+        /// Valid rsum.
+        valid_rsum: f64,
+        /// Valid Recall@K both ways.
+        valid: Recall,
+        /// Training pairs per second.
+        pairs_per_second: f64,
+        /// InfoNCE's scale (1 / temperature) at the end of the epoch.
+        scale: Option<f64>,
+    },
+}
+
+impl EpochTask {
+    /// The valid score the best epoch is chosen by: accuracy, or rsum.
+    pub fn selection(&self) -> f64 {
+        match self {
+            EpochTask::Classification { valid_accuracy, .. } => *valid_accuracy,
+            EpochTask::Retrieval { valid_rsum, .. } => *valid_rsum,
+        }
+    }
 }
 
 impl EpochMetrics {
@@ -156,30 +201,26 @@ impl EpochMetrics {
     }
 }
 
-/// `summary.json` and the last stdout line.
+/// `summary.json` and the last stdout line: the fields both tasks write,
+/// and the task's own in [`SummaryTask`] (flattened into the same object).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     /// Run id.
     pub run_id: String,
-    /// Method.
+    /// Method (`<image method>+<text method>` for retrieval).
     pub method: String,
     /// Seed.
     pub seed: u64,
-    /// Valid accuracy of the best checkpoint.
-    pub valid_accuracy: f64,
-    /// Test accuracy of the best checkpoint (null without a test split).
-    pub test_accuracy: Option<f64>,
-    /// Valid macro-F1 of the best checkpoint.
-    pub valid_macro_f1: f64,
-    /// Test macro-F1 of the best checkpoint.
-    pub test_macro_f1: Option<f64>,
+    /// The task's scores of the best checkpoint and its records.
+    #[serde(flatten)]
+    pub task: SummaryTask,
     /// Epoch of the best checkpoint (1-based).
     pub best_epoch: usize,
     /// Epochs run.
     pub epochs: usize,
-    /// Trainable parameters.
+    /// Trainable parameters (retrieval: both towers and the temperature).
     pub trainable_params: usize,
-    /// Frozen parameters loaded (pre-trained late layers).
+    /// Frozen parameters loaded (pre-trained late layers; both towers').
     pub frozen_params: usize,
     /// Peak resident memory of the process, bytes.
     pub peak_rss_bytes: u64,
@@ -187,20 +228,11 @@ pub struct Summary {
     pub train_seconds: f64,
     /// Mean training seconds per epoch.
     pub seconds_per_epoch: f64,
-    /// Real training tokens per second.
-    pub train_tokens_per_second: f64,
-    /// SHERL layer weights: alpha averaged over the valid split's real
-    /// tokens, one value per shallow early layer (`layer_weight_layers`).
-    pub layer_weights: Option<Vec<f64>>,
-    /// hidden_states indices of `layer_weights`.
-    pub layer_weight_layers: Option<Vec<usize>>,
     /// Run directory.
     pub run_dir: PathBuf,
-    /// Cache settings hash.
-    pub cache: String,
     /// sha256 of `weights.safetensors` (the best epoch's weights), checked
-    /// by `predict` before it uses them. Absent in runs written by sherl
-    /// before it was recorded.
+    /// by `predict` and `search` before they use them. Absent in
+    /// classification runs written by sherl before it was recorded.
     #[serde(default)]
     pub weights_sha256: Option<String>,
     /// Where it trained: `cpu` or `cuda:N` (absent in older runs).
@@ -216,6 +248,77 @@ pub struct Summary {
     /// without the tracking allocator, older runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_memory: Option<TrainMemory>,
+}
+
+/// The task's part of a [`Summary`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+// One value per run, written and read once: boxing the larger retrieval
+// section would save nothing worth the indirection.
+#[allow(clippy::large_enum_variant)]
+pub enum SummaryTask {
+    /// `sherl-fit run` (classification).
+    Classification {
+        /// Valid accuracy of the best checkpoint.
+        valid_accuracy: f64,
+        /// Test accuracy of the best checkpoint (null without a test split).
+        test_accuracy: Option<f64>,
+        /// Valid macro-F1 of the best checkpoint.
+        valid_macro_f1: f64,
+        /// Test macro-F1 of the best checkpoint.
+        test_macro_f1: Option<f64>,
+        /// Real training tokens per second.
+        train_tokens_per_second: f64,
+        /// SHERL layer weights: alpha averaged over the valid split's real
+        /// tokens, one value per shallow early layer (`layer_weight_layers`).
+        layer_weights: Option<Vec<f64>>,
+        /// hidden_states indices of `layer_weights`.
+        layer_weight_layers: Option<Vec<usize>>,
+        /// Cache settings hash.
+        cache: String,
+    },
+    /// `sherl-fit run --task retrieval`.
+    Retrieval {
+        /// Always [`TaskName::Retrieval`] (`"retrieval"`).
+        task: TaskName,
+        /// The image tower's method.
+        image_method: String,
+        /// The caption tower's method.
+        text_method: String,
+        /// Loss.
+        loss: String,
+        /// Joint width.
+        joint_dim: usize,
+        /// Valid rsum of the best checkpoint.
+        valid_rsum: f64,
+        /// Test rsum of the best checkpoint (null without a test split).
+        test_rsum: Option<f64>,
+        /// Valid Recall@K of the best checkpoint.
+        valid: Recall,
+        /// Test Recall@K of the best checkpoint.
+        test: Option<Recall>,
+        /// The image tower's trainable parameters.
+        image_trainable_params: usize,
+        /// The caption tower's trainable parameters.
+        text_trainable_params: usize,
+        /// Training pairs per second.
+        pairs_per_second: f64,
+        /// Train pairs (images) and captions, valid, test.
+        pairs: BTreeMap<String, [usize; 2]>,
+        /// Image cache settings hash.
+        image_cache: String,
+        /// Caption cache settings hash.
+        text_cache: String,
+    },
+}
+
+/// The `task` key of a retrieval summary (classification summaries have
+/// none, as before there were two tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskName {
+    /// `"retrieval"`.
+    Retrieval,
 }
 
 /// The training memory of a run, counted by the allocator
@@ -274,13 +377,13 @@ pub struct SummaryView {
     pub method: Option<String>,
     /// [`Summary::seed`].
     pub seed: Option<u64>,
-    /// [`Summary::valid_accuracy`].
+    /// `valid_accuracy` of [`SummaryTask::Classification`].
     pub valid_accuracy: Option<f64>,
-    /// [`Summary::test_accuracy`].
+    /// `test_accuracy` of [`SummaryTask::Classification`].
     pub test_accuracy: Option<f64>,
-    /// [`Summary::valid_macro_f1`].
+    /// `valid_macro_f1` of [`SummaryTask::Classification`].
     pub valid_macro_f1: Option<f64>,
-    /// [`Summary::test_macro_f1`].
+    /// `test_macro_f1` of [`SummaryTask::Classification`].
     pub test_macro_f1: Option<f64>,
     /// [`Summary::trainable_params`].
     pub trainable_params: Option<u64>,
@@ -288,11 +391,11 @@ pub struct SummaryView {
     pub peak_rss_bytes: Option<u64>,
     /// [`Summary::seconds_per_epoch`].
     pub seconds_per_epoch: Option<f64>,
-    /// [`Summary::layer_weights`].
+    /// `layer_weights` of [`SummaryTask::Classification`].
     pub layer_weights: Option<Vec<f64>>,
-    /// [`Summary::layer_weight_layers`].
+    /// `layer_weight_layers` of [`SummaryTask::Classification`].
     pub layer_weight_layers: Option<Vec<usize>>,
-    /// [`Summary::cache`].
+    /// `cache` of [`SummaryTask::Classification`].
     pub cache: Option<String>,
 }
 
@@ -380,6 +483,44 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Lines and summaries as sherl wrote them when classification and
+    /// retrieval had run-file types of their own (copied from runs of the
+    /// tests' fixtures): each reads into the shared type as its task and
+    /// writes back the same keys and values.
+    #[test]
+    fn run_files_of_both_tasks_read_back_unchanged() {
+        let cls_line = r#"{"epoch":1,"train_loss":1.1227791839175754,"train_accuracy":0.3333333333333333,"valid_loss":1.0929845571517944,"valid_accuracy":0.3888888888888889,"valid_macro_f1":0.28654970760233917,"seconds":0.014007578,"eval_seconds":0.016322821,"tokens_per_second":29341.260851804644,"lr":0.001,"gate":-0.019093042}"#;
+        let ret_line = r#"{"epoch":1,"train_loss":2.0723958611488342,"valid_rsum":425.0,"valid":{"i2t":[25.0,75.0,100.0],"t2i":[25.0,100.0,100.0],"rsum":425.0,"images":4,"captions":8},"seconds":0.002360906,"eval_seconds":0.000248109,"pairs_per_second":6777.059315364526,"lr":0.01,"scale":14.04160213470459}"#;
+        let cls_summary = r#"{"run_id": "sherl-e912c99d128c", "method": "sherl", "seed": 0, "valid_accuracy": 0.3888888888888889, "test_accuracy": 0.3333333333333333, "valid_macro_f1": 0.28654970760233917, "test_macro_f1": 0.28484848484848485, "best_epoch": 1, "epochs": 2, "trainable_params": 1301, "frozen_params": 8544, "peak_rss_bytes": 19812352, "train_seconds": 0.016988172, "seconds_per_epoch": 0.008494086, "train_tokens_per_second": 48386.60686976798, "layer_weights": [0.3993519936838458, 0.3619382550639491], "layer_weight_layers": [0, 1], "run_dir": "runs/sherl-e912c99d128c", "cache": "51fb7456", "weights_sha256": "e956f75f", "device": "cpu", "matmul": "gemm", "train_memory": {"trainable_state_bytes": 15612, "step_peak_bytes": 896746, "total_bytes": 912358}}"#;
+        let ret_summary = r#"{"task": "retrieval", "run_id": "retrieval-sherl-sherl-af397007c636", "method": "sherl+sherl", "image_method": "sherl", "text_method": "sherl", "loss": "infonce", "joint_dim": 16, "seed": 1, "valid_rsum": 425.0, "test_rsum": 425.0, "valid": {"i2t": [25.0, 75.0, 100.0], "t2i": [25.0, 100.0, 100.0], "rsum": 425.0, "images": 4, "captions": 8}, "test": {"i2t": [25.0, 75.0, 100.0], "t2i": [25.0, 100.0, 100.0], "rsum": 425.0, "images": 4, "captions": 8}, "best_epoch": 1, "epochs": 4, "trainable_params": 1963, "image_trainable_params": 232, "text_trainable_params": 1730, "frozen_params": 9160, "peak_rss_bytes": 18919424, "train_seconds": 0.014124002, "seconds_per_epoch": 0.0035310005, "pairs_per_second": 4531.293609275898, "pairs": {"test": [4, 8], "train": [16, 32], "valid": [4, 8]}, "run_dir": "runs/retrieval-sherl-sherl-af397007c636", "image_cache": "fa6a95ac", "text_cache": "edd90ae2", "weights_sha256": "d623eb36", "device": "cpu", "matmul": "gemm", "train_memory": {"trainable_state_bytes": 23556, "step_peak_bytes": 2357235, "total_bytes": 2380791}}"#;
+        let value = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+        for (text, retrieval) in [(cls_line, false), (ret_line, true)] {
+            let m: EpochMetrics = serde_json::from_str(text).unwrap();
+            assert_eq!(matches!(m.task, EpochTask::Retrieval { .. }), retrieval);
+            assert_eq!(value(&m.line()), value(text));
+        }
+        assert_eq!(
+            serde_json::from_str::<EpochMetrics>(ret_line)
+                .unwrap()
+                .task
+                .selection(),
+            425.0
+        );
+        for (text, retrieval) in [(cls_summary, false), (ret_summary, true)] {
+            let s: Summary = serde_json::from_str(text).unwrap();
+            assert_eq!(matches!(s.task, SummaryTask::Retrieval { .. }), retrieval);
+            assert_eq!(serde_json::to_value(&s).unwrap(), value(text));
+        }
+        // A classification summary from before the checksum, device and
+        // memory were recorded still reads.
+        let mut old = value(cls_summary);
+        for k in ["weights_sha256", "device", "matmul", "train_memory"] {
+            old.as_object_mut().unwrap().remove(k);
+        }
+        let s: Summary = serde_json::from_value(old).unwrap();
+        assert!(s.weights_sha256.is_none() && s.train_memory.is_none());
+    }
 
     #[test]
     fn run_error_keys_are_sorted_as_before() {

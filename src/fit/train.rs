@@ -1,8 +1,10 @@
-//! `sherl-fit run`: train one model from the cache, evaluate on the valid
-//! split every epoch, keep the best checkpoint, score the test split with
-//! it, and write the run directory (the files are typed in
-//! [`super::run_dir`]; the checks before a run are in [`super::checks`] and
-//! [`super::memory`], evaluation in [`super::eval`]).
+//! `sherl-fit run`: classification as a [`Task`] of the
+//! [`super::trainer::Trainer`]: batches streamed from one cache,
+//! cross-entropy, accuracy and macro-F1 on the valid split (the best epoch
+//! by valid accuracy), the test split scored with the best checkpoint. The
+//! checks before a run are in [`super::checks`] and [`super::memory`],
+//! evaluation in [`super::eval`], the run directory's files in
+//! [`super::run_dir`].
 //!
 //! Run directory `RUNS/<run id>/`: `config.json` (written before training),
 //! `metrics.jsonl` (one line per epoch, flushed as it is written),
@@ -12,37 +14,32 @@
 //! stopped on bad numbers or input, with the reason).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Device, Tensor};
-use candle_nn::optim::ParamsAdamW;
-
-use super::optim::{clip_scale, AdamW};
+use candle_core::{Device, Tensor, Var};
 
 use super::batcher::{split_len, Batch, BatchPlan, Batches};
 use super::checks::{check_backbone, model_spec, split_id};
 use super::config::FitConfig;
 use super::eval::{argmax, evaluate};
 use super::kernels::direct_grads::{Collected, Collector};
-use super::memory::{check_memory, memory_estimate, peak_rss_bytes};
+use super::memory::{check_memory, memory_estimate};
 use super::metrics::Tally;
 use super::model::{Method, Model, Shared};
 use super::nn::Mode;
-use super::params::{Group, Params};
-use super::run_dir::{
-    EpochMetrics, RunCache, RunConfig, RunError, RunModel, Summary, ERROR_FILE, METRICS_FILE,
-    RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
-};
+use super::params::Group;
+use super::run_dir::{EpochTask, RunCache, RunConfig, RunModel, Summary, SummaryTask};
+use super::trainer::{Claim, EpochEval, ParamGroup, Task, TaskSummary, Trainer};
+pub use super::trainer::{FitReporter, LogReporter};
+use super::worker::{part_ranges, step_parts};
 use crate::backbone::BackboneDir;
 use crate::cache::Cache;
 use crate::data::args::TrainedColumns;
 use crate::fit::error::FitError;
-use crate::rng::{SplitMix64, Stream};
-use crate::{Error, Result};
+use crate::rng::SplitMix64;
+use crate::Result;
 
 /// What `run` needs.
 #[derive(Debug, Clone)]
@@ -62,26 +59,6 @@ pub struct FitPlan {
     /// Threads that run the parts of a CPU batch side by side (see
     /// [`step_parts`]); 1 runs them one after the other.
     pub workers: usize,
-}
-
-/// Parts a training batch is split into on the CPU: two, always, so that
-/// results do not depend on the thread count; on a GPU one.
-pub fn step_parts(dev: &Device) -> usize {
-    if dev.is_cpu() {
-        2
-    } else {
-        1
-    }
-}
-
-/// Row ranges of `parts` near-equal consecutive parts of `n` examples (no
-/// empty part).
-pub fn part_ranges(n: usize, parts: usize) -> Vec<std::ops::Range<usize>> {
-    let parts = parts.clamp(1, n.max(1));
-    (0..parts)
-        .map(|k| (k * n / parts)..((k + 1) * n / parts))
-        .filter(|r| !r.is_empty())
-        .collect()
 }
 
 /// Forward and backward of one training batch: the loss (the batch mean),
@@ -177,40 +154,12 @@ fn backward(loss: &Tensor) -> Result<(GradStore, Collected)> {
     Ok((grads, collector.finish()?))
 }
 
-/// Progress callbacks (drawn by the binary).
-pub trait FitReporter {
-    /// An epoch begins with about `steps` steps.
-    fn epoch_start(&self, epoch: usize, epochs: usize, steps: u64);
-    /// One optimisation step finished with this loss.
-    fn step(&self, loss: f32);
-    /// The epoch's metrics.
-    fn epoch_end(&self, m: &EpochMetrics);
-    /// A line for the user.
-    fn note(&self, message: &str);
-}
-
-/// A reporter that only logs.
-#[derive(Debug, Default)]
-pub struct LogReporter;
-
-impl FitReporter for LogReporter {
-    fn epoch_start(&self, _: usize, _: usize, _: u64) {}
-    fn step(&self, _: f32) {}
-    fn epoch_end(&self, m: &EpochMetrics) {
-        tracing::info!(
-            "epoch {}: train loss {:.4} acc {:.4} | valid loss {:.4} acc {:.4} F1 {:.4} | {:.1}s",
-            m.epoch,
-            m.train_loss,
-            m.train_accuracy,
-            m.valid_loss,
-            m.valid_accuracy,
-            m.valid_macro_f1,
-            m.seconds
-        );
-    }
-    fn note(&self, message: &str) {
-        tracing::info!("{message}");
-    }
+/// The three splits of a classification run (cache split ids).
+#[derive(Debug, Clone, Copy)]
+struct Splits {
+    train: u32,
+    valid: u32,
+    test: Option<u32>,
 }
 
 /// Run (or, if `summary.json` exists, return) the run described by `plan`.
@@ -229,34 +178,16 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let dir = BackboneDir::open(&plan.backbone)?;
     let (arch, ckpt) = check_backbone(&cache, &dir)?;
     let spec = model_spec(cfg, &cache, &arch)?;
-
-    let train_split = split_id(&cache, &["train"]).ok_or_else(|| {
-        FitError::cache_lacks(format!(
-            "{}: no examples in a 'train' split (splits: {:?})",
-            plan.cache.display(),
-            m.splits
-        ))
-    })?;
-    let valid_split = split_id(&cache, crate::data::VALID_SPLIT_NAMES).ok_or_else(|| {
-        FitError::cache_lacks(format!(
-            "{}: no examples in a 'valid' split (splits: {:?}); extract with --split or --valid",
-            plan.cache.display(),
-            m.splits
-        ))
-    })?;
-    let test_split = split_id(&cache, &["test"]);
-    if test_split.is_none() {
-        reporter.note("the cache has no 'test' split: test metrics will be null");
-    }
-
+    let splits = splits(plan, &cache, reporter)?;
     let run_id = cfg.run_id(&m.settings_hash);
-    let run_dir = plan.out.join(&run_id);
-    let summary_path = run_dir.join(SUMMARY_FILE);
-    if let Some(s) = Summary::read(&run_dir)? {
-        reporter.note(&format!(
-            "{run_id}: already complete ({}), not re-run",
-            summary_path.display()
-        ));
+    let trainer = Trainer {
+        config: cfg,
+        run_dir: plan.out.join(&run_id),
+        run_id,
+        device: &plan.device,
+        reporter,
+    };
+    if let Some(s) = trainer.finished()? {
         return Ok(s);
     }
     // Everything that can refuse the run is checked before the run
@@ -287,30 +218,10 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
                 .expect("Model::build checked the layers are cached")
         })
         .collect();
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    // One process per run directory: a second `run` (or a second sweep on
-    // the same --out) is refused while the first holds the lock, and the
-    // operating system releases it when the holder dies, however it dies.
-    let _lock =
-        crate::fsutil::DirLock::try_acquire(&run_dir, RUN_LOCK)?.ok_or_else(|| Error::Locked {
-            path: run_dir.clone(),
-            what: "this run",
-            lock: run_dir.join(RUN_LOCK),
-        })?;
-    // It may have finished while we waited for nothing: look again under the lock.
-    if let Some(s) = Summary::read(&run_dir)? {
-        reporter.note(&format!(
-            "{run_id}: already complete ({}), not re-run",
-            summary_path.display()
-        ));
-        return Ok(s);
-    }
-    for stale in [METRICS_FILE, ERROR_FILE, WEIGHTS_FILE] {
-        let p = run_dir.join(stale);
-        if p.exists() {
-            std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
-        }
-    }
+    let _lock = match trainer.claim(&[])? {
+        Claim::Finished(s) => return Ok(*s),
+        Claim::Held(lock) => lock,
+    };
     RunConfig {
         cache: RunCache {
             backbone: m.backbone.clone(),
@@ -332,285 +243,227 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
             side_dim: spec.side_dim,
             trainable_params: model.params.trainable_count(),
         },
-        run_id: run_id.clone(),
+        run_id: trainer.run_id.clone(),
         sherl_version: env!("CARGO_PKG_VERSION").to_owned(),
     }
-    .write(&run_dir)?;
-
-    let outcome = train_loop(
-        plan,
-        &cache,
-        &model,
-        &positions,
-        train_split,
-        valid_split,
-        test_split,
-        &run_dir,
-        reporter,
-    );
-    match outcome {
-        Ok(mut s) => {
-            s.run_id = run_id;
-            s.run_dir = run_dir.clone();
-            s.cache = m.settings_hash.clone();
-            s.write(&run_dir)?;
-            Ok(s)
-        }
-        Err(e) => {
-            // Keep what was written (metrics, best weights) and say why it
-            // stopped.
-            RunError::record(&run_dir, &run_id, &e);
-            Err(e)
-        }
-    }
+    .write(&trainer.run_dir)?;
+    trainer.fit(&mut Classification::new(
+        plan, &cache, &model, positions, splits,
+    ))
 }
 
-/// Why training stopped on a non-finite loss, with the settings that can
-/// cause it and, only when there are some, where the best weights are.
-fn diverged_message(
-    loss: f32,
-    epoch: usize,
-    step: usize,
-    cfg: &FitConfig,
-    trains_pretrained: bool,
-    kept: Option<&Path>,
-) -> String {
-    let mut causes = vec![format!("--lr {}", cfg.lr)];
-    if trains_pretrained && cfg.lr_pretrained > 0.0 {
-        causes.push(format!("--lr-pretrained {}", cfg.lr_pretrained));
+/// The cache's train, valid and test splits (a note when there is no
+/// test split); refused without train or valid.
+fn splits(plan: &FitPlan, cache: &Cache, reporter: &dyn FitReporter) -> Result<Splits> {
+    let names = &cache.manifest().splits;
+    let train = split_id(cache, &["train"]).ok_or_else(|| {
+        FitError::cache_lacks(format!(
+            "{}: no examples in a 'train' split (splits: {names:?})",
+            plan.cache.display(),
+        ))
+    })?;
+    let valid = split_id(cache, crate::data::VALID_SPLIT_NAMES).ok_or_else(|| {
+        FitError::cache_lacks(format!(
+            "{}: no examples in a 'valid' split (splits: {names:?}); extract with --split or --valid",
+            plan.cache.display(),
+        ))
+    })?;
+    let test = split_id(cache, &["test"]);
+    if test.is_none() {
+        reporter.note("the cache has no 'test' split: test metrics will be null");
     }
-    if cfg.weight_decay > 0.0 {
-        causes.push(format!("--weight-decay {}", cfg.weight_decay));
-    }
-    let clip = if cfg.grad_clip > 0.0 {
-        format!("lower --grad-clip (now {})", cfg.grad_clip)
-    } else {
-        "set --grad-clip (now off), e.g. 1.0".to_string()
-    };
-    let kept = match kept {
-        Some(p) => format!("the best weights so far are kept in {}", p.display()),
-        None => "no epoch finished, so no weights were kept".to_string(),
-    };
-    format!(
-        "training loss became {loss} at epoch {epoch}, step {step}; lower one of {} or {clip}; {kept}",
-        causes.join(", ")
-    )
+    Ok(Splits { train, valid, test })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn train_loop(
-    plan: &FitPlan,
-    cache: &Arc<Cache>,
-    model: &Model,
-    positions: &[usize],
-    train_split: u32,
-    valid_split: u32,
-    test_split: Option<u32>,
-    run_dir: &Path,
-    reporter: &dyn FitReporter,
-) -> Result<Summary> {
-    let cfg = &plan.config;
-    let classes = model.spec().classes;
-    let new_vars = model.params.vars(Group::New);
-    let pre_vars = model.params.vars(Group::Pretrained);
-    let all_vars: Vec<_> = new_vars.iter().chain(pre_vars.iter()).cloned().collect();
-    let mut opt_new = AdamW::new(
-        new_vars,
-        ParamsAdamW {
-            lr: cfg.lr,
-            weight_decay: cfg.weight_decay,
-            ..Default::default()
-        },
-    )?;
-    let mut opt_pre = if pre_vars.is_empty() {
-        None
-    } else {
-        Some(AdamW::new(
-            pre_vars,
-            ParamsAdamW {
-                lr: cfg.lr_pretrained,
-                weight_decay: cfg.weight_decay,
-                ..Default::default()
-            },
-        )?)
-    };
-    let n_train = cfg
-        .train_examples
-        .map_or(split_len(cache, train_split) as usize, |n| {
-            n.min(split_len(cache, train_split) as usize)
-        });
-    let steps_per_epoch = n_train.div_ceil(cfg.batch_size);
-    let total_steps = steps_per_epoch * cfg.epochs;
-    let mut dropout_rng = SplitMix64::for_stream(cfg.seed, Stream::Dropout);
-    let metrics_path = run_dir.join(METRICS_FILE);
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
-    let weights_path = run_dir.join(WEIGHTS_FILE);
-    let mut best: Option<(f64, usize, BTreeMap<String, Tensor>)> = None;
-    let mut weights_sha256 = String::new();
-    let mut step = 0usize;
-    let mut step_peak: Option<u64> = None;
-    let mut train_seconds = 0.0;
-    let mut train_tokens = 0usize;
-    let batch_plan = |split: u32, shuffle: Option<(u64, u64)>| BatchPlan {
-        split,
-        positions: positions.to_vec(),
-        batch_size: if shuffle.is_some() {
-            cfg.batch_size
-        } else {
-            cfg.batch_size.max(64)
-        },
-        max_tokens: cfg.max_tokens_per_batch,
-        shuffle,
-        buffer_chunks: cfg.shuffle_chunks,
-        subset: if split == train_split {
-            cfg.train_examples.map(|n| (cfg.seed, n))
-        } else {
-            None
-        },
-        threads: plan.decode_threads.max(1),
-    };
-    for epoch in 1..=cfg.epochs {
-        let _span = tracing::info_span!("epoch", n = epoch).entered();
-        reporter.epoch_start(epoch, cfg.epochs, steps_per_epoch as u64);
-        let t = Instant::now();
-        let mut tally = Tally::new(classes);
-        let mut tokens = 0usize;
-        let mut lr_now = cfg.lr;
-        for batch in Batches::new(
-            cache,
-            batch_plan(train_split, Some((cfg.seed, epoch as u64))),
-            &plan.device,
-        )? {
-            let batch = batch?;
-            // The step's own memory: everything allocated from here to the
-            // optimiser's update (super::alloc_track).
-            let counted = super::alloc_track::StepWindow::start();
-            let (loss_v, preds, mut grads) = forward_backward(
-                model,
-                &batch,
-                &mut dropout_rng,
-                step_parts(&plan.device),
-                plan.workers,
-                &all_vars,
-            )?;
-            if !loss_v.is_finite() {
-                return Err(Error::Diverged(diverged_message(
-                    loss_v,
-                    epoch,
-                    step,
-                    cfg,
-                    opt_pre.is_some(),
-                    best.as_ref().map(|_| weights_path.as_path()),
-                )));
-            }
-            let clip = if cfg.grad_clip > 0.0 {
-                clip_scale(&grads, &all_vars, cfg.grad_clip)?.1
-            } else {
-                None
-            };
-            let mult = cfg.schedule(step.min(total_steps.saturating_sub(1)), total_steps.max(1));
-            lr_now = cfg.lr * mult;
-            opt_new.set_learning_rate(lr_now);
-            opt_new.step(&mut grads, clip)?;
-            if let Some(o) = opt_pre.as_mut() {
-                o.set_learning_rate(cfg.lr_pretrained * mult);
-                o.step(&mut grads, clip)?;
-            }
-            drop(grads);
-            counted.finish(&mut step_peak);
-            step += 1;
-            tokens += batch.tokens;
-            tally.add(f64::from(loss_v), &preds, &batch.label_vec);
-            reporter.step(loss_v);
-        }
-        let secs = t.elapsed().as_secs_f64();
-        train_seconds += secs;
-        train_tokens += tokens;
-        let te = Instant::now();
-        let (valid, _) = evaluate(
+/// Classification as a [`Task`].
+struct Classification<'a> {
+    plan: &'a FitPlan,
+    cache: &'a Arc<Cache>,
+    model: &'a Model,
+    /// Cache positions of the model's inputs.
+    positions: Vec<usize>,
+    splits: Splits,
+    steps_per_epoch: usize,
+    /// The epoch's training batches, while it runs.
+    batches: Option<Batches>,
+    /// The epoch's training loss and predictions.
+    tally: Tally,
+    /// The epoch's real training tokens.
+    tokens: usize,
+    /// All epochs' real training tokens.
+    train_tokens: usize,
+}
+
+impl<'a> Classification<'a> {
+    fn new(
+        plan: &'a FitPlan,
+        cache: &'a Arc<Cache>,
+        model: &'a Model,
+        positions: Vec<usize>,
+        splits: Splits,
+    ) -> Self {
+        let cfg = &plan.config;
+        let in_split = split_len(cache, splits.train) as usize;
+        let n_train = cfg.train_examples.map_or(in_split, |n| n.min(in_split));
+        Classification {
+            plan,
             cache,
             model,
-            batch_plan(valid_split, None),
-            &plan.device,
-            false,
-            plan.workers,
-        )?;
-        let em = EpochMetrics {
-            epoch,
-            train_loss: tally.loss(),
-            train_accuracy: tally.accuracy(),
-            valid_loss: valid.loss(),
-            valid_accuracy: valid.accuracy(),
-            valid_macro_f1: valid.macro_f1(),
-            seconds: secs,
-            eval_seconds: te.elapsed().as_secs_f64(),
-            tokens_per_second: tokens as f64 / secs.max(1e-9),
-            lr: lr_now,
-            gate: model.gate()?,
-        };
-        writeln!(metrics_file, "{}", em.line())
-            .and_then(|_| metrics_file.flush())
-            .map_err(|e| Error::io(&metrics_path, e))?;
-        reporter.epoch_end(&em);
-        if best.as_ref().is_none_or(|b| em.valid_accuracy > b.0) {
-            let snap = model.params.snapshot()?;
-            weights_sha256 = Params::save(&snap, &weights_path)?;
-            best = Some((em.valid_accuracy, epoch, snap));
+            positions,
+            splits,
+            steps_per_epoch: n_train.div_ceil(cfg.batch_size),
+            batches: None,
+            tally: Tally::new(model.spec().classes),
+            tokens: 0,
+            train_tokens: 0,
         }
     }
-    let (_, best_epoch, snap) = best.expect("at least one epoch ran");
-    model.params.restore(&snap, &weights_path)?;
-    let (valid, weights) = evaluate(
-        cache,
-        model,
-        batch_plan(valid_split, None),
-        &plan.device,
-        true,
-        plan.workers,
-    )?;
-    let test = match test_split {
-        Some(s) => Some(
-            evaluate(
-                cache,
-                model,
-                batch_plan(s, None),
-                &plan.device,
-                false,
-                plan.workers,
-            )?
-            .0,
-        ),
-        None => None,
-    };
-    let layer_weight_layers = (model.spec().method == Method::Sherl).then(|| {
-        let e = &model.spec().early_layers;
-        e[..e.len() - 1].to_vec()
-    });
-    Ok(Summary {
-        run_id: String::new(),
-        method: model.spec().method.name().into(),
-        seed: cfg.seed,
-        valid_accuracy: valid.accuracy(),
-        test_accuracy: test.as_ref().map(Tally::accuracy),
-        valid_macro_f1: valid.macro_f1(),
-        test_macro_f1: test.as_ref().map(Tally::macro_f1),
-        best_epoch,
-        epochs: cfg.epochs,
-        trainable_params: model.params.trainable_count(),
-        frozen_params: model.params.frozen_count(),
-        peak_rss_bytes: peak_rss_bytes(),
-        train_seconds,
-        seconds_per_epoch: train_seconds / cfg.epochs as f64,
-        train_tokens_per_second: train_tokens as f64 / train_seconds.max(1e-9),
-        layer_weights: weights,
-        layer_weight_layers,
-        run_dir: PathBuf::new(),
-        cache: String::new(),
-        weights_sha256: Some(weights_sha256),
-        device: Some(crate::fit::device_name(&plan.device)),
-        matmul: plan.device.is_cpu().then(crate::fit::kernels::gemm::kernel),
-        train_memory: step_peak
-            .map(|p| super::run_dir::TrainMemory::new(model.params.trainable_count(), p)),
-    })
+
+    /// Batches of `split`: shuffled with `shuffle` (training), or in cache
+    /// order in batches of at least 64 (evaluation).
+    fn batch_plan(&self, split: u32, shuffle: Option<(u64, u64)>) -> BatchPlan {
+        let cfg = &self.plan.config;
+        BatchPlan {
+            split,
+            positions: self.positions.clone(),
+            batch_size: if shuffle.is_some() {
+                cfg.batch_size
+            } else {
+                cfg.batch_size.max(64)
+            },
+            max_tokens: cfg.max_tokens_per_batch,
+            shuffle,
+            buffer_chunks: cfg.shuffle_chunks,
+            subset: if split == self.splits.train {
+                cfg.train_examples.map(|n| (cfg.seed, n))
+            } else {
+                None
+            },
+            threads: self.plan.decode_threads.max(1),
+        }
+    }
+
+    /// Loss, accuracy and macro-F1 of `split` (no dropout), and with
+    /// `alpha` SHERL's layer weights averaged over its real tokens.
+    fn evaluate(&self, split: u32, alpha: bool) -> Result<(Tally, Option<Vec<f64>>)> {
+        evaluate(
+            self.cache,
+            self.model,
+            self.batch_plan(split, None),
+            &self.plan.device,
+            alpha,
+            self.plan.workers,
+        )
+    }
+}
+
+impl Task for Classification<'_> {
+    type Batch = Batch;
+
+    fn param_groups(&self) -> Vec<ParamGroup> {
+        let weight_decay = self.plan.config.weight_decay;
+        [Group::New, Group::Pretrained]
+            .into_iter()
+            .map(|g| ParamGroup {
+                lr: g,
+                vars: self.model.params.vars(g),
+                weight_decay,
+            })
+            .collect()
+    }
+
+    fn steps_per_epoch(&self) -> usize {
+        self.steps_per_epoch
+    }
+
+    fn start_epoch(&mut self, epoch: usize) -> Result<()> {
+        self.tally = Tally::new(self.model.spec().classes);
+        self.tokens = 0;
+        let shuffle = Some((self.plan.config.seed, epoch as u64));
+        self.batches = Some(Batches::new(
+            self.cache,
+            self.batch_plan(self.splits.train, shuffle),
+            &self.plan.device,
+        )?);
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let next = self.batches.as_mut().and_then(Iterator::next).transpose()?;
+        if next.is_none() {
+            self.batches = None;
+        }
+        Ok(next)
+    }
+
+    fn forward_backward(
+        &mut self,
+        batch: &Batch,
+        dropout: &mut SplitMix64,
+        vars: &[Var],
+    ) -> Result<(f32, GradStore)> {
+        let (loss, preds, grads) = forward_backward(
+            self.model,
+            batch,
+            dropout,
+            step_parts(&self.plan.device),
+            self.plan.workers,
+            vars,
+        )?;
+        self.tokens += batch.tokens;
+        self.tally.add(f64::from(loss), &preds, &batch.label_vec);
+        Ok((loss, grads))
+    }
+
+    fn end_epoch(&mut self, seconds: f64) -> Result<EpochEval> {
+        self.train_tokens += self.tokens;
+        let (valid, _) = self.evaluate(self.splits.valid, false)?;
+        Ok(EpochEval {
+            train_loss: self.tally.loss(),
+            task: EpochTask::Classification {
+                train_accuracy: self.tally.accuracy(),
+                valid_loss: valid.loss(),
+                valid_accuracy: valid.accuracy(),
+                valid_macro_f1: valid.macro_f1(),
+                tokens_per_second: self.tokens as f64 / seconds.max(1e-9),
+                gate: self.model.gate()?,
+            },
+        })
+    }
+
+    fn snapshot(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.model.params.snapshot()
+    }
+
+    fn restore(&self, weights: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
+        self.model.params.restore(weights, source)
+    }
+
+    fn finish(&mut self, _run_dir: &Path, train_seconds: f64) -> Result<TaskSummary> {
+        let (valid, weights) = self.evaluate(self.splits.valid, true)?;
+        let test = match self.splits.test {
+            Some(s) => Some(self.evaluate(s, false)?.0),
+            None => None,
+        };
+        let spec = self.model.spec();
+        let layer_weight_layers = (spec.method == Method::Sherl).then(|| {
+            let e = &spec.early_layers;
+            e[..e.len() - 1].to_vec()
+        });
+        Ok(TaskSummary {
+            method: spec.method.name().into(),
+            trainable_params: self.model.params.trainable_count(),
+            frozen_params: self.model.params.frozen_count(),
+            task: SummaryTask::Classification {
+                valid_accuracy: valid.accuracy(),
+                test_accuracy: test.as_ref().map(Tally::accuracy),
+                valid_macro_f1: valid.macro_f1(),
+                test_macro_f1: test.as_ref().map(Tally::macro_f1),
+                train_tokens_per_second: self.train_tokens as f64 / train_seconds.max(1e-9),
+                layer_weights: weights,
+                layer_weight_layers,
+                cache: self.cache.manifest().settings_hash.clone(),
+            },
+        })
+    }
 }

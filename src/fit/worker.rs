@@ -1,5 +1,6 @@
 //! One long-lived helper thread for the second part of a CPU batch
-//! ([`super::train::forward_backward`], [`super::eval::forward_in_parts`]).
+//! ([`super::train::forward_backward`], [`super::eval::forward_in_parts`]),
+//! and how a batch is cut into parts ([`step_parts`], [`part_ranges`]).
 //!
 //! A thread spawned per step would start each step with an empty allocator
 //! heap and hand its pages back when it ends: the kernel then clears fresh
@@ -12,6 +13,26 @@ use std::sync::{Mutex, OnceLock};
 
 use crate::fit::error::FitError;
 use crate::Result;
+
+/// Parts a training batch is split into on the CPU: two, always, so that
+/// results do not depend on the thread count; on a GPU one.
+pub fn step_parts(dev: &candle_core::Device) -> usize {
+    if dev.is_cpu() {
+        2
+    } else {
+        1
+    }
+}
+
+/// Row ranges of `parts` near-equal consecutive parts of `n` examples (no
+/// empty part).
+pub fn part_ranges(n: usize, parts: usize) -> Vec<Range<usize>> {
+    let parts = parts.clamp(1, n.max(1));
+    (0..parts)
+        .map(|k| (k * n / parts)..((k + 1) * n / parts))
+        .filter(|r| !r.is_empty())
+        .collect()
+}
 
 type Job = Box<dyn FnOnce() + Send + 'static>;
 

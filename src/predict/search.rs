@@ -35,7 +35,7 @@ use crate::fit::retrieval::config::RetrievalConfig;
 use crate::fit::retrieval::join::{entries, join_caches};
 use crate::fit::retrieval::loss::{l2_normalize, INIT_LOG_SCALE};
 use crate::fit::retrieval::tables::table_column;
-use crate::fit::retrieval::train::{embed, restore, tower, Tower};
+use crate::fit::retrieval::tower::{embed, restore, tower, Tower};
 use crate::fit::run_dir;
 use crate::rng::SplitMix64;
 use crate::{Error, Result};

@@ -11,14 +11,21 @@
 //!   first mismatch.
 //! - [`config`]: the towers, the joint width, the loss; `--task` and the
 //!   retrieval flags.
-//! - [`train`]: the run: both towers trained together, Recall@K on valid
-//!   every epoch, the best epoch by valid rsum scored on test.
+//! - [`tower`]: one tower (its cache, model, cached-example reader and
+//!   embeddings) and both towers' weights as one file.
+//! - [`train`]: the run, a task of [`crate::fit::trainer`]: both towers
+//!   trained together, Recall@K on valid every epoch, the best epoch by
+//!   valid rsum scored on test.
+//! - [`examples`]: `examples.json`, a few test queries with their top
+//!   images.
 //! - [`tables`]: image files and captions by id, from the tables the
 //!   caches were extracted from.
 
 pub mod config;
+pub mod examples;
 pub mod join;
 pub mod loss;
 pub mod recall;
 pub mod tables;
+pub mod tower;
 pub mod train;

@@ -17,7 +17,7 @@ use plotters::prelude::*;
 
 use super::plot::{draw_error, ensure_font, Picture};
 use super::retrieval::RetrievalGroupRow;
-use crate::fit::retrieval::train::{QueryExample, EXAMPLES_FILE};
+use crate::fit::retrieval::examples::{QueryExample, EXAMPLES_FILE};
 use crate::{Error, Result};
 
 /// The picture's file stem.
