@@ -13,6 +13,7 @@ mod hardening;
 mod image_cache;
 mod images;
 mod layers;
+mod methods;
 mod mpnet;
 mod peft;
 mod predict;

@@ -6,6 +6,8 @@
 //! - [`batcher`]: batches streamed from the mapped cache.
 //! - [`nn`]: the modules (BERT layer, embeddings, SHERL's consolidation and
 //!   restore gate, UniPT, head), each `load` + `forward` as in candle.
+//! - [`method`]: the method table: each method's settings, flags and
+//!   resolved spec.
 //! - [`model`]: the model of each `--method`, composed from [`nn`].
 //! - [`train`]: the training loop; [`checks`] and [`memory`]: what is
 //!   refused before a run starts; [`eval`]: evaluation on one split.
@@ -21,6 +23,7 @@ pub mod config;
 pub mod error;
 pub mod eval;
 pub mod memory;
+pub mod method;
 pub mod metrics;
 pub mod model;
 pub mod nn;

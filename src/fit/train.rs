@@ -29,7 +29,7 @@ use super::config::FitConfig;
 use super::eval::{argmax, evaluate};
 use super::memory::{check_memory, memory_estimate, peak_rss_bytes};
 use super::metrics::Tally;
-use super::model::{Method, Model, Shared};
+use super::model::{Model, Shared};
 use super::nn::direct_grads::{Collected, Collector};
 use super::nn::Mode;
 use super::params::{Group, Params};
@@ -229,7 +229,6 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
     let dir = BackboneDir::open(&plan.backbone)?;
     let (arch, ckpt) = check_backbone(&cache, &dir)?;
     let spec = model_spec(cfg, &cache, &arch)?;
-
     let train_split = split_id(&cache, &["train"]).ok_or_else(|| {
         FitError::cache_lacks(format!(
             "{}: no examples in a 'train' split (splits: {:?})",
@@ -325,15 +324,16 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
         labels: m.labels.clone(),
         model: RunModel {
             classes: spec.classes,
-            early_layers: spec.early_layers.clone(),
+            early_layers: spec.method.early_layers().unwrap_or_default().to_vec(),
             frozen_params: model.params.frozen_count(),
             inputs,
-            probe_layer: spec.probe_layer,
-            side_dim: spec.side_dim,
+            probe_layer: spec.method.probe_layer().unwrap_or(arch.num_layers()),
+            side_dim: spec.method.side_dim().unwrap_or(0),
             trainable_params: model.params.trainable_count(),
         },
         run_id: run_id.clone(),
         sherl_version: env!("CARGO_PKG_VERSION").to_owned(),
+        spec: Some(spec.clone()),
     }
     .write(&run_dir)?;
 
@@ -583,13 +583,14 @@ fn train_loop(
         ),
         None => None,
     };
-    let layer_weight_layers = (model.spec().method == Method::Sherl).then(|| {
-        let e = &model.spec().early_layers;
-        e[..e.len() - 1].to_vec()
-    });
+    let layer_weight_layers = model
+        .spec()
+        .method
+        .early_layers()
+        .map(|e| e[..e.len() - 1].to_vec());
     Ok(Summary {
         run_id: String::new(),
-        method: model.spec().method.name().into(),
+        method: model.spec().method.kind().name().into(),
         seed: cfg.seed,
         valid_accuracy: valid.accuracy(),
         test_accuracy: test.as_ref().map(Tally::accuracy),

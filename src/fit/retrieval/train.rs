@@ -38,7 +38,8 @@ use crate::fit::config::FitConfig;
 use crate::fit::error::FitError;
 use crate::fit::eval::forward_in_parts;
 use crate::fit::memory::{check_memory, memory_estimate, peak_rss_bytes};
-use crate::fit::model::{Method, Model};
+use crate::fit::method::Method;
+use crate::fit::model::Model;
 use crate::fit::nn::Mode;
 use crate::fit::params::{Group, Params};
 use crate::fit::run_dir::{
@@ -276,10 +277,7 @@ pub(crate) fn tower(
 ) -> Result<Tower> {
     let dir = BackboneDir::open(backbone)?;
     let (arch, ckpt) = check_backbone(&cache, &dir)?;
-    let tower_cfg = FitConfig {
-        method,
-        ..cfg.clone()
-    };
+    let tower_cfg = cfg.for_method(method);
     let mut spec = model_spec(&tower_cfg, &cache, &arch)?;
     spec.classes = joint_dim;
     let m = cache.manifest();
