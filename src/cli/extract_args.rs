@@ -1,4 +1,7 @@
 //! `sherl-extract`'s command line: its commands and flags.
+// The argument structs' doc comments are `--help` text read in a terminal,
+// where `<split>` is plain text, not an HTML tag.
+#![allow(rustdoc::invalid_html_tags)]
 
 use std::path::PathBuf;
 

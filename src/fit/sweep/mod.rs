@@ -1,5 +1,6 @@
-//! Sweeps: a grid file expands into many [`FitConfig`]s that all train on
-//! the same cache (the backbone never runs again).
+//! Sweeps: a grid file expands into many
+//! [`FitConfig`](crate::fit::config::FitConfig)s that all train on the same
+//! cache (the backbone never runs again).
 //!
 //! Grid file: a JSON object whose keys are `sherl-fit run` option names
 //! (`lr` or `late-trainable`, dashes or underscores) and whose values are
