@@ -15,10 +15,11 @@ fn run_help_shows_the_code_defaults() {
     assert!(o.status.success(), "{}", common::stderr(&o));
     let help = common::stdout(&o);
     let d = sherl::fit::config::FitConfig::default();
+    let sherl = sherl::fit::method::SherlSettings::default();
     for (flag, value) in [
-        ("--method", d.method.name().to_string()),
-        ("--late-layers", d.late_layers.to_string()),
-        ("--reduction", d.reduction.to_string()),
+        ("--method", d.kind().name().to_string()),
+        ("--late-layers", sherl.late_layers.to_string()),
+        ("--reduction", sherl.reduction.to_string()),
         ("--epochs", d.epochs.to_string()),
         ("--lr", d.lr.to_string()),
         ("--lr-pretrained", d.lr_pretrained.to_string()),
@@ -28,7 +29,7 @@ fn run_help_shows_the_code_defaults() {
         ("--max-tokens-per-batch", d.max_tokens_per_batch.to_string()),
         ("--grad-clip", d.grad_clip.to_string()),
         ("--seed", d.seed.to_string()),
-        ("--dropout", d.dropout.to_string()),
+        ("--dropout", sherl.dropout.to_string()),
     ] {
         // the flag's block runs from its line to the next flag
         let start = help

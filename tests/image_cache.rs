@@ -584,7 +584,7 @@ fn full_ft_trains_every_vit_block() {
     let cache = Cache::open(&f.root.join("c")).unwrap();
     let (arch, ckpt) = check_backbone(&cache, &BackboneDir::open(&f.backbone).unwrap()).unwrap();
     let cfg = FitConfig {
-        method: Method::FullFt,
+        method: Method::FullFt.defaults(),
         ..FitConfig::default()
     };
     let spec = model_spec(&cfg, &cache, &arch).unwrap();

@@ -209,7 +209,7 @@ fn mpnet_from_token_ids_starts_as_onnx_runtime() {
     let (b, want) = peft::batch(&cache, 6, &[]);
     for method in [Method::FullFt, Method::Lora, Method::Adapter] {
         let cfg = FitConfig {
-            method,
+            method: method.defaults(),
             ..FitConfig::default()
         };
         let model = peft::build(&cache, &arch, &ckpt, &cfg).unwrap();
@@ -353,7 +353,7 @@ fn real_mpnet_in_candle_matches_onnx_runtime() {
         &arch,
         &ckpt,
         &FitConfig {
-            method: Method::FullFt,
+            method: Method::FullFt.defaults(),
             ..FitConfig::default()
         },
     )

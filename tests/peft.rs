@@ -7,13 +7,14 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use serde_json::json;
 use sherl::backbone::BackboneDir;
 use sherl::batching::{Encoded, PaddedBatch};
 use sherl::cache::Cache;
 use sherl::fit::batcher::Batch;
 use sherl::fit::checks::{check_backbone, model_spec};
 use sherl::fit::config::FitConfig;
-use sherl::fit::model::{Method, Model};
+use sherl::fit::model::Model;
 use sherl::fit::nn::adapter::Placement;
 use sherl::fit::nn::lora::LoraTarget;
 
@@ -68,6 +69,11 @@ pub fn batch(cache: &Cache, count: u64, layers: &[usize]) -> (Batch, Vec<f32>) {
     (b, want)
 }
 
+/// Settings from their JSON (as in a `--config` file).
+fn settings(v: serde_json::Value) -> FitConfig {
+    serde_json::from_value(v).unwrap()
+}
+
 pub fn open(root: &Path) -> (Cache, sherl::fit::model::Arch, sherl::backbone::Checkpoint) {
     let cache = Cache::open(&root.join("cache")).unwrap();
     let (arch, ckpt) =
@@ -109,51 +115,32 @@ fn lora_and_adapter_start_as_the_frozen_backbone() {
     ];
     let cases: Vec<(FitConfig, usize)> = vec![
         (
-            FitConfig {
-                method: Method::Lora,
-                // with dropout: composed updates
-                lora_dropout: Some(0.1),
-                ..FitConfig::default()
-            },
+            // with dropout: composed updates
+            settings(json!({"method": "lora", "lora_dropout": 0.1})),
             // rank 8 on q and v: A [8, 32] and B [32, 8] each
             N * 2 * (8 * d + d * 8) + head,
         ),
         (
-            FitConfig {
-                method: Method::Lora,
-                lora_rank: Some(2),
-                lora_targets: Some(all),
-                seed: 7,
-                ..FitConfig::default()
-            },
+            settings(json!({"method": "lora", "lora_rank": 2, "lora_targets": all, "seed": 7})),
             N * 2 * (4 * (d + d) + (d + ffn) + (ffn + d)) + head,
         ),
         (
             // without dropout the updates merge into the weights (fused op)
-            FitConfig {
-                method: Method::Lora,
-                lora_dropout: Some(0.0),
-                lora_targets: Some(vec![LoraTarget::V, LoraTarget::FfnOut]),
-                ..FitConfig::default()
-            },
+            settings(json!({"method": "lora", "lora_dropout": 0.0,
+                "lora_targets": [LoraTarget::V, LoraTarget::FfnOut]})),
             N * (8 * (d + d) + 8 * (ffn + d)) + head,
         ),
         (
-            FitConfig {
-                method: Method::Adapter,
-                ..FitConfig::default()
-            },
+            settings(json!({"method": "adapter"})),
             // width 32 / 4 = 8: down 8 x 32 + 8, up 32 x 8 + 32; two per layer
             N * 2 * (8 * d + 8 + d * 8 + d) + head,
         ),
         (
-            FitConfig {
-                method: Method::Adapter,
-                adapter_placement: Some(Placement::Pfeiffer),
-                adapter_activation: Some(sherl::fit::nn::adapter::AdapterActivation::Relu),
-                side_dim: Some(5),
-                ..FitConfig::default()
-            },
+            settings(
+                json!({"method": "adapter", "adapter_placement": Placement::Pfeiffer,
+                "adapter_activation": sherl::fit::nn::adapter::AdapterActivation::Relu,
+                "side_dim": 5}),
+            ),
             N * (5 * d + 5 + d * 5 + d) + head,
         ),
     ];
@@ -185,10 +172,7 @@ fn lora_and_adapter_start_as_the_frozen_backbone() {
 fn lst_reads_every_cached_layer_with_gates_at_one_half() {
     let f = fit_fixture(30, 4, &["--layers", "all", "--dtype", "f32"]);
     let (cache, arch, ckpt) = open(&f.root);
-    let cfg = FitConfig {
-        method: Method::Lst,
-        ..FitConfig::default()
-    };
+    let cfg = settings(json!({"method": "lst"}));
     let model = build(&cache, &arch, &ckpt, &cfg).unwrap();
     assert_eq!(model.inputs(), &[0, 1, 2, 3]);
     let snap = model.params.snapshot().unwrap();
@@ -594,12 +578,7 @@ fn new_methods_sweep_with_their_settings() {
 fn lst_prune_init_starts_from_the_backbone() {
     let f = fit_fixture(60, 14, &["--layers", "all"]);
     let (cache, arch, ckpt) = open(&f.root);
-    let cfg = FitConfig {
-        method: Method::Lst,
-        side_dim: Some(32),
-        lst_init: Some(sherl::fit::nn::lst::LstInit::Prune),
-        ..FitConfig::default()
-    };
+    let cfg = settings(json!({"method": "lst", "side_dim": 32, "lst_init": "prune"}));
     let model = build(&cache, &arch, &ckpt, &cfg).unwrap();
     let snap = model.params.snapshot().unwrap();
     let mut compared = 0;
@@ -617,10 +596,7 @@ fn lst_prune_init_starts_from_the_backbone() {
 
     // half the width: the residual dimensions kept are the 16 largest
     // sum_i |gamma_i| of the output LayerNorms, in index order
-    let half = FitConfig {
-        side_dim: Some(16),
-        ..cfg.clone()
-    };
+    let half = settings(json!({"method": "lst", "side_dim": 16, "lst_init": "prune"}));
     let model = build(&cache, &arch, &ckpt, &half).unwrap();
     let snap = model.params.snapshot().unwrap();
     let gammas: Vec<Vec<f32>> = (0..N)

@@ -10,200 +10,20 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use serde_json::json;
 
 use sherl::backbone::{BackboneDir, Checkpoint};
 use sherl::cache::manifest::{ExtractSettings, WorkerInfo};
-use sherl::cache::Dtype;
+use sherl::cli::extract_args::{Args, Command, RunArgs};
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
 use sherl::data::args::DatasetArgs;
 use sherl::data::image::ImageOptions;
 use sherl::extract::onnx::inspect;
-use sherl::extract::plan::DEFAULT_COMPRESS_THREADS;
 use sherl::extract::runtime;
-use sherl::extract::sample::{SamplePlan, DEFAULT_BATCH_SIZE, DEFAULT_LIMIT};
-use sherl::extract::tokenize::DEFAULT_MAX_LEN;
+use sherl::extract::sample::SamplePlan;
+use sherl::extract::ExtractPlan;
 use sherl::extract::ImagePlan;
-use sherl::extract::{ExtractPlan, LayerChoice};
-
-/// Phase one of sherl: run a frozen backbone once and keep what SHERL needs.
-#[derive(Debug, Parser)]
-#[command(name = "sherl-extract", version, about, long_about = None)]
-struct Args {
-    #[command(flatten)]
-    output: OutputArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Export a Hugging Face BERT-family checkpoint (config.json +
-    /// model.safetensors) to ONNX with outputs hidden_states.0..N.
-    ExportOnnx {
-        /// Backbone directory holding config.json and model.safetensors.
-        #[arg(long)]
-        backbone: PathBuf,
-        /// Output file (default: BACKBONE/model.onnx).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-    /// List an ONNX model's inputs, outputs and candidate per-layer tensors.
-    InspectOnnx {
-        /// The ONNX model.
-        file: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make intermediate tensors outputs named hidden_states.i (i counts from
-    /// --first-index in the order given).
-    ExposeLayers {
-        /// The ONNX model to rewrite (left untouched).
-        file: PathBuf,
-        /// Comma-separated tensor names, embedding output first.
-        #[arg(long, value_delimiter = ',', required = true)]
-        tensors: Vec<String>,
-        /// Index of the first tensor.
-        #[arg(long, default_value_t = 0)]
-        first_index: usize,
-        /// Keep only the exposed outputs: drop the model's own outputs and
-        /// every node and weight only they need (what `run` does with an
-        /// image backbone's task head).
-        #[arg(long)]
-        only_exposed: bool,
-        /// Output file.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Run the backbone over a dataset and write the feature cache.
-    Run(Box<RunArgs>),
-    /// Run the backbone over the first examples of a dataset and print what
-    /// it found (counts, token lengths, per-layer statistics).
-    Sample(Box<SampleArgs>),
-    /// Prepare data: write paired image/caption tables for --task retrieval from the
-    /// emoji package (fetch-assets.sh emoji): images-SPLIT.csv and
-    /// captions-SPLIT.csv per split, split by emoji; prints one JSON line.
-    Pairs {
-        /// The emoji package directory (emoji.json, img/google/64/).
-        #[arg(long)]
-        emoji: PathBuf,
-        /// Where to write the tables.
-        #[arg(long)]
-        out: PathBuf,
-        /// Split fractions, by group (one emoji = one group).
-        #[arg(long, default_value = "train=0.8,valid=0.1,test=0.1")]
-        split: String,
-        /// Seed of the split.
-        #[arg(long, default_value_t = 0)]
-        split_seed: u64,
-        /// Keep a seeded subset of N pairs (before splitting).
-        #[arg(long)]
-        limit: Option<usize>,
-        /// Cross-style test: the test split's images are these OpenMoji
-        /// drawings (fetch-assets.sh openmoji), rasterised to
-        /// OUT/openmoji-64/; train and valid keep Google's.
-        #[arg(long, value_name = "DIR")]
-        openmoji: Option<PathBuf>,
-    },
-}
-
-#[derive(Debug, clap::Args)]
-struct SampleArgs {
-    /// Backbone directory (tokenizer.json, and model.onnx unless --model).
-    #[arg(long)]
-    backbone: PathBuf,
-    /// ONNX model (default: BACKBONE/model.onnx).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[command(flatten)]
-    data: DatasetArgs,
-    /// Truncate to this many tokens, special tokens included.
-    #[arg(long, default_value_t = DEFAULT_MAX_LEN)]
-    max_len: usize,
-    /// How many examples to run.
-    #[arg(long, default_value_t = DEFAULT_LIMIT)]
-    limit: usize,
-    /// Examples per ONNX Runtime call.
-    #[arg(long, default_value_t = DEFAULT_BATCH_SIZE)]
-    batch_size: usize,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-}
-
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// Backbone directory (tokenizer.json, config.json, model.safetensors).
-    #[arg(long)]
-    backbone: PathBuf,
-    /// ONNX model (default: BACKBONE/model.onnx).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// Output cache directory (must not exist or be empty, unless --resume).
-    #[arg(long)]
-    out: PathBuf,
-    #[command(flatten)]
-    data: DatasetArgs,
-    /// Late layers K that sherl-fit will run (default layers: hidden_states.0..=N-K).
-    #[arg(long, default_value_t = ExtractSettings::default().late_layers)]
-    late_layers: usize,
-    /// Layers to store: default (what SHERL needs), all, or a list like 0-5,6.
-    #[arg(long, default_value_t = LayerChoice::default())]
-    layers: LayerChoice,
-    /// Value encoding on disk.
-    #[arg(long, value_enum, default_value_t = ExtractSettings::default().dtype)]
-    dtype: Dtype,
-    /// Do not split values into byte planes before compression.
-    #[arg(long)]
-    no_shuffle: bool,
-    /// zstd compression level.
-    #[arg(long, default_value_t = ExtractSettings::default().zstd_level)]
-    zstd_level: i32,
-    /// Examples per chunk (one compressed frame per layer per chunk;
-    /// default: 32 for text, 8 for images, which are hundreds of tokens each).
-    #[arg(long)]
-    chunk_size: Option<u32>,
-    /// Examples per shard file (the unit of --resume and --shard-of).
-    #[arg(long, default_value_t = ExtractSettings::default().examples_per_shard)]
-    examples_per_shard: u64,
-    /// Truncate to this many tokens, special tokens included.
-    #[arg(long, default_value_t = ExtractSettings::default().max_len)]
-    max_len: usize,
-    /// Padded-token budget of one ONNX Runtime batch.
-    #[arg(long, default_value_t = ExtractSettings::default().max_tokens_per_batch)]
-    max_tokens_per_batch: usize,
-    /// Most examples in one batch.
-    #[arg(long, default_value_t = ExtractSettings::default().max_batch)]
-    max_batch: usize,
-    /// Compression threads (default: 1; compression runs while the backbone runs).
-    #[arg(long, default_value_t = DEFAULT_COMPRESS_THREADS)]
-    compress_threads: usize,
-    /// Continue an interrupted extraction into --out (settings must match).
-    #[arg(long)]
-    resume: bool,
-    /// Be worker I of N (0-based): write only shards k with k % N == I and a
-    /// partial manifest; combine parts with `sherl-cache merge`.
-    #[arg(long, value_name = "I/N")]
-    shard_of: Option<String>,
-    #[command(flatten)]
-    runtime: RuntimeArgs,
-    /// Image backbones: a preprocessing recipe (JSON) instead of the one in
-    /// backbone.json.
-    #[arg(long, value_name = "FILE.json")]
-    preprocess: Option<PathBuf>,
-    /// Image backbones: average-pool the patch tokens p x p before caching
-    /// (1: none; the CLS token is kept).
-    #[arg(long, default_value_t = 1, value_name = "P")]
-    patch_pool: u32,
-    /// Image tables: the column holding each image's path.
-    #[arg(long, default_value = "image")]
-    image_column: String,
-    /// IDX images: class names by class number, one per line (e.g.
-    /// fashion-mnist/classes.txt); default: the numbers.
-    #[arg(long, value_name = "FILE")]
-    class_names: Option<PathBuf>,
-}
 
 fn main() -> ExitCode {
     // Extraction frees and reallocates the backbone's outputs every batch

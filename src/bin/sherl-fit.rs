@@ -1,8 +1,6 @@
 //! `sherl-fit`: phase two. Trains SHERL (and baselines) from a feature
 //! cache with candle, without re-running the backbone.
-// The argument structs' doc comments are `--help` text read in a terminal,
-// where `RUNS/<run id>` is plain text, not an HTML tag.
-#![allow(rustdoc::invalid_html_tags)]
+//! Its command line is `sherl::cli::fit_args`; this file dispatches.
 
 /// mimalloc, counting the training steps' own memory
 /// (`sherl::fit::alloc_track`: `train_memory` in summary.json).
@@ -15,219 +13,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use sherl::cli::fit_args::{Command, RunArgs, SweepArgs};
+#[cfg(feature = "extract")]
+use sherl::cli::fit_args::{PredictArgs, SearchArgs};
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
-use sherl::fit::config::{FitConfig, SettingFlags};
-use sherl::fit::retrieval::config::{RetrievalFlags, Task};
+use sherl::fit::retrieval::config::Task;
 use sherl::fit::run_dir::EpochMetrics;
+use sherl::fit::sweep::SweepInputs;
 use sherl::fit::train::{FitPlan, FitReporter, LogReporter};
-
-/// Phase two of sherl: train from a feature cache.
-#[derive(Debug, Parser)]
-#[command(name = "sherl-fit", version, about, long_about = None)]
-struct Args {
-    #[command(flatten)]
-    output: OutputArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Train one model; writes RUNS/<run id>/ and prints a JSON summary.
-    Run(Box<RunArgs>),
-    /// Train every setting of a grid file on one cache (separate processes,
-    /// --jobs at a time); finished runs are skipped, so a killed sweep resumes.
-    Sweep(Box<SweepArgs>),
-    /// Compare finished runs: a Markdown table on stdout (best first by
-    /// valid accuracy), CSV/JSON/Markdown files and learning-curve and
-    /// layer-weight pictures (PNG, SVG) in --out.
-    Report {
-        /// Directory holding run directories.
-        runs: PathBuf,
-        /// Where to write the files (default RUNS/report).
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
-    /// Label new texts with a trained run (runs the backbone through ONNX
-    /// Runtime, then the trained modules); writes JSONL.
-    #[cfg(feature = "extract")]
-    Predict(Box<PredictArgs>),
-    /// Query a trained retrieval run: the top K images of a split for
-    /// --text, or the top K captions for --image; one JSON line per hit
-    /// (rank, id, score, image file or caption).
-    #[cfg(feature = "extract")]
-    Search(Box<SearchArgs>),
-}
-
-#[cfg(feature = "extract")]
-#[derive(Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("query").required(true).args(["text", "image"])))]
-struct SearchArgs {
-    /// Retrieval run directory (RUNS/<run id>); its caches must be where
-    /// the run recorded them.
-    #[arg(long)]
-    run: PathBuf,
-    /// A text query: the hits are the split's images.
-    #[arg(long)]
-    text: Option<String>,
-    /// An image file as the query: the hits are the split's captions.
-    #[arg(long, value_name = "FILE")]
-    image: Option<PathBuf>,
-    /// Hits to return.
-    #[arg(long, default_value_t = 5)]
-    k: usize,
-    /// The split whose cached examples are searched.
-    #[arg(long, default_value = "test")]
-    split: String,
-    /// Image backbone directory the run's image cache was made from.
-    #[arg(long)]
-    image_backbone: PathBuf,
-    /// Text backbone directory the run's caption cache was made from.
-    #[arg(long)]
-    text_backbone: PathBuf,
-    /// Write the hits (JSONL) here instead of stdout.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Matrix kernel of the fused CPU ops (as for `run`).
-    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
-    blas: String,
-    #[command(flatten)]
-    runtime: sherl::cli::RuntimeArgs,
-}
-
-#[derive(Debug, clap::Args)]
-struct SweepArgs {
-    /// Feature cache (classification).
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    /// Backbone directory the cache was made from (classification).
-    #[arg(long)]
-    backbone: Option<PathBuf>,
-    /// classification (--cache, --backbone) or retrieval (--image-cache,
-    /// --text-cache, --image-backbone, --text-backbone; the grid may also
-    /// set image_method, text_method, joint_dim, loss, margin).
-    #[arg(long, value_enum, default_value_t = Task::Classification)]
-    task: Task,
-    /// Retrieval: the image cache.
-    #[arg(long)]
-    image_cache: Option<PathBuf>,
-    /// Retrieval: the caption cache.
-    #[arg(long)]
-    text_cache: Option<PathBuf>,
-    /// Retrieval: the image backbone the image cache was made from.
-    #[arg(long)]
-    image_backbone: Option<PathBuf>,
-    /// Retrieval: the text backbone the caption cache was made from.
-    #[arg(long)]
-    text_backbone: Option<PathBuf>,
-    /// Grid file (JSON): option names -> lists of values, or {"runs": [...]}.
-    #[arg(long)]
-    grid: PathBuf,
-    /// Directory for run directories (shared by all workers).
-    #[arg(long)]
-    out: PathBuf,
-    /// Runs at once; the cores are divided among them.
-    #[arg(long, default_value_t = 1)]
-    jobs: usize,
-    /// Take only part I of M of the grid (e.g. a Slurm array task).
-    #[arg(long, value_name = "I/M")]
-    worker: Option<String>,
-    /// Re-run runs that stopped with an error (error.json) instead of skipping them.
-    #[arg(long)]
-    retry_failed: bool,
-    /// Print the expanded runs and exit.
-    #[arg(long)]
-    dry_run: bool,
-    /// cpu, cuda, cuda:N or auto (GPU 0 if this build has CUDA and a GPU
-    /// answers, else CPU, saying why). Default: auto in a build with the
-    /// `cuda` feature, cpu otherwise.
-    #[arg(long, default_value = sherl::fit::DEFAULT_DEVICE)]
-    device: String,
-    /// Matrix kernel of the fused CPU ops: auto (OpenBLAS when
-    /// `fetch-assets.sh openblas` fetched it, else the built-in gemm), off
-    /// (the built-in gemm), or the path of an OpenBLAS library. The two
-    /// round differently: a run records its kernel in summary.json.
-    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
-    blas: String,
-}
-
-#[cfg(feature = "extract")]
-#[derive(Debug, clap::Args)]
-struct PredictArgs {
-    /// Run directory (RUNS/<run id>).
-    #[arg(long)]
-    run: PathBuf,
-    /// Backbone directory the run's cache was made from.
-    #[arg(long)]
-    backbone: PathBuf,
-    /// ONNX model (default: BACKBONE/model.onnx).
-    #[arg(long)]
-    model: Option<PathBuf>,
-    #[command(flatten)]
-    data: sherl::data::args::PredictDataArgs,
-    /// Write predictions (JSONL) here instead of stdout; the summary line then goes to stdout.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Repeat the first N characters of each text in its output line (… marks
-    /// a cut); 0 leaves the text out.
-    #[arg(long, value_name = "N", default_value_t = 80)]
-    text_chars: usize,
-    /// Examples per batch.
-    #[arg(long, default_value_t = 32)]
-    batch_size: usize,
-    /// Matrix kernel of the fused CPU ops: auto (OpenBLAS when
-    /// `fetch-assets.sh openblas` fetched it, else the built-in gemm), off
-    /// (the built-in gemm), or the path of an OpenBLAS library. The two
-    /// round differently: a run records its kernel in summary.json.
-    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
-    blas: String,
-    #[command(flatten)]
-    runtime: sherl::cli::RuntimeArgs,
-}
-
-/// Settings of one run. Precedence: built-in defaults, then --config FILE
-/// (a JSON object with these names, snake_case), then flags.
-#[derive(Debug, clap::Args)]
-struct RunArgs {
-    /// Feature cache written by sherl-extract run (classification).
-    #[arg(long)]
-    cache: Option<PathBuf>,
-    /// Backbone directory the cache was made from (config.json, model.safetensors).
-    #[arg(long)]
-    backbone: Option<PathBuf>,
-    #[command(flatten)]
-    retrieval: RetrievalFlags,
-    /// Directory for run directories.
-    #[arg(long)]
-    out: PathBuf,
-    /// JSON file of settings (FitConfig fields); flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
-    #[command(flatten)]
-    settings: SettingFlags,
-    /// cpu, cuda, cuda:N or auto (GPU 0 if this build has CUDA and a GPU
-    /// answers, else CPU, saying why). Default: auto in a build with the
-    /// `cuda` feature, cpu otherwise.
-    #[arg(long, default_value = sherl::fit::DEFAULT_DEVICE)]
-    device: String,
-    /// Cache decoder threads.
-    #[arg(long, default_value_t = 1)]
-    decode_threads: usize,
-    /// candle compute threads (default: all cores, or RAYON_NUM_THREADS). On
-    /// a busy machine fewer threads can be faster: candle's parallel ops
-    /// spin at barriers when cores are taken (README, "Design notes").
-    #[arg(long)]
-    threads: Option<usize>,
-    /// Matrix kernel of the fused CPU ops: auto (OpenBLAS when
-    /// `fetch-assets.sh openblas` fetched it, else the built-in gemm), off
-    /// (the built-in gemm), or the path of an OpenBLAS library. The two
-    /// round differently: a run records its kernel in summary.json.
-    #[arg(long, env = "SHERL_BLAS", default_value = "auto")]
-    blas: String,
-}
 
 /// Per-epoch progress bar on stderr.
 struct Bar {
@@ -273,7 +68,7 @@ fn main() -> ExitCode {
     sherl::cli::tune_allocator();
     GLOBAL.installed();
     main_wrapper(|| {
-        let args = parse_args();
+        let args = sherl::cli::fit_args::parse();
         if let Command::Run(r) = &args.command {
             // Training splits each CPU batch in two parts run side by side
             // (sherl::fit::train::forward_backward), each on half the
@@ -302,123 +97,62 @@ fn main() -> ExitCode {
     })
 }
 
-/// The command line, with `run`'s help showing each setting's default
-/// taken from `FitConfig::default()` (the flags are `Option`s so that
-/// `--config` can sit between the defaults and the flags; clap alone would
-/// show no default for them).
-fn command_with_defaults() -> clap::Command {
-    use clap::CommandFactory;
-    let defaults = serde_json::to_value(FitConfig::default()).expect("FitConfig serializes");
-    let defaults = defaults.as_object().cloned().unwrap_or_default();
-    Args::command().mut_subcommand("run", |mut run| {
-        for (key, value) in &defaults {
-            // Flags without a default (null) or switches (bool) show none.
-            if value.is_null() || value.is_boolean() {
-                continue;
-            }
-            let shown = sherl::report::setting_text(value);
-            if run.get_arguments().any(|a| a.get_id() == key.as_str()) {
-                run = run.mut_arg(key.as_str(), |a| {
-                    let help = a.get_help().map(|h| h.to_string()).unwrap_or_default();
-                    a.help(format!("{help} [default: {shown}]"))
-                });
-            }
-        }
-        run
-    })
-}
-
-fn parse_args() -> Args {
-    use clap::FromArgMatches;
-    let matches = command_with_defaults().get_matches();
-    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
-}
-
 fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
-    if a.retrieval.task == Task::Retrieval {
-        return run_retrieval(a, output);
-    }
-    let given = a.retrieval.given();
-    if !given.is_empty() {
-        anyhow::bail!(
-            "{} belong to --task retrieval; this run is --task classification",
-            given.join(", ")
-        );
-    }
-    let (Some(cache), Some(backbone)) = (a.cache.clone(), a.backbone.clone()) else {
-        anyhow::bail!("sherl-fit run needs --cache and --backbone (or --task retrieval with --image-cache, --text-cache, --image-backbone and --text-backbone)");
+    let inputs = a.inputs()?;
+    let config = a.settings.resolve(a.config.as_deref())?;
+    let retrieval = match inputs {
+        SweepInputs::Retrieval { .. } => Some(a.retrieval.resolve()?),
+        SweepInputs::Classification { .. } => None,
     };
-    let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
     init_blas(&a.blas)?;
     let (device, fallback) = sherl::fit::device(&a.device)?;
     match fallback {
         Some(why) => tracing::info!("device auto: training on the CPU ({why})"),
         None => tracing::debug!("training on {}", sherl::fit::device_name(&device)),
     }
-    let plan = FitPlan {
-        cache,
-        backbone,
-        out: a.out.clone(),
-        config,
-        device,
-        decode_threads: a.decode_threads,
-        workers: a.threads.unwrap_or_else(sherl::cli::compute_threads).min(2),
-    };
     let bar = Bar {
         visible: output.progress(),
         bar: RefCell::new(None),
         inner: LogReporter,
     };
-    let summary = sherl::fit::train::run(&plan, &bar)?;
-    print_line(&serde_json::to_string(&summary)?)?;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// `sherl-fit run --task retrieval`: two caches, two towers.
-fn run_retrieval(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
-    let f = &a.retrieval;
-    if a.cache.is_some() || a.backbone.is_some() {
-        anyhow::bail!("--task retrieval reads --image-cache and --text-cache (with --image-backbone and --text-backbone), not --cache and --backbone");
-    }
-    if a.settings.method.is_some() {
-        anyhow::bail!("--task retrieval takes --image-method and --text-method, not --method");
-    }
-    let (Some(image_cache), Some(text_cache), Some(image_backbone), Some(text_backbone)) = (
-        f.image_cache.clone(),
-        f.text_cache.clone(),
-        f.image_backbone.clone(),
-        f.text_backbone.clone(),
-    ) else {
-        anyhow::bail!("--task retrieval needs --image-cache, --text-cache, --image-backbone and --text-backbone");
+    let summary = match inputs {
+        SweepInputs::Retrieval {
+            image_cache,
+            text_cache,
+            image_backbone,
+            text_backbone,
+        } => {
+            let plan = sherl::fit::retrieval::train::RetrievalPlan {
+                image_cache,
+                text_cache,
+                image_backbone,
+                text_backbone,
+                out: a.out.clone(),
+                config,
+                retrieval: retrieval.unwrap_or_default(),
+                device,
+                workers: 1,
+            };
+            let summary = sherl::fit::retrieval::train::run(&plan, &bar)?;
+            if let Some(pb) = bar.bar.borrow_mut().take() {
+                pb.finish_and_clear();
+            }
+            serde_json::to_string(&summary)?
+        }
+        SweepInputs::Classification { cache, backbone } => {
+            let plan = FitPlan {
+                cache,
+                backbone,
+                out: a.out.clone(),
+                config,
+                device,
+                decode_threads: a.decode_threads,
+                workers: a.threads.unwrap_or_else(sherl::cli::compute_threads).min(2),
+            };
+            serde_json::to_string(&sherl::fit::train::run(&plan, &bar)?)?
+        }
     };
-    let config = FitConfig::resolve(a.config.as_deref(), &a.settings)?;
-    let retrieval = f.resolve()?;
-    init_blas(&a.blas)?;
-    let (device, fallback) = sherl::fit::device(&a.device)?;
-    if let Some(why) = fallback {
-        tracing::info!("device auto: training on the CPU ({why})");
-    }
-    let plan = sherl::fit::retrieval::train::RetrievalPlan {
-        image_cache,
-        text_cache,
-        image_backbone,
-        text_backbone,
-        out: a.out.clone(),
-        config,
-        retrieval,
-        device,
-        workers: 1,
-    };
-    let bar = Bar {
-        visible: output.progress(),
-        bar: RefCell::new(None),
-        inner: LogReporter,
-    };
-    let summary = sherl::fit::retrieval::train::run(&plan, &bar)?;
-    if let Some(pb) = bar.bar.borrow_mut().take() {
-        pb.finish_and_clear();
-    }
-    print_line(&serde_json::to_string(&summary)?)?;
+    print_line(&summary)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -557,41 +291,7 @@ impl sherl::fit::sweep::SweepReporter for SweepLines {
 }
 
 fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
-    use sherl::fit::sweep::SweepInputs;
-    let retrieval_given = a.image_cache.is_some()
-        || a.text_cache.is_some()
-        || a.image_backbone.is_some()
-        || a.text_backbone.is_some();
-    let inputs = match a.task {
-        Task::Classification => {
-            if retrieval_given {
-                anyhow::bail!("--image-cache, --text-cache, --image-backbone and --text-backbone belong to --task retrieval");
-            }
-            let (Some(cache), Some(backbone)) = (a.cache.clone(), a.backbone.clone()) else {
-                anyhow::bail!("sherl-fit sweep needs --cache and --backbone (or --task retrieval with --image-cache, --text-cache, --image-backbone and --text-backbone)");
-            };
-            SweepInputs::Classification { cache, backbone }
-        }
-        Task::Retrieval => {
-            if a.cache.is_some() || a.backbone.is_some() {
-                anyhow::bail!("--task retrieval reads --image-cache and --text-cache (with --image-backbone and --text-backbone), not --cache and --backbone");
-            }
-            let (Some(image_cache), Some(text_cache), Some(image_backbone), Some(text_backbone)) = (
-                a.image_cache.clone(),
-                a.text_cache.clone(),
-                a.image_backbone.clone(),
-                a.text_backbone.clone(),
-            ) else {
-                anyhow::bail!("--task retrieval needs --image-cache, --text-cache, --image-backbone and --text-backbone");
-            };
-            SweepInputs::Retrieval {
-                image_cache,
-                text_cache,
-                image_backbone,
-                text_backbone,
-            }
-        }
-    };
+    let inputs = a.inputs.inputs("sweep")?;
     let plan = sherl::fit::sweep::SweepPlan {
         inputs,
         grid: a.grid.clone(),

@@ -17,7 +17,7 @@ use clap::{Parser, Subcommand};
     version,
     about,
     long_about = None,
-    after_help = "The phases, in order:\n  1. sherl extract run ...   run the frozen backbone once, write the feature cache\n  2. sherl fit run|sweep ... train SHERL and baselines from the cache\n     sherl fit report ...    compare runs;  sherl fit predict ...  label new texts\n  sherl cache inspect|verify|merge ...  look into, check, combine caches\n\n`sherl <tool> --help` shows each tool's commands."
+    after_help = "The phases, in order:\n  1. sherl extract run ...   run the frozen backbone once, write the feature cache\n  2. sherl fit run|sweep ... train SHERL and baselines from the cache\n     sherl fit report ...    compare runs;  sherl fit predict ...  label new texts\n     sherl fit search ...    query a retrieval run\n  sherl cache inspect|verify|compare|merge|export ...\n                             look into, check, compare, combine caches; export one as NumPy files\n\n`sherl <tool> --help` shows each tool's commands."
 )]
 struct Args {
     #[command(subcommand)]
@@ -26,21 +26,21 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Tool {
-    /// Phase one (sherl-extract): export/inspect ONNX models, sample, write the feature cache.
+    /// Phase one (sherl-extract): export/inspect ONNX models, sample, write the feature cache, prepare paired data.
     #[command(disable_help_flag = true)]
     Extract {
         /// Arguments for sherl-extract.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Phase two (sherl-fit): train, sweep, report, predict.
+    /// Phase two (sherl-fit): train, sweep, report, predict, search.
     #[command(disable_help_flag = true)]
     Fit {
         /// Arguments for sherl-fit.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Caches (sherl-cache): inspect, verify, merge.
+    /// Caches (sherl-cache): inspect, verify, compare, merge, export (NumPy files).
     #[command(disable_help_flag = true)]
     Cache {
         /// Arguments for sherl-cache.

@@ -18,6 +18,10 @@ use std::path::PathBuf;
 use crate::extract::runtime::{Device, OptLevel, SessionConfig};
 
 #[cfg(feature = "extract")]
+pub mod extract_args;
+#[cfg(feature = "fit")]
+pub mod fit_args;
+#[cfg(feature = "extract")]
 pub mod progress;
 
 pub use crate::EXIT_BUSY;

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use super::config::FitConfig;
+use super::method::ResolveOn;
 use super::model::{Arch, ModelSpec, Pool};
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
 use crate::cache::Cache;
@@ -23,21 +24,6 @@ pub(super) fn split_id(cache: &Cache, names: &[&str]) -> Option<u32> {
 /// Resolve the model spec for `cfg` on this cache.
 pub fn model_spec(cfg: &FitConfig, cache: &Cache, arch: &Arch) -> Result<ModelSpec> {
     let m = cache.manifest();
-    let n = arch.num_layers();
-    let k = cfg.late_layers;
-    if k == 0 || k > n {
-        return Err(FitError::settings(format!(
-            "--late-layers {k} must be between 1 and {n}"
-        )));
-    }
-    let side_dim = cfg.side_dim.unwrap_or(arch.hidden() / cfg.reduction);
-    if side_dim == 0 {
-        return Err(FitError::settings(format!(
-            "side width {} / {} is 0",
-            arch.hidden(),
-            cfg.reduction
-        )));
-    }
     if cfg.pool == Pool::PatchMean {
         match &m.image {
             None => {
@@ -57,29 +43,15 @@ pub fn model_spec(cfg: &FitConfig, cache: &Cache, arch: &Arch) -> Result<ModelSp
             Some(_) => {}
         }
     }
-    let early = match &cfg.early_layers {
-        Some(v) => v.clone(),
-        None => m
-            .settings
-            .layers
-            .iter()
-            .copied()
-            .filter(|&i| i <= n - k)
-            .collect(),
+    let on = ResolveOn {
+        layers: arch.num_layers(),
+        hidden: arch.hidden(),
+        cached: &m.settings.layers,
     };
     Ok(ModelSpec {
-        method: cfg.method,
-        late_layers: k,
-        late_trainable: cfg.late_trainable,
-        side_dim,
-        early_layers: early,
-        probe_layer: cfg.probe_layer.unwrap_or(n),
+        method: cfg.method.resolve(&on)?,
         pool: cfg.pool,
-        dropout: cfg.dropout,
         classes: m.labels.len(),
-        lora: cfg.lora_spec(),
-        adapter: cfg.adapter_spec(),
-        lst_init: cfg.lst_init.unwrap_or_default(),
     })
 }
 

@@ -1,47 +1,37 @@
-//! `FitConfig`: every setting of one training run, with defaults. The run
-//! id is a hash of this (canonical JSON) and the cache's settings hash, so
-//! the same settings on the same cache always land in the same run
-//! directory.
+//! `FitConfig`: every setting of one training run, with defaults: the
+//! method with its own settings ([`MethodConfig`]) and the settings every
+//! method shares. The run id is a hash of this (canonical JSON) and the
+//! cache's settings hash, so the same settings on the same cache always
+//! land in the same run directory.
+//!
+//! JSON (a `--config` file, a grid's runs, `config.json`'s `config`): one
+//! flat object, `method` naming the method and its settings' keys beside
+//! the shared ones. A key of another method's settings is refused, naming
+//! the method(s) it belongs to ([`FitConfig::from_json`]).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::FitError;
-use super::model::{Method, Pool};
-use super::nn::adapter::{AdapterActivation, AdapterSpec, Placement};
-use super::nn::lora::{LoraSpec, LoraTarget, DEFAULT_TARGETS};
-use super::nn::lst::LstInit;
+use super::method::{field_names, Method, MethodConfig};
+use super::nn::head::Pool;
 use crate::Result;
 
-/// Largest `--side-dim` accepted: far wider than any backbone in use
-/// (BERT-large is 1,024 wide); a typo such as `--side-dim 100000000` is
-/// refused here instead of by the kernel's out-of-memory killer.
-pub const MAX_SIDE_DIM: usize = 16_384;
+pub use super::method::MAX_SIDE_DIM;
 /// Largest `--batch-size` accepted.
 pub const MAX_BATCH_SIZE: usize = 1 << 20;
 /// Largest `--max-tokens-per-batch` accepted.
 pub const MAX_TOKENS_PER_BATCH: usize = 1 << 24;
 
 /// One training run's settings (`config.json` in the run directory).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FitConfig {
-    /// Model to train.
-    pub method: Method,
-    /// K: how many of the backbone's last layers form the late route.
-    pub late_layers: usize,
-    /// Train the late layers' pre-trained weights too (sherl).
-    pub late_trainable: bool,
-    /// Reduction factor r: side width d = D / r (ignored if side_dim is set).
-    pub reduction: usize,
-    /// Side width d (overrides reduction).
-    pub side_dim: Option<usize>,
-    /// Early-route layers (hidden_states indices; default 0..=N-K).
-    pub early_layers: Option<Vec<usize>>,
-    /// Linear-probe layer (default N, the last).
-    pub probe_layer: Option<usize>,
+    /// Model to train, with its own settings.
+    #[serde(flatten)]
+    pub method: MethodConfig,
     /// Pooling before the head.
     pub pool: Pool,
     /// Epochs.
@@ -62,76 +52,104 @@ pub struct FitConfig {
     pub grad_clip: f64,
     /// Seed of every random choice (init, dropout, order).
     pub seed: u64,
-    /// Dropout of the restore block.
-    pub dropout: f32,
     /// Shuffle buffer, in cache chunks.
     pub shuffle_chunks: usize,
     /// Train on a seeded subset of about this many training examples
     /// (whole cache chunks, the same subset every epoch); `None` = all.
     pub train_examples: Option<usize>,
-    // The settings of lora and adapter are left out of the JSON while not
-    // set, so the run ids of every other run stay as they were.
-    /// LoRA rank r (`None`: 8).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora_rank: Option<usize>,
-    /// LoRA alpha; the update is scaled by alpha / r (`None`: 16).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora_alpha: Option<f64>,
-    /// Dropout on the LoRA update's input (`None`: 0, as PEFT; 0.1 before
-    /// 2026-12-05, see [`FitConfig::run_id`]).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lora_dropout: Option<f32>,
-    /// Projections LoRA adapts (`None`: q and v). In JSON a list or one
-    /// comma-separated string (`"q,v"`, what a sweep grid axis holds).
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "lora_targets_de"
-    )]
-    pub lora_targets: Option<Vec<LoraTarget>>,
-    /// Adapter placement (`None`: houlsby).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter_placement: Option<Placement>,
-    /// Adapter non-linearity (`None`: gelu).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapter_activation: Option<AdapterActivation>,
-    /// How LST's side layers start (`None`: random).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub lst_init: Option<LstInit>,
 }
 
-/// `lora_targets` from a list of names or one comma-separated string.
-fn lora_targets_de<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Option<Vec<LoraTarget>>, D::Error> {
-    use serde::de::Error as _;
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Form {
-        One(String),
-        Many(Vec<String>),
+/// The settings every method shares, as read from JSON (the fields of
+/// [`FitConfig`] but `method`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Shared {
+    pool: Pool,
+    epochs: usize,
+    lr: f64,
+    lr_pretrained: f64,
+    weight_decay: f64,
+    warmup: f64,
+    batch_size: usize,
+    max_tokens_per_batch: usize,
+    grad_clip: f64,
+    seed: u64,
+    shuffle_chunks: usize,
+    train_examples: Option<usize>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        let FitConfig {
+            method: _,
+            pool,
+            epochs,
+            lr,
+            lr_pretrained,
+            weight_decay,
+            warmup,
+            batch_size,
+            max_tokens_per_batch,
+            grad_clip,
+            seed,
+            shuffle_chunks,
+            train_examples,
+        } = FitConfig::default();
+        Shared {
+            pool,
+            epochs,
+            lr,
+            lr_pretrained,
+            weight_decay,
+            warmup,
+            batch_size,
+            max_tokens_per_batch,
+            grad_clip,
+            seed,
+            shuffle_chunks,
+            train_examples,
+        }
     }
-    let names: Vec<String> = match Option::<Form>::deserialize(d)? {
-        None => return Ok(None),
-        Some(Form::One(s)) => s.split(',').map(str::to_owned).collect(),
-        Some(Form::Many(v)) => v,
-    };
-    names
-        .iter()
-        .map(|n| LoraTarget::parse(n).map_err(D::Error::custom))
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map(Some)
+}
+
+impl Shared {
+    fn with(self, method: MethodConfig) -> FitConfig {
+        let Shared {
+            pool,
+            epochs,
+            lr,
+            lr_pretrained,
+            weight_decay,
+            warmup,
+            batch_size,
+            max_tokens_per_batch,
+            grad_clip,
+            seed,
+            shuffle_chunks,
+            train_examples,
+        } = self;
+        FitConfig {
+            method,
+            pool,
+            epochs,
+            lr,
+            lr_pretrained,
+            weight_decay,
+            warmup,
+            batch_size,
+            max_tokens_per_batch,
+            grad_clip,
+            seed,
+            shuffle_chunks,
+            train_examples,
+        }
+    }
 }
 
 impl Default for FitConfig {
     fn default() -> Self {
         FitConfig {
-            method: Method::Sherl,
-            late_layers: 1,
-            late_trainable: false,
-            reduction: 4,
-            side_dim: None,
-            early_layers: None,
-            probe_layer: None,
+            method: MethodConfig::default(),
             pool: Pool::Mean,
             epochs: 5,
             lr: 1e-3,
@@ -142,26 +160,187 @@ impl Default for FitConfig {
             max_tokens_per_batch: 8192,
             grad_clip: 1.0,
             seed: 0,
-            dropout: 0.1,
             shuffle_chunks: 8,
             train_examples: None,
-            lora_rank: None,
-            lora_alpha: None,
-            lora_dropout: None,
-            lora_targets: None,
-            adapter_placement: None,
-            adapter_activation: None,
-            lst_init: None,
         }
     }
 }
 
+/// Where settings come from, for [`FitConfig::from_json`]: what a key of
+/// another method means there, and how a key is named in a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `sherl-fit run` flags: a flag of another method is refused, named
+    /// as a flag (`--lora-rank`).
+    Flags,
+    /// A settings file or a grid: a key of another method is refused,
+    /// except one of the keys every `config.json` held before the methods'
+    /// settings were their own, at the value it held when not set (an old
+    /// run's settings used as a `--config` file still read).
+    File,
+    /// A run's stored `config.json`: keys of another method (written by
+    /// earlier versions, which recorded every method's) are dropped.
+    Stored,
+}
+
+/// The keys every run's `config.json` held before each method's settings
+/// were its own, with the values they held when not set. The run id is
+/// hashed over the settings with these filled in, so a run keeps the id
+/// it had then ([`FitConfig::run_id`]).
+fn legacy_keys() -> Map<String, Value> {
+    let v = serde_json::json!({
+        "late_layers": 1,
+        "late_trainable": false,
+        "reduction": 4,
+        "side_dim": null,
+        "early_layers": null,
+        "probe_layer": null,
+        "dropout": 0.1f32,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("an object literal"),
+    }
+}
+
+/// `a` and `b` are the same setting value (numbers compared in single
+/// precision: `dropout` is stored widened).
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a.as_f64(), b.as_f64()) {
+        (Some(x), Some(y)) => x as f32 == y as f32,
+        _ => a == b,
+    }
+}
+
+/// The methods whose settings have `key`.
+fn owners(key: &str) -> Vec<Method> {
+    Method::all()
+        .iter()
+        .copied()
+        .filter(|m| m.keys().contains(&key))
+        .collect()
+}
+
+/// "a", "a or b", "a, b or c".
+fn either(names: &[&str]) -> String {
+    match names {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [rest @ .., last] => format!("{} or {last}", rest.join(", ")),
+    }
+}
+
+impl<'de> Deserialize<'de> for FitConfig {
+    /// As [`FitConfig::from_json`] from a settings file ([`Source::File`]).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        FitConfig::from_json(v, Source::File).map_err(serde::de::Error::custom)
+    }
+}
+
 impl FitConfig {
-    /// Short id: sha256 over the canonical config JSON and the cache's
-    /// settings hash, first 12 hex digits, prefixed by the method.
+    /// The method.
+    pub fn kind(&self) -> Method {
+        self.method.kind()
+    }
+
+    /// Settings from a JSON object: `method` (default sherl), its settings'
+    /// keys and the shared ones, each at its default where not given. A
+    /// key that is no setting is refused, naming it; a key of another
+    /// method's settings as `source` says.
+    pub fn from_json(v: Value, source: Source) -> Result<FitConfig, String> {
+        let Value::Object(mut obj) = v else {
+            return Err(format!("settings must be a JSON object, not {v}"));
+        };
+        let method = match obj.remove("method") {
+            None => Method::Sherl,
+            Some(m) => serde_json::from_value(m).map_err(|e| format!("method: {e}"))?,
+        };
+        let name = |key: &str| match source {
+            Source::Flags => format!("--{}", key.replace('_', "-")),
+            Source::File | Source::Stored => format!("\"{key}\""),
+        };
+        let shared_keys = field_names::<Shared>();
+        let legacy = legacy_keys();
+        let (mut shared, mut own) = (Map::new(), Map::new());
+        for (key, value) in obj {
+            if shared_keys.contains(&key.as_str()) {
+                shared.insert(key, value);
+            } else if method.keys().contains(&key.as_str()) {
+                own.insert(key, value);
+            } else {
+                let of = owners(&key);
+                if of.is_empty() {
+                    return Err(format!(
+                        "unknown setting {} (settings are `sherl-fit run` flags, with underscores in JSON)",
+                        name(&key)
+                    ));
+                }
+                let old_default = legacy.get(&key).is_some_and(|d| same_value(d, &value));
+                let dropped = source == Source::Stored || (source == Source::File && old_default);
+                if !dropped {
+                    let names: Vec<&str> = of.iter().map(|m| m.name()).collect();
+                    let flag = if source == Source::Flags { "--" } else { "" };
+                    return Err(format!(
+                        "{} applies to {flag}method {} only, not {}",
+                        name(&key),
+                        either(&names),
+                        method.name()
+                    ));
+                }
+            }
+        }
+        let shared: Shared =
+            serde_json::from_value(Value::Object(shared)).map_err(|e| e.to_string())?;
+        own.insert("method".into(), method.name().into());
+        let method: MethodConfig =
+            serde_json::from_value(Value::Object(own)).map_err(|e| e.to_string())?;
+        Ok(shared.with(method))
+    }
+
+    /// A run's stored settings (`config.json`'s `config`), also as written
+    /// by earlier versions ([`Source::Stored`]).
+    pub fn from_stored(v: Value) -> Result<FitConfig, String> {
+        FitConfig::from_json(v, Source::Stored)
+    }
+
+    /// For `#[serde(deserialize_with)]`: [`FitConfig::from_stored`].
+    pub fn deserialize_stored<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<FitConfig, D::Error> {
+        FitConfig::from_stored(Value::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+
+    /// These settings for another method: the settings `kind` shares with
+    /// this config's method carried over (a retrieval tower's settings from
+    /// the run's), its others at their defaults.
+    pub fn for_method(&self, kind: Method) -> FitConfig {
+        let mut v = self.legacy_json();
+        v["method"] = kind.name().into();
+        FitConfig::from_stored(v).expect("a config's own JSON reads back")
+    }
+
+    /// The JSON the run id is hashed over: these settings with the keys
+    /// every config held before each method's settings were its own
+    /// (`late_layers`, `reduction`, `probe_layer`, ...) filled in at the
+    /// values they held when not set, which is exactly the JSON of this
+    /// run's settings then; so a run keeps its id.
+    pub fn legacy_json(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("config serializes");
+        if let Some(o) = v.as_object_mut() {
+            for (key, default) in legacy_keys() {
+                o.entry(key).or_insert(default);
+            }
+        }
+        v
+    }
+
+    /// Short id: sha256 over the canonical config JSON
+    /// ([`FitConfig::legacy_json`]) and the cache's settings hash, first 12
+    /// hex digits, prefixed by the method.
     pub fn run_id(&self, cache_settings_hash: &str) -> String {
-        let mut config = serde_json::to_value(self).expect("config serializes");
-        if self.method == Method::Lora && self.lora_dropout.is_none() {
+        let mut config = self.legacy_json();
+        if self.kind() == Method::Lora && config.get("lora_dropout").is_none() {
             // LoRA's default dropout was 0.1 before 2026-12-05 and is 0 now:
             // hashing the value keeps a run made under the old default from
             // passing for one under the new (every other id is unchanged)
@@ -171,7 +350,7 @@ impl FitConfig {
         let h = Sha256::digest(canon.to_string().as_bytes());
         format!(
             "{}-{}",
-            self.method.name(),
+            self.kind().name(),
             crate::hash::abbrev(&crate::hash::hex(&h))
         )
     }
@@ -199,7 +378,6 @@ impl FitConfig {
             ("--weight-decay", self.weight_decay),
             ("--warmup", self.warmup),
             ("--grad-clip", self.grad_clip),
-            ("--dropout", f64::from(self.dropout)),
         ];
         if let Some((name, v)) = finite.iter().find(|(_, v)| !v.is_finite()) {
             return Err(format!("{name} {v}: must be a finite number"));
@@ -243,43 +421,9 @@ impl FitConfig {
                 self.grad_clip
             ));
         }
-        if !(0.0..1.0).contains(&self.dropout) {
-            return Err(format!("--dropout {}: must be in [0, 1)", self.dropout));
-        }
-        if self.reduction == 0 || self.side_dim == Some(0) {
-            return Err("--reduction and --side-dim must be positive".into());
-        }
-        if let Some(d) = self.side_dim.filter(|&d| d > MAX_SIDE_DIM) {
-            return Err(format!(
-                "--side-dim {d}: at most {MAX_SIDE_DIM} (a side network is narrower than its backbone)"
-            ));
-        }
+        self.method.validate()?;
         if self.shuffle_chunks == 0 {
             return Err("shuffle_chunks must be at least 1".into());
-        }
-        let lora = self.lora_spec();
-        if lora.rank == 0 || lora.rank > MAX_SIDE_DIM {
-            return Err(format!(
-                "--lora-rank {}: must be between 1 and {MAX_SIDE_DIM}",
-                lora.rank
-            ));
-        }
-        if !lora.alpha.is_finite() || lora.alpha <= 0.0 {
-            return Err(format!(
-                "--lora-alpha {}: must be a positive finite number",
-                lora.alpha
-            ));
-        }
-        if !(0.0..1.0).contains(&lora.dropout) {
-            return Err(format!(
-                "--lora-dropout {}: must be in [0, 1)",
-                lora.dropout
-            ));
-        }
-        if lora.targets.is_empty() {
-            return Err(
-                "--lora-targets is empty; name at least one of q, k, v, o, ffn-in, ffn-out".into(),
-            );
         }
         if self.train_examples == Some(0) {
             return Err(
@@ -288,31 +432,6 @@ impl FitConfig {
             );
         }
         Ok(())
-    }
-
-    /// The LoRA settings, defaults filled in (targets sorted, without
-    /// repeats).
-    pub fn lora_spec(&self) -> LoraSpec {
-        let mut targets = self
-            .lora_targets
-            .clone()
-            .unwrap_or_else(|| DEFAULT_TARGETS.to_vec());
-        targets.sort();
-        targets.dedup();
-        LoraSpec {
-            rank: self.lora_rank.unwrap_or(8),
-            alpha: self.lora_alpha.unwrap_or(16.0),
-            dropout: self.lora_dropout.unwrap_or(0.0),
-            targets,
-        }
-    }
-
-    /// The adapter settings, defaults filled in.
-    pub fn adapter_spec(&self) -> AdapterSpec {
-        AdapterSpec {
-            placement: self.adapter_placement.unwrap_or(Placement::Houlsby),
-            activation: self.adapter_activation.unwrap_or(AdapterActivation::Gelu),
-        }
     }
 
     /// Learning-rate multiplier at `step` of `total`: linear warm-up, then
@@ -326,311 +445,77 @@ impl FitConfig {
             (1.0 - (step - warm) as f64 / rest as f64).max(0.0)
         }
     }
-}
 
-/// The settings given as `sherl-fit run` flags (`None`, or `false` for a
-/// switch: not given). Precedence: [`FitConfig::default`], then the
-/// `--config` file, then these flags ([`FitConfig::resolve`]).
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct SettingFlags {
-    /// Model to train.
-    #[arg(long, value_enum)]
-    pub method: Option<Method>,
-    /// K: the backbone's last K layers form the late route.
-    #[arg(long)]
-    pub late_layers: Option<usize>,
-    /// Train the late layers' pre-trained weights too.
-    #[arg(long)]
-    pub late_trainable: bool,
-    /// Reduction r: side width d = D / r.
-    #[arg(long)]
-    pub reduction: Option<usize>,
-    /// Side width d (overrides --reduction).
-    #[arg(long)]
-    pub side_dim: Option<usize>,
-    /// Early-route layers, e.g. 0,2,4,5 (must end with N-K).
-    #[arg(long, value_delimiter = ',')]
-    pub early_layers: Option<Vec<usize>>,
-    /// Linear-probe layer (default: the last).
-    #[arg(long)]
-    pub probe_layer: Option<usize>,
-    /// Pooling before the head.
-    #[arg(long, value_enum)]
-    pub pool: Option<Pool>,
-    /// Epochs.
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Peak learning rate of the new modules.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Peak learning rate of trained pre-trained weights.
-    #[arg(long)]
-    pub lr_pretrained: Option<f64>,
-    /// AdamW weight decay.
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Warm-up fraction of all steps (then linear decay).
-    #[arg(long)]
-    pub warmup: Option<f64>,
-    /// Examples per batch.
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Padded tokens per batch at most.
-    #[arg(long)]
-    pub max_tokens_per_batch: Option<usize>,
-    /// Global gradient-norm clip (0 = off).
-    #[arg(long)]
-    pub grad_clip: Option<f64>,
-    /// Seed of init, dropout and data order.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Dropout of the restore block.
-    #[arg(long)]
-    pub dropout: Option<f32>,
-    /// Train on a seeded subset of about N training examples (whole chunks).
-    #[arg(long)]
-    pub train_examples: Option<usize>,
-    /// LoRA rank r (--method lora; default 8).
-    #[arg(long)]
-    pub lora_rank: Option<usize>,
-    /// LoRA alpha: the update is scaled by alpha / r (--method lora; default 16).
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// Dropout on the LoRA update's input (--method lora; default 0, as
-    /// Hugging Face PEFT: the updates then merge into the fused layer op).
-    #[arg(long)]
-    pub lora_dropout: Option<f32>,
-    /// Projections LoRA adapts, e.g. q,k,v,o,ffn-in,ffn-out (--method lora; default q,v).
-    #[arg(long, value_enum, value_delimiter = ',')]
-    pub lora_targets: Option<Vec<LoraTarget>>,
-    /// Adapter placement: houlsby (after attention and FFN) or pfeiffer
-    /// (after FFN) (--method adapter; default houlsby). Width: --reduction / --side-dim.
-    #[arg(long, value_enum)]
-    pub adapter_placement: Option<Placement>,
-    /// Adapter non-linearity (--method adapter; default gelu).
-    #[arg(long, value_enum)]
-    pub adapter_activation: Option<AdapterActivation>,
-    /// LST side layers: random, or the backbone's layers pruned by weight
-    /// magnitude (--method lst, text caches; default random).
-    #[arg(long, value_enum)]
-    pub lst_init: Option<LstInit>,
-}
-
-impl FitConfig {
     /// The settings of one run: the defaults, overridden by the JSON file
-    /// `file` (FitConfig fields; unknown fields are refused), overridden by
-    /// the `flags` that were given; then validated.
-    pub fn resolve(file: Option<&Path>, flags: &SettingFlags) -> Result<FitConfig> {
-        let mut c = match file {
+    /// `file` ([`Source::File`]), overridden by the flags that were given
+    /// (`flags`: flag names with underscores -> values, [`Source::Flags`]:
+    /// a flag of another method than the one chosen is refused); then
+    /// validated.
+    pub fn resolve(file: Option<&Path>, flags: &Map<String, Value>) -> Result<FitConfig> {
+        let mut merged = match file {
             Some(p) => {
                 let bytes = std::fs::read(p).map_err(|source| FitError::SettingsUnreadable {
                     path: p.to_path_buf(),
                     source,
                 })?;
-                serde_json::from_slice::<FitConfig>(&bytes).map_err(|source| {
-                    FitError::SettingsInvalid {
-                        path: p.to_path_buf(),
-                        source,
-                    }
-                })?
+                let invalid = |source| FitError::SettingsInvalid {
+                    path: p.to_path_buf(),
+                    source,
+                };
+                // The file alone must read (its errors name the file) ...
+                let c: FitConfig = serde_json::from_slice(&bytes).map_err(invalid)?;
+                let mut v: Value = serde_json::from_slice(&bytes).map_err(invalid)?;
+                v["method"] = c.kind().name().into();
+                v
             }
-            None => FitConfig::default(),
+            None => Value::Object(Map::new()),
         };
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = flags.$f.clone() { c.$f = v; } )* };
+        // ... and the flags given must all belong to the method chosen.
+        let mut given = flags.clone();
+        if let (None, Some(m)) = (flags.get("method"), merged.get("method")) {
+            given.insert("method".into(), m.clone());
         }
-        set!(
-            method,
-            late_layers,
-            reduction,
-            pool,
-            epochs,
-            lr,
-            lr_pretrained,
-            weight_decay,
-            warmup,
-            batch_size,
-            max_tokens_per_batch,
-            grad_clip,
-            seed,
-            dropout
-        );
-        if flags.side_dim.is_some() {
-            c.side_dim = flags.side_dim;
+        FitConfig::from_json(Value::Object(given.clone()), Source::Flags)
+            .map_err(FitError::settings)?;
+        if let Some(o) = merged.as_object_mut() {
+            o.extend(given);
         }
-        if flags.early_layers.is_some() {
-            c.early_layers = flags.early_layers.clone();
-        }
-        if flags.train_examples.is_some() {
-            c.train_examples = flags.train_examples;
-        }
-        if flags.probe_layer.is_some() {
-            c.probe_layer = flags.probe_layer;
-        }
-        if flags.late_trainable {
-            c.late_trainable = true;
-        }
-        macro_rules! set_opt {
-            ($($f:ident),*) => { $( if flags.$f.is_some() { c.$f = flags.$f.clone(); } )* };
-        }
-        set_opt!(
-            lora_rank,
-            lora_alpha,
-            lora_dropout,
-            lora_targets,
-            adapter_placement,
-            adapter_activation,
-            lst_init
-        );
-        // A method's own flag given to another method would change the run
-        // id and nothing else: refused (a config file or sweep grid may
-        // carry them for every run; they are ignored where unused).
-        let given = |method: Method, names: &[(&str, bool)]| -> Result<()> {
-            match names.iter().find(|(_, set)| *set) {
-                Some((name, _)) if c.method != method => Err(FitError::settings(format!(
-                    "{name} applies to --method {} only, not {}",
-                    method.name(),
-                    c.method.name()
-                ))),
-                _ => Ok(()),
-            }
-        };
-        given(
-            Method::Lora,
-            &[
-                ("--lora-rank", flags.lora_rank.is_some()),
-                ("--lora-alpha", flags.lora_alpha.is_some()),
-                ("--lora-dropout", flags.lora_dropout.is_some()),
-                ("--lora-targets", flags.lora_targets.is_some()),
-            ],
-        )?;
-        given(
-            Method::Adapter,
-            &[
-                ("--adapter-placement", flags.adapter_placement.is_some()),
-                ("--adapter-activation", flags.adapter_activation.is_some()),
-            ],
-        )?;
-        given(Method::Lst, &[("--lst-init", flags.lst_init.is_some())])?;
+        let c = FitConfig::from_json(merged, Source::File).map_err(|m| match file {
+            Some(p) => FitError::settings(format!("{}: {m}", p.display())),
+            None => FitError::settings(m),
+        })?;
         c.validate().map_err(FitError::Settings)?;
         Ok(c)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn run_id_depends_on_config_and_cache() {
-        let a = FitConfig::default();
-        let mut b = a.clone();
-        b.seed = 1;
-        assert_ne!(a.run_id("x"), b.run_id("x"));
-        assert_ne!(a.run_id("x"), a.run_id("y"));
-        assert_eq!(a.run_id("x"), a.clone().run_id("x"));
-        assert!(a.run_id("x").starts_with("sherl-"));
-    }
-
-    #[test]
-    fn schedule_warms_up_then_decays() {
-        let c = FitConfig {
-            warmup: 0.1,
-            ..Default::default()
-        };
-        assert!((c.schedule(0, 100) - 0.1).abs() < 1e-12);
-        assert!((c.schedule(9, 100) - 1.0).abs() < 1e-12);
-        assert!((c.schedule(10, 100) - 1.0).abs() < 1e-12);
-        assert!(c.schedule(99, 100) < 0.02);
-        assert!(c.schedule(55, 100) < c.schedule(20, 100));
-    }
-
-    /// The LoRA and adapter settings are left out of the JSON while unset
-    /// (every earlier run keeps its id); `lora_targets` reads a list or one
-    /// comma-separated string (a sweep grid's axis value), sorted and
-    /// without repeats in the spec; a bad name is refused, naming it.
-    #[test]
-    fn peft_settings_keep_run_ids_and_parse_targets() {
-        let json = serde_json::to_value(FitConfig::default()).unwrap();
-        for k in [
-            "lora_rank",
-            "lora_alpha",
-            "lora_dropout",
-            "lora_targets",
-            "adapter_placement",
-            "adapter_activation",
-            "lst_init",
-        ] {
-            assert!(json.get(k).is_none(), "{k}");
+/// The flags given on a command line as settings JSON: `flags` serialized,
+/// without the ones not given (`null`, or `false` for a switch). A float
+/// flag given a value JSON cannot hold (NaN, infinity) would read as not
+/// given: it is refused, named with its value as `Debug` shows it.
+pub fn given_flags<T: Serialize + std::fmt::Debug>(flags: &T) -> Result<Map<String, Value>> {
+    let Ok(Value::Object(m)) = serde_json::to_value(flags) else {
+        return Ok(Map::new());
+    };
+    let shown = format!("{flags:?}");
+    let mut given = Map::new();
+    for (key, value) in m {
+        if value.is_null() {
+            let at = format!(" {key}: Some(");
+            if let Some(i) = shown.find(&at) {
+                let rest = &shown[i + at.len()..];
+                let v = &rest[..rest.find(')').unwrap_or(rest.len())];
+                return Err(FitError::settings(format!(
+                    "--{} {v}: must be a finite number",
+                    key.replace('_', "-")
+                )));
+            }
+        } else if value != Value::Bool(false) {
+            given.insert(key, value);
         }
-        let spec = FitConfig::default().lora_spec();
-        assert_eq!((spec.rank, spec.alpha, spec.dropout), (8, 16.0, 0.0));
-        // a default LoRA run's id is not the one the 0.1 default gave
-        let lora = FitConfig {
-            method: Method::Lora,
-            ..FitConfig::default()
-        };
-        let old = serde_json::json!({ "config": lora, "cache": "x" });
-        let old_hex = crate::hash::hex(&Sha256::digest(old.to_string().as_bytes()));
-        let old = crate::hash::abbrev(&old_hex);
-        assert_ne!(lora.run_id("x"), format!("lora-{old}"));
-        // any other run keeps the id of the plain hash
-        let plain = FitConfig::default();
-        let hex = crate::hash::hex(&Sha256::digest(
-            serde_json::json!({ "config": plain, "cache": "x" })
-                .to_string()
-                .as_bytes(),
-        ));
-        assert_eq!(
-            plain.run_id("x"),
-            format!("sherl-{}", crate::hash::abbrev(&hex))
-        );
-        assert_eq!(
-            lora.run_id("x"),
-            FitConfig {
-                lora_dropout: Some(0.0),
-                ..lora.clone()
-            }
-            .run_id("x")
-        );
-        assert_eq!(spec.targets, vec![LoraTarget::Q, LoraTarget::V]);
-        let a: FitConfig =
-            serde_json::from_str(r#"{"method": "lora", "lora_targets": "v,q,ffn-in,q"}"#).unwrap();
-        let b: FitConfig =
-            serde_json::from_str(r#"{"method": "lora", "lora_targets": ["ffn-in", "v", "q"]}"#)
-                .unwrap();
-        assert_eq!(
-            a.lora_spec().targets,
-            vec![LoraTarget::Q, LoraTarget::V, LoraTarget::FfnIn]
-        );
-        assert_eq!(a.lora_spec(), b.lora_spec());
-        let e = serde_json::from_str::<FitConfig>(r#"{"lora_targets": "q,query"}"#).unwrap_err();
-        assert!(e.to_string().contains("\"query\""), "{e}");
-        // set, they are recorded and change the id
-        let c = FitConfig {
-            lora_rank: Some(4),
-            ..FitConfig::default()
-        };
-        assert_ne!(c.run_id("x"), FitConfig::default().run_id("x"));
-        let back: FitConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
-        assert_eq!(back, c);
-        assert_eq!(
-            FitConfig::default().adapter_spec(),
-            AdapterSpec {
-                placement: Placement::Houlsby,
-                activation: AdapterActivation::Gelu
-            }
-        );
     }
-
-    #[test]
-    fn unknown_fields_are_rejected() {
-        let e =
-            serde_json::from_str::<FitConfig>(r#"{"lr": 0.1, "learning_rate": 2}"#).unwrap_err();
-        assert!(e.to_string().contains("learning_rate"));
-        let c: FitConfig =
-            serde_json::from_str(r#"{"lr": 0.1, "method": "linear-probe"}"#).unwrap();
-        assert_eq!(c.method, Method::LinearProbe);
-        assert_eq!(c.epochs, 5);
-    }
+    Ok(given)
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,7 +4,9 @@
 
 use super::config::FitConfig;
 use super::error::FitError;
-use super::model::{Method, ModelSpec};
+use super::method::MethodSpec;
+use super::model::ModelSpec;
+use super::nn::adapter::AdapterSpec;
 use crate::backbone::BertConfig;
 use crate::{Error, Result};
 
@@ -55,12 +57,11 @@ pub fn memory_estimate(
     cached: &[usize],
 ) -> MemoryEstimate {
     let f = |x: usize| x as f64;
-    let (dm, d, inter, n, k) = (
+    let (dm, d, inter, n) = (
         f(bert.hidden_size),
-        f(spec.side_dim),
+        f(spec.method.side_dim().unwrap_or(0)),
         f(bert.intermediate_size),
         f(bert.num_hidden_layers),
-        f(spec.late_layers),
     );
     let (heads, classes, s) = (
         f(bert.num_attention_heads),
@@ -72,12 +73,17 @@ pub fn memory_estimate(
     // Floats per token kept by one transformer layer that is trained
     // through: residual stream, q/k/v, norms, FFN, attention rows.
     let layer_act = 16.0 * dm + 4.0 * inter + 4.0 * heads * s;
-    let m = f(spec.early_layers.len().max(1));
-    let (trainable, frozen, per_token, backward) = match spec.method {
-        Method::Sherl => {
+    let (trainable, frozen, per_token, backward) = match &spec.method {
+        MethodSpec::Sherl {
+            late_layers,
+            late_trainable,
+            early_layers,
+            ..
+        } => {
+            let (m, k) = (f(early_layers.len().max(1)), f(*late_layers));
             let new = proj(m) + d + 1.0 + d * dm + 3.0 * dm + 1.0 + dm * classes + classes;
             let late = k * layer;
-            let (t, fz) = if spec.late_trainable {
+            let (t, fz) = if *late_trainable {
                 (new + late, 0.0)
             } else {
                 (new, late)
@@ -89,23 +95,22 @@ pub fn memory_estimate(
                 2.0,
             )
         }
-        Method::LateLayer => (k * layer + dm * classes, 0.0, 2.0 * dm + k * layer_act, 2.0),
-        Method::LinearProbe => {
+        MethodSpec::LateLayer { late_layers } => {
+            let k = f(*late_layers);
+            (k * layer + dm * classes, 0.0, 2.0 * dm + k * layer_act, 2.0)
+        }
+        MethodSpec::LinearProbe { probe_layer } => {
             // Frozen layers run from the deepest cached layer up to the probe.
-            let from = cached
-                .iter()
-                .copied()
-                .filter(|&i| i <= spec.probe_layer)
-                .max();
-            let steps = f(spec.probe_layer.saturating_sub(from.unwrap_or(0)));
+            let from = cached.iter().copied().filter(|&i| i <= *probe_layer).max();
+            let steps = f(probe_layer.saturating_sub(from.unwrap_or(0)));
             let act = 2.0 * dm + if steps > 0.0 { layer_act } else { 0.0 };
             (dm * classes + classes, steps * layer, act, 1.0)
         }
-        Method::Unipt => {
+        MethodSpec::Unipt { .. } => {
             let new = proj(n + 1.0) + d * d + 5.0 * d + 1.0 + d * classes + classes;
             (new, 0.0, 2.0 * (n + 1.0) * dm + 8.0 * (n + 2.0) * d, 2.0)
         }
-        Method::FullFt => {
+        MethodSpec::FullFt => {
             let emb =
                 (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
                     * dm;
@@ -114,13 +119,13 @@ pub fn memory_estimate(
         // The frozen backbone counts once; every layer's activations are
         // kept (the backward pass runs through all of them), plus each
         // update's dropped-out input, low-rank product and output.
-        Method::Lora => {
+        MethodSpec::Lora { rank, targets, .. } => {
             let emb =
                 (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
                     * dm;
-            let r = f(spec.lora.rank);
+            let r = f(*rank);
             let (mut upd, mut upd_act) = (0.0, 0.0);
-            for t in &spec.lora.targets {
+            for t in targets {
                 let (i, o) = t.dims(bert.hidden_size, bert.intermediate_size);
                 upd += r * f(i + o);
                 upd_act += f(i) + r + f(o);
@@ -133,11 +138,19 @@ pub fn memory_estimate(
             )
         }
         // Adapters of width d: down, activation, up and the sum per adapter.
-        Method::Adapter => {
+        MethodSpec::Adapter {
+            placement,
+            activation,
+            ..
+        } => {
             let emb =
                 (f(bert.vocab_size) + f(bert.max_position_embeddings) + f(bert.type_vocab_size))
                     * dm;
-            let a = f(spec.adapter.per_layer());
+            let spec = AdapterSpec {
+                placement: *placement,
+                activation: *activation,
+            };
+            let a = f(spec.per_layer());
             (
                 n * a * (2.0 * dm * d + d + dm) + dm * classes + classes,
                 emb + 5.0 * dm + n * layer,
@@ -148,8 +161,8 @@ pub fn memory_estimate(
         // N + 1 down projections, N gates, N side layers of width d, the
         // up projection; the cached inputs and their projections, and each
         // side layer's activations.
-        Method::Lst => {
-            let side = super::nn::lst::side_config(bert, spec.side_dim);
+        MethodSpec::Lst { side_dim, .. } => {
+            let side = super::nn::lst::side_config(bert, *side_dim);
             let fs = f(side.intermediate_size);
             let side_layer = 4.0 * d * d + 2.0 * d * fs + 9.0 * d + fs;
             let side_act = 16.0 * d + 4.0 * fs + 4.0 * f(side.num_attention_heads) * s;
@@ -226,6 +239,7 @@ pub fn check_memory(est: &MemoryEstimate) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fit::method::{Method, MethodConfig, ResolveOn};
     use crate::fit::model::Pool;
     use serde_json::json;
 
@@ -239,19 +253,20 @@ mod tests {
     }
 
     fn spec(method: Method, side_dim: usize) -> ModelSpec {
+        let on = ResolveOn {
+            layers: 6,
+            hidden: 384,
+            cached: &[0, 1, 2, 3, 4, 5, 6],
+        };
+        let mut m = serde_json::to_value(method.defaults()).unwrap();
+        if method.keys().contains(&"side_dim") {
+            m["side_dim"] = side_dim.into();
+        }
+        let c: MethodConfig = serde_json::from_value(m).unwrap();
         ModelSpec {
-            method,
-            late_layers: 1,
-            late_trainable: false,
-            side_dim,
-            early_layers: (0..=5).collect(),
-            probe_layer: 6,
+            method: c.resolve(&on).unwrap(),
             pool: Pool::Mean,
-            dropout: 0.1,
             classes: 2,
-            lora: FitConfig::default().lora_spec(),
-            adapter: FitConfig::default().adapter_spec(),
-            lst_init: crate::fit::nn::lst::LstInit::Random,
         }
     }
 

@@ -8,6 +8,8 @@
 //!   restore gate, UniPT, head), each `load` + `forward` as in candle.
 //! - [`kernels`]: the hand-written CPU ops under [`nn`] (fused layers,
 //!   matrix products), exempt from the file and function size limits.
+//! - [`method`]: the method table: each method's settings, flags and
+//!   resolved spec.
 //! - [`model`]: the model of each `--method`, composed from [`nn`].
 //! - [`trainer`]: the training loop both tasks share (epochs, optimisers,
 //!   schedule, clipping, best checkpoint, metrics, memory); [`train`]:
@@ -27,6 +29,7 @@ pub mod error;
 pub mod eval;
 pub mod kernels;
 pub mod memory;
+pub mod method;
 pub mod metrics;
 pub mod model;
 pub mod nn;

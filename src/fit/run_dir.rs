@@ -58,7 +58,9 @@ pub const RUN_LOCK: &str = ".lock";
 pub struct RunConfig {
     /// The cache the run trained on.
     pub cache: RunCache,
-    /// The training settings.
+    /// The training settings (also as written by earlier versions, which
+    /// recorded every method's settings).
+    #[serde(deserialize_with = "FitConfig::deserialize_stored")]
     pub config: FitConfig,
     /// Class labels, by class index.
     pub labels: Vec<String>,
@@ -69,6 +71,10 @@ pub struct RunConfig {
     /// Version of sherl that trained it.
     #[serde(default)]
     pub sherl_version: String,
+    /// What the model was built from (absent in runs of earlier versions:
+    /// [`crate::predict`] then resolves `config` on the recorded `model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec: Option<super::model::ModelSpec>,
 }
 
 /// The model part of [`RunConfig`].

@@ -27,7 +27,7 @@ use super::eval::{argmax, evaluate};
 use super::kernels::direct_grads::{Collected, Collector};
 use super::memory::{check_memory, memory_estimate};
 use super::metrics::Tally;
-use super::model::{Method, Model, Shared};
+use super::model::{Model, Shared};
 use super::nn::Mode;
 use super::params::Group;
 use super::run_dir::{EpochTask, RunCache, RunConfig, RunModel, Summary, SummaryTask};
@@ -236,15 +236,16 @@ pub fn run(plan: &FitPlan, reporter: &dyn FitReporter) -> Result<Summary> {
         labels: m.labels.clone(),
         model: RunModel {
             classes: spec.classes,
-            early_layers: spec.early_layers.clone(),
+            early_layers: spec.method.early_layers().unwrap_or_default().to_vec(),
             frozen_params: model.params.frozen_count(),
             inputs,
-            probe_layer: spec.probe_layer,
-            side_dim: spec.side_dim,
+            probe_layer: spec.method.probe_layer().unwrap_or(arch.num_layers()),
+            side_dim: spec.method.side_dim().unwrap_or(0),
             trainable_params: model.params.trainable_count(),
         },
         run_id: trainer.run_id.clone(),
         sherl_version: env!("CARGO_PKG_VERSION").to_owned(),
+        spec: Some(spec.clone()),
     }
     .write(&trainer.run_dir)?;
     trainer.fit(&mut Classification::new(
@@ -446,12 +447,12 @@ impl Task for Classification<'_> {
             None => None,
         };
         let spec = self.model.spec();
-        let layer_weight_layers = (spec.method == Method::Sherl).then(|| {
-            let e = &spec.early_layers;
-            e[..e.len() - 1].to_vec()
-        });
+        let layer_weight_layers = spec
+            .method
+            .early_layers()
+            .map(|e| e[..e.len() - 1].to_vec());
         Ok(TaskSummary {
-            method: spec.method.name().into(),
+            method: spec.method.kind().name().into(),
             trainable_params: self.model.params.trainable_count(),
             frozen_params: self.model.params.frozen_count(),
             task: SummaryTask::Classification {

@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use crate::data::args::TrainedColumns;
+use crate::fit::config::FitConfig;
+use crate::fit::method::ResolveOn;
 use crate::fit::model::ModelSpec;
 use crate::fit::run_dir::{self, RunCache, RunConfig};
 use crate::{Error, Result};
@@ -89,20 +91,31 @@ pub(crate) fn trained_columns(cache: &RunCache) -> TrainedColumns {
     }
 }
 
-/// The model spec a run was trained with.
-pub(crate) fn run_spec(rc: &RunConfig) -> ModelSpec {
-    ModelSpec {
-        method: rc.config.method,
-        late_layers: rc.config.late_layers,
-        late_trainable: rc.config.late_trainable,
-        side_dim: rc.model.side_dim,
-        early_layers: rc.model.early_layers.clone(),
-        probe_layer: rc.model.probe_layer,
-        pool: rc.config.pool,
-        dropout: rc.config.dropout,
-        classes: rc.model.classes,
-        lora: rc.config.lora_spec(),
-        adapter: rc.config.adapter_spec(),
-        lst_init: rc.config.lst_init.unwrap_or_default(),
+/// The model spec a run was trained with: the one its `config.json`
+/// stores; a run of an earlier version, which stored none, has its settings
+/// resolved on the cache it recorded, with the side width, early route and
+/// probed layer it recorded (what it was built with).
+pub(crate) fn run_spec(rc: &RunConfig) -> Result<ModelSpec> {
+    if let Some(spec) = &rc.spec {
+        return Ok(spec.clone());
     }
+    let mut settings = rc.config.legacy_json();
+    settings["side_dim"] = rc.model.side_dim.into();
+    settings["early_layers"] = rc.model.early_layers.clone().into();
+    settings["probe_layer"] = rc.model.probe_layer.into();
+    let bad = |message: String| crate::fit::error::FitError::BadRun {
+        path: rc.cache.path.clone(),
+        message,
+    };
+    let config = FitConfig::from_stored(settings).map_err(bad)?;
+    let on = ResolveOn {
+        layers: rc.cache.backbone.num_layers,
+        hidden: rc.cache.backbone.hidden,
+        cached: &rc.cache.layers,
+    };
+    Ok(ModelSpec {
+        method: config.method.resolve(&on)?,
+        pool: config.pool,
+        classes: rc.model.classes,
+    })
 }

@@ -73,7 +73,7 @@ fn image_model(
     let ckpt = Checkpoint::open_vit(&ckpt_path)?;
     let dev = Device::Cpu;
     let model = Model::build(
-        run_spec(rc),
+        run_spec(rc)?,
         &rc.cache.layers,
         &arch,
         &ckpt,

@@ -127,7 +127,7 @@ fn read_run(run: &Path) -> Result<RunRecord> {
             v["task"].as_str().unwrap_or("classification")
         )));
     }
-    let fit: FitConfig = serde_json::from_value(v["config"].clone())
+    let fit = FitConfig::from_stored(v["config"].clone())
         .map_err(|e| bad(format!("`config` is not a run's settings: {e}")))?;
     let retrieval: RetrievalConfig =
         serde_json::from_value(v["retrieval"].clone()).map_err(|e| {

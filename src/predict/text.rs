@@ -148,7 +148,7 @@ pub(crate) fn predict_texts(
     };
     let arch = Arch::Bert(bert.clone());
     let model = Model::build(
-        run_spec(rc),
+        run_spec(rc)?,
         &rc.cache.layers,
         &arch,
         &ckpt,

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::loss::{Loss, DEFAULT_MARGIN};
 use crate::fit::config::{FitConfig, MAX_SIDE_DIM};
-use crate::fit::model::Method;
+use crate::fit::method::Method;
 
 /// What `sherl-fit run` trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -75,7 +75,7 @@ impl RetrievalConfig {
     pub fn run_id(&self, fit: &FitConfig, image_hash: &str, text_hash: &str) -> String {
         let mut config = fit_settings(fit);
         let lora = [self.image_method, self.text_method].contains(&Method::Lora);
-        if lora && fit.lora_dropout.is_none() {
+        if lora && config.get("lora_dropout").is_none() {
             // as FitConfig::run_id: LoRA's default dropout changed (0.1 -> 0)
             config["lora_dropout"] = serde_json::json!(0.0);
         }
@@ -96,9 +96,11 @@ impl RetrievalConfig {
     }
 }
 
-/// `fit` as JSON without `method` (a retrieval run has one per tower).
+/// `fit` as JSON without `method` (a retrieval run has one per tower), with
+/// every key configs held before each method's settings were its own
+/// (`FitConfig::legacy_json`: the run ids stay those of then).
 pub fn fit_settings(fit: &FitConfig) -> serde_json::Value {
-    let mut v = serde_json::to_value(fit).expect("FitConfig serialises");
+    let mut v = fit.legacy_json();
     if let Some(o) = v.as_object_mut() {
         o.remove("method");
     }
@@ -124,11 +126,11 @@ pub struct RetrievalFlags {
     /// Retrieval: the text backbone the caption cache was made from.
     #[arg(long)]
     pub text_backbone: Option<PathBuf>,
-    /// Retrieval: the image tower's method [default: sherl].
-    #[arg(long, value_enum)]
+    /// Retrieval: the image tower's method, one of --method's [default: sherl].
+    #[arg(long, value_enum, hide_possible_values = true)]
     pub image_method: Option<Method>,
-    /// Retrieval: the caption tower's method [default: sherl].
-    #[arg(long, value_enum)]
+    /// Retrieval: the caption tower's method, one of --method's [default: sherl].
+    #[arg(long, value_enum, hide_possible_values = true)]
     pub text_method: Option<Method>,
     /// Retrieval: width of the joint space [default: 256].
     #[arg(long)]

@@ -18,7 +18,8 @@ use crate::fit::checks::{check_backbone, model_spec};
 use crate::fit::config::FitConfig;
 use crate::fit::eval::forward_in_parts;
 use crate::fit::memory::{check_memory, memory_estimate};
-use crate::fit::model::{Method, Model};
+use crate::fit::method::Method;
+use crate::fit::model::Model;
 use crate::fit::worker::step_parts;
 use crate::Result;
 
@@ -42,10 +43,7 @@ pub(crate) fn tower(
 ) -> Result<Tower> {
     let dir = BackboneDir::open(backbone)?;
     let (arch, ckpt) = check_backbone(&cache, &dir)?;
-    let tower_cfg = FitConfig {
-        method,
-        ..cfg.clone()
-    };
+    let tower_cfg = cfg.for_method(method);
     let mut spec = model_spec(&tower_cfg, &cache, &arch)?;
     spec.classes = joint_dim;
     let m = cache.manifest();

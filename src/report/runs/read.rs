@@ -74,6 +74,25 @@ pub(super) fn incomplete_reason(dir: &Path) -> String {
     }
 }
 
+/// A run's stored settings as this version writes them: a run of an
+/// earlier version recorded every method's settings, which are left out
+/// (so its group is that of the same settings trained now). Settings that
+/// are not a run's settings (a hand-written file) are taken as they are.
+fn stored_settings(config: &Value) -> Option<serde_json::Map<String, Value>> {
+    let raw = config.as_object()?;
+    let Ok(c) = crate::fit::config::FitConfig::from_stored(config.clone()) else {
+        return Some(raw.clone());
+    };
+    match serde_json::to_value(c) {
+        Ok(Value::Object(mut m)) => {
+            // only the keys the run recorded, and its own settings
+            m.retain(|k, _| raw.contains_key(k) || k == "method");
+            Some(m)
+        }
+        _ => Some(raw.clone()),
+    }
+}
+
 /// Read one run directory; `Err` is the reason to skip it.
 pub(super) fn load_run(dir: &Path) -> std::result::Result<Run, String> {
     let summary_path = dir.join(SUMMARY_FILE);
@@ -87,7 +106,7 @@ pub(super) fn load_run(dir: &Path) -> std::result::Result<Run, String> {
     };
     let config_path = dir.join(CONFIG_FILE);
     let config: Value = read_json(&config_path)?;
-    let Some(mut settings) = config.get("config").and_then(Value::as_object).cloned() else {
+    let Some(mut settings) = config.get("config").and_then(stored_settings) else {
         return Err(format!("{}: no \"config\" object", config_path.display()));
     };
     let config_seed = settings.remove("seed").and_then(|s| s.as_u64());
