@@ -218,7 +218,8 @@ fn circles(graph: &BTreeMap<String, BTreeSet<String>>) -> Vec<Vec<String>> {
         }
         seen
     };
-    let reaches: BTreeMap<&String, BTreeSet<String>> = graph.keys().map(|f| (f, reach(f))).collect();
+    let reaches: BTreeMap<&String, BTreeSet<String>> =
+        graph.keys().map(|f| (f, reach(f))).collect();
     let mut done = BTreeSet::new();
     let mut out = Vec::new();
     for f in graph.keys() {
@@ -241,7 +242,10 @@ fn no_two_files_import_each_other() {
     let files = sources();
     let graph = import_graph(&files);
     let edges: usize = graph.values().map(BTreeSet::len).sum();
-    assert!(edges > 300, "only {edges} imports found: is the scan broken?");
+    assert!(
+        edges > 300,
+        "only {edges} imports found: is the scan broken?"
+    );
     let found = circles(&graph);
     assert!(
         found.is_empty(),
@@ -272,7 +276,10 @@ fn the_scan_finds_a_circle_and_resolves_paths() {
         graph["a/x.rs"],
         ["a/y.rs", "base/data.rs"].map(String::from).into()
     );
-    assert_eq!(circles(&graph), vec![vec!["a/x.rs".to_owned(), "a/y.rs".to_owned()]]);
+    assert_eq!(
+        circles(&graph),
+        vec![vec!["a/x.rs".to_owned(), "a/y.rs".to_owned()]]
+    );
 }
 
 /// Functions longer than `max` lines in `code`: name, first line, length.
@@ -347,6 +354,9 @@ fn the_function_scan_measures_from_fn_to_its_brace() {
     let mut code = String::from("impl X {\n    pub(crate) fn long(&self) {\n");
     code.push_str(&"        let a = 1;\n".repeat(160));
     code.push_str("    }\n    fn short() {}\n    fn two() {\n    }\n}\nfn decl();\n");
-    assert_eq!(long_functions(&code, 150), vec![("long".to_owned(), 2, 162)]);
+    assert_eq!(
+        long_functions(&code, 150),
+        vec![("long".to_owned(), 2, 162)]
+    );
     assert!(long_functions(&code, 162).is_empty());
 }
