@@ -1,11 +1,16 @@
 //! What a run must match before predict or search uses it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use candle_core::Device;
+
+use crate::backbone::Checkpoint;
 use crate::data::args::TrainedColumns;
 use crate::fit::config::FitConfig;
+use crate::fit::error::FitError;
 use crate::fit::method::ResolveOn;
-use crate::fit::model::ModelSpec;
+use crate::fit::model::{Arch, Model, ModelSpec};
+use crate::fit::params::Params;
 use crate::fit::run_dir::{self, RunCache, RunConfig};
 use crate::{Error, Result};
 
@@ -24,6 +29,21 @@ pub(crate) fn same(what: &str, path: &Path, want: &str) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The run's `weights.safetensors`: refused when the run has not written
+/// it yet, and checked with [`check_weights`].
+pub(crate) fn checked_weights(run: &Path) -> Result<PathBuf> {
+    let weights = run.join(run_dir::WEIGHTS_FILE);
+    if !weights.exists() {
+        return Err(FitError::BadRun {
+            path: run.to_path_buf(),
+            message: "no weights.safetensors (the run has not finished an epoch)".into(),
+        }
+        .into());
+    }
+    check_weights(run, &weights)?;
+    Ok(weights)
 }
 
 /// Check `weights.safetensors` against the sha256 the run recorded when it
@@ -118,4 +138,27 @@ pub(crate) fn run_spec(rc: &RunConfig) -> Result<ModelSpec> {
         pool: config.pool,
         classes: rc.model.classes,
     })
+}
+
+/// The run's model on `dev`: built from the spec it recorded over `arch`
+/// and `ckpt`, its trained weights restored from `weights`.
+pub(crate) fn trained_model(
+    rc: &RunConfig,
+    arch: &Arch,
+    ckpt: &Checkpoint,
+    weights: &Path,
+    dev: &Device,
+) -> Result<Model> {
+    let model = Model::build(
+        run_spec(rc)?,
+        &rc.cache.layers,
+        arch,
+        ckpt,
+        rc.config.seed,
+        dev,
+    )?;
+    model
+        .params
+        .restore(&Params::load_file(weights, dev)?, weights)?;
+    Ok(model)
 }

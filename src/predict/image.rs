@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::Device;
 use serde_json::{json, Map};
 
-use super::checks::{run_spec, same, trained_columns};
+use super::checks::{same, trained_columns, trained_model};
 use super::output::Labeller;
 use super::plan::{PredictPlan, PredictSummary};
 use crate::backbone::{BackboneDir, Checkpoint};
@@ -18,7 +18,6 @@ use crate::extract::tokenize::Encoded;
 use crate::fit::batcher::Batch;
 use crate::fit::error::FitError;
 use crate::fit::model::{Arch, Model};
-use crate::fit::params::Params;
 use crate::fit::run_dir::{self, RunConfig};
 use crate::Result;
 
@@ -72,17 +71,7 @@ fn image_model(
     };
     let ckpt = Checkpoint::open_vit(&ckpt_path)?;
     let dev = Device::Cpu;
-    let model = Model::build(
-        run_spec(rc)?,
-        &rc.cache.layers,
-        &arch,
-        &ckpt,
-        rc.config.seed,
-        &dev,
-    )?;
-    model
-        .params
-        .restore(&Params::load_file(weights_path, &dev)?, weights_path)?;
+    let model = trained_model(rc, &arch, &ckpt, weights_path, &dev)?;
     Ok((backbone, arch, model))
 }
 

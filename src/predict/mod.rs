@@ -28,8 +28,7 @@ pub use plan::{PredictPlan, PredictSummary};
 
 use crate::backbone::BackboneDir;
 use crate::extract::runtime::Runtime;
-use crate::fit::error::FitError;
-use crate::fit::run_dir::{self, RunConfig};
+use crate::fit::run_dir::RunConfig;
 use crate::Result;
 
 /// Label `plan.data` with the run in `plan.run`: its weights checked
@@ -37,15 +36,7 @@ use crate::Result;
 /// cache was extracted with, then the texts or images labelled.
 pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
     let rc = RunConfig::read(&plan.run)?;
-    let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
-    if !weights_path.exists() {
-        return Err(FitError::BadRun {
-            path: plan.run.clone(),
-            message: "no weights.safetensors (the run has not finished an epoch)".into(),
-        }
-        .into());
-    }
-    checks::check_weights(&plan.run, &weights_path)?;
+    let weights_path = checks::checked_weights(&plan.run)?;
     let dir = BackboneDir::open(&plan.backbone)?;
     checks::same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
     match &rc.cache.image {

@@ -25,7 +25,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor, Var};
 use serde_json::json;
 
-use super::checks::check_weights;
+use super::checks::checked_weights;
 use crate::cache::Cache;
 use crate::fit::config::FitConfig;
 use crate::fit::error::FitError;
@@ -200,15 +200,7 @@ impl Searcher {
             }
         }
         let rec = read_run(&plan.run)?;
-        let weights_path = plan.run.join(run_dir::WEIGHTS_FILE);
-        if !weights_path.exists() {
-            return Err(FitError::BadRun {
-                path: plan.run.clone(),
-                message: "no weights.safetensors (the run has not finished an epoch)".into(),
-            }
-            .into());
-        }
-        check_weights(&plan.run, &weights_path)?;
+        let weights_path = checked_weights(&plan.run)?;
         let image_cache = open_cache("image", &rec.image_cache, &plan.run)?;
         let text_cache = open_cache("caption", &rec.text_cache, &plan.run)?;
         let joined = join_caches(&image_cache, &text_cache)?;

@@ -5,7 +5,7 @@ use std::path::Path;
 use candle_core::Device;
 use serde_json::{json, Map};
 
-use super::checks::{run_spec, same, trained_columns};
+use super::checks::{same, trained_columns, trained_model};
 use super::output::Labeller;
 use super::plan::{PredictPlan, PredictSummary};
 use crate::backbone::{BackboneDir, BertConfig, Checkpoint};
@@ -15,8 +15,7 @@ use crate::extract::runtime::{BackboneSession, Runtime};
 use crate::extract::tokenize::{Encoded, Tokenizer};
 use crate::fit::batcher::Batch;
 use crate::fit::error::FitError;
-use crate::fit::model::{Arch, Model};
-use crate::fit::params::Params;
+use crate::fit::model::Arch;
 use crate::fit::run_dir::{self, RunConfig};
 use crate::{Error, Result};
 
@@ -147,17 +146,7 @@ pub(crate) fn predict_texts(
         },
     };
     let arch = Arch::Bert(bert.clone());
-    let model = Model::build(
-        run_spec(rc)?,
-        &rc.cache.layers,
-        &arch,
-        &ckpt,
-        rc.config.seed,
-        &dev,
-    )?;
-    model
-        .params
-        .restore(&Params::load_file(weights_path, &dev)?, weights_path)?;
+    let model = trained_model(rc, &arch, &ckpt, weights_path, &dev)?;
     let inputs = model.inputs().to_vec();
     let model_eval = model.inference();
     session.check_layers(&inputs)?;
