@@ -68,6 +68,72 @@ pub fn run(name: &str, args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Outpu
     c.output().expect("spawn binary")
 }
 
+/// Like [`run`], but a process still running after `secs` seconds is
+/// killed and `None` returned, so a case that would hang (a FIFO, an endless
+/// read) fails its test instead of stopping the suite. The limit is a
+/// guard against hangs, not a measurement: pick it far above the normal
+/// run time.
+pub fn run_bounded(
+    name: &str,
+    args: &[&str],
+    cwd: &Path,
+    env: &[(&str, &str)],
+    secs: u64,
+) -> Option<Output> {
+    let mut c = Command::new(bin(name));
+    c.args(args)
+        .current_dir(cwd)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let child = c.spawn().expect("spawn binary");
+    wait_bounded(child, secs)
+}
+
+/// Wait for `child` at most `secs` seconds, collecting its output; kill it
+/// and return `None` past that.
+pub fn wait_bounded(mut child: std::process::Child, secs: u64) -> Option<Output> {
+    use std::io::Read;
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let t_out = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(o) = out.as_mut() {
+            let _ = o.read_to_end(&mut b);
+        }
+        b
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        if let Some(e) = err.as_mut() {
+            let _ = e.read_to_end(&mut b);
+        }
+        b
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        match child.try_wait().expect("wait for child") {
+            Some(status) => {
+                return Some(Output {
+                    status,
+                    stdout: t_out.join().unwrap(),
+                    stderr: t_err.join().unwrap(),
+                });
+            }
+            None if std::time::Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            None => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
+}
+
 /// `sherl-fit predict` of run `run` with the fixture's `backbone` on
 /// `data`, on the CPU, plus `extra` flags, in `root`.
 pub fn fit_predict(root: &Path, run: &str, data: &str, extra: &[&str]) -> Output {

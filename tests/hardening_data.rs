@@ -1,0 +1,1 @@
+//! Hardening, second round (issue 28): dataset inputs (folder datasets, headers, encodings).

@@ -1,0 +1,1 @@
+//! Hardening, second round (issue 28): run files (config.json, summary.json, metrics.jsonl, --config) are bounded and checked.

@@ -1,0 +1,1 @@
+//! Hardening, second round (issue 28): the ONNX Runtime library, cache merges and extraction locks.

@@ -1,0 +1,1 @@
+//! Hardening, second round (issue 28): grid expansion, predict outputs and messages.
