@@ -134,6 +134,10 @@ struct NpyWriter {
 }
 
 impl NpyWriter {
+    #[expect(
+        clippy::disallowed_methods,
+        reason = "a streamed output inside the export's temporary directory, which is renamed to --out as a whole"
+    )]
     fn create(path: PathBuf, descr: &str, shape: &[u64]) -> Result<Self> {
         let f = File::create(&path).map_err(|e| Error::io(&path, e))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
@@ -209,6 +213,9 @@ pub fn export(cache: &Cache, out: &Path, layers: Option<&[usize]>) -> Result<Exp
         }
         positions.push(p);
     }
+    // A symbolic link --out is followed, as merge does (see there).
+    let given = out;
+    let out = &super::merge::output_dir(out)?;
     match std::fs::symlink_metadata(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(Error::io(out, e)),
@@ -236,6 +243,13 @@ pub fn export(cache: &Cache, out: &Path, layers: Option<&[usize]>) -> Result<Exp
         _ => PathBuf::from("."),
     };
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    // An export killed before its rename leaves `.<out>.export.<pid>.tmp`.
+    for stale in crate::fsutil::remove_stale_temporaries(&parent, &name.to_string_lossy())? {
+        tracing::warn!(
+            "removed {}, left by an earlier export that did not finish (its process is gone)",
+            stale.display()
+        );
+    }
     let tmp = parent.join(format!(
         ".{}.export.{}.tmp",
         name.to_string_lossy(),
@@ -256,7 +270,7 @@ pub fn export(cache: &Cache, out: &Path, layers: Option<&[usize]>) -> Result<Exp
     });
     match result {
         Ok(mut s) => {
-            s.out = out.to_path_buf();
+            s.out = given.to_path_buf();
             Ok(s)
         }
         Err(e) => {

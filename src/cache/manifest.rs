@@ -221,12 +221,14 @@ pub struct ImageInfo {
 impl Manifest {
     /// Read and version-check a manifest file.
     pub fn read(path: &Path) -> Result<Self> {
-        let bytes = match std::fs::read(path) {
+        // A regular file of at most METADATA_LIMIT bytes (a FIFO or a
+        // device in its place is refused, never read).
+        let bytes = match crate::fsutil::read_bounded(path, crate::fsutil::METADATA_LIMIT) {
             Ok(b) => b,
             // Only a missing `manifest.json` means "not a complete cache";
             // a missing part or pending manifest is reported as itself.
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
+            Err(Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound
                     && path.file_name().is_some_and(|n| n == MANIFEST) =>
             {
                 return Err(Error::Cache {
@@ -234,7 +236,7 @@ impl Manifest {
                     source: CacheError::Incomplete,
                 })
             }
-            Err(e) => return Err(Error::io(path, e)),
+            Err(e) => return Err(e),
         };
         // Check the version before the strict parse, so a newer cache gets
         // the version message rather than an unknown-field one.

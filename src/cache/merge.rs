@@ -310,8 +310,11 @@ fn merged_manifest(first: &Manifest, by_index: &ShardIndex) -> Manifest {
 
 /// Check `--out`, then build the cache in a temporary directory next to it
 /// and rename it there ([`build`]); on error remove the temporary directory
-/// and the parent directories made for it. Returns (shards, examples, tokens).
+/// and the parent directories made for it. A symbolic link `--out` is
+/// followed ([`output_dir`]); temporaries of earlier merges whose process
+/// is gone are removed first. Returns (shards, examples, tokens).
 fn write_out(out: &Path, m: &Manifest, sources: &[PathBuf]) -> Result<(usize, u64, u64)> {
+    let out = &output_dir(out)?;
     check_out(out)?;
     let name = out
         .file_name()
@@ -323,6 +326,15 @@ fn write_out(out: &Path, m: &Manifest, sources: &[PathBuf]) -> Result<(usize, u6
     // Parent directories merge creates are removed again if it fails.
     let created = first_missing_ancestor(&parent);
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    // A merge killed before its rename leaves its temporary directory
+    // (`.<out>.merge.<pid>.tmp`, as big as the cache when shards were
+    // copied): remove those whose process is gone, saying so.
+    for stale in crate::fsutil::remove_stale_temporaries(&parent, &name.to_string_lossy())? {
+        tracing::warn!(
+            "removed {}, left by an earlier merge that did not finish (its process is gone)",
+            stale.display()
+        );
+    }
     let tmp = parent.join(format!(
         ".{}.merge.{}.tmp",
         name.to_string_lossy(),
@@ -342,6 +354,34 @@ fn write_out(out: &Path, m: &Manifest, sources: &[PathBuf]) -> Result<(usize, u6
     result
 }
 
+/// The directory `--out` names: `out` itself, or, when it is a symbolic
+/// link, the directory it leads to. The cache is built next to that
+/// directory and renamed onto it, so it lands where the link points (on
+/// the link target's filesystem) and the link stays a link; renaming onto
+/// the link itself would replace the link and leave its target empty.
+/// A link leading nowhere is refused, naming its target.
+pub(super) fn output_dir(out: &Path) -> Result<PathBuf> {
+    let is_link = std::fs::symlink_metadata(out).is_ok_and(|m| m.file_type().is_symlink());
+    if !is_link {
+        return Ok(out.to_path_buf());
+    }
+    std::fs::canonicalize(out).map_err(|e| {
+        let target = std::fs::read_link(out)
+            .map(|t| t.display().to_string())
+            .unwrap_or_else(|_| "?".to_owned());
+        Error::io(
+            out,
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "a symbolic link to {target}, which cannot be followed ({e}); \
+                     create the directory it names or give another --out"
+                ),
+            ),
+        )
+    })
+}
+
 /// A manifest error about the part at `dir`.
 fn part_error(dir: &Path, why: String) -> Error {
     Error::Cache {
@@ -350,7 +390,8 @@ fn part_error(dir: &Path, why: String) -> Error {
     }
 }
 
-/// `--out` must not exist, or be an empty directory.
+/// `--out` (a symbolic link already followed by [`output_dir`]) must not
+/// exist, or be an empty directory.
 fn check_out(out: &Path) -> Result<()> {
     match std::fs::symlink_metadata(out) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -392,8 +433,8 @@ fn build(tmp: &Path, out: &Path, m: &Manifest, sources: &[PathBuf]) -> Result<(u
         let real = std::fs::canonicalize(src).map_err(|e| Error::io(src, e))?;
         if std::fs::hard_link(&real, &dst).is_err() {
             std::fs::copy(&real, &dst).map_err(|e| Error::io(&dst, e))?;
-            std::fs::File::open(&dst)
-                .and_then(|f| f.sync_all())
+            crate::fsutil::open_regular(&dst)?
+                .sync_all()
                 .map_err(|e| Error::io(&dst, e))?;
         }
     }

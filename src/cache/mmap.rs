@@ -3,7 +3,6 @@
 //! safe API).
 #![allow(unsafe_code)]
 
-use std::fs::File;
 use std::path::Path;
 
 use crate::{Error, Result};
@@ -16,9 +15,12 @@ pub struct MappedFile {
 }
 
 impl MappedFile {
-    /// Map `path` read-only.
+    /// Map `path` read-only. Only a regular file is mapped
+    /// ([`crate::fsutil::open_regular`]): a FIFO would block `open()` for
+    /// ever and a device such as `/dev/zero` would map as something it is
+    /// not; both are refused, naming the file.
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file = crate::fsutil::open_regular(path)?;
         let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
         if len == 0 {
             return Ok(MappedFile { map: None });

@@ -85,6 +85,11 @@ impl CacheWriter {
     /// taken, and again under the lock (another writer may have changed the
     /// directory in between).
     pub fn open(out: &Path, manifest: Manifest, resume: bool) -> Result<Self> {
+        // A live writer's directory is busy, not "not empty" or resumable:
+        // say so first (the lock below decides; this only picks the message).
+        if crate::fsutil::DirLock::is_held(out, LOCK)? {
+            return Err(locked(out));
+        }
         check_out_dir(out, &manifest, resume)?;
         let lock = lock_out_dir(out)?;
         check_out_dir(out, &manifest, resume)?;
@@ -260,11 +265,16 @@ fn lock_out_dir(out: &Path) -> Result<WriterLock> {
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     match crate::fsutil::DirLock::try_acquire(out, LOCK)? {
         Some(lock) => Ok(lock),
-        None => Err(Error::Locked {
-            path: out.to_path_buf(),
-            what: "this cache",
-            lock: out.join(LOCK),
-        }),
+        None => Err(locked(out)),
+    }
+}
+
+/// `out` is being written by another process (it holds the writer lock).
+fn locked(out: &Path) -> Error {
+    Error::Locked {
+        path: out.to_path_buf(),
+        what: "this cache",
+        lock: out.join(LOCK),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Unit tests of `src/extract/runtime/` (kept apart so the module stays readable).
 
-use super::library::newest_library_in;
+use super::library::{newest_library_in, FETCHED_LIBRARIES};
 use super::*;
 
 #[test]
@@ -59,4 +59,44 @@ fn missing_cuda_libraries_are_named() {
     );
     assert_eq!(missing, vec!["libsherl-test-absent.so.7"]);
     std::fs::remove_dir_all(&t).unwrap();
+}
+
+/// The checksums the fetched libraries are checked against are those
+/// `pipelines/fetch-assets.sh` fetches them with.
+#[test]
+fn fetched_library_checksums_match_the_fetch_script() {
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/fetch-assets.sh"),
+    )
+    .unwrap();
+    for (rel, sha, arg) in FETCHED_LIBRARIES {
+        let name = rel.rsplit('/').next().unwrap();
+        let dir = rel.rsplit_once('/').unwrap().0;
+        assert!(script.contains(sha), "{rel}: {sha} not in fetch-assets.sh");
+        assert!(script.contains(name) && script.contains(&format!("$ASSETS/{dir}\"")));
+        assert!(
+            script.contains(&format!("{arg})")) || script.contains(&format!("|{arg}|")),
+            "fetch-assets.sh has no `{arg}` target"
+        );
+    }
+}
+
+/// A truncated ELF file is told from a complete one by its headers alone;
+/// a file of another format is left to the loader.
+#[test]
+fn truncated_elf_files_are_told_from_complete_ones() {
+    let t = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    assert_eq!(super::elf::truncation(&exe).unwrap(), None);
+    let bytes = std::fs::read(&exe).unwrap();
+    for len in [10, 64, 1000, bytes.len() / 2, bytes.len() - 1] {
+        let p = t.path().join(format!("cut{len}"));
+        std::fs::write(&p, &bytes[..len]).unwrap();
+        let why = super::elf::truncation(&p).unwrap();
+        assert!(why.is_some(), "{len} bytes passed");
+    }
+    let p = t.path().join("text");
+    std::fs::write(&p, b"not a library").unwrap();
+    assert_eq!(super::elf::truncation(&p).unwrap(), None);
+    assert!(super::elf::truncation(t.path()).is_err());
 }
