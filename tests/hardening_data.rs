@@ -126,9 +126,12 @@ impl FolderFixture {
     }
 }
 
+/// Makes an entry at a path.
+type MakeEntry = Box<dyn Fn(&Path)>;
+
 /// Entries a folder reader skips, put where they hurt: each must leave the
 /// extraction, its fingerprint and its row count as they are without it.
-fn stray_entries(data: &Path) -> Vec<(&'static str, PathBuf, Box<dyn Fn(&Path)>)> {
+fn stray_entries(data: &Path) -> Vec<(&'static str, PathBuf, MakeEntry)> {
     vec![
         (
             "a FIFO in a class folder",
