@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Parser;
 use serde_json::json;
 
@@ -185,7 +185,7 @@ fn expose_layers(
     if out == file {
         bail!("--out must differ from the input model (the input is never modified)");
     }
-    let bytes = std::fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+    let bytes = sherl::fsutil::read_bounded(&file, sherl::backbone::MODEL_FILE_LIMIT)?;
     let mut new = sherl::extract::onnx::edit::expose_layers(&file, &bytes, &tensors, first)?;
     let names: Vec<String> = (first..first + tensors.len())
         .map(sherl::extract::onnx::hidden_state_name)

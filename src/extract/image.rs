@@ -144,7 +144,7 @@ pub fn pool_patches(h: ArrayView3<'_, f32>, grid: usize, p: usize, cls: bool) ->
 /// and everything else the model computes pruned away
 /// ([`crate::extract::onnx::edit::prune_to_outputs`]).
 pub fn exposed_model(model: &Path, desc: &ImageBackboneDesc, layers: &[usize]) -> Result<Vec<u8>> {
-    let mut bytes = std::fs::read(model).map_err(|e| Error::io(model, e))?;
+    let mut bytes = crate::fsutil::read_bounded(model, crate::backbone::MODEL_FILE_LIMIT)?;
     let mut sorted = layers.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
@@ -367,7 +367,8 @@ pub fn vit_checkpoint(
     if path.exists() {
         // Compared byte for byte (cheaper than hashing it again); hashed
         // only to name the difference.
-        let same = std::fs::read(&path).map_err(|e| Error::io(&path, e))? == w.safetensors;
+        let same =
+            crate::fsutil::read_bounded(&path, crate::backbone::MODEL_FILE_LIMIT)? == w.safetensors;
         if !same {
             let have = crate::fsutil::sha256_path(&path)?;
             return Err(Error::Backbone {
@@ -415,8 +416,9 @@ struct CheckpointStamp {
 }
 
 fn read_stamp(path: &Path) -> Option<CheckpointStamp> {
-    let bytes = std::fs::read(path).ok()?;
-    serde_json::from_slice(&bytes).ok()
+    // A stamp that cannot be read (absent, not a regular file, damaged)
+    // only means the full check runs.
+    crate::fsutil::read_json(path).ok()
 }
 
 /// `sherl-extract run` with an image backbone.

@@ -59,16 +59,25 @@ pub fn backbone_info(
     })
 }
 
+/// A dataset input and its fingerprint ([`crate::data::fingerprint`]:
+/// for a folder dataset, exactly the files its reader reads).
+fn dataset_file_info(path: &Path) -> Result<FileInfo> {
+    Ok(FileInfo {
+        path: path.display().to_string(),
+        sha256: crate::data::fingerprint(path)?,
+    })
+}
+
 /// The dataset's files and the options that decide which rows are read.
 pub fn dataset_info(plan: &DatasetPlan, report: &LoadReport) -> Result<DatasetInfo> {
     let mut files = Vec::new();
     match &plan.source {
         SplitSource::Files(fs) => {
             for (_, p) in fs {
-                files.push(file_info(p)?);
+                files.push(dataset_file_info(p)?);
             }
         }
-        SplitSource::Single { path, .. } => files.push(file_info(path)?),
+        SplitSource::Single { path, .. } => files.push(dataset_file_info(path)?),
     }
     Ok(DatasetInfo {
         files,

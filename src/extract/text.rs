@@ -115,6 +115,10 @@ pub fn open_session(
     late_layers: usize,
     reporter: &dyn ExtractReporter,
 ) -> Result<Session> {
+    // ONNX Runtime opens the model itself: check first that it is a
+    // regular file (a FIFO would block it, a device never end), naming it.
+    // Only opened, not read: models are large and ONNX Runtime reads them.
+    drop(crate::fsutil::open_regular(model)?);
     let (mut s, device) = BackboneSession::open(rt, model, session)?;
     if let Some(reason) = &device.fallback_reason {
         reporter.note(&format!("device auto: running on CPU ({reason})"));

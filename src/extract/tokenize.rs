@@ -45,7 +45,8 @@ impl Tokenizer {
                 ),
             ));
         }
-        let mut inner = HfTokenizer::from_file(path)
+        let bytes = crate::fsutil::read_bounded(path, crate::backbone::TOKENIZER_FILE_LIMIT)?;
+        let mut inner = HfTokenizer::from_bytes(bytes)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         Self::configure(&mut inner, max_len)?;
         Ok(Tokenizer { inner, max_len })

@@ -35,7 +35,7 @@ impl std::fmt::Debug for Checkpoint {
 impl Checkpoint {
     /// Read a checkpoint and find its name prefix (`""`, `"bert."`, ...).
     pub fn open(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_bounded(path, super::MODEL_FILE_LIMIT)?;
         Self::from_bytes(path, bytes)
     }
 
@@ -48,7 +48,7 @@ impl Checkpoint {
     /// writes next to an image backbone's `model.onnx`, Hugging Face Dinov2
     /// names), its prefix found through [`VIT_ANCHOR`].
     pub fn open_vit(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_bounded(path, super::MODEL_FILE_LIMIT)?;
         Self::from_bytes_anchored(path, bytes, VIT_ANCHOR, "a ViT checkpoint")
     }
 

@@ -173,7 +173,7 @@ fn default_pos() -> String {
 impl BertConfig {
     /// Read `config.json` and [`validate`](Self::validate) it.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::fsutil::read_bounded(path, crate::fsutil::SMALL_FILE_LIMIT)?;
         let mut cfg: BertConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
             path: path.to_path_buf(),
             source: e,

@@ -53,7 +53,7 @@ pub struct ImageBackboneDesc {
 impl ImageBackboneDesc {
     /// Read and check `path`; errors name the file.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path, crate::fsutil::SMALL_FILE_LIMIT)?;
         let d: ImageBackboneDesc = serde_json::from_str(&text).map_err(|e| Error::Backbone {
             path: path.to_owned(),
             message: format!("not a valid backbone.json: {e}"),

@@ -21,6 +21,17 @@ use std::path::{Path, PathBuf};
 
 use crate::{Error, Result};
 
+/// Size bound of a model file read whole (a `model.safetensors`
+/// checkpoint, an ONNX model): 256 GiB, above any checkpoint sherl can run
+/// (and an ONNX protobuf stops at 2 GiB). What protects the reader is that
+/// the file must be a regular file ([`crate::fsutil::open_regular`]), so a
+/// FIFO or `/dev/zero` is refused; the bound only makes the limit explicit.
+pub const MODEL_FILE_LIMIT: u64 = 256 << 30;
+
+/// Size bound of `tokenizer.json` (256 MiB; the largest Hugging Face
+/// tokenizers are a few tens of MiB).
+pub const TOKENIZER_FILE_LIMIT: u64 = 256 << 20;
+
 /// Paths inside a backbone directory.
 #[derive(Debug, Clone)]
 pub struct BackboneDir {

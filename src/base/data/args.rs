@@ -244,11 +244,13 @@ impl PredictDataArgs {
 #[derive(clap::Args, Debug, Clone, PartialEq)]
 pub struct ReadArgs {
     /// File format: auto picks it from the extension (after .gz/.bz2/.zst; .txt
-    /// is plain text, one example per line; .parquet is Parquet), a directory
-    /// is read as folders.
+    /// is plain text, one example per line; .parquet is Parquet; a name ending
+    /// in -idx3-ubyte is idx), a directory of class folders is read as
+    /// image-folders when they hold only PNG/JPEG files, else as folders of
+    /// text files.
     #[arg(
         long,
-        value_name = "auto|csv|tsv|jsonl|parquet|text|folders",
+        value_name = "auto|csv|tsv|jsonl|parquet|text|folders|image-folders|idx",
         default_value = "auto"
     )]
     pub format: Format,

@@ -34,7 +34,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use super::input::{self, LineReader};
-use super::rows::{build_row, hint, wanted, BadRows, Cells, FileRows};
+use super::rows::{build_row, hint, repeated_column, wanted, BadRows, Cells, FileRows};
 use super::{Column, ReadLimits, ReadOptions};
 use crate::{Error, Result};
 /// Field positions of the wanted columns in a CSV/TSV file.
@@ -162,6 +162,13 @@ pub(super) fn read(
             Some(layout) => layout,
             None if opts.has_header => {
                 let names = header_names(path, line, &record.fields, &opts)?;
+                if let Some(message) = repeated_column(&names, &opts) {
+                    return Err(Error::DatasetLine {
+                        path: path.to_owned(),
+                        line,
+                        message: format!("header row: {message}"),
+                    });
+                }
                 splitter.width = Some(names.len());
                 let found = Layout::new(path, &opts, Some(&names), names.len())?;
                 without_optional_label(path, &mut opts, &found);

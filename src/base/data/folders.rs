@@ -4,12 +4,28 @@
 //! and the id is `<label>/<file name>`. Column options are ignored, except
 //! that no label column gives unlabelled examples.
 //!
-//! Only regular files (symlinks followed) are examples: a device or FIFO in
-//! a class folder is ignored like any other stray entry, so it is never read.
+//! Which entries are examples is decided in one place, [`class_tree`],
+//! which both the readers and the dataset's fingerprint
+//! ([`fingerprint`], recorded in a cache's manifest) use, so the
+//! fingerprint covers exactly the files read:
+//! - hidden entries (names starting with `.`) are ignored at both levels;
+//! - symbolic links are followed, once: a class folder may be a link to a
+//!   directory, an example a link to a regular file. The depth is fixed
+//!   (`root/<class>/<file>`), so a link to a directory inside a class folder
+//!   (e.g. `loop -> ..`) is a stray entry, never walked into, and cannot
+//!   loop;
+//! - only regular files are examples: a device, FIFO or socket (or a link
+//!   to one, such as a link to `/dev/zero`) is a stray entry, ignored with a
+//!   warning like a file at the top or a folder inside a class folder, and
+//!   is never opened;
+//! - an entry whose type cannot be found (a dangling link, one that cannot
+//!   be examined) is a bad row: skipped and counted with
+//!   [`ReadOptions::skip_bad_rows`], else an error naming it.
+//!
 //! A file larger than [`ReadLimits::max_line_bytes`](super::ReadLimits) is
 //! a bad example, found without reading past the bound.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -19,17 +35,19 @@ use super::ReadOptions;
 use crate::{Error, Result};
 
 /// What a directory entry is, symlinks followed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Kind {
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Kind {
     Dir,
     File,
     /// A device, FIFO or socket.
     Other,
+    /// Its type cannot be found (a dangling link...): why.
+    Broken(String),
 }
 
 /// Visible entries of `dir` (names not starting with `.`), sorted by name,
 /// with what each is (symlinks followed).
-pub(super) fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
+fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
     let mut entries = Vec::new();
     for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
         let entry = entry.map_err(|e| Error::io(dir, e))?;
@@ -37,44 +55,128 @@ pub(super) fn list_dir(dir: &Path) -> Result<Vec<(PathBuf, Kind)>> {
             continue;
         }
         let path = entry.path();
-        let meta = fs::metadata(&path).map_err(|e| Error::io(&path, e))?;
-        let kind = if meta.is_dir() {
-            Kind::Dir
-        } else if meta.is_file() {
-            Kind::File
-        } else {
-            Kind::Other
+        let kind = match fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => Kind::Dir,
+            Ok(meta) if meta.is_file() => Kind::File,
+            Ok(_) => Kind::Other,
+            Err(e) => Kind::Broken(broken_reason(&path, &e)),
         };
         entries.push((path, kind));
     }
-    entries.sort();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(entries)
 }
 
-/// Walk a class-folder tree: every regular file one level below a class
-/// folder of `root`, in name order, is given to `visit` with its class
-/// folder's name (the label). Returns the count of stray entries (files at
-/// the top, folders or devices inside a class folder), which are skipped.
-pub(super) fn walk_classes(
-    root: &Path,
-    mut visit: impl FnMut(&str, PathBuf) -> Result<()>,
-) -> Result<usize> {
-    let mut stray = 0usize;
+/// Why an entry whose metadata cannot be read is unusable, for a bad row.
+fn broken_reason(path: &Path, e: &std::io::Error) -> String {
+    let fix = "remove or fix it, or pass --skip-bad-rows to skip it";
+    match fs::read_link(path) {
+        Ok(target) if e.kind() == std::io::ErrorKind::NotFound => format!(
+            "a symbolic link to {}, which does not exist (a dangling link); {fix}",
+            target.display()
+        ),
+        Ok(target) => format!(
+            "a symbolic link to {} that cannot be followed ({e}); {fix}",
+            target.display()
+        ),
+        Err(_) => format!("cannot be examined ({e}); {fix}"),
+    }
+}
+
+/// One example entry of a class-folder tree.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Entry {
+    /// Its class folder's name (the label).
+    pub label: String,
+    /// `root/<class>/<file>`.
+    pub path: PathBuf,
+    /// `Some(why)` when it cannot be read (a bad row); `None` for a
+    /// regular file.
+    pub broken: Option<String>,
+}
+
+/// What a class-folder tree holds, by the rules of the module docs.
+#[derive(Debug, Default)]
+pub(super) struct ClassTree {
+    /// Examples (and broken entries, which are bad rows) in name order.
+    pub entries: Vec<Entry>,
+    /// Stray entries, skipped: files, devices and FIFOs at the top;
+    /// folders, devices and FIFOs inside a class folder.
+    pub stray: usize,
+}
+
+impl ClassTree {
+    /// The regular files: the examples that are read.
+    pub fn files(&self) -> impl Iterator<Item = &Entry> {
+        self.entries.iter().filter(|e| e.broken.is_none())
+    }
+}
+
+/// List the class-folder tree rooted at `root`: the one listing the
+/// readers, the format guess and the fingerprint share.
+pub(super) fn class_tree(root: &Path) -> Result<ClassTree> {
+    let mut tree = ClassTree::default();
     for (class_dir, kind) in list_dir(root)? {
-        if kind != Kind::Dir {
-            stray += 1;
-            continue;
+        match kind {
+            Kind::Dir => {}
+            Kind::Broken(why) => {
+                // Perhaps a class folder: a bad row, not silently nothing.
+                tree.entries.push(Entry {
+                    label: String::new(),
+                    path: class_dir,
+                    broken: Some(why),
+                });
+                continue;
+            }
+            Kind::File | Kind::Other => {
+                tree.stray += 1;
+                continue;
+            }
         }
         let label = name_of(&class_dir)?;
         for (file, kind) in list_dir(&class_dir)? {
-            if kind != Kind::File {
-                stray += 1;
-                continue;
+            match kind {
+                Kind::File => tree.entries.push(Entry {
+                    label: label.clone(),
+                    path: file,
+                    broken: None,
+                }),
+                Kind::Broken(why) => tree.entries.push(Entry {
+                    label: label.clone(),
+                    path: file,
+                    broken: Some(why),
+                }),
+                Kind::Dir | Kind::Other => tree.stray += 1,
             }
-            visit(&label, file)?;
         }
     }
-    Ok(stray)
+    Ok(tree)
+}
+
+/// sha256 (lowercase hex) of a class-folder dataset: over the sorted
+/// `sha256  ./<class>/<file>` lines of the files [`class_tree`] lists as
+/// examples (as `sha256sum` prints them), so exactly the files the readers
+/// read; stray, hidden and broken entries are not part of it. For a tree
+/// holding nothing else it equals what `fsutil::sha256_path` gives the
+/// directory, so caches written before keep their settings hash.
+pub(super) fn fingerprint(root: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    let tree = class_tree(root)?;
+    let mut lines = Vec::new();
+    for entry in tree.files() {
+        let rel = entry.path.strip_prefix(root).unwrap_or(&entry.path);
+        let sha = crate::fsutil::sha256_file(&entry.path)?;
+        lines.push((
+            rel.display().to_string(),
+            format!("{sha}  ./{}\n", rel.display()),
+        ));
+    }
+    lines.sort();
+    let mut h = Sha256::new();
+    for (_, line) in &lines {
+        h.update(line.as_bytes());
+    }
+    Ok(crate::hash::hex(&h.finalize()))
 }
 
 /// Read a class-folder tree rooted at `root` in the format named `format`
@@ -104,12 +206,21 @@ pub(super) fn read_class_folders<T>(
             ),
         });
     }
+    let tree = class_tree(root)?;
     let mut out = FileRows::default();
-    let stray = walk_classes(root, |label, file| {
+    for entry in &tree.entries {
         out.rows_read += 1;
-        let text = match example(&file)? {
+        if let Some(why) = &entry.broken {
+            bad.file(&entry.path, why.clone())?;
+            continue;
+        }
+        let file = &entry.path;
+        let text = match example(file)? {
             Ok(text) => text,
-            Err(message) => return bad.file(&file, message),
+            Err(message) => {
+                bad.file(file, message)?;
+                continue;
+            }
         };
         let file_name = file
             .file_name()
@@ -117,15 +228,15 @@ pub(super) fn read_class_folders<T>(
             .unwrap_or_default();
         out.rows.push(RawRow {
             line: 0,
-            id: format!("{label}/{file_name}"),
+            id: format!("{}/{file_name}", entry.label),
             explicit_id: false,
             text,
             text_pair: None,
-            label: opts.label_column.as_ref().map(|_| label.to_owned()),
+            label: opts.label_column.as_ref().map(|_| entry.label.clone()),
             group: None,
         });
-        Ok(())
-    })?;
+    }
+    let stray = tree.stray;
     if stray > 0 {
         tracing::warn!(
             "{}: ignored {stray} entries that are not <class folder>/<file>",
@@ -151,6 +262,9 @@ pub(super) fn read(
                  one example); raise --max-line-bytes if it really is that long"
             )));
         }
+        if let Some(message) = input::wide_bom(&bytes) {
+            return Ok(Err(message));
+        }
         Ok(
             input::decode(input::strip_bom(&bytes, opts.encoding), opts.encoding)
                 .map(|text| text.trim().to_owned()),
@@ -161,7 +275,7 @@ pub(super) fn read(
 /// The first `max + 1` bytes of `path` at most (more than `max` means the
 /// file is too large).
 pub(super) fn read_at_most(path: &Path, max: usize) -> Result<Vec<u8>> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsutil::open_regular(path)?;
     let mut bytes = Vec::new();
     file.take(u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1))
         .read_to_end(&mut bytes)

@@ -7,7 +7,6 @@
 //! ends with an error instead of filling memory). Nothing here knows about
 //! rows or columns.
 
-use std::fs::File;
 use std::io::{self, BufRead, BufReader, Cursor, Read};
 use std::path::{Path, PathBuf};
 
@@ -60,17 +59,18 @@ pub(super) fn file_stem(path: &Path) -> String {
 }
 
 /// Open `path` for streaming, decompressing by extension; in UTF-8 mode a
-/// leading byte-order mark is consumed. [`super::STDIN`] reads standard
-/// input (never decompressed).
+/// leading byte-order mark is consumed, and in either encoding a UTF-16 or
+/// UTF-32 byte-order mark is an error saying so ([`wide_bom`]).
+/// [`super::STDIN`] reads standard input (never decompressed); any other
+/// path must be a regular file ([`crate::fsutil::open_regular`]), so a FIFO
+/// or a device such as `/dev/zero` is refused, naming it, before anything
+/// is read.
 pub(super) fn open(path: &Path, encoding: Encoding) -> Result<Box<dyn BufRead>> {
     if super::is_stdin(path) {
         let stdin: Box<dyn BufRead> = Box::new(BufReader::new(io::stdin()));
-        return match encoding {
-            Encoding::Utf8 => skip_bom(stdin).map_err(|e| Error::io(path, e)),
-            Encoding::Latin1 => Ok(stdin),
-        };
+        return check_start(stdin, path, encoding);
     }
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsutil::open_regular(path)?;
     let raw = BufReader::new(file);
     let reader: Box<dyn BufRead> = match split_compression(path).1 {
         Compression::None => Box::new(raw),
@@ -80,29 +80,59 @@ pub(super) fn open(path: &Path, encoding: Encoding) -> Result<Box<dyn BufRead>> 
             zstd::stream::read::Decoder::with_buffer(raw).map_err(|e| Error::io(path, e))?,
         )),
     };
-    match encoding {
-        Encoding::Utf8 => skip_bom(reader).map_err(|e| Error::io(path, e)),
-        Encoding::Latin1 => Ok(reader),
-    }
+    check_start(reader, path, encoding)
 }
 
-/// Consume a leading UTF-8 byte-order mark, if there is one.
-fn skip_bom(mut reader: Box<dyn BufRead>) -> io::Result<Box<dyn BufRead>> {
-    let mut head = [0u8; 3];
+/// What a UTF-16 or UTF-32 byte-order mark at the start of `bytes` says,
+/// as a message (sherl reads UTF-8 and Latin-1 only; read as either, such
+/// a file is NUL bytes between the characters).
+pub(super) fn wide_bom(bytes: &[u8]) -> Option<String> {
+    let (name, iconv) = if bytes.starts_with(b"\xFF\xFE\0\0") {
+        ("UTF-32 (little-endian)", "UTF-32")
+    } else if bytes.starts_with(b"\0\0\xFE\xFF") {
+        ("UTF-32 (big-endian)", "UTF-32")
+    } else if bytes.starts_with(b"\xFF\xFE") {
+        ("UTF-16 (little-endian)", "UTF-16")
+    } else if bytes.starts_with(b"\xFE\xFF") {
+        ("UTF-16 (big-endian)", "UTF-16")
+    } else {
+        return None;
+    };
+    Some(format!(
+        "the file starts with a {name} byte-order mark: it is {iconv} text, and sherl \
+         reads UTF-8 (or Latin-1); convert it to UTF-8 first, e.g. \
+         `iconv -f {iconv} -t UTF-8 FILE > FILE.utf8`"
+    ))
+}
+
+/// Look at the first bytes: refuse a UTF-16/32 byte-order mark
+/// ([`wide_bom`]); in UTF-8 mode consume a UTF-8 one.
+fn check_start(
+    mut reader: Box<dyn BufRead>,
+    path: &Path,
+    encoding: Encoding,
+) -> Result<Box<dyn BufRead>> {
+    let mut head = [0u8; 4];
     let mut n = 0;
     while n < head.len() {
         match reader.read(&mut head[n..]) {
             Ok(0) => break,
             Ok(k) => n += k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+            Err(e) => return Err(Error::io(path, e)),
         }
     }
-    if &head[..n] == BOM {
-        Ok(reader)
-    } else {
-        Ok(Box::new(Cursor::new(head[..n].to_vec()).chain(reader)))
+    if let Some(message) = wide_bom(&head[..n]) {
+        return Err(Error::Dataset {
+            path: path.to_owned(),
+            message,
+        });
     }
+    let skip = match encoding {
+        Encoding::Utf8 if head[..n].starts_with(BOM) => BOM.len(),
+        _ => 0,
+    };
+    Ok(Box::new(Cursor::new(head[skip..n].to_vec()).chain(reader)))
 }
 
 /// Physical lines of a dataset file, numbered from 1, each at most
@@ -232,19 +262,37 @@ mod tests {
 
     #[test]
     fn bom_is_skipped_once() {
-        let read_all = |bytes: &'static [u8]| {
+        let read_all = |bytes: &'static [u8], encoding| {
             let mut out = String::new();
-            skip_bom(Box::new(bytes))
+            check_start(Box::new(bytes), Path::new("x"), encoding)
                 .unwrap()
                 .read_to_string(&mut out)
                 .unwrap();
             out
         };
-        assert_eq!(read_all(b"\xEF\xBB\xBFab"), "ab");
-        assert_eq!(read_all(b"ab"), "ab");
-        assert_eq!(read_all(b"a"), "a");
-        assert_eq!(read_all(b""), "");
-        assert_eq!(read_all(b"\xEF\xBB\xBF\xEF\xBB\xBF"), "\u{feff}");
+        let utf8 = Encoding::Utf8;
+        assert_eq!(read_all(b"\xEF\xBB\xBFab", utf8), "ab");
+        assert_eq!(read_all(b"ab", utf8), "ab");
+        assert_eq!(read_all(b"abcdef", utf8), "abcdef");
+        assert_eq!(read_all(b"a", utf8), "a");
+        assert_eq!(read_all(b"", utf8), "");
+        assert_eq!(read_all(b"\xEF\xBB\xBF\xEF\xBB\xBF", utf8), "\u{feff}");
+        assert_eq!(read_all(b"\xEF\xBB\xBFab", Encoding::Latin1).len(), 5);
+    }
+
+    #[test]
+    fn wide_byte_order_marks_are_named() {
+        for (bytes, name) in [
+            (&b"\xFF\xFEa\0"[..], "UTF-16 (little-endian)"),
+            (b"\xFE\xFF\0a", "UTF-16 (big-endian)"),
+            (b"\xFF\xFE\0\0", "UTF-32 (little-endian)"),
+            (b"\0\0\xFE\xFF", "UTF-32 (big-endian)"),
+        ] {
+            let m = wide_bom(bytes).unwrap();
+            assert!(m.contains(name) && m.contains("iconv"), "{m}");
+        }
+        assert!(wide_bom(b"\xEF\xBB\xBFa").is_none());
+        assert!(wide_bom(b"\xFF").is_none());
     }
 
     fn lines_of(bytes: &'static [u8], max: usize) -> Vec<Result<(u64, Vec<u8>)>> {

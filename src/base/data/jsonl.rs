@@ -46,9 +46,25 @@ pub(super) fn read(
         next_nonblank(&mut reader, &mut buf, opts.encoding, &mut out, bad)?
     {
         let text = text.as_str();
-        let object = match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(object)) => object,
-            Ok(other) => {
+        let object = match serde_json::from_str::<Checked>(text) {
+            Ok(Checked {
+                value: Value::Object(object),
+                repeated,
+            }) => {
+                if let Some((_, key)) = keys.iter().find(|(_, k)| repeated.contains(k)) {
+                    bad.row(
+                        path,
+                        line,
+                        format!(
+                            "the key `{key}` is given twice (or more) in this object; which \
+                             value is meant cannot be told: rename the others"
+                        ),
+                    )?;
+                    continue;
+                }
+                object
+            }
+            Ok(Checked { value: other, .. }) => {
                 let hint = if other.is_array() && line == 1 {
                     " (the file looks like one JSON array; sherl reads JSON Lines: one \
                      object per line)"
@@ -157,4 +173,98 @@ fn cells_from_object(
         id: cell(opts.id_column.as_ref())?,
         group: cell(opts.group_column.as_ref())?,
     })
+}
+
+/// A JSON value, with the keys its top-level object (if it is one) gives
+/// more than once: `serde_json::Value` keeps the last silently.
+struct Checked {
+    value: Value,
+    repeated: Vec<String>,
+}
+
+impl<'de> serde::Deserialize<'de> for Checked {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(CheckedVisitor)
+    }
+}
+
+struct CheckedVisitor;
+
+impl CheckedVisitor {
+    fn plain<E>(value: Value) -> std::result::Result<Checked, E> {
+        Ok(Checked {
+            value,
+            repeated: Vec::new(),
+        })
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for CheckedVisitor {
+    type Value = Checked;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> std::result::Result<Checked, A::Error> {
+        let mut object = Map::new();
+        let mut repeated = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let value: Value = map.next_value()?;
+            if object.contains_key(&key) {
+                repeated.push(key);
+            } else {
+                object.insert(key, value);
+            }
+        }
+        Ok(Checked {
+            value: Value::Object(object),
+            repeated,
+        })
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        seq: A,
+    ) -> std::result::Result<Checked, A::Error> {
+        use serde::Deserialize;
+        Self::plain(Value::deserialize(
+            serde::de::value::SeqAccessDeserializer::new(seq),
+        )?)
+    }
+
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Checked, E> {
+        Self::plain(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Checked, E> {
+        Self::plain(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Checked, E> {
+        Self::plain(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Checked, E> {
+        Self::plain(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Checked, E> {
+        Self::plain(Value::from(v))
+    }
+
+    fn visit_string<E>(self, v: String) -> std::result::Result<Checked, E> {
+        Self::plain(Value::from(v))
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<Checked, E> {
+        Self::plain(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> std::result::Result<Checked, E> {
+        Self::plain(Value::Null)
+    }
 }

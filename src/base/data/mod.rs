@@ -101,6 +101,19 @@ pub enum Format {
     Parquet,
 }
 
+/// sha256 (lowercase hex) of a dataset input, as a cache's manifest
+/// records it: a file's bytes, or for a folder of class folders the files
+/// its reader reads, by the same listing (see the `folders` module:
+/// hidden, stray and broken entries are not part of it, and it never opens
+/// a FIFO or a device).
+pub fn fingerprint(path: &Path) -> Result<String> {
+    if path.is_dir() {
+        folders::fingerprint(path)
+    } else {
+        crate::fsutil::sha256_file(path)
+    }
+}
+
 /// The path that stands for standard input (`--data -`).
 pub const STDIN: &str = "-";
 

@@ -15,7 +15,6 @@
 //! could cut them differently.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::split::{assign, SplitSpec};
@@ -68,12 +67,8 @@ struct EmojiEntry {
 /// that has no caption, is an error naming it.
 pub fn emoji_pairs(dir: &Path) -> Result<Vec<Pair>> {
     let path = dir.join("emoji.json");
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let entries: Vec<EmojiEntry> =
-        serde_json::from_slice(&bytes).map_err(|source| Error::Json {
-            path: path.clone(),
-            source,
-        })?;
+    // emoji.json is about 1 MB (the package's whole list).
+    let entries: Vec<EmojiEntry> = crate::fsutil::read_json(&path)?;
     let mut seen = HashSet::new();
     let mut pairs = Vec::new();
     for (n, e) in entries.into_iter().enumerate() {
@@ -223,9 +218,7 @@ pub fn write_tables(
             }
         }
         for (path, text) in [(&images, &img), (&captions, &cap)] {
-            let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
-            f.write_all(text.as_bytes())
-                .map_err(|e| Error::io(path, e))?;
+            crate::fsutil::write_atomic(path, text.as_bytes())?;
         }
         written.push(SplitTables {
             split: name.clone(),
@@ -277,7 +270,7 @@ pub fn rasterise_svg(svg: &Path, size: u32, out: &Path) -> Result<()> {
         path: path.to_path_buf(),
         message,
     };
-    let data = std::fs::read(svg).map_err(|e| Error::io(svg, e))?;
+    let data = crate::fsutil::read_bounded(svg, crate::fsutil::SMALL_FILE_LIMIT)?;
     let tree = usvg::Tree::from_data(&data, &usvg::Options::default())
         .map_err(|e| bad(svg, format!("not a usable SVG: {e}")))?;
     let mut pixmap = tiny_skia::Pixmap::new(size, size)

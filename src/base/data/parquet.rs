@@ -15,14 +15,13 @@
 //! with an error naming the file: the rest of its page cannot be trusted.
 
 use std::borrow::Cow;
-use std::fs::File;
 use std::path::Path;
 
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use parquet::record::Field;
 use parquet::schema::types::Type;
 
-use super::rows::{build_row, hint, wanted, BadRows, Cells, FileRows};
+use super::rows::{build_row, hint, repeated_column, wanted, BadRows, Cells, FileRows};
 use super::{input, Column, ReadOptions};
 use crate::{Error, Result};
 
@@ -75,7 +74,7 @@ pub(super) fn read(
             "a Parquet file cannot be read from standard input: give its path",
         ));
     }
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = crate::fsutil::open_regular(path)?;
     let reader = SerializedFileReader::new(file)
         .map_err(|e| dataset(path, format!("not a readable Parquet file: {e}")))?;
     let root = reader
@@ -85,6 +84,12 @@ pub(super) fn read(
         .root_schema();
     let fields = root.get_fields();
     let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
+    if let Some(message) = repeated_column(&names, opts) {
+        return Err(dataset(
+            path,
+            message.replace("in the header", "in the schema"),
+        ));
+    }
     let find = |col: &Column| match col {
         Column::Name(name) => names.iter().position(|n| n == name),
         Column::Index(i) => (*i < names.len()).then_some(*i),

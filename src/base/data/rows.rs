@@ -134,6 +134,32 @@ pub(super) struct Cells {
     pub group: Option<String>,
 }
 
+/// A column the options ask for by name that `names` (a header, a
+/// Parquet schema) holds more than once, as a message: which of the two was
+/// meant cannot be told, so the file is refused rather than the first one
+/// silently used. Columns named twice that are not used (e.g. the empty
+/// names of trailing commas) are harmless and not reported.
+pub(super) fn repeated_column<S: AsRef<str>>(names: &[S], opts: &ReadOptions) -> Option<String> {
+    for (role, col) in wanted(opts) {
+        let Column::Name(name) = col else { continue };
+        let at: Vec<usize> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.as_ref() == name)
+            .map(|(i, _)| i)
+            .collect();
+        if at.len() > 1 {
+            let places: Vec<String> = at.iter().map(usize::to_string).collect();
+            return Some(format!(
+                "the {role} column {col} is named twice (or more) in the header, at 0-based \
+                 positions {}; which one is meant cannot be told: rename the others",
+                places.join(" and ")
+            ));
+        }
+    }
+    None
+}
+
 /// The columns the options ask for, as (role, column) pairs.
 pub(super) fn wanted(opts: &ReadOptions) -> Vec<(&'static str, &Column)> {
     let mut cols = vec![("text", &opts.text_column)];

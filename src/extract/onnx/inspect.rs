@@ -51,7 +51,7 @@ pub struct Interface {
 
 /// Decode an ONNX file (the subset sherl understands).
 pub fn read_model(path: &Path) -> Result<ModelProto> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let bytes = crate::fsutil::read_bounded(path, crate::backbone::MODEL_FILE_LIMIT)?;
     decode_model(path, &bytes)
 }
 

@@ -175,14 +175,18 @@ pub fn decode_image(bytes: &[u8], opts: &ImageOptions) -> std::result::Result<Im
 /// error is a message for a bad row, without the path.
 pub fn read_image(path: &Path, opts: &ImageOptions) -> std::result::Result<Image, String> {
     let max_bytes = opts.max_file_bytes;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let file = crate::fsutil::open_regular(path).map_err(|e| match e {
+        // The path is the caller's to add.
+        Error::Io { source, .. } => format!("cannot open: {source}"),
+        other => format!("cannot open: {other}"),
+    })?;
     let mut bytes = Vec::new();
     file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read: {e}"))?;
     if bytes.len() as u64 > max_bytes {
         return Err(format!(
-            "the file is larger than {max_bytes} bytes (ImageOptions::max_file_bytes)"
+            "the file is larger than {max_bytes} bytes, the most sherl reads for one image"
         ));
     }
     decode_image(&bytes, opts)

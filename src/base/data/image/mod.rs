@@ -43,7 +43,7 @@ pub use decode::{decode_image, read_image, Background, Image};
 pub use idx::{labels_path, IdxImages};
 pub use preprocess::{Interpolation, Preprocess, Resize};
 
-use super::folders::{read_class_folders, walk_classes};
+use super::folders::{class_tree, read_class_folders};
 use super::loader::{self, Assembled};
 use super::rows::{BadRows, FileRows, RawRow};
 use super::{delimited, jsonl, Column, DatasetPlan, Format, LoadReport, ReadOptions};
@@ -217,7 +217,7 @@ pub fn load_images(plan: &DatasetPlan, opts: &ImageOptions) -> Result<ImageDatas
 /// Read a class-name list: one name per line, trimmed, blank lines
 /// skipped; an empty list or a name given twice is an error naming the file.
 pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::fsutil::read_text(path, crate::fsutil::SMALL_FILE_LIMIT)?;
     let mut names: Vec<String> = Vec::new();
     for name in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if names.iter().any(|n| n == name) {
@@ -241,24 +241,30 @@ pub fn read_class_names(path: &Path) -> Result<Vec<String>> {
 /// class folders hold only image files (and at least one), text folders
 /// when they hold none; both kinds is an error asking for `--format`.
 pub(super) fn folder_format(root: &Path) -> Result<Format> {
-    let (mut images, mut others) = (0usize, 0usize);
-    walk_classes(root, |_, file| {
-        if has_image_extension(&file) {
+    let tree = class_tree(root)?;
+    let (mut images, mut others) = (0usize, Vec::new());
+    for entry in tree.files() {
+        if has_image_extension(&entry.path) {
             images += 1;
         } else {
-            others += 1;
+            others.push(&entry.path);
         }
-        Ok(())
-    })?;
-    match (images, others) {
+    }
+    match (images, others.as_slice()) {
         (0, _) => Ok(Format::Folders),
-        (_, 0) => Ok(Format::ImageFolders),
+        (_, []) => Ok(Format::ImageFolders),
         (images, others) => Err(Error::setting(
             "--format",
             format!(
-                "{}: the class folders hold {images} image files (.png, .jpg, .jpeg) and \
-                 {others} other files; pass --format image-folders or --format folders",
-                root.display()
+                "{}: the class folders hold {images} PNG/JPEG files (.png, .jpg, .jpeg) and \
+                 {} other file{} (e.g. {}); a folder dataset is either images or texts, and \
+                 images are decoded from PNG and JPEG only. Convert the other files to PNG \
+                 (e.g. `convert x.gif x.png`) or remove them; or pass \
+                 --format image-folders --skip-bad-rows to skip them as bad rows",
+                root.display(),
+                others.len(),
+                if others.len() == 1 { "" } else { "s" },
+                others[0].display()
             ),
         )),
     }
@@ -407,9 +413,11 @@ fn label_strings(numbers: &[u8], names: &[String], labels_file: &Path) -> Result
                 .ok_or_else(|| Error::Dataset {
                     path: labels_file.to_owned(),
                     message: format!(
-                        "image {i} has class {k}, which has no name: \
-                     ImageOptions::idx_label_names names {} classes",
-                        names.len()
+                        "image {i} has class {k}, which has no name: the class names \
+                         (--class-names, or those the cache was extracted with) name {} \
+                         classes, numbers 0 to {}; give one name per class number",
+                        names.len(),
+                        names.len() - 1
                     ),
                 })
         })

@@ -117,7 +117,7 @@ impl Preprocess {
 
     /// Read and check a recipe from a JSON file.
     pub fn read(path: &Path) -> Result<Preprocess> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let text = crate::fsutil::read_text(path, crate::fsutil::SMALL_FILE_LIMIT)?;
         let recipe: Preprocess = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.to_owned(),
             source,
