@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use sherl::cli::fit_args::{Command, RunArgs, SweepArgs};
+use sherl::cli::fit_args::{BlasSource, Command, RunArgs, SweepArgs};
 #[cfg(feature = "extract")]
 use sherl::cli::fit_args::{PredictArgs, SearchArgs};
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
@@ -88,26 +88,27 @@ fn main() -> ExitCode {
             sherl::fit::sweep::exit_with_parent();
         }
         init_output(&args.output);
+        let blas = args.blas_source;
         match args.command {
-            Command::Run(a) => run(*a, &args.output),
+            Command::Run(a) => run(*a, &args.output, blas),
             #[cfg(feature = "extract")]
-            Command::Predict(a) => predict(*a),
+            Command::Predict(a) => predict(*a, blas),
             #[cfg(feature = "extract")]
-            Command::Search(a) => search(*a),
-            Command::Sweep(a) => sweep(*a),
+            Command::Search(a) => search(*a, blas),
+            Command::Sweep(a) => sweep(*a, blas),
             Command::Report { runs, out } => report(runs, out),
         }
     })
 }
 
-fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
+fn run(a: RunArgs, output: &OutputArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     let inputs = a.inputs()?;
     let config = a.settings.resolve(a.config.as_deref())?;
     let retrieval = match inputs {
         SweepInputs::Retrieval { .. } => Some(a.retrieval.resolve()?),
         SweepInputs::Classification { .. } => None,
     };
-    init_blas(&a.blas)?;
+    init_blas(&a.blas, blas)?;
     let (device, fallback) = sherl::fit::device(&a.device)?;
     match fallback {
         Some(why) => tracing::info!("device auto: training on the CPU ({why})"),
@@ -159,8 +160,9 @@ fn run(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Picks the fused CPU ops' matrix kernel from `--blas`.
-fn init_blas(flag: &str) -> anyhow::Result<()> {
+/// Picks the fused CPU ops' matrix kernel from `--blas` (or `SHERL_BLAS`:
+/// `source` says which, and errors name it).
+fn init_blas(flag: &str, source: BlasSource) -> anyhow::Result<()> {
     use sherl::fit::kernels::gemm::BlasChoice;
     let choice = match flag {
         "auto" | "" => BlasChoice::Auto,
@@ -168,14 +170,14 @@ fn init_blas(flag: &str) -> anyhow::Result<()> {
         path => BlasChoice::Path(PathBuf::from(path)),
     };
     let kernel = sherl::fit::kernels::gemm::init_blas(&choice)
-        .map_err(|e| anyhow::anyhow!("--blas {flag}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", source.describe(flag)))?;
     tracing::debug!("matrix kernel: {kernel}");
     Ok(())
 }
 
 #[cfg(feature = "extract")]
-fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
-    init_blas(&a.blas)?;
+fn predict(a: PredictArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
+    init_blas(&a.blas, blas)?;
     let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let plan = sherl::predict::PredictPlan {
         run: a.run.clone(),
@@ -200,11 +202,11 @@ fn predict(a: PredictArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[cfg(feature = "extract")]
-fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
+fn search(a: SearchArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     use sherl::predict::query::search;
     use sherl::predict::search::{hit_line, summary, Query, SearchPlan};
     use std::io::Write;
-    init_blas(&a.blas)?;
+    init_blas(&a.blas, blas)?;
     let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let query = match (a.text.clone(), a.image.clone()) {
         (Some(t), None) => Query::Text(t),
@@ -219,18 +221,25 @@ fn search(a: SearchArgs) -> anyhow::Result<ExitCode> {
         k: a.k,
         split: a.split.clone(),
     };
-    let hits = search(rt, &plan, &a.runtime.session_config())?;
-    match &a.out {
+    // --out is checked and created before the query runs; written under a
+    // temporary name, renamed when complete.
+    let out_file = match &a.out {
         Some(p) => {
-            let mut f = std::io::BufWriter::new(
-                std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
-            );
+            let inputs: Vec<(&str, &std::path::Path)> =
+                a.image.iter().map(|i| ("--image", i.as_path())).collect();
+            Some(sherl::predict::output::create_output(p, &inputs)?)
+        }
+        None => None,
+    };
+    let hits = search(rt, &plan, &a.runtime.session_config())?;
+    match out_file {
+        Some(mut f) => {
+            let p = f.path().to_path_buf();
             for h in &hits {
                 writeln!(f, "{}", hit_line(h))
                     .with_context(|| format!("writing {}", p.display()))?;
             }
-            f.flush()
-                .with_context(|| format!("writing {}", p.display()))?;
+            f.commit()?;
             print_line(&summary(&plan, &hits).to_string())?;
         }
         None => {
@@ -293,7 +302,7 @@ impl sherl::fit::sweep::SweepReporter for SweepLines {
     }
 }
 
-fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
+fn sweep(a: SweepArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     let inputs = a.inputs.inputs("sweep")?;
     let plan = sherl::fit::sweep::SweepPlan {
         inputs,
@@ -308,6 +317,7 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         device: a.device.clone(),
         blas: a.blas.clone(),
         exe: std::env::current_exe().context("locating sherl-fit")?,
+        max_runs: a.max_runs,
     };
     let runs = sherl::fit::sweep::plan_runs(&plan)?;
     if a.dry_run {
@@ -317,6 +327,9 @@ fn sweep(a: SweepArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // Every run is given this --blas: a library that does not load is
+    // refused here, naming where the value came from, not in every run.
+    init_blas(&a.blas, blas)?;
     let o = sherl::fit::sweep::run_sweep(&plan, &runs, &SweepLines)?;
     // stdout holds one JSON line per run; the table goes to stderr (and to
     // the files `sherl-fit report` writes).

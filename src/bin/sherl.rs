@@ -29,14 +29,14 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Tool {
-    /// Phase one (sherl-extract): export/inspect ONNX models, sample, write the feature cache, prepare paired data.
+    /// Phase one (sherl-extract): export-onnx, inspect-onnx, expose-layers, run (write the feature cache), sample, pairs (prepare paired data).
     #[command(disable_help_flag = true)]
     Extract {
         /// Arguments for sherl-extract.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Phase two (sherl-fit): train, sweep, report, predict, search.
+    /// Phase two (sherl-fit): run (train one model), sweep, report, predict, search.
     #[command(disable_help_flag = true)]
     Fit {
         /// Arguments for sherl-fit.
@@ -44,6 +44,8 @@ enum Tool {
         args: Vec<OsString>,
     },
     /// Caches (sherl-cache): inspect, verify, compare, merge, export (NumPy files).
+    // (Each tool's line lists its commands by name: the hardening_sweep
+    // tests check it against the tool's own --help.)
     #[command(disable_help_flag = true)]
     Cache {
         /// Arguments for sherl-cache.

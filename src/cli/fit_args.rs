@@ -30,6 +30,32 @@ pub struct Args {
     /// The command.
     #[command(subcommand)]
     pub command: Command,
+    /// Where the command's `--blas` value came from (set by [`parse`]), so
+    /// that a message about it names the `SHERL_BLAS` environment variable
+    /// when it came from there, not a flag the user never typed.
+    #[arg(skip)]
+    pub blas_source: BlasSource,
+}
+
+/// Where a `--blas` value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BlasSource {
+    /// The flag, or its default.
+    #[default]
+    Flag,
+    /// The `SHERL_BLAS` environment variable.
+    Env,
+}
+
+impl BlasSource {
+    /// How messages name the setting of `value`: `--blas VALUE` or
+    /// `SHERL_BLAS=VALUE (environment variable)`.
+    pub fn describe(self, value: &str) -> String {
+        match self {
+            BlasSource::Flag => format!("--blas {value}"),
+            BlasSource::Env => format!("SHERL_BLAS={value} (environment variable)"),
+        }
+    }
 }
 
 /// `sherl-fit`'s commands.
@@ -151,6 +177,12 @@ pub struct SweepArgs {
     /// Print the expanded runs and exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Refuse a grid of more runs than this (counted before it is
+    /// expanded; the whole grid, whatever --worker takes). Each run is a
+    /// training process: past 10,000 a grid is more often a mistake than
+    /// a plan.
+    #[arg(long, value_name = "N", default_value_t = crate::fit::sweep::DEFAULT_MAX_RUNS)]
+    pub max_runs: usize,
     /// cpu, cuda, cuda:N or auto (GPU 0 if this build has CUDA and a GPU
     /// answers, else CPU, saying why). Default: auto in a build with the
     /// `cuda` feature, cpu otherwise.
@@ -408,5 +440,13 @@ pub fn command() -> clap::Command {
 pub fn parse() -> Args {
     use clap::FromArgMatches;
     let matches = command().get_matches();
-    Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let from_env = matches.subcommand().is_some_and(|(_, m)| {
+        m.ids().any(|id| id == "blas")
+            && m.value_source("blas") == Some(clap::parser::ValueSource::EnvVariable)
+    });
+    if from_env {
+        args.blas_source = BlasSource::Env;
+    }
+    args
 }

@@ -380,27 +380,27 @@ impl FitConfig {
             ("--grad-clip", self.grad_clip),
         ];
         if let Some((name, v)) = finite.iter().find(|(_, v)| !v.is_finite()) {
-            return Err(format!("{name} {v}: must be a finite number"));
+            return Err(format!("{name} {}: must be a finite number", num(*v)));
         }
         if self.lr <= 0.0 {
-            return Err(format!("--lr {}: must be positive", self.lr));
+            return Err(format!("--lr {}: must be positive", num(self.lr)));
         }
         if self.lr_pretrained < 0.0 {
             return Err(format!(
                 "--lr-pretrained {}: must be >= 0",
-                self.lr_pretrained
+                num(self.lr_pretrained)
             ));
         }
         if !(0.0..1.0).contains(&self.warmup) {
             return Err(format!(
                 "--warmup {}: a fraction of the steps in [0, 1)",
-                self.warmup
+                num(self.warmup)
             ));
         }
         if self.weight_decay < 0.0 {
             return Err(format!(
                 "--weight-decay {}: must be >= 0",
-                self.weight_decay
+                num(self.weight_decay)
             ));
         }
         // AdamW's decoupled decay multiplies every weight by (1 - lr * wd)
@@ -409,16 +409,17 @@ impl FitConfig {
         for (lr_name, lr) in [("--lr", self.lr), ("--lr-pretrained", self.lr_pretrained)] {
             if lr * self.weight_decay >= 1.0 {
                 return Err(format!(
-                    "--weight-decay {} with {lr_name} {lr}: AdamW scales the weights by 1 - lr x weight decay = {} every step, so training cannot converge; lower --weight-decay (typically 0 to 0.1)",
-                    self.weight_decay,
-                    1.0 - lr * self.weight_decay
+                    "--weight-decay {} with {lr_name} {}: AdamW scales the weights by 1 - lr x weight decay = {} every step, so training cannot converge; lower --weight-decay (typically 0 to 0.1)",
+                    num(self.weight_decay),
+                    num(lr),
+                    num(1.0 - lr * self.weight_decay)
                 ));
             }
         }
         if self.grad_clip < 0.0 {
             return Err(format!(
                 "--grad-clip {}: must be >= 0 (0 = off)",
-                self.grad_clip
+                num(self.grad_clip)
             ));
         }
         self.method.validate()?;
@@ -515,6 +516,18 @@ pub fn given_flags<T: Serialize + std::fmt::Debug>(flags: &T) -> Result<Map<Stri
         }
     }
     Ok(given)
+}
+
+/// A number in a message as the user would write it: `0.01`, `2000`,
+/// `1e308` (`f64`'s `Display` never uses an exponent, so `1e308` would be
+/// 309 digits), `NaN`, `inf`.
+fn num(x: f64) -> String {
+    let a = x.abs();
+    if a.is_finite() && a != 0.0 && !(1e-5..1e16).contains(&a) {
+        format!("{x:e}")
+    } else {
+        x.to_string()
+    }
 }
 
 #[cfg(test)]

@@ -71,7 +71,13 @@ fn image_model(
     };
     let ckpt = Checkpoint::open_vit(&ckpt_path)?;
     let dev = Device::Cpu;
-    let model = trained_model(rc, &arch, &ckpt, weights_path, &dev)?;
+    let model = trained_model(rc, &arch, &ckpt, weights_path, &dev).map_err(|e| {
+        super::recorded_in(
+            e,
+            &plan.run.join(run_dir::CONFIG_FILE),
+            &[("--probe-layer", "probe layer")],
+        )
+    })?;
     Ok((backbone, arch, model))
 }
 
@@ -90,6 +96,7 @@ pub(crate) fn predict_images(
     image: &ImageInfo,
     dir: &BackboneDir,
     weights_path: &Path,
+    out_file: Option<crate::fsutil::AtomicFile>,
 ) -> Result<PredictSummary> {
     let (backbone, arch, model) = image_model(plan, rc, image, dir, weights_path)?;
     let dev = Device::Cpu;
@@ -123,7 +130,7 @@ pub(crate) fn predict_images(
         examples: &data.examples,
         order: &order,
     };
-    let mut lines = Labeller::open(plan.out.as_deref(), &rc.labels, &data.label_names)?;
+    let mut lines = Labeller::open(out_file, &rc.labels, &data.label_names)?;
     let hidden = arch.hidden();
     let tokens = backbone.tokens;
     let positions: Vec<usize> = (0..data.examples.len()).collect();

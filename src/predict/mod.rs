@@ -26,21 +26,55 @@ pub mod text;
 
 pub use plan::{PredictPlan, PredictSummary};
 
+use std::path::Path;
+
 use crate::backbone::BackboneDir;
 use crate::extract::runtime::Runtime;
+use crate::fit::error::FitError;
 use crate::fit::run_dir::RunConfig;
-use crate::Result;
+use crate::{Error, Result};
+
+/// An error about a value `predict` or `search` took from a file (a run's
+/// `config.json`, a cache's manifest), not from a flag: a settings message
+/// that names a flag (`--probe-layer 99 does not exist`) is rewritten to
+/// name `file` and the field the value came from (`fields`: flag, field);
+/// any other error passes unchanged.
+pub(crate) fn recorded_in(e: Error, file: &Path, fields: &[(&str, &str)]) -> Error {
+    let message = match &e {
+        Error::Setting { message, .. } | Error::Fit(FitError::Settings(message)) => message,
+        _ => return e,
+    };
+    let Some((flag, field)) = fields.iter().find(|(flag, _)| message.contains(flag)) else {
+        return e;
+    };
+    FitError::BadRun {
+        path: file.to_path_buf(),
+        message: format!(
+            "{} (a value recorded as {field} in this file, not given by a flag: was the file edited?)",
+            message.replace(flag, field)
+        ),
+    }
+    .into()
+}
 
 /// Label `plan.data` with the run in `plan.run`: its weights checked
 /// against the sha256 the run recorded, the ONNX model against the one its
 /// cache was extracted with, then the texts or images labelled.
+///
+/// `--out` is checked and created first ([`output::create_output`]: not the
+/// input, its directory writable), before any model runs; the lines are
+/// written under a temporary name and renamed to `--out` when complete.
 pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
+    let out = match &plan.out {
+        Some(o) => Some(output::create_output(o, &[("--data", &plan.data.data)])?),
+        None => None,
+    };
     let rc = RunConfig::read(&plan.run)?;
     let weights_path = checks::checked_weights(&plan.run)?;
     let dir = BackboneDir::open(&plan.backbone)?;
     checks::same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
     match &rc.cache.image {
-        Some(info) => image::predict_images(rt, plan, &rc, info, &dir, &weights_path),
-        None => text::predict_texts(rt, plan, &rc, &dir, &weights_path),
+        Some(info) => image::predict_images(rt, plan, &rc, info, &dir, &weights_path, out),
+        None => text::predict_texts(rt, plan, &rc, &dir, &weights_path, out),
     }
 }

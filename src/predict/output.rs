@@ -1,5 +1,7 @@
 //! The prediction lines (JSON Lines, one per input) and the accuracy over
-//! the inputs whose true label the run knows.
+//! the inputs whose true label the run knows, and the `--out` file they go
+//! to ([`create_output`]: checked and created before any work, written
+//! under a temporary name and renamed when complete).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -7,11 +9,100 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use super::plan::PredictSummary;
+use crate::fsutil::AtomicFile;
 use crate::{Error, Result};
+
+/// Whether `a` and `b` describe the same file (the same inode on the same
+/// device: a second name, a hard link or a symbolic link to it).
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+/// Whether `a` and `b` name the same file (their canonical paths).
+#[cfg(not(unix))]
+fn same_file_paths(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The output file `out` (`--out` of `predict` and `search`), checked and
+/// created before any work is done, so that a run of many minutes does not
+/// end on an unwritable output: refused when it is a directory, when it
+/// is one of `inputs` (`(flag, path)`: the same file under any name, hard
+/// and symbolic links included, which writing would replace) or when its
+/// directory is missing or not writable. The lines go to a temporary file
+/// in the same directory ([`AtomicFile`]) renamed to `out` only when
+/// complete: a killed process leaves no cut file at the final name (and
+/// its leftover temporary is removed by the next run).
+pub fn create_output(out: &Path, inputs: &[(&str, &Path)]) -> Result<AtomicFile> {
+    let refuse = |m: String| Error::setting("--out", format!("--out {}: {m}", out.display()));
+    if let Ok(meta) = std::fs::metadata(out) {
+        if meta.is_dir() {
+            return Err(refuse("is a directory; give a file name".into()));
+        }
+        for (flag, input) in inputs {
+            #[cfg(unix)]
+            let same = std::fs::metadata(input).is_ok_and(|m| same_file(&meta, &m));
+            #[cfg(not(unix))]
+            let same = same_file_paths(out, input);
+            if same {
+                return Err(refuse(format!(
+                    "is the same file as {flag} {} (writing the output would replace its own \
+                     input); give --out another name",
+                    input.display()
+                )));
+            }
+        }
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(refuse(format!(
+            "its directory {} does not exist (or is not a directory); create it first",
+            dir.display()
+        )));
+    }
+    if let Some(name) = out.file_name().and_then(|n| n.to_str()) {
+        match crate::fsutil::remove_stale_temporaries(dir, name) {
+            Ok(removed) => {
+                for p in removed {
+                    tracing::info!("removed {}, left by an interrupted run", p.display());
+                }
+            }
+            Err(e) => tracing::debug!("{e}"),
+        }
+    }
+    AtomicFile::create(out).map_err(|e| {
+        refuse(format!(
+            "cannot write in {} ({e}); choose a writable directory",
+            dir.display()
+        ))
+    })
+}
+
+/// Where the lines go.
+enum Sink<'a> {
+    /// `--out`, renamed to its final name by [`Labeller::finish`].
+    File(AtomicFile),
+    /// Standard output.
+    Stdout(std::io::StdoutLock<'a>),
+}
+
+impl Sink<'_> {
+    fn writer(&mut self) -> &mut dyn Write {
+        match self {
+            Sink::File(f) => f,
+            Sink::Stdout(s) => s,
+        }
+    }
+}
 
 /// Writes one line per labelled input and keeps the accuracy's tally.
 pub(crate) struct Labeller<'a> {
-    sink: Box<dyn Write + 'a>,
+    sink: Sink<'a>,
     out_name: PathBuf,
     /// The run's classes.
     labels: &'a [String],
@@ -25,22 +116,24 @@ pub(crate) struct Labeller<'a> {
 }
 
 impl<'a> Labeller<'a> {
-    /// Lines go to `out` (stdout when `None`); `labels` are the run's
-    /// classes, `names` the label names of the input.
+    /// Lines go to `out` (made by [`create_output`]; stdout when `None`);
+    /// `labels` are the run's classes, `names` the label names of the
+    /// input.
     pub(crate) fn open(
-        out: Option<&Path>,
+        out: Option<AtomicFile>,
         labels: &'a [String],
         names: &'a [String],
     ) -> Result<Self> {
-        let sink: Box<dyn Write> = match out {
-            Some(p) => Box::new(std::io::BufWriter::new(
-                std::fs::File::create(p).map_err(|e| Error::io(p, e))?,
-            )),
-            None => Box::new(std::io::stdout().lock()),
+        let out_name = out
+            .as_ref()
+            .map_or_else(|| PathBuf::from("<stdout>"), |f| f.path().to_path_buf());
+        let sink = match out {
+            Some(f) => Sink::File(f),
+            None => Sink::Stdout(std::io::stdout().lock()),
         };
         Ok(Labeller {
             sink,
-            out_name: out.map_or_else(|| PathBuf::from("<stdout>"), Path::to_path_buf),
+            out_name,
             labels,
             names,
             class_of: names
@@ -87,19 +180,22 @@ impl<'a> Labeller<'a> {
                 None => self.unknown += 1,
             }
         }
-        writeln!(self.sink, "{}", Value::Object(fields)).map_err(|e| Error::io(&self.out_name, e))
+        writeln!(self.sink.writer(), "{}", Value::Object(fields))
+            .map_err(|e| Error::io(&self.out_name, e))
     }
 
-    /// Flush the lines; warn about true labels the run does not know.
+    /// Flush the lines (an `--out` file is synced and renamed to its
+    /// final name); warn about true labels the run does not know.
     pub(crate) fn finish(
-        mut self,
+        self,
         run_id: String,
         examples: usize,
         out: Option<PathBuf>,
     ) -> Result<PredictSummary> {
-        self.sink
-            .flush()
-            .map_err(|e| Error::io(&self.out_name, e))?;
+        match self.sink {
+            Sink::File(f) => f.commit()?,
+            Sink::Stdout(mut s) => s.flush().map_err(|e| Error::io(&self.out_name, e))?,
+        }
         if self.unknown > 0 {
             let names: Vec<&str> = self
                 .class_of

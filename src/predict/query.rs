@@ -21,7 +21,13 @@ use crate::{Error, Result};
 /// tower's cache was made with (ONNX Runtime, as [`super::predict()`] runs new
 /// inputs) and that trained tower, then ranked against the run's split
 /// ([`Searcher`]).
+///
+/// An image query must be a regular file, checked first (a FIFO or device
+/// is refused as such, not read).
 pub fn search(rt: &Runtime, plan: &SearchPlan, session: &SessionConfig) -> Result<Vec<Hit>> {
+    if let Query::Image(file) = &plan.query {
+        check_query_image(file)?;
+    }
     let searcher = Searcher::open(plan)?;
     let tower = searcher.query_tower(&plan.query);
     let dev = Device::Cpu;
@@ -30,6 +36,21 @@ pub fn search(rt: &Runtime, plan: &SearchPlan, session: &SessionConfig) -> Resul
         Query::Image(f) => image_query(rt, session, &plan.image_backbone, tower, f, &dev)?,
     };
     searcher.rank(plan, &z)
+}
+
+/// The query image must be a regular file: a missing one is "not found",
+/// a FIFO, device or directory is refused as what it is
+/// ([`crate::fsutil::open_regular`], which never blocks on a FIFO).
+fn check_query_image(file: &Path) -> Result<()> {
+    crate::fsutil::open_regular(file)
+        .map(drop)
+        .map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Error::io(
+                file,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "query image not found"),
+            ),
+            other => other,
+        })
 }
 
 /// `sherl-fit search`'s text query through the tokenizer and the ONNX
@@ -55,7 +76,14 @@ fn text_query(
     same("tokenizer", &dir.tokenizer_path(), &tok.sha256)?;
     let onnx = dir.onnx_path();
     same("ONNX model", &onnx, &m.backbone.onnx.sha256)?;
-    let tokenizer = Tokenizer::from_file(&dir.tokenizer_path(), m.settings.max_len)?;
+    let tokenizer =
+        Tokenizer::from_file(&dir.tokenizer_path(), m.settings.max_len).map_err(|e| {
+            super::recorded_in(
+                e,
+                &cache.dir().join(crate::cache::manifest::MANIFEST),
+                &[("--max-len", "settings.max_len")],
+            )
+        })?;
     let enc = tokenizer.encode(text, None)?;
     let (mut session, _) = BackboneSession::open(rt, &onnx, session_cfg)?;
     let inputs = model.inputs().to_vec();
@@ -88,12 +116,7 @@ fn image_query(
     use crate::data::image::{ImageExample, ImageOptions, ImageSource, Preprocess};
     use crate::extract::image::{exposed_model, ImageBackbone, ImageRunner};
 
-    if !file.is_file() {
-        return Err(Error::io(
-            file,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "query image not found"),
-        ));
-    }
+    check_query_image(file)?;
     let dir = BackboneDir::open(backbone)?;
     let m = cache.manifest();
     let Some(info) = &m.image else {

@@ -124,11 +124,14 @@ pub(crate) fn predict_texts(
     rc: &RunConfig,
     dir: &BackboneDir,
     weights_path: &Path,
+    out_file: Option<crate::fsutil::AtomicFile>,
 ) -> Result<PredictSummary> {
     let bert = checked_backbone(plan, rc, dir)?;
     let ckpt = Checkpoint::open(&dir.safetensors_path())?;
     let data = read_texts(plan, rc)?;
-    let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)?;
+    let cfg_path = plan.run.join(run_dir::CONFIG_FILE);
+    let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)
+        .map_err(|e| super::recorded_in(e, &cfg_path, &[("--max-len", "cache.max_len")]))?;
     let (mut session, choice) = BackboneSession::open(rt, &plan.model, &plan.session)?;
     if let Some(r) = &choice.fallback_reason {
         tracing::info!("device auto: running on CPU ({r})");
@@ -146,12 +149,13 @@ pub(crate) fn predict_texts(
         },
     };
     let arch = Arch::Bert(bert.clone());
-    let model = trained_model(rc, &arch, &ckpt, weights_path, &dev)?;
+    let model = trained_model(rc, &arch, &ckpt, weights_path, &dev)
+        .map_err(|e| super::recorded_in(e, &cfg_path, &[("--probe-layer", "probe layer")]))?;
     let inputs = model.inputs().to_vec();
     let model_eval = model.inference();
     session.check_layers(&inputs)?;
 
-    let mut out = Labeller::open(plan.out.as_deref(), &rc.labels, &data.label_names)?;
+    let mut out = Labeller::open(out_file, &rc.labels, &data.label_names)?;
     let hidden = bert.hidden_size;
     for chunk in data.examples.chunks(plan.batch_size.max(1)) {
         let encs: Vec<Encoded> = chunk

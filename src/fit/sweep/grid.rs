@@ -47,16 +47,44 @@ fn to_config(settings: &Map<String, Value>) -> Result<FitConfig> {
     Ok(cfg)
 }
 
-/// Expand a grid into run settings, in a deterministic order.
+/// The most runs a grid may expand to unless `--max-runs` says otherwise.
+/// Every run is a separate training process (seconds on a toy cache,
+/// minutes to hours on a real one), so 10,000 runs is already days of
+/// compute: a grid past it is far more often an axis listed by mistake
+/// than a plan, and refusing it costs nothing, while expanding it costs
+/// memory (about a kilobyte per run) and time before the first line.
+/// The bound counts the whole grid: every `--worker I/M` expands it whole
+/// to number the runs the same way.
+pub const DEFAULT_MAX_RUNS: usize = 10_000;
+
+/// Expand a grid into run settings, in a deterministic order, refusing a
+/// grid of more than [`DEFAULT_MAX_RUNS`] runs ([`expand_with`]).
 pub fn expand(grid: &Value) -> Result<Vec<FitConfig>> {
-    let mut out: Vec<FitConfig> = Vec::new();
-    for s in &expand_settings(grid)? {
+    expand_with(grid, DEFAULT_MAX_RUNS)
+}
+
+/// [`expand`] with at most `max_runs` runs (`--max-runs`): the grid's
+/// runs are counted before anything is expanded. Settings that give the
+/// same run (a value equal to the default, say) are kept once; the check
+/// is a hash set of each run's settings, so expansion takes time linear in
+/// the runs.
+pub fn expand_with(grid: &Value, max_runs: usize) -> Result<Vec<FitConfig>> {
+    let settings = expand_settings(grid, max_runs)?;
+    let mut seen = std::collections::HashSet::with_capacity(settings.len());
+    let mut out: Vec<FitConfig> = Vec::with_capacity(settings.len());
+    for s in &settings {
         let c = to_config(s)?;
-        if !out.contains(&c) {
+        if seen.insert(settings_key(&c)) {
             out.push(c);
         }
     }
     Ok(out)
+}
+
+/// A run's settings as one string, equal for equal settings (the run
+/// dedup's key: `FitConfig` holds floats, so it is not `Hash`).
+fn settings_key<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("settings serialize")
 }
 
 /// The settings of a retrieval run that are not [`FitConfig`]'s: each
@@ -69,8 +97,18 @@ const RETRIEVAL_KEYS: [&str; 5] = ["image_method", "text_method", "joint_dim", "
 /// retrieval` where not set) go to its [`RetrievalConfig`]. `method` is
 /// refused: each tower has its own.
 pub fn expand_retrieval(grid: &Value) -> Result<Vec<(FitConfig, RetrievalConfig)>> {
-    let mut out: Vec<(FitConfig, RetrievalConfig)> = Vec::new();
-    for s in &expand_settings(grid)? {
+    expand_retrieval_with(grid, DEFAULT_MAX_RUNS)
+}
+
+/// [`expand_retrieval`] with at most `max_runs` runs (as [`expand_with`]).
+pub fn expand_retrieval_with(
+    grid: &Value,
+    max_runs: usize,
+) -> Result<Vec<(FitConfig, RetrievalConfig)>> {
+    let settings = expand_settings(grid, max_runs)?;
+    let mut seen = std::collections::HashSet::with_capacity(settings.len());
+    let mut out: Vec<(FitConfig, RetrievalConfig)> = Vec::with_capacity(settings.len());
+    for s in &settings {
         if s.contains_key("method") {
             return Err(FitError::grid(
                 "a retrieval grid sets image_method and text_method (one per tower), not method",
@@ -90,15 +128,38 @@ pub fn expand_retrieval(grid: &Value) -> Result<Vec<(FitConfig, RetrievalConfig)
         rc.validate()
             .map_err(|m| FitError::grid(format!("{m} (settings {})", shown())))?;
         let pair = (to_config(&fit)?, rc);
-        if !out.contains(&pair) {
+        if seen.insert(settings_key(&pair)) {
             out.push(pair);
         }
     }
     Ok(out)
 }
 
-/// The grid's settings objects (keys normalised), in a deterministic order.
-fn expand_settings(grid: &Value) -> Result<Vec<Map<String, Value>>> {
+/// How many runs a grid's axes make (their lengths multiplied), or `None`
+/// past `usize::MAX`.
+fn count_runs(axes: &[(String, Vec<Value>)]) -> Option<usize> {
+    axes.iter()
+        .try_fold(1usize, |n, (_, values)| n.checked_mul(values.len()))
+}
+
+/// Refuse `count` runs (`None`: more than `usize::MAX`) past `max_runs`,
+/// saying where they come from (`made`) and how to go on.
+fn check_count(count: Option<usize>, max_runs: usize, made: &str) -> Result<()> {
+    let shown = match count {
+        Some(n) if n <= max_runs => return Ok(()),
+        Some(n) => n.to_string(),
+        None => format!("more than {}", usize::MAX),
+    };
+    Err(FitError::grid(format!(
+        "{shown} runs ({made}), more than the {max_runs} a sweep expands unless told \
+         otherwise; pass --max-runs {} (or more) if you mean it, or trim the grid",
+        count.map_or_else(|| "N".to_owned(), |n| n.to_string())
+    )))
+}
+
+/// The grid's settings objects (keys normalised), in a deterministic order;
+/// refused before expanding when they would be more than `max_runs`.
+fn expand_settings(grid: &Value, max_runs: usize) -> Result<Vec<Map<String, Value>>> {
     let obj = grid
         .as_object()
         .ok_or_else(|| FitError::grid("the file must hold a JSON object"))?;
@@ -138,6 +199,7 @@ fn expand_settings(grid: &Value) -> Result<Vec<Map<String, Value>>> {
                     "use either list-valued axes or an explicit \"runs\" list, not both",
                 ));
             }
+            check_count(Some(list.len()), max_runs, "the \"runs\" list")?;
             for (i, r) in list.iter().enumerate() {
                 let o = r
                     .as_object()
@@ -151,6 +213,12 @@ fn expand_settings(grid: &Value) -> Result<Vec<Map<String, Value>>> {
             }
         }
         None => {
+            let made = axes
+                .iter()
+                .map(|(k, v)| format!("{k} {}", v.len()))
+                .collect::<Vec<_>>()
+                .join(" x ");
+            check_count(count_runs(&axes), max_runs, &format!("axes {made}"))?;
             settings.push(base);
             for (k, values) in &axes {
                 let mut next = Vec::with_capacity(settings.len() * values.len());
@@ -237,6 +305,34 @@ mod tests {
         ]}))
         .unwrap();
         assert_eq!(runs.len(), 2);
+    }
+
+    /// The runs are counted before expansion (overflow-checked) and
+    /// refused past the bound; equal settings are kept once.
+    #[test]
+    fn runs_are_counted_before_expanding_and_kept_once() {
+        let g = serde_json::json!({"seed": [0, 1, 2], "epochs": [1, 2]});
+        assert_eq!(expand_with(&g, 6).unwrap().len(), 6);
+        let e = expand_with(&g, 5).unwrap_err().to_string();
+        assert!(
+            e.contains("6 runs (axes epochs 2 x seed 3)") && e.contains("--max-runs 6"),
+            "{e}"
+        );
+        let e = expand_with(&serde_json::json!({"runs": [{}, {}, {}]}), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("3 runs (the \"runs\" list)"), "{e}");
+        let many: Vec<(String, Vec<Value>)> = (0..20)
+            .map(|i| (format!("k{i}"), vec![Value::Null; 1000]))
+            .collect();
+        assert_eq!(count_runs(&many), None);
+        let e = check_count(None, 10, "x").unwrap_err().to_string();
+        assert!(e.contains(&format!("more than {} runs", usize::MAX)), "{e}");
+        // duplicates (the same value twice, a default spelt out) are one run
+        let g = serde_json::json!({"seed": [0, 0, 1], "lr": [0.001, 1e-3]});
+        assert_eq!(expand(&g).unwrap().len(), 2);
+        let g = serde_json::json!({"image_method": ["sherl", "sherl"], "seed": [0, 1]});
+        assert_eq!(expand_retrieval(&g).unwrap().len(), 2);
     }
 
     #[test]

@@ -9,6 +9,8 @@
 //! other keys are then the base every listed run starts from. Runs are
 //! numbered in a deterministic order (axes sorted by name, last axis
 //! fastest), so `--worker I/M` partitions are stable across machines.
+//! The runs are counted before the grid is expanded, and a grid of more
+//! than `--max-runs` ([`DEFAULT_MAX_RUNS`]) is refused.
 //!
 //! A retrieval sweep (`--task retrieval`, two caches) takes the same grid
 //! plus each tower's `image_method`/`text_method`, `joint_dim`, `loss` and
@@ -22,6 +24,6 @@ pub mod grid;
 pub mod plan;
 pub mod pool;
 
-pub use grid::{expand, expand_retrieval};
+pub use grid::{expand, expand_retrieval, expand_retrieval_with, expand_with, DEFAULT_MAX_RUNS};
 pub use plan::{parse_worker, partition, plan_runs, PlannedRun, SweepInputs, SweepPlan};
 pub use pool::{exit_with_parent, run_sweep, SweepOutcome, SweepReporter, PARENT_PID_ENV};

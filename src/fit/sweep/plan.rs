@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use super::grid::{expand, expand_retrieval};
+use super::grid::{expand_retrieval_with, expand_with};
 use crate::fit::config::FitConfig;
 use crate::fit::error::FitError;
 use crate::fit::retrieval::config::RetrievalConfig;
@@ -42,6 +42,9 @@ pub struct SweepPlan {
     pub blas: String,
     /// The `sherl-fit` executable that trains one run.
     pub exe: std::path::PathBuf,
+    /// The most runs the grid may expand to (`--max-runs`; see
+    /// [`super::grid::DEFAULT_MAX_RUNS`]).
+    pub max_runs: usize,
 }
 
 /// What every run of a sweep trains on.
@@ -132,11 +135,9 @@ impl PlannedRun {
 
 /// Expand the grid file for this worker (nothing is written).
 pub fn plan_runs(plan: &SweepPlan) -> Result<Vec<PlannedRun>> {
-    let bytes = std::fs::read(&plan.grid).map_err(|e| Error::io(&plan.grid, e))?;
-    let grid: Value = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-        path: plan.grid.clone(),
-        source: e,
-    })?;
+    // A regular file of at most SMALL_FILE_LIMIT bytes: never a FIFO or
+    // device read for ever.
+    let grid: Value = crate::fsutil::read_json(&plan.grid)?;
     let in_file = |e: Error| match e {
         Error::Fit(source) => FitError::GridFile {
             path: plan.grid.clone(),
@@ -154,7 +155,7 @@ pub fn plan_runs(plan: &SweepPlan) -> Result<Vec<PlannedRun>> {
     let (wi, wm) = plan.worker;
     match &plan.inputs {
         SweepInputs::Classification { cache, .. } => {
-            let runs = expand(&grid).map_err(in_file)?;
+            let runs = expand_with(&grid, plan.max_runs).map_err(in_file)?;
             let h = hash(cache)?;
             Ok(partition(runs.len(), wi, wm)
                 .into_iter()
@@ -171,7 +172,7 @@ pub fn plan_runs(plan: &SweepPlan) -> Result<Vec<PlannedRun>> {
             text_cache,
             ..
         } => {
-            let runs = expand_retrieval(&grid).map_err(in_file)?;
+            let runs = expand_retrieval_with(&grid, plan.max_runs).map_err(in_file)?;
             let (ih, th) = (hash(image_cache)?, hash(text_cache)?);
             Ok(partition(runs.len(), wi, wm)
                 .into_iter()

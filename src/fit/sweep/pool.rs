@@ -84,6 +84,21 @@ pub trait SweepReporter: Sync {
     fn progress(&self, epochs_done: usize, epochs_total: usize, elapsed: std::time::Duration);
 }
 
+/// A run's log `OUT/.sweep/<run id>.log`, opened for appending: it is
+/// appended to, never truncated, as two sweeps that start the same run (a
+/// requeued worker) must not cut the log of the one training it, and its
+/// handle is the child's stderr, so it cannot be written atomically.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "an append-only log handed to a child process as its stderr"
+)]
+fn open_log(log: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+}
+
 enum Attempt {
     Done(String),
     Busy,
@@ -120,22 +135,16 @@ impl<'a> Pool<'a> {
     fn attempt(&self, r: &PlannedRun, file: &Path) -> Attempt {
         let plan = self.plan;
         let log = self.settings_dir.join(format!("{}.log", r.run_id));
-        // Appended to, never truncated: two sweeps that start the same run
-        // (a requeued worker) must not cut the log of the one training it.
-        let opened = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .and_then(|mut f| {
-                use std::io::Write;
-                writeln!(
-                    f,
-                    "--- sweep process {}: run {}",
-                    std::process::id(),
-                    r.run_id
-                )?;
-                Ok(f)
-            });
+        let opened = open_log(&log).and_then(|mut f| {
+            use std::io::Write;
+            writeln!(
+                f,
+                "--- sweep process {}: run {}",
+                std::process::id(),
+                r.run_id
+            )?;
+            Ok(f)
+        });
         let out = opened.and_then(|f| {
             std::process::Command::new(&plan.exe)
                 .arg("--no-progress")
@@ -187,7 +196,8 @@ impl<'a> Pool<'a> {
             runs.iter()
                 .map(|r| {
                     let m = self.plan.out.join(&r.run_id).join("metrics.jsonl");
-                    std::fs::read_to_string(m).map_or(0, |t| t.lines().count().min(r.config.epochs))
+                    crate::fsutil::read_text(&m, crate::fsutil::METADATA_LIMIT)
+                        .map_or(0, |t| t.lines().count().min(r.config.epochs))
                 })
                 .sum()
         });
