@@ -653,3 +653,449 @@ fn part_mutations_through_merge_leave_nothing_behind() {
     eprintln!("{ok} merged, {refused} refused");
     assert!(refused > 150 && ok > 0, "{ok} merged, {refused} refused");
 }
+
+// ---------------------------------------------------------------------------
+// Run directories and grids (issue 28)
+// ---------------------------------------------------------------------------
+
+/// Far above any normal run of a command on the tiny fixture: a guard
+/// against hangs, not a measurement.
+const PROCESS_LIMIT_S: u64 = 120;
+
+/// A value that makes a reader's life interesting.
+fn odd_value(rng: &mut Rng) -> Value {
+    match rng.below(14) {
+        0 => Value::Null,
+        1 => json!(-1),
+        2 => json!(u64::MAX),
+        3 => json!(1e308),
+        4 => json!(""),
+        5 => json!("x".repeat(1 + rng.below(5000) as usize)),
+        6 => json!([]),
+        7 => json!({}),
+        8 => json!(true),
+        9 => json!(0),
+        10 => json!(["a", "a"]),
+        11 => json!(-0.0),
+        12 => json!("../../etc/passwd"),
+        _ => big_number(rng),
+    }
+}
+
+/// A random place in `v` (a key of an object or an element of an array, at
+/// any depth), given to `f` as its parent and key/index.
+fn edit_somewhere(v: &mut Value, rng: &mut Rng, f: &mut dyn FnMut(&mut Value, &mut Rng)) {
+    let descend = rng.below(3) != 0;
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            let key = m
+                .keys()
+                .nth(rng.below(m.len() as u32) as usize)
+                .unwrap()
+                .clone();
+            let child = m.get_mut(&key).unwrap();
+            if descend && (child.is_object() || child.is_array()) {
+                edit_somewhere(child, rng, f)
+            } else {
+                f(v, rng)
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            let i = rng.below(a.len() as u32) as usize;
+            if descend && (a[i].is_object() || a[i].is_array()) {
+                edit_somewhere(&mut a[i], rng, f)
+            } else {
+                f(v, rng)
+            }
+        }
+        _ => f(v, rng),
+    }
+}
+
+/// Replace, remove or duplicate one member of the container `v`.
+fn edit_member(v: &mut Value, rng: &mut Rng) {
+    let op = rng.below(3);
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            let key = m
+                .keys()
+                .nth(rng.below(m.len() as u32) as usize)
+                .unwrap()
+                .clone();
+            match op {
+                0 => {
+                    m.remove(&key);
+                }
+                _ => {
+                    m.insert(key, odd_value(rng));
+                }
+            }
+        }
+        Value::Array(a) if !a.is_empty() => {
+            let i = rng.below(a.len() as u32) as usize;
+            match op {
+                0 => {
+                    a.remove(i);
+                }
+                1 => {
+                    let x = a[i].clone();
+                    a.push(x);
+                }
+                _ => {
+                    let j = rng.below(a.len() as u32) as usize;
+                    a.swap(i, j);
+                    if i == j {
+                        a[i] = odd_value(rng);
+                    }
+                }
+            }
+        }
+        other => *other = odd_value(rng),
+    }
+}
+
+/// A mutated copy of a JSON file's bytes: byte-level damage (cuts, flips,
+/// insertions, an empty file, a byte-order mark) or a structural edit
+/// (a member replaced with an odd value, removed or duplicated; `labels`
+/// reordered, duplicated or renamed; a checksum changed).
+fn mutate_json(good: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut b = good.to_vec();
+    match rng.below(10) {
+        0 => b.truncate(rng.below(b.len() as u32 + 1) as usize),
+        1 => {
+            let i = rng.below(b.len() as u32) as usize;
+            b[i] ^= 1 << rng.below(8);
+        }
+        2 => {
+            let i = rng.below(b.len() as u32 + 1) as usize;
+            let junk: &[&[u8]] = &[
+                b"\xff\xfe",
+                b"\0",
+                b"{",
+                b"]",
+                b",",
+                b"\"",
+                b"\xc3",
+                b"1e999",
+            ];
+            b.splice(
+                i..i,
+                junk[rng.below(junk.len() as u32) as usize].iter().copied(),
+            );
+        }
+        3 => b.clear(),
+        4 => {
+            let mut v: Value = serde_json::from_slice(good).unwrap();
+            if let Some(labels) = v.get_mut("labels").and_then(Value::as_array_mut) {
+                match rng.below(4) {
+                    0 => labels.reverse(),
+                    1 if labels.len() > 1 => labels[1] = labels[0].clone(),
+                    2 => labels[0] = json!("renamed"),
+                    _ => {
+                        labels.pop();
+                    }
+                }
+            } else {
+                for k in ["weights_sha256", "config_sha256"] {
+                    if v.get(k).is_some() && rng.below(2) == 0 {
+                        v[k] = json!("0".repeat(64));
+                    }
+                }
+            }
+            b = serde_json::to_vec_pretty(&v).unwrap();
+        }
+        _ => {
+            let mut v: Value = serde_json::from_slice(good).unwrap();
+            for _ in 0..1 + rng.below(3) {
+                edit_somewhere(&mut v, rng, &mut edit_member);
+            }
+            b = serde_json::to_vec_pretty(&v).unwrap();
+        }
+    }
+    b
+}
+
+/// A mutated copy of `metrics.jsonl`: lines dropped, duplicated, garbled,
+/// cut, a very long line, NUL bytes.
+fn mutate_jsonl(good: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let text = String::from_utf8(good.to_vec()).unwrap();
+    let mut lines: Vec<Vec<u8>> = text.lines().map(|l| l.as_bytes().to_vec()).collect();
+    let i = rng.below(lines.len() as u32) as usize;
+    match rng.below(7) {
+        0 => {
+            lines.remove(i);
+        }
+        1 => {
+            let l = lines[i].clone();
+            lines.push(l);
+        }
+        2 => lines[i] = mutate_json(&lines[i], rng),
+        3 => lines[i] = vec![b'9'; (1 << 20) + rng.below(1 << 20) as usize],
+        4 => lines[i] = vec![0; 1 + rng.below(64) as usize],
+        5 => {
+            let cut = rng.below(lines[i].len() as u32) as usize;
+            lines[i].truncate(cut);
+        }
+        _ => lines[i].extend_from_slice(b"\xff\xfe"),
+    }
+    let mut out = lines.join(&b"\n"[..]);
+    if rng.below(2) == 0 {
+        out.push(b'\n');
+    }
+    out
+}
+
+/// A mutated copy of `weights.safetensors`: cut, a flipped bit, a forged
+/// header length, a forged header, empty.
+fn mutate_weights(good: &[u8], rng: &mut Rng) -> Vec<u8> {
+    let mut b = good.to_vec();
+    match rng.below(5) {
+        0 => b.truncate(rng.below(b.len() as u32) as usize),
+        1 => {
+            let i = rng.below(b.len() as u32) as usize;
+            b[i] ^= 1 << rng.below(8);
+        }
+        2 => {
+            let v = interesting(rng, b.len() as u64);
+            put(&mut b, 0, 8, v);
+        }
+        3 => {
+            // a header byte changed (shapes, offsets, dtypes are text)
+            let n = (get(&b, 0, 8) as usize).min(b.len() - 8);
+            let i = 8 + rng.below(n as u32) as usize;
+            b[i] = b"0123456789,[]{}\"x"[rng.below(17) as usize];
+        }
+        _ => b.clear(),
+    }
+    b
+}
+
+/// `sherl-fit args` in `root`, bounded; fails the test when it hangs or
+/// panics, and returns its exit code, stdout and stderr.
+fn fit_cli(root: &Path, args: &[&str], case: &str) -> (i32, String, String) {
+    let o = crate::common::run_bounded("sherl-fit", args, root, &[], PROCESS_LIMIT_S)
+        .unwrap_or_else(|| {
+            panic!("{case}: sherl-fit {args:?} hung (killed after {PROCESS_LIMIT_S} s)")
+        });
+    let err = crate::common::stderr(&o);
+    let code = o
+        .status
+        .code()
+        .unwrap_or_else(|| panic!("{case}: sherl-fit {args:?} killed by a signal: {err}"));
+    assert!(
+        code != 101 && !err.contains("panicked"),
+        "{case}: sherl-fit {args:?} panicked: {err}"
+    );
+    (code, crate::common::stdout(&o), err)
+}
+
+/// The run files the suite mutates, and how.
+const RUN_FILES: [&str; 4] = [
+    "config.json",
+    "summary.json",
+    "metrics.jsonl",
+    "weights.safetensors",
+];
+
+/// 64 seeded edits of a trained tiny run's files (`config.json`,
+/// `summary.json`, `metrics.jsonl`, `weights.safetensors`), each followed
+/// by `predict`, `report` and a second `sherl-fit run` of the same
+/// settings (which finds the run finished): never a panic or a hang; a
+/// refusal names the file; a prediction that succeeds on a run with its
+/// checksums is exactly the unedited run's. A third of the cases first
+/// strip the checksums from `summary.json` (a run of an older sherl), so
+/// the edits reach the parsers: there only "no panic, no hang" holds.
+#[test]
+fn run_dir_mutations_are_refused_cleanly() {
+    use crate::fit::{fit, fit_fixture, summary};
+    let f = fit_fixture(40, 2801, &[]);
+    let root = &f.root;
+    let s = summary(&fit(root, &["--epochs", "2"]));
+    let run_rel = PathBuf::from(s["run_dir"].as_str().unwrap());
+    let run_id = run_rel.file_name().unwrap().to_owned();
+    let good = root.join(&run_rel);
+    let predict_args = |run: &Path, out: &str| -> Vec<String> {
+        [
+            "predict",
+            "--run",
+            run.to_str().unwrap(),
+            "--backbone",
+            "backbone",
+            "--data",
+            "data.csv",
+            "--device",
+            "cpu",
+            "--out",
+            out,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let args = predict_args(&good, "base.jsonl");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, _, err) = fit_cli(root, &args, "baseline");
+    assert_eq!(code, 0, "{err}");
+    let base = std::fs::read(root.join("base.jsonl")).unwrap();
+    let (mut ok, mut refused) = (0, 0);
+    for case in 0..64u64 {
+        let mut rng = Rng::new(0x28_0000 + case);
+        let name = RUN_FILES[case as usize % RUN_FILES.len()];
+        let out = root.join(format!("fz{case}"));
+        let dir = out.join(&run_id);
+        crate::cache::copy_dir(&good, &dir);
+        let old = rng.below(3) == 0;
+        if old {
+            let p = dir.join("summary.json");
+            let mut v: Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            v.as_object_mut().unwrap().remove("weights_sha256");
+            v.as_object_mut().unwrap().remove("config_sha256");
+            std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        }
+        let p = dir.join(name);
+        let before = std::fs::read(&p).unwrap();
+        let after = match name {
+            "metrics.jsonl" => mutate_jsonl(&before, &mut rng),
+            "weights.safetensors" => mutate_weights(&before, &mut rng),
+            _ => mutate_json(&before, &mut rng),
+        };
+        std::fs::write(&p, &after).unwrap();
+        let label = format!("case {case} ({name}{})", if old { ", old run" } else { "" });
+
+        let pred = format!("fz{case}.jsonl");
+        let args = predict_args(&dir, &pred);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = fit_cli(root, &args, &label);
+        if code == 0 {
+            ok += 1;
+            if !old {
+                let got = std::fs::read(root.join(&pred)).unwrap();
+                assert!(
+                    got == base,
+                    "{label}: predicted other labels than the unedited run, exit 0: {err}\n{}",
+                    String::from_utf8_lossy(&got[..got.len().min(600)])
+                );
+            }
+        } else {
+            refused += 1;
+            eprintln!("{label}: {}", err.lines().last().unwrap_or(""));
+            assert_eq!(code, 2, "{label}: {err}");
+            assert!(
+                RUN_FILES.iter().any(|n| err.contains(n)) || err.contains(&*dir.to_string_lossy()),
+                "{label}: the refusal names no run file: {err}"
+            );
+            assert!(
+                !root.join(&pred).exists(),
+                "{label}: refused, yet wrote {pred}"
+            );
+        }
+
+        let out_s = out.to_str().unwrap();
+        let (code, _, err) = fit_cli(
+            root,
+            &["report", out_s, "--out", &format!("{out_s}-report")],
+            &label,
+        );
+        assert!(
+            code == 0 || code == 2 && err.contains(name),
+            "{label}: report exit {code}: {err}"
+        );
+
+        let (code, stdout, err) = fit_cli(
+            root,
+            &[
+                "run",
+                "--cache",
+                "cache",
+                "--backbone",
+                "backbone",
+                "--epochs",
+                "2",
+                "--out",
+                out_s,
+            ],
+            &label,
+        );
+        if name == "summary.json" {
+            assert!(
+                code == 0 || err.contains("summary.json"),
+                "{label}: run exit {code}: {err}"
+            );
+        } else {
+            assert_eq!(code, 0, "{label}: {err}");
+            assert!(
+                stdout.contains(s["run_id"].as_str().unwrap()),
+                "{label}: {stdout}"
+            );
+        }
+    }
+    eprintln!("{ok} predicted, {refused} refused");
+    assert!(refused > 25 && ok > 5, "{ok} predicted, {refused} refused");
+}
+
+/// 60 seeded edits of a sweep grid through `sweep --dry-run`: never a
+/// panic or a hang; a refusal is exit 2 with a message. (The grid's
+/// parser is `sherl::fit::sweep`; the edits keep the number of runs small,
+/// so this exercises parsing and validation, not expansion limits.)
+#[test]
+fn grid_mutations_are_refused_cleanly() {
+    let f = crate::fit::fit_fixture(40, 2802, &[]);
+    let root = &f.root;
+    // both forms of a grid: list-valued axes, and an explicit list of runs
+    let axes = serde_json::to_vec_pretty(&json!({
+        "epochs": 1,
+        "method": ["sherl", "adapter"],
+        "seed": [0, 1],
+        "lr": [0.001, 0.01],
+        "side_dim": 8
+    }))
+    .unwrap();
+    let listed = serde_json::to_vec_pretty(&json!({
+        "epochs": 1,
+        "runs": [
+            {"method": "sherl", "side_dim": 8, "seed": 0},
+            {"method": "linear-probe", "lr": 0.01, "seed": 3}
+        ]
+    }))
+    .unwrap();
+    let dry_run = |grid: &str, label: &str| {
+        fit_cli(
+            root,
+            &[
+                "sweep",
+                "--cache",
+                "cache",
+                "--backbone",
+                "backbone",
+                "--grid",
+                grid,
+                "--out",
+                "runs",
+                "--dry-run",
+            ],
+            label,
+        )
+    };
+    for (name, good) in [("axes.json", &axes), ("listed.json", &listed)] {
+        std::fs::write(root.join(name), good).unwrap();
+        let (code, _, err) = dry_run(name, name);
+        assert_eq!(code, 0, "{name}: {err}");
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for case in 0..60u64 {
+        let mut rng = Rng::new(0x28_1000 + case);
+        let grid = format!("grid{case}.json");
+        let good = if case % 2 == 0 { &axes } else { &listed };
+        std::fs::write(root.join(&grid), mutate_json(good, &mut rng)).unwrap();
+        let label = format!("grid case {case}");
+        let (code, _, err) = dry_run(&grid, &label);
+        if code == 0 {
+            ok += 1;
+        } else {
+            refused += 1;
+            assert_eq!(code, 2, "{label}: {err}");
+            assert!(err.trim().len() > 10, "{label}: no message: {err}");
+        }
+    }
+    eprintln!("{ok} planned, {refused} refused");
+    assert!(refused > 10 && ok > 5, "{ok} planned, {refused} refused");
+}

@@ -455,10 +455,17 @@ impl FitConfig {
     pub fn resolve(file: Option<&Path>, flags: &Map<String, Value>) -> Result<FitConfig> {
         let mut merged = match file {
             Some(p) => {
-                let bytes = std::fs::read(p).map_err(|source| FitError::SettingsUnreadable {
-                    path: p.to_path_buf(),
-                    source,
-                })?;
+                // A regular file of bounded size (a device, a FIFO or a
+                // directory is refused, naming it).
+                let bytes = crate::fsutil::read_bounded(p, crate::fsutil::SMALL_FILE_LIMIT)
+                    .map_err(|e| match e {
+                        crate::Error::Io { source, .. } => FitError::SettingsUnreadable {
+                            path: p.to_path_buf(),
+                            source,
+                        }
+                        .into(),
+                        other => other,
+                    })?;
                 let invalid = |source| FitError::SettingsInvalid {
                     path: p.to_path_buf(),
                     source,

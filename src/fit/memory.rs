@@ -10,9 +10,13 @@ use super::nn::adapter::AdapterSpec;
 use crate::backbone::BertConfig;
 use crate::{Error, Result};
 
+/// Size bound of the few-kilobyte `/proc` files read here.
+const PROC_LIMIT: u64 = 1 << 20;
+
 /// Peak resident set size of this process (VmHWM), bytes; 0 if unknown.
 pub fn peak_rss_bytes() -> u64 {
-    let Ok(s) = std::fs::read_to_string("/proc/self/status") else {
+    let Ok(s) = crate::fsutil::read_text(std::path::Path::new("/proc/self/status"), PROC_LIMIT)
+    else {
         return 0;
     };
     s.lines()
@@ -207,7 +211,8 @@ pub fn memory_budget() -> Result<Option<(f64, &'static str)>> {
             .into()),
         };
     }
-    let Ok(info) = std::fs::read_to_string("/proc/meminfo") else {
+    let Ok(info) = crate::fsutil::read_text(std::path::Path::new("/proc/meminfo"), PROC_LIMIT)
+    else {
         return Ok(None);
     };
     Ok(info

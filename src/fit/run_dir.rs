@@ -17,7 +17,8 @@
 //! object, so the keys are those each task wrote when it had types of its
 //! own.
 //!
-//! Readers: [`RunConfig::read`] and [`recorded_weights_sha256`] (predict),
+//! Readers: [`RunConfig::read`], [`read_checked_config`] and
+//! [`recorded_checksums`] (predict, search),
 //! [`Summary::read`] (a finished run is not re-run), [`SummaryView`] (the
 //! report reads it with serde, tolerant of older and hand-written runs).
 //!
@@ -51,6 +52,12 @@ pub const ERROR_FILE: &str = "error.json";
 pub const WEIGHTS_FILE: &str = "weights.safetensors";
 /// Lock file of a run directory (see [`crate::fsutil::DirLock`]).
 pub const RUN_LOCK: &str = ".lock";
+
+mod checked;
+pub use checked::{
+    for_each_metrics_line, read_checked_config, recorded_checksums, Checked, Recorded,
+    METRICS_LINE_LIMIT,
+};
 
 /// `config.json`: what a run was trained with. Fields are in the order the
 /// file has them (sorted).
@@ -131,9 +138,22 @@ impl RunConfig {
         write_sorted(&run_dir.join(CONFIG_FILE), self)
     }
 
-    /// Read `run_dir/config.json`.
+    /// Read `run_dir/config.json` for use (predict): its bytes checked
+    /// against the sha256 the run recorded ([`read_checked_config`]), its
+    /// labels checked ([`RunConfig::check_labels`]). A run written before
+    /// the checksum was recorded has its labels compared with the cache's
+    /// manifest instead, when the cache is still where the run recorded it.
     pub fn read(run_dir: &Path) -> Result<Self> {
-        read_json(&run_dir.join(CONFIG_FILE))
+        let (path, bytes, checked) = read_checked_config(run_dir)?;
+        let rc: RunConfig = serde_json::from_slice(&bytes).map_err(|e| Error::Json {
+            path: path.clone(),
+            source: e,
+        })?;
+        rc.check_labels(&path)?;
+        if let Checked::Unrecorded(from) = checked {
+            rc.check_labels_against_cache(&path, &from)?;
+        }
+        Ok(rc)
     }
 }
 
@@ -241,6 +261,12 @@ pub struct Summary {
     /// classification runs written by sherl before it was recorded.
     #[serde(default)]
     pub weights_sha256: Option<String>,
+    /// sha256 of `config.json` as the run wrote it (its labels, the model's
+    /// shape, the cache): checked by `predict` and `search` before they
+    /// use it, so an edited file (reordered labels would swap classes) is
+    /// refused. Absent in runs written by sherl before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
     /// Where it trained: `cpu` or `cuda:N` (absent in older runs).
     #[serde(default)]
     pub device: Option<String>,
@@ -416,6 +442,9 @@ pub struct RunError {
     /// sha256 of the best weights written before it stopped, if any.
     #[serde(default)]
     pub weights_sha256: Option<String>,
+    /// sha256 of `config.json` (see [`Summary::config_sha256`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
 }
 
 impl RunError {
@@ -426,10 +455,16 @@ impl RunError {
 
     /// Record that run `run_id` stopped with `err`: `error.json` with the
     /// message and the checksum of the best weights written before it
-    /// stopped (so predict can use them safely). Recording must not hide
-    /// the failure: if it fails too (the disk that stopped training is
-    /// full), that is logged and the caller returns the original error.
-    pub fn record(run_dir: &Path, run_id: &str, err: &dyn std::fmt::Display) {
+    /// stopped and `config_sha256`, the checksum of `config.json` the run
+    /// trained with (so predict can use both safely). Recording must not
+    /// hide the failure: if it fails too (the disk that stopped training
+    /// is full), that is logged and the caller returns the original error.
+    pub fn record(
+        run_dir: &Path,
+        run_id: &str,
+        config_sha256: Option<String>,
+        err: &dyn std::fmt::Display,
+    ) {
         let weights = run_dir.join(WEIGHTS_FILE);
         let record = (|| {
             let weights_sha256 = if weights.exists() {
@@ -441,6 +476,7 @@ impl RunError {
                 error: err.to_string(),
                 run_id: run_id.to_string(),
                 weights_sha256,
+                config_sha256,
             }
             .write(run_dir)
         })();
@@ -448,26 +484,6 @@ impl RunError {
             tracing::warn!("could not record the failure in error.json: {also}");
         }
     }
-}
-
-/// The weights checksum a run recorded: `Some((file, sha))` from
-/// `summary.json`, or else `error.json`, with `sha` `None` for a file
-/// written before checksums were recorded; `None` when the run has
-/// neither file (still running, or killed).
-pub fn recorded_weights_sha256(run_dir: &Path) -> Result<Option<(PathBuf, Option<String>)>> {
-    #[derive(Deserialize)]
-    struct Recorded {
-        #[serde(default)]
-        weights_sha256: Option<String>,
-    }
-    for name in [SUMMARY_FILE, ERROR_FILE] {
-        let path = run_dir.join(name);
-        if path.exists() {
-            let r: Recorded = read_json(&path)?;
-            return Ok(Some((path, r.weights_sha256)));
-        }
-    }
-    Ok(None)
 }
 
 /// Pretty JSON through a `serde_json::Value` (keys sorted, f32 widened),
@@ -478,12 +494,10 @@ fn write_sorted(path: &Path, v: &impl Serialize) -> Result<()> {
     crate::fsutil::write_atomic(path, &bytes)
 }
 
+/// A small run file (`summary.json`, `error.json`): a regular file of at
+/// most [`crate::fsutil::SMALL_FILE_LIMIT`] bytes, parsed; errors name it.
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })
+    crate::fsutil::read_json(path)
 }
 
 #[cfg(test)]
@@ -535,6 +549,7 @@ mod tests {
             error: "boom".into(),
             run_id: "sherl-x".into(),
             weights_sha256: None,
+            config_sha256: None,
         }
         .write(dir.path())
         .unwrap();
@@ -545,8 +560,12 @@ mod tests {
         .unwrap();
         assert_eq!(text, old);
         assert_eq!(
-            recorded_weights_sha256(dir.path()).unwrap(),
-            Some((dir.path().join(ERROR_FILE), None))
+            recorded_checksums(dir.path()).unwrap(),
+            Some(Recorded {
+                from: dir.path().join(ERROR_FILE),
+                weights_sha256: None,
+                config_sha256: None,
+            })
         );
     }
 }

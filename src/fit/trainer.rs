@@ -33,8 +33,8 @@ use super::memory::peak_rss_bytes;
 use super::optim::{clip_scale, AdamW};
 use super::params::{Group, Params};
 use super::run_dir::{
-    EpochMetrics, EpochTask, RunError, Summary, SummaryTask, TrainMemory, ERROR_FILE, METRICS_FILE,
-    RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
+    EpochMetrics, EpochTask, RunError, Summary, SummaryTask, TrainMemory, CONFIG_FILE, ERROR_FILE,
+    METRICS_FILE, RUN_LOCK, SUMMARY_FILE, WEIGHTS_FILE,
 };
 use crate::fsutil::DirLock;
 use crate::rng::{SplitMix64, Stream};
@@ -191,8 +191,19 @@ pub struct Trainer<'a> {
 
 impl Trainer<'_> {
     /// The summary of the run if it finished before (and a note saying so).
+    /// An unreadable `summary.json` is an error naming it, saying how to
+    /// train the run again.
     pub fn finished(&self) -> Result<Option<Summary>> {
-        let s = Summary::read(&self.run_dir)?;
+        let s = Summary::read(&self.run_dir).map_err(|e| {
+            Error::from(crate::fit::error::FitError::BadRun {
+                path: self.run_dir.clone(),
+                message: format!(
+                    "the run's record of a finished run cannot be used ({e}); remove {} (or \
+                     the run directory) to train the run again",
+                    self.run_dir.join(SUMMARY_FILE).display()
+                ),
+            })
+        })?;
         if s.is_some() {
             self.reporter.note(&format!(
                 "{}: already complete ({}), not re-run",
@@ -234,14 +245,20 @@ impl Trainer<'_> {
     /// Train `task`, keep the best epoch's weights, and write
     /// `summary.json`; a run that stops keeps what it wrote (metrics, best
     /// weights) and says why in `error.json`.
+    ///
+    /// Both record the sha256 of `config.json` as it was when training
+    /// started (written just before by the caller, under the run's lock),
+    /// so `predict` and `search` refuse a file edited afterwards.
     pub fn fit<T: Task>(&self, task: &mut T) -> Result<Summary> {
+        let config_sha256 = crate::fsutil::sha256_file(&self.run_dir.join(CONFIG_FILE))?;
         match self.train(task) {
-            Ok(s) => {
+            Ok(mut s) => {
+                s.config_sha256 = Some(config_sha256);
                 s.write(&self.run_dir)?;
                 Ok(s)
             }
             Err(e) => {
-                RunError::record(&self.run_dir, &self.run_id, &e);
+                RunError::record(&self.run_dir, &self.run_id, Some(config_sha256), &e);
                 Err(e)
             }
         }
@@ -254,8 +271,7 @@ impl Trainer<'_> {
         let total_steps = steps_per_epoch * cfg.epochs;
         let mut dropout = SplitMix64::for_stream(cfg.seed, Stream::Dropout);
         let metrics_path = self.run_dir.join(METRICS_FILE);
-        let mut metrics =
-            std::fs::File::create(&metrics_path).map_err(|e| Error::io(&metrics_path, e))?;
+        let mut metrics = metrics_log(&metrics_path)?;
         let mut best = Best::new(self.run_dir.join(WEIGHTS_FILE));
         let mut step = 0usize;
         let mut step_peak: Option<u64> = None;
@@ -325,11 +341,24 @@ impl Trainer<'_> {
             seconds_per_epoch: train_seconds / cfg.epochs as f64,
             run_dir: self.run_dir.clone(),
             weights_sha256: Some(best.sha256),
+            config_sha256: None,
             device: Some(crate::fit::device_name(self.device)),
             matmul: self.device.is_cpu().then(crate::fit::kernels::gemm::kernel),
             train_memory: step_peak.map(|p| TrainMemory::new(done.trainable_params, p)),
         })
     }
+}
+
+/// Create `metrics.jsonl`, a log written one line per epoch as training
+/// goes (the report and a watching user read it while the run is still
+/// going), so not through [`crate::fsutil::AtomicFile`]: a run killed
+/// mid-line leaves a cut last line, which the report names and leaves out.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "a progress log appended line by line, read while it grows"
+)]
+fn metrics_log(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).map_err(|e| Error::io(path, e))
 }
 
 /// One AdamW per non-empty [`ParamGroup`], and every trained parameter in

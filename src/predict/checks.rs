@@ -50,31 +50,36 @@ pub(crate) fn checked_weights(run: &Path) -> Result<PathBuf> {
 /// wrote them (`summary.json`, or `error.json` for a run that stopped):
 /// flipped bits in a weight file must not turn into confident wrong
 /// answers. A run still in progress (or killed) has no record: its weights
-/// are used with a warning.
+/// (and its `config.json`, see [`run_dir::read_checked_config`]) are used
+/// with a warning.
 pub(crate) fn check_weights(run: &Path, weights: &Path) -> Result<()> {
-    let recorded = run_dir::recorded_weights_sha256(run)?;
-    match recorded {
-        Some((from, Some(want))) => {
+    match run_dir::recorded_checksums(run)? {
+        Some(run_dir::Recorded {
+            from,
+            weights_sha256: Some(want),
+            ..
+        }) => {
             let got = crate::fsutil::sha256_file(weights)?;
             if got != want {
                 return Err(Error::Checkpoint {
                     path: weights.to_path_buf(),
                     message: format!(
                         "sha256 {} differs from the {} recorded in {} when the run wrote it: the file was changed or is corrupt",
-                        &got[..12],
-                        &want[..12.min(want.len())],
+                        crate::hash::abbrev(&got),
+                        crate::hash::abbrev(&want),
                         from.display()
                     ),
                 });
             }
         }
-        Some((from, None)) => tracing::warn!(
+        Some(run_dir::Recorded { from, .. }) => tracing::warn!(
             "{}: written by an older sherl without a weights checksum; {} is used unchecked",
             from.display(),
             weights.display()
         ),
         None => tracing::warn!(
-            "{}: the run has not finished (no summary.json); using its best weights so far, unchecked",
+            "{}: the run has not finished (no summary.json); using its config.json and best \
+             weights so far, unchecked",
             run.display()
         ),
     }
@@ -90,9 +95,8 @@ pub(crate) fn trained_columns(cache: &RunCache) -> TrainedColumns {
         return columns.clone();
     }
     let path = cache.path.join("manifest.json");
-    let manifest: Option<serde_json::Value> = std::fs::read(&path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let manifest: Option<serde_json::Value> =
+        crate::fsutil::read_json_limited(&path, crate::fsutil::METADATA_LIMIT).ok();
     match manifest {
         Some(m)
             if !cache.settings_hash.is_empty()

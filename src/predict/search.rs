@@ -99,16 +99,10 @@ struct RunRecord {
     text_cache: (PathBuf, String),
 }
 
+/// `config.json` of a retrieval run, checked against the sha256 the run
+/// recorded ([`run_dir::read_checked_config`]).
 fn read_run(run: &Path) -> Result<RunRecord> {
-    let path = run.join(run_dir::CONFIG_FILE);
-    if !path.exists() {
-        return Err(FitError::BadRun {
-            path: run.to_path_buf(),
-            message: "no config.json: not a run directory".into(),
-        }
-        .into());
-    }
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let (path, bytes, _) = run_dir::read_checked_config(run)?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.clone(),
         source,

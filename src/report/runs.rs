@@ -241,18 +241,22 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         .into());
     }
 
-    let warnings: Vec<String> = runs
-        .iter()
-        .filter(|r| !r.unreadable_lines.is_empty())
-        .map(|r| {
+    let mut warnings: Vec<String> = Vec::new();
+    for r in &runs {
+        if let Some(e) = &r.curve_error {
+            warnings.push(format!(
+                "{e}; the run is reported without its learning curve"
+            ));
+        }
+        if !r.unreadable_lines.is_empty() {
             let lines: Vec<String> = r.unreadable_lines.iter().map(|n| n.to_string()).collect();
-            format!(
+            warnings.push(format!(
                 "{}: could not read line(s) {} of metrics.jsonl; the learning curve leaves them out",
                 opts.runs.join(&r.id).display(),
                 lines.join(", ")
-            )
-        })
-        .collect();
+            ));
+        }
+    }
     let groups = build_groups(runs);
     let retrieval_groups = retrieval::build(retrieval_runs);
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;

@@ -45,8 +45,7 @@ pub(super) fn draw(
     let found = groups.first().and_then(|g| {
         g.run_ids.iter().zip(&g.seeds).find_map(|(id, &seed)| {
             let p = runs.join(id).join(EXAMPLES_FILE);
-            let bytes = std::fs::read(&p).ok()?;
-            let ex: Vec<QueryExample> = serde_json::from_slice(&bytes).ok()?;
+            let ex: Vec<QueryExample> = crate::fsutil::read_json(&p).ok()?;
             (!ex.is_empty()).then_some((g, seed, ex))
         })
     });

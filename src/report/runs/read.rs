@@ -8,8 +8,9 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::canonical;
-use crate::fit::run_dir::{SummaryView, CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE};
-use crate::Error;
+use crate::fit::run_dir::{
+    for_each_metrics_line, SummaryView, CONFIG_FILE, ERROR_FILE, METRICS_FILE, SUMMARY_FILE,
+};
 
 /// One complete run, read.
 #[derive(Debug, Clone)]
@@ -26,6 +27,9 @@ pub(super) struct Run {
     pub(super) curve: BTreeMap<usize, f64>,
     /// Lines of `metrics.jsonl` that could not be read (1-based).
     pub(super) unreadable_lines: Vec<usize>,
+    /// Why `metrics.jsonl` could not be read at all (not a regular file,
+    /// too large, unreadable): the run is reported without its curve.
+    pub(super) curve_error: Option<String>,
 }
 
 impl Run {
@@ -37,15 +41,13 @@ impl Run {
     }
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> std::result::Result<T, String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e).to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        }
-        .to_string()
-    })
+/// A run's small JSON file (a regular file, bounded, see
+/// [`crate::fsutil::read_json`]); the error, naming it, is the reason to
+/// skip the run.
+pub(super) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> std::result::Result<T, String> {
+    crate::fsutil::read_json(path).map_err(|e| e.to_string())
 }
 
 /// Why a directory without `summary.json` is not in the report.
@@ -62,10 +64,18 @@ pub(super) fn incomplete_reason(dir: &Path) -> String {
     }
     let metrics = dir.join(METRICS_FILE);
     if metrics.exists() {
-        let epochs = std::fs::read_to_string(&metrics)
-            .map(|s| s.lines().filter(|l| !l.trim().is_empty()).count())
-            .unwrap_or(0);
-        format!("incomplete: no summary.json (still running, or killed after {epochs} epoch(s))")
+        let mut epochs = 0usize;
+        let counted = for_each_metrics_line(&metrics, |_, line| {
+            if line.is_none_or(|l| !l.trim().is_empty()) {
+                epochs += 1;
+            }
+        });
+        match counted {
+            Ok(()) => format!(
+                "incomplete: no summary.json (still running, or killed after {epochs} epoch(s))"
+            ),
+            Err(e) => format!("incomplete: no summary.json, and {e}"),
+        }
     } else if dir.join(CONFIG_FILE).exists() {
         "incomplete: no summary.json (still running, or killed before the first epoch ended)"
             .to_string()
@@ -99,7 +109,10 @@ pub(super) fn load_run(dir: &Path) -> std::result::Result<Run, String> {
     if !summary_path.exists() {
         return Err(incomplete_reason(dir));
     }
-    let (curve, unreadable_lines) = read_curve(&dir.join(METRICS_FILE));
+    let (curve, unreadable_lines, curve_error) = match read_curve(&dir.join(METRICS_FILE)) {
+        Ok((curve, bad)) => (curve, bad, None),
+        Err(e) => (BTreeMap::new(), Vec::new(), Some(e.to_string())),
+    };
     let summary: SummaryView = read_json(&summary_path)?;
     let Some(valid_accuracy) = summary.valid_accuracy else {
         return Err(format!("{}: no valid_accuracy", summary_path.display()));
@@ -146,6 +159,7 @@ pub(super) fn load_run(dir: &Path) -> std::result::Result<Run, String> {
         cache,
         curve,
         unreadable_lines,
+        curve_error,
         summary,
     })
 }
@@ -153,16 +167,22 @@ pub(super) fn load_run(dir: &Path) -> std::result::Result<Run, String> {
 /// Valid accuracy per epoch from `metrics.jsonl` (a missing file gives an
 /// empty curve), and the 1-based numbers of the lines that are not JSON
 /// objects with `epoch` and `valid_accuracy`: those are left out of the
-/// curve and the report says so.
-fn read_curve(path: &Path) -> (BTreeMap<usize, f64>, Vec<usize>) {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return (BTreeMap::new(), Vec::new());
-    };
+/// curve and the report says so. Read as a stream of bounded lines
+/// ([`for_each_metrics_line`]); `Err` when the file is not a regular file,
+/// is too large or cannot be read.
+fn read_curve(path: &Path) -> crate::Result<(BTreeMap<usize, f64>, Vec<usize>)> {
     let mut curve = BTreeMap::new();
     let mut bad = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    if !path.exists() && !path.is_symlink() {
+        return Ok((curve, bad));
+    }
+    for_each_metrics_line(path, |number, line| {
+        let Some(line) = line else {
+            bad.push(number);
+            return;
+        };
         if line.trim().is_empty() {
-            continue;
+            return;
         }
         let point = serde_json::from_str::<Value>(line).ok().and_then(|v| {
             let epoch = usize::try_from(v.get("epoch")?.as_u64()?).ok()?;
@@ -173,8 +193,8 @@ fn read_curve(path: &Path) -> (BTreeMap<usize, f64>, Vec<usize>) {
             Some((epoch, acc)) => {
                 curve.insert(epoch, acc);
             }
-            None => bad.push(i + 1),
+            None => bad.push(number),
         }
-    }
-    (curve, bad)
+    })?;
+    Ok((curve, bad))
 }

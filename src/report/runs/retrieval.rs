@@ -30,21 +30,12 @@ pub(super) struct RetrievalRun {
 
 /// Whether `dir` holds a retrieval run (its `config.json` says so).
 pub(super) fn is_retrieval(dir: &Path) -> bool {
-    std::fs::read(dir.join(CONFIG_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-        .is_some_and(|v| v["task"] == "retrieval")
+    crate::fsutil::read_json::<Value>(&dir.join(CONFIG_FILE))
+        .is_ok_and(|v| v["task"] == "retrieval")
 }
 
 fn read_value(path: &Path) -> std::result::Result<Value, String> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e).to_string())?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        Error::Json {
-            path: path.to_path_buf(),
-            source: e,
-        }
-        .to_string()
-    })
+    super::read::read_json(path)
 }
 
 /// Read one retrieval run directory; `Err` is the reason to skip it.
