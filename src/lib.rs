@@ -38,9 +38,6 @@
 // Tests write fixtures with plain std::fs calls (clippy.toml forbids them in
 // the library proper).
 #![cfg_attr(test, allow(clippy::disallowed_methods))]
-// TEMPORARY (issue 28, in progress): removed once every reader and writer
-// goes through fsutil.
-#![cfg_attr(not(test), allow(clippy::disallowed_methods))]
 
 #[cfg(target_endian = "big")]
 compile_error!("sherl's on-disk formats are little-endian; big-endian targets are not supported");

@@ -1,8 +1,5 @@
 //! `sherl-cache`: look into, check and combine feature caches.
 
-// TEMPORARY (issue 28, in progress): removed once every read goes through fsutil.
-#![allow(clippy::disallowed_methods)]
-
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -2,9 +2,6 @@
 //! inspects and edits user ONNX graphs, and runs the frozen backbone over a
 //! dataset.
 
-// TEMPORARY (issue 28, in progress): removed once every read goes through fsutil.
-#![allow(clippy::disallowed_methods)]
-
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

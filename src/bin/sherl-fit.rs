@@ -2,9 +2,6 @@
 //! cache with candle, without re-running the backbone.
 //! Its command line is `sherl::cli::fit_args`; this file dispatches.
 
-// TEMPORARY (issue 28, in progress): removed once every read goes through fsutil.
-#![allow(clippy::disallowed_methods)]
-
 /// mimalloc, counting the training steps' own memory
 /// (`sherl::fit::alloc_track`: `train_memory` in summary.json).
 #[global_allocator]

@@ -3,9 +3,6 @@
 //! ...` runs `sherl-cache ...`, with the arguments unchanged; the three
 //! binaries stay the real commands.
 
-// TEMPORARY (issue 28, in progress): removed once every read goes through fsutil.
-#![allow(clippy::disallowed_methods)]
-
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
