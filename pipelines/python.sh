@@ -29,7 +29,12 @@ fi
 "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
     'maturin>=1.7,<2' 'numpy>=1.24' 'pytest>=7'
 cargo build --release --bins
-cargo clippy --release -p sherl-python -- -D warnings
+# The environment maturin gives pyo3's build script (maturin 1.x), so that
+# the lint and the wheel do not rebuild each other's pyo3 on every run.
+PYO3_PYTHON="$VENV/bin/python" PYO3_BUILD_EXTENSION_MODULE=1 \
+    PYO3_ENVIRONMENT_SIGNATURE="$("$VENV/bin/python" -c \
+        'import sys; print(f"{sys.implementation.name}-{sys.version_info[0]}.{sys.version_info[1]}-64bit")')" \
+    cargo clippy --release -p sherl-python -- -D warnings
 WHEELS="$TARGET/wheels"
 rm -f "$WHEELS"/sherl-*.whl
 # --compatibility linux: a wheel for this machine (no manylinux audit; it

@@ -5,7 +5,8 @@
 //! `sherl-cache export` reads them ([`Cache::read_chunk`]), and batches come
 //! from sherl-fit's batcher ([`Batches`]), so the seeded order is the one
 //! `sherl-fit` trains in. Arrays cross as little-endian bytes that the
-//! Python side views with `numpy.frombuffer` (no copy there); a sherl error
+//! Python side views with `numpy.frombuffer` (no copy there; a `bytearray`, so the arrays are
+//! writable); a sherl error
 //! becomes `sherl.SherlError` with the CLI's message.
 
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyIndexError, PyKeyError, PyRuntimeError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::PyByteArray;
 use sherl::cache::{Cache, DecodedChunk, Dtype};
 use sherl::fit::batcher::{split_chunks, BatchPlan, Batches};
 
@@ -31,11 +32,16 @@ fn raise(e: impl Into<anyhow::Error>) -> PyErr {
     SherlError::new_err(sherl::cli::error_chain(&e.into()))
 }
 
-/// `values` as little-endian bytes in a new Python `bytes`: 16-bit floats
-/// when `half`, else 32-bit.
-fn float_bytes<'py>(py: Python<'py>, values: &[f32], half: bool) -> PyResult<Bound<'py, PyBytes>> {
+/// `values` as little-endian bytes in a new Python `bytearray` (so the
+/// NumPy arrays viewing it are writable, as PyTorch wants them): 16-bit
+/// floats when `half`, else 32-bit.
+fn float_bytes<'py>(
+    py: Python<'py>,
+    values: &[f32],
+    half: bool,
+) -> PyResult<Bound<'py, PyByteArray>> {
     let width = if half { 2 } else { 4 };
-    PyBytes::new_with(py, values.len() * width, |buf| {
+    PyByteArray::new_with(py, values.len() * width, |buf| {
         if half {
             for (out, &x) in buf.chunks_exact_mut(2).zip(values) {
                 out.copy_from_slice(&half::f16::from_f32(x).to_le_bytes());
@@ -53,8 +59,8 @@ fn float_bytes<'py>(py: Python<'py>, values: &[f32], half: bool) -> PyResult<Bou
 fn i64_bytes<'py>(
     py: Python<'py>,
     values: impl ExactSizeIterator<Item = i64>,
-) -> PyResult<Bound<'py, PyBytes>> {
-    PyBytes::new_with(py, values.len() * 8, |buf| {
+) -> PyResult<Bound<'py, PyByteArray>> {
+    PyByteArray::new_with(py, values.len() * 8, |buf| {
         for (out, x) in buf.chunks_exact_mut(8).zip(values) {
             out.copy_from_slice(&x.to_le_bytes());
         }
@@ -77,10 +83,10 @@ type ExampleParts<'py> = (
     String,
     u32,
     Option<u32>,
-    Bound<'py, PyBytes>,
-    Bound<'py, PyBytes>,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
     usize,
-    Vec<Bound<'py, PyBytes>>,
+    Vec<Bound<'py, PyByteArray>>,
 );
 
 impl PyCache {
@@ -254,13 +260,13 @@ impl PyCache {
 /// (i64 bytes), `B`, `S`, and per layer the `[B, S, hidden]` f32 values.
 type BatchParts<'py> = (
     Vec<String>,
-    Bound<'py, PyBytes>,
-    Bound<'py, PyBytes>,
-    Bound<'py, PyBytes>,
-    Bound<'py, PyBytes>,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
+    Bound<'py, PyByteArray>,
     usize,
     usize,
-    Vec<Bound<'py, PyBytes>>,
+    Vec<Bound<'py, PyByteArray>>,
 );
 
 /// Iterator over the batches of one split.

@@ -43,6 +43,7 @@ def test_values_equal_export_bit_for_bit(fixture, request, root):
             want = a[f"hidden_states.{layer}"][rows]
             assert values.dtype == want.dtype and values.shape == want.shape == (len(ex.input_ids), c.hidden)
             assert values.tobytes() == want.tobytes(), f"example {k}, hidden_states.{layer}"
+            assert values.flags.writeable
 
 
 def test_manifest_splits_and_layer_subset(f16_cache):
@@ -74,6 +75,14 @@ def test_manifest_splits_and_layer_subset(f16_cache):
         c.split("nope")
     with pytest.raises(IndexError):
         c.example(len(c))
+
+
+def test_torch_is_imported_only_by_sherl_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, sherl; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_batches_are_an_epoch_of_the_split(f16_cache):
