@@ -22,3 +22,6 @@ CUDA_CARGO=clippy pipelines/build-cuda.sh --bins -- -D warnings
 # The API docs build without a warning (Cargo.toml denies broken links).
 RUSTDOCFLAGS="-D warnings" cargo doc --release --no-deps
 cargo test --release
+# The Python package (python/): its wheel built in this target directory
+# against the library just built, then its pytest tests.
+pipelines/python.sh
