@@ -34,6 +34,7 @@
 
 mod decode;
 mod idx;
+mod inputs;
 mod preprocess;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +42,7 @@ use std::sync::Arc;
 
 pub use decode::{decode_image, read_image, Background, Image};
 pub use idx::{labels_path, IdxImages};
+pub use inputs::load_image_inputs;
 pub use preprocess::{Interpolation, Preprocess, Resize};
 
 use super::folders::{class_tree, read_class_folders};
