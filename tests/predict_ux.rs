@@ -178,6 +178,7 @@ fn predict_takes_flat_folders_single_images_and_stdin_paths() {
     std::os::unix::fs::symlink("gone.png", flat.join("zz.png")).unwrap();
     let err = failed(&predict("flat", &[], None));
     assert!(err.contains("zz.png") && err.contains("dangling"), "{err}");
+    assert_eq!(err.matches("--skip-bad-rows").count(), 1, "{err}");
     let skipped = by_id(&predict("flat", &["--skip-bad-rows"], None));
     assert_eq!(skipped.len(), 6);
 }

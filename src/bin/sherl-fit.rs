@@ -174,7 +174,7 @@ fn human_line(s: &sherl::fit::run_dir::Summary) -> String {
             test_accuracy,
             ..
         } => format!(
-            "{} run {}: valid accuracy {valid_accuracy:.4}, {} (epoch {} of {}); run in {dir}; label new data with: sherl-fit predict --run {dir} --data FILE",
+            "{} run {}: valid accuracy {valid_accuracy:.4}, {} (best epoch {} of {}); run in {dir}; label new data with: sherl-fit predict --run {dir} --data FILE",
             s.method,
             s.run_id,
             test(*test_accuracy),
@@ -184,7 +184,7 @@ fn human_line(s: &sherl::fit::run_dir::Summary) -> String {
         SummaryTask::Retrieval {
             valid_rsum, test_rsum, ..
         } => format!(
-            "{} run {}: valid rsum {valid_rsum:.2}, {} (epoch {} of {}); run in {dir}; query it with: sherl-fit search --run {dir} --image-backbone DIR --text-backbone DIR --text QUERY",
+            "{} run {}: valid rsum {valid_rsum:.2}, {} (best epoch {} of {}); run in {dir}; query it with: sherl-fit search --run {dir} --image-backbone DIR --text-backbone DIR --text QUERY",
             s.method,
             s.run_id,
             test_rsum.map_or_else(|| "no test split".to_owned(), |t| format!("test rsum {t:.2}")),

@@ -63,10 +63,12 @@ pub fn load_image_inputs(
                 continue;
             }
             Err(message) => {
-                return Err(Error::Dataset {
-                    path,
-                    message: format!("{message} (pass --skip-bad-rows to skip it)"),
-                })
+                let message = if message.contains("--skip-bad-rows") {
+                    message
+                } else {
+                    format!("{message} (pass --skip-bad-rows to skip it)")
+                };
+                return Err(Error::Dataset { path, message });
             }
         };
         examples.push(ImageExample {

@@ -16,6 +16,9 @@
 //! [`ImageSource::decode`] reads it again when it is needed. IDX images are
 //! kept in memory (one byte per pixel), shared by their examples.
 //!
+//! Unlabelled images for `predict` (a single image file, a flat folder of
+//! images, image paths on stdin) are read by [`load_image_inputs`].
+//!
 //! Formats ([`Format`], `--format`):
 //! - [`Format::ImageFolders`] (or `folders`): `root/<label>/<file>`, class
 //!   folders and files in name order, hidden entries ignored; the id is
