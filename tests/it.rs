@@ -26,6 +26,7 @@ mod methods;
 mod mpnet;
 mod peft;
 mod predict;
+mod predict_ux;
 mod report;
 mod retrieval;
 mod runtime;

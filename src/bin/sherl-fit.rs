@@ -138,7 +138,7 @@ fn run(a: RunArgs, output: &OutputArgs, blas: BlasSource) -> anyhow::Result<Exit
             if let Some(pb) = bar.bar.borrow_mut().take() {
                 pb.finish_and_clear();
             }
-            serde_json::to_string(&summary)?
+            (serde_json::to_string(&summary)?, human_line(&summary))
         }
         SweepInputs::Classification { cache, backbone } => {
             let plan = FitPlan {
@@ -150,11 +150,48 @@ fn run(a: RunArgs, output: &OutputArgs, blas: BlasSource) -> anyhow::Result<Exit
                 decode_threads: a.decode_threads,
                 workers: a.threads.unwrap_or_else(sherl::cli::compute_threads).min(2),
             };
-            serde_json::to_string(&sherl::fit::train::run(&plan, &bar)?)?
+            let summary = sherl::fit::train::run(&plan, &bar)?;
+            (serde_json::to_string(&summary)?, human_line(&summary))
         }
     };
-    print_line(&summary)?;
+    print_line(&summary.0)?;
+    if !output.quiet {
+        eprintln!("{}", summary.1);
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `run`'s closing line for a person (stderr; stdout keeps the JSON line):
+/// the best checkpoint's scores, where the run is, how to use it.
+fn human_line(s: &sherl::fit::run_dir::Summary) -> String {
+    use sherl::fit::run_dir::SummaryTask;
+    let dir = s.run_dir.display();
+    let test =
+        |t: Option<f64>| t.map_or_else(|| "no test split".to_owned(), |t| format!("test {t:.4}"));
+    match &s.task {
+        SummaryTask::Classification {
+            valid_accuracy,
+            test_accuracy,
+            ..
+        } => format!(
+            "{} run {}: valid accuracy {valid_accuracy:.4}, {} (best epoch {} of {}); run in {dir}; label new data with: sherl-fit predict --run {dir} --data FILE",
+            s.method,
+            s.run_id,
+            test(*test_accuracy),
+            s.best_epoch,
+            s.epochs,
+        ),
+        SummaryTask::Retrieval {
+            valid_rsum, test_rsum, ..
+        } => format!(
+            "{} run {}: valid rsum {valid_rsum:.2}, {} (best epoch {} of {}); run in {dir}; query it with: sherl-fit search --run {dir} --image-backbone DIR --text-backbone DIR --text QUERY",
+            s.method,
+            s.run_id,
+            test_rsum.map_or_else(|| "no test split".to_owned(), |t| format!("test rsum {t:.2}")),
+            s.best_epoch,
+            s.epochs,
+        ),
+    }
 }
 
 /// Picks the fused CPU ops' matrix kernel from `--blas` (or `SHERL_BLAS`:
@@ -178,10 +215,8 @@ fn predict(a: PredictArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let plan = sherl::predict::PredictPlan {
         run: a.run.clone(),
-        model: a
-            .model
-            .clone()
-            .unwrap_or_else(|| a.backbone.join("model.onnx")),
+        best: a.best,
+        model: a.model.clone(),
         backbone: a.backbone.clone(),
         data: a.data.clone(),
         text_chars: a.text_chars,

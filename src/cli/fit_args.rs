@@ -200,12 +200,17 @@ pub struct SweepArgs {
 #[cfg(feature = "extract")]
 #[derive(Debug, clap::Args)]
 pub struct PredictArgs {
-    /// Run directory (RUNS/<run id>).
+    /// Run directory (RUNS/<run id>); a directory of runs lists them.
     #[arg(long)]
     pub run: PathBuf,
-    /// Backbone directory the run's cache was made from.
+    /// With --run naming a directory of runs: take the run with the best
+    /// valid accuracy.
     #[arg(long)]
-    pub backbone: PathBuf,
+    pub best: bool,
+    /// Backbone directory the run's cache was made from [default: the one
+    /// the run recorded, when its ONNX model is still there unchanged].
+    #[arg(long)]
+    pub backbone: Option<PathBuf>,
     /// ONNX model (default: BACKBONE/model.onnx).
     #[arg(long)]
     pub model: Option<PathBuf>,

@@ -31,6 +31,65 @@ pub(crate) fn same(what: &str, path: &Path, want: &str) -> Result<()> {
     Ok(())
 }
 
+/// The backbone directory and ONNX model predict uses: `--backbone`
+/// (and `--model`) when given; else the directory of the ONNX model the
+/// run's cache recorded (`cache.backbone.onnx.path` in `config.json`, as
+/// given to `sherl-extract`, relative to where it ran), when that file is
+/// still there and its sha256 is the one recorded; else an error naming
+/// the recorded path and asking for `--backbone`. The other backbone files
+/// (tokenizer, checkpoint, description) are checked against their
+/// recorded sha256 wherever the directory came from.
+pub(crate) fn backbone_dir(
+    backbone: Option<&Path>,
+    model: Option<&Path>,
+    rc: &RunConfig,
+) -> Result<(PathBuf, PathBuf)> {
+    if let Some(dir) = backbone {
+        let model = model.map_or_else(|| dir.join("model.onnx"), Path::to_owned);
+        return Ok((dir.to_owned(), model));
+    }
+    let recorded = PathBuf::from(&rc.cache.backbone.onnx.path);
+    let dir = match recorded.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let ask = |why: String| {
+        Error::setting(
+            "--backbone",
+            format!(
+                "not given, and the backbone the run recorded, {} (ONNX model {}), {why};                  pass --backbone DIR with the backbone the run's cache was extracted with",
+                dir.display(),
+                recorded.display()
+            ),
+        )
+    };
+    if rc.cache.backbone.onnx.path.is_empty() {
+        return Err(Error::setting(
+            "--backbone",
+            "not given, and the run records no backbone path; pass --backbone DIR".to_owned(),
+        ));
+    }
+    if !recorded.is_file() {
+        return Err(ask(
+            "is not there (paths are as given to sherl-extract, relative to where it ran)".into(),
+        ));
+    }
+    let got = crate::fsutil::sha256_file(&recorded)?;
+    if got != rc.cache.backbone.onnx.sha256 {
+        return Err(ask(format!(
+            "has changed (sha256 {}, recorded {})",
+            crate::hash::abbrev(&got),
+            crate::hash::abbrev(&rc.cache.backbone.onnx.sha256)
+        )));
+    }
+    tracing::info!(
+        "--backbone: {}, the backbone the run recorded (its ONNX model's sha256 matches)",
+        dir.display()
+    );
+    let model = model.map_or(recorded, Path::to_owned);
+    Ok((dir, model))
+}
+
 /// The run's `weights.safetensors`: refused when the run has not written
 /// it yet, and checked with [`check_weights`].
 pub(crate) fn checked_weights(run: &Path) -> Result<PathBuf> {

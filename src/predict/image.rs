@@ -11,7 +11,7 @@ use super::plan::{PredictPlan, PredictSummary};
 use crate::backbone::{BackboneDir, Checkpoint};
 use crate::batching::PaddedBatch;
 use crate::cache::manifest::ImageInfo;
-use crate::data::image::{load_images, ImageOptions, Preprocess};
+use crate::data::image::{load_image_inputs, load_images, ImageOptions, Preprocess};
 use crate::extract::image::{exposed_model, ImageBackbone, ImageRunner};
 use crate::extract::runtime::Runtime;
 use crate::extract::tokenize::Encoded;
@@ -81,9 +81,11 @@ fn image_model(
     Ok((backbone, arch, model))
 }
 
-/// `predict` for a run trained on an image cache: the new images (a folder
-/// of class folders, a table whose image column names image files:
-/// `--image-column`, else the one the cache was extracted from; IDX)
+/// `predict` for a run trained on an image cache: the new images (a single
+/// image file, a flat folder of images, image paths on stdin
+/// ([`load_image_inputs`]); a folder of class folders, a table whose image
+/// column names image files: `--image-column`, else the one the cache was
+/// extracted from; IDX)
 /// are decoded and preprocessed with the recipe the cache recorded (not
 /// whatever `backbone.json` says now), run through the ViT with the
 /// run's input layers exposed, pooled as the cache was, and labelled by
@@ -116,10 +118,19 @@ pub(crate) fn predict_images(
         idx_label_names: trained.idx_class_names.clone(),
         ..ImageOptions::default()
     };
-    let data = load_images(&dplan, &options)?;
-    let bytes = exposed_model(&plan.model, &backbone.desc, &inputs)?;
-    let mut session =
-        crate::extract::runtime::F32Session::from_bytes(rt, &plan.model, &bytes, &plan.session)?;
+    // A single image, a flat folder or paths on stdin; else a table,
+    // class folders or IDX.
+    let data = match load_image_inputs(&plan.data.data, &dplan.read, &options)? {
+        Some(data) => data,
+        None => load_images(&dplan, &options)?,
+    };
+    let bytes = exposed_model(&plan.model_path(), &backbone.desc, &inputs)?;
+    let mut session = crate::extract::runtime::F32Session::from_bytes(
+        rt,
+        &plan.model_path(),
+        &bytes,
+        &plan.session,
+    )?;
     drop(bytes);
     let order: Vec<usize> = (0..data.examples.len()).collect();
     let mut runner = ImageRunner {

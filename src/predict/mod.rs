@@ -7,6 +7,8 @@
 //!   texts ([`text`]) or images ([`image`]);
 //! - [`search`]: `sherl-fit search`, a retrieval run's text or image query
 //!   ranked against a split of its caches ([`query`] embeds the query);
+//! - [`runs`]: `--run` naming a directory of runs (listed, or the best
+//!   taken);
 //! - [`checks`]: what a run must match before it is used (weights, backbone
 //!   files, the columns it was trained on); [`output`]: the prediction
 //!   lines and their accuracy.
@@ -21,6 +23,7 @@ pub mod image;
 pub mod output;
 pub mod plan;
 pub mod query;
+pub mod runs;
 pub mod search;
 pub mod text;
 
@@ -57,7 +60,10 @@ pub(crate) fn recorded_in(e: Error, file: &Path, fields: &[(&str, &str)]) -> Err
     .into()
 }
 
-/// Label `plan.data` with the run in `plan.run`: its weights checked
+/// Label `plan.data` with the run in `plan.run` (or, for a directory of
+/// runs, the best one with `plan.best`, else an error listing them:
+/// [`runs::resolve_run`]), with the backbone `plan.backbone` or the one the
+/// run recorded ([`checks::backbone_dir`]): its weights checked
 /// against the sha256 the run recorded, the ONNX model against the one its
 /// cache was extracted with, then the texts or images labelled.
 ///
@@ -69,10 +75,19 @@ pub fn predict(rt: &Runtime, plan: &PredictPlan) -> Result<PredictSummary> {
         Some(o) => Some(output::create_output(o, &[("--data", &plan.data.data)])?),
         None => None,
     };
-    let rc = RunConfig::read(&plan.run)?;
-    let weights_path = checks::checked_weights(&plan.run)?;
-    let dir = BackboneDir::open(&plan.backbone)?;
-    checks::same("ONNX model", &plan.model, &rc.cache.backbone.onnx.sha256)?;
+    let run = runs::resolve_run(&plan.run, plan.best)?;
+    let rc = RunConfig::read(&run)?;
+    let weights_path = checks::checked_weights(&run)?;
+    let (backbone, model) =
+        checks::backbone_dir(plan.backbone.as_deref(), plan.model.as_deref(), &rc)?;
+    let dir = BackboneDir::open(&backbone)?;
+    checks::same("ONNX model", &model, &rc.cache.backbone.onnx.sha256)?;
+    let plan = &PredictPlan {
+        run,
+        backbone: Some(backbone),
+        model: Some(model),
+        ..plan.clone()
+    };
     match &rc.cache.image {
         Some(info) => image::predict_images(rt, plan, &rc, info, &dir, &weights_path, out),
         None => text::predict_texts(rt, plan, &rc, &dir, &weights_path, out),

@@ -1,6 +1,6 @@
 //! What `predict` is asked to do and what it reports.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::data::args::PredictDataArgs;
 use crate::extract::runtime::SessionConfig;
@@ -8,12 +8,17 @@ use crate::extract::runtime::SessionConfig;
 /// What `predict` needs.
 #[derive(Debug, Clone)]
 pub struct PredictPlan {
-    /// Run directory (config.json, weights.safetensors).
+    /// Run directory (config.json, weights.safetensors), or a directory of
+    /// runs ([`super::runs`]: listed, or the best taken with `best`).
     pub run: PathBuf,
-    /// Backbone directory.
-    pub backbone: PathBuf,
+    /// With `run` a directory of runs: take the run with the best valid
+    /// accuracy.
+    pub best: bool,
+    /// Backbone directory; `None`: the one the run recorded
+    /// ([`super::checks::recorded_backbone`]).
+    pub backbone: Option<PathBuf>,
     /// ONNX model (default BACKBONE/model.onnx).
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Texts to label (labels optional; when present, accuracy is reported);
     /// columns not given default to those the run was trained on.
     pub data: PredictDataArgs,
@@ -26,6 +31,18 @@ pub struct PredictPlan {
     pub session: SessionConfig,
     /// Examples per ONNX Runtime / candle batch.
     pub batch_size: usize,
+}
+
+impl PredictPlan {
+    /// The ONNX model: `model`, else `BACKBONE/model.onnx` (set by
+    /// [`super::predict()`] before it is used).
+    pub fn model_path(&self) -> PathBuf {
+        match (&self.model, &self.backbone) {
+            (Some(m), _) => m.clone(),
+            (None, Some(b)) => b.join("model.onnx"),
+            (None, None) => Path::new("model.onnx").to_owned(),
+        }
+    }
 }
 
 /// Outcome of `predict`.

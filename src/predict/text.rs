@@ -132,7 +132,7 @@ pub(crate) fn predict_texts(
     let cfg_path = plan.run.join(run_dir::CONFIG_FILE);
     let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)
         .map_err(|e| super::recorded_in(e, &cfg_path, &[("--max-len", "cache.max_len")]))?;
-    let (mut session, choice) = BackboneSession::open(rt, &plan.model, &plan.session)?;
+    let (mut session, choice) = BackboneSession::open(rt, &plan.model_path(), &plan.session)?;
     if let Some(r) = &choice.fallback_reason {
         tracing::info!("device auto: running on CPU ({r})");
     }

@@ -85,7 +85,9 @@ pub struct PredictDataArgs {
     /// Texts to label: a CSV, TSV or JSON Lines file (optionally
     /// .gz/.bz2/.zst), a plain text file (.txt, one example per line), or `-`
     /// for standard input (one example per line unless --format says otherwise).
-    #[arg(long, value_name = "FILE|-")]
+    /// An image run takes a PNG/JPEG file, a folder of images (flat, or class
+    /// folders), a table with an image column, or `-` with image paths one a line.
+    #[arg(long, value_name = "FILE|DIR|-")]
     pub data: PathBuf,
 
     /// Column (header name, JSON key, or 0-based index) holding the text

@@ -153,6 +153,32 @@ pub(super) fn class_tree(root: &Path) -> Result<ClassTree> {
     Ok(tree)
 }
 
+/// List a flat folder, `root/<file>`, by the rules of the module docs
+/// (hidden entries ignored, links followed once, devices and FIFOs stray
+/// and never opened, dangling links bad rows), each entry's label empty.
+/// `None` when `root` holds a folder (a class-folder tree, then) or no
+/// file at all.
+pub(super) fn flat_tree(root: &Path) -> Result<Option<ClassTree>> {
+    let mut tree = ClassTree::default();
+    for (path, kind) in list_dir(root)? {
+        match kind {
+            Kind::Dir => return Ok(None),
+            Kind::File => tree.entries.push(Entry {
+                label: String::new(),
+                path,
+                broken: None,
+            }),
+            Kind::Broken(why) => tree.entries.push(Entry {
+                label: String::new(),
+                path,
+                broken: Some(why),
+            }),
+            Kind::Other => tree.stray += 1,
+        }
+    }
+    Ok((!tree.entries.is_empty()).then_some(tree))
+}
+
 /// sha256 (lowercase hex) of a class-folder dataset: over the sorted
 /// `sha256  ./<class>/<file>` lines of the files [`class_tree`] lists as
 /// examples (as `sha256sum` prints them), so exactly the files the readers

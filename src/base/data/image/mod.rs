@@ -16,6 +16,9 @@
 //! [`ImageSource::decode`] reads it again when it is needed. IDX images are
 //! kept in memory (one byte per pixel), shared by their examples.
 //!
+//! Unlabelled images for `predict` (a single image file, a flat folder of
+//! images, image paths on stdin) are read by [`load_image_inputs`].
+//!
 //! Formats ([`Format`], `--format`):
 //! - [`Format::ImageFolders`] (or `folders`): `root/<label>/<file>`, class
 //!   folders and files in name order, hidden entries ignored; the id is
@@ -34,6 +37,7 @@
 
 mod decode;
 mod idx;
+mod inputs;
 mod preprocess;
 
 use std::path::{Path, PathBuf};
@@ -41,6 +45,7 @@ use std::sync::Arc;
 
 pub use decode::{decode_image, read_image, Background, Image};
 pub use idx::{labels_path, IdxImages};
+pub use inputs::load_image_inputs;
 pub use preprocess::{Interpolation, Preprocess, Resize};
 
 use super::folders::{class_tree, read_class_folders};
