@@ -162,6 +162,18 @@ fn parity_on(cfg: &tiny::TinyConfig, bert: bool) {
         &["--late-layers", "2", "--pool", "cls"],
     );
     check_parity(&f.root, bert, "full-ft", &[]);
+    check_parity(&f.root, bert, "lora", &[]);
+    check_parity(
+        &f.root,
+        bert,
+        "lora",
+        &[
+            "--lora-targets",
+            "q,v,ffn-in,ffn-out",
+            "--lora-dropout",
+            "0.1",
+        ],
+    );
 }
 
 #[test]

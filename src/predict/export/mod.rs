@@ -10,12 +10,14 @@
 //! `[batch, classes]`. Next to `model.onnx` go the tokenizer (truncating at
 //! the run's `max_len`, no padding), `labels.json` and a `README.md`.
 //!
-//! Exported today: text runs of `linear-probe`, `late-layer` and `full-ft`.
+//! Exported today: text runs of `linear-probe`, `late-layer`, `full-ft` and
+//! `lora` (its updates merged into the weights, [`merge`]).
 //! A run whose weights or `config.json` fail their recorded checksums, or
 //! whose backbone files differ from the ones its cache was extracted with,
 //! is refused, by the same checks `predict` makes.
 
 pub mod graph;
+mod merge;
 mod readme;
 
 use std::path::{Path, PathBuf};
@@ -79,19 +81,18 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
     let spec = super::checks::run_spec(&rc)?;
     let n = bert.num_hidden_layers;
     let method = spec.method.kind().name().to_string();
-    let (read, trained_layers) = match &spec.method {
-        MethodSpec::LinearProbe { probe_layer } => (*probe_layer, false),
-        MethodSpec::LateLayer { .. } | MethodSpec::FullFt => (n, true),
+    let read = match &spec.method {
+        MethodSpec::LinearProbe { probe_layer } => *probe_layer,
+        MethodSpec::LateLayer { .. } | MethodSpec::FullFt | MethodSpec::Lora { .. } => n,
         MethodSpec::Sherl { .. }
         | MethodSpec::Unipt { .. }
-        | MethodSpec::Lora { .. }
         | MethodSpec::Adapter { .. }
         | MethodSpec::Lst { .. } => {
             return Err(FitError::BadRun {
                 path: plan.run.clone(),
                 message: format!(
                     "export of a {method} run is not implemented yet (exported: linear-probe, \
-                     late-layer, full-ft)"
+                     late-layer, full-ft, lora)"
                 ),
             }
             .into())
@@ -112,17 +113,31 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
         bert.hidden_size,
         spec.classes,
     )?;
-    if !trained_layers && !trained.is_empty() {
+    let base = Checkpoint::open(&dir.safetensors_path())?;
+    // the trained weights that replace the backbone's (checkpoint names)
+    let overrides = match &spec.method {
+        MethodSpec::LateLayer { .. } | MethodSpec::FullFt => std::mem::take(&mut trained),
+        MethodSpec::Lora {
+            rank,
+            alpha,
+            targets,
+            ..
+        } => {
+            let scale = (*alpha / *rank as f64) as f32;
+            merge::merge_lora(&weights_path, &mut trained, &bert, &base, targets, scale)?
+        }
+        _ => F32Tensors::new(),
+    };
+    if !trained.is_empty() {
         return Err(Error::Checkpoint {
             path: weights_path,
             message: format!(
-                "a {method} run trains its head alone, but the file holds {} more tensors",
-                trained.len()
+                "a {method} run's weights hold tensors it does not use: {:?}",
+                trained.keys().take(3).collect::<Vec<_>>()
             ),
         });
     }
-    let ckpt =
-        Checkpoint::open(&dir.safetensors_path())?.with_overrides(&weights_path, &trained)?;
+    let ckpt = base.with_overrides(&weights_path, &overrides)?;
     let mut model = crate::extract::onnx::export::build_model(&bert, &ckpt)?;
     let hidden = crate::extract::onnx::hidden_state_name(read);
     graph::append_head(&mut model, &hidden, &head)?;
