@@ -10,6 +10,7 @@ mod common;
 mod data;
 mod docs;
 mod export;
+mod export_run;
 mod extract;
 mod fit;
 mod fuzz;

@@ -92,6 +92,13 @@ fn main() -> ExitCode {
             Command::Predict(a) => predict(*a, blas),
             #[cfg(feature = "extract")]
             Command::Search(a) => search(*a, blas),
+            #[cfg(feature = "extract")]
+            Command::Export { run, backbone, out } => {
+                let plan = sherl::predict::export::ExportPlan { run, backbone, out };
+                let s = sherl::predict::export::export(&plan)?;
+                print_line(&serde_json::to_string(&s)?)?;
+                Ok(ExitCode::SUCCESS)
+            }
             Command::Sweep(a) => sweep(*a, blas),
             Command::Report { runs, out } => report(runs, out),
         }

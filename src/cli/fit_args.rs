@@ -85,6 +85,22 @@ pub enum Command {
     /// (rank, id, score, image file or caption).
     #[cfg(feature = "extract")]
     Search(Box<SearchArgs>),
+    /// Write a trained text classification run as one standalone ONNX model
+    /// (backbone layers, trained modules, head; outputs logits and
+    /// probabilities) with its tokenizer, labels.json and a README with a
+    /// Python example. Methods: linear-probe, late-layer, full-ft, lora.
+    #[cfg(feature = "extract")]
+    Export {
+        /// Run directory (RUNS/<run id>).
+        #[arg(long)]
+        run: PathBuf,
+        /// Backbone directory the run's cache was made from.
+        #[arg(long)]
+        backbone: PathBuf,
+        /// Output directory (created when missing; its files are replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// `search`'s flags.

@@ -71,6 +71,14 @@ impl Tokenizer {
         Ok(())
     }
 
+    /// The tokenizer as `tokenizer.json` text, with the padding (off) and
+    /// truncation (at [`Self::max_len`]) it encodes with.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
     /// The truncation length.
     pub fn max_len(&self) -> usize {
         self.max_len

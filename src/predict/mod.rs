@@ -9,6 +9,9 @@
 //!   ranked against a split of its caches ([`query`] embeds the query);
 //! - [`runs`]: `--run` naming a directory of runs (listed, or the best
 //!   taken);
+//! - [`export`]: `sherl-fit export`, a classification run as one standalone
+//!   ONNX model (backbone layers, trained modules, head) with its tokenizer
+//!   and labels;
 //! - [`checks`]: what a run must match before it is used (weights, backbone
 //!   files, the columns it was trained on); [`output`]: the prediction
 //!   lines and their accuracy.
@@ -19,6 +22,7 @@
 //! refused (the trained modules would read different features).
 
 pub mod checks;
+pub mod export;
 pub mod image;
 pub mod output;
 pub mod plan;

@@ -30,7 +30,6 @@ fn prefix(text: &str, chars: usize) -> String {
 /// The text backbone in `dir`, checked against what the run's cache
 /// recorded: tokenizer, checkpoint, `config.json` and its shape.
 fn checked_backbone(plan: &PredictPlan, rc: &RunConfig, dir: &BackboneDir) -> Result<BertConfig> {
-    let cfg_path = plan.run.join(run_dir::CONFIG_FILE);
     if let Some(col) = &plan.data.image_column {
         return Err(crate::Error::setting(
             "--image-column",
@@ -41,9 +40,21 @@ fn checked_backbone(plan: &PredictPlan, rc: &RunConfig, dir: &BackboneDir) -> Re
             ),
         ));
     }
+    checked_text_backbone(&plan.run, rc, dir)
+}
+
+/// The text backbone in `dir`, checked against what the run in `run`
+/// recorded: tokenizer, checkpoint, `config.json` and its shape, and the
+/// run's labels against its head.
+pub(crate) fn checked_text_backbone(
+    run: &Path,
+    rc: &RunConfig,
+    dir: &BackboneDir,
+) -> Result<BertConfig> {
+    let cfg_path = run.join(run_dir::CONFIG_FILE);
     let Some(tokenizer) = &rc.cache.backbone.tokenizer else {
         return Err(FitError::BadRun {
-            path: plan.run.clone(),
+            path: run.to_path_buf(),
             message: "the run's cache records no tokenizer and no image record".into(),
         }
         .into());

@@ -14,6 +14,9 @@ pub const VIT_ANCHOR: &str = "encoder.layer.0.norm1.weight";
 /// Name of the tensor used to find the checkpoint's prefix.
 const ANCHOR: &str = "embeddings.word_embeddings.weight";
 
+/// Named f32 tensors: shape and row-major values.
+pub type F32Tensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// A safetensors checkpoint held in memory.
 pub struct Checkpoint {
     path: PathBuf,
@@ -153,5 +156,60 @@ impl Checkpoint {
             });
         }
         Ok(values)
+    }
+
+    /// This checkpoint with the f32 tensors of `overrides` (names without
+    /// prefix, each one the checkpoint holds, with its shape) in place of
+    /// its own: a trained run's updated layers over the backbone they
+    /// started from. `path` names the result in messages.
+    pub fn with_overrides(&self, path: &Path, overrides: &F32Tensors) -> Result<Checkpoint> {
+        let st = SafeTensors::deserialize(&self.bytes).map_err(|e| Error::Checkpoint {
+            path: self.path.clone(),
+            message: format!("not a valid safetensors file: {e}"),
+        })?;
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for (name, (shape, values)) in overrides {
+            let full = format!("{}{name}", self.prefix);
+            let view = st.tensor(&full).map_err(|_| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor '{name}' is not in the backbone checkpoint"),
+            })?;
+            if view.shape() != shape.as_slice() {
+                return Err(Error::Checkpoint {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "tensor '{name}' has shape {shape:?}, the backbone's has {:?}",
+                        view.shape()
+                    ),
+                });
+            }
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            owned.push((full, Dtype::F32, shape.clone(), bytes));
+        }
+        let mut views = Vec::with_capacity(self.names.len());
+        for name in &self.names {
+            let view = match owned.iter().find(|o| &o.0 == name) {
+                Some((_, dtype, shape, bytes)) => {
+                    safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
+                }
+                None => {
+                    let v = st.tensor(name).map_err(|e| Error::Checkpoint {
+                        path: self.path.clone(),
+                        message: format!("tensor '{name}': {e}"),
+                    })?;
+                    safetensors::tensor::TensorView::new(v.dtype(), v.shape().to_vec(), v.data())
+                }
+            }
+            .map_err(|e| Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor '{name}': {e}"),
+            })?;
+            views.push((name.clone(), view));
+        }
+        let bytes = safetensors::tensor::serialize(views, None).map_err(|e| Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!("cannot serialise the merged weights: {e}"),
+        })?;
+        Self::from_bytes(path, bytes)
     }
 }

@@ -13,7 +13,7 @@ mod config;
 mod image;
 pub mod relative;
 
-pub use checkpoint::{Checkpoint, VIT_ANCHOR};
+pub use checkpoint::{Checkpoint, F32Tensors, VIT_ANCHOR};
 pub use config::{Activation, BertConfig, Family, LayerNames};
 pub use image::ImageBackboneDesc;
 

@@ -512,6 +512,30 @@ impl F32Session {
     ) -> Result<Vec<ArrayD<f32>>> {
         let values = Self::inputs(inputs)?;
         let out = self.session.run(values).map_err(ort_err("run"))?;
+        Self::outputs(&out, outputs)
+    }
+
+    /// [`F32Session::run`] for a model whose inputs are int64 (token ids
+    /// and masks: a model `sherl-fit export` wrote); float32 outputs.
+    pub fn run_i64(
+        &mut self,
+        inputs: &[(&str, ArrayViewD<'_, i64>)],
+        outputs: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
+        let mut values = Vec::with_capacity(inputs.len());
+        for (name, view) in inputs {
+            let t = TensorRef::from_array_view(view.view())
+                .map_err(|e| Error::Runtime(format!("input {name}: {e}")))?;
+            values.push((name.to_string(), t));
+        }
+        let out = self.session.run(values).map_err(ort_err("run"))?;
+        Self::outputs(&out, outputs)
+    }
+
+    fn outputs(
+        out: &ort::session::SessionOutputs<'_>,
+        outputs: &[&str],
+    ) -> Result<Vec<ArrayD<f32>>> {
         outputs
             .iter()
             .map(|&name| {

@@ -1,0 +1,215 @@
+//! `sherl-fit export`: a trained classification run as one standalone ONNX
+//! model, written by sherl's own ONNX writer ([`crate::extract::onnx`]).
+//!
+//! The graph is the backbone's ([`crate::extract::onnx::export::build_model`])
+//! built from the backbone checkpoint with the layers the run trained put
+//! in place of their pre-trained weights, reduced to what the method reads
+//! ([`crate::extract::onnx::edit::prune_to_outputs`]), with the trained head
+//! appended ([`graph`]): inputs `input_ids`, `attention_mask` (and
+//! `token_type_ids` for BERT), outputs `logits` and `probabilities`
+//! `[batch, classes]`. Next to `model.onnx` go the tokenizer (truncating at
+//! the run's `max_len`, no padding), `labels.json` and a `README.md`.
+//!
+//! Exported today: text runs of `linear-probe`, `late-layer`, `full-ft` and
+//! `lora` (its updates merged into the weights, [`merge`]).
+//! A run whose weights or `config.json` fail their recorded checksums, or
+//! whose backbone files differ from the ones its cache was extracted with,
+//! is refused, by the same checks `predict` makes.
+
+pub mod graph;
+mod merge;
+mod readme;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use prost::Message;
+use serde::Serialize;
+
+use crate::backbone::{BackboneDir, Checkpoint, F32Tensors};
+use crate::extract::tokenize::Tokenizer;
+use crate::fit::error::FitError;
+use crate::fit::method::MethodSpec;
+use crate::fit::params::Params;
+use crate::fit::run_dir::RunConfig;
+use crate::{Error, Result};
+
+/// The exported model's file name in the output directory.
+pub const MODEL_FILE: &str = "model.onnx";
+
+/// What to export and where.
+#[derive(Debug, Clone)]
+pub struct ExportPlan {
+    /// The run directory (RUNS/<run id>).
+    pub run: PathBuf,
+    /// The backbone directory the run's cache was made from.
+    pub backbone: PathBuf,
+    /// The output directory (created when missing).
+    pub out: PathBuf,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    /// The run's id.
+    pub run_id: String,
+    /// The run's method.
+    pub method: String,
+    /// Number of classes.
+    pub classes: usize,
+    /// The hidden state the head reads (`hidden_states.i`).
+    pub reads: String,
+    /// The exported model.
+    pub model: PathBuf,
+    /// Its size in bytes.
+    pub bytes: u64,
+}
+
+/// Export the run in `plan.run` to `plan.out`.
+pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
+    let rc = RunConfig::read(&plan.run)?;
+    let weights_path = super::checks::checked_weights(&plan.run)?;
+    if rc.cache.image.is_some() {
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: "the run was trained on images; export writes text runs only so far".into(),
+        }
+        .into());
+    }
+    let dir = BackboneDir::open(&plan.backbone)?;
+    let bert = super::text::checked_text_backbone(&plan.run, &rc, &dir)?;
+    let spec = super::checks::run_spec(&rc)?;
+    let n = bert.num_hidden_layers;
+    let method = spec.method.kind().name().to_string();
+    let read = match &spec.method {
+        MethodSpec::LinearProbe { probe_layer } => *probe_layer,
+        MethodSpec::LateLayer { .. } | MethodSpec::FullFt | MethodSpec::Lora { .. } => n,
+        MethodSpec::Sherl { .. }
+        | MethodSpec::Unipt { .. }
+        | MethodSpec::Adapter { .. }
+        | MethodSpec::Lst { .. } => {
+            return Err(FitError::BadRun {
+                path: plan.run.clone(),
+                message: format!(
+                    "export of a {method} run is not implemented yet (exported: linear-probe, \
+                     late-layer, full-ft, lora)"
+                ),
+            }
+            .into())
+        }
+    };
+    if read > n {
+        return Err(FitError::BadRun {
+            path: plan.run.clone(),
+            message: format!("the run reads hidden_states.{read}, the backbone has {n} layers"),
+        }
+        .into());
+    }
+    let mut trained = read_weights(&weights_path)?;
+    let head = head_weights(
+        &weights_path,
+        &mut trained,
+        spec.pool,
+        bert.hidden_size,
+        spec.classes,
+    )?;
+    let base = Checkpoint::open(&dir.safetensors_path())?;
+    // the trained weights that replace the backbone's (checkpoint names)
+    let overrides = match &spec.method {
+        MethodSpec::LateLayer { .. } | MethodSpec::FullFt => std::mem::take(&mut trained),
+        MethodSpec::Lora {
+            rank,
+            alpha,
+            targets,
+            ..
+        } => {
+            let scale = (*alpha / *rank as f64) as f32;
+            merge::merge_lora(&weights_path, &mut trained, &bert, &base, targets, scale)?
+        }
+        _ => F32Tensors::new(),
+    };
+    if !trained.is_empty() {
+        return Err(Error::Checkpoint {
+            path: weights_path,
+            message: format!(
+                "a {method} run's weights hold tensors it does not use: {:?}",
+                trained.keys().take(3).collect::<Vec<_>>()
+            ),
+        });
+    }
+    let ckpt = base.with_overrides(&weights_path, &overrides)?;
+    let mut model = crate::extract::onnx::export::build_model(&bert, &ckpt)?;
+    let hidden = crate::extract::onnx::hidden_state_name(read);
+    graph::append_head(&mut model, &hidden, &head)?;
+    model.doc_string = format!(
+        "sherl run {} ({method}) exported by sherl-fit export",
+        rc.run_id
+    );
+    let out_path = plan.out.join(MODEL_FILE);
+    let bytes = model.encode_to_vec();
+    let keep = [graph::LOGITS.to_string(), graph::PROBABILITIES.to_string()];
+    let bytes =
+        crate::extract::onnx::edit::prune_to_outputs(&out_path, &bytes, &keep)?.unwrap_or(bytes);
+
+    std::fs::create_dir_all(&plan.out).map_err(|e| Error::io(&plan.out, e))?;
+    crate::fsutil::write_atomic(&out_path, &bytes)?;
+    let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)?;
+    crate::fsutil::write_atomic(&plan.out.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
+    let labels = serde_json::to_vec_pretty(&rc.labels).map_err(|e| Error::Json {
+        path: plan.out.join("labels.json"),
+        source: e,
+    })?;
+    crate::fsutil::write_atomic(&plan.out.join("labels.json"), &labels)?;
+    let text = readme::readme(&rc, &method, bert.family(), rc.cache.max_len);
+    crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
+    Ok(ExportSummary {
+        run_id: rc.run_id.clone(),
+        method,
+        classes: spec.classes,
+        reads: hidden,
+        model: out_path,
+        bytes: bytes.len() as u64,
+    })
+}
+
+/// Every tensor of the run's weights as f32 shape and values.
+fn read_weights(path: &Path) -> Result<F32Tensors> {
+    let mut out = F32Tensors::new();
+    for (name, t) in Params::load_file(path, &Device::Cpu)? {
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        out.insert(name, (t.dims().to_vec(), values));
+    }
+    Ok(out)
+}
+
+/// Take the head's `head.weight` and `head.bias` out of `trained`.
+fn head_weights(
+    path: &Path,
+    trained: &mut F32Tensors,
+    pool: crate::fit::model::Pool,
+    d: usize,
+    classes: usize,
+) -> Result<graph::HeadWeights> {
+    let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
+        match trained.remove(name) {
+            Some((s, v)) if s == shape => Ok(v),
+            Some((s, _)) => Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor '{name}' has shape {s:?}, the run's head needs {shape:?}"),
+            }),
+            None => Err(Error::Checkpoint {
+                path: path.to_path_buf(),
+                message: format!("tensor '{name}' is missing"),
+            }),
+        }
+    };
+    let weight = take("head.weight", &[classes, d])?;
+    let bias = take("head.bias", &[classes])?;
+    Ok(graph::HeadWeights {
+        pool,
+        weight,
+        bias,
+        d,
+        classes,
+    })
+}
