@@ -67,7 +67,7 @@ pub(crate) fn recorded_in(e: Error, file: &Path, fields: &[(&str, &str)]) -> Err
 /// Label `plan.data` with the run in `plan.run` (or, for a directory of
 /// runs, the best one with `plan.best`, else an error listing them:
 /// [`runs::resolve_run`]), with the backbone `plan.backbone` or the one the
-/// run recorded ([`checks::backbone_dir`]): its weights checked
+/// run recorded (`checks::backbone_dir`): its weights checked
 /// against the sha256 the run recorded, the ONNX model against the one its
 /// cache was extracted with, then the texts or images labelled.
 ///

@@ -15,7 +15,7 @@ pub struct PredictPlan {
     /// accuracy.
     pub best: bool,
     /// Backbone directory; `None`: the one the run recorded
-    /// ([`super::checks::recorded_backbone`]).
+    /// (`checks::backbone_dir`).
     pub backbone: Option<PathBuf>,
     /// ONNX model (default BACKBONE/model.onnx).
     pub model: Option<PathBuf>,
