@@ -33,7 +33,7 @@ enum Tool {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Phase two (sherl-fit): run (train one model), sweep, report, predict, search.
+    /// Phase two (sherl-fit): run (train one model), sweep, report, predict, search, export (a run as one ONNX model).
     #[command(disable_help_flag = true)]
     Fit {
         /// Arguments for sherl-fit.
