@@ -374,9 +374,16 @@ pub fn sha256_path(path: &Path) -> Result<String> {
             files.push(p);
         }
     }
-    let mut lines: Vec<String> = Vec::with_capacity(files.len());
-    for f in &files {
-        let rel = f.strip_prefix(path).unwrap_or(f);
+    sha256_listing(path, files.iter().map(PathBuf::as_path))
+}
+
+/// sha256 over the sorted `sha256  ./relative/path` lines (as `sha256sum`
+/// prints them) of `files`, each a regular file under `root`: the digest of
+/// a directory tree ([`sha256_path`]) and of a folder dataset's listing.
+pub fn sha256_listing<'a>(root: &Path, files: impl Iterator<Item = &'a Path>) -> Result<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for f in files {
+        let rel = f.strip_prefix(root).unwrap_or(f);
         lines.push(format!("{}  ./{}\n", sha256_file(f)?, rel.display()));
     }
     lines.sort_by(|a, b| a[66..].cmp(&b[66..]));

@@ -186,23 +186,8 @@ pub(super) fn flat_tree(root: &Path) -> Result<Option<ClassTree>> {
 /// holding nothing else it equals what `fsutil::sha256_path` gives the
 /// directory, so caches written before keep their settings hash.
 pub(super) fn fingerprint(root: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
     let tree = class_tree(root)?;
-    let mut lines = Vec::new();
-    for entry in tree.files() {
-        let rel = entry.path.strip_prefix(root).unwrap_or(&entry.path);
-        let sha = crate::fsutil::sha256_file(&entry.path)?;
-        lines.push((
-            rel.display().to_string(),
-            format!("{sha}  ./{}\n", rel.display()),
-        ));
-    }
-    lines.sort();
-    let mut h = Sha256::new();
-    for (_, line) in &lines {
-        h.update(line.as_bytes());
-    }
-    Ok(crate::hash::hex(&h.finalize()))
+    crate::fsutil::sha256_listing(root, tree.files().map(|e| e.path.as_path()))
 }
 
 /// Read a class-folder tree rooted at `root` in the format named `format`
