@@ -32,10 +32,8 @@ use std::path::Path;
 
 use prost::Message;
 
-use super::proto::{
-    attr_type, data_type, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    StringStringEntryProto, TensorProto, ValueInfoProto,
-};
+use super::builder::{attr_int, attr_ints, meta, Graph, TensorSource};
+use super::proto::{data_type, GraphProto, ModelProto, OperatorSetIdProto, ValueInfoProto};
 use crate::backbone::{relative, Activation, BertConfig, Checkpoint, Family, LayerNames};
 use crate::{Error, Result};
 
@@ -61,19 +59,120 @@ pub struct ExportSummary {
 
 /// Build the ONNX model for `cfg` with the weights of `ckpt`.
 pub fn build_model(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<ModelProto> {
-    cfg.validate().map_err(Error::UnsupportedBackbone)?;
-    let mut g = Graph::default();
-    let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
-    let family = cfg.family();
-    declare_inputs(&mut g, family);
-
-    let (mut x, seq) = embeddings(&mut g, cfg, ckpt)?;
-    let bias = attention_bias(&mut g, cfg, ckpt, &seq)?;
-    let shared = LayerShared::new(&mut g, cfg, act, bias);
+    let (mut b, mut x) = BertGraph::new(cfg, ckpt)?;
     for i in 0..cfg.num_hidden_layers {
-        x = encoder_layer(&mut g, cfg, ckpt, &shared, i, &x)?;
+        x = b.layer(ckpt, i, &x, &mut NoHooks)?;
     }
-    Ok(model_proto(cfg, ckpt, g))
+    let outputs = (0..=cfg.num_hidden_layers)
+        .map(|i| b.hidden_output(&hidden_state_name(i)))
+        .collect();
+    Ok(b.finish(ckpt, outputs))
+}
+
+/// Where a method puts extra nodes inside an encoder layer (adapters).
+pub trait LayerHooks {
+    /// `z`, the attention block's output projection of layer `i` (before
+    /// the residual and the LayerNorm): return what replaces it.
+    fn after_attention(&mut self, _g: &mut Graph, _i: usize, z: &str) -> Result<String> {
+        Ok(z.to_string())
+    }
+    /// `z`, the FFN's output projection of layer `i` (before the residual
+    /// and the LayerNorm): return what replaces it.
+    fn after_ffn(&mut self, _g: &mut Graph, _i: usize, z: &str) -> Result<String> {
+        Ok(z.to_string())
+    }
+}
+
+/// No extra nodes: the backbone's own layer.
+pub struct NoHooks;
+impl LayerHooks for NoHooks {}
+
+/// A BERT-family encoder graph under construction: the inputs, the
+/// embeddings and the attention bias are in place; layers are added one
+/// by one with [`BertGraph::layer`], on any input.
+pub struct BertGraph {
+    /// The graph, for nodes a caller adds between layers.
+    pub g: Graph,
+    cfg: BertConfig,
+    shared: LayerShared,
+}
+
+impl BertGraph {
+    /// Declare the inputs, build the embeddings and the attention bias;
+    /// returns the builder and `hidden_states.0`.
+    pub fn new(cfg: &BertConfig, ckpt: &Checkpoint) -> Result<(Self, String)> {
+        cfg.validate().map_err(Error::UnsupportedBackbone)?;
+        let mut g = Graph::default();
+        let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
+        declare_inputs(&mut g, cfg.family());
+        let (x, seq) = embeddings(&mut g, cfg, ckpt)?;
+        let bias = attention_bias(&mut g, cfg, ckpt, &seq)?;
+        let shared = LayerShared::new(&mut g, cfg, act, bias, "");
+        let cfg = cfg.clone();
+        Ok((BertGraph { g, cfg, shared }, x))
+    }
+
+    /// Backbone layer `i` (checkpoint `encoder.layer.{i}` of `src`) on `x`;
+    /// returns its output, named `hidden_states.{i + 1}`.
+    pub fn layer(
+        &mut self,
+        src: &dyn TensorSource,
+        i: usize,
+        x: &str,
+        hooks: &mut dyn LayerHooks,
+    ) -> Result<String> {
+        let spec = LayerSpec {
+            cfg: &self.cfg,
+            shared: &self.shared,
+            index: i,
+            prefix: format!("encoder.layer.{i}"),
+            out: hidden_state_name(i + 1),
+        };
+        encoder_layer(&mut self.g, src, &spec, x, hooks)
+    }
+
+    /// A layer of the same family at another width (`cfg`: hidden size,
+    /// heads, FFN size, activation, epsilon), its weights read from `src`
+    /// under `prefix` (e.g. LST's `lst.layer.{i}`), with its own constants
+    /// named after `tag`; returns its output `out`. The attention bias is
+    /// the backbone's (the padding mask, and MPNet's relative bias).
+    pub fn side_layer(
+        &mut self,
+        src: &dyn TensorSource,
+        cfg: &BertConfig,
+        tag: &str,
+        prefix: &str,
+        x: &str,
+        out: String,
+    ) -> Result<String> {
+        let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
+        let shared = LayerShared::new(&mut self.g, cfg, act, self.shared.bias4.clone(), tag);
+        let spec = LayerSpec {
+            cfg,
+            shared: &shared,
+            index: 0,
+            prefix: prefix.to_string(),
+            out,
+        };
+        encoder_layer(&mut self.g, src, &spec, x, &mut NoHooks)
+    }
+
+    /// The backbone's configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// A float `[batch, seq, hidden]` output declaration named `name`.
+    pub fn hidden_output(&self, name: &str) -> ValueInfoProto {
+        let out_dims: [Result<i64, &str>; 3] =
+            [Err("batch"), Err("seq"), Ok(self.cfg.hidden_size as i64)];
+        ValueInfoProto::tensor(name, data_type::FLOAT, &out_dims)
+    }
+
+    /// Wrap the graph in a model with `outputs`, opset and metadata.
+    pub fn finish(self, ckpt: &Checkpoint, outputs: Vec<ValueInfoProto>) -> ModelProto {
+        model_proto(&self.cfg, ckpt, self.g, outputs)
+    }
 }
 
 /// Declare the graph's int64 `[batch, seq]` inputs for `family`.
@@ -210,38 +309,54 @@ struct LayerShared {
 impl LayerShared {
     /// Add the shared constants to `g` (in the order the exporter always
     /// wrote them) next to `act` and the attention bias `bias4`.
-    fn new(g: &mut Graph, cfg: &BertConfig, act: Activation, bias4: String) -> Self {
+    /// `tag` prefixes the constants' names (empty for the backbone's own
+    /// layers, whose graph bytes stay as they always were).
+    fn new(g: &mut Graph, cfg: &BertConfig, act: Activation, bias4: String, tag: &str) -> Self {
         let (heads, hd, d) = (cfg.num_attention_heads, cfg.head_dim(), cfg.hidden_size);
+        let split = [0, 0, heads as i64, hd as i64];
         LayerShared {
             names: LayerNames::of(cfg.family()),
             act,
             bias4,
-            split_shape: g.const_i64("split_heads", &[0, 0, heads as i64, hd as i64], &[4]),
-            merge_shape: g.const_i64("merge_heads", &[0, 0, d as i64], &[3]),
-            scale: g.const_f32("attn_scale", &[1.0 / (hd as f32).sqrt()], &[]),
-            sqrt2: g.const_f32("sqrt2", &[std::f32::consts::SQRT_2], &[]),
-            half: g.const_f32("half", &[0.5], &[]),
+            split_shape: g.const_i64(&format!("{tag}split_heads"), &split, &[4]),
+            merge_shape: g.const_i64(&format!("{tag}merge_heads"), &[0, 0, d as i64], &[3]),
+            scale: g.const_f32(
+                &format!("{tag}attn_scale"),
+                &[1.0 / (hd as f32).sqrt()],
+                &[],
+            ),
+            sqrt2: g.const_f32(&format!("{tag}sqrt2"), &[std::f32::consts::SQRT_2], &[]),
+            half: g.const_f32(&format!("{tag}half"), &[0.5], &[]),
         }
     }
 }
 
-/// Transformer layer `i` on `x` (attention, then the MLP, each with its
-/// residual LayerNorm); returns its output, `hidden_states.{i + 1}`.
+/// One encoder layer to build: its sizes, shared constants, index (for
+/// hooks), checkpoint prefix and output name.
+struct LayerSpec<'a> {
+    cfg: &'a BertConfig,
+    shared: &'a LayerShared,
+    index: usize,
+    prefix: String,
+    out: String,
+}
+
+/// A transformer layer on `x` (attention, then the MLP, each with its
+/// residual LayerNorm); returns its output, named `spec.out`.
 fn encoder_layer(
     g: &mut Graph,
-    cfg: &BertConfig,
-    ckpt: &Checkpoint,
-    c: &LayerShared,
-    i: usize,
+    src: &dyn TensorSource,
+    spec: &LayerSpec<'_>,
     x: &str,
+    hooks: &mut dyn LayerHooks,
 ) -> Result<String> {
+    let (cfg, c, p) = (spec.cfg, spec.shared, &spec.prefix);
     let names = &c.names;
     let d = cfg.hidden_size;
     let eps = cfg.layer_norm_eps as f32;
-    let p = format!("encoder.layer.{i}");
-    let q = g.linear(ckpt, &format!("{p}.{}", names.query), d, d, x)?;
-    let k = g.linear(ckpt, &format!("{p}.{}", names.key), d, d, x)?;
-    let v = g.linear(ckpt, &format!("{p}.{}", names.value), d, d, x)?;
+    let q = g.linear(src, &format!("{p}.{}", names.query), d, d, x)?;
+    let k = g.linear(src, &format!("{p}.{}", names.key), d, d, x)?;
+    let v = g.linear(src, &format!("{p}.{}", names.value), d, d, x)?;
     let q = g.node("Reshape", &[&q, &c.split_shape], vec![]);
     let q = g.node("Transpose", &[&q], vec![attr_ints("perm", &[0, 2, 1, 3])]); // [B,H,S,hd]
     let k = g.node("Reshape", &[&k, &c.split_shape], vec![]);
@@ -255,11 +370,12 @@ fn encoder_layer(
     let ctx = g.node("MatMul", &[&probs, &v], vec![]);
     let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
     let ctx = g.node("Reshape", &[&ctx, &c.merge_shape], vec![]);
-    let ao = g.linear(ckpt, &format!("{p}.{}", names.attn_out), d, d, &ctx)?;
+    let ao = g.linear(src, &format!("{p}.{}", names.attn_out), d, d, &ctx)?;
+    let ao = hooks.after_attention(g, spec.index, &ao)?;
     let r1 = g.node("Add", &[&ao, x], vec![]);
-    let h1 = g.layer_norm(ckpt, &format!("{p}.{}", names.attn_norm), d, eps, &r1, None)?;
+    let h1 = g.layer_norm(src, &format!("{p}.{}", names.attn_norm), d, eps, &r1, None)?;
     let inter = g.linear(
-        ckpt,
+        src,
         &format!("{p}.intermediate.dense"),
         d,
         cfg.intermediate_size,
@@ -267,31 +383,33 @@ fn encoder_layer(
     )?;
     let a = g.activation(c.act, &inter, &c.sqrt2, &c.half);
     let o = g.linear(
-        ckpt,
+        src,
         &format!("{p}.output.dense"),
         cfg.intermediate_size,
         d,
         &a,
     )?;
+    let o = hooks.after_ffn(g, spec.index, &o)?;
     let r2 = g.node("Add", &[&o, &h1], vec![]);
     g.layer_norm(
-        ckpt,
+        src,
         &format!("{p}.output.LayerNorm"),
         d,
         eps,
         &r2,
-        Some(hidden_state_name(i + 1)),
+        Some(spec.out.clone()),
     )
 }
 
 /// Wrap the finished graph `g` in a model: outputs, opset and metadata.
-fn model_proto(cfg: &BertConfig, ckpt: &Checkpoint, g: Graph) -> ModelProto {
+fn model_proto(
+    cfg: &BertConfig,
+    ckpt: &Checkpoint,
+    g: Graph,
+    outputs: Vec<ValueInfoProto>,
+) -> ModelProto {
     let d = cfg.hidden_size;
     let family = cfg.family();
-    let out_dims: [Result<i64, &str>; 3] = [Err("batch"), Err("seq"), Ok(d as i64)];
-    let outputs = (0..=cfg.num_hidden_layers)
-        .map(|i| ValueInfoProto::tensor(&hidden_state_name(i), data_type::FLOAT, &out_dims))
-        .collect();
 
     let graph = GraphProto {
         node: g.nodes,
@@ -345,207 +463,4 @@ pub fn export_backbone(cfg: &BertConfig, ckpt: &Checkpoint, out: &Path) -> Resul
         prefix: ckpt.prefix().to_string(),
         bytes: bytes.len() as u64,
     })
-}
-
-fn meta(key: &str, value: String) -> StringStringEntryProto {
-    StringStringEntryProto {
-        key: key.into(),
-        value,
-    }
-}
-
-fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attr_type::INT,
-        i,
-        ..Default::default()
-    }
-}
-
-fn attr_float(name: &str, f: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attr_type::FLOAT,
-        f,
-        ..Default::default()
-    }
-}
-
-fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attr_type::INTS,
-        ints: ints.to_vec(),
-        ..Default::default()
-    }
-}
-
-/// Accumulates nodes and initializers with unique generated names.
-#[derive(Default)]
-struct Graph {
-    nodes: Vec<NodeProto>,
-    inits: Vec<TensorProto>,
-    inputs: Vec<ValueInfoProto>,
-    counter: usize,
-}
-
-impl Graph {
-    fn fresh(&mut self, op: &str) -> String {
-        self.counter += 1;
-        format!("{}_{}", op.to_ascii_lowercase(), self.counter)
-    }
-
-    /// Add a node with one output; returns the output name.
-    fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
-        let out = self.fresh(op);
-        self.node_named(op, inputs, attrs, out)
-    }
-
-    fn node_named(
-        &mut self,
-        op: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-        out: String,
-    ) -> String {
-        let name = format!("{op}_{}", self.nodes.len());
-        self.nodes.push(NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.clone()],
-            name,
-            op_type: op.into(),
-            domain: String::new(),
-            attribute: attrs,
-            doc_string: String::new(),
-        });
-        out
-    }
-
-    fn const_f32(&mut self, name: &str, values: &[f32], dims: &[i64]) -> String {
-        self.inits.push(TensorProto {
-            dims: dims.to_vec(),
-            data_type: data_type::FLOAT,
-            name: name.into(),
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
-        name.into()
-    }
-
-    fn const_i64(&mut self, name: &str, values: &[i64], dims: &[i64]) -> String {
-        self.inits.push(TensorProto {
-            dims: dims.to_vec(),
-            data_type: data_type::INT64,
-            name: name.into(),
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
-        name.into()
-    }
-
-    /// Add checkpoint tensor `name` as an initializer (named as in the
-    /// checkpoint, without prefix), transposed if `transpose` (a 2-D
-    /// `[out, in]` linear weight becomes `[in, out]` for `MatMul`).
-    fn weight(
-        &mut self,
-        ckpt: &Checkpoint,
-        name: &str,
-        shape: &[usize],
-        transpose: bool,
-    ) -> Result<String> {
-        let values = ckpt.tensor_f32_shaped(name, shape)?;
-        let (dims, values) = if transpose {
-            let (r, c) = (shape[0], shape[1]);
-            let mut t = vec![0f32; values.len()];
-            for i in 0..r {
-                for j in 0..c {
-                    t[j * r + i] = values[i * c + j];
-                }
-            }
-            (vec![c as i64, r as i64], t)
-        } else {
-            (shape.iter().map(|&s| s as i64).collect(), values)
-        };
-        let init_name = if transpose {
-            format!("{name}.T")
-        } else {
-            name.to_string()
-        };
-        self.inits.push(TensorProto {
-            dims,
-            data_type: data_type::FLOAT,
-            name: init_name.clone(),
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
-        Ok(init_name)
-    }
-
-    /// `x W^T + b` for the HF `Linear` at `prefix`.
-    fn linear(
-        &mut self,
-        ckpt: &Checkpoint,
-        prefix: &str,
-        d_in: usize,
-        d_out: usize,
-        x: &str,
-    ) -> Result<String> {
-        let w = self.weight(ckpt, &format!("{prefix}.weight"), &[d_out, d_in], true)?;
-        let b = self.weight(ckpt, &format!("{prefix}.bias"), &[d_out], false)?;
-        let y = self.node("MatMul", &[x, &w], vec![]);
-        Ok(self.node("Add", &[&y, &b], vec![]))
-    }
-
-    fn layer_norm(
-        &mut self,
-        ckpt: &Checkpoint,
-        prefix: &str,
-        d: usize,
-        eps: f32,
-        x: &str,
-        out: Option<String>,
-    ) -> Result<String> {
-        let w = self.weight(ckpt, &format!("{prefix}.weight"), &[d], false)?;
-        let b = self.weight(ckpt, &format!("{prefix}.bias"), &[d], false)?;
-        let attrs = vec![attr_int("axis", -1), attr_float("epsilon", eps)];
-        let out = out.unwrap_or_else(|| self.fresh("layernorm"));
-        Ok(self.node_named("LayerNormalization", &[x, &w, &b], attrs, out))
-    }
-
-    fn activation(&mut self, act: Activation, x: &str, sqrt2: &str, half: &str) -> String {
-        match act {
-            Activation::Relu => self.node("Relu", &[x], vec![]),
-            Activation::Gelu => {
-                // 0.5 * x * (1 + erf(x / sqrt(2)))
-                let t = self.node("Div", &[x, sqrt2], vec![]);
-                let e = self.node("Erf", &[&t], vec![]);
-                let one = "one";
-                let e1 = self.node("Add", &[&e, one], vec![]);
-                let m = self.node("Mul", &[x, &e1], vec![]);
-                self.node("Mul", &[&m, half], vec![])
-            }
-            Activation::GeluTanh => {
-                // 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3)))
-                let c = self.const_f32_once("gelu_c", (2.0f32 / std::f32::consts::PI).sqrt());
-                let k = self.const_f32_once("gelu_k", 0.044715);
-                let x2 = self.node("Mul", &[x, x], vec![]);
-                let x3 = self.node("Mul", &[&x2, x], vec![]);
-                let kx3 = self.node("Mul", &[&x3, &k], vec![]);
-                let inner = self.node("Add", &[x, &kx3], vec![]);
-                let inner = self.node("Mul", &[&inner, &c], vec![]);
-                let t = self.node("Tanh", &[&inner], vec![]);
-                let t1 = self.node("Add", &[&t, "one"], vec![]);
-                let m = self.node("Mul", &[x, &t1], vec![]);
-                self.node("Mul", &[&m, half], vec![])
-            }
-        }
-    }
-
-    fn const_f32_once(&mut self, name: &str, v: f32) -> String {
-        if !self.inits.iter().any(|t| t.name == name) {
-            self.const_f32(name, &[v], &[]);
-        }
-        name.into()
-    }
 }

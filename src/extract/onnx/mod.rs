@@ -8,6 +8,7 @@
 //! hidden]`), where `i` follows Hugging Face's convention (0 = embedding
 //! output, `i` = after transformer layer `i`).
 
+pub mod builder;
 pub mod edit;
 pub mod export;
 pub mod inspect;

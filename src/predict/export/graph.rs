@@ -1,9 +1,8 @@
 //! The classification head appended to a backbone graph: pooling of one
 //! hidden state, the trained linear layer, the softmax.
 
-use crate::extract::onnx::proto::{
-    attr_type, data_type, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
-};
+use crate::extract::onnx::builder::{attr_int, Graph};
+use crate::extract::onnx::proto::{data_type, ValueInfoProto};
 use crate::fit::model::Pool;
 use crate::{Error, Result};
 
@@ -22,80 +21,48 @@ pub(super) struct HeadWeights {
     pub(super) classes: usize,
 }
 
-/// Nodes and initializers added to a graph, names prefixed `head/`.
-struct Adder<'a> {
-    model: &'a mut ModelProto,
-    count: usize,
+/// An f32 initializer named `head/{name}`.
+fn f32s(g: &mut Graph, name: &str, values: &[f32], dims: &[i64]) -> String {
+    g.const_f32(&format!("head/{name}"), values, dims)
 }
 
-impl Adder<'_> {
-    fn graph(&mut self) -> &mut crate::extract::onnx::proto::GraphProto {
-        self.model
-            .graph
-            .as_mut()
-            .expect("the backbone graph is built")
-    }
-
-    fn node(
-        &mut self,
-        op: &str,
-        inputs: &[&str],
-        attrs: Vec<AttributeProto>,
-        out: Option<&str>,
-    ) -> String {
-        self.count += 1;
-        let out = out.map_or_else(
-            || format!("head/{}_{}", op.to_ascii_lowercase(), self.count),
-            str::to_owned,
-        );
-        let name = format!("head/{op}_{}", self.count);
-        self.graph().node.push(NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![out.clone()],
-            name,
-            op_type: op.into(),
-            domain: String::new(),
-            attribute: attrs,
-            doc_string: String::new(),
-        });
-        out
-    }
-
-    fn init(&mut self, name: &str, data_type: i32, raw: Vec<u8>, dims: &[i64]) -> String {
-        let name = format!("head/{name}");
-        self.graph().initializer.push(TensorProto {
-            dims: dims.to_vec(),
-            data_type,
-            name: name.clone(),
-            raw_data: raw,
-            ..Default::default()
-        });
-        name
-    }
-
-    fn f32s(&mut self, name: &str, values: &[f32], dims: &[i64]) -> String {
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.init(name, data_type::FLOAT, raw, dims)
-    }
-
-    fn i64s(&mut self, name: &str, values: &[i64], dims: &[i64]) -> String {
-        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.init(name, data_type::INT64, raw, dims)
-    }
+/// An i64 initializer named `head/{name}`.
+fn i64s(g: &mut Graph, name: &str, values: &[i64], dims: &[i64]) -> String {
+    g.const_i64(&format!("head/{name}"), values, dims)
 }
 
-fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attr_type::INT,
-        i,
-        ..Default::default()
-    }
+/// The mean of `x` (`[batch, seq, d]`) over each example's real tokens
+/// (`attention_mask` 1; at least one counted): `[batch, d]`.
+pub(super) fn masked_mean(g: &mut Graph, x: &str) -> String {
+    let hidden = x;
+    // sum over real tokens / their count (at least 1)
+    let m = g.node(
+        "Cast",
+        &["attention_mask"],
+        vec![attr_int("to", data_type::FLOAT as i64)],
+    );
+    let name = g.fresh("head/axes");
+    let ax2 = g.const_i64(&name, &[2], &[1]);
+    let m3 = g.node("Unsqueeze", &[&m, &ax2], vec![]); // [B, S, 1]
+    let x = g.node("Mul", &[hidden, &m3], vec![]);
+    let name = g.fresh("head/axes");
+    let ax1 = g.const_i64(&name, &[1], &[1]);
+    let sum = g.node("ReduceSum", &[&x, &ax1], vec![attr_int("keepdims", 0)]);
+    let n = g.node("ReduceSum", &[&m3, &ax1], vec![attr_int("keepdims", 0)]);
+    let name = g.fresh("head/one");
+    let one = g.const_f32(&name, &[1.0], &[]);
+    let n = g.node("Max", &[&n, &one], vec![]);
+    g.node("Div", &[&sum, &n], vec![])
 }
 
-/// Append the head reading `hidden` (`[batch, seq, d]`) to `model` and make
-/// `logits` and `probabilities` (`[batch, classes]`) its only outputs.
-pub(super) fn append_head(model: &mut ModelProto, hidden: &str, head: &HeadWeights) -> Result<()> {
+/// Append the head reading `hidden` (`[batch, seq, d]`) to `g`; returns the
+/// declarations of its outputs `logits` and `probabilities` (`[batch,
+/// classes]`), the exported model's only outputs.
+pub(super) fn append_head(
+    g: &mut Graph,
+    hidden: &str,
+    head: &HeadWeights,
+) -> Result<Vec<ValueInfoProto>> {
     if head.weight.len() != head.d * head.classes || head.bias.len() != head.classes {
         return Err(Error::Onnx {
             path: "head".into(),
@@ -108,11 +75,10 @@ pub(super) fn append_head(model: &mut ModelProto, hidden: &str, head: &HeadWeigh
             ),
         });
     }
-    let mut g = Adder { model, count: 0 };
     let pooled = match head.pool {
         Pool::Cls => {
-            let zero = g.i64s("cls_index", &[0], &[]);
-            g.node("Gather", &[hidden, &zero], vec![attr_int("axis", 1)], None)
+            let zero = i64s(g, "cls_index", &[0], &[]);
+            g.node("Gather", &[hidden, &zero], vec![attr_int("axis", 1)])
         }
         Pool::PatchMean => {
             return Err(Error::Onnx {
@@ -120,55 +86,18 @@ pub(super) fn append_head(model: &mut ModelProto, hidden: &str, head: &HeadWeigh
                 message: "patch-mean pooling (image runs) is not exported yet".into(),
             })
         }
-        Pool::Mean => {
-            // sum over real tokens / their count (at least 1)
-            let m = g.node(
-                "Cast",
-                &["attention_mask"],
-                vec![attr_int("to", data_type::FLOAT as i64)],
-                None,
-            );
-            let ax2 = g.i64s("axes2", &[2], &[1]);
-            let m3 = g.node("Unsqueeze", &[&m, &ax2], vec![], None); // [B, S, 1]
-            let x = g.node("Mul", &[hidden, &m3], vec![], None);
-            let ax1 = g.i64s("axes1", &[1], &[1]);
-            let sum = g.node(
-                "ReduceSum",
-                &[&x, &ax1],
-                vec![attr_int("keepdims", 0)],
-                None,
-            );
-            let n = g.node(
-                "ReduceSum",
-                &[&m3, &ax1],
-                vec![attr_int("keepdims", 0)],
-                None,
-            );
-            let one = g.f32s("one", &[1.0], &[]);
-            let n = g.node("Max", &[&n, &one], vec![], None);
-            g.node("Div", &[&sum, &n], vec![], None)
-        }
+        Pool::Mean => masked_mean(g, hidden),
     };
     let (d, c) = (head.d as i64, head.classes as i64);
-    let w = g.f32s("weight", &head.weight, &[c, d]);
-    let b = g.f32s("bias", &head.bias, &[c]);
-    let logits = g.node(
-        "Gemm",
-        &[&pooled, &w, &b],
-        vec![attr_int("transB", 1)],
-        Some(LOGITS),
-    );
-    g.node(
-        "Softmax",
-        &[&logits],
-        vec![attr_int("axis", -1)],
-        Some(PROBABILITIES),
-    );
+    let w = f32s(g, "weight", &head.weight, &[c, d]);
+    let b = f32s(g, "bias", &head.bias, &[c]);
+    let gemm = vec![attr_int("transB", 1)];
+    let logits = g.node_named("Gemm", &[&pooled, &w, &b], gemm, LOGITS.into());
+    let softmax = vec![attr_int("axis", -1)];
+    g.node_named("Softmax", &[&logits], softmax, PROBABILITIES.into());
     let dims: [std::result::Result<i64, &str>; 2] = [Err("batch"), Ok(c)];
-    let graph = g.graph();
-    graph.output = vec![
+    Ok(vec![
         ValueInfoProto::tensor(LOGITS, data_type::FLOAT, &dims),
         ValueInfoProto::tensor(PROBABILITIES, data_type::FLOAT, &dims),
-    ];
-    Ok(())
+    ])
 }

@@ -27,6 +27,7 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::backbone::{BackboneDir, Checkpoint, F32Tensors};
+use crate::extract::onnx::export::{BertGraph, NoHooks};
 use crate::extract::tokenize::Tokenizer;
 use crate::fit::error::FitError;
 use crate::fit::method::MethodSpec;
@@ -138,9 +139,13 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
         });
     }
     let ckpt = base.with_overrides(&weights_path, &overrides)?;
-    let mut model = crate::extract::onnx::export::build_model(&bert, &ckpt)?;
+    let (mut b, mut x) = BertGraph::new(&bert, &ckpt)?;
+    for i in 0..read {
+        x = b.layer(&ckpt, i, &x, &mut NoHooks)?;
+    }
     let hidden = crate::extract::onnx::hidden_state_name(read);
-    graph::append_head(&mut model, &hidden, &head)?;
+    let outputs = graph::append_head(&mut b.g, &x, &head)?;
+    let mut model = b.finish(&ckpt, outputs);
     model.doc_string = format!(
         "sherl run {} ({method}) exported by sherl-fit export",
         rc.run_id
