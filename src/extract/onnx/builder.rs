@@ -124,6 +124,8 @@ pub struct Graph {
     /// The graph's declared inputs.
     pub inputs: Vec<ValueInfoProto>,
     counter: usize,
+    /// Names of the checkpoint weights added (one initializer per name).
+    weights: std::collections::HashSet<String>,
 }
 
 impl Graph {
@@ -212,6 +214,10 @@ impl Graph {
         } else {
             name.to_string()
         };
+        if !self.weights.insert(init_name.clone()) {
+            // a second read of the same weight (a layer run twice) shares it
+            return Ok(init_name);
+        }
         self.inits.push(TensorProto {
             dims,
             data_type: data_type::FLOAT,

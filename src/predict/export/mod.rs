@@ -16,8 +16,10 @@
 //! whose backbone files differ from the ones its cache was extracted with,
 //! is refused, by the same checks `predict` makes.
 
+pub mod body;
 pub mod graph;
 mod merge;
+pub mod methods;
 mod readme;
 
 use std::path::{Path, PathBuf};
@@ -27,13 +29,14 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::backbone::{BackboneDir, Checkpoint, F32Tensors};
-use crate::extract::onnx::export::{BertGraph, NoHooks};
+use crate::extract::onnx::builder::{TensorSource, Tensors};
 use crate::extract::tokenize::Tokenizer;
 use crate::fit::error::FitError;
 use crate::fit::method::MethodSpec;
 use crate::fit::params::Params;
 use crate::fit::run_dir::RunConfig;
 use crate::{Error, Result};
+use body::{Body, TextBody};
 
 /// The exported model's file name in the output directory.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -58,7 +61,7 @@ pub struct ExportSummary {
     pub method: String,
     /// Number of classes.
     pub classes: usize,
-    /// The hidden state the head reads (`hidden_states.i`).
+    /// The sequence the head pools (`hidden_states.i`, or a method node).
     pub reads: String,
     /// The exported model.
     pub model: PathBuf,
@@ -80,72 +83,26 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
     let dir = BackboneDir::open(&plan.backbone)?;
     let bert = super::text::checked_text_backbone(&plan.run, &rc, &dir)?;
     let spec = super::checks::run_spec(&rc)?;
-    let n = bert.num_hidden_layers;
     let method = spec.method.kind().name().to_string();
-    let read = match &spec.method {
-        MethodSpec::LinearProbe { probe_layer } => *probe_layer,
-        MethodSpec::LateLayer { .. } | MethodSpec::FullFt | MethodSpec::Lora { .. } => n,
-        MethodSpec::Sherl { .. }
-        | MethodSpec::Unipt { .. }
-        | MethodSpec::Adapter { .. }
-        | MethodSpec::Lst { .. } => {
-            return Err(FitError::BadRun {
-                path: plan.run.clone(),
-                message: format!(
-                    "export of a {method} run is not implemented yet (exported: linear-probe, \
-                     late-layer, full-ft, lora)"
-                ),
-            }
-            .into())
-        }
-    };
-    if read > n {
-        return Err(FitError::BadRun {
-            path: plan.run.clone(),
-            message: format!("the run reads hidden_states.{read}, the backbone has {n} layers"),
-        }
-        .into());
-    }
-    let mut trained = read_weights(&weights_path)?;
-    let head = head_weights(
-        &weights_path,
-        &mut trained,
-        spec.pool,
-        bert.hidden_size,
-        spec.classes,
-    )?;
     let base = Checkpoint::open(&dir.safetensors_path())?;
-    // the trained weights that replace the backbone's (checkpoint names)
-    let overrides = match &spec.method {
-        MethodSpec::LateLayer { .. } | MethodSpec::FullFt => std::mem::take(&mut trained),
-        MethodSpec::Lora {
-            rank,
-            alpha,
-            targets,
-            ..
-        } => {
-            let scale = (*alpha / *rank as f64) as f32;
-            merge::merge_lora(&weights_path, &mut trained, &bert, &base, targets, scale)?
-        }
-        _ => F32Tensors::new(),
-    };
-    if !trained.is_empty() {
+    let (overrides, trained) = split_weights(&weights_path, &spec.method, &bert, &base)?;
+    let ckpt = base.with_overrides(&weights_path, &overrides)?;
+    let trained = Tensors::new(&weights_path, trained);
+    let mut body = TextBody::new(&bert, &ckpt)?;
+    let (seq, width) = methods::build(&mut body, &spec.method, &trained, &plan.run)?;
+    let head = head_weights(&trained, spec.pool, width, spec.classes)?;
+    let outputs = graph::append_head(body.g(), &seq, &head)?;
+    let unused = trained.unused();
+    if !unused.is_empty() {
         return Err(Error::Checkpoint {
             path: weights_path,
             message: format!(
-                "a {method} run's weights hold tensors it does not use: {:?}",
-                trained.keys().take(3).collect::<Vec<_>>()
+                "a {method} run's weights hold tensors its model does not use: {:?}",
+                unused.iter().take(3).collect::<Vec<_>>()
             ),
         });
     }
-    let ckpt = base.with_overrides(&weights_path, &overrides)?;
-    let (mut b, mut x) = BertGraph::new(&bert, &ckpt)?;
-    for i in 0..read {
-        x = b.layer(&ckpt, i, &x, &mut NoHooks)?;
-    }
-    let hidden = crate::extract::onnx::hidden_state_name(read);
-    let outputs = graph::append_head(&mut b.g, &x, &head)?;
-    let mut model = b.finish(&ckpt, outputs);
+    let mut model = body.b.finish(&ckpt, outputs);
     model.doc_string = format!(
         "sherl run {} ({method}) exported by sherl-fit export",
         rc.run_id
@@ -171,7 +128,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
         run_id: rc.run_id.clone(),
         method,
         classes: spec.classes,
-        reads: hidden,
+        reads: seq,
         model: out_path,
         bytes: bytes.len() as u64,
     })
@@ -187,33 +144,49 @@ fn read_weights(path: &Path) -> Result<F32Tensors> {
     Ok(out)
 }
 
-/// Take the head's `head.weight` and `head.bias` out of `trained`.
-fn head_weights(
+/// The run's trained tensors split in two: those that replace backbone
+/// weights (checkpoint names: a late-layer, full-ft or `--late-trainable`
+/// run's layers, LoRA's merged projections) and the rest (head and side
+/// modules), read by the method's graph.
+fn split_weights(
     path: &Path,
-    trained: &mut F32Tensors,
+    method: &MethodSpec,
+    bert: &crate::backbone::BertConfig,
+    base: &Checkpoint,
+) -> Result<(F32Tensors, F32Tensors)> {
+    let mut trained = read_weights(path)?;
+    let overrides = match method {
+        MethodSpec::Lora {
+            rank,
+            alpha,
+            targets,
+            ..
+        } => {
+            let scale = (*alpha / *rank as f64) as f32;
+            merge::merge_lora(path, &mut trained, bert, base, targets, scale)?
+        }
+        _ => {
+            let (backbone, rest) = std::mem::take(&mut trained)
+                .into_iter()
+                .partition(|(name, _)| base.contains(name));
+            trained = rest;
+            backbone
+        }
+    };
+    Ok((overrides, trained))
+}
+
+/// The head's `head.weight` (`[classes, width]`) and `head.bias`.
+fn head_weights(
+    trained: &Tensors,
     pool: crate::fit::model::Pool,
     d: usize,
     classes: usize,
 ) -> Result<graph::HeadWeights> {
-    let mut take = |name: &str, shape: &[usize]| -> Result<Vec<f32>> {
-        match trained.remove(name) {
-            Some((s, v)) if s == shape => Ok(v),
-            Some((s, _)) => Err(Error::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("tensor '{name}' has shape {s:?}, the run's head needs {shape:?}"),
-            }),
-            None => Err(Error::Checkpoint {
-                path: path.to_path_buf(),
-                message: format!("tensor '{name}' is missing"),
-            }),
-        }
-    };
-    let weight = take("head.weight", &[classes, d])?;
-    let bias = take("head.bias", &[classes])?;
     Ok(graph::HeadWeights {
         pool,
-        weight,
-        bias,
+        weight: trained.tensor_f32_shaped("head.weight", &[classes, d])?,
+        bias: trained.tensor_f32_shaped("head.bias", &[classes])?,
         d,
         classes,
     })
