@@ -15,7 +15,7 @@ use crate::fit::{fit, fit_fixture_with, predict_data, summary};
 use sherl::extract::runtime::F32Session;
 
 /// `sherl-fit export` of `run` into `root/out`.
-fn export(root: &Path, run: &str, out: &str) -> std::process::Output {
+pub(crate) fn export(root: &Path, run: &str, out: &str) -> std::process::Output {
     common::run(
         "sherl-fit",
         &[
@@ -33,7 +33,7 @@ fn export(root: &Path, run: &str, out: &str) -> std::process::Output {
 }
 
 /// The texts of the fixture's `data.csv` (first column), in file order.
-fn texts(root: &Path) -> Vec<String> {
+pub(crate) fn texts(root: &Path) -> Vec<String> {
     std::fs::read_to_string(root.join("data.csv"))
         .unwrap()
         .lines()
@@ -56,7 +56,7 @@ fn padded(rows: &[Vec<u32>]) -> Array2<i64> {
 
 /// The exported model in `dir` on `texts`, one padded batch, tokenized by
 /// the exported `tokenizer.json` as it is: `[texts, classes]`.
-fn onnx_probabilities(dir: &Path, texts: &[String], bert: bool) -> Vec<Vec<f32>> {
+pub(crate) fn onnx_probabilities(dir: &Path, texts: &[String], bert: bool) -> Vec<Vec<f32>> {
     let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
     let encs = tok.encode_batch(texts.to_vec(), true).unwrap();
     let ids = padded(
@@ -97,7 +97,7 @@ fn onnx_probabilities(dir: &Path, texts: &[String], bert: bool) -> Vec<Vec<f32>>
 
 /// `predict`'s probabilities of run `run` on data.csv, per row in the
 /// order of `labels`.
-fn predicted(root: &Path, run: &str, labels: &[String]) -> Vec<Vec<f32>> {
+pub(crate) fn predicted(root: &Path, run: &str, labels: &[String]) -> Vec<Vec<f32>> {
     let o = predict_data(root, run);
     assert!(o.status.success(), "{}", common::stderr(&o));
     std::fs::read_to_string(root.join("pred.jsonl"))
@@ -115,7 +115,7 @@ fn predicted(root: &Path, run: &str, labels: &[String]) -> Vec<Vec<f32>> {
 
 /// Train `method` with `extra` flags on the fixture in `root`, export it,
 /// and compare ONNX Runtime on the export with predict on every row.
-fn check_parity(root: &Path, bert: bool, method: &str, extra: &[&str]) {
+pub(crate) fn check_parity(root: &Path, bert: bool, method: &str, extra: &[&str]) {
     let mut args = vec!["--method", method, "--epochs", "2", "--lr", "0.003"];
     args.extend_from_slice(extra);
     let s = summary(&fit(root, &args));

@@ -1,0 +1,1 @@
+//! `sherl-fit export` of image runs: parity with `sherl-fit predict`.

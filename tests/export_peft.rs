@@ -1,0 +1,1 @@
+//! `sherl-fit export` of adapter and lst runs: parity with `sherl-fit predict`.

@@ -1,0 +1,1 @@
+//! `sherl-fit export` of sherl and unipt runs: parity with `sherl-fit predict`.
