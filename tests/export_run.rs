@@ -3,7 +3,7 @@
 //! README's Python example feeds it (one padded batch), gives the
 //! probabilities `sherl-fit predict` gives, within 1e-4, for every exported
 //! method on the tiny BERT and MPNet fixtures; runs that fail their checks
-//! or whose method is not exported yet are refused.
+//! are refused.
 
 use std::path::Path;
 
@@ -186,10 +186,9 @@ fn exported_mpnet_runs_match_predict() {
     parity_on(&tiny::TinyConfig::mpnet(), false);
 }
 
-/// An edited weights file, and a method export does not write yet, are
-/// refused, naming why; nothing is written for them.
+/// An edited weights file is refused, naming why; nothing is written.
 #[test]
-fn export_refuses_edited_weights_and_unexported_methods() {
+fn export_refuses_edited_weights() {
     let f = fit_fixture_with(&tiny::TinyConfig::default(), 30, 9, &["--layers", "all"]);
     let root = &f.root;
     let s = summary(&fit(root, &["--method", "linear-probe", "--epochs", "1"]));
@@ -207,14 +206,4 @@ fn export_refuses_edited_weights_and_unexported_methods() {
         "{e}"
     );
     assert!(!root.join("edited").exists());
-
-    let s = summary(&fit(root, &["--method", "sherl", "--epochs", "1"]));
-    let o = export(root, s["run_dir"].as_str().unwrap(), "sherl");
-    assert!(!o.status.success());
-    let e = common::stderr(&o);
-    assert!(
-        e.contains("export of a sherl run is not implemented yet"),
-        "{e}"
-    );
-    assert!(!root.join("sherl").exists());
 }
