@@ -5,6 +5,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod cache;
+mod checkpoint;
 mod cli;
 mod common;
 mod data;

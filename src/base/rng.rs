@@ -76,6 +76,12 @@ impl SplitMix64 {
         r
     }
 
+    /// The current state: [`SplitMix64::new`] of it continues the same
+    /// sequence (a training checkpoint saves the dropout stream this way).
+    pub fn state(&self) -> u64 {
+        self.0
+    }
+
     /// Next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(GAMMA);

@@ -23,6 +23,7 @@
 
 pub mod alloc_track;
 pub mod batcher;
+pub mod checkpoint;
 pub mod checks;
 pub mod config;
 pub mod error;
@@ -35,6 +36,7 @@ pub mod model;
 pub mod nn;
 pub mod optim;
 pub mod params;
+pub mod resume;
 pub mod retrieval;
 pub mod run_dir;
 pub mod sweep;

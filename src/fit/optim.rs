@@ -31,6 +31,9 @@ struct Slot {
     moments: Mutex<Moments>,
 }
 
+/// Each parameter's first and second moments, in parameter order.
+pub type ParamMoments = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// AdamW over a group of parameters (candle-nn's formula and defaults).
 pub struct AdamW {
     params: ParamsAdamW,
@@ -73,6 +76,58 @@ impl AdamW {
             step_t: 0,
             inner,
         })
+    }
+
+    /// The optimizer's state for a checkpoint: the steps taken and each
+    /// parameter's two moments, in parameter order; `None` on candle-nn's
+    /// path (CUDA or non-f32 parameters), whose state is not reachable.
+    pub fn state(&self) -> Option<(i32, ParamMoments)> {
+        match &self.inner {
+            Inner::Candle(..) => None,
+            Inner::Fused(slots) => Some((
+                self.step_t,
+                slots
+                    .iter()
+                    .map(|s| {
+                        let m = s.moments.lock().unwrap_or_else(|e| e.into_inner());
+                        (m.m.clone(), m.v.clone())
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
+    /// Put back a state from [`AdamW::state`]: the steps taken and the
+    /// moments, which must match the parameters in number and sizes.
+    pub fn set_state(&mut self, step_t: i32, moments: ParamMoments) -> Result<()> {
+        let Inner::Fused(slots) = &mut self.inner else {
+            return Err(candle_core::Error::Msg(
+                "this optimizer's state cannot be restored (candle-nn's AdamW)".into(),
+            )
+            .into());
+        };
+        if moments.len() != slots.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "a checkpoint holds the moments of {} parameters, the optimizer has {}",
+                moments.len(),
+                slots.len()
+            ))
+            .into());
+        }
+        for (slot, (m, v)) in slots.iter().zip(moments) {
+            let n = slot.var.elem_count();
+            if m.len() != n || v.len() != n {
+                return Err(candle_core::Error::Msg(format!(
+                    "a checkpoint's moments have {} and {} values for a parameter of {n}",
+                    m.len(),
+                    v.len()
+                ))
+                .into());
+            }
+            *slot.moments.lock().unwrap_or_else(|e| e.into_inner()) = Moments { m, v };
+        }
+        self.step_t = step_t;
+        Ok(())
     }
 
     /// The learning rate of the next steps.

@@ -436,6 +436,15 @@ impl Task for Classification<'_> {
         self.model.params.snapshot()
     }
 
+    fn carried(&self) -> serde_json::Value {
+        serde_json::json!({ "train_tokens": self.train_tokens })
+    }
+
+    fn set_carried(&mut self, value: &serde_json::Value) -> Result<()> {
+        self.train_tokens = carried_count(value, "train_tokens")?;
+        Ok(())
+    }
+
     fn restore(&self, weights: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
         self.model.params.restore(weights, source)
     }
@@ -467,4 +476,15 @@ impl Task for Classification<'_> {
             },
         })
     }
+}
+
+/// The count `key` of a task's carried totals (a checkpoint's `task`).
+pub(crate) fn carried_count(value: &serde_json::Value, key: &str) -> Result<usize> {
+    value[key]
+        .as_u64()
+        .map(|n| n as usize)
+        .ok_or_else(|| crate::Error::Checkpoint {
+            path: crate::fit::checkpoint::STATE_FILE.into(),
+            message: format!("'task.{key}' is missing or not a count"),
+        })
 }

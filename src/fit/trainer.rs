@@ -28,9 +28,10 @@ use candle_core::{Device, Tensor, Var};
 use candle_nn::optim::ParamsAdamW;
 
 use super::alloc_track::StepWindow;
+use super::checkpoint::{self, abort_for_test};
 use super::config::FitConfig;
 use super::memory::peak_rss_bytes;
-use super::optim::{clip_scale, AdamW};
+use super::optim::{clip_scale, AdamW, ParamMoments};
 use super::params::{Group, Params};
 use super::run_dir::{
     EpochMetrics, EpochTask, RunError, Summary, SummaryTask, TrainMemory, CONFIG_FILE, ERROR_FILE,
@@ -161,6 +162,15 @@ pub trait Task {
     fn snapshot(&self) -> Result<BTreeMap<String, Tensor>>;
     /// Put weights from [`Task::snapshot`] back (read from `source`).
     fn restore(&self, weights: &BTreeMap<String, Tensor>, source: &Path) -> Result<()>;
+    /// Running totals the task carries from epoch to epoch (saved in a
+    /// mid-run checkpoint; `null` when there are none).
+    fn carried(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Put back totals from [`Task::carried`] when a run resumes.
+    fn set_carried(&mut self, _value: &serde_json::Value) -> Result<()> {
+        Ok(())
+    }
     /// After training, with the best epoch's weights restored: score the
     /// valid and test splits, write the task's own files into `run_dir`;
     /// `train_seconds`: all epochs' training time.
@@ -216,7 +226,8 @@ impl Trainer<'_> {
 
     /// Create the run directory and lock it, then remove what an earlier,
     /// unfinished attempt left (`metrics.jsonl`, `error.json`, the weights
-    /// and `stale`). One process per run directory: a second `run` (or a
+    /// and `stale`; with a mid-run checkpoint only `error.json` and
+    /// `stale`, [`super::checkpoint`]). One process per run directory: a second `run` (or a
     /// second sweep on the same --out) is refused while the first holds the
     /// lock, and the operating system releases it when the holder dies,
     /// however it dies.
@@ -233,7 +244,15 @@ impl Trainer<'_> {
         if let Some(s) = self.finished()? {
             return Ok(Claim::Finished(Box::new(s)));
         }
-        for name in [METRICS_FILE, ERROR_FILE, WEIGHTS_FILE].iter().chain(stale) {
+        // A checkpoint keeps the metrics and best weights it accounts for
+        // (Trainer::train checks them, and starts over if they disagree).
+        let resumable = dir.join(checkpoint::STATE_FILE).exists();
+        let kept: &[&str] = if resumable {
+            &[ERROR_FILE]
+        } else {
+            &[METRICS_FILE, ERROR_FILE, WEIGHTS_FILE]
+        };
+        for name in kept.iter().chain(stale) {
             let p = dir.join(name);
             if p.exists() {
                 std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
@@ -251,10 +270,11 @@ impl Trainer<'_> {
     /// so `predict` and `search` refuse a file edited afterwards.
     pub fn fit<T: Task>(&self, task: &mut T) -> Result<Summary> {
         let config_sha256 = crate::fsutil::sha256_file(&self.run_dir.join(CONFIG_FILE))?;
-        match self.train(task) {
+        match self.train(task, &config_sha256) {
             Ok(mut s) => {
                 s.config_sha256 = Some(config_sha256);
                 s.write(&self.run_dir)?;
+                checkpoint::remove(&self.run_dir)?;
                 Ok(s)
             }
             Err(e) => {
@@ -264,19 +284,38 @@ impl Trainer<'_> {
         }
     }
 
-    fn train<T: Task>(&self, task: &mut T) -> Result<Summary> {
+    fn train<T: Task>(&self, task: &mut T, config_sha256: &str) -> Result<Summary> {
         let cfg = self.config;
         let mut opt = Optimisers::new(task.param_groups(), cfg)?;
         let steps_per_epoch = task.steps_per_epoch();
         let total_steps = steps_per_epoch * cfg.epochs;
-        let mut dropout = SplitMix64::for_stream(cfg.seed, Stream::Dropout);
         let metrics_path = self.run_dir.join(METRICS_FILE);
-        let mut metrics = metrics_log(&metrics_path)?;
-        let mut best = Best::new(self.run_dir.join(WEIGHTS_FILE));
-        let mut step = 0usize;
-        let mut step_peak: Option<u64> = None;
-        let mut train_seconds = 0.0;
-        for epoch in 1..=cfg.epochs {
+        let weights_path = self.run_dir.join(WEIGHTS_FILE);
+        let mut p = match self.resume(task, &mut opt, config_sha256)? {
+            Some(p) => p,
+            None => {
+                if weights_path.exists() {
+                    std::fs::remove_file(&weights_path).map_err(|e| Error::io(&weights_path, e))?;
+                }
+                Progress {
+                    first_epoch: 1,
+                    step: 0,
+                    dropout: SplitMix64::for_stream(cfg.seed, Stream::Dropout),
+                    train_seconds: 0.0,
+                    step_peak: None,
+                    best: Best::new(weights_path.clone()),
+                    metrics: String::new(),
+                }
+            }
+        };
+        let mut metrics = metrics_log(&metrics_path, &p.metrics)?;
+        let checkpoints = opt.state().is_some();
+        let (mut dropout, mut best) = (
+            p.dropout.clone(),
+            std::mem::replace(&mut p.best, Best::new(weights_path)),
+        );
+        let (mut step, mut step_peak, mut train_seconds) = (p.step, p.step_peak, p.train_seconds);
+        for epoch in p.first_epoch..=cfg.epochs {
             let _span = tracing::info_span!("epoch", n = epoch).entered();
             self.reporter
                 .epoch_start(epoch, cfg.epochs, steps_per_epoch as u64);
@@ -324,6 +363,11 @@ impl Trainer<'_> {
                 .map_err(|e| Error::io(&metrics_path, e))?;
             self.reporter.epoch_end(&em);
             best.offer(em.task.selection(), epoch, task)?;
+            if checkpoints {
+                let at = (epoch, step, train_seconds, step_peak);
+                self.save_checkpoint(task, &opt, &best, &dropout, config_sha256, at)?;
+                abort_for_test(epoch);
+            }
         }
         let best_epoch = best.restore(task)?;
         let done = task.finish(&self.run_dir, train_seconds)?;
@@ -349,22 +393,40 @@ impl Trainer<'_> {
     }
 }
 
+/// Where a run stands when its epochs begin (fresh or resumed).
+pub(super) struct Progress {
+    pub(super) first_epoch: usize,
+    pub(super) step: usize,
+    pub(super) dropout: SplitMix64,
+    pub(super) train_seconds: f64,
+    pub(super) step_peak: Option<u64>,
+    pub(super) best: Best,
+    /// The kept lines of `metrics.jsonl`.
+    pub(super) metrics: String,
+}
+
 /// Create `metrics.jsonl`, a log written one line per epoch as training
 /// goes (the report and a watching user read it while the run is still
 /// going), so not through [`crate::fsutil::AtomicFile`]: a run killed
 /// mid-line leaves a cut last line, which the report names and leaves out.
+/// A resumed run starts it with the `kept` lines of the epochs its
+/// checkpoint accounts for.
 #[expect(
     clippy::disallowed_methods,
     reason = "a progress log appended line by line, read while it grows"
 )]
-fn metrics_log(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::create(path).map_err(|e| Error::io(path, e))
+fn metrics_log(path: &Path, kept: &str) -> Result<std::fs::File> {
+    let mut f = std::fs::File::create(path).map_err(|e| Error::io(path, e))?;
+    f.write_all(kept.as_bytes())
+        .and_then(|_| f.flush())
+        .map_err(|e| Error::io(path, e))?;
+    Ok(f)
 }
 
 /// One AdamW per non-empty [`ParamGroup`], and every trained parameter in
 /// group order (the gradients are clipped over them in that order).
-struct Optimisers {
-    groups: Vec<(AdamW, f64)>,
+pub(super) struct Optimisers {
+    pub(super) groups: Vec<(AdamW, f64)>,
     vars: Vec<Var>,
     trains_pretrained: bool,
 }
@@ -395,6 +457,43 @@ impl Optimisers {
         Ok(out)
     }
 
+    /// Every group's state ([`AdamW::state`]), or `None` when one group's
+    /// is not reachable (no checkpoints are written then).
+    pub(super) fn state(&self) -> Option<Vec<(i32, ParamMoments)>> {
+        self.groups.iter().map(|(o, _)| o.state()).collect()
+    }
+
+    /// Whether `moments` fit the groups' parameters (number and sizes).
+    pub(super) fn check_moments(
+        &self,
+        moments: &[ParamMoments],
+    ) -> std::result::Result<(), String> {
+        let Some(state) = self.state() else {
+            return Err("this optimiser's state cannot be restored".into());
+        };
+        for (g, ((_, have), got)) in state.iter().zip(moments).enumerate() {
+            let sizes = |v: &ParamMoments| {
+                v.iter()
+                    .map(|(m, v)| (m.len(), v.len()))
+                    .collect::<Vec<_>>()
+            };
+            if sizes(have) != sizes(got) {
+                return Err(format!(
+                    "the moments of optimiser group {g} do not fit the model's parameters"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Put back every group's steps and moments (checked first).
+    pub(super) fn set_state(&mut self, steps: &[i32], moments: Vec<ParamMoments>) -> Result<()> {
+        for (((o, _), &t), m) in self.groups.iter_mut().zip(steps).zip(moments) {
+            o.set_state(t, m)?;
+        }
+        Ok(())
+    }
+
     /// Clip the gradients to `max_norm` (0: off), then step every group at
     /// its learning rate times `mult`.
     fn step(&mut self, grads: &mut GradStore, max_norm: f64, mult: f64) -> Result<()> {
@@ -413,14 +512,14 @@ impl Optimisers {
 
 /// The best epoch so far by the valid score, its weights in memory and in
 /// `weights.safetensors` (replaced atomically on each improvement).
-struct Best {
+pub(super) struct Best {
     path: PathBuf,
-    best: Option<(f64, usize, BTreeMap<String, Tensor>)>,
-    sha256: String,
+    pub(super) best: Option<(f64, usize, BTreeMap<String, Tensor>)>,
+    pub(super) sha256: String,
 }
 
 impl Best {
-    fn new(path: PathBuf) -> Self {
+    pub(super) fn new(path: PathBuf) -> Self {
         Best {
             path,
             best: None,

@@ -424,6 +424,15 @@ impl Task for Retrieval<'_> {
         snapshot(self.image, self.text, &self.log_scale)
     }
 
+    fn carried(&self) -> serde_json::Value {
+        serde_json::json!({ "train_pairs": self.train_pairs })
+    }
+
+    fn set_carried(&mut self, value: &serde_json::Value) -> Result<()> {
+        self.train_pairs = crate::fit::train::carried_count(value, "train_pairs")?;
+        Ok(())
+    }
+
     fn restore(&self, weights: &BTreeMap<String, Tensor>, source: &Path) -> Result<()> {
         restore(self.image, self.text, &self.log_scale, weights, source)
     }
