@@ -88,7 +88,8 @@ pub enum Command {
     /// Write a trained text classification run as one standalone ONNX model
     /// (backbone layers, trained modules, head; outputs logits and
     /// probabilities) with its tokenizer, labels.json and a README with a
-    /// Python example. Methods: linear-probe, late-layer, full-ft, lora.
+    /// Python example. Methods: sherl, linear-probe, late-layer, unipt, full-ft,
+    /// lora.
     #[cfg(feature = "extract")]
     Export {
         /// Run directory (RUNS/<run id>).

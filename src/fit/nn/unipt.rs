@@ -16,7 +16,7 @@ use crate::fit::kernels::gemm::{matmul, View};
 use crate::Result;
 
 /// LayerNorm epsilon of the output block.
-const OUT_LN_EPS: f64 = 1e-5;
+pub const OUT_LN_EPS: f64 = 1e-5;
 
 /// Projectors, per-layer confidence, output block.
 #[derive(Debug, Clone)]

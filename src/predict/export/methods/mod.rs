@@ -3,6 +3,10 @@
 //! returns the sequence the head pools (`[batch, seq, width]`) and its
 //! width.
 //!
+//! Exported: `sherl` (early route, restore, gate, then the backbone's last
+//! layers; module `sherl`), `linear-probe`, `late-layer`, `unipt` (its side
+//! network; module `unipt`), `full-ft`, `lora`; the others are refused.
+//!
 //! The backbone's own layers with trained weights in place (late-layer,
 //! full-ft, LoRA merged, `--late-trainable`) need no nodes of their own:
 //! those weights replace the checkpoint's before the graph is built.
@@ -15,6 +19,9 @@ use crate::fit::error::FitError;
 use crate::fit::method::MethodSpec;
 use crate::Result;
 
+mod sherl;
+mod unipt;
+
 /// Build `method`'s graph on `body`, reading its trained tensors from
 /// `trained`; returns the sequence the head pools and its width.
 pub fn build(
@@ -23,7 +30,6 @@ pub fn build(
     trained: &Tensors,
     run: &Path,
 ) -> Result<(String, usize)> {
-    let _ = trained;
     let (n, d) = (body.layers(), body.width());
     match method {
         MethodSpec::LinearProbe { probe_layer } => {
@@ -41,14 +47,18 @@ pub fn build(
         MethodSpec::LateLayer { .. } | MethodSpec::FullFt | MethodSpec::Lora { .. } => {
             Ok((body.hidden(n)?, d))
         }
-        MethodSpec::Sherl { .. }
-        | MethodSpec::Unipt { .. }
-        | MethodSpec::Adapter { .. }
-        | MethodSpec::Lst { .. } => Err(FitError::BadRun {
+        MethodSpec::Sherl {
+            late_layers,
+            side_dim,
+            early_layers,
+            ..
+        } => sherl::build(body, trained, early_layers, *late_layers, *side_dim, run),
+        MethodSpec::Unipt { side_dim } => unipt::build(body, trained, *side_dim),
+        MethodSpec::Adapter { .. } | MethodSpec::Lst { .. } => Err(FitError::BadRun {
             path: run.to_path_buf(),
             message: format!(
-                "export of a {} run is not implemented yet (exported: linear-probe, late-layer, \
-                 full-ft, lora)",
+                "export of a {} run is not implemented yet (exported: sherl, linear-probe, \
+                 late-layer, unipt, full-ft, lora)",
                 method.kind().name()
             ),
         }
