@@ -11,7 +11,7 @@
 //! the run's `max_len`, no padding), `labels.json` and a `README.md`.
 //!
 //! Exported today: text runs of `linear-probe`, `late-layer`, `full-ft` and
-//! `lora` (its updates merged into the weights, `merge`).
+//! `lora` (its updates merged into the weights, `merge`), `adapter` and `lst`.
 //! A run whose weights or `config.json` fail their recorded checksums, or
 //! whose backbone files differ from the ones its cache was extracted with,
 //! is refused, by the same checks `predict` makes.

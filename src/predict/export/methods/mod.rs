@@ -7,6 +7,9 @@
 //! full-ft, LoRA merged, `--late-trainable`) need no nodes of their own:
 //! those weights replace the checkpoint's before the graph is built.
 
+mod adapter;
+mod lst;
+
 use std::path::Path;
 
 use super::body::Body;
@@ -41,14 +44,17 @@ pub fn build(
         MethodSpec::LateLayer { .. } | MethodSpec::FullFt | MethodSpec::Lora { .. } => {
             Ok((body.hidden(n)?, d))
         }
-        MethodSpec::Sherl { .. }
-        | MethodSpec::Unipt { .. }
-        | MethodSpec::Adapter { .. }
-        | MethodSpec::Lst { .. } => Err(FitError::BadRun {
+        MethodSpec::Adapter {
+            side_dim,
+            placement,
+            activation,
+        } => adapter::build(body, trained, *side_dim, *placement, *activation),
+        MethodSpec::Lst { side_dim, .. } => lst::build(body, trained, *side_dim),
+        MethodSpec::Sherl { .. } | MethodSpec::Unipt { .. } => Err(FitError::BadRun {
             path: run.to_path_buf(),
             message: format!(
                 "export of a {} run is not implemented yet (exported: linear-probe, late-layer, \
-                 full-ft, lora)",
+                 full-ft, lora, adapter, lst)",
                 method.kind().name()
             ),
         }
