@@ -95,6 +95,9 @@ pub struct BertGraph {
     pub g: Graph,
     cfg: BertConfig,
     shared: LayerShared,
+    /// The padding mask's additive bias alone (`[B, 1, 1, S]`), without
+    /// MPNet's relative-position bias.
+    keys: String,
 }
 
 impl BertGraph {
@@ -106,10 +109,18 @@ impl BertGraph {
         let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
         declare_inputs(&mut g, cfg.family());
         let (x, seq) = embeddings(&mut g, cfg, ckpt)?;
-        let bias = attention_bias(&mut g, cfg, ckpt, &seq)?;
+        let (keys, bias) = attention_bias(&mut g, cfg, ckpt, &seq)?;
         let shared = LayerShared::new(&mut g, cfg, act, bias, "");
         let cfg = cfg.clone();
-        Ok((BertGraph { g, cfg, shared }, x))
+        Ok((
+            BertGraph {
+                g,
+                cfg,
+                shared,
+                keys,
+            },
+            x,
+        ))
     }
 
     /// Backbone layer `i` (checkpoint `encoder.layer.{i}` of `src`) on `x`;
@@ -133,9 +144,10 @@ impl BertGraph {
 
     /// A layer of the same family at another width (`cfg`: hidden size,
     /// heads, FFN size, activation, epsilon), its weights read from `src`
-    /// under `prefix` (e.g. LST's `lst.layer.{i}`), with its own constants
-    /// named after `tag`; returns its output `out`. The attention bias is
-    /// the backbone's (the padding mask, and MPNet's relative bias).
+    /// under `prefix` (e.g. a backbone layer run a second time), with its
+    /// own constants named after `tag`; returns its output `out`. The
+    /// attention bias is the backbone's (the padding mask, and MPNet's
+    /// relative bias).
     pub fn side_layer(
         &mut self,
         src: &dyn TensorSource,
@@ -145,8 +157,41 @@ impl BertGraph {
         x: &str,
         out: String,
     ) -> Result<String> {
+        let bias = self.shared.bias4.clone();
+        self.layer_under(src, cfg, tag, prefix, x, out, bias)
+    }
+
+    /// [`BertGraph::side_layer`] attending under the padding mask alone,
+    /// without MPNet's relative-position bias (a side network's layers,
+    /// whose heads need not be the backbone's: LST's).
+    pub fn masked_side_layer(
+        &mut self,
+        src: &dyn TensorSource,
+        cfg: &BertConfig,
+        tag: &str,
+        prefix: &str,
+        x: &str,
+        out: String,
+    ) -> Result<String> {
+        let bias = self.keys.clone();
+        self.layer_under(src, cfg, tag, prefix, x, out, bias)
+    }
+
+    /// A layer of sizes `cfg` whose attention scores get the additive
+    /// `bias`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_under(
+        &mut self,
+        src: &dyn TensorSource,
+        cfg: &BertConfig,
+        tag: &str,
+        prefix: &str,
+        x: &str,
+        out: String,
+        bias: String,
+    ) -> Result<String> {
         let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
-        let shared = LayerShared::new(&mut self.g, cfg, act, self.shared.bias4.clone(), tag);
+        let shared = LayerShared::new(&mut self.g, cfg, act, bias, tag);
         let spec = LayerSpec {
             cfg,
             shared: &shared,
@@ -253,8 +298,14 @@ fn embeddings(g: &mut Graph, cfg: &BertConfig, ckpt: &Checkpoint) -> Result<(Str
 }
 
 /// The additive attention bias from the mask, `(1 - mask) * f32::MIN` as
-/// `[B, 1, 1, S]`, plus MPNet's relative-position bias (`[B, H, S, S]`).
-fn attention_bias(g: &mut Graph, cfg: &BertConfig, ckpt: &Checkpoint, seq: &str) -> Result<String> {
+/// `[B, 1, 1, S]`, plus MPNet's relative-position bias (`[B, H, S, S]`);
+/// returns the mask's bias alone and the sum.
+fn attention_bias(
+    g: &mut Graph,
+    cfg: &BertConfig,
+    ckpt: &Checkpoint,
+    seq: &str,
+) -> Result<(String, String)> {
     let mask_f = g.node(
         "Cast",
         &["attention_mask"],
@@ -265,7 +316,8 @@ fn attention_bias(g: &mut Graph, cfg: &BertConfig, ckpt: &Checkpoint, seq: &str)
     let minv = g.const_f32("mask_min", &[f32::MIN], &[]);
     let bias = g.node("Mul", &[&inv, &minv], vec![]);
     let ax12 = g.const_i64("axes12", &[1, 2], &[2]);
-    let mut bias4 = g.node("Unsqueeze", &[&bias, &ax12], vec![]);
+    let keys = g.node("Unsqueeze", &[&bias, &ax12], vec![]);
+    let mut bias4 = keys.clone();
     if let Some(buckets) = cfg.relative_buckets() {
         // MPNet: + table[bucket(j - i)][h], [1, H, S, S], shared by all layers
         let len = cfg.max_tokens();
@@ -290,7 +342,7 @@ fn attention_bias(g: &mut Graph, cfg: &BertConfig, ckpt: &Checkpoint, seq: &str)
         let rel = g.node("Unsqueeze", &[&rel, &ax0], vec![]); // [1, H, S, S]
         bias4 = g.node("Add", &[&bias4, &rel], vec![]); // [B, H, S, S]
     }
-    Ok(bias4)
+    Ok((keys, bias4))
 }
 
 /// What every encoder layer shares: module names, activation, the

@@ -6,7 +6,7 @@
 use crate::backbone::{BertConfig, Checkpoint};
 use crate::extract::onnx::builder::{Graph, TensorSource};
 use crate::extract::onnx::export::{BertGraph, LayerHooks, NoHooks};
-use crate::Result;
+use crate::{Error, Result};
 
 /// The frozen backbone inside an exported graph.
 pub trait Body {
@@ -26,8 +26,10 @@ pub trait Body {
     /// `None` when the inputs have no padding (images).
     fn mask(&mut self) -> Option<String>;
     /// A post-norm BERT layer of sizes `cfg` (a side network's, e.g. LST's)
-    /// with weights from `src` under `prefix`, attending under the
-    /// backbone's padding mask; `tag` prefixes its constants.
+    /// with weights from `src` under `prefix` (named as `cfg`'s family
+    /// names them), attending under the backbone's padding mask alone (no
+    /// relative-position bias: a side layer's heads need not be the
+    /// backbone's); `tag` prefixes its constants.
     fn side_layer(
         &mut self,
         src: &dyn TensorSource,
@@ -37,6 +39,25 @@ pub trait Body {
         x: &str,
         out: &str,
     ) -> Result<String>;
+    /// The backbone's sizes as a BERT configuration (what a side network
+    /// sized after the backbone reads: heads, FFN width, activation,
+    /// epsilon). Bodies that cannot describe themselves so refuse.
+    fn sizes(&self) -> Result<BertConfig> {
+        Err(Error::UnsupportedBackbone(
+            "this backbone's sizes are not a BERT configuration".into(),
+        ))
+    }
+    /// Backbone layer `i` on `x` with extra nodes from `hooks` inside it
+    /// (adapters), its output named `hidden_states.{i + 1}`. Bodies whose
+    /// layers take no hooks refuse.
+    fn hooked_layer(&mut self, i: usize, x: &str, hooks: &mut dyn LayerHooks) -> Result<String> {
+        let _ = (i, x, hooks);
+        Err(Error::UnsupportedBackbone(
+            "modules inside this backbone's layers (adapters) are exported for text \
+             backbones only"
+                .into(),
+        ))
+    }
 }
 
 /// A BERT-family text backbone ([`BertGraph`]) as a [`Body`].
@@ -60,17 +81,6 @@ impl<'a> TextBody<'a> {
             states: vec![x0],
             mask: None,
         })
-    }
-
-    /// Backbone layer `i` on `x` with extra nodes from `hooks` (adapters);
-    /// its output is named `hidden_states.{i + 1}`.
-    pub fn hooked_layer(
-        &mut self,
-        i: usize,
-        x: &str,
-        hooks: &mut dyn LayerHooks,
-    ) -> Result<String> {
-        self.b.layer(self.ckpt, i, x, hooks)
     }
 }
 
@@ -133,6 +143,15 @@ impl Body for TextBody<'_> {
         x: &str,
         out: &str,
     ) -> Result<String> {
-        self.b.side_layer(src, cfg, tag, prefix, x, out.to_string())
+        self.b
+            .masked_side_layer(src, cfg, tag, prefix, x, out.to_string())
+    }
+
+    fn sizes(&self) -> Result<BertConfig> {
+        Ok(self.b.config().clone())
+    }
+
+    fn hooked_layer(&mut self, i: usize, x: &str, hooks: &mut dyn LayerHooks) -> Result<String> {
+        self.b.layer(self.ckpt, i, x, hooks)
     }
 }

@@ -10,11 +10,12 @@
 //! `[batch, classes]`. Next to `model.onnx` go the tokenizer (truncating at
 //! the run's `max_len`, no padding), `labels.json` and a `README.md`.
 //!
-//! Exported today: text runs of `sherl` (its early route, restore and gate
-//! in front of the backbone's last layers), `linear-probe`, `late-layer`,
-//! `unipt` (its side network on every hidden state), `full-ft` and `lora`
-//! (its updates merged into the weights, `merge`); the method graphs are in
-//! [`methods`].
+//! Every method is exported ([`methods`]): `sherl` (its early route,
+//! restore and gate in front of the backbone's last layers),
+//! `linear-probe`, `late-layer`, `unipt` (its side network on every hidden
+//! state), `full-ft`, `lora` (its updates merged into the weights,
+//! `merge`), `adapter` (inside the backbone's layers) and `lst` (its side
+//! layers on every hidden state).
 //! A run whose weights or `config.json` fail their recorded checksums, or
 //! whose backbone files differ from the ones its cache was extracted with,
 //! is refused, by the same checks `predict` makes.

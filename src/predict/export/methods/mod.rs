@@ -3,13 +3,19 @@
 //! returns the sequence the head pools (`[batch, seq, width]`) and its
 //! width.
 //!
-//! Exported: `sherl` (early route, restore, gate, then the backbone's last
-//! layers; module `sherl`), `linear-probe`, `late-layer`, `unipt` (its side
-//! network; module `unipt`), `full-ft`, `lora`; the others are refused.
+//! Every method has its graph: `sherl` (early route, restore, gate, then
+//! the backbone's last layers), `unipt` and `lst` (side networks on every
+//! hidden state), `adapter` (hooks inside the backbone's layers); the
+//! others are the backbone itself read at one hidden state.
 //!
 //! The backbone's own layers with trained weights in place (late-layer,
 //! full-ft, LoRA merged, `--late-trainable`) need no nodes of their own:
 //! those weights replace the checkpoint's before the graph is built.
+
+mod adapter;
+mod lst;
+mod sherl;
+mod unipt;
 
 use std::path::Path;
 
@@ -18,9 +24,6 @@ use crate::extract::onnx::builder::Tensors;
 use crate::fit::error::FitError;
 use crate::fit::method::MethodSpec;
 use crate::Result;
-
-mod sherl;
-mod unipt;
 
 /// Build `method`'s graph on `body`, reading its trained tensors from
 /// `trained`; returns the sequence the head pools and its width.
@@ -54,14 +57,11 @@ pub fn build(
             ..
         } => sherl::build(body, trained, early_layers, *late_layers, *side_dim, run),
         MethodSpec::Unipt { side_dim } => unipt::build(body, trained, *side_dim),
-        MethodSpec::Adapter { .. } | MethodSpec::Lst { .. } => Err(FitError::BadRun {
-            path: run.to_path_buf(),
-            message: format!(
-                "export of a {} run is not implemented yet (exported: sherl, linear-probe, \
-                 late-layer, unipt, full-ft, lora)",
-                method.kind().name()
-            ),
-        }
-        .into()),
+        MethodSpec::Adapter {
+            side_dim,
+            placement,
+            activation,
+        } => adapter::build(body, trained, *side_dim, *placement, *activation),
+        MethodSpec::Lst { side_dim, .. } => lst::build(body, trained, *side_dim),
     }
 }
