@@ -18,6 +18,8 @@
 
 pub mod body;
 pub mod graph;
+mod image;
+pub mod image_body;
 mod merge;
 pub mod methods;
 mod readme;
@@ -31,7 +33,6 @@ use serde::Serialize;
 use crate::backbone::{BackboneDir, Checkpoint, F32Tensors};
 use crate::extract::onnx::builder::{TensorSource, Tensors};
 use crate::extract::tokenize::Tokenizer;
-use crate::fit::error::FitError;
 use crate::fit::method::MethodSpec;
 use crate::fit::params::Params;
 use crate::fit::run_dir::RunConfig;
@@ -73,12 +74,8 @@ pub struct ExportSummary {
 pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
     let rc = RunConfig::read(&plan.run)?;
     let weights_path = super::checks::checked_weights(&plan.run)?;
-    if rc.cache.image.is_some() {
-        return Err(FitError::BadRun {
-            path: plan.run.clone(),
-            message: "the run was trained on images; export writes text runs only so far".into(),
-        }
-        .into());
+    if let Some(image) = &rc.cache.image {
+        return image::export_image(plan, &rc, image, &weights_path);
     }
     let dir = BackboneDir::open(&plan.backbone)?;
     let bert = super::text::checked_text_backbone(&plan.run, &rc, &dir)?;
