@@ -85,9 +85,10 @@ pub enum Command {
     /// (rank, id, score, image file or caption).
     #[cfg(feature = "extract")]
     Search(Box<SearchArgs>),
-    /// Write a trained text classification run as one standalone ONNX model
-    /// (backbone layers, trained modules, head; outputs logits and
-    /// probabilities) with its tokenizer, labels.json and a README with a
+    /// Write a trained text or image classification run as one standalone
+    /// ONNX model (backbone layers, trained modules, head; outputs logits and
+    /// probabilities) with its tokenizer (text) or preprocessing recipe
+    /// (images), labels.json and a README with a
     /// Python example. Methods: linear-probe, late-layer, full-ft, lora.
     #[cfg(feature = "extract")]
     Export {

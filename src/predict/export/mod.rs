@@ -10,6 +10,13 @@
 //! `[batch, classes]`. Next to `model.onnx` go the tokenizer (truncating at
 //! the run's `max_len`, no padding), `labels.json` and a `README.md`.
 //!
+//! An image run ([`image_body`]) is the backbone's own ONNX graph with the
+//! hidden states the run read exposed (and pooled as its cache was), the
+//! ViT blocks it computes, its method's graph and the head appended: input
+//! `pixel_values` (the preprocessed images), the same outputs, and next to
+//! it `preprocess.json` (the recipe the cache recorded), `labels.json` and
+//! a `README.md`.
+//!
 //! Exported today: text runs of `linear-probe`, `late-layer`, `full-ft` and
 //! `lora` (its updates merged into the weights, `merge`).
 //! A run whose weights or `config.json` fail their recorded checksums, or
