@@ -238,3 +238,149 @@ fn exported_image_runs_match_predict() {
     check_image_parity(&f, "e", "linear-probe", &[]);
     check_image_parity(&f, "e", "full-ft", &[]);
 }
+
+/// An image run exported with a backbone other than its cache's (an edited
+/// `backbone.json`, another `model.onnx`) is refused, naming the file;
+/// nothing is written.
+#[test]
+fn image_export_refuses_another_backbone() {
+    let f = image_fixture(4);
+    extract_images(&f, "c", &["--dtype", "f32", "--layers", "all"]);
+    let backbone = f.backbone.to_str().unwrap();
+    let s = sherl_fit(
+        &f,
+        &[
+            "run",
+            "--cache",
+            "c",
+            "--backbone",
+            backbone,
+            "--device",
+            "cpu",
+            "--out",
+            "runs",
+            "--method",
+            "linear-probe",
+            "--epochs",
+            "1",
+        ],
+    );
+    let run = s["run_dir"].as_str().unwrap().to_owned();
+    for (file, edit) in [("backbone.json", b"\n".as_slice()), ("model.onnx", b"\0")] {
+        let other = f.root.join(format!("other-{file}"));
+        std::fs::create_dir_all(&other).unwrap();
+        for entry in std::fs::read_dir(&f.backbone).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), other.join(entry.file_name())).unwrap();
+        }
+        let mut bytes = std::fs::read(other.join(file)).unwrap();
+        bytes.extend_from_slice(edit);
+        std::fs::write(other.join(file), bytes).unwrap();
+        let out = format!("refused-{file}");
+        let o = common::run(
+            "sherl-fit",
+            &[
+                "export",
+                "--run",
+                &run,
+                "--backbone",
+                other.to_str().unwrap(),
+                "--out",
+                &out,
+            ],
+            &f.root,
+            &[],
+        );
+        assert!(!o.status.success(), "{file}");
+        let e = common::stderr(&o);
+        assert!(e.contains(file) && e.contains("differs"), "{file}: {e}");
+        assert!(!f.root.join(&out).exists(), "{file}");
+    }
+}
+
+/// `y = Relu(x)` at default-domain opset `opset`.
+fn relu_model(opset: i64) -> Vec<u8> {
+    use sherl::extract::onnx::proto::{
+        data_type, GraphProto, NodeProto, OperatorSetIdProto, ValueInfoProto,
+    };
+    let io = |name: &str| ValueInfoProto::tensor(name, data_type::FLOAT, &[Err("n")]);
+    ModelProto {
+        ir_version: 7,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: opset,
+        }],
+        graph: Some(GraphProto {
+            node: vec![NodeProto {
+                input: vec!["x".into()],
+                output: vec!["y".into()],
+                op_type: "Relu".into(),
+                ..Default::default()
+            }],
+            input: vec![io("x")],
+            output: vec![io("y")],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
+
+/// The graph appended to a backbone's: its input renamed, the opset and
+/// IR version raised, ONNX Runtime computing both graphs; a name the
+/// model defines already, and a model below opset 13, are refused.
+#[test]
+fn appended_graph_renames_the_input_and_raises_the_opset() {
+    use sherl::extract::onnx::edit::append_graph;
+    use sherl::extract::onnx::proto::{data_type, GraphProto, NodeProto, ValueInfoProto};
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("m.onnx");
+    let extra = |out: &str| GraphProto {
+        node: vec![NodeProto {
+            input: vec!["y".into(), "y".into()],
+            output: vec![out.into()],
+            op_type: "Add".into(),
+            ..Default::default()
+        }],
+        output: vec![ValueInfoProto::tensor(out, data_type::FLOAT, &[Err("n")])],
+        ..Default::default()
+    };
+    let bytes = append_graph(
+        &path,
+        &relu_model(14),
+        &extra("z"),
+        Some(("x", "pixel_values")),
+        17,
+        8,
+    )
+    .unwrap();
+    let m = ModelProto::decode(bytes.as_slice()).unwrap();
+    assert_eq!((m.ir_version, m.opset_import.len()), (8, 1));
+    assert_eq!(m.opset_import[0].version, 17);
+    let g = m.graph.unwrap();
+    assert_eq!(g.input.len(), 1);
+    assert_eq!(g.input[0].name, "pixel_values");
+    assert_eq!(g.node[0].op_type, "Identity"); // before the model's nodes
+    std::fs::write(&path, &bytes).unwrap();
+    let mut s = F32Session::open(common::runtime(), &path, &common::cpu()).unwrap();
+    let x = ArrayD::from_shape_vec(IxDyn(&[3]), vec![-1.0f32, 0.5, 2.0]).unwrap();
+    let out = s.run(&[("pixel_values", x.view())], &["y", "z"]).unwrap();
+    assert_eq!(out[0].as_slice().unwrap(), &[0.0, 0.5, 2.0]);
+    assert_eq!(out[1].as_slice().unwrap(), &[0.0, 1.0, 4.0]);
+
+    let e = append_graph(&path, &relu_model(14), &extra("y"), None, 17, 8).unwrap_err();
+    assert!(
+        e.to_string().contains("already has a tensor named 'y'"),
+        "{e}"
+    );
+    let e = append_graph(&path, &relu_model(14), &extra("z"), Some(("x", "y")), 17, 8).unwrap_err();
+    assert!(e.to_string().contains("'y'"), "{e}");
+    let e = append_graph(&path, &relu_model(14), &extra("z"), Some(("w", "v")), 17, 8).unwrap_err();
+    assert!(e.to_string().contains("no input 'w'"), "{e}");
+    let e = append_graph(&path, &relu_model(12), &extra("z"), None, 17, 8).unwrap_err();
+    assert!(e.to_string().contains("opset 12"), "{e}");
+    // a model at a later opset keeps it
+    let bytes = append_graph(&path, &relu_model(18), &extra("z"), None, 17, 8).unwrap();
+    let m = ModelProto::decode(bytes.as_slice()).unwrap();
+    assert_eq!(m.opset_import[0].version, 18);
+}
