@@ -85,11 +85,11 @@ pub enum Command {
     /// (rank, id, score, image file or caption).
     #[cfg(feature = "extract")]
     Search(Box<SearchArgs>),
-    /// Write a trained text classification run as one standalone ONNX model
-    /// (backbone layers, trained modules, head; outputs logits and
-    /// probabilities) with its tokenizer, labels.json and a README with a
-    /// Python example. Methods: sherl, linear-probe, late-layer, unipt, full-ft,
-    /// lora.
+    /// Write a trained text or image classification run of any method as
+    /// one standalone ONNX model (backbone layers, trained modules, head;
+    /// outputs logits and probabilities) with its tokenizer (text) or
+    /// preprocessing recipe (images), labels.json and a README with a
+    /// Python example.
     #[cfg(feature = "extract")]
     Export {
         /// Run directory (RUNS/<run id>).

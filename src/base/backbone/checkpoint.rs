@@ -210,6 +210,12 @@ impl Checkpoint {
             path: path.to_path_buf(),
             message: format!("cannot serialise the merged weights: {e}"),
         })?;
-        Self::from_bytes(path, bytes)
+        // the same tensor names under the same prefix, whatever the family
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            bytes,
+            prefix: self.prefix.clone(),
+            names: self.names.clone(),
+        })
     }
 }

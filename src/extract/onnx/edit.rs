@@ -316,3 +316,157 @@ pub fn prune_to_outputs(path: &Path, bytes: &[u8], keep: &[String]) -> Result<Op
     }
     Ok(Some(out))
 }
+
+/// Lowest default-domain opset [`append_graph`] raises: from opset 13 on,
+/// the operators a ViT export uses keep their meaning up to opset 17
+/// (axes as inputs of `ReduceSum`, `Unsqueeze`, `Squeeze`, `Split`).
+pub const APPEND_MIN_OPSET: i64 = 13;
+
+/// `bytes` (a model, possibly with graphs appended by [`expose_layers`])
+/// with the nodes, initializers and outputs of `extra` appended to its
+/// graph, by the protobuf merge rule [`expose_layers`] relies on (the
+/// model's own graph bytes untouched), its default-domain opset raised to
+/// at least `opset` and its IR version to at least `ir_version`.
+///
+/// `extra`'s nodes may read the model's tensors by name. With
+/// `rename_input` `(from, to)`, the graph input `from` is declared as `to`
+/// instead (same type) and an `Identity` node placed before every other
+/// node gives `to` the old name the model's nodes read.
+///
+/// Refused: a name `extra` defines (a node output or an initializer) or
+/// `to` that the model's graph defines or takes as input already, an input
+/// `from` the graph does not have, and a model whose default-domain opset
+/// is missing or below [`APPEND_MIN_OPSET`] (raising it could change what
+/// its operators compute).
+pub fn append_graph(
+    path: &Path,
+    bytes: &[u8],
+    extra: &GraphProto,
+    rename_input: Option<(&str, &str)>,
+    opset: i64,
+    ir_version: i64,
+) -> Result<Vec<u8>> {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    let err = |message: String| Error::Onnx {
+        path: path.to_path_buf(),
+        message,
+    };
+    let g = decode_outline(path, bytes)?;
+    let defined: std::collections::HashSet<&str> = g
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .chain(g.initializer.iter().map(|t| t.name.as_str()))
+        .chain(g.input.iter().map(|v| v.name.as_str()))
+        .collect();
+    let clash = extra
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter())
+        .chain(extra.initializer.iter().map(|t| &t.name))
+        .map(String::as_str)
+        .chain(rename_input.map(|(_, to)| to))
+        .find(|n| defined.contains(n));
+    if let Some(name) = clash {
+        return Err(err(format!(
+            "the model already has a tensor named '{name}', which the appended graph defines"
+        )));
+    }
+    // the graph occurrence put first: the renamed input and its Identity
+    let first = match rename_input {
+        Some((from, to)) => {
+            let old = g.input.iter().find(|v| v.name == from).ok_or_else(|| {
+                err(format!(
+                    "the model has no input '{from}' (it has {:?})",
+                    g.input.iter().map(|v| &v.name).collect::<Vec<_>>()
+                ))
+            })?;
+            Some(GraphProto {
+                node: vec![NodeProto {
+                    input: vec![to.to_string()],
+                    output: vec![from.to_string()],
+                    name: format!("sherl_input_{to}"),
+                    op_type: "Identity".into(),
+                    ..Default::default()
+                }],
+                input: vec![ValueInfoProto {
+                    name: to.to_string(),
+                    ..old.clone()
+                }],
+                ..Default::default()
+            })
+        }
+        None => None,
+    };
+    let mut out = Vec::with_capacity(bytes.len() + extra.encoded_len() + 32);
+    let (mut old_opset, mut old_ir) = (None, 0i64);
+    let put_graph = |out: &mut Vec<u8>, body: &[u8]| {
+        encode_key(7, WireType::LengthDelimited, out);
+        encode_varint(body.len() as u64, out);
+        out.extend_from_slice(body);
+    };
+    let mut first = first.map(|g| g.encode_to_vec());
+    for f in wire_fields(bytes).map_err(|e| err(format!("model: {e}")))? {
+        match f.tag {
+            7 => {
+                if let Some(body) = first.take() {
+                    put_graph(&mut out, &body);
+                }
+                let Some((from, _)) = rename_input else {
+                    out.extend_from_slice(&bytes[f.whole]);
+                    continue;
+                };
+                // the graph without its declaration of input `from`
+                let graph = &bytes[f.payload.clone()];
+                let mut body = Vec::with_capacity(graph.len());
+                for gf in wire_fields(graph).map_err(|e| err(format!("graph: {e}")))? {
+                    if gf.tag == 11 {
+                        let v = ValueInfoProto::decode(&graph[gf.payload.clone()])
+                            .map_err(|e| err(format!("graph input: {e}")))?;
+                        if v.name == from {
+                            continue;
+                        }
+                    }
+                    body.extend_from_slice(&graph[gf.whole]);
+                }
+                put_graph(&mut out, &body);
+            }
+            1 => {
+                let mut v = &bytes[f.payload.clone()];
+                old_ir = prost::encoding::decode_varint(&mut v)
+                    .map_err(|e| err(format!("model: ir_version: {e}")))?
+                    as i64;
+            }
+            8 => {
+                let set = super::proto::OperatorSetIdProto::decode(&bytes[f.payload.clone()])
+                    .map_err(|e| err(format!("model: opset_import: {e}")))?;
+                if set.domain.is_empty() || set.domain == "ai.onnx" {
+                    old_opset = Some(set.version);
+                } else {
+                    out.extend_from_slice(&bytes[f.whole]);
+                }
+            }
+            _ => out.extend_from_slice(&bytes[f.whole]),
+        }
+    }
+    let old_opset = old_opset
+        .ok_or_else(|| err("the model imports no default-domain (ai.onnx) opset".into()))?;
+    if old_opset < APPEND_MIN_OPSET {
+        return Err(err(format!(
+            "the model uses opset {old_opset}; sherl appends to models of opset \
+             {APPEND_MIN_OPSET} or later (re-export it with a newer opset)"
+        )));
+    }
+    encode_key(1, WireType::Varint, &mut out);
+    encode_varint(old_ir.max(ir_version) as u64, &mut out);
+    let set = super::proto::OperatorSetIdProto {
+        domain: String::new(),
+        version: old_opset.max(opset),
+    };
+    encode_key(8, WireType::LengthDelimited, &mut out);
+    encode_varint(set.encoded_len() as u64, &mut out);
+    set.encode(&mut out)
+        .expect("a Vec grows to hold what is encoded");
+    put_graph(&mut out, &extra.encode_to_vec());
+    Ok(out)
+}

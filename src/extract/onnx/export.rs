@@ -220,6 +220,37 @@ impl BertGraph {
     }
 }
 
+/// A layer of `cfg`'s family and sizes built into `g` outside a
+/// [`BertGraph`] (the side network of an image backbone, whose graph has no
+/// embeddings and no padding): what [`BertGraph::side_layer`] builds, with
+/// `bias4` (broadcast onto the attention scores `[batch, heads, seq, seq]`)
+/// in place of the backbone's padding bias; a zero constant where no token
+/// is padding. Weights from `src` under `prefix`, constants named after
+/// `tag`; `g` must hold the constant `one` the GELU forms read. Returns its
+/// output `out`.
+#[allow(clippy::too_many_arguments)]
+pub fn side_layer_with_bias(
+    g: &mut Graph,
+    src: &dyn TensorSource,
+    cfg: &BertConfig,
+    tag: &str,
+    prefix: &str,
+    x: &str,
+    out: String,
+    bias4: &str,
+) -> Result<String> {
+    let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
+    let shared = LayerShared::new(g, cfg, act, bias4.to_string(), tag);
+    let spec = LayerSpec {
+        cfg,
+        shared: &shared,
+        index: 0,
+        prefix: prefix.to_string(),
+        out,
+    };
+    encoder_layer(g, src, &spec, x, &mut NoHooks)
+}
+
 /// Declare the graph's int64 `[batch, seq]` inputs for `family`.
 fn declare_inputs(g: &mut Graph, family: Family) {
     let dims: [Result<i64, &str>; 2] = [Err("batch"), Err("seq")];

@@ -57,12 +57,74 @@ pub(super) fn masked_mean(g: &mut Graph, x: &str) -> String {
 
 /// Append the head reading `hidden` (`[batch, seq, d]`) to `g`; returns the
 /// declarations of its outputs `logits` and `probabilities` (`[batch,
-/// classes]`), the exported model's only outputs.
+/// classes]`), the exported model's only outputs. Text: the mean pools
+/// the real tokens (`attention_mask` 1); patch-mean (image runs) is
+/// refused.
 pub(super) fn append_head(
     g: &mut Graph,
     hidden: &str,
     head: &HeadWeights,
 ) -> Result<Vec<ValueInfoProto>> {
+    check_sizes(head)?;
+    let pooled = match head.pool {
+        Pool::Cls => cls(g, hidden),
+        Pool::PatchMean => {
+            return Err(Error::Onnx {
+                path: "head".into(),
+                message: "patch-mean pooling is for image runs only".into(),
+            })
+        }
+        Pool::Mean => masked_mean(g, hidden),
+    };
+    Ok(linear_softmax(g, &pooled, head))
+}
+
+/// [`append_head`] for an image run, whose tokens are all real (no
+/// padding mask): the mean pools every token, patch-mean every token but
+/// the first (the CLS token), as `Head::pool` does with an all-ones mask.
+pub(super) fn append_image_head(
+    g: &mut Graph,
+    hidden: &str,
+    head: &HeadWeights,
+) -> Result<Vec<ValueInfoProto>> {
+    check_sizes(head)?;
+    let pooled = match head.pool {
+        Pool::Cls => cls(g, hidden),
+        Pool::Mean => token_mean(g, hidden),
+        Pool::PatchMean => {
+            let start = i64s(g, "patch_start", &[1], &[1]);
+            let end = i64s(g, "patch_end", &[i64::MAX], &[1]);
+            let axis = i64s(g, "patch_axis", &[1], &[1]);
+            let patches = g.node("Slice", &[hidden, &start, &end, &axis], vec![]);
+            token_mean(g, &patches)
+        }
+    };
+    Ok(linear_softmax(g, &pooled, head))
+}
+
+/// The mean of `x` (`[batch, seq, d]`) over its tokens, all real:
+/// their sum over their count (`[batch, d]`).
+fn token_mean(g: &mut Graph, x: &str) -> String {
+    let name = g.fresh("head/axes");
+    let ax1 = g.const_i64(&name, &[1], &[1]);
+    let sum = g.node("ReduceSum", &[x, &ax1], vec![attr_int("keepdims", 0)]);
+    let n = g.node(
+        "Shape",
+        &[x],
+        vec![attr_int("start", 1), attr_int("end", 2)],
+    );
+    let n = g.node("Cast", &[&n], vec![attr_int("to", data_type::FLOAT as i64)]);
+    g.node("Div", &[&sum, &n], vec![])
+}
+
+/// The first token of `hidden` (`[batch, d]`).
+fn cls(g: &mut Graph, hidden: &str) -> String {
+    let zero = i64s(g, "cls_index", &[0], &[]);
+    g.node("Gather", &[hidden, &zero], vec![attr_int("axis", 1)])
+}
+
+/// Refuse head weights that do not make a `classes x d` linear layer.
+fn check_sizes(head: &HeadWeights) -> Result<()> {
     if head.weight.len() != head.d * head.classes || head.bias.len() != head.classes {
         return Err(Error::Onnx {
             path: "head".into(),
@@ -75,29 +137,22 @@ pub(super) fn append_head(
             ),
         });
     }
-    let pooled = match head.pool {
-        Pool::Cls => {
-            let zero = i64s(g, "cls_index", &[0], &[]);
-            g.node("Gather", &[hidden, &zero], vec![attr_int("axis", 1)])
-        }
-        Pool::PatchMean => {
-            return Err(Error::Onnx {
-                path: "head".into(),
-                message: "patch-mean pooling (image runs) is not exported yet".into(),
-            })
-        }
-        Pool::Mean => masked_mean(g, hidden),
-    };
+    Ok(())
+}
+
+/// The trained linear layer on `pooled` (`logits`) and its softmax
+/// (`probabilities`); returns their declarations.
+fn linear_softmax(g: &mut Graph, pooled: &str, head: &HeadWeights) -> Vec<ValueInfoProto> {
     let (d, c) = (head.d as i64, head.classes as i64);
     let w = f32s(g, "weight", &head.weight, &[c, d]);
     let b = f32s(g, "bias", &head.bias, &[c]);
     let gemm = vec![attr_int("transB", 1)];
-    let logits = g.node_named("Gemm", &[&pooled, &w, &b], gemm, LOGITS.into());
+    let logits = g.node_named("Gemm", &[pooled, &w, &b], gemm, LOGITS.into());
     let softmax = vec![attr_int("axis", -1)];
     g.node_named("Softmax", &[&logits], softmax, PROBABILITIES.into());
     let dims: [std::result::Result<i64, &str>; 2] = [Err("batch"), Ok(c)];
-    Ok(vec![
+    vec![
         ValueInfoProto::tensor(LOGITS, data_type::FLOAT, &dims),
         ValueInfoProto::tensor(PROBABILITIES, data_type::FLOAT, &dims),
-    ])
+    ]
 }

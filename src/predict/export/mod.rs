@@ -10,6 +10,13 @@
 //! `[batch, classes]`. Next to `model.onnx` go the tokenizer (truncating at
 //! the run's `max_len`, no padding), `labels.json` and a `README.md`.
 //!
+//! An image run ([`image_body`]) is the backbone's own ONNX graph with the
+//! hidden states the run read exposed (and pooled as its cache was), the
+//! ViT blocks it computes, its method's graph and the head appended: input
+//! `pixel_values` (the preprocessed images), the same outputs, and next to
+//! it `preprocess.json` (the recipe the cache recorded), `labels.json` and
+//! a `README.md`.
+//!
 //! Every method is exported ([`methods`]): `sherl` (its early route,
 //! restore and gate in front of the backbone's last layers),
 //! `linear-probe`, `late-layer`, `unipt` (its side network on every hidden
@@ -22,6 +29,8 @@
 
 pub mod body;
 pub mod graph;
+mod image;
+pub mod image_body;
 mod merge;
 pub mod methods;
 mod readme;
@@ -35,7 +44,6 @@ use serde::Serialize;
 use crate::backbone::{BackboneDir, Checkpoint, F32Tensors};
 use crate::extract::onnx::builder::{TensorSource, Tensors};
 use crate::extract::tokenize::Tokenizer;
-use crate::fit::error::FitError;
 use crate::fit::method::MethodSpec;
 use crate::fit::params::Params;
 use crate::fit::run_dir::RunConfig;
@@ -77,12 +85,8 @@ pub struct ExportSummary {
 pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
     let rc = RunConfig::read(&plan.run)?;
     let weights_path = super::checks::checked_weights(&plan.run)?;
-    if rc.cache.image.is_some() {
-        return Err(FitError::BadRun {
-            path: plan.run.clone(),
-            message: "the run was trained on images; export writes text runs only so far".into(),
-        }
-        .into());
+    if let Some(image) = &rc.cache.image {
+        return image::export_image(plan, &rc, image, &weights_path);
     }
     let dir = BackboneDir::open(&plan.backbone)?;
     let bert = super::text::checked_text_backbone(&plan.run, &rc, &dir)?;

@@ -58,3 +58,141 @@ Sentence-pair runs: pass `tok.encode_batch(list(zip(first, second)))`.
         run_id = rc.run_id,
     )
 }
+
+/// The README for image run `rc` (method `method`): what the files are,
+/// the input the model takes (`input` `[batch, channels, size, size]`),
+/// and a runnable Python example (onnxruntime, numpy, and Pillow to decode
+/// the images) applying `preprocess.json` as sherl does.
+pub(super) fn image_readme(
+    rc: &RunConfig,
+    method: &str,
+    input: &str,
+    channels: u8,
+    size: u32,
+    patch_pool: u32,
+) -> String {
+    let pool_note = if patch_pool > 1 {
+        format!(
+            " The run's cache averaged the patch tokens {patch_pool}x{patch_pool} \
+             (`--patch-pool {patch_pool}`); the model does the same inside."
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"# sherl run {run_id} ({method}), exported
+
+`model.onnx` is the whole image classifier: the backbone's own graph (its
+patch embedding and the frozen layers the run reads), the layers and
+modules the run trained and the head, exported by `sherl-fit export`.{pool_note}
+It takes `{input}`, the preprocessed images (float32,
+`[batch, {channels}, {size}, {size}]`), and returns `logits` and
+`probabilities` (float32, `[batch, classes]`); `labels.json` names the
+classes in order.
+
+`preprocess.json` is the recipe the run's cache was extracted with, which
+`sherl-fit predict` applies again: bring the image to {size}x{size}
+(`resize`: `longest-side-pad` scales the longest side to `size` and pads
+the rest with `pad_value`, the image centred; `shorter-side-center-crop`
+scales the shorter side to `size` and cuts the centre), resampled as
+OpenCV's `INTER_AREA` (`area`) or `INTER_LINEAR` (`bilinear`) without
+rounding to 8 bits, then `(v / 255 - mean[c]) / std[c]` per channel, in
+CHW order. The example below does this with numpy; Pillow only decodes
+the files. Images with transparency are composited on white first, as
+sherl does by default.
+
+```python
+import json
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+recipe = json.load(open("preprocess.json"))
+labels = json.load(open("labels.json"))
+session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
+
+
+def scaled(side, size, ref):
+    return max(int(np.floor(side * size / ref + 0.5)), 1)
+
+
+def weights(src, dst, interpolation, shrink):
+    """[dst, src] resampling matrix along one axis."""
+    w = np.zeros((dst, src))
+    scale = src / dst
+
+    def two(d, sx, fx):
+        if sx < 0:
+            sx, fx = 0, 0.0
+        elif sx >= src - 1:
+            sx, fx = src - 1, 0.0
+        w[d, int(sx)] += 1.0 - fx
+        if fx:
+            w[d, int(sx) + 1] += fx
+
+    for d in range(dst):
+        if interpolation == "area" and shrink:  # average by covered area
+            lo, hi = d * scale, (d + 1) * scale
+            s = int(np.floor(lo))
+            while s < hi and s < src:
+                w[d, s] = max(min(hi, s + 1) - max(lo, s), 0.0) / scale
+                s += 1
+        elif interpolation == "area":  # OpenCV's INTER_AREA when enlarging
+            sx = np.floor(d * scale)
+            fx = (d + 1) - (sx + 1) * dst / src
+            two(d, sx, 0.0 if fx <= 0 else fx - np.floor(fx))
+        else:  # bilinear, pixel centres at +0.5
+            f = (d + 0.5) * scale - 0.5
+            two(d, np.floor(f), f - np.floor(f))
+    return w.astype(np.float32)
+
+
+def preprocess(path):
+    img = Image.open(path)
+    if img.mode in ("RGBA", "LA", "P"):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    px = np.asarray(img.convert("RGB"), dtype=np.float32)
+    if recipe["channels"] == 1:
+        planes = [px @ np.array([0.299, 0.587, 0.114], dtype=np.float32)]
+    else:
+        planes = [px[:, :, c] for c in range(3)]
+    h, w = px.shape[:2]
+    size = recipe["size"]
+    if recipe["resize"] == "longest-side-pad":
+        rw, rh = scaled(w, size, max(w, h)), scaled(h, size, max(w, h))
+    else:
+        rw = max(scaled(w, size, min(w, h)), size)
+        rh = max(scaled(h, size, min(w, h)), size)
+    shrink = rw <= w and rh <= h
+    wx = weights(w, rw, recipe["interpolation"], shrink)
+    wy = weights(h, rh, recipe["interpolation"], shrink)
+    out = []
+    for c, plane in enumerate(planes):
+        mean, std = recipe["mean"][c], recipe["std"][c]
+        r = (wy @ (plane @ wx.T) / 255 - mean) / std
+        if recipe["resize"] == "longest-side-pad":
+            full = np.full((size, size), (recipe["pad_value"] - mean) / std, np.float32)
+            top, left = (size - rh) // 2, (size - rw) // 2
+            full[top:top + rh, left:left + rw] = r
+        else:
+            top, left = (rh - size) // 2, (rw - size) // 2
+            full = r[top:top + size, left:left + size]
+        out.append(full)
+    return np.stack(out).astype(np.float32)
+
+
+def classify(paths):
+    batch = np.stack([preprocess(p) for p in paths])
+    probs = session.run(["probabilities"], {{"{input}": batch}})[0]
+    return [(labels[p.argmax()], float(p.max())) for p in probs]
+
+
+print(classify(["first.png", "second.jpg"]))
+```
+"#,
+        run_id = rc.run_id,
+    )
+}
