@@ -5,6 +5,7 @@ exported model), and refuse what the binaries refuse, with their message."""
 
 import hashlib
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,33 @@ def test_predict_and_export_refuse_a_missing_run_as_the_cli_does(tmp_path):
     with pytest.raises(sherl.SherlError) as e:
         sherl.predict(run=gone, data=tmp_path / "d.csv", out=tmp_path / "p")
     assert str(e.value) == want
+
+
+def test_keywords_become_flags_and_ctrl_c_stops_the_call(monkeypatch):
+    """What the native side receives for each kind of keyword argument,
+    and SIGINT's default action during the call (Ctrl-C stops the process,
+    as it stops the CLI), the Python handler back afterwards."""
+    seen = []
+
+    def command(program, sub, flags):
+        seen.append((program, sub, flags, signal.getsignal(signal.SIGINT)))
+        return '{"ok": 1}'
+
+    monkeypatch.setattr(sherl._sherl, "command", command)
+    before = signal.getsignal(signal.SIGINT)
+    assert before is signal.default_int_handler
+    got = sherl.extract(
+        backbone=Path("b"), out="c", split={"train": 0.8, "valid": 0.2}, labels=["neg", "pos"],
+        no_shuffle=True, resume=False, threads=None, max_len=16, verbose=2,
+    )
+    assert got == {"ok": 1}
+    assert seen == [(
+        "sherl-extract", "run",
+        [
+            ("backbone", None, ["b"]), ("out", None, ["c"]), ("split", None, ["train=0.8,valid=0.2"]),
+            ("labels", None, ["neg", "pos"]), ("no_shuffle", True, []), ("resume", False, []),
+            ("max_len", None, ["16"]), ("verbose", None, ["2"]),
+        ],
+        signal.SIG_DFL,
+    )]
+    assert signal.getsignal(signal.SIGINT) is before
