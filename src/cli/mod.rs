@@ -1,4 +1,6 @@
-//! Pieces shared by the binaries (feature `cli`): output setup (logs,
+//! Pieces shared by the binaries (feature `cli`): the commands that turn
+//! parsed flags into their JSON line ([`fit`], [`extract`]; the Python
+//! package calls them too, through [`command_line`]), output setup (logs,
 //! progress bars), runtime flags, and the `main` wrapper with sherl's exit
 //! codes. The library proper does not depend on this module, nor on the
 //! crates it brings (anyhow, tracing-subscriber, indicatif, mimalloc).
