@@ -1,7 +1,7 @@
 //! Predict and runs as a user expects them (issue 29, item 3): `predict`
 //! on an image run takes a flat folder, a single image file and image
 //! paths on stdin; `--backbone` defaults to the backbone the run recorded
-//! while it is there unchanged; `--run RUNS` on a directory of runs lists
+//! while it is there unchanged (as does `export --backbone`); `--run RUNS` on a directory of runs lists
 //! them, or takes the best with `--best`; `run` ends with a line for a
 //! person on stderr.
 
@@ -365,4 +365,46 @@ fn backbone_defaults_to_the_recorded_one_while_it_is_unchanged() {
             && err.contains("--backbone"),
         "{err}"
     );
+}
+
+/// `export` without `--backbone` takes the backbone the run recorded, as
+/// `predict` does: the same model as naming it; moved away, it names the
+/// recorded path and asks for `--backbone`, which still works.
+#[test]
+fn export_backbone_defaults_to_the_recorded_one() {
+    let tmp = text_fixture();
+    let root = tmp.path();
+    let (s, _) = train(root, "linear-probe");
+    let run = s["run_dir"].as_str().unwrap().to_owned();
+    let export = |out: &str, extra: &[&str]| {
+        let mut a = vec!["export", "--run", &run, "--out", out];
+        a.extend_from_slice(extra);
+        sherl_fit(root, &a, None)
+    };
+    let summary = |o: &Output| -> Value {
+        serde_json::from_str(common::stdout(ok(o)).lines().last().unwrap()).unwrap()
+    };
+    let named = summary(&export("named", &["--backbone", "backbone"]));
+    let defaulted = export("defaulted", &[]);
+    assert!(
+        common::stderr(&defaulted).contains("the backbone the run recorded"),
+        "{}",
+        common::stderr(&defaulted)
+    );
+    let defaulted = summary(&defaulted);
+    assert_eq!(named["bytes"], defaulted["bytes"]);
+    let model = |dir: &str| std::fs::read(root.join(dir).join("model.onnx")).unwrap();
+    assert_eq!(model("named"), model("defaulted"));
+
+    std::fs::rename(root.join("backbone"), root.join("moved")).unwrap();
+    let err = failed(&export("gone", &[]));
+    assert!(
+        err.contains("backbone/model.onnx")
+            && err.contains("is not there")
+            && err.contains("--backbone"),
+        "{err}"
+    );
+    assert!(!root.join("gone").exists());
+    summary(&export("moved-out", &["--backbone", "moved"]));
+    assert_eq!(model("moved-out"), model("named"));
 }

@@ -8,22 +8,39 @@
     for batch in cache.batches("train", seed=0, epoch=0):
         batch.hidden_states[6]              # (B, S, hidden) float32, zero padding
 
-Nothing here downloads anything; errors of the library are raised as
-``sherl.SherlError`` with the message the CLI prints.
+    summary = sherl.fit(cache="cache/", backbone="backbone/", out="runs/",
+                        method="sherl", epochs=3)      # sherl-fit run
+    summary["run_dir"], summary["valid_accuracy"]
+    sherl.predict(run=summary["run_dir"], data="new.csv")  # [{"id", "label", ...}]
+
+``extract``, ``fit``, ``predict`` and ``export`` are the commands
+``sherl-extract run``, ``sherl-fit run``, ``sherl-fit predict`` and
+``sherl-fit export`` run in this process (the library, not a subprocess):
+keyword arguments are the flags (``max_len=16`` is ``--max-len 16``), read
+by the commands' own parser, so the defaults, checks and messages are the
+CLI's.
+
+Nothing here downloads anything; errors of the library (and usage errors)
+are raised as ``sherl.SherlError`` with the message the CLI prints.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import tempfile
+import threading
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _sherl
 from ._sherl import SherlError
 
-__all__ = ["Cache", "Split", "Example", "Batch", "SherlError"]
+__all__ = ["Cache", "Split", "Example", "Batch", "SherlError", "extract", "fit", "predict", "export"]
 __version__ = _sherl.__version__
 
 
@@ -209,3 +226,106 @@ class Split:
 
     def __repr__(self) -> str:
         return f"sherl.Split({self.name!r}, examples={self._len})"
+
+
+# ------------------------------------------------------------------ commands
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def _flags(flags: dict) -> list:
+    """Keyword arguments as (name, switch, values) for the native side,
+    which builds the command line from them with the command's own flag
+    kinds: ``True`` a bare switch (``"true"`` for a flag taking a value),
+    ``False`` and ``None`` left out, a list or tuple several values (joined
+    with the flag's delimiter, or the flag repeated, as the CLI takes
+    them), a dict ``{"train": 0.8, "valid": 0.2}`` as ``train=0.8,valid=0.2``."""
+    out = []
+    for name, value in flags.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out.append((name, value, []))
+        elif isinstance(value, dict):
+            out.append((name, None, [",".join(f"{k}={_text(v)}" for k, v in value.items())]))
+        elif isinstance(value, (list, tuple)):
+            out.append((name, None, [_text(v) for v in value]))
+        else:
+            out.append((name, None, [_text(value)]))
+    return out
+
+
+def _command(program: str, sub: str, flags: dict) -> str:
+    """Run ``program sub`` with ``flags`` in this process; its JSON line.
+
+    Ctrl-C: the work runs in native code without the GIL, where Python's
+    KeyboardInterrupt cannot reach it; during the call (from the main
+    thread) SIGINT is given back its default action, so Ctrl-C stops the
+    process as it stops the CLI (whose outputs are written to be resumed or
+    replaced: ``--resume`` for an extraction, a new run directory for a
+    run). The Python handler is put back when the call returns."""
+    args = _flags(flags)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    if main and previous is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        return _sherl.command(program, sub, args)
+    finally:
+        if main and previous is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous)
+
+
+def extract(*, backbone: Union[str, os.PathLike], out: Union[str, os.PathLike], **flags) -> dict:
+    """``sherl-extract run``: run the backbone over a dataset (``data=``,
+    or ``train=``/``valid=``/``test=``) and write the feature cache in
+    ``out``. Every other flag of the command is a keyword argument
+    (``split="train=0.8,valid=0.2"``, ``max_len=128``, ``layers="all"``,
+    ``device="cpu"``, ``quiet=True``, ...). Returns the summary the command
+    prints (``cache``, ``examples``, ``tokens``, ``bytes_on_disk``, ...);
+    open the cache with ``sherl.Cache(out)``."""
+    return json.loads(_command("sherl-extract", "run", {"backbone": backbone, "out": out, **flags}))
+
+
+def fit(*, out: Union[str, os.PathLike], **flags) -> dict:
+    """``sherl-fit run``: train one model (``cache=`` and ``backbone=``,
+    or ``task="retrieval"`` with its caches) into a new run directory under
+    ``out``. Every other flag of the command is a keyword argument
+    (``method="sherl"``, ``epochs=3``, ``lr=1e-3``, ``seed=0``,
+    ``config="settings.json"``, ``threads=4``, ...). Returns the summary
+    the command prints, also the run's ``summary.json`` (``run_dir``,
+    ``run_id``, ``method``, ``valid_accuracy``, ``test_accuracy``, ...)."""
+    return json.loads(_command("sherl-fit", "run", {"out": out, **flags}))
+
+
+def predict(
+    *, run: Union[str, os.PathLike], data: Union[str, os.PathLike], out: Optional[Union[str, os.PathLike]] = None, **flags
+) -> Union[list, dict]:
+    """``sherl-fit predict``: label ``data`` with the run in ``run``
+    (``backbone=`` defaults to the one the run recorded). Without ``out``,
+    returns the predictions, one dict per input as the command's JSON lines
+    (``id``, ``label``, ``probabilities``, ``true_label`` when the input has
+    one, ...); with ``out``, writes them there (JSON Lines) and returns the
+    command's summary (``examples``, ``accuracy``, ``out``, ...)."""
+    if out is not None:
+        return json.loads(_command("sherl-fit", "predict", {"run": run, "data": data, "out": out, **flags}))
+    with tempfile.TemporaryDirectory(prefix="sherl-predict-") as tmp:
+        path = Path(tmp) / "predictions.jsonl"
+        _command("sherl-fit", "predict", {"run": run, "data": data, "out": path, **flags})
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def export(
+    *, run: Union[str, os.PathLike], out: Union[str, os.PathLike], backbone: Optional[Union[str, os.PathLike]] = None, **flags
+) -> dict:
+    """``sherl-fit export``: write the run in ``run`` as one standalone ONNX
+    model (with its tokenizer, ``labels.json`` and a README) in ``out``.
+    ``backbone`` defaults to the one the run recorded, when it is still
+    there unchanged. Returns the command's summary (``run_id``, ``method``,
+    ``classes``, ``model``, ``bytes``, ...)."""
+    return json.loads(_command("sherl-fit", "export", {"run": run, "out": out, "backbone": backbone, **flags}))

@@ -8,6 +8,13 @@
 //! Python side views with `numpy.frombuffer` (no copy there; a `bytearray`, so the arrays are
 //! writable); a sherl error
 //! becomes `sherl.SherlError` with the CLI's message.
+//!
+//! [`command`] runs `sherl-extract run`, `sherl-fit run`, `predict` and
+//! `export` in this process: the keyword arguments become the command line
+//! ([`sherl::cli::command_line`]), parsed by the command's own clap parser
+//! (a usage error is a `SherlError` with clap's message), then the same
+//! library function the binary calls ([`sherl::cli::fit`],
+//! [`sherl::cli::extract`]) runs without the GIL.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,7 +24,15 @@ use pyo3::exceptions::{PyException, PyIndexError, PyKeyError, PyRuntimeError};
 use pyo3::prelude::*;
 use pyo3::types::PyByteArray;
 use sherl::cache::{Cache, DecodedChunk, Dtype};
+use sherl::cli::FlagValue;
 use sherl::fit::batcher::{split_chunks, BatchPlan, Batches};
+
+/// The system allocator, counting the training steps' own memory as
+/// `sherl-fit` does (`sherl::fit::alloc_track`: `train_memory` in
+/// summary.json); it serves this module's Rust code only.
+#[global_allocator]
+static GLOBAL: sherl::fit::alloc_track::Tracking<std::alloc::System> =
+    sherl::fit::alloc_track::Tracking(std::alloc::System);
 
 create_exception!(
     _sherl,
@@ -330,12 +345,103 @@ impl PyBatches {
     }
 }
 
+/// One keyword argument of `sherl.extract`, `sherl.fit`, `sherl.predict`
+/// or `sherl.export` as the Python side passes it: the flag's name, and
+/// either a bool (a switch) or the values as text.
+type Flag = (String, Option<bool>, Vec<String>);
+
+fn flag_values(flags: Vec<Flag>) -> Vec<(String, FlagValue)> {
+    flags
+        .into_iter()
+        .map(|(name, switch, values)| {
+            let value = match switch {
+                Some(on) => FlagValue::Switch(on),
+                None => FlagValue::Values(values),
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// A usage error (clap's message, as the binary prints it after
+/// `error: `), raised as [`SherlError`].
+fn usage(e: &sherl::cli::ClapError) -> PyErr {
+    SherlError::new_err(sherl::cli::usage_error(e))
+}
+
+/// `RAYON_NUM_THREADS` as it was before a `run` set it, put back when
+/// dropped: the threads `sherl-fit run` chooses hold for that call only.
+struct RestoreThreads(Option<std::ffi::OsString>);
+
+impl Drop for RestoreThreads {
+    fn drop(&mut self) {
+        match self.0.take() {
+            Some(v) => std::env::set_var("RAYON_NUM_THREADS", v),
+            None => std::env::remove_var("RAYON_NUM_THREADS"),
+        }
+    }
+}
+
+/// Run `PROGRAM SUB` with `flags`, as the binary would (the same flag
+/// parsing, defaults, checks and library code), without the GIL; returns
+/// the JSON line the binary prints. `sherl-extract run`, `sherl-fit run`,
+/// `sherl-fit predict` and `sherl-fit export` are offered.
+#[pyfunction]
+fn command(py: Python<'_>, program: &str, sub: &str, flags: Vec<Flag>) -> PyResult<String> {
+    let flags = flag_values(flags);
+    match program {
+        "sherl-extract" => {
+            use sherl::cli::extract_args::{command, try_parse_from, Command};
+            let argv = sherl::cli::command_line(&command(), sub, &flags);
+            let args = try_parse_from(argv).map_err(|e| usage(&e))?;
+            sherl::cli::set_output(&args.output);
+            match args.command {
+                Command::Run(a) => py
+                    .detach(|| sherl::cli::extract::run(*a, &args.output))
+                    .map_err(raise),
+                _ => Err(SherlError::new_err(format!(
+                    "sherl-extract {sub} is not offered in Python; run the command"
+                ))),
+            }
+        }
+        "sherl-fit" => {
+            use sherl::cli::fit_args::Command;
+            let argv = sherl::cli::command_line(&sherl::cli::fit_args::command(), sub, &flags);
+            let args = sherl::cli::fit_args::try_parse_from(argv).map_err(|e| usage(&e))?;
+            sherl::cli::set_output(&args.output);
+            let blas = args.blas_source;
+            let output = args.output;
+            match args.command {
+                Command::Run(a) => py
+                    .detach(|| {
+                        let _restore = RestoreThreads(std::env::var_os("RAYON_NUM_THREADS"));
+                        sherl::cli::fit::set_run_threads(&a);
+                        sherl::cli::fit::run(*a, &output, blas)
+                    })
+                    .map_err(raise),
+                Command::Predict(a) => py
+                    .detach(|| sherl::cli::fit::predict(*a, blas))
+                    .map_err(raise),
+                Command::Export { run, backbone, out } => py
+                    .detach(|| sherl::cli::fit::export(run, backbone, out))
+                    .map_err(raise),
+                _ => Err(SherlError::new_err(format!(
+                    "sherl-fit {sub} is not offered in Python; run the command"
+                ))),
+            }
+        }
+        _ => Err(SherlError::new_err(format!("no program {program}"))),
+    }
+}
+
 /// The native module.
 #[pymodule]
 fn _sherl(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    GLOBAL.installed();
     m.add("SherlError", m.py().get_type::<SherlError>())?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyCache>()?;
     m.add_class::<PyBatches>()?;
+    m.add_function(wrap_pyfunction!(command, m)?)?;
     Ok(())
 }

@@ -14,16 +14,12 @@ use clap::Parser;
 use serde_json::json;
 
 use sherl::backbone::{BackboneDir, Checkpoint};
-use sherl::cache::manifest::{ExtractSettings, WorkerInfo};
 use sherl::cli::extract_args::{Args, Command, RunArgs};
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs, RuntimeArgs};
 use sherl::data::args::DatasetArgs;
-use sherl::data::image::ImageOptions;
 use sherl::extract::onnx::inspect;
 use sherl::extract::runtime;
 use sherl::extract::sample::SamplePlan;
-use sherl::extract::ExtractPlan;
-use sherl::extract::ImagePlan;
 
 fn main() -> ExitCode {
     // Extraction frees and reallocates the backbone's outputs every batch
@@ -286,64 +282,6 @@ fn sample(
 }
 
 fn run_extract(a: RunArgs, output: &OutputArgs) -> anyhow::Result<ExitCode> {
-    let worker = a
-        .shard_of
-        .as_deref()
-        .map(|s| WorkerInfo::parse("--shard-of", s))
-        .transpose()?;
-    let plan = ExtractPlan {
-        model: a
-            .model
-            .clone()
-            .unwrap_or_else(|| a.backbone.join("model.onnx")),
-        backbone: a.backbone,
-        out: a.out,
-        dataset: a.data.to_plan()?,
-        layers: a.layers,
-        settings: ExtractSettings {
-            layers: Vec::new(),
-            late_layers: a.late_layers,
-            dtype: a.dtype,
-            shuffle: !a.no_shuffle,
-            zstd_level: a.zstd_level,
-            chunk_size: a
-                .chunk_size
-                .unwrap_or(ExtractSettings::default().chunk_size),
-            examples_per_shard: a.examples_per_shard,
-            max_len: a.max_len,
-            max_tokens_per_batch: a.max_tokens_per_batch,
-            max_batch: a.max_batch,
-        },
-        resume: a.resume,
-        worker,
-        compress_threads: a.compress_threads,
-        session: a.runtime.session_config(),
-        image: ImagePlan {
-            options: ImageOptions {
-                image_column: a.image_column.parse()?,
-                idx_label_names: match &a.class_names {
-                    Some(p) => sherl::data::image::read_class_names(p)?,
-                    None => Vec::new(),
-                },
-                ..ImageOptions::default()
-            },
-            preprocess: a.preprocess,
-            patch_pool: a.patch_pool,
-            chunk_size: a.chunk_size,
-        },
-    };
-    let rt = runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
-    let bar = sherl::cli::progress::ExtractBar::new(output.progress());
-    let summary = sherl::extract::run::run(rt, &plan, &bar)?;
-    tracing::info!(
-        "{} examples, {} tokens -> {} ({:.1} MB, {:.3} of raw f32) in {:.1}s",
-        summary.examples,
-        summary.tokens,
-        summary.cache.display(),
-        summary.bytes_on_disk as f64 / 1e6,
-        summary.bytes_on_disk as f64 / summary.raw_f32_bytes.max(1) as f64,
-        summary.seconds
-    );
-    print_line(&serde_json::to_string(&summary)?)?;
+    print_line(&sherl::cli::extract::run(a, output)?)?;
     Ok(ExitCode::SUCCESS)
 }

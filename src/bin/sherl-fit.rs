@@ -8,61 +8,15 @@
 static GLOBAL: sherl::fit::alloc_track::Tracking<mimalloc::MiMalloc> =
     sherl::fit::alloc_track::Tracking(mimalloc::MiMalloc);
 
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use sherl::cli::fit_args::{BlasSource, Command, RunArgs, SweepArgs};
 #[cfg(feature = "extract")]
 use sherl::cli::fit_args::{PredictArgs, SearchArgs};
 use sherl::cli::{init_output, main_wrapper, print_line, OutputArgs};
-use sherl::fit::retrieval::config::Task;
-use sherl::fit::run_dir::EpochMetrics;
-use sherl::fit::sweep::SweepInputs;
-use sherl::fit::train::{FitPlan, FitReporter, LogReporter};
-
-/// Per-epoch progress bar on stderr.
-struct Bar {
-    visible: bool,
-    bar: RefCell<Option<ProgressBar>>,
-    inner: LogReporter,
-}
-
-impl FitReporter for Bar {
-    fn epoch_start(&self, epoch: usize, epochs: usize, steps: u64) {
-        if !self.visible {
-            return;
-        }
-        let pb = ProgressBar::with_draw_target(Some(steps), ProgressDrawTarget::stderr());
-        pb.set_style(
-            ProgressStyle::with_template(
-                "epoch {prefix} [{bar:30}] {pos}/{len} steps {msg} ETA {eta}",
-            )
-            .expect("static template")
-            .progress_chars("=> "),
-        );
-        pb.set_prefix(format!("{epoch}/{epochs}"));
-        *self.bar.borrow_mut() = Some(pb);
-    }
-    fn step(&self, loss: f32) {
-        if let Some(pb) = self.bar.borrow().as_ref() {
-            pb.set_message(format!("loss {loss:.4}"));
-            pb.inc(1);
-        }
-    }
-    fn epoch_end(&self, m: &EpochMetrics) {
-        if let Some(pb) = self.bar.borrow_mut().take() {
-            pb.finish_and_clear();
-        }
-        self.inner.epoch_end(m);
-    }
-    fn note(&self, message: &str) {
-        self.inner.note(message);
-    }
-}
 
 fn main() -> ExitCode {
     sherl::cli::tune_allocator();
@@ -70,18 +24,7 @@ fn main() -> ExitCode {
     main_wrapper(|| {
         let args = sherl::cli::fit_args::parse();
         if let Command::Run(r) = &args.command {
-            // Training splits each CPU batch in two parts run side by side
-            // (sherl::fit::train::forward_backward), each on half the
-            // threads: two threads that never meet at a barrier do more
-            // than candle's per-op parallelism on small tensors.
-            // A retrieval step is one pass (its loss needs the whole
-            // batch): all threads for candle's ops.
-            let threads = r.threads.unwrap_or_else(sherl::cli::compute_threads);
-            let per_part = match r.retrieval.task {
-                Task::Classification => (threads / 2).max(1),
-                Task::Retrieval => threads.max(1),
-            };
-            sherl::cli::set_compute_threads(Some(per_part));
+            sherl::cli::fit::set_run_threads(r);
             sherl::fit::sweep::exit_with_parent();
         }
         init_output(&args.output);
@@ -94,9 +37,7 @@ fn main() -> ExitCode {
             Command::Search(a) => search(*a, blas),
             #[cfg(feature = "extract")]
             Command::Export { run, backbone, out } => {
-                let plan = sherl::predict::export::ExportPlan { run, backbone, out };
-                let s = sherl::predict::export::export(&plan)?;
-                print_line(&serde_json::to_string(&s)?)?;
+                print_line(&sherl::cli::fit::export(run, backbone, out)?)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Sweep(a) => sweep(*a, blas),
@@ -106,136 +47,18 @@ fn main() -> ExitCode {
 }
 
 fn run(a: RunArgs, output: &OutputArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
-    let inputs = a.inputs()?;
-    let config = a.settings.resolve(a.config.as_deref())?;
-    let retrieval = match inputs {
-        SweepInputs::Retrieval { .. } => Some(a.retrieval.resolve()?),
-        SweepInputs::Classification { .. } => None,
-    };
-    init_blas(&a.blas, blas)?;
-    let (device, fallback) = sherl::fit::device(&a.device)?;
-    match fallback {
-        Some(why) => tracing::info!("device auto: training on the CPU ({why})"),
-        None => tracing::debug!("training on {}", sherl::fit::device_name(&device)),
-    }
-    let bar = Bar {
-        visible: output.progress(),
-        bar: RefCell::new(None),
-        inner: LogReporter,
-    };
-    let summary = match inputs {
-        SweepInputs::Retrieval {
-            image_cache,
-            text_cache,
-            image_backbone,
-            text_backbone,
-        } => {
-            let plan = sherl::fit::retrieval::train::RetrievalPlan {
-                image_cache,
-                text_cache,
-                image_backbone,
-                text_backbone,
-                out: a.out.clone(),
-                config,
-                retrieval: retrieval.unwrap_or_default(),
-                device,
-                workers: 1,
-            };
-            let summary = sherl::fit::retrieval::train::run(&plan, &bar)?;
-            if let Some(pb) = bar.bar.borrow_mut().take() {
-                pb.finish_and_clear();
-            }
-            (serde_json::to_string(&summary)?, human_line(&summary))
-        }
-        SweepInputs::Classification { cache, backbone } => {
-            let plan = FitPlan {
-                cache,
-                backbone,
-                out: a.out.clone(),
-                config,
-                device,
-                decode_threads: a.decode_threads,
-                workers: a.threads.unwrap_or_else(sherl::cli::compute_threads).min(2),
-            };
-            let summary = sherl::fit::train::run(&plan, &bar)?;
-            (serde_json::to_string(&summary)?, human_line(&summary))
-        }
-    };
-    print_line(&summary.0)?;
-    if !output.quiet {
-        eprintln!("{}", summary.1);
-    }
+    print_line(&sherl::cli::fit::run(a, output, blas)?)?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `run`'s closing line for a person (stderr; stdout keeps the JSON line):
-/// the best checkpoint's scores, where the run is, how to use it.
-fn human_line(s: &sherl::fit::run_dir::Summary) -> String {
-    use sherl::fit::run_dir::SummaryTask;
-    let dir = s.run_dir.display();
-    let test =
-        |t: Option<f64>| t.map_or_else(|| "no test split".to_owned(), |t| format!("test {t:.4}"));
-    match &s.task {
-        SummaryTask::Classification {
-            valid_accuracy,
-            test_accuracy,
-            ..
-        } => format!(
-            "{} run {}: valid accuracy {valid_accuracy:.4}, {} (best epoch {} of {}); run in {dir}; label new data with: sherl-fit predict --run {dir} --data FILE",
-            s.method,
-            s.run_id,
-            test(*test_accuracy),
-            s.best_epoch,
-            s.epochs,
-        ),
-        SummaryTask::Retrieval {
-            valid_rsum, test_rsum, ..
-        } => format!(
-            "{} run {}: valid rsum {valid_rsum:.2}, {} (best epoch {} of {}); run in {dir}; query it with: sherl-fit search --run {dir} --image-backbone DIR --text-backbone DIR --text QUERY",
-            s.method,
-            s.run_id,
-            test_rsum.map_or_else(|| "no test split".to_owned(), |t| format!("test rsum {t:.2}")),
-            s.best_epoch,
-            s.epochs,
-        ),
-    }
-}
-
-/// Picks the fused CPU ops' matrix kernel from `--blas` (or `SHERL_BLAS`:
-/// `source` says which, and errors name it).
-fn init_blas(flag: &str, source: BlasSource) -> anyhow::Result<()> {
-    use sherl::fit::kernels::gemm::BlasChoice;
-    let choice = match flag {
-        "auto" | "" => BlasChoice::Auto,
-        "off" | "gemm" => BlasChoice::Off,
-        path => BlasChoice::Path(PathBuf::from(path)),
-    };
-    let kernel = sherl::fit::kernels::gemm::init_blas(&choice)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", source.describe(flag)))?;
-    tracing::debug!("matrix kernel: {kernel}");
-    Ok(())
 }
 
 #[cfg(feature = "extract")]
 fn predict(a: PredictArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
-    init_blas(&a.blas, blas)?;
-    let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
-    let plan = sherl::predict::PredictPlan {
-        run: a.run.clone(),
-        best: a.best,
-        model: a.model.clone(),
-        backbone: a.backbone.clone(),
-        data: a.data.clone(),
-        text_chars: a.text_chars,
-        out: a.out.clone(),
-        session: a.runtime.session_config(),
-        batch_size: a.batch_size,
-    };
-    let s = sherl::predict::predict(rt, &plan)?;
-    if a.out.is_some() {
-        print_line(&serde_json::to_string(&s)?)?;
+    let to_file = a.out.is_some();
+    let summary = sherl::cli::fit::predict(a, blas)?;
+    if to_file {
+        print_line(&summary)?;
     } else {
-        tracing::info!("{}", serde_json::to_string(&s)?);
+        tracing::info!("{summary}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -245,7 +68,7 @@ fn search(a: SearchArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     use sherl::predict::query::search;
     use sherl::predict::search::{hit_line, summary, Query, SearchPlan};
     use std::io::Write;
-    init_blas(&a.blas, blas)?;
+    sherl::cli::fit::init_blas(&a.blas, blas)?;
     let rt = sherl::extract::runtime::init_for(a.runtime.ort_lib.as_deref(), a.runtime.device)?;
     let query = match (a.text.clone(), a.image.clone()) {
         (Some(t), None) => Query::Text(t),
@@ -368,7 +191,7 @@ fn sweep(a: SweepArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     }
     // Every run is given this --blas: a library that does not load is
     // refused here, naming where the value came from, not in every run.
-    init_blas(&a.blas, blas)?;
+    sherl::cli::fit::init_blas(&a.blas, blas)?;
     let o = sherl::fit::sweep::run_sweep(&plan, &runs, &SweepLines)?;
     // stdout holds one JSON line per run; the table goes to stderr (and to
     // the files `sherl-fit report` writes).

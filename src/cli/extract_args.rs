@@ -28,6 +28,21 @@ pub struct Args {
     pub command: Command,
 }
 
+/// `sherl-extract`'s command line (for its help, and [`super::command_line`]).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
+/// Parse `argv` (the program name first) as the binary does, returning
+/// clap's error (a usage error, or the `--help` text) instead of exiting.
+pub fn try_parse_from<I, T>(argv: I) -> std::result::Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    Args::try_parse_from(argv)
+}
+
 /// `sherl-extract`'s commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {

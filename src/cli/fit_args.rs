@@ -95,9 +95,10 @@ pub enum Command {
         /// Run directory (RUNS/<run id>).
         #[arg(long)]
         run: PathBuf,
-        /// Backbone directory the run's cache was made from.
+        /// Backbone directory the run's cache was made from [default: the one
+        /// the run recorded, when its ONNX model is still there unchanged].
         #[arg(long)]
-        backbone: PathBuf,
+        backbone: Option<PathBuf>,
         /// Output directory (created when missing; its files are replaced).
         #[arg(long)]
         out: PathBuf,
@@ -460,9 +461,19 @@ pub fn command() -> clap::Command {
 
 /// Parse the command line (exits on a usage error or `--help`).
 pub fn parse() -> Args {
+    try_parse_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+}
+
+/// Parse `argv` (the program name first) as the binary does, returning
+/// clap's error (a usage error, or the `--help` text) instead of exiting.
+pub fn try_parse_from<I, T>(argv: I) -> std::result::Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
     use clap::FromArgMatches;
-    let matches = command().get_matches();
-    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let matches = command().try_get_matches_from(argv)?;
+    let mut args = Args::from_arg_matches(&matches)?;
     let from_env = matches.subcommand().is_some_and(|(_, m)| {
         m.ids().any(|id| id == "blas")
             && m.value_source("blas") == Some(clap::parser::ValueSource::EnvVariable)
@@ -470,5 +481,5 @@ pub fn parse() -> Args {
     if from_env {
         args.blas_source = BlasSource::Env;
     }
-    args
+    Ok(args)
 }

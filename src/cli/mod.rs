@@ -1,4 +1,6 @@
-//! Pieces shared by the binaries (feature `cli`): output setup (logs,
+//! Pieces shared by the binaries (feature `cli`): the commands that turn
+//! parsed flags into their JSON line ([`fit`], [`extract`]; the Python
+//! package calls them too, through [`command_line`]), output setup (logs,
 //! progress bars), runtime flags, and the `main` wrapper with sherl's exit
 //! codes. The library proper does not depend on this module, nor on the
 //! crates it brings (anyhow, tracing-subscriber, indicatif, mimalloc).
@@ -18,13 +20,19 @@ use std::path::PathBuf;
 use crate::extract::runtime::{Device, OptLevel, SessionConfig};
 
 #[cfg(feature = "extract")]
+pub mod extract;
+#[cfg(feature = "extract")]
 pub mod extract_args;
+#[cfg(feature = "fit")]
+pub mod fit;
 #[cfg(feature = "fit")]
 pub mod fit_args;
 #[cfg(feature = "extract")]
 pub mod progress;
 
 pub use crate::EXIT_BUSY;
+/// A command-line parsing error (a usage error, or `--help`).
+pub use clap::Error as ClapError;
 
 /// Verbosity flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -49,9 +57,9 @@ impl OutputArgs {
     }
 }
 
-/// Set up logging to stderr once. The default filter comes from the `-v`
-/// count; `RUST_LOG` overrides it.
-pub fn init_output(args: &OutputArgs) {
+/// The log filter of the flags: the default from the `-v` count (errors
+/// only with `-q`); `RUST_LOG` overrides it.
+fn log_filter(args: &OutputArgs) -> EnvFilter {
     let default = if args.quiet {
         "error"
     } else {
@@ -61,10 +69,14 @@ pub fn init_output(args: &OutputArgs) {
             _ => "info,sherl=trace",
         }
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default))
+}
+
+/// Set up logging to stderr once (a binary's start).
+pub fn init_output(args: &OutputArgs) {
     // A second init (tests calling into binaries' code) is harmless.
     if let Err(e) = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(log_filter(args))
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -72,6 +84,39 @@ pub fn init_output(args: &OutputArgs) {
         .try_init()
     {
         eprintln!("note: logging already initialised: {e}");
+    }
+}
+
+/// Logging to stderr for a caller that runs several commands in one
+/// process (the Python package): the first call sets up the same logs as
+/// [`init_output`], each call sets the filter of its own flags (`-v`,
+/// `-q`; `RUST_LOG` overrides). Nothing is changed, and nothing said, when
+/// the process already has another logger.
+pub fn set_output(args: &OutputArgs) {
+    use std::sync::OnceLock;
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{reload, Registry};
+    static FILTER: OnceLock<Option<reload::Handle<EnvFilter, Registry>>> = OnceLock::new();
+    let mut first = false;
+    let handle = FILTER.get_or_init(|| {
+        first = true;
+        let (filter, handle) = reload::Layer::new(log_filter(args));
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .without_time();
+        let installed = tracing_subscriber::registry()
+            .with(filter)
+            .with(fmt)
+            .try_init()
+            .is_ok();
+        installed.then_some(handle)
+    });
+    if let (false, Some(h)) = (first, handle) {
+        if let Err(e) = h.reload(log_filter(args)) {
+            tracing::debug!("log filter not changed: {e}");
+        }
     }
 }
 
@@ -104,6 +149,81 @@ impl RuntimeArgs {
             opt_level: self.graph_opt,
         }
     }
+}
+
+/// A flag given by name rather than typed (a keyword argument of the
+/// Python package): see [`command_line`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum FlagValue {
+    /// `True` or `False`: a switch given or left out (`true`/`false` for a
+    /// flag that takes a value).
+    Switch(bool),
+    /// The flag's values (several: a list, joined with the flag's
+    /// delimiter, or the flag repeated when it is given once per value).
+    Values(Vec<String>),
+}
+
+/// The command line `PROGRAM SUB --flag value ...` that `flags` (names
+/// with `_` or `-`) stand for, to be parsed by `cmd` itself, so that its
+/// defaults, checks and messages are the typed command line's. A name
+/// `cmd` does not know is passed on as `--name` for clap to refuse; a
+/// count flag (`verbose`) given a number is repeated that many times.
+pub fn command_line(cmd: &clap::Command, sub: &str, flags: &[(String, FlagValue)]) -> Vec<String> {
+    let mut argv = vec![cmd.get_name().to_owned(), sub.to_owned()];
+    let subcommand = cmd.find_subcommand(sub);
+    for (name, value) in flags {
+        let long = name.replace('_', "-");
+        let flag = format!("--{long}");
+        let arg = subcommand
+            .into_iter()
+            .flat_map(|s| s.get_arguments())
+            .chain(cmd.get_arguments())
+            .find(|a| a.get_long() == Some(long.as_str()));
+        let takes_values = arg.is_none_or(|a| a.get_action().takes_values());
+        let counts = arg.is_some_and(|a| matches!(a.get_action(), clap::ArgAction::Count));
+        match value {
+            FlagValue::Switch(on) if takes_values => {
+                argv.push(flag);
+                argv.push(on.to_string());
+            }
+            FlagValue::Switch(true) => argv.push(flag),
+            FlagValue::Switch(false) => {}
+            FlagValue::Values(values) if counts => match values.as_slice() {
+                [n] if n.parse::<usize>().is_ok() => {
+                    argv.extend(std::iter::repeat_n(flag, n.parse().unwrap_or(0)));
+                }
+                _ => {
+                    argv.push(flag);
+                    argv.extend(values.iter().cloned());
+                }
+            },
+            FlagValue::Values(values) => {
+                let repeated = arg.is_some_and(|a| {
+                    matches!(a.get_action(), clap::ArgAction::Append)
+                        && a.get_value_delimiter().is_none()
+                });
+                if repeated {
+                    for v in values {
+                        argv.push(flag.clone());
+                        argv.push(v.clone());
+                    }
+                } else {
+                    let delimiter = arg.and_then(|a| a.get_value_delimiter()).unwrap_or(',');
+                    argv.push(flag);
+                    argv.push(values.join(&delimiter.to_string()));
+                }
+            }
+        }
+    }
+    argv
+}
+
+/// A clap error (a usage error) as one message without clap's `error: `
+/// prefix, the text the binary prints after it.
+pub fn usage_error(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let text = text.strip_prefix("error: ").unwrap_or(&text);
+    text.trim_end().to_owned()
 }
 
 /// Run a binary's body and map its outcome to sherl's exit codes.
@@ -229,6 +349,80 @@ pub fn set_compute_threads(threads: Option<usize>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn command_line_follows_the_flags_kinds() {
+        #[derive(clap::Parser)]
+        #[command(name = "prog")]
+        struct Cli {
+            #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+            verbose: u8,
+            #[command(subcommand)]
+            cmd: Sub,
+        }
+        #[derive(clap::Subcommand)]
+        enum Sub {
+            Go {
+                #[arg(long)]
+                out: String,
+                #[arg(long)]
+                resume: bool,
+                #[arg(long, value_delimiter = ',')]
+                labels: Vec<String>,
+                #[arg(long)]
+                tag: Vec<String>,
+                #[arg(long)]
+                shuffle: Option<bool>,
+            },
+        }
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let v = |s: &[&str]| FlagValue::Values(s.iter().map(|x| x.to_string()).collect());
+        let flags = [
+            ("out".to_owned(), v(&["o"])),
+            ("resume".to_owned(), FlagValue::Switch(true)),
+            ("labels".to_owned(), v(&["a", "b"])),
+            ("tag".to_owned(), v(&["x", "y"])),
+            ("shuffle".to_owned(), FlagValue::Switch(false)),
+            ("verbose".to_owned(), v(&["2"])),
+            ("no_such_flag".to_owned(), FlagValue::Switch(false)),
+        ];
+        let argv = command_line(&cmd, "go", &flags);
+        assert_eq!(
+            argv,
+            [
+                "prog",
+                "go",
+                "--out",
+                "o",
+                "--resume",
+                "--labels",
+                "a,b",
+                "--tag",
+                "x",
+                "--tag",
+                "y",
+                "--shuffle",
+                "false",
+                "--verbose",
+                "--verbose",
+                "--no-such-flag",
+                "false"
+            ]
+        );
+        let left_out = command_line(
+            &cmd,
+            "go",
+            &[("resume".to_owned(), FlagValue::Switch(false))],
+        );
+        assert_eq!(left_out, ["prog", "go"]);
+        let err = <Cli as clap::Parser>::try_parse_from(&argv)
+            .err()
+            .map(|e| usage_error(&e));
+        assert_eq!(
+            err.as_deref().map(|e| e.lines().next().unwrap_or_default()),
+            Some("unexpected argument '--no-such-flag' found")
+        );
+    }
 
     #[test]
     fn error_chain_prints_each_cause_once() {

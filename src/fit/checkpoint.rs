@@ -50,7 +50,7 @@ pub struct BestRecord {
 /// Everything but the tensors.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct State {
-    /// [`FORMAT`].
+    /// The layout version (1).
     pub format: u32,
     /// Epochs finished.
     pub epoch: usize,

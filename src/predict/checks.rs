@@ -57,7 +57,8 @@ pub(crate) fn backbone_dir(
         Error::setting(
             "--backbone",
             format!(
-                "not given, and the backbone the run recorded, {} (ONNX model {}), {why};                  pass --backbone DIR with the backbone the run's cache was extracted with",
+                "not given, and the backbone the run recorded, {} (ONNX model {}), {why}; \
+                 pass --backbone DIR with the backbone the run's cache was extracted with",
                 dir.display(),
                 recorded.display()
             ),
