@@ -237,7 +237,7 @@ fn report_groups_by_settings_minus_seed_sorts_by_valid_and_skips_incomplete_runs
             "sherl late_trainable=false lr=0.001",
             "sherl late_trainable=true lr=0.0001",
         ],
-        "valid-accuracy order, the tie broken by test accuracy"
+        "valid-accuracy order, the tie (valid accuracy and macro-F1) broken by label"
     );
 
     let lp = &r.groups[0];
@@ -317,8 +317,8 @@ fn report_writes_csv_json_and_markdown() {
     fixture(&runs);
     let out = tmp.path().join("elsewhere");
     let r = report(&ReportOptions {
-        runs: runs.clone(),
         out: out.clone(),
+        ..ReportOptions::new(&runs)
     })
     .unwrap();
     for name in [
@@ -382,7 +382,13 @@ fn report_writes_csv_json_and_markdown() {
     let md = &r.markdown;
     assert_eq!(md, &std::fs::read_to_string(out.join("report.md")).unwrap());
     assert!(md.contains("6 complete run(s) in 3 group(s); 2 run directories skipped."));
-    let lines: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
+    // the groups' table (the selection table below starts with its own header)
+    let lines: Vec<&str> = md
+        .lines()
+        .skip_while(|l| !l.starts_with("| # "))
+        .take_while(|l| l.starts_with('|'))
+        .filter(|l| l.starts_with("| "))
+        .collect();
     assert_eq!(lines.len(), 4, "header and three rows:\n{md}");
     assert!(lines[0].contains("valid acc (%)") && lines[0].contains("test acc (%)"));
     assert_eq!(
@@ -772,4 +778,79 @@ fn report_pictures_use_percent_an_honest_axis_and_show_the_seeds_spread() {
     for layer in 0..5 {
         assert!(texts.contains(&format!("hidden_states.{layer}")));
     }
+}
+
+/// Selection on valid only, hand-computed: two sherl settings tie on mean
+/// valid accuracy (0.8125) and the tie goes to the better valid macro-F1
+/// (lr=0.01: 0.8 against 0.6875), although its test accuracy is the worse
+/// (0.25 against 0.625); the probe's selected setting is the better valid
+/// one (lr=0.01, valid 0.625, test 0.9), not the better test one (lr=0.1,
+/// test 0.95). `--select-by lr` groups by the learning rate instead, and a
+/// setting no run has is refused.
+#[test]
+fn report_selects_on_valid_only_one_row_per_method() {
+    let tmp = tempfile::tempdir().unwrap();
+    let runs = tmp.path().join("runs");
+    let mut s0 = FakeRun::new("s0", config("sherl", 0.001, false, 0), 0.75, Some(0.5));
+    s0.valid_f1 = 0.625;
+    let mut s1 = FakeRun::new("s1", config("sherl", 0.001, false, 1), 0.875, Some(0.75));
+    s1.valid_f1 = 0.75;
+    let mut t0 = FakeRun::new("t0", config("sherl", 0.01, false, 0), 0.8125, Some(0.25));
+    t0.valid_f1 = 0.8;
+    let p0 = FakeRun::new(
+        "p0",
+        config("linear-probe", 0.01, false, 0),
+        0.625,
+        Some(0.9),
+    );
+    let p1 = FakeRun::new("p1", config("linear-probe", 0.1, false, 0), 0.5, Some(0.95));
+    for r in [&s0, &s1, &t0, &p0, &p1] {
+        r.write(&runs);
+    }
+    let r = report(&ReportOptions::new(&runs)).unwrap();
+    let labels: Vec<&str> = r.groups.iter().map(|g| g.label.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "sherl lr=0.01",
+            "sherl lr=0.001",
+            "linear-probe lr=0.01",
+            "linear-probe lr=0.1"
+        ]
+    );
+    let md = &r.markdown;
+    assert!(md.contains("## Selected on valid, one per method"), "{md}");
+    assert!(
+        md.contains("| sherl | sherl lr=0.01 | 2 | 3 | 1 | 81.25 | 25.00 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| linear-probe | linear-probe lr=0.01 | 2 | 2 | 1 | 62.50 | 90.00 |"),
+        "{md}"
+    );
+
+    let mut opts = ReportOptions::new(&runs);
+    opts.select_by = "lr".into();
+    let md = report(&opts).unwrap().markdown;
+    assert!(md.contains("## Selected on valid, one per lr"), "{md}");
+    assert!(
+        md.contains("| 0.01 | sherl lr=0.01 | 2 | 2 | 1 | 81.25 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| 0.001 | sherl lr=0.001 | 1 | 2 | 2 | 81.25 ± 8.84 |"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| 0.1 | linear-probe lr=0.1 | 1 | 1 | 1 | 50.00 |"),
+        "{md}"
+    );
+
+    opts.select_by = "learning_rate".into();
+    let e = report(&opts).unwrap_err().to_string();
+    assert!(
+        e.contains("--select-by learning_rate: no run has a setting 'learning_rate'")
+            && e.contains("lr"),
+        "{e}"
+    );
 }

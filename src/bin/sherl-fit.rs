@@ -41,7 +41,11 @@ fn main() -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             Command::Sweep(a) => sweep(*a, blas),
-            Command::Report { runs, out } => report(runs, out),
+            Command::Report {
+                runs,
+                out,
+                select_by,
+            } => report(runs, out, select_by),
         }
     })
 }
@@ -214,11 +218,12 @@ fn sweep(a: SweepArgs, blas: BlasSource) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn report(runs: PathBuf, out: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn report(runs: PathBuf, out: Option<PathBuf>, select_by: String) -> anyhow::Result<ExitCode> {
     let mut opts = sherl::report::ReportOptions::new(&runs);
     if let Some(o) = out {
         opts.out = o;
     }
+    opts.select_by = select_by;
     let r = sherl::report::report(&opts)?;
     for w in &r.warnings {
         tracing::warn!("{w}");

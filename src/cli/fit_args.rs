@@ -75,6 +75,11 @@ pub enum Command {
         /// Where to write the files (default RUNS/report).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// The setting the "selected on valid" table has one row per value
+        /// of: each value's group with the best mean valid accuracy, its
+        /// test numbers and how many settings and runs it had.
+        #[arg(long, default_value = "method", value_name = "SETTING")]
+        select_by: String,
     },
     /// Label new texts with a trained run (runs the backbone through ONNX
     /// Runtime, then the trained modules); writes JSONL.

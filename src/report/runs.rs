@@ -58,6 +58,9 @@ pub struct ReportOptions {
     pub runs: PathBuf,
     /// Output directory (created if missing); `RUNS/report` by default.
     pub out: PathBuf,
+    /// The setting the "selected on valid" table has one row per value of
+    /// (`method` by default).
+    pub select_by: String,
 }
 
 impl ReportOptions {
@@ -65,7 +68,11 @@ impl ReportOptions {
     pub fn new(runs: impl Into<PathBuf>) -> Self {
         let runs = runs.into();
         let out = runs.join("report");
-        ReportOptions { runs, out }
+        ReportOptions {
+            runs,
+            out,
+            select_by: "method".into(),
+        }
     }
 }
 
@@ -171,9 +178,10 @@ pub struct GroupRow {
 /// What [`report`] found and wrote.
 #[derive(Debug, Clone)]
 pub struct Report {
-    /// Groups, best first (mean valid accuracy, ties by test accuracy).
+    /// Groups, best first (mean valid accuracy, ties by valid macro-F1,
+    /// then label; test never enters the order).
     pub groups: Vec<GroupRow>,
-    /// Retrieval groups, best first (mean valid rsum, ties by test rsum).
+    /// Retrieval groups, best first (mean valid rsum, ties by label).
     pub retrieval_groups: Vec<RetrievalGroupRow>,
     /// The Markdown report (also written as `report.md`).
     pub markdown: String,
@@ -186,7 +194,7 @@ pub struct Report {
 }
 
 /// The note under the table: how groups are ordered and what the numbers are.
-pub const SELECTION_NOTE: &str = "Groups are sorted by mean valid accuracy, best first (ties by mean test accuracy): settings are selected on the valid split only; test numbers are reported for the selected settings, never used to choose them. Values are mean ± sample standard deviation (n − 1) over seeds; \"-\" means no value (no test split; one seed for ±); (k/n): only k of the n seeds reported the metric.";
+pub const SELECTION_NOTE: &str = "Groups are sorted by mean valid accuracy, best first (ties by mean valid macro-F1, then by label): settings are selected on the valid split only; test numbers are reported for the selected settings, never used to choose them. Values are mean ± sample standard deviation (n − 1) over seeds; \"-\" means no value (no test split; one seed for ±); (k/n): only k of the n seeds reported the metric.";
 
 /// Summarise the runs in `opts.runs` and write the report to `opts.out`.
 ///
@@ -258,6 +266,23 @@ pub fn report(opts: &ReportOptions) -> Result<Report> {
         }
     }
     let groups = build_groups(runs);
+    if opts.select_by != "method"
+        && !groups.is_empty()
+        && !groups
+            .iter()
+            .any(|g| g.settings.get(&opts.select_by).is_some())
+    {
+        let known: BTreeSet<&str> = groups
+            .iter()
+            .filter_map(|g| g.settings.as_object())
+            .flat_map(|o| o.keys().map(String::as_str))
+            .collect();
+        return Err(ReportError::UnknownSetting {
+            key: opts.select_by.clone(),
+            known: known.into_iter().collect::<Vec<_>>().join(", "),
+        }
+        .into());
+    }
     let retrieval_groups = retrieval::build(retrieval_runs);
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::io(&opts.out, e))?;
     let mut files = Vec::new();
@@ -418,17 +443,17 @@ fn build_groups(runs: Vec<Run>) -> Vec<GroupRow> {
             group_row(g, label, settings_label)
         })
         .collect();
+    // valid split only: accuracy, then macro-F1, then the label (never test)
     rows.sort_by(|a, b| {
-        let test = |r: &GroupRow| r.test_accuracy.as_ref().map(|s| s.mean);
+        let f1 = |r: &GroupRow| {
+            r.valid_macro_f1
+                .as_ref()
+                .map_or(f64::NEG_INFINITY, |s| s.mean)
+        };
         b.valid_accuracy
             .mean
             .total_cmp(&a.valid_accuracy.mean)
-            .then_with(|| match (test(a), test(b)) {
-                (Some(x), Some(y)) => y.total_cmp(&x),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                (None, Some(_)) => std::cmp::Ordering::Greater,
-                (None, None) => std::cmp::Ordering::Equal,
-            })
+            .then_with(|| f1(b).total_cmp(&f1(a)))
             .then_with(|| a.label.cmp(&b.label))
     });
     rows

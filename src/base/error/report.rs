@@ -17,6 +17,14 @@ pub enum ReportError {
         /// `: DIR: REASON` of the first skipped directory, or empty.
         first: String,
     },
+    /// `--select-by` names a setting no run has.
+    #[error("--select-by {key}: no run has a setting '{key}' (settings: {known})")]
+    UnknownSetting {
+        /// The setting asked for.
+        key: String,
+        /// The settings the runs have, comma-separated.
+        known: String,
+    },
     /// The font embedded in the binary cannot be loaded.
     #[error("the embedded font {0} is not a valid font")]
     Font(&'static str),

@@ -121,8 +121,7 @@ pub struct RetrievalGroupRow {
     pub seconds_per_epoch: Option<f64>,
 }
 
-/// Group, label and rank (best mean valid rsum first, ties by test rsum,
-/// then label).
+/// Group, label and rank (best mean valid rsum first, ties by label).
 pub(super) fn build(runs: Vec<RetrievalRun>) -> Vec<RetrievalGroupRow> {
     let mut by_key: BTreeMap<String, Vec<RetrievalRun>> = BTreeMap::new();
     for r in runs {
@@ -174,13 +173,11 @@ pub(super) fn build(runs: Vec<RetrievalRun>) -> Vec<RetrievalGroupRow> {
             row(g, label, settings_label)
         })
         .collect();
+    // the valid split only: test never enters the order
     rows.sort_by(|a, b| {
-        let test =
-            |r: &RetrievalGroupRow| r.test_rsum.as_ref().map_or(f64::NEG_INFINITY, |s| s.mean);
         b.valid_rsum
             .mean
             .total_cmp(&a.valid_rsum.mean)
-            .then_with(|| test(b).total_cmp(&test(a)))
             .then_with(|| a.label.cmp(&b.label))
     });
     rows
@@ -276,7 +273,7 @@ pub(super) fn markdown(rows: &[RetrievalGroupRow]) -> String {
         );
     }
     md.push_str(
-        "\nGroups are sorted by mean valid rsum, best first (ties by mean test rsum): settings \
+        "\nGroups are sorted by mean valid rsum, best first (ties by label): settings \
          are selected on the valid split only. Values are mean ± sample standard deviation \
          (n − 1) over seeds.\n\n",
     );

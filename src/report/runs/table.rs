@@ -127,7 +127,7 @@ pub(super) fn to_markdown(
             if skipped.len() == 1 { "y" } else { "ies" }
         );
     } else {
-        classification_tables(&mut md, groups, skipped, runs);
+        classification_tables(&mut md, groups, skipped, runs, &opts.select_by);
     }
     md.push_str(retrieval);
     if !pictures.is_empty() {
@@ -160,6 +160,7 @@ fn classification_tables(
     groups: &[GroupRow],
     skipped: &[(PathBuf, String)],
     runs: usize,
+    select_by: &str,
 ) {
     use std::fmt::Write as _;
     let _ = writeln!(
@@ -193,6 +194,7 @@ fn classification_tables(
         );
     }
     let _ = writeln!(md, "\n{SELECTION_NOTE}\n");
+    selected_table(md, groups, select_by);
 
     // What every group of a method shares (the labels show the rest).
     md.push_str("## Settings\n\n");
@@ -224,4 +226,61 @@ fn classification_tables(
         );
     }
     md.push('\n');
+}
+
+/// The groups a `select_by` value selects: for each value of that setting
+/// (`method` by default), the group with the best mean valid accuracy (the
+/// first of that value in the sorted `groups`), with how many settings and
+/// runs the value had, so methods compare at the tuning budget they got.
+/// Returns, per value: the selected group's index, settings and runs.
+pub(super) fn selected(groups: &[GroupRow], select_by: &str) -> Vec<(String, usize, usize, usize)> {
+    let mut out: Vec<(String, usize, usize, usize)> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        let value = if select_by == "method" {
+            g.method.clone()
+        } else {
+            show_value(g.settings.get(select_by))
+        };
+        match out.iter_mut().find(|(v, ..)| *v == value) {
+            Some((_, _, settings, runs)) => {
+                *settings += 1;
+                *runs += g.seeds.len();
+            }
+            None => out.push((value, i, 1, g.seeds.len())),
+        }
+    }
+    out
+}
+
+/// The table of [`selected`] groups.
+fn selected_table(md: &mut String, groups: &[GroupRow], select_by: &str) {
+    use std::fmt::Write as _;
+    let _ = writeln!(md, "## Selected on valid, one per {select_by}\n");
+    let _ = writeln!(
+        md,
+        "| {select_by} | selected settings | settings tried | runs | seeds | valid acc (%) | test acc (%) | test macro-F1 (%) | trainable params | peak mem (MiB) |"
+    );
+    md.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for (value, i, settings, runs) in selected(groups, select_by) {
+        let g = &groups[i];
+        let n = g.seeds.len();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {settings} | {runs} | {n} | {} | {} | {} | {} | {} |",
+            cell(&value),
+            cell(&g.label),
+            pct(Some(&g.valid_accuracy), n),
+            pct(g.test_accuracy.as_ref(), n),
+            pct(g.test_macro_f1.as_ref(), n),
+            g.trainable_params.map_or("-".to_string(), thousands),
+            g.peak_memory_mib
+                .map_or("-".to_string(), |m| format!("{m:.0}")),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nEach row is the group with the best mean valid accuracy among those of its {select_by} \
+         (ties as above); its test numbers are reported, never used to choose. \"settings \
+         tried\" and \"runs\" are the tuning budget that {select_by} got.\n"
+    );
 }
