@@ -158,5 +158,15 @@ fn export_refuses_side_runs_with_missing_or_extra_tensors() {
             let out = format!("{method}-extended-{extra}");
             refused(root, &extended, &out, &[extra, "does not use"]);
         }
+        // a backbone weight the method does not train would replace a
+        // frozen one: refused too
+        let frozen = "encoder.layer.0.output.dense.bias";
+        let extended = copy("extended-backbone");
+        edit_weights(root, &extended, |t| {
+            let like = t[0].1.clone();
+            t.push((frozen.to_string(), like));
+        });
+        let out = format!("{method}-extended-backbone");
+        refused(root, &extended, &out, &[frozen, "backbone weight"]);
     }
 }

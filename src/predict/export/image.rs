@@ -99,6 +99,7 @@ pub(super) fn export_image(
     let (overrides, trained): (F32Tensors, F32Tensors) = read_weights(weights_path)?
         .into_iter()
         .partition(|(name, _)| base.contains(name));
+    super::check_overrides(weights_path, &spec.method, layers, &overrides)?;
     let first = first_trained(weights_path, &overrides, layers)?;
     let ckpt = base.with_overrides(weights_path, &overrides)?;
     let trained = Tensors::new(weights_path, trained);

@@ -181,7 +181,46 @@ fn split_weights(
             backbone
         }
     };
+    check_overrides(path, method, bert.num_hidden_layers, &overrides)?;
     Ok((overrides, trained))
+}
+
+/// Refuse backbone tensors the run's method does not train: only
+/// `full-ft` trains every one, `late-layer` and `sherl --late-trainable`
+/// their last `K` layers, LoRA its merged projections; any other backbone
+/// name in a run's weights would silently replace a frozen weight.
+pub(super) fn check_overrides(
+    path: &Path,
+    method: &MethodSpec,
+    layers: usize,
+    overrides: &F32Tensors,
+) -> Result<()> {
+    let late = |k: usize| {
+        move |name: &str| {
+            (layers.saturating_sub(k)..layers)
+                .any(|i| name.starts_with(&format!("encoder.layer.{i}.")))
+        }
+    };
+    let allowed: Box<dyn Fn(&str) -> bool> = match method {
+        MethodSpec::FullFt | MethodSpec::Lora { .. } => Box::new(|_| true),
+        MethodSpec::LateLayer { late_layers } => Box::new(late(*late_layers)),
+        MethodSpec::Sherl {
+            late_layers,
+            late_trainable: true,
+            ..
+        } => Box::new(late(*late_layers)),
+        _ => Box::new(|_| false),
+    };
+    match overrides.keys().find(|n| !allowed(n)) {
+        None => Ok(()),
+        Some(name) => Err(Error::Checkpoint {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor '{name}' is a backbone weight a {} run does not train",
+                method.kind().name()
+            ),
+        }),
+    }
 }
 
 /// The head's `head.weight` (`[classes, width]`) and `head.bias`.
