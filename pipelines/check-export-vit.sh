@@ -5,11 +5,13 @@
 # not accuracy), each exported with `sherl-fit export`, then the Python
 # example of each export's README (numpy preprocessing + onnxruntime) on
 # held-out emoji images against `sherl-fit predict` on the same files
-# (benches/export_vit_check.py; fails above 1e-4). Prints one table
+# (benches/export_vit_check.py; fails above 1e-4), then latency at batch 1
+# and throughput at batch 32 of each export against the backbone cut to
+# its last hidden state, same threads, models alternated. Prints two tables
 # (docs/results.md, "Exported models against predict").
 #
 #   pipelines/check-export-vit.sh     # N=80 training images, M=32 scored
-#   METHODS="linear-probe late-layer sherl unipt lst full-ft" N=80 M=32 OUT=target/bench/export-vit BIN=DIR
+#   METHODS="linear-probe late-layer sherl unipt lst full-ft" N=80 M=32 THREADS=2 ROUNDS=3 OUT=target/bench/export-vit BIN=DIR
 set -euo pipefail
 . "$(dirname "$0")/target-dir.sh"
 cd "$(dirname "$0")/.."
@@ -59,4 +61,12 @@ for m in $METHODS; do
         --out "$OUT/pred-$m.jsonl" >/dev/null
     args+=(--export "$m=$OUT/export-$m" --preds "$m=$OUT/pred-$m.jsonl")
 done
-"$VENV/bin/python" benches/export_vit_check.py "${args[@]}"
+# the backbone alone: its graph cut to the last hidden state
+LAST=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["hidden_states"][-1])' "$BACKBONE/backbone.json")
+LAYERS=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["layers"])' "$BACKBONE/backbone.json")
+"$BIN/sherl-extract" -q expose-layers --tensors "$LAST" --first-index "$LAYERS" --only-exposed \
+    --out "$OUT/backbone-last.onnx" "$BACKBONE/model.onnx" >/dev/null
+echo "load before timing: $(cut -d' ' -f1-3 /proc/loadavg)"
+"$VENV/bin/python" benches/export_vit_check.py "${args[@]}" --backbone-onnx "$OUT/backbone-last.onnx" \
+    --backbone-output "hidden_states.$LAYERS" --threads "${THREADS:-2}" --rounds "${ROUNDS:-3}"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
