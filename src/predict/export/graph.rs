@@ -1,6 +1,6 @@
 //! The head appended to a backbone graph: pooling of one hidden state, the
-//! trained linear layer, then the softmax of a classifier ([`Output::Classes`])
-//! or the L2 normalisation of a retrieval tower ([`Output::Embeddings`]).
+//! trained linear layer, then the softmax of a classifier (`Output::Classes`)
+//! or the L2 normalisation of a retrieval tower (`Output::Embeddings`).
 
 use crate::extract::onnx::builder::{attr_int, Graph};
 use crate::extract::onnx::proto::{data_type, ValueInfoProto};

@@ -25,7 +25,7 @@
 //! layers on every hidden state).
 //! A retrieval run ([`retrieval`]) is exported as two encoders, `text.onnx`
 //! and `image.onnx`: the same text and image flows with the joint-space
-//! head ([`graph::Output::Embeddings`]) in place of the classifier's.
+//! head (`graph::Output::Embeddings`) in place of the classifier's.
 //!
 //! A run whose weights or `config.json` fail their recorded checksums, or
 //! whose backbone files differ from the ones its cache was extracted with,

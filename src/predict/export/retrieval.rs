@@ -1,8 +1,8 @@
 //! `sherl-fit export` of a retrieval run: its two towers as two encoders,
 //! `text.onnx` and `image.onnx`, each the same body and method graph a
-//! classification run of its method exports ([`super::text_model`],
-//! [`super::image::image_model`]) with the joint-space head
-//! ([`graph::Output::Embeddings`]: pooling, the projection, the L2
+//! classification run of its method exports (`text_model`,
+//! `image::image_model`) with the joint-space head
+//! (`graph::Output::Embeddings`: pooling, the projection, the L2
 //! normalisation `sherl-fit search` applies). Next to them go
 //! `tokenizer.json` (the caption cache's `max_len`), `preprocess.json`
 //! (the image cache's recipe), `retrieval.json` and a `README.md`.
