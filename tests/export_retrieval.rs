@@ -213,12 +213,19 @@ fn check_parity(f: &RetrievalFixture, image_method: &str, text_method: &str) -> 
 }
 
 /// Both encoders of the default run (`sherl` towers) and of runs with
-/// other methods reproduce search's scores.
+/// the other methods (each on at least one tower) reproduce search's
+/// scores.
 #[test]
 fn exported_retrieval_encoders_match_search() {
     let f = retrieval_fixture();
     let mut worst = 0f64;
-    for (im, tm) in [("sherl", "sherl"), ("late-layer", "unipt")] {
+    for (im, tm) in [
+        ("sherl", "sherl"),
+        ("late-layer", "unipt"),
+        ("full-ft", "lora"),
+        ("lst", "adapter"),
+        ("linear-probe", "full-ft"),
+    ] {
         worst = worst.max(check_parity(&f, im, tm));
     }
     eprintln!("largest difference over all runs: {worst:.2e}");
