@@ -13,6 +13,7 @@ mod docs;
 mod export;
 mod export_image;
 mod export_peft;
+mod export_retrieval;
 mod export_run;
 mod export_side;
 mod extract;

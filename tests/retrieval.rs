@@ -492,7 +492,7 @@ pub(crate) fn retrieval_fixture() -> RetrievalFixture {
     RetrievalFixture { _tmp: tmp, root }
 }
 
-fn fit_retrieval(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
+pub(crate) fn fit_retrieval(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
     let mut a = vec![
         "run",
         "--task",
@@ -521,7 +521,7 @@ fn fit_retrieval(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
     common::run("sherl-fit", &a, &f.root, &[])
 }
 
-fn last_json(o: &std::process::Output) -> serde_json::Value {
+pub(crate) fn last_json(o: &std::process::Output) -> serde_json::Value {
     assert!(
         o.status.success(),
         "exit {:?}: {}",
@@ -912,7 +912,7 @@ fn cross_style_test_split_gets_rasterised_openmoji_drawings() {
 
 // ---- sherl-fit search ----
 
-fn search(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
+pub(crate) fn search(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
     let mut a = vec![
         "search",
         "--image-backbone",
@@ -928,7 +928,7 @@ fn search(f: &RetrievalFixture, extra: &[&str]) -> std::process::Output {
     common::run("sherl-fit", &a, &f.root, &[])
 }
 
-fn hits(o: &std::process::Output) -> Vec<serde_json::Value> {
+pub(crate) fn hits(o: &std::process::Output) -> Vec<serde_json::Value> {
     assert!(
         o.status.success(),
         "exit {:?}: {}",

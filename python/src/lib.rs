@@ -422,8 +422,16 @@ fn command(py: Python<'_>, program: &str, sub: &str, flags: Vec<Flag>) -> PyResu
                 Command::Predict(a) => py
                     .detach(|| sherl::cli::fit::predict(*a, blas))
                     .map_err(raise),
-                Command::Export { run, backbone, out } => py
-                    .detach(|| sherl::cli::fit::export(run, backbone, out))
+                Command::Export {
+                    run,
+                    backbone,
+                    image_backbone,
+                    text_backbone,
+                    out,
+                } => py
+                    .detach(|| {
+                        sherl::cli::fit::export(run, backbone, image_backbone, text_backbone, out)
+                    })
                     .map_err(raise),
                 _ => Err(SherlError::new_err(format!(
                     "sherl-fit {sub} is not offered in Python; run the command"

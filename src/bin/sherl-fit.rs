@@ -36,8 +36,20 @@ fn main() -> ExitCode {
             #[cfg(feature = "extract")]
             Command::Search(a) => search(*a, blas),
             #[cfg(feature = "extract")]
-            Command::Export { run, backbone, out } => {
-                print_line(&sherl::cli::fit::export(run, backbone, out)?)?;
+            Command::Export {
+                run,
+                backbone,
+                image_backbone,
+                text_backbone,
+                out,
+            } => {
+                print_line(&sherl::cli::fit::export(
+                    run,
+                    backbone,
+                    image_backbone,
+                    text_backbone,
+                    out,
+                )?)?;
                 Ok(ExitCode::SUCCESS)
             }
             Command::Sweep(a) => sweep(*a, blas),

@@ -213,10 +213,49 @@ pub fn predict(a: PredictArgs, blas: BlasSource) -> anyhow::Result<String> {
 /// `sherl-fit export`: write the run in `run` as a standalone ONNX model
 /// in `out`, with the backbone `backbone`, or when `None` the one the run
 /// recorded (when its ONNX model is still there with the recorded sha256,
-/// as `predict` finds it; else an error asking for `--backbone`). Returns
-/// the summary JSON line.
+/// as `predict` finds it; else an error asking for `--backbone`). A
+/// retrieval run is written as two encoders, with `image_backbone` and
+/// `text_backbone` (each, when `None`, the one its cache recorded).
+/// Returns the summary JSON line.
 #[cfg(feature = "extract")]
-pub fn export(run: PathBuf, backbone: Option<PathBuf>, out: PathBuf) -> anyhow::Result<String> {
+pub fn export(
+    run: PathBuf,
+    backbone: Option<PathBuf>,
+    image_backbone: Option<PathBuf>,
+    text_backbone: Option<PathBuf>,
+    out: PathBuf,
+) -> anyhow::Result<String> {
+    use crate::predict::export::retrieval;
+    if retrieval::is_retrieval_run(&run)? {
+        if backbone.is_some() {
+            return Err(crate::Error::setting(
+                "--backbone",
+                "a retrieval run has two backbones: pass --image-backbone and --text-backbone",
+            )
+            .into());
+        }
+        let plan = retrieval::RetrievalExportPlan {
+            run,
+            image_backbone,
+            text_backbone,
+            out,
+        };
+        let s = retrieval::export_retrieval(&plan)?;
+        return Ok(serde_json::to_string(&s)?);
+    }
+    if let Some(flag) = [
+        ("--image-backbone", &image_backbone),
+        ("--text-backbone", &text_backbone),
+    ]
+    .iter()
+    .find_map(|(f, v)| v.is_some().then_some(*f))
+    {
+        return Err(crate::Error::setting(
+            flag,
+            format!("{flag} is for retrieval runs; a classification run takes --backbone"),
+        )
+        .into());
+    }
     let backbone = match backbone {
         Some(b) => b,
         None => {

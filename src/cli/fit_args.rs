@@ -94,7 +94,9 @@ pub enum Command {
     /// one standalone ONNX model (backbone layers, trained modules, head;
     /// outputs logits and probabilities) with its tokenizer (text) or
     /// preprocessing recipe (images), labels.json and a README with a
-    /// Python example.
+    /// Python example; a retrieval run as two encoders, text.onnx and
+    /// image.onnx (output: L2-normalised joint-space embeddings), with the
+    /// tokenizer, the recipe, retrieval.json and a README.
     #[cfg(feature = "extract")]
     Export {
         /// Run directory (RUNS/<run id>).
@@ -102,8 +104,17 @@ pub enum Command {
         run: PathBuf,
         /// Backbone directory the run's cache was made from [default: the one
         /// the run recorded, when its ONNX model is still there unchanged].
+        /// Classification runs.
         #[arg(long)]
         backbone: Option<PathBuf>,
+        /// Retrieval runs: the image backbone the image cache was made from
+        /// [default: the one the cache recorded, as for --backbone].
+        #[arg(long)]
+        image_backbone: Option<PathBuf>,
+        /// Retrieval runs: the text backbone the caption cache was made
+        /// from [default: the one the cache recorded].
+        #[arg(long)]
+        text_backbone: Option<PathBuf>,
         /// Output directory (created when missing; its files are replaced).
         #[arg(long)]
         out: PathBuf,

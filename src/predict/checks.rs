@@ -44,11 +44,21 @@ pub(crate) fn backbone_dir(
     model: Option<&Path>,
     rc: &RunConfig,
 ) -> Result<(PathBuf, PathBuf)> {
+    recorded_backbone_dir(backbone, model, &rc.cache.backbone)
+}
+
+/// [`backbone_dir`] for a cache whose manifest recorded `info` (a
+/// retrieval run's caches record one backbone each).
+pub(crate) fn recorded_backbone_dir(
+    backbone: Option<&Path>,
+    model: Option<&Path>,
+    info: &crate::cache::manifest::BackboneInfo,
+) -> Result<(PathBuf, PathBuf)> {
     if let Some(dir) = backbone {
         let model = model.map_or_else(|| dir.join("model.onnx"), Path::to_owned);
         return Ok((dir.to_owned(), model));
     }
-    let recorded = PathBuf::from(&rc.cache.backbone.onnx.path);
+    let recorded = PathBuf::from(&info.onnx.path);
     let dir = match recorded.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
@@ -64,7 +74,7 @@ pub(crate) fn backbone_dir(
             ),
         )
     };
-    if rc.cache.backbone.onnx.path.is_empty() {
+    if info.onnx.path.is_empty() {
         return Err(Error::setting(
             "--backbone",
             "not given, and the run records no backbone path; pass --backbone DIR".to_owned(),
@@ -76,11 +86,11 @@ pub(crate) fn backbone_dir(
         ));
     }
     let got = crate::fsutil::sha256_file(&recorded)?;
-    if got != rc.cache.backbone.onnx.sha256 {
+    if got != info.onnx.sha256 {
         return Err(ask(format!(
             "has changed (sha256 {}, recorded {})",
             crate::hash::abbrev(&got),
-            crate::hash::abbrev(&rc.cache.backbone.onnx.sha256)
+            crate::hash::abbrev(&info.onnx.sha256)
         )));
     }
     tracing::info!(

@@ -11,7 +11,7 @@
 //!   taken);
 //! - [`export`]: `sherl-fit export`, a classification run as one standalone
 //!   ONNX model (backbone layers, trained modules, head) with its tokenizer
-//!   and labels;
+//!   and labels, a retrieval run as two encoders into its joint space;
 //! - [`checks`]: what a run must match before it is used (weights, backbone
 //!   files, the columns it was trained on); [`output`]: the prediction
 //!   lines and their accuracy.

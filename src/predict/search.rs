@@ -91,17 +91,19 @@ pub struct Hit {
     pub caption: Option<Option<String>>,
 }
 
-/// What `config.json` of a retrieval run records that search needs.
-struct RunRecord {
-    fit: FitConfig,
-    retrieval: RetrievalConfig,
-    image_cache: (PathBuf, String),
-    text_cache: (PathBuf, String),
+/// What `config.json` of a retrieval run records that search (and
+/// `export`) needs.
+pub(crate) struct RunRecord {
+    pub(crate) run_id: String,
+    pub(crate) fit: FitConfig,
+    pub(crate) retrieval: RetrievalConfig,
+    pub(crate) image_cache: (PathBuf, String),
+    pub(crate) text_cache: (PathBuf, String),
 }
 
 /// `config.json` of a retrieval run, checked against the sha256 the run
 /// recorded ([`run_dir::read_checked_config`]).
-fn read_run(run: &Path) -> Result<RunRecord> {
+pub(crate) fn read_run(run: &Path) -> Result<RunRecord> {
     let (path, bytes, _) = run_dir::read_checked_config(run)?;
     let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|source| Error::Json {
         path: path.clone(),
@@ -136,6 +138,7 @@ fn read_run(run: &Path) -> Result<RunRecord> {
         }
     };
     Ok(RunRecord {
+        run_id: v["run_id"].as_str().unwrap_or_default().to_owned(),
         fit,
         retrieval,
         image_cache: cache("image_cache")?,
@@ -144,7 +147,11 @@ fn read_run(run: &Path) -> Result<RunRecord> {
 }
 
 /// Open the cache the run recorded and check it is the one it was trained on.
-fn open_cache(kind: &str, (path, hash): &(PathBuf, String), run: &Path) -> Result<Arc<Cache>> {
+pub(crate) fn open_cache(
+    kind: &str,
+    (path, hash): &(PathBuf, String),
+    run: &Path,
+) -> Result<Arc<Cache>> {
     let cache = Cache::open(path).map_err(|e| FitError::BadRun {
         path: run.join(run_dir::CONFIG_FILE),
         message: format!(

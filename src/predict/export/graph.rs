@@ -1,5 +1,6 @@
-//! The classification head appended to a backbone graph: pooling of one
-//! hidden state, the trained linear layer, the softmax.
+//! The head appended to a backbone graph: pooling of one hidden state, the
+//! trained linear layer, then the softmax of a classifier (`Output::Classes`)
+//! or the L2 normalisation of a retrieval tower (`Output::Embeddings`).
 
 use crate::extract::onnx::builder::{attr_int, Graph};
 use crate::extract::onnx::proto::{data_type, ValueInfoProto};
@@ -10,6 +11,29 @@ use crate::{Error, Result};
 pub const LOGITS: &str = "logits";
 /// See [`LOGITS`].
 pub const PROBABILITIES: &str = "probabilities";
+/// The output of a retrieval tower's model: `[batch, joint]`, L2-normalised.
+pub const EMBEDDINGS: &str = "embeddings";
+
+/// What the head outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Output {
+    /// A classifier's [`LOGITS`] and their softmax, [`PROBABILITIES`].
+    Classes,
+    /// A retrieval tower's [`EMBEDDINGS`]: the linear layer's output
+    /// divided by its L2 norm (`+1e-12` under the root), as
+    /// `fit::retrieval::loss::l2_normalize` divides it.
+    Embeddings,
+}
+
+impl Output {
+    /// The names of the exported model's outputs.
+    pub(super) fn names(self) -> Vec<String> {
+        match self {
+            Output::Classes => vec![LOGITS.into(), PROBABILITIES.into()],
+            Output::Embeddings => vec![EMBEDDINGS.into()],
+        }
+    }
+}
 
 /// The trained head: pooling and `Linear(d -> classes)` (`weight` row-major
 /// `[classes, d]`).
@@ -56,14 +80,15 @@ pub(super) fn masked_mean(g: &mut Graph, x: &str) -> String {
 }
 
 /// Append the head reading `hidden` (`[batch, seq, d]`) to `g`; returns the
-/// declarations of its outputs `logits` and `probabilities` (`[batch,
-/// classes]`), the exported model's only outputs. Text: the mean pools
-/// the real tokens (`attention_mask` 1); patch-mean (image runs) is
-/// refused.
+/// declarations of its outputs (`out`: `logits` and `probabilities`
+/// `[batch, classes]`, or `embeddings` `[batch, joint]`), the exported
+/// model's only outputs. Text: the mean pools the real tokens
+/// (`attention_mask` 1); patch-mean (image runs) is refused.
 pub(super) fn append_head(
     g: &mut Graph,
     hidden: &str,
     head: &HeadWeights,
+    out: Output,
 ) -> Result<Vec<ValueInfoProto>> {
     check_sizes(head)?;
     let pooled = match head.pool {
@@ -76,7 +101,7 @@ pub(super) fn append_head(
         }
         Pool::Mean => masked_mean(g, hidden),
     };
-    Ok(linear_softmax(g, &pooled, head))
+    Ok(linear_out(g, &pooled, head, out))
 }
 
 /// [`append_head`] for an image run, whose tokens are all real (no
@@ -86,6 +111,7 @@ pub(super) fn append_image_head(
     g: &mut Graph,
     hidden: &str,
     head: &HeadWeights,
+    out: Output,
 ) -> Result<Vec<ValueInfoProto>> {
     check_sizes(head)?;
     let pooled = match head.pool {
@@ -99,7 +125,7 @@ pub(super) fn append_image_head(
             token_mean(g, &patches)
         }
     };
-    Ok(linear_softmax(g, &pooled, head))
+    Ok(linear_out(g, &pooled, head, out))
 }
 
 /// The mean of `x` (`[batch, seq, d]`) over its tokens, all real:
@@ -140,13 +166,26 @@ fn check_sizes(head: &HeadWeights) -> Result<()> {
     Ok(())
 }
 
-/// The trained linear layer on `pooled` (`logits`) and its softmax
-/// (`probabilities`); returns their declarations.
-fn linear_softmax(g: &mut Graph, pooled: &str, head: &HeadWeights) -> Vec<ValueInfoProto> {
+/// The trained linear layer on `pooled`, then what `out` asks for;
+/// returns the declarations of the outputs.
+fn linear_out(g: &mut Graph, pooled: &str, head: &HeadWeights, out: Output) -> Vec<ValueInfoProto> {
     let (d, c) = (head.d as i64, head.classes as i64);
     let w = f32s(g, "weight", &head.weight, &[c, d]);
     let b = f32s(g, "bias", &head.bias, &[c]);
     let gemm = vec![attr_int("transB", 1)];
+    if out == Output::Embeddings {
+        let z = g.node("Gemm", &[pooled, &w, &b], gemm);
+        // z / sqrt(sum(z^2) + 1e-12), over the last axis
+        let sq = g.node("Mul", &[&z, &z], vec![]);
+        let axis = i64s(g, "norm_axis", &[-1], &[1]);
+        let sum = g.node("ReduceSum", &[&sq, &axis], vec![attr_int("keepdims", 1)]);
+        let eps = f32s(g, "norm_eps", &[1e-12], &[]);
+        let sum = g.node("Add", &[&sum, &eps], vec![]);
+        let norm = g.node("Sqrt", &[&sum], vec![]);
+        g.node_named("Div", &[&z, &norm], vec![], EMBEDDINGS.into());
+        let dims: [std::result::Result<i64, &str>; 2] = [Err("batch"), Ok(c)];
+        return vec![ValueInfoProto::tensor(EMBEDDINGS, data_type::FLOAT, &dims)];
+    }
     let logits = g.node_named("Gemm", &[pooled, &w, &b], gemm, LOGITS.into());
     let softmax = vec![attr_int("axis", -1)];
     g.node_named("Softmax", &[&logits], softmax, PROBABILITIES.into());

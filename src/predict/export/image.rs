@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use super::image_body::{ImageBody, PatchPool, INPUT};
-use super::{graph, head_weights, methods, read_weights, readme, ExportPlan, ExportSummary};
-use super::{Body, MODEL_FILE};
+use super::{graph, head_weights, methods, readme, refuse_unused, write_json};
+use super::{Body, Built, ExportPlan, ExportSummary, MODEL_FILE};
 use crate::backbone::{BackboneDir, Checkpoint, F32Tensors, ImageBackboneDesc};
 use crate::cache::manifest::ImageInfo;
 use crate::data::image::Preprocess;
@@ -44,16 +44,67 @@ fn first_trained(path: &Path, overrides: &F32Tensors, layers: usize) -> Result<u
     Ok(first)
 }
 
-/// Export the image run `rc` (image record `image`, trained weights at
-/// `weights_path`) as `plan` says. The backbone description, the ONNX model
-/// and the ViT checkpoint must be the ones the cache was extracted with.
+/// Export the image run `rc` (image record `image`, trained weights
+/// `weights` read from `weights_path`) as `plan` says.
 pub(super) fn export_image(
     plan: &ExportPlan,
     rc: &RunConfig,
     image: &ImageInfo,
     weights_path: &Path,
+    weights: F32Tensors,
 ) -> Result<ExportSummary> {
-    let config_path = plan.run.join(run_dir::CONFIG_FILE);
+    let out_path = plan.out.join(MODEL_FILE);
+    let (built, recipe) = image_model(
+        &plan.run,
+        rc,
+        image,
+        &plan.backbone,
+        weights_path,
+        weights,
+        graph::Output::Classes,
+        &out_path,
+    )?;
+    std::fs::create_dir_all(&plan.out).map_err(|e| Error::io(&plan.out, e))?;
+    crate::fsutil::write_atomic(&out_path, &built.bytes)?;
+    write_json(&plan.out.join(PREPROCESS_FILE), &recipe)?;
+    write_json(&plan.out.join("labels.json"), &rc.labels)?;
+    let text = readme::image_readme(
+        rc,
+        &built.method,
+        INPUT,
+        recipe.channels,
+        recipe.size,
+        image.patch_pool,
+    );
+    crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
+    Ok(ExportSummary {
+        run_id: rc.run_id.clone(),
+        method: built.method,
+        classes: built.width,
+        reads: built.reads,
+        model: out_path,
+        bytes: built.bytes.len() as u64,
+    })
+}
+
+/// The ONNX model of the image run `rc` (`run` its directory, `image` its
+/// cache's image record, `weights` its trained tensors read from
+/// `weights_path`) on the backbone in `backbone`, with the head `out`, and
+/// the preprocessing recipe its cache recorded; `out_path` names it in
+/// errors. The backbone description, the ONNX model and the ViT
+/// checkpoint must be the ones the cache was extracted with.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn image_model(
+    run: &Path,
+    rc: &RunConfig,
+    image: &ImageInfo,
+    backbone: &Path,
+    weights_path: &Path,
+    weights: F32Tensors,
+    out: graph::Output,
+    out_path: &Path,
+) -> Result<(Built, Preprocess)> {
+    let config_path = run.join(run_dir::CONFIG_FILE);
     let bad_run = |message: String| -> Error {
         FitError::BadRun {
             path: config_path.clone(),
@@ -61,7 +112,7 @@ pub(super) fn export_image(
         }
         .into()
     };
-    let dir = BackboneDir::open(&plan.backbone)?;
+    let dir = BackboneDir::open(backbone)?;
     let desc_path = dir.description_path();
     same("backbone.json", &desc_path, &image.description.sha256)?;
     let model_path = dir.onnx_path();
@@ -96,7 +147,7 @@ pub(super) fn export_image(
     let method = spec.method.kind().name().to_string();
 
     let base = Checkpoint::open_vit(&ckpt_path)?;
-    let (overrides, trained): (F32Tensors, F32Tensors) = read_weights(weights_path)?
+    let (overrides, trained): (F32Tensors, F32Tensors) = weights
         .into_iter()
         .partition(|(name, _)| base.contains(name));
     super::check_overrides(weights_path, &spec.method, layers, &overrides)?;
@@ -109,19 +160,10 @@ pub(super) fn export_image(
         cls: desc.cls_token,
     });
     let mut body = ImageBody::new(&cfg, layers, &ckpt, &rc.cache.layers, first, pool)?;
-    let (seq, width) = methods::build(&mut body, &spec.method, &trained, &plan.run)?;
+    let (seq, width) = methods::build(&mut body, &spec.method, &trained, run)?;
     let head = head_weights(&trained, spec.pool, width, spec.classes)?;
-    let outputs = graph::append_image_head(body.g(), &seq, &head)?;
-    let unused = trained.unused();
-    if !unused.is_empty() {
-        return Err(Error::Checkpoint {
-            path: weights_path.to_path_buf(),
-            message: format!(
-                "a {method} run's weights hold tensors its model does not use: {:?}",
-                unused.iter().take(3).collect::<Vec<_>>()
-            ),
-        });
-    }
+    let outputs = graph::append_image_head(body.g(), &seq, &head, out)?;
+    refuse_unused(&trained, weights_path, &method)?;
     let doc = format!(
         "sherl run {} ({method}) exported by sherl-fit export",
         rc.run_id
@@ -132,39 +174,14 @@ pub(super) fn export_image(
         meta("sherl.preprocess_sha256", recipe.digest()),
     ];
     let bytes = body.finish(&model_path, &desc, outputs, doc, metadata)?;
-    let out_path = plan.out.join(MODEL_FILE);
-    let keep = [graph::LOGITS.to_string(), graph::PROBABILITIES.to_string()];
-    let bytes =
-        crate::extract::onnx::edit::prune_to_outputs(&out_path, &bytes, &keep)?.unwrap_or(bytes);
-
-    std::fs::create_dir_all(&plan.out).map_err(|e| Error::io(&plan.out, e))?;
-    crate::fsutil::write_atomic(&out_path, &bytes)?;
-    write_json(&plan.out.join(PREPROCESS_FILE), &recipe)?;
-    write_json(&plan.out.join("labels.json"), &rc.labels)?;
-    let text = readme::image_readme(
-        rc,
-        &method,
-        INPUT,
-        recipe.channels,
-        recipe.size,
-        image.patch_pool,
-    );
-    crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
-    Ok(ExportSummary {
-        run_id: rc.run_id.clone(),
+    let bytes = crate::extract::onnx::edit::prune_to_outputs(out_path, &bytes, &out.names())?
+        .unwrap_or(bytes);
+    let built = Built {
+        bytes,
         method,
-        classes: spec.classes,
         reads: seq,
-        model: out_path,
-        bytes: bytes.len() as u64,
-    })
-}
-
-/// `value` as pretty JSON at `path`, written atomically.
-fn write_json<T: serde::Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
-    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
-    crate::fsutil::write_atomic(path, &bytes)
+        width: spec.classes,
+        family: None,
+    };
+    Ok((built, recipe))
 }

@@ -23,6 +23,10 @@
 //! state), `full-ft`, `lora` (its updates merged into the weights,
 //! `merge`), `adapter` (inside the backbone's layers) and `lst` (its side
 //! layers on every hidden state).
+//! A retrieval run ([`retrieval`]) is exported as two encoders, `text.onnx`
+//! and `image.onnx`: the same text and image flows with the joint-space
+//! head (`graph::Output::Embeddings`) in place of the classifier's.
+//!
 //! A run whose weights or `config.json` fail their recorded checksums, or
 //! whose backbone files differ from the ones its cache was extracted with,
 //! is refused, by the same checks `predict` makes.
@@ -34,6 +38,7 @@ pub mod image_body;
 mod merge;
 pub mod methods;
 mod readme;
+pub mod retrieval;
 
 use std::path::{Path, PathBuf};
 
@@ -85,61 +90,122 @@ pub struct ExportSummary {
 pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
     let rc = RunConfig::read(&plan.run)?;
     let weights_path = super::checks::checked_weights(&plan.run)?;
+    let weights = read_weights(&weights_path)?;
     if let Some(image) = &rc.cache.image {
-        return image::export_image(plan, &rc, image, &weights_path);
+        return image::export_image(plan, &rc, image, &weights_path, weights);
     }
     let dir = BackboneDir::open(&plan.backbone)?;
-    let bert = super::text::checked_text_backbone(&plan.run, &rc, &dir)?;
-    let spec = super::checks::run_spec(&rc)?;
+    let out_path = plan.out.join(MODEL_FILE);
+    let built = text_model(
+        &plan.run,
+        &rc,
+        &dir,
+        &weights_path,
+        weights,
+        graph::Output::Classes,
+        &out_path,
+    )?;
+    std::fs::create_dir_all(&plan.out).map_err(|e| Error::io(&plan.out, e))?;
+    crate::fsutil::write_atomic(&out_path, &built.bytes)?;
+    write_tokenizer(&dir, rc.cache.max_len, &plan.out)?;
+    write_json(&plan.out.join("labels.json"), &rc.labels)?;
+    let family = built.family.unwrap_or(crate::backbone::Family::Bert);
+    let text = readme::readme(&rc, &built.method, family, rc.cache.max_len);
+    crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
+    Ok(ExportSummary {
+        run_id: rc.run_id.clone(),
+        method: built.method,
+        classes: built.width,
+        reads: built.reads,
+        model: out_path,
+        bytes: built.bytes.len() as u64,
+    })
+}
+
+/// A model built by [`text_model`] or [`image::image_model`]: its bytes,
+/// the run's method, the sequence its head pools, the head's output width
+/// (classes, or the joint width) and the text backbone's family (`None`
+/// for an image model).
+struct Built {
+    bytes: Vec<u8>,
+    method: String,
+    reads: String,
+    width: usize,
+    family: Option<crate::backbone::Family>,
+}
+
+/// The ONNX model of the text run `rc` (`run` its directory, `weights` its
+/// trained tensors read from `weights_path`) on the backbone in `dir`,
+/// checked against the one its cache was extracted with, with the head
+/// `out`; `model_path` names it in errors.
+fn text_model(
+    run: &Path,
+    rc: &RunConfig,
+    dir: &BackboneDir,
+    weights_path: &Path,
+    weights: F32Tensors,
+    out: graph::Output,
+    model_path: &Path,
+) -> Result<Built> {
+    let bert = super::text::checked_text_backbone(run, rc, dir)?;
+    let spec = super::checks::run_spec(rc)?;
     let method = spec.method.kind().name().to_string();
     let base = Checkpoint::open(&dir.safetensors_path())?;
-    let (overrides, trained) = split_weights(&weights_path, &spec.method, &bert, &base)?;
-    let ckpt = base.with_overrides(&weights_path, &overrides)?;
-    let trained = Tensors::new(&weights_path, trained);
+    let (overrides, trained) = split_weights(weights_path, weights, &spec.method, &bert, &base)?;
+    let ckpt = base.with_overrides(weights_path, &overrides)?;
+    let trained = Tensors::new(weights_path, trained);
     let mut body = TextBody::new(&bert, &ckpt)?;
-    let (seq, width) = methods::build(&mut body, &spec.method, &trained, &plan.run)?;
+    let (seq, width) = methods::build(&mut body, &spec.method, &trained, run)?;
     let head = head_weights(&trained, spec.pool, width, spec.classes)?;
-    let outputs = graph::append_head(body.g(), &seq, &head)?;
+    let outputs = graph::append_head(body.g(), &seq, &head, out)?;
+    refuse_unused(&trained, weights_path, &method)?;
+    let mut model = body.b.finish(&ckpt, outputs);
+    model.doc_string = format!(
+        "sherl run {} ({method}) exported by sherl-fit export",
+        rc.run_id
+    );
+    let bytes = model.encode_to_vec();
+    let bytes = crate::extract::onnx::edit::prune_to_outputs(model_path, &bytes, &out.names())?
+        .unwrap_or(bytes);
+    Ok(Built {
+        bytes,
+        method,
+        reads: seq,
+        width: spec.classes,
+        family: Some(bert.family()),
+    })
+}
+
+/// Refuse a run whose weights hold tensors its exported model does not
+/// read (a run of another method or shape).
+fn refuse_unused(trained: &Tensors, weights_path: &Path, method: &str) -> Result<()> {
     let unused = trained.unused();
     if !unused.is_empty() {
         return Err(Error::Checkpoint {
-            path: weights_path,
+            path: weights_path.to_path_buf(),
             message: format!(
                 "a {method} run's weights hold tensors its model does not use: {:?}",
                 unused.iter().take(3).collect::<Vec<_>>()
             ),
         });
     }
-    let mut model = body.b.finish(&ckpt, outputs);
-    model.doc_string = format!(
-        "sherl run {} ({method}) exported by sherl-fit export",
-        rc.run_id
-    );
-    let out_path = plan.out.join(MODEL_FILE);
-    let bytes = model.encode_to_vec();
-    let keep = [graph::LOGITS.to_string(), graph::PROBABILITIES.to_string()];
-    let bytes =
-        crate::extract::onnx::edit::prune_to_outputs(&out_path, &bytes, &keep)?.unwrap_or(bytes);
+    Ok(())
+}
 
-    std::fs::create_dir_all(&plan.out).map_err(|e| Error::io(&plan.out, e))?;
-    crate::fsutil::write_atomic(&out_path, &bytes)?;
-    let tok = Tokenizer::from_file(&dir.tokenizer_path(), rc.cache.max_len)?;
-    crate::fsutil::write_atomic(&plan.out.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
-    let labels = serde_json::to_vec_pretty(&rc.labels).map_err(|e| Error::Json {
-        path: plan.out.join("labels.json"),
+/// The backbone's tokenizer (`dir`), truncating at `max_len` and not
+/// padding, as `out/tokenizer.json`.
+fn write_tokenizer(dir: &BackboneDir, max_len: usize, out: &Path) -> Result<()> {
+    let tok = Tokenizer::from_file(&dir.tokenizer_path(), max_len)?;
+    crate::fsutil::write_atomic(&out.join("tokenizer.json"), tok.to_json()?.as_bytes())
+}
+
+/// `value` as pretty JSON at `path`, written atomically.
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(|e| Error::Json {
+        path: path.to_path_buf(),
         source: e,
     })?;
-    crate::fsutil::write_atomic(&plan.out.join("labels.json"), &labels)?;
-    let text = readme::readme(&rc, &method, bert.family(), rc.cache.max_len);
-    crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
-    Ok(ExportSummary {
-        run_id: rc.run_id.clone(),
-        method,
-        classes: spec.classes,
-        reads: seq,
-        model: out_path,
-        bytes: bytes.len() as u64,
-    })
+    crate::fsutil::write_atomic(path, &bytes)
 }
 
 /// Every tensor of the run's weights as f32 shape and values.
@@ -152,17 +218,17 @@ fn read_weights(path: &Path) -> Result<F32Tensors> {
     Ok(out)
 }
 
-/// The run's trained tensors split in two: those that replace backbone
+/// The run's trained tensors (read from `path`) split in two: those that replace backbone
 /// weights (checkpoint names: a late-layer, full-ft or `--late-trainable`
 /// run's layers, LoRA's merged projections) and the rest (head and side
 /// modules), read by the method's graph.
 fn split_weights(
     path: &Path,
+    mut trained: F32Tensors,
     method: &MethodSpec,
     bert: &crate::backbone::BertConfig,
     base: &Checkpoint,
 ) -> Result<(F32Tensors, F32Tensors)> {
-    let mut trained = read_weights(path)?;
     let overrides = match method {
         MethodSpec::Lora {
             rank,

@@ -90,17 +90,7 @@ It takes `{input}`, the preprocessed images (float32,
 `probabilities` (float32, `[batch, classes]`); `labels.json` names the
 classes in order.
 
-`preprocess.json` is the recipe the run's cache was extracted with, which
-`sherl-fit predict` applies again: bring the image to {size}x{size}
-(`resize`: `longest-side-pad` scales the longest side to `size` and pads
-the rest with `pad_value`, the image centred; `shorter-side-center-crop`
-scales the shorter side to `size` and cuts the centre), resampled as
-OpenCV's `INTER_AREA` (`area`) or `INTER_LINEAR` (`bilinear`) without
-rounding to 8 bits, then `(v / 255 - mean[c]) / std[c]` per channel, in
-CHW order. The example below does this with numpy; Pillow only decodes
-the files. Images with transparency are composited on white first, as
-sherl does by default.
-
+{recipe_note}
 ```python
 import json
 
@@ -113,7 +103,43 @@ labels = json.load(open("labels.json"))
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
 
 
-def scaled(side, size, ref):
+{preprocess_py}
+
+def classify(paths):
+    batch = np.stack([preprocess(p) for p in paths])
+    probs = session.run(["probabilities"], {{"{input}": batch}})[0]
+    return [(labels[p.argmax()], float(p.max())) for p in probs]
+
+
+print(classify(["first.png", "second.jpg"]))
+```
+"#,
+        run_id = rc.run_id,
+        recipe_note = recipe_note(size),
+        preprocess_py = PREPROCESS_PY,
+    )
+}
+
+/// What `preprocess.json` is and how the Python example applies it.
+fn recipe_note(size: u32) -> String {
+    format!(
+        r#"`preprocess.json` is the recipe the run's cache was extracted with, which
+`sherl-fit predict` applies again: bring the image to {size}x{size}
+(`resize`: `longest-side-pad` scales the longest side to `size` and pads
+the rest with `pad_value`, the image centred; `shorter-side-center-crop`
+scales the shorter side to `size` and cuts the centre), resampled as
+OpenCV's `INTER_AREA` (`area`) or `INTER_LINEAR` (`bilinear`) without
+rounding to 8 bits, then `(v / 255 - mean[c]) / std[c]` per channel, in
+CHW order. The example below does this with numpy; Pillow only decodes
+the files. Images with transparency are composited on white first, as
+sherl does by default.
+"#
+    )
+}
+
+/// The Python functions that apply `preprocess.json` (`preprocess(path)`:
+/// one image as a float32 `[channels, size, size]` array), as sherl does.
+const PREPROCESS_PY: &str = r#"def scaled(side, size, ref):
     return max(int(np.floor(side * size / ref + 0.5)), 1)
 
 
@@ -182,17 +208,96 @@ def preprocess(path):
             full = r[top:top + size, left:left + size]
         out.append(full)
     return np.stack(out).astype(np.float32)
+"#;
+
+/// The README of an exported retrieval run (`run_id`, methods
+/// `image_method` and `text_method`, joint width `joint`): the two
+/// encoders, their inputs (`bert`: the text model takes `token_type_ids`
+/// too; texts truncated at `max_len`; images `input`
+/// `[batch, channels, size, size]`) and a runnable Python example
+/// (onnxruntime, tokenizers, numpy, Pillow to decode the images) that
+/// embeds both and ranks by cosine similarity.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn retrieval_readme(
+    run_id: &str,
+    image_method: &str,
+    text_method: &str,
+    joint: usize,
+    bert: bool,
+    max_len: usize,
+    input: &str,
+    (channels, size): (u8, u32),
+) -> String {
+    let (types_feed, types_note) = if bert {
+        (
+            "\n    feed[\"token_type_ids\"] = pad([e.type_ids for e in encs])",
+            "`input_ids`, `attention_mask` and `token_type_ids`",
+        )
+    } else {
+        ("", "`input_ids` and `attention_mask`")
+    };
+    format!(
+        r#"# sherl retrieval run {run_id} ({image_method}+{text_method}), exported
+
+Two encoders into one {joint}-dimensional joint space, exported by
+`sherl-fit export`; each is the backbone layers its tower reads, the
+modules it trained and its projection, with the output divided by its L2
+norm, exactly as `sherl-fit search` embeds queries and galleries.
+
+- `text.onnx` takes {types_note} (int64, `[batch, seq]`, padded on the
+  right with `attention_mask` 0) and returns `embeddings` (float32,
+  `[batch, {joint}]`). `tokenizer.json` truncates at {max_len} tokens, as
+  the run's caption cache was extracted, and does not pad.
+- `image.onnx` takes `{input}`, the preprocessed images (float32,
+  `[batch, {channels}, {size}, {size}]`), and returns `embeddings`
+  (float32, `[batch, {joint}]`).
+- `retrieval.json`: the run, the methods, the joint width, each model's
+  inputs and output.
+
+Both outputs have unit length, so the cosine similarity of a caption and
+an image is the dot product of their embeddings (the run's learned
+temperature only scaled the training loss; it does not change rankings).
+
+{recipe_note}
+```python
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+from tokenizers import Tokenizer
+import json
+
+recipe = json.load(open("preprocess.json"))
+tok = Tokenizer.from_file("tokenizer.json")
+text_session = ort.InferenceSession("text.onnx", providers=["CPUExecutionProvider"])
+image_session = ort.InferenceSession("image.onnx", providers=["CPUExecutionProvider"])
 
 
-def classify(paths):
+def pad(rows):
+    width = max(len(r) for r in rows)
+    return np.array([r + [0] * (width - len(r)) for r in rows], dtype=np.int64)
+
+
+def embed_texts(texts):
+    encs = tok.encode_batch(texts)
+    feed = {{"input_ids": pad([e.ids for e in encs]),
+            "attention_mask": pad([e.attention_mask for e in encs])}}{types_feed}
+    return text_session.run(["embeddings"], feed)[0]
+
+
+{preprocess_py}
+
+def embed_images(paths):
     batch = np.stack([preprocess(p) for p in paths])
-    probs = session.run(["probabilities"], {{"{input}": batch}})[0]
-    return [(labels[p.argmax()], float(p.max())) for p in probs]
+    return image_session.run(["embeddings"], {{"{input}": batch}})[0]
 
 
-print(classify(["first.png", "second.jpg"]))
+images = ["first.png", "second.jpg"]
+scores = embed_texts(["a red fruit"]) @ embed_images(images).T  # cosine similarities
+for i in np.argsort(-scores[0]):
+    print(images[i], float(scores[0, i]))
 ```
 "#,
-        run_id = rc.run_id,
+        recipe_note = recipe_note(size),
+        preprocess_py = PREPROCESS_PY,
     )
 }
