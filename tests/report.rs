@@ -459,8 +459,14 @@ fn report_draws_png_and_svg_pictures_with_the_labels() {
     assert!(weights.contains("sherl late_trainable=false lr=0.001"));
     assert!(!weights.contains("linear-probe"));
     assert!(!weights.contains("lr=0.0001"));
-    for layer in ["hidden_states.0", "hidden_states.1", "hidden_states.2"] {
-        assert!(weights.contains(layer), "{layer}");
+    // layers named by their index under the axis' description
+    let texts = svg_texts(&weights);
+    assert!(
+        texts.contains(&"early layer: hidden_states index"),
+        "{texts:?}"
+    );
+    for layer in ["0", "1", "2"] {
+        assert!(texts.contains(&layer), "{layer} in {texts:?}");
     }
 }
 
@@ -776,7 +782,7 @@ fn report_pictures_use_percent_an_honest_axis_and_show_the_seeds_spread() {
         assert!(texts.contains(phrase), "{phrase:?} in {texts}");
     }
     for layer in 0..5 {
-        assert!(texts.contains(&format!("hidden_states.{layer}")));
+        assert!(texts.contains(&layer.to_string().as_str()), "{texts:?}");
     }
 }
 

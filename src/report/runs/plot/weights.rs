@@ -163,13 +163,14 @@ fn draw_weights<DB: DrawingBackend>(
         .build_cartesian_2d(x_range, y0..y1)
         .map_err(|e| e.to_string())?;
     let axis_label = |x: &i32| match usize::try_from(*x / 1000) {
-        Ok(j) if x % 1000 == 0 && j < layers.len() => format!("hidden_states.{}", layers[j]),
+        // the index alone: "hidden_states.10" under each of 12 bars overlapped
+        Ok(j) if x % 1000 == 0 && j < layers.len() => layers[j].to_string(),
         _ => String::new(),
     };
     chart
         .configure_mesh()
         .disable_x_mesh()
-        .x_desc("early layer (hidden_states index)")
+        .x_desc("early layer: hidden_states index")
         .y_desc("mean alpha over valid tokens")
         .x_label_formatter(&axis_label)
         .y_label_formatter(&|v| format!("{v:.2}"))
