@@ -99,7 +99,8 @@ print(f"test: {r0['pairs']['test'][0]} images, {r0['pairs']['test'][1]} captions
       f"train {r0['pairs']['train'][0]} images; loss {r0['loss']}, {r0['epochs']} epochs\n")
 print("| towers | seeds | i2t R@1 | i2t R@5 | i2t R@10 | t2i R@1 | t2i R@5 | t2i R@10 | test rsum | valid rsum | trainable params | peak mem (MiB) | s/epoch |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for m, rs in sorted(by.items(), key=lambda kv: -statistics.mean(r["test_rsum"] for r in kv[1])):
+# ordered by valid rsum: test numbers are reported, never used to order
+for m, rs in sorted(by.items(), key=lambda kv: (-statistics.mean(r["valid_rsum"] for r in kv[1]), kv[0])):
     t = [r["test"] for r in rs]
     cells = [ms([x["i2t"][k] for x in t]) for k in range(3)] + [ms([x["t2i"][k] for x in t]) for k in range(3)]
     print(f"| {m} | {len(rs)} | " + " | ".join(cells) +
@@ -107,4 +108,7 @@ for m, rs in sorted(by.items(), key=lambda kv: -statistics.mean(r["test_rsum"] f
           f" | {rs[0]['trainable_params']:,} | {max(r['peak_rss_bytes'] for r in rs) / 2**20:.0f}"
           f" | {statistics.mean(r['seconds_per_epoch'] for r in rs):.1f} |")
 PY
+# the report's tables and pictures of the same runs (RUNS/report)
+"$BIN/sherl-fit" -q report "$WORK/runs" > "$WORK/report.md"
+echo "report: $WORK/runs/report (report.md, retrieval.csv, pictures)" >&2
 echo "total: $(( $(date +%s) - start )) s" >&2
