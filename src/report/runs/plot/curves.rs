@@ -86,6 +86,16 @@ fn percent_axis(lo: f64, hi: f64) -> (f64, f64) {
     (y0, y1)
 }
 
+/// Room drawn above an axis that ends at 100 % (3 % of its span), none
+/// below that: the axis ends a whole point or more above the data there.
+fn headroom(y0: f64, y1: f64) -> f64 {
+    if y1 >= 100.0 {
+        (y1 - y0) * 0.03
+    } else {
+        0.0
+    }
+}
+
 /// A curve point's band, in %: mean ± sample std, within 0..100.
 fn band(p: &CurvePoint) -> (f64, f64) {
     let sd = p.std.unwrap_or(0.0);
@@ -166,7 +176,9 @@ fn draw_curves<DB: DrawingBackend>(
         .margin(14)
         .x_label_area_size(44)
         .y_label_area_size(64)
-        .build_cartesian_2d(x0..x1, y0..y1)
+        // a little room above 100 %, so a curve at 100 % is not drawn on
+        // the frame (no tick is labelled above 100)
+        .build_cartesian_2d(x0..x1, y0..y1 + headroom(y0, y1))
         .map_err(|e| e.to_string())?;
     let step = if y1 - y0 <= 40.0 { 5.0 } else { 10.0 };
     chart
@@ -175,7 +187,13 @@ fn draw_curves<DB: DrawingBackend>(
         .y_desc("valid accuracy (%)")
         .x_labels(((x1 - x0 + 1) as usize).min(15))
         .y_labels(((y1 - y0) / step).round() as usize + 1)
-        .y_label_formatter(&|v| pct_label(*v))
+        .y_label_formatter(&|v| {
+            if *v <= y1 {
+                pct_label(*v)
+            } else {
+                String::new()
+            }
+        })
         .label_style((FAMILY, 14))
         .axis_desc_style((FAMILY, 16))
         .max_light_lines(4)
@@ -241,6 +259,10 @@ mod tests {
         // Never below 0 or above 100.
         assert_eq!(percent_axis(3.0, 20.0), (0.0, 30.0));
         assert_eq!(percent_axis(100.0, 100.0), (90.0, 100.0));
+        // an axis ending at 100 % is drawn a little higher, so a curve at
+        // 100 % stays off the frame; below 100 the axis has room already
+        assert!((headroom(70.0, 100.0) - 0.9).abs() < 1e-12);
+        assert_eq!(headroom(50.0, 90.0), 0.0);
         assert_eq!(percent_axis(0.0, 0.0), (0.0, 10.0));
     }
 }
