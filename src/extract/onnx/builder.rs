@@ -162,6 +162,19 @@ impl Graph {
         out
     }
 
+    /// An i64 axes constant `[values.len()]` of its own (a unique name).
+    pub fn axes(&mut self, values: &[i64]) -> String {
+        let name = self.fresh("sherl/axes");
+        self.const_i64(&name, values, &[values.len() as i64])
+    }
+
+    /// `ReduceSum` of `x` over `axis`, keeping that axis when `keepdims`.
+    pub fn reduce_sum(&mut self, x: &str, axis: i64, keepdims: bool) -> String {
+        let ax = self.axes(&[axis]);
+        let attrs = vec![attr_int("keepdims", i64::from(keepdims))];
+        self.node("ReduceSum", &[x, &ax], attrs)
+    }
+
     /// Add an f32 initializer `name` (the caller keeps names unique).
     pub fn const_f32(&mut self, name: &str, values: &[f32], dims: &[i64]) -> String {
         self.inits.push(TensorProto {
@@ -196,6 +209,15 @@ impl Graph {
         shape: &[usize],
         transpose: bool,
     ) -> Result<String> {
+        let init_name = if transpose {
+            format!("{name}.T")
+        } else {
+            name.to_string()
+        };
+        if !self.weights.insert(init_name.clone()) {
+            // a second read of the same weight (a layer run twice) shares it
+            return Ok(init_name);
+        }
         let values = src.tensor_f32_shaped(name, shape)?;
         let (dims, values) = if transpose {
             let (r, c) = (shape[0], shape[1]);
@@ -209,15 +231,6 @@ impl Graph {
         } else {
             (shape.iter().map(|&s| s as i64).collect(), values)
         };
-        let init_name = if transpose {
-            format!("{name}.T")
-        } else {
-            name.to_string()
-        };
-        if !self.weights.insert(init_name.clone()) {
-            // a second read of the same weight (a layer run twice) shares it
-            return Ok(init_name);
-        }
         self.inits.push(TensorProto {
             dims,
             data_type: data_type::FLOAT,

@@ -157,8 +157,8 @@ impl BertGraph {
         x: &str,
         out: String,
     ) -> Result<String> {
-        let bias = self.shared.bias4.clone();
-        self.layer_under(src, cfg, tag, prefix, x, out, bias)
+        let bias = &self.shared.bias4;
+        side_layer_with_bias(&mut self.g, src, cfg, tag, prefix, x, out, bias)
     }
 
     /// [`BertGraph::side_layer`] attending under the padding mask alone,
@@ -173,33 +173,7 @@ impl BertGraph {
         x: &str,
         out: String,
     ) -> Result<String> {
-        let bias = self.keys.clone();
-        self.layer_under(src, cfg, tag, prefix, x, out, bias)
-    }
-
-    /// A layer of sizes `cfg` whose attention scores get the additive
-    /// `bias`.
-    #[allow(clippy::too_many_arguments)]
-    fn layer_under(
-        &mut self,
-        src: &dyn TensorSource,
-        cfg: &BertConfig,
-        tag: &str,
-        prefix: &str,
-        x: &str,
-        out: String,
-        bias: String,
-    ) -> Result<String> {
-        let act = cfg.activation().map_err(Error::UnsupportedBackbone)?;
-        let shared = LayerShared::new(&mut self.g, cfg, act, bias, tag);
-        let spec = LayerSpec {
-            cfg,
-            shared: &shared,
-            index: 0,
-            prefix: prefix.to_string(),
-            out,
-        };
-        encoder_layer(&mut self.g, src, &spec, x, &mut NoHooks)
+        side_layer_with_bias(&mut self.g, src, cfg, tag, prefix, x, out, &self.keys)
     }
 
     /// The backbone's configuration.

@@ -127,8 +127,7 @@ impl Body for TextBody<'_> {
                 &["attention_mask"],
                 vec![attr_int("to", data_type::FLOAT as i64)],
             );
-            let name = g.fresh("body/axes");
-            let ax = g.const_i64(&name, &[2], &[1]);
+            let ax = g.axes(&[2]);
             self.mask = Some(g.node("Unsqueeze", &[&m, &ax], vec![]));
         }
         self.mask.clone()

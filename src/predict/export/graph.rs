@@ -65,14 +65,11 @@ pub(super) fn masked_mean(g: &mut Graph, x: &str) -> String {
         &["attention_mask"],
         vec![attr_int("to", data_type::FLOAT as i64)],
     );
-    let name = g.fresh("head/axes");
-    let ax2 = g.const_i64(&name, &[2], &[1]);
+    let ax2 = g.axes(&[2]);
     let m3 = g.node("Unsqueeze", &[&m, &ax2], vec![]); // [B, S, 1]
     let x = g.node("Mul", &[hidden, &m3], vec![]);
-    let name = g.fresh("head/axes");
-    let ax1 = g.const_i64(&name, &[1], &[1]);
-    let sum = g.node("ReduceSum", &[&x, &ax1], vec![attr_int("keepdims", 0)]);
-    let n = g.node("ReduceSum", &[&m3, &ax1], vec![attr_int("keepdims", 0)]);
+    let sum = g.reduce_sum(&x, 1, false);
+    let n = g.reduce_sum(&m3, 1, false);
     let name = g.fresh("head/one");
     let one = g.const_f32(&name, &[1.0], &[]);
     let n = g.node("Max", &[&n, &one], vec![]);
@@ -131,9 +128,7 @@ pub(super) fn append_image_head(
 /// The mean of `x` (`[batch, seq, d]`) over its tokens, all real:
 /// their sum over their count (`[batch, d]`).
 fn token_mean(g: &mut Graph, x: &str) -> String {
-    let name = g.fresh("head/axes");
-    let ax1 = g.const_i64(&name, &[1], &[1]);
-    let sum = g.node("ReduceSum", &[x, &ax1], vec![attr_int("keepdims", 0)]);
+    let sum = g.reduce_sum(x, 1, false);
     let n = g.node(
         "Shape",
         &[x],

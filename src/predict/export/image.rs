@@ -77,14 +77,7 @@ pub(super) fn export_image(
         image.patch_pool,
     );
     crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
-    Ok(ExportSummary {
-        run_id: rc.run_id.clone(),
-        method: built.method,
-        classes: built.width,
-        reads: built.reads,
-        model: out_path,
-        bytes: built.bytes.len() as u64,
-    })
+    Ok(built.summary(rc, out_path))
 }
 
 /// The ONNX model of the image run `rc` (`run` its directory, `image` its

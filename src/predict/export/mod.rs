@@ -112,14 +112,7 @@ pub fn export(plan: &ExportPlan) -> Result<ExportSummary> {
     let family = built.family.unwrap_or(crate::backbone::Family::Bert);
     let text = readme::readme(&rc, &built.method, family, rc.cache.max_len);
     crate::fsutil::write_atomic(&plan.out.join("README.md"), text.as_bytes())?;
-    Ok(ExportSummary {
-        run_id: rc.run_id.clone(),
-        method: built.method,
-        classes: built.width,
-        reads: built.reads,
-        model: out_path,
-        bytes: built.bytes.len() as u64,
-    })
+    Ok(built.summary(&rc, out_path))
 }
 
 /// A model built by [`text_model`] or [`image::image_model`]: its bytes,
@@ -132,6 +125,20 @@ struct Built {
     reads: String,
     width: usize,
     family: Option<crate::backbone::Family>,
+}
+
+impl Built {
+    /// What the export of run `rc` wrote, the model at `model`.
+    fn summary(self, rc: &RunConfig, model: PathBuf) -> ExportSummary {
+        ExportSummary {
+            run_id: rc.run_id.clone(),
+            method: self.method,
+            classes: self.width,
+            reads: self.reads,
+            model,
+            bytes: self.bytes.len() as u64,
+        }
+    }
 }
 
 /// The ONNX model of the text run `rc` (`run` its directory, `weights` its

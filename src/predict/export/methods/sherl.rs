@@ -32,22 +32,6 @@ fn scalar(g: &mut Graph, name: &str, v: f32) -> String {
     g.const_f32_once(&format!("sherl/{name}"), v)
 }
 
-/// An i64 axes constant of its own.
-fn axes(g: &mut Graph, values: &[i64]) -> String {
-    let name = g.fresh("sherl/axes");
-    g.const_i64(&name, values, &[values.len() as i64])
-}
-
-/// `ReduceSum` of `x` over `axis`.
-fn reduce_sum(g: &mut Graph, x: &str, axis: i64, keepdims: bool) -> String {
-    let ax = axes(g, &[axis]);
-    g.node(
-        "ReduceSum",
-        &[x, &ax],
-        vec![attr_int("keepdims", i64::from(keepdims))],
-    )
-}
-
 /// Refuse the run's settings unless they make a SHERL model on `n` layers:
 /// `K` in `1..=n`, at least two early entries, the last `N-K`.
 fn check(early: &[usize], late_layers: usize, n: usize, run: &Path) -> Result<usize> {
@@ -103,7 +87,7 @@ pub(super) fn build(
     let g = body.g();
 
     // step 2: the shallow set E [B, S, M-1, d] and the guide e [B, S, 1, d]
-    let ax2 = axes(g, &[2]);
+    let ax2 = g.axes(&[2]);
     let stacked: Vec<String> = f
         .iter()
         .map(|fj| g.node("Unsqueeze", &[fj, &ax2], vec![]))
@@ -114,7 +98,7 @@ pub(super) fn build(
 
     // step 3: redundancy r [B, S, M-1, 1]
     let sq = g.node("Mul", &[&e_set, &e_set], vec![]);
-    let ss = reduce_sum(g, &sq, -1, true);
+    let ss = g.reduce_sum(&sq, -1, true);
     let tiny = scalar(g, "norm_eps", 1e-16);
     let ss = g.node("Add", &[&ss, &tiny], vec![]);
     let norm = g.node("Sqrt", &[&ss], vec![]);
@@ -128,7 +112,7 @@ pub(super) fn build(
     );
     let c = g.node("MatMul", &[&unit, &unit_t], vec![]);
     let c = g.node("Relu", &[&c], vec![]);
-    let rsum = reduce_sum(g, &c, -1, true);
+    let rsum = g.reduce_sum(&c, -1, true);
     let r = g.node("Max", &[&rsum, &eps], vec![]);
 
     // step 4: guided weights alpha [B, S, M-1, 1]
@@ -137,13 +121,13 @@ pub(super) fn build(
     let a = g.node("Relu", &[&a], vec![]);
     let u = g.node("Div", &[&a, &r], vec![]);
     let abs = g.node("Abs", &[&u], vec![]);
-    let total = reduce_sum(g, &abs, 2, true);
+    let total = g.reduce_sum(&abs, 2, true);
     let total = g.node("Add", &[&total, &eps], vec![]);
     let alpha = g.node("Div", &[&u, &total], vec![]);
 
     // step 5: g = sum_j alpha_j E_j + e, 0 at padding
     let weighted = g.node("Mul", &[&alpha, &e_set], vec![]);
-    let sum = reduce_sum(g, &weighted, 2, false);
+    let sum = g.reduce_sum(&weighted, 2, false);
     let mut side = g.node("Add", &[&sum, &f[m - 1]], vec![]);
     let mut x_gated = x_last;
     if let Some(mask) = &mask {

@@ -21,22 +21,6 @@ use crate::Result;
 /// Epsilon added to the similarity's row sums.
 const ROW_EPS: f32 = 1e-8;
 
-/// An i64 axes constant of its own.
-fn axes(g: &mut Graph, values: &[i64]) -> String {
-    let name = g.fresh("unipt/axes");
-    g.const_i64(&name, values, &[values.len() as i64])
-}
-
-/// `ReduceSum` of `x` over `axis`.
-fn reduce_sum(g: &mut Graph, x: &str, axis: i64, keepdims: bool) -> String {
-    let ax = axes(g, &[axis]);
-    g.node(
-        "ReduceSum",
-        &[x, &ax],
-        vec![attr_int("keepdims", i64::from(keepdims))],
-    )
-}
-
 /// The mean of `x` (`[B, S, d]`) over the real tokens of `mask` (`[B, S,
 /// 1]`; their count at least 1, as the candle model's), or over every
 /// token without a mask: `[B, d]`.
@@ -44,8 +28,8 @@ fn mean(g: &mut Graph, x: &str, mask: Option<&str>) -> String {
     match mask {
         Some(m) => {
             let xm = g.node("Mul", &[x, m], vec![]);
-            let sum = reduce_sum(g, &xm, 1, false);
-            let count = reduce_sum(g, m, 1, false);
+            let sum = g.reduce_sum(&xm, 1, false);
+            let count = g.reduce_sum(m, 1, false);
             let one = g.const_f32_once("unipt/one", 1.0);
             let count = g.node("Max", &[&count, &one], vec![]);
             g.node("Div", &[&sum, &count], vec![])
@@ -79,7 +63,7 @@ pub(super) fn build(body: &mut dyn Body, trained: &Tensors, d: usize) -> Result<
     // the key mask [B, 1, S]
     let keys = mask.map(|m| g.node("Transpose", &[m], vec![attr_ints("perm", &[0, 2, 1])]));
     let anchor_mean = mean(g, &anchor, mask);
-    let ax1 = axes(g, &[1]);
+    let ax1 = g.axes(&[1]);
     let row_eps = g.const_f32_once("unipt/row_eps", ROW_EPS);
     let mut mixed = Vec::with_capacity(n);
     let mut conf = Vec::with_capacity(n);
@@ -91,7 +75,7 @@ pub(super) fn build(body: &mut dyn Body, trained: &Tensors, d: usize) -> Result<
         if let Some(k) = &keys {
             sim = g.node("Mul", &[&sim, k], vec![]);
         }
-        let rows = reduce_sum(g, &sim, 2, true);
+        let rows = g.reduce_sum(&sim, 2, true);
         let rows = g.node("Add", &[&rows, &row_eps], vec![]);
         let w = g.node("Div", &[&sim, &rows], vec![]);
         // M_j = W_j A_j + A_j, stacked on a new axis 1
@@ -107,12 +91,12 @@ pub(super) fn build(body: &mut dyn Body, trained: &Tensors, d: usize) -> Result<
     let conf: Vec<&str> = conf.iter().map(String::as_str).collect();
     let c = g.node("Concat", &conf, vec![attr_int("axis", 1)]);
     let w = g.node("Softmax", &[&c], vec![attr_int("axis", -1)]);
-    let ax23 = axes(g, &[2, 3]);
+    let ax23 = g.axes(&[2, 3]);
     let w = g.node("Unsqueeze", &[&w, &ax23], vec![]);
     let mixed: Vec<&str> = mixed.iter().map(String::as_str).collect();
     let stacked = g.node("Concat", &mixed, vec![attr_int("axis", 1)]); // [B, N, S, d]
     let weighted = g.node("Mul", &[&stacked, &w], vec![]);
-    let agg = reduce_sum(g, &weighted, 1, false);
+    let agg = g.reduce_sum(&weighted, 1, false);
     // O = A_N + LayerNorm(W_o agg + b_o)
     let o = g.linear(trained, "unipt.out", d, d, &agg)?;
     let o = g.layer_norm(trained, "unipt.out_ln", d, OUT_LN_EPS as f32, &o, None)?;
